@@ -1,0 +1,94 @@
+"""ONNX Runtime: sessions, running by input name, and the load-back check of a saved model.
+
+This is also xopt's reference runtime: verification and the structure probe run models here.
+An in-memory model is handed to ORT as serialized bytes; a model too big for one protobuf
+(2 GB) goes through a temporary file with external data.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from xopt.errors import XoptError, first_line
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
+    """Options with a fixed intra-op thread count (None: ORT's default) and optimization level."""
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise XoptError(
+            f"unknown ORT optimization level {optimization!r}: one of {', '.join(OPTIMIZATION_LEVELS)}"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def create_session(
+    model: ir.Model | str | Path,
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> ort.InferenceSession:
+    """An inference session for a model in memory or on disk."""
+    options = session_options(threads, optimization)
+    if isinstance(model, str | Path):
+        return ort.InferenceSession(str(model), options, providers=list(providers))
+    if model_bytes(model) < PROTOBUF_LIMIT_BYTES - (64 << 20):
+        return ort.InferenceSession(
+            ir.to_proto(model).SerializeToString(), options, providers=list(providers)
+        )
+    with tempfile.TemporaryDirectory(prefix="xopt-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def run(
+    session: ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    output_names: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run by input name; only the inputs the session declares are fed. Returns outputs by name."""
+    declared = [i.name for i in session.get_inputs()]
+    missing = [name for name in declared if name not in feeds]
+    if missing:
+        raise XoptError(f"missing model inputs: {', '.join(missing)}")
+    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    values = session.run(names, {name: feeds[name] for name in declared})
+    return dict(zip(names, values, strict=True))
+
+
+def check_loads(path: Path) -> None:
+    """Load a saved model in a fresh ORT session: the final check before reporting success."""
+    try:
+        create_session(path, threads=1, optimization="disable")
+    except Exception as error:
+        reason = first_line(error)
+        raise XoptError(f"{path}: ONNX Runtime cannot load the saved model ({reason})") from error
+
+
+def model_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers (what the weights weigh on disk)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -1,0 +1,11 @@
+"""The built-in passes (installed as `xopt.passes`); importing this package registers them.
+
+Every pass is callable alone on an `ir.Model`:
+
+    from xopt.passes import CleanupPass
+    result = CleanupPass()(model)
+"""
+
+from xopt.passes.cleanup import CleanupPass
+
+__all__ = ["CleanupPass"]

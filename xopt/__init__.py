@@ -1,0 +1,52 @@
+"""xopt: a compiler-style graph optimizer for transformer models.
+
+import xopt
+model = xopt.load("model.onnx")              # or an HF folder, .pt2, nn.Module, ExportedProgram
+optimized, report = xopt.optimize(model)     # the "exact" recipe, verified after every pass
+xopt.save(optimized, "out/")                 # written atomically, loaded back in ONNX Runtime
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+from xopt.capture import load
+from xopt.errors import XoptError
+from xopt.pipeline import RECIPES, Pass, PassManager, PassResult, register, registered_passes, resolve_passes
+from xopt.report import Report
+from xopt.save import save
+
+__all__ = [
+    "RECIPES",
+    "Pass",
+    "PassManager",
+    "PassResult",
+    "Report",
+    "XoptError",
+    "analyze",
+    "load",
+    "optimize",
+    "register",
+    "registered_passes",
+    "save",
+]
+__version__ = "0.1.0"
+
+
+def optimize(
+    model: ir.Model,
+    recipe: str = "exact",
+    passes: str | Iterable[str | Pass] | None = None,
+    verify: bool = True,
+) -> tuple[ir.Model, Report]:
+    """Run a recipe (or `passes`, which replaces it) on a copy of `model`; the input is untouched."""
+    return PassManager(resolve_passes(recipe, passes), verify=verify)(model)
+
+
+def analyze(model: ir.Model):
+    """The transformer structure of `model` (see `xopt.analysis.find_transformer_structure`)."""
+    from xopt.analysis import find_transformer_structure
+
+    return find_transformer_structure(model)

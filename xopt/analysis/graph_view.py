@@ -1,0 +1,85 @@
+"""Read-only views of an onnx-ir graph: constants, producers/consumers, and a networkx DiGraph.
+
+The networkx view has one vertex per node and an edge producer → consumer per value; region
+queries (what lies between two points of the residual stream) are `nx.descendants` ∩
+`nx.ancestors` on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import networkx as nx
+import numpy as np
+import onnx_ir as ir
+
+# Ops that pass a value through unchanged for structure purposes (dtype casts in fp32 models,
+# dropout at inference, view-style reshapes between a linear and its consumer).
+TRANSPARENT_OPS = frozenset({"Cast", "Identity", "Dropout"})
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents (initializer or Constant node, seen through Identity)."""
+    if value is None:
+        return None
+    value = skip_back(value, ("Identity",))
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].value.numpy()
+    return None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return False
+    value = skip_back(value, ("Identity",))
+    node = value.producer()
+    return value.const_value is not None or (node is not None and node.op_type == "Constant")
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    return list(dict.fromkeys(node for node, _ in value.uses()))
+
+
+def skip_back(value: ir.Value, ops: Iterable[str] = TRANSPARENT_OPS) -> ir.Value:
+    """Follow `value` back through single-input pass-through ops."""
+    ops = frozenset(ops)
+    while (node := value.producer()) is not None and node.op_type in ops and node.inputs:
+        value = node.inputs[0]
+    return value
+
+
+def skip_forward(value: ir.Value, ops: Iterable[str] = TRANSPARENT_OPS) -> ir.Value:
+    """Follow `value` forward while its only consumer is a pass-through op."""
+    ops = frozenset(ops)
+    while len(users := consumers(value)) == 1 and users[0].op_type in ops and users[0].inputs[0] is value:
+        value = users[0].outputs[0]
+    return value
+
+
+def to_networkx(graph: ir.Graph) -> nx.DiGraph:
+    """A DiGraph over the graph's nodes with an edge from each producer to each consumer."""
+    view = nx.DiGraph()
+    view.add_nodes_from(graph)
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and (producer := value.producer()) is not None and producer.graph is graph:
+                view.add_edge(producer, node)
+    return view
+
+
+def nodes_between(view: nx.DiGraph, start: ir.Node, end: ir.Node) -> set[ir.Node]:
+    """Nodes on some path from `start` to `end`, both included."""
+    return ({start} | nx.descendants(view, start)) & ({end} | nx.ancestors(view, end))
+
+
+def module_path(node: ir.Node) -> str | None:
+    """The torch module a node was exported from (`model.layers.3.mlp.down_proj`), if recorded."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]
+    modules = [n for n in names[:-1] if n]  # the last scope is the op itself
+    return modules[-1] if modules else None

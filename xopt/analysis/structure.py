@@ -1,0 +1,472 @@
+"""Transformer structure from the graph alone: embeddings, blocks, attention, MLP, norms, head.
+
+How it is found (no config, no names needed; module-path metadata only labels what is found):
+1. Linears, norms and embedding tables are matched node by node (`patterns`).
+2. Attention: each Softmax whose input comes (through mask adds and scaling) from a MatMul of
+   two activations S = Q·Kᵀ and whose output feeds P·V. Walking back from Q, K and V through
+   reshapes, transposes and rotary arithmetic reaches their projections; walking forward from
+   P·V reaches the output projection. The head size is the last axis of Q at the S MatMul, read
+   from static shapes or one probe run; heads = width(Q proj) / head size, KV heads =
+   width(K proj) / head size.
+3. MLP: a linear outside attention whose output is added back into an activation (the residual
+   add) is a down projection; walking back from its input reaches up (and gate, for a gated MLP:
+   down(act(gate(x)) · up(x))). The activation is read from the ops on that path.
+4. Sublayers sorted in graph order are paired into blocks (attention, then MLP). A norm whose
+   output feeds a sublayer and whose input is the residual add's skip input is a pre-norm; a norm
+   right after a residual add, whose output is the next skip, is a post-norm.
+5. The LM head is the linear that writes a graph output; the final norm feeds it (or, for an
+   encoder, writes the output itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from xopt.analysis.graph_view import (
+    TRANSPARENT_OPS,
+    consumers,
+    is_constant,
+    module_path,
+    skip_back,
+    skip_forward,
+)
+from xopt.analysis.patterns import (
+    Embedding,
+    Linear,
+    Norm,
+    match_embedding,
+    match_linear,
+    match_norm,
+    table_equals_transposed,
+)
+from xopt.analysis.probe import probe_shapes, static_shape
+from xopt.errors import XoptError
+
+logger = logging.getLogger(__name__)
+
+# Ops between a projection and the attention MatMuls (head split, rotary embedding, GQA repeat).
+_HEAD_LAYOUT_OPS = TRANSPARENT_OPS | {"Reshape", "Transpose"}
+_SCORE_OPS = TRANSPARENT_OPS | {"Add", "Mul", "Div", "Where", "Reshape", "Slice", "Sub"}
+_SEARCH_LIMIT = 400
+
+
+@dataclass(eq=False)
+class Attention:
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    scores: ir.Node  # Q·Kᵀ
+    softmax: ir.Node
+    context: ir.Node  # P·V
+    rope: bool
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    head_size: int = 0
+    residual: ir.Node | None = None
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.q is self.k
+
+    @property
+    def linears(self) -> list[Linear]:
+        return list(dict.fromkeys([self.q, self.k, self.v, self.o]))
+
+
+@dataclass(eq=False)
+class MLP:
+    up: Linear
+    gate: Linear | None
+    down: Linear
+    activation: str
+    residual: ir.Node | None = None
+
+    @property
+    def linears(self) -> list[Linear]:
+        return [x for x in (self.gate, self.up, self.down) if x is not None]
+
+
+@dataclass(eq=False)
+class Block:
+    index: int
+    attention: Attention | None
+    mlp: MLP | None
+    attention_norm: Norm | None = None
+    mlp_norm: Norm | None = None
+    module: str | None = None
+
+    @property
+    def norms(self) -> list[Norm]:
+        return [n for n in (self.attention_norm, self.mlp_norm) if n is not None]
+
+
+@dataclass(eq=False)
+class TransformerStructure:
+    embeddings: list[Embedding]
+    blocks: list[Block]
+    embedding_norm: Norm | None = None
+    final_norm: Norm | None = None
+    lm_head: Linear | None = None
+    tied_embeddings: bool = False
+    norm_position: str | None = None
+    params: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+    near_misses: list[str] = field(default_factory=list)
+
+    @property
+    def token_embedding(self) -> Embedding | None:
+        """The table indexed by a graph input (the token ids); the largest such if several."""
+        direct = [e for e in self.embeddings if skip_back(e.node.inputs[1]).producer() is None]
+        return max(direct or self.embeddings, key=lambda e: e.rows, default=None)
+
+    @property
+    def residual_stream(self) -> list[ir.Node]:
+        """The residual adds in graph order."""
+        adds = [x.residual for b in self.blocks for x in (b.attention, b.mlp) if x is not None and x.residual]
+        return adds
+
+    def summary(self) -> dict[str, Any]:
+        """The facts `xopt inspect --json` prints."""
+        first = self.blocks[0] if self.blocks else None
+        attention = first.attention if first else None
+        mlp = first.mlp if first else None
+        norms = [n for b in self.blocks for n in b.norms] + [n for n in (self.final_norm,) if n]
+        token = self.token_embedding
+        return {
+            "num_blocks": len(self.blocks),
+            "hidden_size": token.width if token else (attention.q.in_features if attention else None),
+            "num_heads": attention.num_heads if attention else None,
+            "num_kv_heads": attention.num_kv_heads if attention else None,
+            "head_size": attention.head_size if attention else None,
+            "intermediate_size": mlp.up.out_features if mlp else None,
+            "vocab_size": token.rows if token else None,
+            "norm": norms[0].kind if norms else None,
+            "norm_position": self.norm_position,
+            "activation": mlp.activation if mlp else None,
+            "gated_mlp": bool(mlp and mlp.gate is not None),
+            "rope": bool(attention and attention.rope),
+            "fused_qkv": bool(attention and attention.fused_qkv),
+            "qkv_bias": bool(attention and attention.q.bias is not None),
+            "embedding_norm": self.embedding_norm is not None,
+            "final_norm": self.final_norm is not None,
+            "lm_head": self.lm_head is not None,
+            "tied_embeddings": self.tied_embeddings,
+            "params": self.params,
+            "ops": self.ops,
+            "blocks": [_block_summary(b) for b in self.blocks],
+        }
+
+
+def find_transformer_structure(model: ir.Model) -> TransformerStructure:
+    """Find embeddings, blocks (attention, MLP, norms), final norm and LM head in `model`."""
+    graph = model.graph
+    order = {node: i for i, node in enumerate(graph)}
+    linears = [x for x in map(match_linear, graph) if x is not None]
+    by_output = {}
+    for linear in linears:
+        by_output[linear.output] = linear
+        by_output[linear.node.outputs[0]] = linear
+    norms = [x for x in map(match_norm, graph) if x is not None]
+    embeddings = [x for x in map(match_embedding, graph) if x is not None]
+    near_misses: list[str] = []
+
+    attentions = []
+    for node in graph:
+        if node.op_type == "Softmax":
+            found = _match_attention(node, by_output)
+            if isinstance(found, str):
+                near_misses.append(f"attention at {node.name}: {found}")
+            else:
+                attentions.append(found)
+    _measure_heads(model, attentions)
+    in_attention = {id(x) for a in attentions for x in a.linears}
+    mlps = [m for x in linears if id(x) not in in_attention and (m := _match_mlp(x, by_output, in_attention))]
+
+    for sublayer in [*attentions, *mlps]:
+        sublayer.residual = _residual_add(sublayer.o if isinstance(sublayer, Attention) else sublayer.down)
+    blocks = _pair_into_blocks(attentions, mlps, order)
+    norm_position = _attach_norms(blocks, norms)
+    structure = TransformerStructure(
+        embeddings=embeddings,
+        blocks=blocks,
+        norm_position=norm_position,
+        params=sum(v.const_value.size for v in graph.initializers.values() if v.const_value is not None),
+        ops=dict(Counter(n.op_type for n in graph).most_common()),
+        near_misses=near_misses,
+    )
+    _attach_head_and_outer_norms(structure, graph, linears, norms, order)
+    return structure
+
+
+def _match_attention(softmax: ir.Node, by_output: dict[ir.Value, Linear]) -> Attention | str:
+    scores = _find_back(
+        softmax.inputs[0], _SCORE_OPS, lambda n: n.op_type == "MatMul" and _two_activations(n)
+    )
+    if scores is None:
+        return "no Q·Kᵀ MatMul of two activations before the Softmax"
+    context = None
+    value = skip_forward(softmax.outputs[0])
+    for user in consumers(value):
+        if user.op_type == "MatMul" and user.inputs[0] is value:
+            context = user
+    if context is None:
+        return "the Softmax output does not feed a P·V MatMul"
+    q_found, q_ops = _linears_before(scores.inputs[0], by_output)
+    k_found, _ = _linears_before(scores.inputs[1], by_output)
+    v_found, _ = _linears_before(context.inputs[1], by_output)
+    if len(q_found) != 1 or len(k_found) != 1 or len(v_found) != 1:
+        return (
+            f"Q/K/V do not each come from one projection ({len(q_found)}/{len(k_found)}/{len(v_found)} found)"
+        )
+    o = _linear_after(context.outputs[0], by_output)
+    if o is None:
+        return "no output projection after P·V"
+    rope = bool(q_ops & {"Sin", "Cos", "Neg", "RotaryEmbedding"})
+    return Attention(q_found[0], k_found[0], v_found[0], o, scores, softmax, context, rope)
+
+
+def _two_activations(node: ir.Node) -> bool:
+    return all(v is not None and not is_constant(v) for v in node.inputs[:2])
+
+
+def _find_back(value: ir.Value, through: frozenset[str] | set[str], wanted) -> ir.Node | None:
+    """Breadth-first search back from `value` through `through` ops for a node `wanted(node)`."""
+    frontier, seen = [value], set()
+    while frontier and len(seen) < _SEARCH_LIMIT:
+        current = frontier.pop(0)
+        node = current.producer() if current is not None else None
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if wanted(node):
+            return node
+        if node.op_type in through:
+            frontier.extend(v for v in node.inputs if v is not None and not is_constant(v))
+    return None
+
+
+def _linears_before(value: ir.Value, by_output: dict[ir.Value, Linear]) -> tuple[list[Linear], set[str]]:
+    """The projections that `value` is computed from, and the ops passed on the way."""
+    frontier, seen, found, ops = [value], set(), [], set()
+    while frontier and len(seen) < _SEARCH_LIMIT:
+        current = frontier.pop(0)
+        if current in by_output:
+            if by_output[current] not in found:
+                found.append(by_output[current])
+            continue
+        node = current.producer()
+        if node is None or node in seen or node.op_type in ("Shape", "Size", "Softmax"):
+            continue
+        seen.add(node)
+        ops.add(node.op_type)
+        frontier.extend(v for v in node.inputs if v is not None and not is_constant(v))
+    return found, ops
+
+
+def _linear_after(value: ir.Value, by_output: dict[ir.Value, Linear]) -> Linear | None:
+    """The first projection reading `value` after head-merging reshapes and transposes."""
+    frontier = [value]
+    for _ in range(_SEARCH_LIMIT):
+        if not frontier:
+            return None
+        current = frontier.pop(0)
+        for user in consumers(current):
+            linear = by_output.get(user.outputs[0])
+            if linear is not None and linear.node is user and user.inputs[0] is current:
+                return linear
+            if user.op_type in _HEAD_LAYOUT_OPS:
+                frontier.append(user.outputs[0])
+    return None
+
+
+def _measure_heads(model: ir.Model, attentions: list[Attention]) -> None:
+    queries = [a.scores.inputs[0] for a in attentions]
+    shapes = {id(q): static_shape(q) for q in queries}
+    unknown = [q for q in queries if shapes[id(q)] is None or len(shapes[id(q)]) < 3]
+    if unknown:
+        probed = probe_shapes(model, unknown)
+        for q in unknown:
+            shapes[id(q)] = probed.get(q.name)
+    for attention, query in zip(attentions, queries, strict=True):
+        shape = shapes[id(query)]
+        if not shape:
+            continue
+        head_size = int(shape[-1])
+        attention.head_size = head_size
+        if attention.fused_qkv:
+            heads = int(shape[-3]) if len(shape) == 4 else attention.q.out_features // (3 * head_size)
+            attention.num_heads = heads
+            attention.num_kv_heads = (attention.q.out_features // head_size - heads) // 2
+        else:
+            attention.num_heads = attention.q.out_features // head_size
+            attention.num_kv_heads = attention.k.out_features // head_size
+
+
+def _match_mlp(down: Linear, by_output: dict[ir.Value, Linear], in_attention: set[int]) -> MLP | None:
+    if _residual_add(down) is None:
+        return None
+    found, ops = _linears_before(down.input, by_output)
+    found = [x for x in found if id(x) not in in_attention]
+    if len(found) not in (1, 2):
+        return None
+    gate = None
+    up = found[0]
+    if len(found) == 2:
+        product = skip_back(down.input)
+        producer = product.producer()
+        if producer is None or producer.op_type != "Mul":
+            return None
+        direct = [by_output.get(skip_back(v)) for v in producer.inputs]
+        up = next((x for x in direct if x is not None), None)
+        if up is None:
+            return None
+        gate = next(x for x in found if x is not up)
+    return MLP(up, gate, down, _activation_name(ops))
+
+
+def _activation_name(ops: set[str]) -> str:
+    if "Gelu" in ops or "Erf" in ops or "BiasGelu" in ops:
+        return "gelu"
+    if "FastGelu" in ops or ("Tanh" in ops and "Pow" in ops):
+        return "gelu_tanh"
+    if "Sigmoid" in ops:
+        return "silu"
+    if "Relu" in ops:
+        return "relu"
+    return "unknown"
+
+
+def _residual_add(linear: Linear) -> ir.Node | None:
+    """The Add after `linear` whose other operand is an activation (the skip connection)."""
+    value = skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"})
+    users = consumers(value)
+    if len(users) == 1 and users[0].op_type == "Add":
+        other = users[0].inputs[1] if users[0].inputs[0] is value else users[0].inputs[0]
+        if other is not None and not is_constant(other):
+            return users[0]
+    return None
+
+
+def _pair_into_blocks(attentions: list[Attention], mlps: list[MLP], order: dict[ir.Node, int]) -> list[Block]:
+    sublayers = sorted(
+        [*attentions, *mlps], key=lambda s: order[(s.o if isinstance(s, Attention) else s.down).node]
+    )
+    blocks: list[Block] = []
+    for sublayer in sublayers:
+        if isinstance(sublayer, Attention) or not blocks or blocks[-1].mlp is not None:
+            blocks.append(Block(len(blocks), None, None))
+        if isinstance(sublayer, Attention):
+            blocks[-1].attention = sublayer
+        else:
+            blocks[-1].mlp = sublayer
+    for block in blocks:
+        paths = [module_path(x.node) for s in (block.attention, block.mlp) if s for x in s.linears]
+        block.module = _common_module([p for p in paths if p])
+    return blocks
+
+
+def _common_module(paths: list[str]) -> str | None:
+    if not paths:
+        return None
+    parts = [p.split(".") for p in paths]
+    common = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common) or None
+
+
+def _attach_norms(blocks: list[Block], norms: list[Norm]) -> str | None:
+    """Attach each sublayer's norm; returns "pre" or "post" (or None without norms)."""
+    by_output = {n.output: n for n in norms}
+    by_input: dict[ir.Value, list[Norm]] = {}
+    for norm in norms:
+        by_input.setdefault(norm.input, []).append(norm)
+    positions = []
+    for block in blocks:
+        for sublayer, slot in ((block.attention, "attention_norm"), (block.mlp, "mlp_norm")):
+            if sublayer is None or sublayer.residual is None:
+                continue
+            first = sublayer.q if isinstance(sublayer, Attention) else (sublayer.gate or sublayer.up)
+            before = by_output.get(skip_back(first.input))
+            skip = next(v for v in sublayer.residual.inputs if v is not _sublayer_output(sublayer))
+            if before is not None and skip_back(before.input) is skip_back(skip):
+                setattr(block, slot, before)
+                positions.append("pre")
+                continue
+            after = by_input.get(sublayer.residual.outputs[0], [])
+            if after:
+                setattr(block, slot, after[0])
+                positions.append("post")
+    if not positions:
+        return None
+    return Counter(positions).most_common(1)[0][0]
+
+
+def _sublayer_output(sublayer: Attention | MLP) -> ir.Value:
+    linear = sublayer.o if isinstance(sublayer, Attention) else sublayer.down
+    value = skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"})
+    return value
+
+
+def _attach_head_and_outer_norms(
+    structure: TransformerStructure,
+    graph: ir.Graph,
+    linears: list[Linear],
+    norms: list[Norm],
+    order: dict[ir.Node, int],
+) -> None:
+    outputs = set(graph.outputs)
+    used = {id(x) for b in structure.blocks for s in (b.attention, b.mlp) if s for x in s.linears}
+    heads = [
+        x
+        for x in linears
+        if id(x) not in used and skip_forward(x.output, TRANSPARENT_OPS | {"Reshape"}) in outputs
+    ]
+    if heads:
+        structure.lm_head = heads[-1]
+        token = structure.token_embedding
+        structure.tied_embeddings = bool(
+            token and table_equals_transposed(token.table, structure.lm_head.weight)
+        )
+    attached = {id(n) for b in structure.blocks for n in b.norms}
+    free = [n for n in norms if id(n) not in attached]
+    if structure.lm_head is not None:
+        structure.final_norm = next((n for n in free if n.output is skip_back(structure.lm_head.input)), None)
+    elif structure.norm_position == "pre":
+        structure.final_norm = next((n for n in free if skip_forward(n.output) in outputs), None)
+    if structure.blocks and free:
+        first_block = min(
+            order[x.node]
+            for s in (structure.blocks[0].attention, structure.blocks[0].mlp)
+            if s
+            for x in s.linears
+        )
+        early = [n for n in free if n is not structure.final_norm and order[n.nodes[-1]] < first_block]
+        structure.embedding_norm = early[-1] if early else None
+
+
+def _block_summary(block: Block) -> dict[str, Any]:
+    summary: dict[str, Any] = {"index": block.index, "module": block.module}
+    if block.attention is not None:
+        a = block.attention
+        summary["attention"] = {"q": a.q.name, "k": a.k.name, "v": a.v.name, "o": a.o.name}
+    if block.mlp is not None:
+        m = block.mlp
+        summary["mlp"] = {"up": m.up.name, "gate": m.gate.name if m.gate else None, "down": m.down.name}
+    summary["norms"] = [n.kind for n in block.norms]
+    return summary
+
+
+def require_blocks(structure: TransformerStructure, what: str) -> None:
+    """Raise a one-line XoptError when no transformer block was found (for passes that need one)."""
+    if not structure.blocks:
+        reasons = "; ".join(structure.near_misses[:3]) or "no Softmax attention and no MLP found"
+        raise XoptError(f"{what}: no transformer blocks found ({reasons})")

@@ -1,0 +1,63 @@
+"""Front-ends: everything a user can hand xopt becomes one `ir.Model`.
+
+- an `.onnx` file from any exporter (external data memory-mapped, never rewritten);
+- a torch `nn.Module` with example inputs, or an `ExportedProgram` / saved `.pt2` file
+  (torch.export → torch.onnx);
+- a Hugging Face model folder (config.json + weights, or one GGUF file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from xopt.capture.huggingface import load_hf_folder
+from xopt.capture.onnx_file import load_onnx_file
+from xopt.capture.torch_export import export_module, export_to_ir, load_exported_program
+from xopt.errors import XoptError
+
+__all__ = ["load"]
+
+
+def load(
+    source: str | Path | Any,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
+) -> ir.Model:
+    """Capture `source` (a path, an nn.Module, an ExportedProgram or a model) into onnx-ir."""
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return ir.serde.deserialize_model(source)
+    if isinstance(source, str | Path):
+        return _load_path(Path(source))
+    torch = _torch_if_loaded()
+    if torch is not None and isinstance(source, torch.export.ExportedProgram):
+        return export_to_ir(source)
+    if torch is not None and isinstance(source, torch.nn.Module):
+        return export_module(source, example_inputs, dynamic_shapes=dynamic_shapes)
+    raise XoptError(
+        f"cannot capture a {type(source).__name__}: give a path, an nn.Module or an ExportedProgram"
+    )
+
+
+def _load_path(path: Path) -> ir.Model:
+    if not path.exists():
+        raise XoptError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return load_hf_folder(path)
+    if path.suffix == ".pt2":
+        return load_exported_program(path)
+    return load_onnx_file(path)
+
+
+def _torch_if_loaded():
+    """torch, if the caller could have built a torch object (it is then already imported)."""
+    import sys
+
+    return sys.modules.get("torch")

@@ -1,0 +1,84 @@
+"""Capture PyTorch programs into an `ir.Model` through torch.export (torch.fx).
+
+`torch.onnx.export(..., dynamo=True)` traces the module with torch.export into an FX graph,
+decomposes it to core ATen and translates every FX node into ONNX, producing onnx-ir directly.
+Each ONNX node keeps the module path it came from (metadata `pkg.torch.onnx.name_scopes`), which
+the structure analysis reads as a hint. The exporter's own graph optimizer is left off: the
+`cleanup` pass does that work, measured and verified, so capture stays a faithful translation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from xopt.errors import XoptError, first_line
+
+logger = logging.getLogger(__name__)
+
+
+def export_to_ir(
+    program: Any,
+    example_inputs: Sequence[Any] = (),
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
+) -> ir.Model:
+    """Export an `nn.Module` (with example inputs) or an `ExportedProgram` to onnx-ir."""
+    import torch
+
+    output = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(output):
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(
+                program,
+                tuple(example_inputs),
+                dynamo=True,
+                input_names=list(input_names) if input_names else None,
+                output_names=list(output_names) if output_names else None,
+                dynamic_shapes=dynamic_shapes,
+                optimize=False,
+                verbose=False,
+            )
+    except Exception as error:
+        reason = first_line(error)
+        raise XoptError(f"torch.export could not capture the model: {reason}") from error
+    logger.debug("torch.onnx.export said:\n%s", output.getvalue())
+    return onnx_program.model
+
+
+def export_module(
+    module: Any,
+    example_inputs: Sequence[Any] | None,
+    *,
+    dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
+) -> ir.Model:
+    """Capture `module(*example_inputs)`; shapes are static unless `dynamic_shapes` says otherwise."""
+    if example_inputs is None:
+        raise XoptError("capturing an nn.Module needs example_inputs (a tuple of tensors)")
+    if not isinstance(example_inputs, tuple | list):
+        example_inputs = (example_inputs,)
+    module.eval()
+    return export_to_ir(module, example_inputs, dynamic_shapes=dynamic_shapes)
+
+
+def load_exported_program(path: Path) -> ir.Model:
+    """Load a `.pt2` file written by `torch.export.save` and translate it to ONNX."""
+    import torch
+
+    if not path.is_file():
+        raise XoptError(f"{path}: no such file")
+    try:
+        exported = torch.export.load(path)
+    except Exception as error:
+        raise XoptError(f"{path}: not a readable torch.export program ({type(error).__name__})") from None
+    return export_to_ir(exported)

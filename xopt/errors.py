@@ -1,0 +1,18 @@
+"""The one exception type that reaches users.
+
+A `XoptError` carries a single actionable line ("input.onnx: not an ONNX model (truncated
+protobuf)"); the CLI prints it on stderr and exits 2. Anything else escaping is a bug in xopt
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class XoptError(Exception):
+    """A problem with the user's input or options, stated in one line."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,74 @@
+"""Sample inputs generated from a model's graph inputs, for verification and probing.
+
+Symbolic axes are bound by position: the first is the batch, the others the sequence. Values
+follow the input's name: `*mask*` → ones (with right padding on all but the first row when
+`padded`), `*position*` → 0..S−1, `*token_type*` → zeros, other integers → token ids drawn below
+the vocabulary size of the embedding table they index, floats → standard normal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+DEFAULT_BATCH, DEFAULT_SEQUENCE = 2, 16
+
+
+def sample_inputs(
+    model: ir.Model,
+    *,
+    batch: int = DEFAULT_BATCH,
+    sequence: int = DEFAULT_SEQUENCE,
+    padded: bool = False,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """One array per graph input, reproducible for a given seed."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.inputs:
+        shape = _concrete_shape(value, batch, sequence)
+        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        name = value.name.lower()
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in name:
+            feeds[value.name] = _mask(shape, dtype, padded)
+        elif "position" in name:
+            feeds[value.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+        elif "token_type" in name or dtype == np.bool_:
+            feeds[value.name] = np.zeros(shape, dtype) if dtype != np.bool_ else np.ones(shape, dtype)
+        else:
+            feeds[value.name] = rng.integers(0, _index_bound(value), size=shape).astype(dtype)
+    return feeds
+
+
+def _concrete_shape(value: ir.Value, batch: int, sequence: int) -> tuple[int, ...]:
+    if value.shape is None:
+        return (batch, sequence)
+    dims, seen_symbolic = [], 0
+    for dim in value.shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+        else:
+            dims.append(batch if seen_symbolic == 0 else sequence)
+            seen_symbolic += 1
+    return tuple(dims)
+
+
+def _mask(shape: tuple[int, ...], dtype: np.dtype, padded: bool) -> np.ndarray:
+    mask = np.ones(shape, dtype)
+    if padded and len(shape) == 2 and shape[1] > 2:
+        for row in range(1, shape[0]):
+            mask[row, shape[1] - max(1, shape[1] * row // (2 * shape[0])) :] = 0
+    return mask
+
+
+def _index_bound(value: ir.Value) -> int:
+    """The row count of the smallest constant table this input gathers from (else 100)."""
+    bounds = []
+    for node, index in value.uses():
+        if node.op_type == "Gather" and index == 1 and node.inputs[0] is not None:
+            table = node.inputs[0].const_value
+            if table is not None and len(table.shape) >= 1:
+                bounds.append(int(table.shape[0]))
+    return min(bounds, default=100)

@@ -1,0 +1,247 @@
+"""Passes, the pass registry, named recipes and the PassManager that runs them verified.
+
+A pass is a dataclass whose fields are its options; `__call__(model)` rewrites the model in
+place through onnx-ir's use-def-keeping operations and returns a `PassResult`. The PassManager
+works on a clone (tensors are shared, never mutated: a pass that changes a weight creates a new
+tensor), so the caller's model is never modified. With verification on, every pass is followed
+by the onnx checker with strict shape inference and an output-parity check against the input
+model on generated sample inputs; an exact pass that breaks parity stops the pipeline with the
+pass named.
+
+Recipes (the order is the design: cleanup → canonicalize → exact folds → lossy passes →
+fusion/lowering → cleanup) live here, in `RECIPES`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import re
+import time
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from xopt.errors import XoptError
+from xopt.inputs import sample_inputs
+from xopt.report import ModelStats, PassRecord, Report
+from xopt.verify import EXACT_TOLERANCE, VerificationError, check_structure, parity, reference_outputs
+
+logger = logging.getLogger(__name__)
+
+RECIPES: dict[str, list[str]] = {
+    # Changes no output beyond float rounding.
+    "exact": ["cleanup"],
+}
+DEFAULT_RECIPE = "exact"
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the model (usually the same object), whether it changed, and facts."""
+
+    model: ir.Model
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    explain: list[str] = field(default_factory=list)
+
+
+class Pass:
+    """Base of every pass. Subclasses are dataclasses; their fields are the pass's options."""
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]
+    summary: ClassVar[str]
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> list[tuple[str, str, Any]]:
+        """(name, type, default) of each option."""
+        hints = typing.get_type_hints(cls)
+        return [(f.name, _type_name(hints[f.name]), f.default) for f in dataclasses.fields(cls)]
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available by its name (`--passes`, recipes, `xopt passes`)."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two passes named {cls.name!r}: {_REGISTRY[cls.name].__name__}, {cls.__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """Every registered pass by name (importing xopt.passes registers the built-in ones)."""
+    importlib.import_module("xopt.passes")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def make_pass(name: str, options: Mapping[str, str | Any] | None = None) -> Pass:
+    """Instantiate pass `name`; string option values are converted to the option's type."""
+    passes = registered_passes()
+    if name not in passes:
+        raise XoptError(f"unknown pass {name!r} (known: {', '.join(passes)})")
+    cls = passes[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, raw in (options or {}).items():
+        if key not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise XoptError(f"pass {name!r} has no option {key!r} (options: {listed})")
+        kwargs[key] = _convert(name, key, raw, hints[key]) if isinstance(raw, str) else raw
+    return cls(**kwargs)
+
+
+def parse_spec(spec: str) -> list[Pass]:
+    """Parse `cleanup,prune-layers(n=4,method=replaceme)` into pass objects."""
+    passes = []
+    for item in _split_top_level(spec):
+        match = re.fullmatch(r"\s*([A-Za-z0-9_\-]+)\s*(?:\((.*)\))?\s*", item)
+        if not match:
+            raise XoptError(f"cannot parse pass {item!r}: write name or name(key=value,...)")
+        name, arguments = match.group(1), match.group(2)
+        options = {}
+        for argument in filter(str.strip, (arguments or "").split(",")):
+            key, sep, value = argument.partition("=")
+            if not sep or not key.strip():
+                raise XoptError(f"cannot parse option {argument.strip()!r} of pass {name!r}: write key=value")
+            options[key.strip()] = value.strip()
+        passes.append(make_pass(name, options))
+    if not passes:
+        raise XoptError("empty pass list")
+    return passes
+
+
+def resolve_passes(recipe: str | None = None, passes: str | Iterable[str | Pass] | None = None) -> list[Pass]:
+    """The pass list of a recipe, or `passes` (a spec string, names or pass objects) instead."""
+    if passes is not None:
+        if isinstance(passes, str):
+            return parse_spec(passes)
+        return [p if isinstance(p, Pass) else parse_spec(p)[0] for p in passes]
+    recipe = recipe or DEFAULT_RECIPE
+    if recipe not in RECIPES:
+        raise XoptError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
+    return [make_pass(name) for name in RECIPES[recipe]]
+
+
+class PassManager:
+    """Runs passes in order on a clone of the model, verifying after each one."""
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        *,
+        verify: bool = True,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        on_pass: Callable[[Pass], None] | None = None,
+    ):
+        self.passes = list(passes)
+        self.verify = verify
+        self.inputs = inputs
+        self.on_pass = on_pass
+
+    def __call__(self, model: ir.Model) -> tuple[ir.Model, Report]:
+        working = model.clone()
+        report = Report(input=ModelStats.of(model), output=ModelStats.of(model), verified=self.verify)
+        inputs = reference = None
+        if self.verify:
+            inputs = self.inputs if self.inputs is not None else sample_inputs(model, padded=True)
+            reference = reference_outputs(model, inputs)
+        for step in self.passes:
+            if self.on_pass is not None:
+                self.on_pass(step)
+            before = report.output
+            start = time.perf_counter()
+            try:
+                result = step(working)
+            except XoptError as error:
+                raise type(error)(f"pass {step.name!r}: {error}") from error
+            seconds = time.perf_counter() - start
+            working = result.model
+            record = PassRecord(
+                name=step.name,
+                exact=step.exact,
+                modified=result.modified,
+                seconds=seconds,
+                before=before,
+                after=ModelStats.of(working),
+                stats=result.stats,
+                explain=result.explain,
+            )
+            if self.verify:
+                record.parity = self._verify(step, working, inputs, reference)
+            report.passes.append(record)
+            report.output = record.after
+            logger.info("%s: %d → %d nodes in %.2f s", step.name, before.nodes, record.after.nodes, seconds)
+        return working, report
+
+    @staticmethod
+    def _verify(step: Pass, model: ir.Model, inputs, reference):
+        try:
+            check_structure(model)
+            result = parity(model, inputs, reference)
+        except VerificationError as error:
+            raise VerificationError(f"after pass {step.name!r}: {error}") from error
+        if step.exact and not result.within(EXACT_TOLERANCE):
+            raise VerificationError(
+                f"exact pass {step.name!r} changed the model's outputs: {result.describe()} "
+                f"(tolerance {EXACT_TOLERANCE:g} relative)"
+            )
+        return result
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """Split on commas outside parentheses."""
+    items, depth, current = [], 0, []
+    for char in spec:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            raise XoptError(f"unbalanced parentheses in pass spec {spec!r}")
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth != 0:
+        raise XoptError(f"unbalanced parentheses in pass spec {spec!r}")
+    items.append("".join(current))
+    return [item for item in items if item.strip()]
+
+
+def _convert(pass_name: str, key: str, raw: str, hint: Any) -> Any:
+    """Convert an option string to `hint` (bool, int, float, str, Literal[...] or X | None)."""
+    if raw.lower() == "none" and type(None) in typing.get_args(hint):
+        return None
+    candidates = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    for target in candidates:
+        if typing.get_origin(target) is typing.Literal:
+            if raw in [str(choice) for choice in typing.get_args(target)]:
+                return type(typing.get_args(target)[0])(raw)
+            continue
+        try:
+            if target is bool:
+                if raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    return raw.lower() in ("1", "true", "yes", "on")
+                continue
+            return target(raw)
+        except (TypeError, ValueError):
+            continue
+    raise XoptError(f"option {key}={raw!r} of pass {pass_name!r} is not a valid {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(hint))
+    if typing.get_args(hint):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))

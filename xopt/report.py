@@ -1,0 +1,109 @@
+"""What each pass changed: nodes, op types, parameters, bytes, time, parity.
+
+A `Report` is plain data: `to_dict()` gives the JSON written by `--report`, `format_table()` the
+summary the CLI prints.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from xopt.verify import Parity
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Size facts of one model: node count, op-type histogram, parameters and weight bytes.
+
+    Parameters count every constant element, in initializers and in Constant nodes alike, so
+    lifting a constant from one to the other changes nothing.
+    """
+
+    nodes: int
+    ops: dict[str, int]
+    params: int
+    bytes: int
+
+    @classmethod
+    def of(cls, model: ir.Model) -> ModelStats:
+        nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+        ops = Counter(_op_name(node) for node in nodes)
+        tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+        tensors += [
+            n.attributes["value"].value for n in nodes if n.op_type == "Constant" and "value" in n.attributes
+        ]
+        return cls(
+            nodes=sum(ops.values()),
+            ops=dict(sorted(ops.items())),
+            params=sum(t.size for t in tensors),
+            bytes=sum(t.nbytes for t in tensors),
+        )
+
+
+@dataclass
+class PassRecord:
+    """One pass of a pipeline run."""
+
+    name: str
+    exact: bool
+    modified: bool
+    seconds: float
+    before: ModelStats
+    after: ModelStats
+    parity: Parity | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    explain: list[str] = field(default_factory=list)
+
+    def op_changes(self) -> dict[str, int]:
+        """Op type → change in count (only the op types whose count changed)."""
+        keys = set(self.before.ops) | set(self.after.ops)
+        changes = {k: self.after.ops.get(k, 0) - self.before.ops.get(k, 0) for k in sorted(keys)}
+        return {k: v for k, v in changes.items() if v}
+
+
+@dataclass
+class Report:
+    """A pipeline run: the input and output models' stats and one record per pass."""
+
+    input: ModelStats
+    output: ModelStats
+    passes: list[PassRecord] = field(default_factory=list)
+    verified: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for record, raw in zip(self.passes, data["passes"], strict=True):
+            raw["op_changes"] = record.op_changes()
+        return data
+
+    def format_table(self) -> str:
+        """A fixed-width table: one row per pass, then the totals."""
+        header = f"{'pass':<22}{'nodes':>14}{'params':>16}{'MB':>16}{'time s':>9}  parity"
+        lines = [header, "-" * len(header)]
+        for record in self.passes:
+            lines.append(
+                f"{record.name:<22}"
+                f"{_change(record.before.nodes, record.after.nodes):>14}"
+                f"{_change(record.before.params, record.after.params):>16}"
+                f"{_change(record.before.bytes / 1e6, record.after.bytes / 1e6, '.1f'):>16}"
+                f"{record.seconds:>9.2f}  {record.parity.describe() if record.parity else 'not verified'}"
+            )
+        lines.append("-" * len(header))
+        lines.append(
+            f"{'total':<22}{_change(self.input.nodes, self.output.nodes):>14}"
+            f"{_change(self.input.params, self.output.params):>16}"
+            f"{_change(self.input.bytes / 1e6, self.output.bytes / 1e6, '.1f'):>16}"
+        )
+        return "\n".join(lines)
+
+
+def _change(before: float, after: float, fmt: str = "d") -> str:
+    return f"{before:{fmt}}→{after:{fmt}}" if before != after else f"{after:{fmt}}"
+
+
+def _op_name(node: ir.Node) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"

@@ -1,0 +1,88 @@
+"""Saving a model, atomically, and checking that ONNX Runtime loads what was written.
+
+OUTPUT is an `.onnx` file or a folder (`model.onnx` inside; for a Hugging Face source also the
+tokenizer and config, so `eval` and `generate` work on it). Everything is written into a
+temporary sibling folder first, loaded back in ONNX Runtime, and only then moved into place:
+a failure at any step leaves no partial output. Weights go to external data when they would
+not fit in one protobuf (2 GB) or on request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from xopt.backends.onnxruntime import PROTOBUF_LIMIT_BYTES, check_loads, model_bytes
+from xopt.capture.huggingface import save_tokenizer_and_config
+from xopt.errors import XoptError, first_line
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+# Paths of the source model, used while capturing; they do not belong in a deployed artifact.
+_SOURCE_METADATA = ("xopt.hf_folder", "xopt.gguf_file")
+
+
+def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> Path:
+    """Write `model` to `path` (file or folder) atomically; returns the .onnx file written."""
+    path = Path(path)
+    as_folder = path.suffix != ".onnx"
+    onnx_name = MODEL_FILE if as_folder else path.name
+    parent = path.parent.resolve()
+    if not parent.is_dir():
+        raise XoptError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise XoptError(f"{path}: folder {parent} is not writable")
+    _refuse_overwriting_own_weights(model, path, as_folder)
+    if external_data is None:
+        external_data = model_bytes(model) >= PROTOBUF_LIMIT_BYTES - (64 << 20)
+
+    artifact = model.clone()
+    for key in _SOURCE_METADATA:
+        artifact.metadata_props.pop(key, None)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    try:
+        ir.save(artifact, staging / onnx_name, external_data=f"{onnx_name}.data" if external_data else None)
+        check_loads(staging / onnx_name)
+        if as_folder:
+            save_tokenizer_and_config(model, staging)
+            _replace(staging, path)
+            return path / onnx_name
+        for produced in sorted(staging.iterdir(), key=lambda p: p.suffix == ".onnx"):  # .onnx last
+            os.replace(produced, parent / produced.name)
+        return path
+    except OSError as error:
+        raise XoptError(f"{path}: cannot write ({first_line(error)})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Move the finished folder into place; an existing target is swapped out, then deleted."""
+    if target.exists() and not target.is_dir():
+        raise XoptError(f"{target}: exists and is not a folder")
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _refuse_overwriting_own_weights(model: ir.Model, path: Path, as_folder: bool) -> None:
+    """Refuse an output that would replace a file the model still reads its weights from."""
+    target = path.resolve()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        source = Path(tensor.path).resolve()
+        inside = target in source.parents if as_folder else source in (target, Path(f"{target}.data"))
+        if inside:
+            raise XoptError(f"{path}: output would overwrite the input model's weights ({source.name})")

@@ -1,0 +1,141 @@
+"""Verification: structural validity, output parity, and bisecting a bad pipeline.
+
+Parity compares a candidate's outputs with reference outputs on the same sample inputs. For an
+output pair (r, c) we report
+
+    max_abs = max |c − r|,        max_rel = max_abs / max(max |r|, 1)
+
+and, for logits (last axis = vocabulary), the top-1 agreement of argmax over that axis. An exact
+pass must keep `max_rel ≤ EXACT_TOLERANCE` on every output: float32 rounding of a reordered
+computation stays orders of magnitude below it, while any real change of the function exceeds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from xopt.backends.onnxruntime import PROTOBUF_LIMIT_BYTES, create_session, model_bytes, run
+from xopt.errors import XoptError, first_line
+
+logger = logging.getLogger(__name__)
+
+EXACT_TOLERANCE = 1e-4
+
+
+class VerificationError(XoptError):
+    """A model failed a structural check or disagreed with its reference."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How far a candidate's outputs are from the reference's (worst over all outputs)."""
+
+    max_abs: float
+    max_rel: float
+    top1_agreement: float | None = None
+
+    def within(self, tolerance: float) -> bool:
+        return bool(np.isfinite(self.max_rel)) and self.max_rel <= tolerance
+
+    def describe(self) -> str:
+        text = f"max abs diff {self.max_abs:.3g} (relative {self.max_rel:.3g})"
+        if self.top1_agreement is not None:
+            text += f", top-1 agreement {100 * self.top1_agreement:.2f}%"
+        return text
+
+
+def check_structure(model: ir.Model) -> None:
+    """The onnx checker with strict shape inference; raises VerificationError with the reason."""
+    try:
+        if model_bytes(model) < PROTOBUF_LIMIT_BYTES - (64 << 20):
+            onnx.checker.check_model(ir.to_proto(model), full_check=True)
+        else:  # over the protobuf limit: the checker reads the model from a file with external data
+            with tempfile.TemporaryDirectory(prefix="xopt-check-") as folder:
+                path = Path(folder) / "model.onnx"
+                ir.save(model, path, external_data="model.onnx.data")
+                onnx.checker.check_model(str(path), full_check=True)
+    except Exception as error:
+        reason = first_line(error)
+        raise VerificationError(f"invalid ONNX graph: {reason}") from error
+
+
+def reference_outputs(model: ir.Model, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of `model` in ONNX Runtime with graph optimizations off (the reference)."""
+    return run(create_session(model, optimization="disable"), inputs)
+
+
+def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> Parity:
+    """Worst-case parity over the outputs both sides have, matched by name then by position."""
+    if set(reference) != set(candidate):
+        pairs = list(zip(reference.values(), candidate.values(), strict=False))
+    else:
+        pairs = [(reference[name], candidate[name]) for name in reference]
+    max_abs, max_rel, agreements = 0.0, 0.0, []
+    for expected, actual in pairs:
+        if expected.shape != actual.shape:
+            return Parity(float("inf"), float("inf"))
+        if not np.issubdtype(expected.dtype, np.floating):
+            mismatch = float(np.any(expected != actual))
+            max_abs, max_rel = max(max_abs, mismatch), max(max_rel, mismatch)
+            continue
+        expected64, actual64 = expected.astype(np.float64), actual.astype(np.float64)
+        diff = float(np.max(np.abs(actual64 - expected64))) if expected.size else 0.0
+        if not np.all(np.isfinite(actual64)) and np.all(np.isfinite(expected64)):
+            diff = float("inf")
+        scale = max(float(np.max(np.abs(expected64))) if expected.size else 0.0, 1.0)
+        max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / scale)
+        if expected.ndim == 3 and expected.shape[-1] > 1000:  # logits: (batch, sequence, vocabulary)
+            agreements.append(float(np.mean(expected.argmax(-1) == actual.argmax(-1))))
+    return Parity(max_abs, max_rel, min(agreements) if agreements else None)
+
+
+def parity(model: ir.Model, inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Parity:
+    """Run `model` on `inputs` and compare with `reference`."""
+    try:
+        outputs = run(create_session(model, optimization="disable"), inputs)
+    except Exception as error:
+        reason = first_line(error)
+        raise VerificationError(f"ONNX Runtime cannot run the model: {reason}") from error
+    return compare(reference, outputs)
+
+
+def bisect_passes(
+    model: ir.Model,
+    passes: Sequence[Callable[[ir.Model], object]],
+    inputs: Mapping[str, np.ndarray],
+    tolerance: float = EXACT_TOLERANCE,
+) -> int | None:
+    """Index of the first pass after which `model` no longer agrees with itself, or None.
+
+    Binary search over pipeline prefixes (each run on a fresh clone), assuming a pipeline stays
+    broken once a pass has broken it: log2(len(passes)) + 1 pipeline runs instead of one per pass.
+    """
+    reference = reference_outputs(model, inputs)
+
+    def broken_after(count: int) -> bool:
+        candidate = model.clone()
+        for step in passes[:count]:
+            candidate = step(candidate).model
+        try:
+            return not parity(candidate, inputs, reference).within(tolerance)
+        except VerificationError:
+            return True
+
+    if not broken_after(len(passes)):
+        return None
+    low, high = 0, len(passes)  # invariant: prefix `low` is good, prefix `high` is broken
+    while high - low > 1:
+        middle = (low + high) // 2
+        if broken_after(middle):
+            high = middle
+        else:
+            low = middle
+    return high - 1
