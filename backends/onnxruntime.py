@@ -32,9 +32,7 @@ OPTIMIZATION_LEVELS = {
 def session_options(threads: int | None = None, optimization: str = "all") -> ort.SessionOptions:
     """Options with a fixed intra-op thread count (None: ORT's default) and optimization level."""
     if optimization not in OPTIMIZATION_LEVELS:
-        raise XoptError(
-            f"unknown ORT optimization level {optimization!r}: one of {', '.join(OPTIMIZATION_LEVELS)}"
-        )
+        raise XoptError(f"unknown ORT optimization level {optimization!r}: one of {', '.join(OPTIMIZATION_LEVELS)}")
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     options.log_severity_level = 3
@@ -56,13 +54,19 @@ def create_session(
     if isinstance(model, str | Path):
         return ort.InferenceSession(str(model), options, providers=list(providers))
     if model_bytes(model) < PROTOBUF_LIMIT_BYTES - (64 << 20):
-        return ort.InferenceSession(
-            ir.to_proto(model).SerializeToString(), options, providers=list(providers)
-        )
+        return ort.InferenceSession(_serialized(model), options, providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="xopt-session-") as folder:
         path = Path(folder) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def _serialized(model: ir.Model) -> bytes:
+    """The model as protobuf bytes with every weight inline (ORT cannot follow external data
+    references from bytes); external tensors are read into a clone, the model is unchanged."""
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        model = ir.external_data.load_to_model(model.clone())
+    return ir.to_proto(model).SerializeToString()
 
 
 def run(

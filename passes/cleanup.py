@@ -51,9 +51,7 @@ class CleanupPass(Pass):
         common_passes.RemoveUnusedNodesPass()(model)
         common_passes.TopologicalSortPass()(model)
         ops_after = Counter(node.op_type for node in model.graph)
-        removed = {
-            op: ops_before[op] - ops_after.get(op, 0) for op in ops_before if ops_before[op] > ops_after[op]
-        }
+        removed = {op: ops_before[op] - ops_after.get(op, 0) for op in ops_before if ops_before[op] > ops_after[op]}
         stats = {
             "nodes_removed": sum(ops_before.values()) - sum(ops_after.values()),
             "removed_by_op": dict(sorted(removed.items(), key=lambda kv: -kv[1])),

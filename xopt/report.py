@@ -33,9 +33,7 @@ class ModelStats:
         nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
         ops = Counter(_op_name(node) for node in nodes)
         tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
-        tensors += [
-            n.attributes["value"].value for n in nodes if n.op_type == "Constant" and "value" in n.attributes
-        ]
+        tensors += [n.attributes["value"].value for n in nodes if n.op_type == "Constant" and "value" in n.attributes]
         return cls(
             nodes=sum(ops.values()),
             ops=dict(sorted(ops.items())),
@@ -82,20 +80,20 @@ class Report:
 
     def format_table(self) -> str:
         """A fixed-width table: one row per pass, then the totals."""
-        header = f"{'pass':<22}{'nodes':>14}{'params':>16}{'MB':>16}{'time s':>9}  parity"
+        header = f"{'pass':<16}{'nodes':>14}{'params':>24}{'MB':>16}{'time s':>9}  parity"
         lines = [header, "-" * len(header)]
         for record in self.passes:
             lines.append(
-                f"{record.name:<22}"
+                f"{record.name:<16}"
                 f"{_change(record.before.nodes, record.after.nodes):>14}"
-                f"{_change(record.before.params, record.after.params):>16}"
+                f"{_change(record.before.params, record.after.params):>24}"
                 f"{_change(record.before.bytes / 1e6, record.after.bytes / 1e6, '.1f'):>16}"
                 f"{record.seconds:>9.2f}  {record.parity.describe() if record.parity else 'not verified'}"
             )
         lines.append("-" * len(header))
         lines.append(
-            f"{'total':<22}{_change(self.input.nodes, self.output.nodes):>14}"
-            f"{_change(self.input.params, self.output.params):>16}"
+            f"{'total':<16}{_change(self.input.nodes, self.output.nodes):>14}"
+            f"{_change(self.input.params, self.output.params):>24}"
             f"{_change(self.input.bytes / 1e6, self.output.bytes / 1e6, '.1f'):>16}"
         )
         return "\n".join(lines)

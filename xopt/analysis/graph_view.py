@@ -78,8 +78,9 @@ def nodes_between(view: nx.DiGraph, start: ir.Node, end: ir.Node) -> set[ir.Node
 def module_path(node: ir.Node) -> str | None:
     """The torch module a node was exported from (`model.layers.3.mlp.down_proj`), if recorded."""
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if not scopes:
-        return None
+    if not scopes:  # TorchScript exports name nodes by scope instead: /encoder/layer.0/attention/Op
+        parts = node.name.strip("/").split("/") if node.name.startswith("/") else []
+        return ".".join(parts[:-1]) or None
     names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]
     modules = [n for n in names[:-1] if n]  # the last scope is the op itself
     return modules[-1] if modules else None

@@ -159,11 +159,7 @@ def _match_decomposed_norm(reduce: ir.Node) -> Norm | None:
     sub = centred.producer()
     if sub is not None and sub.op_type == "Sub":
         mean = sub.inputs[1].producer()
-        if (
-            mean is not None
-            and mean.op_type == "ReduceMean"
-            and skip_back(mean.inputs[0]) is skip_back(sub.inputs[0])
-        ):
+        if mean is not None and mean.op_type == "ReduceMean" and skip_back(mean.inputs[0]) is skip_back(sub.inputs[0]):
             kind, source = "LayerNorm", skip_back(sub.inputs[0])
             nodes = [mean, sub, *nodes]
     # ReduceMean → Add ε → Sqrt → (Reciprocal → Mul with x | Div of x)
@@ -180,9 +176,7 @@ def _match_decomposed_norm(reduce: ir.Node) -> Norm | None:
             if constant is None or constant.size != 1:
                 return None
             epsilon = float(constant.reshape(()))
-        elif user.op_type in ("Mul", "Div") and any(
-            skip_back(v) is centred for v in user.inputs if v is not value
-        ):
+        elif user.op_type in ("Mul", "Div") and any(skip_back(v) is centred for v in user.inputs if v is not value):
             normalized = user.outputs[0]
             break
         elif user.op_type not in ("Sqrt", "Reciprocal", *TRANSPARENT_OPS):
@@ -238,9 +232,7 @@ def match_embedding(node: ir.Node) -> Embedding | None:
 def table_equals_transposed(table: ir.Value, weight: ir.Value) -> bool:
     """Whether an LM head weight [d, vocab] is the embedding table [vocab, d] transposed (tied)."""
     producer = weight.producer()
-    if table is weight or (
-        producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is table
-    ):
+    if table is weight or (producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is table):
         return True
     a, b = const_array(table), const_array(weight)
     return a is not None and b is not None and a.shape == b.shape[::-1] and bool(np.array_equal(a, b.T))

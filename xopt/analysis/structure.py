@@ -205,9 +205,7 @@ def find_transformer_structure(model: ir.Model) -> TransformerStructure:
 
 
 def _match_attention(softmax: ir.Node, by_output: dict[ir.Value, Linear]) -> Attention | str:
-    scores = _find_back(
-        softmax.inputs[0], _SCORE_OPS, lambda n: n.op_type == "MatMul" and _two_activations(n)
-    )
+    scores = _find_back(softmax.inputs[0], _SCORE_OPS, lambda n: n.op_type == "MatMul" and _two_activations(n))
     if scores is None:
         return "no Q·Kᵀ MatMul of two activations before the Softmax"
     context = None
@@ -221,9 +219,7 @@ def _match_attention(softmax: ir.Node, by_output: dict[ir.Value, Linear]) -> Att
     k_found, _ = _linears_before(scores.inputs[1], by_output)
     v_found, _ = _linears_before(context.inputs[1], by_output)
     if len(q_found) != 1 or len(k_found) != 1 or len(v_found) != 1:
-        return (
-            f"Q/K/V do not each come from one projection ({len(q_found)}/{len(k_found)}/{len(v_found)} found)"
-        )
+        return f"Q/K/V do not each come from one projection ({len(q_found)}/{len(k_found)}/{len(v_found)} found)"
     o = _linear_after(context.outputs[0], by_output)
     if o is None:
         return "no output projection after P·V"
@@ -354,9 +350,7 @@ def _residual_add(linear: Linear) -> ir.Node | None:
 
 
 def _pair_into_blocks(attentions: list[Attention], mlps: list[MLP], order: dict[ir.Node, int]) -> list[Block]:
-    sublayers = sorted(
-        [*attentions, *mlps], key=lambda s: order[(s.o if isinstance(s, Attention) else s.down).node]
-    )
+    sublayers = sorted([*attentions, *mlps], key=lambda s: order[(s.o if isinstance(s, Attention) else s.down).node])
     blocks: list[Block] = []
     for sublayer in sublayers:
         if isinstance(sublayer, Attention) or not blocks or blocks[-1].mlp is not None:
@@ -395,7 +389,8 @@ def _attach_norms(blocks: list[Block], norms: list[Norm]) -> str | None:
             if sublayer is None or sublayer.residual is None:
                 continue
             first = sublayer.q if isinstance(sublayer, Attention) else (sublayer.gate or sublayer.up)
-            before = by_output.get(skip_back(first.input))
+            before = by_output.get(skip_back(first.input, TRANSPARENT_OPS | {"Reshape"}))
+
             skip = next(v for v in sublayer.residual.inputs if v is not _sublayer_output(sublayer))
             if before is not None and skip_back(before.input) is skip_back(skip):
                 setattr(block, slot, before)
@@ -426,28 +421,22 @@ def _attach_head_and_outer_norms(
     outputs = set(graph.outputs)
     used = {id(x) for b in structure.blocks for s in (b.attention, b.mlp) if s for x in s.linears}
     heads = [
-        x
-        for x in linears
-        if id(x) not in used and skip_forward(x.output, TRANSPARENT_OPS | {"Reshape"}) in outputs
+        x for x in linears if id(x) not in used and skip_forward(x.output, TRANSPARENT_OPS | {"Reshape"}) in outputs
     ]
     if heads:
         structure.lm_head = heads[-1]
         token = structure.token_embedding
-        structure.tied_embeddings = bool(
-            token and table_equals_transposed(token.table, structure.lm_head.weight)
-        )
+        structure.tied_embeddings = bool(token and table_equals_transposed(token.table, structure.lm_head.weight))
     attached = {id(n) for b in structure.blocks for n in b.norms}
     free = [n for n in norms if id(n) not in attached]
     if structure.lm_head is not None:
-        structure.final_norm = next((n for n in free if n.output is skip_back(structure.lm_head.input)), None)
+        head_input = skip_back(structure.lm_head.input, TRANSPARENT_OPS | {"Slice", "Reshape"})
+        structure.final_norm = next((n for n in free if n.output is head_input), None)
     elif structure.norm_position == "pre":
         structure.final_norm = next((n for n in free if skip_forward(n.output) in outputs), None)
     if structure.blocks and free:
         first_block = min(
-            order[x.node]
-            for s in (structure.blocks[0].attention, structure.blocks[0].mlp)
-            if s
-            for x in s.linears
+            order[x.node] for s in (structure.blocks[0].attention, structure.blocks[0].mlp) if s for x in s.linears
         )
         early = [n for n in free if n is not structure.final_norm and order[n.nodes[-1]] < first_block]
         structure.embedding_norm = early[-1] if early else None
@@ -457,12 +446,17 @@ def _block_summary(block: Block) -> dict[str, Any]:
     summary: dict[str, Any] = {"index": block.index, "module": block.module}
     if block.attention is not None:
         a = block.attention
-        summary["attention"] = {"q": a.q.name, "k": a.k.name, "v": a.v.name, "o": a.o.name}
+        summary["attention"] = {"q": _label(a.q), "k": _label(a.k), "v": _label(a.v), "o": _label(a.o)}
     if block.mlp is not None:
         m = block.mlp
-        summary["mlp"] = {"up": m.up.name, "gate": m.gate.name if m.gate else None, "down": m.down.name}
+        summary["mlp"] = {"up": _label(m.up), "gate": _label(m.gate) if m.gate else None, "down": _label(m.down)}
     summary["norms"] = [n.kind for n in block.norms]
     return summary
+
+
+def _label(linear: Linear) -> str:
+    """The module path of a linear when the exporter recorded it, else its weight's name."""
+    return module_path(linear.node) or linear.name
 
 
 def require_blocks(structure: TransformerStructure, what: str) -> None:

@@ -41,9 +41,7 @@ def load(
         return export_to_ir(source)
     if torch is not None and isinstance(source, torch.nn.Module):
         return export_module(source, example_inputs, dynamic_shapes=dynamic_shapes)
-    raise XoptError(
-        f"cannot capture a {type(source).__name__}: give a path, an nn.Module or an ExportedProgram"
-    )
+    raise XoptError(f"cannot capture a {type(source).__name__}: give a path, an nn.Module or an ExportedProgram")
 
 
 def _load_path(path: Path) -> ir.Model:

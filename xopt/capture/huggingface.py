@@ -58,6 +58,7 @@ def load_hf_model(folder: Path, gguf_file: str | None = None):
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         model = auto.from_pretrained(str(folder), **kwargs)
     except Exception as error:

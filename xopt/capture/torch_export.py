@@ -37,7 +37,7 @@ def export_to_ir(
 
     output = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(output):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(output), _quiet_loggers():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(
                 program,
@@ -82,3 +82,18 @@ def load_exported_program(path: Path) -> ir.Model:
     except Exception as error:
         raise XoptError(f"{path}: not a readable torch.export program ({type(error).__name__})") from None
     return export_to_ir(exported)
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    """The exporter logs every optional op library it skips; keep its warnings out of xopt's output."""
+    names = ("torch.onnx._internal.exporter._registration", "torch.onnx", "torch.export", "torch._dynamo")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

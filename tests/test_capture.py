@@ -1,0 +1,105 @@
+"""Capture: ONNX files (with external data), nn.Module, ExportedProgram / .pt2, Hugging Face folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+from helpers import LINEAR_MODEL, model_from_text
+from xopt.backends.onnxruntime import create_session, run
+
+import xopt
+from xopt.errors import XoptError
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 6)
+        self.norm = torch.nn.LayerNorm(6)
+
+    def forward(self, x):
+        return self.norm(torch.relu(self.linear(x)))
+
+
+def _saved_with_external_data(tmp_path):
+    path = tmp_path / "linear.onnx"
+    ir.save(model_from_text(LINEAR_MODEL), path, external_data="linear.onnx.data", size_threshold_bytes=0)
+    return path
+
+
+def test_onnx_file_with_external_data_is_memory_mapped(tmp_path):
+    path = _saved_with_external_data(tmp_path)
+    model = xopt.load(path)
+    assert isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
+    x = np.ones((2, 4), np.float32)
+    (y,) = run(create_session(model), {"x": x}).values()
+    np.testing.assert_allclose(y, np.maximum(x @ np.arange(1, 13).reshape(4, 3) + [0.5, -0.5, 0.25], 0))
+
+
+def test_missing_or_truncated_external_data_is_a_one_line_error(tmp_path):
+    path = _saved_with_external_data(tmp_path)
+    data = tmp_path / "linear.onnx.data"
+    data.write_bytes(data.read_bytes()[:10])
+    with pytest.raises(XoptError, match="is truncated"):
+        xopt.load(path)
+    data.unlink()
+    with pytest.raises(XoptError, match="is missing"):
+        xopt.load(path)
+
+
+def test_nn_module_capture_matches_torch():
+    module = TinyNet().eval()
+    x = torch.randn(3, 8)
+    model = xopt.load(module, (x,))
+    (y,) = run(create_session(model), {model.graph.inputs[0].name: x.numpy()}).values()
+    np.testing.assert_allclose(y, module(x).detach().numpy(), atol=1e-5)
+    assert any(n.metadata_props.get("pkg.torch.onnx.name_scopes") for n in model.graph)
+
+
+def test_nn_module_without_example_inputs_is_refused():
+    with pytest.raises(XoptError, match="needs example_inputs"):
+        xopt.load(TinyNet())
+
+
+def test_exported_program_and_pt2_file_capture(tmp_path):
+    module = TinyNet().eval()
+    x = torch.randn(3, 8)
+    exported = torch.export.export(module, (x,))
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(exported, path)
+    for source in (exported, path):
+        model = xopt.load(source)
+        (y,) = run(create_session(model), {model.graph.inputs[0].name: x.numpy()}).values()
+        np.testing.assert_allclose(y, module(x).detach().numpy(), atol=1e-5)
+
+
+def test_unreadable_pt2_is_a_one_line_error(tmp_path):
+    path = tmp_path / "bad.pt2"
+    path.write_bytes(b"not a zip")
+    with pytest.raises(XoptError, match="not a readable torch.export program"):
+        xopt.load(path)
+
+
+@pytest.mark.parametrize(("name", "output"), [("bert", "last_hidden_state"), ("llama", "logits")])
+def test_hugging_face_folder_exports_dynamic_axes_and_matches_torch(tiny_folder, tiny_model, name, output):
+    import transformers
+
+    model = tiny_model(name)
+    assert [v.name for v in model.graph.inputs] == ["input_ids", "attention_mask"]
+    assert [v.name for v in model.graph.outputs] == [output]
+    assert model.metadata_props["xopt.task"] == ("causal-lm" if output == "logits" else "feature-extraction")
+    auto = transformers.AutoModelForCausalLM if output == "logits" else transformers.AutoModel
+    reference = auto.from_pretrained(tiny_folder(name), attn_implementation="eager").eval()
+    session = create_session(model)
+    rng = np.random.default_rng(1)
+    for batch, sequence in ((1, 5), (3, 11)):
+        ids = rng.integers(0, 211, (batch, sequence))
+        mask = np.ones_like(ids)
+        mask[-1, sequence - 2 :] = 0  # right padding on the last row
+        got = run(session, {"input_ids": ids, "attention_mask": mask})[output]
+        with torch.no_grad():
+            expected = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0].numpy()
+        valid = mask.astype(bool)
+        np.testing.assert_allclose(got[valid], expected[valid], atol=2e-5, rtol=1e-4)

@@ -1,0 +1,109 @@
+"""Pass registry, spec parsing, PassManager verification and bisection on small ONNX-text models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import LINEAR_MODEL, REDUNDANT_MODEL, AddToSubPass, model_from_text
+from xopt.passes import CleanupPass
+
+import xopt
+from xopt.errors import XoptError
+from xopt.inputs import sample_inputs
+from xopt.pipeline import PassManager, make_pass, parse_spec, registered_passes, resolve_passes
+from xopt.verify import VerificationError, bisect_passes, compare, reference_outputs
+
+
+def test_registry_lists_cleanup_with_its_options():
+    passes = registered_passes()
+    assert passes["cleanup"] is CleanupPass
+    names = [name for name, _, _ in CleanupPass.options()]
+    assert names == ["iterations", "fold_input_limit"]
+
+
+def test_parse_spec_converts_option_types():
+    (cleanup,) = parse_spec("cleanup(iterations=3, fold_input_limit=100)")
+    assert isinstance(cleanup, CleanupPass)
+    assert (cleanup.iterations, cleanup.fold_input_limit) == (3, 100)
+    assert [p.name for p in parse_spec("cleanup, cleanup")] == ["cleanup", "cleanup"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nope", "unknown pass 'nope'"),
+        ("cleanup(bogus=1)", "has no option 'bogus'"),
+        ("cleanup(iterations=many)", "is not a valid int"),
+        ("cleanup(iterations)", "write key=value"),
+        ("cleanup(iterations=2", "unbalanced parentheses"),
+        ("", "empty pass list"),
+    ],
+)
+def test_bad_specs_name_the_problem(spec, message):
+    with pytest.raises(XoptError, match=message.replace("(", r"\(")):
+        parse_spec(spec)
+
+
+def test_resolve_passes_recipe_and_replacement():
+    assert [p.name for p in resolve_passes("exact")] == xopt.RECIPES["exact"]
+    assert [p.name for p in resolve_passes("exact", ["cleanup"])] == ["cleanup"]
+    assert [p.name for p in resolve_passes(None, [CleanupPass(iterations=1)])] == ["cleanup"]
+    with pytest.raises(XoptError, match="unknown recipe"):
+        resolve_passes("fastest")
+    with pytest.raises(XoptError, match="not a valid int"):
+        make_pass("cleanup", {"iterations": "x"})
+
+
+def test_pass_manager_records_stats_and_leaves_input_untouched():
+    model = model_from_text(REDUNDANT_MODEL)
+    nodes_before = [n.op_type for n in model.graph]
+    optimized, report = PassManager([CleanupPass()])(model)
+    assert [n.op_type for n in model.graph] == nodes_before
+    (record,) = report.passes
+    assert record.name == "cleanup" and record.modified
+    assert record.before.nodes == 12 and record.after.nodes < 6
+    assert record.op_changes()["Identity"] == -1
+    assert record.parity is not None and record.parity.max_abs <= 1e-6
+    assert report.to_dict()["passes"][0]["op_changes"] == record.op_changes()
+    assert "cleanup" in report.format_table()
+
+
+def test_exact_pass_that_changes_outputs_is_stopped_with_its_name():
+    model = model_from_text(LINEAR_MODEL)
+    with pytest.raises(VerificationError, match="exact pass 'add-to-sub' changed the model's outputs"):
+        PassManager([CleanupPass(), AddToSubPass()])(model)
+
+
+def test_without_verification_the_broken_model_comes_back_unchecked():
+    model = model_from_text(LINEAR_MODEL)
+    broken, report = PassManager([AddToSubPass()], verify=False)(model)
+    assert report.passes[0].parity is None and not report.verified
+    assert [n.op_type for n in broken.graph] == ["MatMul", "Sub", "Relu"]
+
+
+def test_bisect_finds_the_first_pass_at_fault():
+    model = model_from_text(LINEAR_MODEL)
+    inputs = sample_inputs(model)
+    passes = [CleanupPass(), CleanupPass(), AddToSubPass(), CleanupPass(), CleanupPass()]
+    assert bisect_passes(model, passes, inputs) == 2
+    assert bisect_passes(model, [CleanupPass(), CleanupPass()], inputs) is None
+
+
+def test_compare_reports_relative_error_and_top1():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 5, 2000)).astype(np.float32)
+    shifted = logits.copy()
+    shifted[0, 0] += 10 * (np.arange(2000) == logits[0, 0].argmin())
+    result = compare({"logits": logits}, {"logits": shifted})
+    assert result.max_abs == pytest.approx(10, rel=1e-5)
+    assert result.top1_agreement == pytest.approx(9 / 10)
+    assert not result.within(1e-4)
+    assert compare({"y": logits}, {"y": logits[:1]}).max_abs == float("inf")
+
+
+def test_reference_outputs_match_numpy():
+    model = model_from_text(LINEAR_MODEL)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    (y,) = reference_outputs(model, {"x": x}).values()
+    w = np.arange(1, 13, dtype=np.float32).reshape(4, 3)
+    np.testing.assert_allclose(y, np.maximum(x @ w + [0.5, -0.5, 0.25], 0), rtol=1e-6)

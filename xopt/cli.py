@@ -1,0 +1,222 @@
+"""The `xopt` command: a thin layer over the Python API.
+
+    xopt optimize INPUT -o OUTPUT [--recipe NAME] [--passes SPEC] [--calibration TEXT]
+                  [--report FILE.json] [--no-verify] [--explain]
+    xopt inspect INPUT [--json]
+    xopt passes
+    xopt demo [--output FOLDER]
+
+User errors print one line on stderr and exit 2; nothing is written and the input is untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from xopt.errors import XoptError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    _quiet_third_party()
+    try:
+        return args.run(args)
+    except XoptError as error:
+        print(f"xopt: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("xopt: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xopt", description="Graph optimizer for transformer models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    optimize = commands.add_parser("optimize", help="optimize a model and write deployable ONNX")
+    optimize.add_argument("input", type=Path, help=".onnx file, .pt2 ExportedProgram, or Hugging Face folder")
+    optimize.add_argument("-o", "--output", type=Path, required=True, help=".onnx file or folder")
+    optimize.add_argument("--recipe", default=None, help="named pass list (default: exact)")
+    optimize.add_argument("--passes", default=None, help="pass spec replacing the recipe, e.g. 'cleanup'")
+    optimize.add_argument("--calibration", type=Path, default=None, help="text file for passes that calibrate")
+    optimize.add_argument("--report", type=Path, default=None, help="write the per-pass report as JSON")
+    optimize.add_argument("--no-verify", action="store_true", help="skip checks and parity after each pass")
+    optimize.add_argument("--explain", action="store_true", help="list what each pass matched and why not")
+    optimize.set_defaults(run=_optimize)
+
+    inspect = commands.add_parser("inspect", help="show a model's transformer structure")
+    inspect.add_argument("input", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(run=_inspect)
+
+    passes = commands.add_parser("passes", help="list every pass with its options")
+    passes.set_defaults(run=_passes)
+
+    demo = commands.add_parser("demo", help="optimize MiniLM (bundled, offline) and show before/after")
+    demo.add_argument("--output", type=Path, default=Path("xopt-demo"), help="folder for the results")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    import xopt
+    from xopt.pipeline import PassManager, resolve_passes
+
+    _check_output(args.input, args.output)
+    if args.calibration is not None and not args.calibration.is_file():
+        raise XoptError(f"{args.calibration}: no such calibration text file")
+    if args.recipe and args.passes:
+        raise XoptError("give --recipe or --passes, not both")
+    if args.report is not None:
+        _check_writable_parent(args.report)
+    passes = resolve_passes(args.recipe, args.passes)
+    with _step(f"capturing {args.input}"):
+        model = xopt.load(args.input)
+    with _progress_bar(len(passes), "pass") as advance:
+        optimized, report = PassManager(passes, verify=not args.no_verify, on_pass=advance)(model)
+    with _step(f"saving {args.output}"):
+        written = xopt.save(optimized, args.output)
+    print(report.format_table())
+    if args.explain:
+        _print_explain(report, optimized)
+    if args.report is not None:
+        args.report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print(f"wrote {written}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import xopt
+
+    with _step(f"capturing {args.input}"):
+        model = xopt.load(args.input)
+    summary = xopt.analyze(model).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    blocks = summary.pop("blocks")
+    ops = summary.pop("ops")
+    for key, value in summary.items():
+        print(f"{key:<18} {value}")
+    print(f"{'ops':<18} " + ", ".join(f"{op} {count}" for op, count in ops.items()))
+    for block in blocks:
+        print(f"block {block['index']:<3} {block.get('module') or ''}")
+        for part in ("attention", "mlp"):
+            if part in block:
+                print(f"    {part:<10} " + "  ".join(f"{k}={v}" for k, v in block[part].items()))
+    return 0
+
+
+def _passes(args: argparse.Namespace) -> int:
+    from xopt.pipeline import RECIPES, registered_passes
+
+    for name, cls in registered_passes().items():
+        kind = "exact" if cls.exact else "lossy"
+        print(f"{name:<16} {kind:<6} {cls.summary}")
+        for option, type_name, default in cls.options():
+            print(f"{'':<23}{option}: {type_name} = {default!r}")
+    print()
+    for recipe, names in RECIPES.items():
+        print(f"recipe {recipe:<9} {' → '.join(names)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from xopt.demo import run_demo
+
+    print(run_demo(args.output, step=_step, progress_bar=_progress_bar))
+    return 0
+
+
+def _check_output(source: Path, output: Path) -> None:
+    if not source.exists():
+        raise XoptError(f"{source}: no such file or folder")
+    if output.resolve() == source.resolve():
+        raise XoptError(f"{output}: output is the input; choose another path")
+    if source.is_dir() and source.resolve() in output.resolve().parents:
+        raise XoptError(f"{output}: output lies inside the input folder; choose another path")
+    _check_writable_parent(output)
+
+
+def _check_writable_parent(path: Path) -> None:
+    import os
+
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise XoptError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise XoptError(f"{path}: folder {parent} is not writable")
+
+
+def _print_explain(report, model) -> None:
+    import xopt
+
+    for record in report.passes:
+        print(f"{record.name}: {'changed the model' if record.modified else 'no change'}")
+        for key, value in record.stats.items():
+            print(f"    {key}: {value}")
+        for line in record.explain:
+            print(f"    {line}")
+    structure = xopt.analyze(model)
+    print(f"structure: {len(structure.blocks)} blocks found")
+    for line in structure.near_misses:
+        print(f"    not matched: {line}")
+
+
+@contextlib.contextmanager
+def _step(label: str) -> Iterator[None]:
+    """Print `label … done (s)` on stderr around a step with no natural progress count."""
+    print(f"{label} …", file=sys.stderr, end="", flush=True)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(" failed", file=sys.stderr)
+        raise
+    print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, unit: str):
+    """A tqdm bar on stderr; yields a callback that advances it and names the current item."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit=unit, file=sys.stderr, leave=False) as bar:
+        state = {"started": False}
+
+        def advance(item) -> None:
+            if state["started"]:
+                bar.update(1)
+            state["started"] = True
+            bar.set_description(getattr(item, "name", str(item)))
+
+        yield advance
+        if state["started"]:
+            bar.update(1)
+
+
+def _quiet_third_party() -> None:
+    """torch and transformers log and print progress for their own steps; xopt reports its own."""
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
