@@ -3,17 +3,19 @@
 Exact: every rewrite replaces a subgraph by one that computes the same values.
 - Constant folding evaluates nodes whose inputs are all constants (including `Shape` of values
   whose shape is static) and replaces them by initializers: f(c₁, …, cₖ) → c.
+- Layout ops on weights (`Transpose`, `Cast`, `Reshape`, `(Un)Squeeze` of an initializer) are
+  folded whatever the weight's size: W' = Wᵀ is stored once instead of computed every run.
 - Rewrite rules remove no-ops (`Identity`, `x + 0`, `x · 1`, `Reshape` to the same shape,
   `Cast` to the same type, `Expand` to the same shape) and collapse chains (`Reshape∘Reshape`,
   `Cast∘Cast`, `Transpose∘Transpose`, `Unsqueeze∘Unsqueeze`, full-range `Slice`).
 - Dead code: nodes none of whose outputs reach a graph output are removed.
 - CSE: two nodes with the same op, attributes and inputs compute the same value; keep one.
 - Duplicate initializers with equal contents are merged.
-- Layout ops on weights (`Transpose`, `Cast`, `Reshape`, `(Un)Squeeze` of an initializer) are
-  folded whatever the weight's size: W' = Wᵀ is stored once instead of computed every run.
 
-The work is onnxscript's optimizer (`optimize_ir`) and onnx-ir's common passes; this pass only
-sequences them and reports what changed.
+The work is done by onnxscript's constant folder and rewrite rules and onnx-ir's common passes,
+sequenced as onnxscript's `optimize_ir` does, minus one rule: `SlicesSplit` matches a pattern
+with several output nodes by scanning the whole graph per candidate, O(N²), which took 95% of a
+4-minute cleanup of SmolLM2's 6,540-node export and changes nothing a later pass needs.
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnxscript.optimizer import optimize_ir
+from onnxscript.optimizer import fold_constants_ir
+from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
 
 from xopt.pipeline import Pass, PassResult, register
+
+_QUADRATIC_RULES = frozenset({"SlicesSplit"})
+_REWRITE_RULES = tuple(rule for rule in _DEFAULT_REWRITE_RULES if rule.name not in _QUADRATIC_RULES)
+_LAYOUT_OPS = frozenset({"Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
 
 
 @register
@@ -36,31 +43,42 @@ class CleanupPass(Pass):
     summary = "constant folding, dead code, CSE, no-op and shape-computation simplification"
 
     iterations: int = 2
-    fold_input_limit: int = 8192  # elements: larger constant inputs are not folded
+    fold_input_limit: int = 8192  # elements: larger constant inputs are not folded (weights' layout ops are)
 
     def __call__(self, model: ir.Model) -> PassResult:
         ops_before = Counter(node.op_type for node in model.graph)
         initializers_before = len(model.graph.initializers)
-        optimize_ir(
-            model,
-            num_iterations=self.iterations,
-            input_size_limit=self.fold_input_limit,
-            should_fold=_fold_weight_layout,
-        )
-        common_passes.IdentityEliminationPass()(model)
-        common_passes.RemoveUnusedNodesPass()(model)
-        common_passes.TopologicalSortPass()(model)
+        common_passes.InlinePass()(model)
+        for _ in range(self.iterations):
+            folded = fold_constants_ir(
+                model,
+                onnx_shape_inference=True,
+                input_size_limit=self.fold_input_limit,
+                should_fold=_fold_weight_layout,
+            )
+            rewritten = RewritePass(_REWRITE_RULES)(model)
+            common_passes.RemoveUnusedNodesPass()(model)
+            if not (folded.modified or rewritten.modified):
+                break
+        for step in (
+            common_passes.RemoveUnusedNodesPass(),
+            common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            common_passes.DeduplicateInitializersPass(),
+            common_passes.CommonSubexpressionEliminationPass(),
+            common_passes.IdentityEliminationPass(),
+            common_passes.RemoveUnusedNodesPass(),
+            common_passes.RemoveUnusedOpsetsPass(),
+            common_passes.TopologicalSortPass(),
+        ):
+            step(model)
         ops_after = Counter(node.op_type for node in model.graph)
-        removed = {op: ops_before[op] - ops_after.get(op, 0) for op in ops_before if ops_before[op] > ops_after[op]}
+        removed = {op: count - ops_after[op] for op, count in ops_before.items() if count > ops_after[op]}
         stats = {
             "nodes_removed": sum(ops_before.values()) - sum(ops_after.values()),
             "removed_by_op": dict(sorted(removed.items(), key=lambda kv: -kv[1])),
         }
         modified = ops_before != ops_after or initializers_before != len(model.graph.initializers)
         return PassResult(model, modified, stats)
-
-
-_LAYOUT_OPS = frozenset({"Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
 
 
 def _fold_weight_layout(node: ir.Node) -> bool | None:

@@ -59,3 +59,19 @@ class AddToSubPass(Pass):
                 node.op_type = "Sub"
                 changed = True
         return PassResult(model, changed)
+
+
+def wide_linear_model(width: int = 64) -> ir.Model:
+    """y = x·W with a random [width, width] weight (big enough to go to external data)."""
+    import numpy as np
+    import onnx
+
+    weight = np.random.default_rng(0).standard_normal((width, width)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "wide",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", width])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", width])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    return ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)]))

@@ -16,7 +16,7 @@ from xopt.capture import load
 from xopt.errors import XoptError
 from xopt.pipeline import RECIPES, Pass, PassManager, PassResult, register, registered_passes, resolve_passes
 from xopt.report import Report
-from xopt.save import save
+from xopt.saving import save
 
 __all__ = [
     "RECIPES",

@@ -151,13 +151,9 @@ def _check_output(source: Path, output: Path) -> None:
 
 
 def _check_writable_parent(path: Path) -> None:
-    import os
+    from xopt.saving import check_writable
 
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise XoptError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise XoptError(f"{path}: folder {parent} is not writable")
+    check_writable(path)
 
 
 def _print_explain(report, model) -> None:
@@ -177,15 +173,21 @@ def _print_explain(report, model) -> None:
 
 @contextlib.contextmanager
 def _step(label: str) -> Iterator[None]:
-    """Print `label … done (s)` on stderr around a step with no natural progress count."""
-    print(f"{label} …", file=sys.stderr, end="", flush=True)
+    """Show `label … done (s)` on a terminal around a step with no natural progress count.
+
+    On failure the line is erased, so the error is the only line left on stderr."""
+    interactive = sys.stderr.isatty()
+    if interactive:
+        print(f"{label} …", file=sys.stderr, end="", flush=True)
     start = time.perf_counter()
     try:
         yield
     except BaseException:
-        print(" failed", file=sys.stderr)
+        if interactive:
+            print("\r\033[K", file=sys.stderr, end="", flush=True)
         raise
-    print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    if interactive:
+        print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -193,7 +195,7 @@ def _progress_bar(total: int, unit: str):
     """A tqdm bar on stderr; yields a callback that advances it and names the current item."""
     from tqdm import tqdm
 
-    with tqdm(total=total, unit=unit, file=sys.stderr, leave=False) as bar:
+    with tqdm(total=total, unit=unit, file=sys.stderr, leave=False, disable=not sys.stderr.isatty()) as bar:
         state = {"started": False}
 
         def advance(item) -> None:

@@ -118,8 +118,12 @@ def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
     if gguf_file := model.metadata_props.get("xopt.gguf_file"):
         kwargs["gguf_file"] = gguf_file
     transformers.logging.set_verbosity_error()
-    transformers.AutoTokenizer.from_pretrained(source, **kwargs).save_pretrained(folder)
+    try:
+        transformers.AutoTokenizer.from_pretrained(source, **kwargs).save_pretrained(folder)
+    except (OSError, ValueError) as error:
+        logger.warning("%s has no usable tokenizer; the output folder gets none (%s)", source, first_line(error))
     config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(folder)

@@ -24,6 +24,8 @@ from xopt.errors import XoptError, first_line
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_THRESHOLD_BYTES = 1024  # tensors smaller than this stay inline (ONNX's convention)
+
 # Paths of the source model, used while capturing; they do not belong in a deployed artifact.
 _SOURCE_METADATA = ("xopt.hf_folder", "xopt.gguf_file")
 
@@ -33,11 +35,7 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
     path = Path(path)
     as_folder = path.suffix != ".onnx"
     onnx_name = MODEL_FILE if as_folder else path.name
-    parent = path.parent.resolve()
-    if not parent.is_dir():
-        raise XoptError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise XoptError(f"{path}: folder {parent} is not writable")
+    parent = check_writable(path)
     _refuse_overwriting_own_weights(model, path, as_folder)
     if external_data is None:
         external_data = model_bytes(model) >= PROTOBUF_LIMIT_BYTES - (64 << 20)
@@ -45,9 +43,17 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
     artifact = model.clone()
     for key in _SOURCE_METADATA:
         artifact.metadata_props.pop(key, None)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
     try:
-        ir.save(artifact, staging / onnx_name, external_data=f"{onnx_name}.data" if external_data else None)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    except OSError as error:
+        raise XoptError(f"{path}: cannot write in {parent} ({first_line(error)})") from None
+    try:
+        ir.save(
+            artifact,
+            staging / onnx_name,
+            external_data=f"{onnx_name}.data" if external_data else None,
+            size_threshold_bytes=EXTERNAL_DATA_THRESHOLD_BYTES,
+        )
         check_loads(staging / onnx_name)
         if as_folder:
             save_tokenizer_and_config(model, staging)
@@ -60,6 +66,19 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
         raise XoptError(f"{path}: cannot write ({first_line(error)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable(path: Path) -> Path:
+    """The folder `path` will be written in, after proving a file can be created there."""
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise XoptError(f"{path}: folder {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise XoptError(f"{path}: cannot write in {parent} ({first_line(error)})") from None
+    return parent
 
 
 def _replace(staging: Path, target: Path) -> None:

@@ -1,0 +1,151 @@
+"""The `xopt` command: the contract of each subcommand, and every bad-input case.
+
+Bad input must give one line on stderr and exit 2, write nothing and leave the input as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import onnx_ir as ir
+import pytest
+from helpers import REDUNDANT_MODEL, model_from_text
+
+from xopt.cli import EXIT_USER_ERROR, main
+
+
+def _digest(path):
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+
+
+@pytest.fixture
+def redundant_onnx(tmp_path):
+    path = tmp_path / "redundant.onnx"
+    ir.save(model_from_text(REDUNDANT_MODEL), path)
+    return path
+
+
+def test_optimize_writes_model_report_and_explains(redundant_onnx, tmp_path, capsys):
+    before = _digest(redundant_onnx)
+    output, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert main(["optimize", str(redundant_onnx), "-o", str(output), "--report", str(report), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "cleanup" in out and "12→2" in out and "nodes_removed: 10" in out
+    data = json.loads(report.read_text())
+    assert data["input"]["nodes"] == 12 and data["output"]["nodes"] == 2
+    assert data["passes"][0]["parity"]["max_abs"] == 0.0
+    assert [n.op_type for n in ir.load(output).graph] == ["Mul", "Add"]
+    assert _digest(redundant_onnx) == before
+
+
+def test_optimize_hugging_face_folder_to_folder(tiny_folder, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(["optimize", str(tiny_folder("llama")), "-o", str(output), "--passes", "cleanup(iterations=1)"]) == 0
+    assert {"model.onnx", "config.json"} <= {p.name for p in output.iterdir()}
+    assert "max abs diff" in capsys.readouterr().out
+
+
+def test_inspect_json_has_the_contract_keys(tiny_folder, capsys):
+    assert main(["inspect", str(tiny_folder("qwen2")), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    for key in ("num_blocks", "hidden_size", "num_heads", "num_kv_heads", "norm", "norm_position", "params", "ops"):
+        assert key in summary
+    assert (summary["num_blocks"], summary["num_heads"], summary["num_kv_heads"]) == (3, 4, 2)
+
+
+def test_inspect_table(tiny_folder, capsys):
+    assert main(["inspect", str(tiny_folder("bert"))]) == 0
+    out = capsys.readouterr().out
+    assert "norm_position      post" in out and "block 1" in out
+
+
+def test_passes_lists_every_pass_and_recipe(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "cleanup" in out and "exact" in out and "iterations: int = 2" in out and "recipe exact" in out
+
+
+def _bad_inputs(tmp_path, redundant_onnx):
+    text = tmp_path / "notes.onnx"
+    text.write_text("these are notes, not a model\n" * 20)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(redundant_onnx.read_bytes()[:-40])
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07\xff\xff\xff" + redundant_onnx.read_bytes()[5:])
+    empty_folder = tmp_path / "no-config"
+    empty_folder.mkdir()
+    (empty_folder / "weights.bin").write_bytes(b"0")
+    good, out = str(redundant_onnx), str(tmp_path / "out.onnx")
+    return {
+        "missing file": (["optimize", str(tmp_path / "absent.onnx"), "-o", out], "no such file"),
+        "not a model": (["optimize", str(text), "-o", out], "not a readable ONNX model"),
+        "truncated onnx": (["optimize", str(truncated), "-o", out], "not a readable ONNX model"),
+        "corrupt onnx": (["optimize", str(corrupt), "-o", out], "ONNX model"),
+        "folder without config.json": (["optimize", str(empty_folder), "-o", out], "no config.json"),
+        "unknown pass": (["optimize", good, "-o", out, "--passes", "cleanup,fold-everything"], "unknown pass"),
+        "unknown option": (["optimize", good, "-o", out, "--passes", "cleanup(speed=11)"], "has no option 'speed'"),
+        "bad option value": (["optimize", good, "-o", out, "--passes", "cleanup(iterations=two)"], "not a valid int"),
+        "unknown recipe": (["optimize", good, "-o", out, "--recipe", "magic"], "unknown recipe"),
+        "recipe and passes": (["optimize", good, "-o", out, "--recipe", "exact", "--passes", "cleanup"], "not both"),
+        "unwritable output": (["optimize", good, "-o", "/proc/xopt-out.onnx"], "cannot write"),
+        "output folder missing": (["optimize", good, "-o", str(tmp_path / "a" / "b.onnx")], "does not exist"),
+        "output equal to input": (["optimize", good, "-o", good], "output is the input"),
+        "missing calibration": (["optimize", good, "-o", out, "--calibration", str(tmp_path / "x.txt")], "calibration"),
+        "inspect missing": (["inspect", str(tmp_path / "absent.onnx")], "no such file"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "not a model",
+        "truncated onnx",
+        "corrupt onnx",
+        "folder without config.json",
+        "unknown pass",
+        "unknown option",
+        "bad option value",
+        "unknown recipe",
+        "recipe and passes",
+        "unwritable output",
+        "output folder missing",
+        "output equal to input",
+        "missing calibration",
+        "inspect missing",
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, redundant_onnx, capsys):
+    argv, message = _bad_inputs(tmp_path, redundant_onnx)[case]
+    listing_before = sorted(p.name for p in tmp_path.iterdir())
+    digest_before = _digest(redundant_onnx)
+    assert main(argv) == EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    errors = captured.err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("xopt: error:") and message in errors[0], captured.err
+
+    assert "Traceback" not in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing_before
+    assert _digest(redundant_onnx) == digest_before
+
+
+def test_console_script_prints_one_line_and_exits_2(tmp_path):
+    executable = shutil.which("xopt") or pytest.fail("the xopt console script is not installed")
+    result = subprocess.run(
+        [executable, "optimize", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "o.onnx")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"xopt: error: {tmp_path / 'absent.onnx'}: no such file or folder"]
+
+
+def test_module_entry_point_lists_passes():
+    result = subprocess.run([sys.executable, "-m", "xopt.cli", "passes"], capture_output=True, text=True, check=True)
+    assert "cleanup" in result.stdout
