@@ -65,7 +65,7 @@ def build_tiny_folder(name: str, folder: Path) -> Path:
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():  # non-trivial norm parameters and biases, so folds and parity see them
-        for parameter_name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.ndim == 1:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     model.save_pretrained(folder)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from xopt.passes import CleanupPass
 
 import xopt
 from xopt.analysis import find_transformer_structure, to_networkx
 from xopt.analysis.graph_view import nodes_between
+from xopt.passes import CleanupPass
 
 EXPECTED = {
     "bert": dict(

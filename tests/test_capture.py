@@ -7,9 +7,9 @@ import onnx_ir as ir
 import pytest
 import torch
 from helpers import LINEAR_MODEL, model_from_text
-from xopt.backends.onnxruntime import create_session, run
 
 import xopt
+from xopt.backends.onnxruntime import create_session, run
 from xopt.errors import XoptError
 
 
@@ -78,7 +78,7 @@ def test_exported_program_and_pt2_file_capture(tmp_path):
 def test_unreadable_pt2_is_a_one_line_error(tmp_path):
     path = tmp_path / "bad.pt2"
     path.write_bytes(b"not a zip")
-    with pytest.raises(XoptError, match="not a readable torch.export program"):
+    with pytest.raises(XoptError, match=r"not a readable torch\.export program"):
         xopt.load(path)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 from helpers import REDUNDANT_MODEL, model_from_text
-from xopt.backends.onnxruntime import create_session, run
-from xopt.passes import CleanupPass
 
+from xopt.backends.onnxruntime import create_session, run
 from xopt.inputs import sample_inputs
+from xopt.passes import CleanupPass
 from xopt.verify import check_structure, compare
 
 

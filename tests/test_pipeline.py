@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import LINEAR_MODEL, REDUNDANT_MODEL, AddToSubPass, model_from_text
-from xopt.passes import CleanupPass
 
 import xopt
 from xopt.errors import XoptError
 from xopt.inputs import sample_inputs
+from xopt.passes import CleanupPass
 from xopt.pipeline import PassManager, make_pass, parse_spec, registered_passes, resolve_passes
 from xopt.verify import VerificationError, bisect_passes, compare, reference_outputs
 
@@ -57,7 +57,7 @@ def test_resolve_passes_recipe_and_replacement():
 def test_pass_manager_records_stats_and_leaves_input_untouched():
     model = model_from_text(REDUNDANT_MODEL)
     nodes_before = [n.op_type for n in model.graph]
-    optimized, report = PassManager([CleanupPass()])(model)
+    _, report = PassManager([CleanupPass()])(model)
     assert [n.op_type for n in model.graph] == nodes_before
     (record,) = report.passes
     assert record.name == "cleanup" and record.modified

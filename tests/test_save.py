@@ -6,10 +6,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from helpers import LINEAR_MODEL, model_from_text, wide_linear_model
-from xopt.backends.onnxruntime import create_session, run
 
 import xopt
 import xopt.saving as save_module
+from xopt.backends.onnxruntime import create_session, run
 from xopt.errors import XoptError
 
 

@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("-o", "--output", type=Path, required=True, help=".onnx file or folder")
     optimize.add_argument("--recipe", default=None, help="named pass list (default: exact)")
     optimize.add_argument("--passes", default=None, help="pass spec replacing the recipe, e.g. 'cleanup'")
-    optimize.add_argument("--calibration", type=Path, default=None, help="text file for passes that calibrate")
+    optimize.add_argument(
+        "--calibration", type=Path, default=None, help="text for lossy passes that calibrate (exact ones need none)"
+    )
+
     optimize.add_argument("--report", type=Path, default=None, help="write the per-pass report as JSON")
     optimize.add_argument("--no-verify", action="store_true", help="skip checks and parity after each pass")
     optimize.add_argument("--explain", action="store_true", help="list what each pass matched and why not")
