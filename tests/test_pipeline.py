@@ -95,6 +95,8 @@ def test_compare_reports_relative_error_and_top1():
     shifted = logits.copy()
     shifted[0, 0] += 10 * (np.arange(2000) == logits[0, 0].argmin())
     result = compare({"logits": logits}, {"logits": shifted})
+    assert compare({"hidden": logits}, {"hidden": shifted}).top1_agreement is None
+
     assert result.max_abs == pytest.approx(10, rel=1e-5)
     assert result.top1_agreement == pytest.approx(9 / 10)
     assert not result.within(1e-4)
