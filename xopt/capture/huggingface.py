@@ -12,7 +12,10 @@ folder output can carry the tokenizer and config along.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+
 import logging
 from pathlib import Path
 
@@ -59,8 +62,9 @@ def load_hf_model(folder: Path, gguf_file: str | None = None):
         kwargs["gguf_file"] = gguf_file
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    try:
-        model = auto.from_pretrained(str(folder), **kwargs)
+    try:  # GGUF dequantization draws its own progress bar on stderr; xopt reports the step itself
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = auto.from_pretrained(str(folder), **kwargs)
     except Exception as error:
         reason = first_line(error)
         raise XoptError(f"{folder}: transformers could not load the model ({reason})") from None
