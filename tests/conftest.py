@@ -69,7 +69,26 @@ def build_tiny_folder(name: str, folder: Path) -> Path:
             if parameter.ndim == 1:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     model.save_pretrained(folder)
+    _word_tokenizer(config.vocab_size).save_pretrained(folder)
     return folder
+
+
+def _word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the most common words of the bundled calibration text."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from xopt.text import bundled_text
+
+    words = Counter(bundled_text("calibration").read_text().lower().split())
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    for word, _ in words.most_common(vocab_size - len(vocab)):
+        vocab[word] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]")
 
 
 @pytest.fixture(scope="session")

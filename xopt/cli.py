@@ -67,6 +67,29 @@ def _parser() -> argparse.ArgumentParser:
     passes = commands.add_parser("passes", help="list every pass with its options")
     passes.set_defaults(run=_passes)
 
+    evaluate = commands.add_parser("eval", help="perplexity / KL / embedding cosine on text")
+    evaluate.add_argument("model", type=Path, help="xopt output folder, .onnx file, or Hugging Face folder")
+    evaluate.add_argument("--reference", type=Path, default=None, help="model to compare with (KL, top-1, cosine)")
+    evaluate.add_argument("--text", type=Path, default=None, help="UTF-8 text (default: bundled evaluation text)")
+    evaluate.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for a bare .onnx file")
+    evaluate.add_argument("--window", type=int, default=512, help="causal LM: tokens per window (non-overlapping)")
+    evaluate.add_argument("--max-sentences", type=int, default=256, help="encoder: sentences to embed")
+    evaluate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.set_defaults(run=_eval)
+
+    bench = commands.add_parser("bench", help="latency, size and memory of models side by side")
+    bench.add_argument("models", type=Path, nargs="+", help="xopt output folders, .onnx files, HF folders")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--seq", type=int, default=128)
+    bench.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    bench.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    bench.add_argument("--json", action="store_true", help="print JSON")
+    bench.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart")
+    bench.set_defaults(run=_bench)
+
     demo = commands.add_parser("demo", help="optimize MiniLM (bundled, offline) and show before/after")
     demo.add_argument("--output", type=Path, default=Path("xopt-demo"), help="folder for the results")
     demo.set_defaults(run=_demo)
@@ -136,7 +159,91 @@ def _passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from xopt.evaluate import evaluate
+    from xopt.runnable import open_runnable
+    from xopt.text import read_text
+
+    if args.window < 2 or args.max_sentences < 1:
+        raise XoptError("--window must be at least 2 and --max-sentences at least 1")
+    text = read_text(args.text, "evaluation")
+    with _step(f"loading {args.model}"):
+        model = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads)
+    reference = None
+    if args.reference is not None:
+        with _step(f"loading {args.reference}"):
+            reference = open_runnable(args.reference, tokenizer=args.tokenizer, threads=args.threads)
+
+    quality = evaluate(model, text, reference, window=args.window, max_sentences=args.max_sentences, progress=_iterate)
+    if args.json:
+        print(json.dumps(quality.to_dict(), indent=2))
+    else:
+        for key, value in quality.to_dict().items():
+            if value is not None:
+                print(f"{key:<16} {value:.6g}" if isinstance(value, float) else f"{key:<16} {value}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    import xopt
+    from xopt import bench
+    from xopt.inputs import sample_inputs
+    from xopt.runnable import open_runnable
+
+    if args.batch < 1 or args.seq < 1 or args.rounds < 1 or args.warmup < 0:
+        raise XoptError("--batch, --seq and --rounds must be positive, --warmup not negative")
+    if args.plot is not None:
+        _check_writable_parent(args.plot)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    labels = [str(path) for path in args.models]
+    if len(set(labels)) != len(labels):
+        raise XoptError("the same model is given twice")
+    runnables = {}
+    for path in args.models:
+        with _step(f"loading {path}"):
+            runnables[str(path)] = open_runnable(path, threads=threads)
+    runners = {
+        label: bench.session_runner(r.session, sample_inputs(r.model, batch=args.batch, sequence=args.seq))
+        for label, r in runnables.items()
+    }
+    timings = bench.time_interleaved(
+        runners,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        progress=_iterate,
+    )
+    with tempfile.TemporaryDirectory(prefix="xopt-bench-") as scratch:
+        for timing, (label, runnable) in zip(timings, runnables.items(), strict=True):
+            onnx_file = _onnx_file_of(Path(label))
+            if onnx_file is None:  # captured from a Hugging Face folder: measure the export
+                onnx_file = xopt.save(runnable.model, Path(scratch) / f"{len(os.listdir(scratch))}.onnx")
+            timing.size_mb = bench.size_on_disk_mb(onnx_file)
+            if not args.no_memory:
+                with _step(f"peak memory of {label}"):
+                    timing.peak_memory_mb = bench.peak_memory_mb(onnx_file, args.batch, args.seq, threads)
+    if args.plot is not None:
+        bench.plot_latency(timings, args.plot, f"batch {args.batch} × sequence {args.seq}, {threads} threads")
+    print(
+        bench.to_json(timings, args.batch, args.seq, threads)
+        if args.json
+        else bench.format_table(timings, args.batch, args.seq, threads)
+    )
+    return 0
+
+
+def _onnx_file_of(path: Path) -> Path | None:
+    from xopt.saving import MODEL_FILE
+
+    if path.is_dir():
+        return path / MODEL_FILE if (path / MODEL_FILE).is_file() else None
+    return path
+
+
 def _demo(args: argparse.Namespace) -> int:
+
     from xopt.demo import run_demo
 
     print(run_demo(args.output, step=_step, progress_bar=_progress_bar))
@@ -191,6 +298,13 @@ def _step(label: str) -> Iterator[None]:
         raise
     if interactive:
         print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+
+
+def _iterate(items, total: int):
+    """`items` with a progress bar on a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
 
 
 @contextlib.contextmanager

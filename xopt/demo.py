@@ -10,7 +10,6 @@ median of interleaved runs, threads fixed).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,8 @@ def run_demo(output: Path, *, step, progress_bar, recipe: str = "exact") -> str:
     """Run the demo, write `output/` (model folder + report.json); return the before/after table."""
     import xopt
     from xopt.backends.onnxruntime import create_session, run
+    from xopt.bench import session_runner, time_interleaved
+    from xopt.evaluate import mean_pool
     from xopt.pipeline import PassManager, resolve_passes
 
     folder = minilm_folder()
@@ -58,9 +59,12 @@ def run_demo(output: Path, *, step, progress_bar, recipe: str = "exact") -> str:
     sessions = {"captured": create_session(model, threads=None), "optimized": create_session(optimized, threads=None)}
     with step("comparing embeddings and latency"):
         embeddings = {
-            k: _mean_pool(run(s, feeds)["last_hidden_state"], feeds["attention_mask"]) for k, s in sessions.items()
+            k: mean_pool(run(s, feeds)["last_hidden_state"], feeds["attention_mask"]) for k, s in sessions.items()
         }
-        latency = _interleaved_latency(sessions, _latency_feeds())
+        latency_feeds = _latency_feeds()
+        runners = {label: session_runner(session, latency_feeds) for label, session in sessions.items()}
+        timings = time_interleaved(runners, rounds=LATENCY_ROUNDS, warmup=LATENCY_WARMUP)
+        latency = {t.label: t.median_ms for t in timings}
     cosine = np.sum(embeddings["captured"] * embeddings["optimized"], axis=1) / (
         np.linalg.norm(embeddings["captured"], axis=1) * np.linalg.norm(embeddings["optimized"], axis=1)
     )
@@ -95,25 +99,6 @@ def _tokenize(folder: Path, sentences: list[str]) -> dict[str, np.ndarray]:
     }
 
 
-def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Sentence embeddings as sentence-transformers computes them: mean over unmasked tokens."""
-    weights = mask[..., None].astype(hidden.dtype)
-    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-
-
 def _latency_feeds() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {"input_ids": rng.integers(1000, 20000, (1, 128)), "attention_mask": np.ones((1, 128), np.int64)}
-
-
-def _interleaved_latency(sessions: dict, feeds: dict[str, np.ndarray]) -> dict[str, float]:
-    from xopt.backends.onnxruntime import run
-
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for round_index in range(LATENCY_WARMUP + LATENCY_ROUNDS):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            run(session, feeds)
-            if round_index >= LATENCY_WARMUP:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * float(np.median(values)) for name, values in times.items()}

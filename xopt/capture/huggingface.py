@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-
 import logging
 from pathlib import Path
 

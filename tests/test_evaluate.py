@@ -1,0 +1,86 @@
+"""`xopt eval`: perplexity, KL and top-1 for causal LMs, embedding cosine for encoders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from xopt.cli import main
+from xopt.errors import XoptError
+from xopt.evaluate import evaluate
+from xopt.runnable import open_runnable
+from xopt.text import bundled_text, ensure_disjoint, read_text, split_sentences
+
+
+@pytest.fixture(scope="module")
+def optimized_llama(tiny_folder, tmp_path_factory):
+    output = tmp_path_factory.mktemp("llama-out") / "out"
+    assert main(["optimize", str(tiny_folder("llama")), "-o", str(output)]) == 0
+    return output
+
+
+def test_perplexity_matches_pytorch_on_the_same_windows(tiny_folder, optimized_llama):
+    from transformers import AutoModelForCausalLM
+
+    text = read_text(None, "evaluation")
+    quality = evaluate(open_runnable(optimized_llama), text, window=64)
+    runnable = open_runnable(optimized_llama)
+    ids = runnable.tokenizer()(text, add_special_tokens=False)["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_folder("llama")).eval()
+    windows = torch.tensor(ids[: len(ids) // 64 * 64]).reshape(-1, 64)
+    with torch.no_grad():
+        logits = reference(input_ids=windows).logits.double()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert quality.tokens == windows.shape[0] * 63 and quality.windows == windows.shape[0]
+    assert quality.perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-5)
+    assert quality.kl is None and quality.cosine_min is None
+
+
+def test_kl_and_top1_against_the_captured_model(tiny_folder, optimized_llama):
+    quality = evaluate(
+        open_runnable(optimized_llama), read_text(None, "evaluation"), open_runnable(tiny_folder("llama")), window=32
+    )
+    assert 0 <= quality.kl < 1e-9
+    assert quality.top1_agreement == 1.0
+
+
+def test_encoder_cosine_and_cli_json(tiny_folder, tmp_path, capsys):
+    output = tmp_path / "bert-out"
+    assert main(["optimize", str(tiny_folder("bert")), "-o", str(output)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(output), "--reference", str(tiny_folder("bert")), "--json", "--max-sentences", "40"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"perplexity", "kl", "top1_agreement", "cosine_min", "cosine_mean", "tokens"} <= set(result)
+    assert result["sentences"] == 40 and result["tokens"] > 40
+    assert 0.99999 < result["cosine_min"] <= result["cosine_mean"] <= 1.0 + 1e-12
+    assert result["perplexity"] is None
+
+
+def test_eval_errors_are_one_line(tiny_folder, optimized_llama, tmp_path, capsys):
+    assert main(["eval", str(optimized_llama), "--reference", str(tiny_folder("bert"))]) == 2
+    assert "but the reference is a feature-extraction model" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    assert main(["eval", str(optimized_llama), "--text", str(short)]) == 2
+    assert "fewer than one window" in capsys.readouterr().err
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes((optimized_llama / "model.onnx").read_bytes())
+    assert main(["eval", str(bare)]) == 2
+    assert "no tokenizer found" in capsys.readouterr().err
+
+
+def test_bundled_texts_are_disjoint_and_split_into_sentences():
+    calibration, evaluation = read_text(None, "calibration"), read_text(None, "evaluation")
+    ensure_disjoint(calibration, evaluation)
+    with pytest.raises(XoptError, match="are the same"):
+        ensure_disjoint(evaluation, evaluation)
+    assert bundled_text("evaluation").name == "evaluation.txt"
+    sentences = split_sentences(evaluation)
+    assert len(sentences) > 150
+    assert all(len(s.split()) >= 4 for s in sentences)
+    assert split_sentences('He said "Stop it now." Then she left the room quietly. Yes.') == [
+        'He said "Stop it now."',
+        "Then she left the room quietly.",
+    ]

@@ -1,0 +1,160 @@
+"""Quality metrics of the task, on text: what `xopt eval` measures.
+
+Causal LM, over non-overlapping windows of W tokens (default 512) of the text, predicting tokens
+2..W of each window from the ones before (N predicted tokens in all):
+
+    perplexity = exp( −(1/N) Σ log p(xₜ | x<ₜ) )
+    KL         = (1/N) Σ Σᵥ p_ref(v | x<ₜ) · (log p_ref(v | x<ₜ) − log p(v | x<ₜ))   (against a reference)
+    top-1      = (1/N) Σ [argmax p = argmax p_ref]
+
+Log-probabilities are taken in float64 from the float32 logits. Encoder: sentence embeddings
+are the mean of the last hidden state over the attention mask (as sentence-transformers does);
+against a reference, the cosine of each sentence's two embeddings, min and mean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from xopt.backends.onnxruntime import run
+from xopt.capture.huggingface import TASK_CAUSAL_LM
+from xopt.errors import XoptError
+from xopt.runnable import Runnable
+from xopt.text import split_sentences
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 512
+DEFAULT_MAX_SENTENCES = 256
+SENTENCE_BATCH, SENTENCE_MAX_TOKENS = 32, 128
+
+
+@dataclass
+class Quality:
+    """The JSON of `xopt eval`; metrics that do not apply are None."""
+
+    task: str
+    tokens: int
+    perplexity: float | None = None
+    kl: float | None = None
+    top1_agreement: float | None = None
+    cosine_min: float | None = None
+    cosine_mean: float | None = None
+    windows: int | None = None
+    sentences: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(
+    model: Runnable,
+    text: str,
+    reference: Runnable | None = None,
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_sentences: int = DEFAULT_MAX_SENTENCES,
+    progress: Callable[[Iterator, int], Iterator] = lambda items, total: items,
+) -> Quality:
+    """Measure `model` on `text`, and against `reference` when given."""
+    if reference is not None and reference.task != model.task:
+        raise XoptError(f"{model.label} is a {model.task} model but the reference is a {reference.task} model")
+    if model.task == TASK_CAUSAL_LM:
+        return _causal_lm_quality(model, text, reference, window, progress)
+    return _encoder_quality(model, text, reference, max_sentences, progress)
+
+
+def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
+    if window < 2:
+        raise XoptError(f"window of {window} tokens: need at least 2")
+    ids = np.asarray(model.tokenizer()(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    count = len(ids) // window
+    if count == 0:
+        raise XoptError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
+    nll_sum, kl_sum, agree, predicted = 0.0, 0.0, 0, 0
+    for start in progress(range(0, count * window, window), count):
+        tokens = ids[start : start + window][None, :]
+        feeds = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
+        log_probs = _log_softmax(_logits(model, feeds)[0, :-1])
+        targets = tokens[0, 1:]
+        nll_sum -= float(log_probs[np.arange(len(targets)), targets].sum())
+        predicted += len(targets)
+        if reference is not None:
+            ref_log_probs = _log_softmax(_logits(reference, feeds)[0, :-1])
+            kl_sum += float(np.sum(np.exp(ref_log_probs) * (ref_log_probs - log_probs)))
+            agree += int(np.sum(ref_log_probs.argmax(-1) == log_probs.argmax(-1)))
+    quality = Quality(TASK_CAUSAL_LM, predicted, perplexity=float(np.exp(nll_sum / predicted)), windows=count)
+    if reference is not None:
+        quality.kl, quality.top1_agreement = kl_sum / predicted, agree / predicted
+    return quality
+
+
+def _logits(model: Runnable, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    outputs = run(model.session, _fill_inputs(model, feeds))
+    named = [v for k, v in outputs.items() if "logits" in k.lower()]
+    return named[0] if named else next(iter(outputs.values()))
+
+
+def _fill_inputs(model: Runnable, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Add position ids when the model asks for them; refuse other unknown inputs."""
+    filled = dict(feeds)
+    for value in model.model.graph.inputs:
+        if value.name in filled:
+            continue
+        if "position" in value.name:
+            sequence = feeds["input_ids"].shape[1]
+            filled[value.name] = np.broadcast_to(np.arange(sequence, dtype=np.int64), feeds["input_ids"].shape).copy()
+        elif "token_type" in value.name:
+            filled[value.name] = np.zeros_like(feeds["input_ids"])
+        else:
+            raise XoptError(f"{model.label}: cannot feed input {value.name!r} from text")
+    return filled
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _encoder_quality(model, text, reference, max_sentences, progress) -> Quality:
+    sentences = split_sentences(text)[:max_sentences]
+    if not sentences:
+        raise XoptError("the text has no sentence of four words or more")
+    tokenizer = model.tokenizer()
+    cosines, tokens = [], 0
+    batches = range(0, len(sentences), SENTENCE_BATCH)
+    for start in progress(batches, len(batches)):
+        encoded = tokenizer(
+            sentences[start : start + SENTENCE_BATCH],
+            padding=True,
+            truncation=True,
+            max_length=SENTENCE_MAX_TOKENS,
+            return_tensors="np",
+        )
+        feeds = {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
+        tokens += int(feeds["attention_mask"].sum())
+        if reference is None:
+            continue
+        a, b = _embed(model, feeds), _embed(reference, feeds)
+        cosines.append(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    quality = Quality(model.task, tokens, sentences=len(sentences))
+    if cosines:
+        all_cosines = np.concatenate(cosines)
+        quality.cosine_min, quality.cosine_mean = float(all_cosines.min()), float(all_cosines.mean())
+    return quality
+
+
+def _embed(model: Runnable, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    hidden = next(iter(run(model.session, _fill_inputs(model, feeds)).values())).astype(np.float64)
+    return mean_pool(hidden, feeds["attention_mask"])
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings as sentence-transformers computes them: mean over unmasked tokens."""
+    weights = mask[..., None].astype(hidden.dtype)
+    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)

@@ -1,0 +1,79 @@
+"""A model ready to run on text: an ONNX Runtime session, its tokenizer, and its task.
+
+`open_runnable` accepts what `xopt eval` and `xopt bench` are given: an `xopt optimize` output
+folder (model.onnx + tokenizer + config), an `.onnx` file (tokenizer from `tokenizer=` or from
+files beside it), or a Hugging Face folder / GGUF folder (captured first).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from xopt.backends.onnxruntime import create_session
+from xopt.capture.huggingface import TASK_CAUSAL_LM, TASK_FEATURE_EXTRACTION
+from xopt.errors import XoptError, first_line
+from xopt.saving import MODEL_FILE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runnable:
+    label: str
+    model: ir.Model
+    session: Any  # onnxruntime.InferenceSession
+    task: str
+    tokenizer_source: Path | None
+    gguf_file: str | None = None
+
+    def tokenizer(self):
+        """The Hugging Face tokenizer (loaded on first use)."""
+        if self.tokenizer_source is None:
+            raise XoptError(f"{self.label}: no tokenizer found; pass --tokenizer FOLDER")
+        from transformers import AutoTokenizer
+
+        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        try:
+            return AutoTokenizer.from_pretrained(str(self.tokenizer_source), **kwargs)
+        except (OSError, ValueError) as error:
+            raise XoptError(f"{self.tokenizer_source}: cannot load a tokenizer ({first_line(error)})") from None
+
+
+def open_runnable(path: Path, *, tokenizer: Path | None = None, threads: int | None = None) -> Runnable:
+    """Load `path` for running: capture it if it is not ONNX yet, and find its tokenizer."""
+    import xopt
+
+    if not path.exists():
+        raise XoptError(f"{path}: no such file or folder")
+    onnx_file = path / MODEL_FILE if path.is_dir() and (path / MODEL_FILE).is_file() else path
+    model = xopt.load(onnx_file)
+    gguf_file = model.metadata_props.get("xopt.gguf_file")
+    if tokenizer is None:
+        tokenizer = path if path.is_dir() else path.parent
+        if not gguf_file and not _has_tokenizer(tokenizer):
+            tokenizer = None
+    return Runnable(
+        label=str(path),
+        model=model,
+        session=create_session(model, threads=threads),
+        task=model_task(model),
+        tokenizer_source=tokenizer,
+        gguf_file=gguf_file,
+    )
+
+
+def model_task(model: ir.Model) -> str:
+    """`causal-lm` or `feature-extraction`, from xopt's metadata or the output's name."""
+    if task := model.metadata_props.get("xopt.task"):
+        return task
+    names = [v.name.lower() for v in model.graph.outputs]
+    return TASK_CAUSAL_LM if any("logits" in n for n in names) else TASK_FEATURE_EXTRACTION
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
