@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from xopt.cli import main
-from xopt.errors import XoptError
 from xopt.evaluate import evaluate
 from xopt.runnable import open_runnable
-from xopt.text import bundled_text, ensure_disjoint, read_text, split_sentences
+from xopt.text import bundled_text, read_text, split_sentences, text_digest
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +68,25 @@ def test_eval_errors_are_one_line(tiny_folder, optimized_llama, tmp_path, capsys
     bare.write_bytes((optimized_llama / "model.onnx").read_bytes())
     assert main(["eval", str(bare)]) == 2
     assert "no tokenizer found" in capsys.readouterr().err
+    assert main(["eval", str(bare), "--tokenizer", str(optimized_llama), "--window", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+
+
+def test_eval_refuses_the_text_the_model_was_calibrated_on(tiny_folder, tmp_path, capsys):
+    text = tmp_path / "calibration.txt"
+    text.write_text(read_text(None, "evaluation"))
+    output = tmp_path / "out"
+    assert main(["optimize", str(tiny_folder("llama")), "-o", str(output), "--calibration", str(text)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(output), "--text", str(text)]) == 2
+    assert "was calibrated on this text" in capsys.readouterr().err
+    assert main(["eval", str(output), "--window", "64"]) == 0
 
 
 def test_bundled_texts_are_disjoint_and_split_into_sentences():
     calibration, evaluation = read_text(None, "calibration"), read_text(None, "evaluation")
-    ensure_disjoint(calibration, evaluation)
-    with pytest.raises(XoptError, match="are the same"):
-        ensure_disjoint(evaluation, evaluation)
+    assert text_digest(calibration) != text_digest(evaluation)
+    assert not set(split_sentences(calibration)) & set(split_sentences(evaluation))
     assert bundled_text("evaluation").name == "evaluation.txt"
     sentences = split_sentences(evaluation)
     assert len(sentences) > 150

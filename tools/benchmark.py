@@ -335,7 +335,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, no torch.compile")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+
     if args.quick:
         args.rounds, args.warmup = 3, 1
     args.output.mkdir(parents=True, exist_ok=True)

@@ -99,10 +99,10 @@ def _parser() -> argparse.ArgumentParser:
 def _optimize(args: argparse.Namespace) -> int:
     import xopt
     from xopt.pipeline import PassManager, resolve_passes
+    from xopt.text import CALIBRATION_DIGEST_KEY, read_text, text_digest
 
     _check_output(args.input, args.output)
-    if args.calibration is not None and not args.calibration.is_file():
-        raise XoptError(f"{args.calibration}: no such calibration text file")
+    calibration = read_text(args.calibration, "calibration") if args.calibration is not None else None
     if args.recipe and args.passes:
         raise XoptError("give --recipe or --passes, not both")
     if args.report is not None:
@@ -112,6 +112,8 @@ def _optimize(args: argparse.Namespace) -> int:
         model = xopt.load(args.input)
     with _progress_bar(len(passes), "pass") as advance:
         optimized, report = PassManager(passes, verify=not args.no_verify, on_pass=advance)(model)
+    if calibration is not None:  # `xopt eval` refuses to measure the model on this text
+        optimized.metadata_props[CALIBRATION_DIGEST_KEY] = text_digest(calibration)
     with _step(f"saving {args.output}"):
         written = xopt.save(optimized, args.output)
     print(report.format_table())
@@ -162,13 +164,15 @@ def _passes(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from xopt.evaluate import evaluate
     from xopt.runnable import open_runnable
-    from xopt.text import read_text
+    from xopt.text import CALIBRATION_DIGEST_KEY, read_text, text_digest
 
     if args.window < 2 or args.max_sentences < 1:
         raise XoptError("--window must be at least 2 and --max-sentences at least 1")
     text = read_text(args.text, "evaluation")
     with _step(f"loading {args.model}"):
         model = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads)
+    if model.model.metadata_props.get(CALIBRATION_DIGEST_KEY) == text_digest(text):
+        raise XoptError(f"{args.model} was calibrated on this text; evaluate on text it was not tuned on")
     reference = None
     if args.reference is not None:
         with _step(f"loading {args.reference}"):

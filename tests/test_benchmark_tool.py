@@ -1,0 +1,25 @@
+"""Smoke run of tools/benchmark.py (few iterations, MiniLM only): it writes a table and a plot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_tool_quick_run_writes_results(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--models", "minilm", "--output", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    markdown = (tmp_path / "RESULTS.md").read_text()
+    for variant in ("PyTorch eager", "plain ORT", "ORT transformers optimizer", "onnxscript ORT fusions", "xopt exact"):
+        assert variant in markdown
+    assert "## MiniLM 1×128" in markdown and "## MiniLM 8×128" in markdown
+    assert (tmp_path / "RESULTS.png").read_bytes()[:4] == b"\x89PNG"
