@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_benchmark_tool_quick_run_writes_results(tmp_path):
+    script = ROOT / "tools" / "benchmark.py"
     subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--quick", "--models", "minilm", "--output", str(tmp_path)],
+        [sys.executable, str(script), "--quick", "--models", "minilm", "--output", str(tmp_path)],
         check=True,
         capture_output=True,
     )
