@@ -7,5 +7,6 @@ Every pass is callable alone on an `ir.Model`:
 """
 
 from xopt.passes.cleanup import CleanupPass
+from xopt.passes.fold_norms import FoldNormsPass
 
-__all__ = ["CleanupPass"]
+__all__ = ["CleanupPass", "FoldNormsPass"]

@@ -4,7 +4,8 @@ Exact: every rewrite replaces a subgraph by one that computes the same values.
 - Constant folding evaluates nodes whose inputs are all constants (including `Shape` of values
   whose shape is static) and replaces them by initializers: f(c₁, …, cₖ) → c.
 - Layout ops on weights (`Transpose`, `Cast`, `Reshape`, `(Un)Squeeze` of an initializer) are
-  folded whatever the weight's size: W' = Wᵀ is stored once instead of computed every run.
+  folded whatever the weight's size: W' = Wᵀ is stored once instead of computed every run. A
+  weight with other readers (a tied embedding table) is left alone: folding would store it twice.
 - Rewrite rules remove no-ops (`Identity`, `x + 0`, `x · 1`, `Reshape` to the same shape,
   `Cast` to the same type, `Expand` to the same shape) and collapse chains (`Reshape∘Reshape`,
   `Cast∘Cast`, `Transpose∘Transpose`, `Unsqueeze∘Unsqueeze`, full-range `Slice`).
@@ -82,7 +83,9 @@ class CleanupPass(Pass):
 
 
 def _fold_weight_layout(node: ir.Node) -> bool | None:
-    """Fold layout ops whose inputs are all constants regardless of size; default rules otherwise."""
+    """Fold layout ops on constants regardless of size, unless the constant has other readers:
+    folding Transpose(E) of a tied embedding table would store the table twice."""
     if node.domain in ("", "ai.onnx") and node.op_type in _LAYOUT_OPS:
-        return True
+        shared = any(len(value.uses()) > 1 for value in node.inputs if value is not None)
+        return not shared
     return None

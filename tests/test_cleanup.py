@@ -34,6 +34,9 @@ def test_cleanup_folds_weight_transposes_whatever_their_size(tiny_model):
     inputs = sample_inputs(model, padded=True)
     before = run(create_session(model.clone()), inputs)
     CleanupPass(fold_input_limit=16)(model)
-    assert not [n for n in model.graph if n.op_type == "Transpose" and n.inputs[0].const_value is not None]
+    left = [n for n in model.graph if n.op_type == "Transpose" and n.inputs[0].const_value is not None]
+    # Only the tied LM head's Transpose(E) stays: folding it would store the embedding table twice.
+    assert [n.inputs[0].name for n in left] == ["inner.lm_head.weight"]
+    assert [n.op_type for n, _ in left[0].inputs[0].uses()] == ["Gather", "Transpose"]
     parity = compare(before, run(create_session(model), inputs))
     assert parity.within(1e-5), parity.describe()

@@ -177,7 +177,6 @@ def _eval(args: argparse.Namespace) -> int:
     if args.reference is not None:
         with _step(f"loading {args.reference}"):
             reference = open_runnable(args.reference, tokenizer=args.tokenizer, threads=args.threads)
-
     quality = evaluate(model, text, reference, window=args.window, max_sentences=args.max_sentences, progress=_iterate)
     if args.json:
         print(json.dumps(quality.to_dict(), indent=2))
@@ -221,7 +220,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="xopt-bench-") as scratch:
         for timing, (label, runnable) in zip(timings, runnables.items(), strict=True):
-            onnx_file = _onnx_file_of(Path(label))
+            onnx_file = runnable.onnx_file
             if onnx_file is None:  # captured from a Hugging Face folder: measure the export
                 onnx_file = xopt.save(runnable.model, Path(scratch) / f"{len(os.listdir(scratch))}.onnx")
             timing.size_mb = bench.size_on_disk_mb(onnx_file)
@@ -238,16 +237,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_file_of(path: Path) -> Path | None:
-    from xopt.saving import MODEL_FILE
-
-    if path.is_dir():
-        return path / MODEL_FILE if (path / MODEL_FILE).is_file() else None
-    return path
-
-
 def _demo(args: argparse.Namespace) -> int:
-
     from xopt.demo import run_demo
 
     print(run_demo(args.output, step=_step, progress_bar=_progress_bar))

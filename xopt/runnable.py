@@ -29,6 +29,7 @@ class Runnable:
     session: Any  # onnxruntime.InferenceSession
     task: str
     tokenizer_source: Path | None
+    onnx_file: Path | None = None  # the file it was loaded from (None: captured from a folder)
     gguf_file: str | None = None
 
     def tokenizer(self):
@@ -52,6 +53,8 @@ def open_runnable(path: Path, *, tokenizer: Path | None = None, threads: int | N
         raise XoptError(f"{path}: no such file or folder")
     onnx_file = path / MODEL_FILE if path.is_dir() and (path / MODEL_FILE).is_file() else path
     model = xopt.load(onnx_file)
+    if onnx_file.is_dir():
+        onnx_file = None
     gguf_file = model.metadata_props.get("xopt.gguf_file")
     if tokenizer is None:
         tokenizer = path if path.is_dir() else path.parent
@@ -63,6 +66,7 @@ def open_runnable(path: Path, *, tokenizer: Path | None = None, threads: int | N
         session=create_session(model, threads=threads),
         task=model_task(model),
         tokenizer_source=tokenizer,
+        onnx_file=onnx_file,
         gguf_file=gguf_file,
     )
 

@@ -391,7 +391,7 @@ def _attach_norms(blocks: list[Block], norms: list[Norm]) -> str | None:
             first = sublayer.q if isinstance(sublayer, Attention) else (sublayer.gate or sublayer.up)
             before = by_output.get(skip_back(first.input, TRANSPARENT_OPS | {"Reshape"}))
 
-            skip = next(v for v in sublayer.residual.inputs if v is not _sublayer_output(sublayer))
+            skip = next(v for v in sublayer.residual.inputs if v is not sublayer_output(sublayer))
             if before is not None and skip_back(before.input) is skip_back(skip):
                 setattr(block, slot, before)
                 positions.append("pre")
@@ -405,7 +405,8 @@ def _attach_norms(blocks: list[Block], norms: list[Norm]) -> str | None:
     return Counter(positions).most_common(1)[0][0]
 
 
-def _sublayer_output(sublayer: Attention | MLP) -> ir.Value:
+def sublayer_output(sublayer: Attention | MLP) -> ir.Value:
+    """The value a sublayer adds into the residual stream (its output projection, reshaped back)."""
     linear = sublayer.o if isinstance(sublayer, Attention) else sublayer.down
     value = skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"})
     return value

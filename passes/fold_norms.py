@@ -1,0 +1,270 @@
+"""`fold-norms`: move norm affine parameters and constant scales into linears; Pre-LN → RMSNorm.
+
+1. Affine fold. A norm computes y = γ⊙n + β (n the normalized input). When every reader of y is a
+   linear z = y·W + b (possibly through a Reshape that keeps the last axis), then
+       z = n·W' + b',   W' = diag(γ)·W,   b' = b + β·W,
+   and the norm keeps γ = 1, β = 0 (its Mul γ / Add β nodes are removed when decomposed).
+   Preconditions: all readers are linears that own their weights (a weight tied to the embedding
+   table, or shared with another node, is left alone, with the reason).
+
+2. Pre-LN LayerNorm → RMSNorm ("Pre-RMSNorm and Pre-CRMSNorm Transformers", Jiang et al. 2023).
+   If every write into the residual stream has zero mean over the hidden axis, then
+   LayerNorm(x) = γ⊙(x − μ)/√(σ² + ε) + β = γ⊙x/√(mean(x²) + ε) + β = RMSNorm(x). Writers are
+   recentred exactly: embedding rows E' = E − mean_j(E), and each sublayer's output projection
+   W' = W·(I − 11ᵀ/d), b' = b − mean(b) (tied LM heads are untied first, since the LM head reads
+   the original table). Post-LN models (BERT) are refused: their norms sit on the stream itself.
+
+3. Constant scales. A scalar c applied to attention scores S = (Q·Kᵀ)·c is folded into the query
+   projection, W_q' = c·W_q, b_q' = c·b_q: rotary embedding, head reshapes and transposes are
+   linear in Q, so S is unchanged and one elementwise Mul over B×H×S×S per layer disappears.
+
+Arithmetic is float64; results are stored in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from xopt.analysis import find_transformer_structure
+from xopt.analysis.graph_view import const_array, consumers
+from xopt.analysis.patterns import Linear, Norm, match_linear
+from xopt.analysis.structure import Attention, TransformerStructure, sublayer_output
+from xopt.pipeline import Pass, PassResult, register
+from xopt.rewrite import bias_or_zeros, owns_weight, remove_node_keeping_input, set_bias, set_weight, weight_in_out
+
+
+@register
+@dataclass
+class FoldNormsPass(Pass):
+    name = "fold-norms"
+    exact = True
+    summary = "fold norm γ/β and attention scales into linears; Pre-LN LayerNorm → RMSNorm"
+
+    to_rmsnorm: bool = True
+    fold_scales: bool = True
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        stats: Counter[str] = Counter()
+        explain: list[str] = []
+        graph = model.graph
+        if self.to_rmsnorm:
+            _layernorm_to_rmsnorm(model, find_transformer_structure(model), stats, explain)
+        structure = find_transformer_structure(model)
+        norms = [n for b in structure.blocks for n in b.norms]
+        if not structure.blocks:
+            explain.append("no transformer blocks found: nothing to fold")
+        norms += [n for n in (structure.final_norm, structure.embedding_norm) if n is not None]
+        for norm in norms:
+            reason = _fold_affine(graph, norm)
+            if reason is None:
+                stats["norms_folded"] += 1
+                explain.append(f"folded γ/β of {norm.kind} {norm.output.name} into its readers")
+            elif reason:
+                explain.append(f"kept γ/β of {norm.kind} {norm.output.name}: {reason}")
+        if self.fold_scales:
+            for block in find_transformer_structure(model).blocks:  # the linears changed above
+                if block.attention is not None:
+                    reason = _fold_score_scale(graph, block.attention)
+                    if reason is None:
+                        stats["score_scales_folded"] += 1
+                    else:
+                        explain.append(f"block {block.index}: score scale not folded: {reason}")
+        common_passes.RemoveUnusedNodesPass()(model)  # drops the replaced weights too
+        return PassResult(model, bool(stats), dict(stats), explain)
+
+
+def _fold_affine(graph: ir.Graph, norm: Norm) -> str | None:
+    """Fold γ, β of `norm` into the linears reading it; a reason when it cannot ('' if nothing to do)."""
+    gamma = const_array(norm.scale) if norm.scale is not None else None
+    beta = const_array(norm.shift) if norm.shift is not None else None
+    if (gamma is None or np.all(gamma == 1)) and (beta is None or np.all(beta == 0)):
+        return ""
+    readers = _linear_readers(norm.output)
+    if isinstance(readers, str):
+        return readers
+    if not all(owns_weight(linear) for linear in readers):
+        return "a reader's weight is shared (tied to the embedding table or another node)"
+    width = readers[0].in_features
+    gamma64 = np.ones(width) if gamma is None else np.broadcast_to(gamma.astype(np.float64).reshape(-1), (width,))
+    beta64 = np.zeros(width) if beta is None else np.broadcast_to(beta.astype(np.float64).reshape(-1), (width,))
+    for linear in readers:
+        weight = weight_in_out(linear)
+        set_bias(graph, linear, bias_or_zeros(linear) + beta64 @ weight)
+        set_weight(graph, linear, gamma64[:, None] * weight)
+    _drop_affine(graph, norm)
+    return None
+
+
+def _linear_readers(value: ir.Value) -> list[Linear] | str:
+    readers = []
+    for user in consumers(value):
+        if user.op_type == "Reshape" and _keeps_last_axis(user):
+            inner = _linear_readers(user.outputs[0])
+            if isinstance(inner, str):
+                return inner
+            readers += inner
+            continue
+        linear = match_linear(user)
+        if linear is None or user.inputs[0] is not value:
+            return f"read by a {user.op_type} ({user.name}), not only by linears"
+        readers.append(linear)
+    return readers or "no readers"
+
+
+def _keeps_last_axis(reshape: ir.Node) -> bool:
+    source, target = reshape.inputs[0].shape, reshape.outputs[0].shape
+    if source is None or target is None or not isinstance(source[-1], int):
+        return False
+    return target[-1] == source[-1]
+
+
+def _drop_affine(graph: ir.Graph, norm: Norm) -> None:
+    """Make the norm's γ = 1 and β = 0 (remove the Mul/Add of a decomposed norm)."""
+    fused = norm.nodes[0] if len(norm.nodes) == 1 else None
+    if fused is not None:
+        width = const_array(norm.scale).size
+        ones = ir.tensor(np.ones(width, const_array(norm.scale).dtype))
+        fused.replace_input_with(1, _constant(graph, f"{fused.name}_ones", ones))
+        if len(fused.inputs) > 2 and fused.inputs[2] is not None:
+            fused.replace_input_with(2, None)
+        return
+    for node in reversed(norm.nodes):
+        if node.op_type in ("Mul", "Add") and any(v is norm.scale or v is norm.shift for v in node.inputs):
+            kept = next(v for v in node.inputs if v is not norm.scale and v is not norm.shift)
+            remove_node_keeping_input(graph, node, kept)
+
+
+def _constant(graph: ir.Graph, name: str, tensor: ir.Tensor) -> ir.Value:
+    while name in graph.initializers:
+        name += "_"
+    value = ir.Value(name=name, const_value=tensor)
+    value.shape, value.dtype = ir.Shape(tensor.shape), tensor.dtype
+    graph.register_initializer(value)
+    return value
+
+
+def _fold_score_scale(graph: ir.Graph, attention: Attention) -> str | None:
+    users = consumers(attention.scores.outputs[0])
+    if len(users) != 1 or users[0].op_type not in ("Mul", "Div"):
+        return "no constant scale right after Q·Kᵀ"
+    scale_node = users[0]
+    other = scale_node.inputs[1] if scale_node.inputs[0] is attention.scores.outputs[0] else scale_node.inputs[0]
+    constant = const_array(other)
+    if constant is None or constant.size != 1 or (scale_node.op_type == "Div" and other is scale_node.inputs[0]):
+        return "the scale is not a scalar constant"
+    if attention.fused_qkv:
+        return "Q is part of a fused QKV projection"
+    if not owns_weight(attention.q):
+        return "the query weight is shared"
+    factor = float(constant.reshape(()))
+    factor = 1.0 / factor if scale_node.op_type == "Div" else factor
+    set_weight(graph, attention.q, factor * weight_in_out(attention.q))
+    if attention.q.bias is not None:
+        set_bias(graph, attention.q, factor * bias_or_zeros(attention.q))
+    remove_node_keeping_input(graph, scale_node, attention.scores.outputs[0])
+    return None
+
+
+def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stats: Counter, explain: list) -> None:
+    graph = model.graph
+    norms = [n for b in structure.blocks for n in b.norms] + [n for n in (structure.final_norm,) if n]
+    if not norms or any(n.kind != "LayerNorm" for n in norms):
+        return
+    if structure.norm_position != "pre":
+        explain.append("LayerNorm → RMSNorm refused: post-LN model (the norms sit on the residual stream itself)")
+        return
+    reason = _stream_writers_known(structure)
+    if reason:
+        explain.append(f"LayerNorm → RMSNorm refused: {reason}")
+        return
+    if any(len(n.nodes) != 1 for n in norms):
+        explain.append("LayerNorm → RMSNorm refused: decomposed LayerNorm (only the LayerNormalization op)")
+        return
+    if structure.tied_embeddings and structure.lm_head is not None:
+        _untie_lm_head(graph, structure)
+        stats["lm_head_untied"] += 1
+    for embedding in structure.embeddings:
+        table = const_array(embedding.table).astype(np.float64)
+        _replace_constant(graph, embedding.node, 0, table - table.mean(axis=1, keepdims=True))
+        stats["embeddings_recentred"] += 1
+    for block in structure.blocks:
+        for linear in (block.attention.o, block.mlp.down):
+            weight = weight_in_out(linear)
+            set_weight(graph, linear, weight - weight.mean(axis=1, keepdims=True))
+            bias = bias_or_zeros(linear)
+            if linear.bias is not None or np.any(bias):
+                set_bias(graph, linear, bias - bias.mean())
+            stats["writers_recentred"] += 1
+    opset = model.opset_imports.get("", 17)
+    for norm in norms:
+        _replace_with_rmsnorm(graph, norm, opset)
+        stats["layernorms_to_rmsnorm"] += 1
+    explain.append(f"LayerNorm → RMSNorm on {len(norms)} norms after recentring the residual stream")
+
+
+def _stream_writers_known(structure: TransformerStructure) -> str | None:
+    """None when every write into the residual stream is an embedding or a sublayer output."""
+    for block in structure.blocks:
+        if any(s is None or s.residual is None for s in (block.attention, block.mlp)):
+            return f"block {block.index} is not attention + MLP with residual adds"
+    first = structure.blocks[0].attention
+    gathers = {e.node for e in structure.embeddings}
+    skip = next(v for v in first.residual.inputs if v is not sublayer_output(first))
+    pending, seen = [skip], set()
+    while pending:
+        value = pending.pop()
+        node = value.producer()
+        if node in gathers:
+            seen.add(node)
+            continue
+        if node is None or node.op_type not in ("Add", "Cast", "Identity"):
+            return f"the residual stream starts with {node.op_type if node else 'a graph input'}, not embeddings"
+        pending.extend(v for v in node.inputs[: 2 if node.op_type == "Add" else 1])
+    return None if seen else "no embedding writes into the residual stream"
+
+
+def _untie_lm_head(graph: ir.Graph, structure: TransformerStructure) -> None:
+    table = const_array(structure.token_embedding.table).astype(np.float64)
+    set_weight(graph, structure.lm_head, table.T)
+
+
+def _replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
+    old = node.inputs[index]
+    dtype = const_array(old).dtype
+    node.replace_input_with(index, _constant(graph, f"{old.name}_recentred", ir.tensor(array.astype(dtype))))
+
+
+def _replace_with_rmsnorm(graph: ir.Graph, norm: Norm, opset: int) -> None:
+    """x / √(mean(x²) + ε) · γ + β in standard ops, in place of a LayerNormalization node."""
+    (layer_norm,) = norm.nodes
+    x = norm.input
+    dtype = const_array(norm.scale).dtype
+    square = ir.node("Mul", [x, x])
+    if opset >= 18:
+        axes = _constant(graph, f"{layer_norm.name}_axes", ir.tensor(np.array([-1], np.int64)))
+        mean = ir.node("ReduceMean", [square.outputs[0], axes], attributes={"keepdims": 1})
+    else:
+        mean = ir.node("ReduceMean", [square.outputs[0]], attributes={"axes": [-1], "keepdims": 1})
+    epsilon = _constant(graph, f"{layer_norm.name}_epsilon", ir.tensor(np.array(norm.epsilon, dtype)))
+    shifted = ir.node("Add", [mean.outputs[0], epsilon])
+    root = ir.node("Sqrt", [shifted.outputs[0]])
+    inverse = ir.node("Reciprocal", [root.outputs[0]])
+    normalized = ir.node("Mul", [x, inverse.outputs[0]])
+    nodes = [square, mean, shifted, root, inverse, normalized]
+    output = normalized.outputs[0]
+    scaled = ir.node("Mul", [output, norm.scale])
+    nodes.append(scaled)
+    output = scaled.outputs[0]
+    if norm.shift is not None:
+        biased = ir.node("Add", [output, norm.shift])
+        nodes.append(biased)
+        output = biased.outputs[0]
+    graph.insert_before(layer_norm, nodes)
+    output.dtype, output.shape = layer_norm.outputs[0].dtype, layer_norm.outputs[0].shape
+    layer_norm.outputs[0].replace_all_uses_with(output, replace_graph_outputs=True)
+    graph.remove(layer_norm, safe=True)

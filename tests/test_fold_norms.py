@@ -1,0 +1,86 @@
+"""fold-norms: γ/β into linears, Pre-LN LayerNorm → RMSNorm, attention scale into W_q.
+
+Parity in float32 on tiny random models, and float64 equivalence of the rewrites within 1e-10.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import xopt
+from xopt.analysis import find_transformer_structure
+from xopt.backends.onnxruntime import create_session, run
+from xopt.passes import CleanupPass, FoldNormsPass
+from xopt.pipeline import PassManager
+
+
+def _fold(model):
+    return PassManager([CleanupPass(), FoldNormsPass()])(model)
+
+
+def test_llama_folds_rmsnorm_scales_and_score_scale(tiny_model):
+    optimized, report = _fold(tiny_model("llama"))
+    stats = report.passes[1].stats
+    assert stats == {"norms_folded": 4, "score_scales_folded": 2}  # final norm: LM head tied to embeddings
+    assert any("shared" in line for line in report.passes[1].explain)
+    assert report.passes[1].parity.max_rel <= 1e-6
+    structure = find_transformer_structure(optimized)
+    assert all(n.scale is None for b in structure.blocks for n in b.norms)
+    assert structure.final_norm.scale is not None
+
+
+def test_qwen2_untied_head_takes_the_final_norm_too(tiny_model):
+    _, report = _fold(tiny_model("qwen2"))
+    assert report.passes[1].stats == {"norms_folded": 7, "score_scales_folded": 3}
+    assert report.passes[1].parity.max_rel <= 1e-6
+
+
+def test_gpt2_pre_layernorm_becomes_rmsnorm(tiny_model):
+    optimized, report = _fold(tiny_model("gpt2"))
+    stats = report.passes[1].stats
+    assert stats["layernorms_to_rmsnorm"] == 5 and stats["writers_recentred"] == 4
+    assert stats["embeddings_recentred"] == 2 and stats["lm_head_untied"] == 1
+    assert "LayerNormalization" not in {n.op_type for n in optimized.graph}
+    summary = find_transformer_structure(optimized).summary()
+    assert (summary["norm"], summary["norm_position"], summary["tied_embeddings"]) == ("RMSNorm", "pre", False)
+    assert report.passes[1].parity.max_rel <= 1e-6
+
+
+def test_post_ln_bert_is_refused_with_reasons_but_scales_fold(tiny_model):
+    _, report = _fold(tiny_model("bert"))
+    record = report.passes[1]
+    assert record.stats == {"score_scales_folded": 2}
+    assert any("post-LN" in line for line in record.explain)
+    assert any("not only by linears" in line for line in record.explain)
+    assert record.parity.max_rel <= 1e-6
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_float64_equivalence_within_1e_10(tiny_folder, name):
+    import transformers
+
+    module = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder(name), attn_implementation="eager")
+    module = module.double().eval()
+    ids = torch.randint(0, 200, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    model = xopt.load(_Logits(module), (ids, mask))
+    feeds = {v.name: a for v, a in zip(model.graph.inputs, (ids.numpy(), mask.numpy()), strict=True)}
+    expected = next(iter(run(create_session(model), feeds).values()))
+    folded, report = PassManager([CleanupPass(), FoldNormsPass()], verify=False)(model)
+    assert report.passes[1].modified
+    actual = next(iter(run(create_session(folded), feeds).values()))
+    assert actual.dtype == np.float64
+    relative = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+    assert relative <= 1e-10, relative

@@ -1,0 +1,100 @@
+"""Shared rewrite math for passes: reading and replacing linear weights, inserting nodes.
+
+A linear is y = x·W + b with W stored [in, out] (MatMul) or [out, in] (Gemm with transB, or a
+MatMul behind a Transpose). Helpers compute in float64 and store in the weight's dtype. Weights
+are never mutated in place: a changed weight becomes a new initializer wired to this node only,
+so a tensor shared with the input model (or with another node) stays as it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from xopt.analysis.graph_view import const_array, consumers
+from xopt.analysis.patterns import Linear
+
+
+def weight_in_out(linear: Linear) -> np.ndarray:
+    """W as a float64 [in, out] array, whatever layout the graph stores it in."""
+    array = const_array(linear.weight)
+    if array is None:  # a Transpose of an initializer
+        array = const_array(linear.weight.producer().inputs[0]).T
+    elif linear.node.op_type == "Gemm" and linear.node.attributes.get_int("transB", 0):
+        array = array.T
+    return array.astype(np.float64)
+
+
+def bias_or_zeros(linear: Linear) -> np.ndarray:
+    array = const_array(linear.bias) if linear.bias is not None else None
+    return np.zeros(linear.out_features) if array is None else array.astype(np.float64).reshape(-1)
+
+
+def owns_weight(linear: Linear) -> bool:
+    """Whether this linear is the only reader of its weight (and bias)."""
+    values = [linear.weight] + ([linear.bias] if linear.bias is not None else [])
+    producer = linear.weight.producer()
+    if producer is not None and producer.op_type in ("Transpose", "Identity"):  # W = Transpose(table)
+        values.append(producer.inputs[0])
+    return all(len(consumers(v)) == 1 for v in values)
+
+
+def set_weight(graph: ir.Graph, linear: Linear, w_in_out: np.ndarray) -> None:
+    """Store W ([in, out], float64) as a new initializer in the layout this node reads."""
+    dtype = _dtype_of(linear.weight)
+    transpose = linear.weight.producer() if const_array(linear.weight) is None else None
+    gemm_transposed = linear.node.op_type == "Gemm" and linear.node.attributes.get_int("transB", 0)
+    stored = w_in_out.T if gemm_transposed else w_in_out
+    linear.node.replace_input_with(1, _initializer(graph, linear.weight.name or "weight", stored, dtype))
+    if transpose is not None and not transpose.outputs[0].uses():
+        graph.remove(transpose, safe=True)
+    linear.weight = linear.node.inputs[1]
+
+
+def set_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray) -> None:
+    """Store b (float64) as this linear's bias, adding an Add after the MatMul if it had none."""
+    dtype = _dtype_of(linear.weight)
+    name = (linear.weight.name or "linear") + "_bias"
+    if linear.bias is not None:
+        node = linear.bias_node or linear.node
+        index = next(i for i, v in enumerate(node.inputs) if v is linear.bias)
+        node.replace_input_with(index, _initializer(graph, linear.bias.name or name, bias, dtype))
+        linear.bias = node.inputs[index]
+        return
+    output = linear.node.outputs[0]
+    bias_value = _initializer(graph, name, bias, dtype)
+    add = ir.node("Add", inputs=[output, bias_value])
+    output.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+    add.replace_input_with(0, output)
+    graph.insert_after(linear.node, add)
+    add.outputs[0].dtype, add.outputs[0].shape = output.dtype, output.shape
+    linear.bias, linear.bias_node = bias_value, add
+
+
+def remove_node_keeping_input(graph: ir.Graph, node: ir.Node, keep: ir.Value) -> None:
+    """Remove a single-output node, redirecting its readers to `keep` (one of its inputs)."""
+    output = node.outputs[0]
+    if output.is_graph_output():
+        keep.name, output.name = output.name, f"{output.name}_removed"
+    output.replace_all_uses_with(keep, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+
+
+def _initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dtype) -> ir.Value:
+    name = base
+    suffix = 0
+    while name in graph.initializers:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array.astype(dtype)), name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = ir.DataType.from_numpy(np.dtype(dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def _dtype_of(value: ir.Value) -> np.dtype:
+    array = const_array(value)
+    if array is None:
+        array = const_array(value.producer().inputs[0])
+    return array.dtype
