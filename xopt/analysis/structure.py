@@ -45,7 +45,6 @@ from xopt.analysis.patterns import (
     table_equals_transposed,
 )
 from xopt.analysis.probe import probe_shapes, static_shape
-from xopt.errors import XoptError
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +127,7 @@ class TransformerStructure:
     @property
     def residual_stream(self) -> list[ir.Node]:
         """The residual adds in graph order."""
-        adds = [x.residual for b in self.blocks for x in (b.attention, b.mlp) if x is not None and x.residual]
-        return adds
+        return [x.residual for b in self.blocks for x in (b.attention, b.mlp) if x is not None and x.residual]
 
     def summary(self) -> dict[str, Any]:
         """The facts `xopt inspect --json` prints."""
@@ -458,10 +456,3 @@ def _block_summary(block: Block) -> dict[str, Any]:
 def _label(linear: Linear) -> str:
     """The module path of a linear when the exporter recorded it, else its weight's name."""
     return module_path(linear.node) or linear.name
-
-
-def require_blocks(structure: TransformerStructure, what: str) -> None:
-    """Raise a one-line XoptError when no transformer block was found (for passes that need one)."""
-    if not structure.blocks:
-        reasons = "; ".join(structure.near_misses[:3]) or "no Softmax attention and no MLP found"
-        raise XoptError(f"{what}: no transformer blocks found ({reasons})")
