@@ -8,5 +8,6 @@ Every pass is callable alone on an `ir.Model`:
 
 from xopt.passes.cleanup import CleanupPass
 from xopt.passes.fold_norms import FoldNormsPass
+from xopt.passes.fuse import FusePass
 
-__all__ = ["CleanupPass", "FoldNormsPass"]
+__all__ = ["CleanupPass", "FoldNormsPass", "FusePass"]

@@ -16,6 +16,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _lowering_cache(tmp_path_factory):
+    """Measured lowerings are cached in a folder of this run, not the user's ~/.cache."""
+    os.environ["XOPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("xopt-cache"))
+
 TINY_CONFIGS = {
     # name: (config class, kwargs, model class)
     "bert": (

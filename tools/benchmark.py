@@ -180,7 +180,7 @@ def build_variants(scenario_model: str, threads: int, scratch: Path, quick: bool
     start = time.perf_counter()
     plain = plain_export(reference, causal, scratch)
     build_seconds["plain ORT (torch.onnx.export)"] = time.perf_counter() - start
-    sessions["plain ORT (torch.onnx.export)"] = create_session(plain, threads=threads)
+    sessions["plain ORT (torch.onnx.export)"] = create_session(plain, threads=threads, spinning=False)
 
     for label, build in (
         ("ORT transformers optimizer", lambda: ort_transformers_optimizer(plain, causal, reference.config, scratch)),
@@ -188,7 +188,7 @@ def build_variants(scenario_model: str, threads: int, scratch: Path, quick: bool
     ):
         start = time.perf_counter()
         try:
-            sessions[label] = create_session(build(), threads=threads)
+            sessions[label] = create_session(build(), threads=threads, spinning=False)
         except Exception as error:  # an anchor that fails on this model is reported, not fatal
             logger.warning("%s failed: %s", label, error)
             continue
@@ -201,7 +201,7 @@ def build_variants(scenario_model: str, threads: int, scratch: Path, quick: bool
         start = time.perf_counter()
         optimized, _ = xopt.optimize(captured, recipe=recipe, verify=False)
         build_seconds[f"xopt {recipe}"] = capture_seconds + time.perf_counter() - start
-        sessions[f"xopt {recipe}"] = create_session(optimized, threads=threads)
+        sessions[f"xopt {recipe}"] = create_session(optimized, threads=threads, spinning=False)
 
     torch.set_num_threads(threads)
     compiled = None

@@ -207,7 +207,7 @@ def _bench(args: argparse.Namespace) -> int:
     runnables = {}
     for path in args.models:
         with _step(f"loading {path}"):
-            runnables[str(path)] = open_runnable(path, threads=threads)
+            runnables[str(path)] = open_runnable(path, threads=threads, spinning=False)
     runners = {
         label: bench.session_runner(r.session, sample_inputs(r.model, batch=args.batch, sequence=args.seq))
         for label, r in runnables.items()

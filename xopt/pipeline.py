@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 RECIPES: dict[str, list[str]] = {
     # Changes no output beyond float rounding.
-    "exact": ["cleanup"],
+    "exact": ["cleanup", "fold-norms", "fuse"],
 }
 DEFAULT_RECIPE = "exact"
 

@@ -45,7 +45,7 @@ def set_weight(graph: ir.Graph, linear: Linear, w_in_out: np.ndarray) -> None:
     transpose = linear.weight.producer() if const_array(linear.weight) is None else None
     gemm_transposed = linear.node.op_type == "Gemm" and linear.node.attributes.get_int("transB", 0)
     stored = w_in_out.T if gemm_transposed else w_in_out
-    linear.node.replace_input_with(1, _initializer(graph, linear.weight.name or "weight", stored, dtype))
+    linear.node.replace_input_with(1, new_initializer(graph, linear.weight.name or "weight", stored, dtype))
     if transpose is not None and not transpose.outputs[0].uses():
         graph.remove(transpose, safe=True)
     linear.weight = linear.node.inputs[1]
@@ -58,11 +58,11 @@ def set_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray) -> None:
     if linear.bias is not None:
         node = linear.bias_node or linear.node
         index = next(i for i, v in enumerate(node.inputs) if v is linear.bias)
-        node.replace_input_with(index, _initializer(graph, linear.bias.name or name, bias, dtype))
+        node.replace_input_with(index, new_initializer(graph, linear.bias.name or name, bias, dtype))
         linear.bias = node.inputs[index]
         return
     output = linear.node.outputs[0]
-    bias_value = _initializer(graph, name, bias, dtype)
+    bias_value = new_initializer(graph, name, bias, dtype)
     add = ir.node("Add", inputs=[output, bias_value])
     output.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
     add.replace_input_with(0, output)
@@ -80,7 +80,7 @@ def remove_node_keeping_input(graph: ir.Graph, node: ir.Node, keep: ir.Value) ->
     graph.remove(node, safe=True)
 
 
-def _initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dtype) -> ir.Value:
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dtype) -> ir.Value:
     name = base
     suffix = 0
     while name in graph.initializers:

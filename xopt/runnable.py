@@ -45,8 +45,11 @@ class Runnable:
             raise XoptError(f"{self.tokenizer_source}: cannot load a tokenizer ({first_line(error)})") from None
 
 
-def open_runnable(path: Path, *, tokenizer: Path | None = None, threads: int | None = None) -> Runnable:
-    """Load `path` for running: capture it if it is not ONNX yet, and find its tokenizer."""
+def open_runnable(
+    path: Path, *, tokenizer: Path | None = None, threads: int | None = None, spinning: bool = True
+) -> Runnable:
+    """Load `path` for running: capture it if it is not ONNX yet, and find its tokenizer.
+    `spinning=False` for sessions timed side by side (see `session_options`)."""
     import xopt
 
     if not path.exists():
@@ -63,7 +66,7 @@ def open_runnable(path: Path, *, tokenizer: Path | None = None, threads: int | N
     return Runnable(
         label=str(path),
         model=model,
-        session=create_session(model, threads=threads),
+        session=create_session(model, threads=threads, spinning=spinning),
         task=model_task(model),
         tokenizer_source=tokenizer,
         onnx_file=onnx_file,

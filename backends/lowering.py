@@ -1,0 +1,122 @@
+"""Lowering chosen by measurement: time a candidate lowering against the current form on this
+machine's ONNX Runtime, once, and remember the verdict.
+
+Which form of a subgraph runs fastest depends on the operator, the shapes, the ORT build and the
+CPU (a fused contrib op can be several times slower than the standard ops it replaces on one
+machine and faster on another), so it is measured, not assumed. Both models run in sessions of
+this process with the same thread count, spinning off, on the same sample inputs, in interleaved
+rounds (median of `rounds` after `warmup`); the candidate is kept only when
+`median(current) / median(candidate) ≥ min_speedup`: a tie keeps the standard form.
+
+Verdicts are cached in a JSON file keyed by the family, the model's shape signature, the sample
+shape, the thread count, the ORT version and the CPU, so a model is timed once per machine.
+`XOPT_CACHE_DIR` (else `$XDG_CACHE_HOME/xopt`, else `~/.cache/xopt`) holds the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+import onnxruntime as ort
+
+from xopt.backends.onnxruntime import create_session, run
+
+CACHE_FILE = "lowering.json"
+
+
+@dataclass
+class Verdict:
+    keep: bool
+    speedup: float  # median(current) / median(candidate); above 1: the candidate is faster
+    cached: bool
+
+
+@dataclass
+class LoweringChooser:
+    """Decides, by timing on this machine, whether a candidate lowering replaces the current form."""
+
+    threads: int = 2
+    batch: int = 1
+    sequence: int = 128
+    rounds: int = 9
+    warmup: int = 2
+    min_speedup: float = 1.03
+    cache_dir: Path | None = None
+
+    def choose(self, family: str, signature: dict, current: ir.Model, candidate: ir.Model) -> Verdict:
+        key = self._key(family, signature)
+        cache = self._read_cache()
+        if key in cache:
+            return Verdict(cache[key] >= self.min_speedup, cache[key], cached=True)
+        speedup = self._measure(current, candidate)
+        cache[key] = speedup
+        self._write_cache(cache)
+        return Verdict(speedup >= self.min_speedup, speedup, cached=False)
+
+    def _measure(self, current: ir.Model, candidate: ir.Model) -> float:
+        from xopt.bench import session_runner, time_interleaved
+        from xopt.inputs import sample_inputs
+
+        feeds = sample_inputs(current, batch=self.batch, sequence=self.sequence)
+        runners = {}
+        for label, model in (("current", current), ("candidate", candidate)):
+            session = create_session(model, threads=self.threads, spinning=False)
+            run(session, feeds)
+            runners[label] = session_runner(session, feeds)
+        timings = {t.label: t.median_ms for t in time_interleaved(runners, rounds=self.rounds, warmup=self.warmup)}
+        return timings["current"] / timings["candidate"]
+
+    def _key(self, family: str, signature: dict) -> str:
+        facts = {
+            "family": family,
+            "signature": signature,
+            "batch": self.batch,
+            "sequence": self.sequence,
+            "threads": self.threads,
+            "onnxruntime": ort.__version__,
+            "cpu": _cpu_name(),
+        }
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+    @property
+    def cache_path(self) -> Path:
+        folder = self.cache_dir or Path(
+            os.environ.get("XOPT_CACHE_DIR")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xopt"
+        )
+        return Path(folder) / CACHE_FILE
+
+    def _read_cache(self) -> dict[str, float]:
+        try:
+            return json.loads(self.cache_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_cache(self, cache: dict[str, float]) -> None:
+        """Atomic replace; a cache that cannot be written only costs a re-measurement later."""
+        path = self.cache_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as file:
+                json.dump(cache, file, indent=1, sort_keys=True)
+            os.replace(file.name, path)
+        except OSError:
+            pass
+
+
+def _cpu_name() -> str:
+    """The CPU model and its vector ISA flags (what the timing depends on)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return " ".join([name, *sorted(f for f in flags if f.startswith(("avx", "amx")) or f == "fma")])

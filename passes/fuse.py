@@ -1,0 +1,315 @@
+"""`fuse`: lower transformer subgraphs to merged linears and fused ONNX Runtime operators, keeping
+each family of rewrites only where it measures faster on this machine.
+
+Every rewrite computes the same values up to float rounding:
+- `merge-qkv`: the Q, K and V linears read one input X, so
+      [Q | K | V] = X·[W_q | W_k | W_v] + [b_q | b_k | b_v],
+  one MatMul (+ Add) and a Split on the last axis instead of three GEMMs (a missing bias is 0).
+- `merge-gate-up`: the same for a gated MLP's gate and up projections.
+- `norm`: a decomposed LayerNorm (x − μ)/√(σ² + ε)·γ + β becomes one `LayerNormalization`, a
+  decomposed RMSNorm x/√(mean(x²) + ε)·γ one `SimplifiedLayerNormalization` (γ = 1 when the scale
+  was folded away). ORT then fuses the residual Add into `Skip(Simplified)LayerNormalization`.
+- `rotary`: x·cos + rotate_half(x)·sin → `RotaryEmbedding`.
+- `attention`: softmax(Q·Kᵀ·s + mask)·V with its head reshapes → `Attention` (projections packed),
+  `MultiHeadAttention` or `GroupQueryAttention`.
+- `gelu`: the erf/tanh GELU expansions (+ bias) → `Gelu`, `FastGelu`, `BiasGelu`.
+The merges and the norm are found by xopt's structure analysis (so whatever the exporter); the
+rotary, attention and GELU patterns by onnxscript's ORT fusion rules.
+
+Lowering (`lowering` option): "measure" times each family that matched, applied on top of what
+was kept so far, against the model without it (`backends/lowering.py`, cached per machine), and
+keeps it only if faster; "all" keeps every family that matched (used by parity tests); a family
+can also be switched off by listing it in `skip`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from xopt.analysis import find_transformer_structure
+from xopt.analysis.graph_view import const_array, consumers
+from xopt.analysis.patterns import Linear, Norm
+from xopt.errors import XoptError, first_line
+from xopt.inputs import sample_inputs
+from xopt.pipeline import Pass, PassResult, register
+from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, weight_in_out
+
+FAMILIES = ("norm", "rotary", "attention", "gelu", "merge-qkv", "merge-gate-up")
+LOWERINGS = ("measure", "all")
+
+
+@register
+@dataclass
+class FusePass(Pass):
+    name = "fuse"
+    exact = True
+    summary = "merge QKV and gate/up linears; norms, RoPE, attention, GELU → fused ORT ops, kept where faster"
+
+    lowering: str = "measure"
+    skip: str = ""  # comma-separated families to leave alone
+    threads: int = 2
+    batch: int = 1
+    sequence: int = 128
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        from xopt.backends.lowering import LoweringChooser
+
+        if self.lowering not in LOWERINGS:
+            raise XoptError(f"fuse: unknown lowering {self.lowering!r}: one of {', '.join(LOWERINGS)}")
+        skipped = {name.strip() for name in self.skip.split(",") if name.strip()}
+        unknown = skipped - set(FAMILIES)
+        if unknown:
+            raise XoptError(f"fuse: unknown family {sorted(unknown)[0]!r} in skip: families are {', '.join(FAMILIES)}")
+        sequence = _timed_sequence(model, self.sequence)
+        chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
+        signature = _signature(model)
+        stats: Counter[str] = Counter()
+        explain: list[str] = []
+        modified = False
+        for family in FAMILIES:
+            if family in skipped:
+                explain.append(f"{family}: skipped (option)")
+                continue
+            candidate = model.clone()
+            count, notes = _APPLY[family](candidate)
+            explain += [f"{family}: {note}" for note in notes]
+            if count == 0:
+                explain.append(f"{family}: no match")
+                continue
+            broken = _breakage(model, candidate)
+            if broken:
+                explain.append(f"{family}: {count} matched, reverted: {broken}")
+                continue
+            if self.lowering == "measure":
+                try:
+                    verdict = chooser.choose(family, {**signature, "count": count}, model, candidate)
+                except Exception as error:  # a form ORT cannot time at this shape is not kept
+                    explain.append(f"{family}: {count} matched, reverted: timing failed ({first_line(error)})")
+                    continue
+                source = "cached" if verdict.cached else "measured"
+                outcome = "kept" if verdict.keep else "reverted (not faster)"
+                explain.append(f"{family}: {count} matched, {source} speedup {verdict.speedup:.3f}×: {outcome}")
+                stats[f"{family} speedup"] = round(verdict.speedup, 3)
+                if not verdict.keep:
+                    continue
+            else:
+                explain.append(f"{family}: {count} matched, kept")
+            stats[family] = count
+            model, modified = candidate, True
+        return PassResult(model, modified, dict(stats), explain)
+
+
+def _breakage(model: ir.Model, candidate: ir.Model) -> str | None:
+    """Why `candidate` is not a faithful rewrite of `model` on small padded inputs, or None.
+
+    Pattern rules from a library can misfire on a graph form they were not written for (a
+    rewrite that runs on one exporter's output can break another's), so each family is checked
+    before it is timed or kept; the pass manager's verification then covers the whole pass.
+    """
+    from xopt.verify import EXACT_TOLERANCE, VerificationError, parity, reference_outputs
+
+    inputs = sample_inputs(model, padded=True)
+    try:
+        result = parity(candidate, inputs, reference_outputs(model, inputs))
+    except VerificationError as error:
+        return str(error)
+    return None if result.within(EXACT_TOLERANCE) else f"outputs differ (max rel {result.max_rel:.1e})"
+
+
+def _timed_sequence(model: ir.Model, wanted: int) -> int:
+    """The timing sequence length, capped by a learned position table's rows (GPT-2, BERT)."""
+    structure = find_transformer_structure(model)
+    tables = [e.rows for e in structure.embeddings if e is not structure.token_embedding]
+    return min([wanted, *tables])
+
+
+def _signature(model: ir.Model) -> dict:
+    """What a lowering's speed depends on besides the machine: the model's dimensions and ops."""
+    summary = find_transformer_structure(model).summary()
+    keys = ("num_blocks", "hidden_size", "num_heads", "num_kv_heads", "head_size", "intermediate_size", "vocab_size")
+    ops = Counter(f"{node.domain}:{node.op_type}" for node in model.graph)
+    return {**{k: summary[k] for k in keys}, "ops": dict(sorted(ops.items()))}
+
+
+# ----------------------------------------------------------------------------- merged linears
+
+
+def _merge_qkv(model: ir.Model) -> tuple[int, list[str]]:
+    structure = find_transformer_structure(model)
+    groups = [(b.index, [b.attention.q, b.attention.k, b.attention.v]) for b in structure.blocks if b.attention]
+    return _merge_groups(model, groups, "Q/K/V")
+
+
+def _merge_gate_up(model: ir.Model) -> tuple[int, list[str]]:
+    structure = find_transformer_structure(model)
+    groups = [(b.index, [b.mlp.gate, b.mlp.up]) for b in structure.blocks if b.mlp and b.mlp.gate is not None]
+    return _merge_groups(model, groups, "gate/up")
+
+
+def _merge_groups(model: ir.Model, groups: list[tuple[int, list[Linear]]], what: str) -> tuple[int, list[str]]:
+    count, notes = 0, []
+    for index, linears in groups:
+        reason = _merge_refusal(linears)
+        if reason:
+            notes.append(f"block {index} {what}: {reason}")
+            continue
+        _merge(model.graph, linears)
+        count += 1
+    common_passes.RemoveUnusedNodesPass()(model)
+    return count, notes
+
+
+def _merge_refusal(linears: list[Linear]) -> str | None:
+    if len(set(map(id, linears))) < len(linears):
+        return "already one linear"
+    if any(linear.input is not linears[0].input for linear in linears):
+        return "the projections read different inputs"
+    if not all(owns_weight(linear) for linear in linears):
+        return "a weight is shared with another node"
+    if len({_weight_dtype(linear) for linear in linears}) != 1:
+        return "the weights differ in dtype"
+    return None
+
+
+def _weight_dtype(linear: Linear) -> np.dtype:
+    """The stored dtype of a linear's weight (read through a Transpose if there is one)."""
+    array = const_array(linear.weight)
+    return array.dtype if array is not None else const_array(linear.weight.producer().inputs[0]).dtype
+
+
+def _merge(graph: ir.Graph, linears: list[Linear]) -> None:
+    """X·[W₁|…|Wₖ] + [b₁|…|bₖ] → Split into the k original outputs."""
+    dtype = _weight_dtype(linears[0])
+    first = min((linear.node for linear in linears), key=list(graph).index)
+    stacked = np.concatenate([weight_in_out(x) for x in linears], 1)
+    weight = new_initializer(graph, (linears[0].weight.name or "linear") + "_merged", stacked, dtype)
+    nodes = [ir.node("MatMul", [linears[0].input, weight])]
+    merged = nodes[0].outputs[0]
+    if any(linear.bias is not None for linear in linears):
+        bias = np.concatenate([bias_or_zeros(x) for x in linears])
+        nodes.append(ir.node("Add", [merged, new_initializer(graph, weight.name + "_bias", bias, dtype)]))
+        merged = nodes[-1].outputs[0]
+    sizes = new_initializer(graph, weight.name + "_split", np.array([x.out_features for x in linears]), np.int64)
+    nodes.append(ir.node("Split", [merged, sizes], attributes={"axis": -1}, num_outputs=len(linears)))
+    graph.insert_before(first, nodes)
+    for linear, part in zip(linears, nodes[-1].outputs, strict=True):
+        part.dtype, part.shape = linear.output.dtype, linear.output.shape
+        linear.output.replace_all_uses_with(part, replace_graph_outputs=True)
+        if linear.output.is_graph_output():
+            part.name, linear.output.name = linear.output.name, f"{linear.output.name}_unmerged"
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def _lower_norms(model: ir.Model) -> tuple[int, list[str]]:
+    structure = find_transformer_structure(model)
+    norms = [n for b in structure.blocks for n in b.norms]
+    norms += [n for n in (structure.embedding_norm, structure.final_norm) if n is not None]
+    count, notes = 0, []
+    opset = model.opset_imports.get("", 1)
+    for norm in norms:
+        if len(norm.nodes) == 1:
+            continue  # already one operator
+        reason = _norm_refusal(norm, opset)
+        if reason:
+            notes.append(f"{norm.kind} at {norm.output.name}: {reason}")
+            continue
+        _replace_norm(model.graph, norm)
+        count += 1
+    common_passes.RemoveUnusedNodesPass()(model)
+    return count, notes
+
+
+def _norm_refusal(norm: Norm, opset: int) -> str | None:
+    if norm.kind == "LayerNorm" and opset < 17:
+        return f"LayerNormalization needs opset 17 (the model has {opset})"
+    if any(node.op_type == "Cast" for node in norm.nodes):
+        return "the norm casts (mixed precision)"
+    inside = set(norm.nodes)
+    for node in norm.nodes:
+        for value in node.outputs:
+            if value is not norm.output and (value.is_graph_output() or any(u not in inside for u in consumers(value))):
+                return f"an intermediate ({value.name}) is read outside the norm"
+    if norm.input.shape is None or not isinstance(norm.input.shape[-1], int) or norm.input.dtype is None:
+        return "unknown hidden size or dtype"
+    return None
+
+
+def _replace_norm(graph: ir.Graph, norm: Norm) -> None:
+    width = norm.input.shape[-1]
+    dtype = norm.input.dtype.numpy()  # known: see _norm_refusal
+    scale = norm.scale if norm.scale is not None else new_initializer(graph, "norm_ones", np.ones(width), dtype)
+    attributes = {"axis": -1, "epsilon": norm.epsilon, "stash_type": 1}
+    if norm.kind == "LayerNorm":
+        inputs = [norm.input, scale] + ([norm.shift] if norm.shift is not None else [])
+        node = ir.node("LayerNormalization", inputs, attributes=attributes)
+    else:
+        node = ir.node("SimplifiedLayerNormalization", [norm.input, scale], attributes=attributes)
+    graph.insert_after(norm.nodes[-1], node)
+    output = node.outputs[0]
+    output.dtype, output.shape = norm.input.dtype, norm.output.shape
+    if norm.output.is_graph_output():
+        output.name, norm.output.name = norm.output.name, f"{norm.output.name}_decomposed"
+    norm.output.replace_all_uses_with(output, replace_graph_outputs=True)
+
+
+# ----------------------------------------------------------------------------- onnxscript's rules
+
+
+def _onnxscript_family(*names: str) -> Callable[[ir.Model], tuple[int, list[str]]]:
+    """Apply onnxscript ORT fusion functions in order; the count is their total matches."""
+
+    def apply(model: ir.Model) -> tuple[int, list[str]]:
+        from onnxscript.rewriter import ort_fusions
+
+        common_passes.ShapeInferencePass()(model)
+        count = sum(getattr(ort_fusions._core, name)(model) for name in names)
+        _drop_unused(model)
+        return count, []
+
+    return apply
+
+
+def _apply_attention(model: ir.Model) -> tuple[int, list[str]]:
+    from onnxscript.rewriter import ort_fusions
+
+    common_passes.ShapeInferencePass()(model)
+    fusions = ort_fusions._core
+    count = fusions.fuse_sdpa(model, apply_shape_inference=True)
+    if count == 0:
+        return 0, []
+    if fusions.fuse_gqa(model):
+        fusions.fuse_qkv_gqa(model)
+    if fusions.fuse_mha1(model) + fusions.fuse_mha2(model):
+        fusions.fuse_mha_scale(model)
+        fusions.fuse_mha_bias(model)
+        fusions.fuse_attention(model)
+    fusions.replace_sdpa_by_mha(model)
+    common_passes.InlinePass()(model)  # an SDPA no rule lowered goes back to standard ops
+    _drop_unused(model)
+    ops = Counter(node.op_type for node in model.graph if node.domain == "com.microsoft")
+    notes = [f"lowered to {', '.join(f'{n}× {op}' for op, n in sorted(ops.items()) if 'Attention' in op)}"]
+    return sum(n for op, n in ops.items() if "Attention" in op), notes
+
+
+def _drop_unused(model: ir.Model) -> None:
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.RemoveUnusedFunctionsPass()(model)
+    common_passes.RemoveUnusedOpsetsPass()(model)
+
+
+_APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
+    "norm": _lower_norms,
+    "rotary": _onnxscript_family("fuse_rotary_embedding", "fuse_cos_sin_cache", "fuse_partial_rotary_embedding"),
+    "attention": _apply_attention,
+    "gelu": _onnxscript_family("fuse_erfgelu", "fuse_gelu", "fuse_bias_gelu"),
+    "merge-qkv": _merge_qkv,
+    "merge-gate-up": _merge_gate_up,
+}

@@ -1,0 +1,106 @@
+"""fuse: merged linears and fused ORT operators at float-rounding parity; lowering by measurement."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from xopt.backends.lowering import LoweringChooser
+from xopt.errors import XoptError
+from xopt.inputs import sample_inputs
+from xopt.passes import CleanupPass, FoldNormsPass, FusePass
+from xopt.pipeline import PassManager
+from xopt.verify import compare, reference_outputs
+
+EXPECTED_OPS = {
+    "bert": {"Attention", "BiasGelu"},
+    "gpt2": {"SimplifiedLayerNormalization"},
+    "llama": {"MultiHeadAttention", "SimplifiedLayerNormalization", "Split"},
+    "qwen2": {"MultiHeadAttention", "SimplifiedLayerNormalization", "Split"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XOPT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_OPS))
+def test_all_lowerings_keep_outputs_at_several_shapes(tiny_model, name):
+    model = tiny_model(name)
+    optimized, report = PassManager([CleanupPass(), FoldNormsPass(), FusePass(lowering="all")])(model)
+    ops = Counter(node.op_type for node in optimized.graph)
+    assert EXPECTED_OPS[name] <= set(ops), ops
+    assert report.passes[2].parity.max_rel <= 1e-5
+    for batch, sequence, padded in ((1, 1, False), (1, 23, False), (3, 9, True)):
+        feeds = sample_inputs(model, batch=batch, sequence=sequence, padded=padded, seed=batch)
+        parity = compare(reference_outputs(model, feeds), reference_outputs(optimized, feeds))
+        assert parity.max_rel <= 1e-5, (batch, sequence, padded, parity)
+
+
+def test_a_rule_that_breaks_the_model_is_reverted(tiny_model):
+    # onnxscript's MultiHeadAttention rule drops the 2-D reshape GPT-2's Conv1D Gemm reads
+    cleaned = CleanupPass()(tiny_model("gpt2").clone()).model
+    result = FusePass(lowering="all", skip="norm")(cleaned)
+    assert any(line.startswith("attention: 2 matched, reverted: ONNX Runtime cannot run") for line in result.explain)
+    assert "MultiHeadAttention" not in {n.op_type for n in result.model.graph}
+
+
+def test_merges_stack_the_projections(tiny_model):
+    result = FusePass(lowering="all", skip="attention,rotary,norm")(tiny_model("llama").clone())
+    assert result.stats == {"merge-qkv": 2, "merge-gate-up": 2}
+    splits = [n for n in result.model.graph if n.op_type == "Split"]
+    widths = sorted(tuple(int(x) for x in n.inputs[1].const_value.numpy()) for n in splits)
+    assert widths == [(48, 16, 16)] * 2 + [(80, 80)] * 2  # 6 heads × 8, 2 KV heads × 8; gate, up
+
+
+def test_measured_lowering_is_cached_and_a_slower_form_is_reverted(tiny_model, monkeypatch, tmp_path):
+    timed = []
+
+    def slower(self, current, candidate):
+        timed.append(1)
+        return 0.5
+
+    monkeypatch.setattr(LoweringChooser, "_measure", slower)
+    model = tiny_model("llama").clone()
+    result = FusePass()(model)
+    assert not result.modified and result.stats["norm speedup"] == 0.5
+    assert any("reverted (not faster)" in line for line in result.explain)
+    assert (tmp_path / "cache" / "lowering.json").is_file()
+    first = len(timed)
+    assert first == sum("measured speedup 0.500" in line for line in result.explain) >= 3
+    again = FusePass()(model)
+    assert len(timed) == first and any("cached speedup 0.500" in line for line in again.explain)
+
+
+def test_measured_faster_form_is_kept(tiny_model, monkeypatch):
+    monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: 1.5)
+    result = FusePass()(CleanupPass()(tiny_model("qwen2").clone()).model)
+    assert result.modified and result.stats["attention"] == 3 and result.stats["attention speedup"] == 1.5
+
+
+def test_real_timing_runs_both_forms(tiny_model):
+    chooser = LoweringChooser(threads=1, batch=1, sequence=8, rounds=3, warmup=1)
+    model = tiny_model("bert")
+    speedup = chooser._measure(model, model.clone())
+    assert 0.2 < speedup < 5
+
+
+def test_bad_options_are_named(tiny_model):
+    with pytest.raises(XoptError, match="unknown family 'bogus'"):
+        FusePass(skip="bogus")(tiny_model("bert").clone())
+    with pytest.raises(XoptError, match="unknown lowering 'sometimes'"):
+        FusePass(lowering="sometimes")(tiny_model("bert").clone())
+
+
+def test_input_model_is_not_modified(tiny_model):
+    model = tiny_model("qwen2")
+    feeds = sample_inputs(model)
+    before = reference_outputs(model, feeds)
+    ops_before = Counter(n.op_type for n in model.graph)
+    PassManager([FusePass(lowering="all")])(model)
+    assert Counter(n.op_type for n in model.graph) == ops_before
+    after = reference_outputs(model, feeds)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
