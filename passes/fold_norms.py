@@ -14,7 +14,12 @@
    W' = W·(I − 11ᵀ/d), b' = b − mean(b) (tied LM heads are untied first, since the LM head reads
    the original table). Post-LN models (BERT) are refused: their norms sit on the stream itself.
 
-3. Constant scales. A scalar c applied to attention scores S = (Q·Kᵀ)·c is folded into the query
+3. Linear outputs scaled by constants. When a linear's only reader is an inference BatchNorm over
+   its output features, y = (x·W + b − μ)·s + β with s = γ/√(σ² + ε), the BatchNorm goes into the
+   linear: W' = W·diag(s), b' = (b − μ)·s + β. Likewise a constant per-feature or scalar Mul / Div
+   (a σ-reparameterised weight's 1/σ, a fixed output scale): W' = W·diag(c), b' = b·c.
+
+4. Constant scales. A scalar c applied to attention scores S = (Q·Kᵀ)·c is folded into the query
    projection, W_q' = c·W_q, b_q' = c·b_q: rotary embedding, head reshapes and transposes are
    linear in Q, so S is unchanged and one elementwise Mul over B×H×S×S per layer disappears.
 
@@ -74,6 +79,12 @@ class FoldNormsPass(Pass):
                         stats["score_scales_folded"] += 1
                     else:
                         explain.append(f"block {block.index}: score scale not folded: {reason}")
+        for node in list(graph):
+            if node.op_type in ("BatchNormalization", "Mul", "Div") and node.domain in ("", "ai.onnx"):
+                folded = _fold_output_scale(graph, node)
+                if folded:
+                    stats[f"{folded}_folded"] += 1
+                    explain.append(f"folded {node.op_type} {node.name} into the linear before it")
         common_passes.RemoveUnusedNodesPass()(model)  # drops the replaced weights too
         return PassResult(model, bool(stats), dict(stats), explain)
 
@@ -168,6 +179,55 @@ def _fold_score_scale(graph: ir.Graph, attention: Attention) -> str | None:
         set_bias(graph, attention.q, factor * bias_or_zeros(attention.q))
     remove_node_keeping_input(graph, scale_node, attention.scores.outputs[0])
     return None
+
+
+def _fold_output_scale(graph: ir.Graph, node: ir.Node) -> str | None:
+    """Fold an inference BatchNorm or a constant Mul/Div on a linear's output into the linear.
+    Returns what was folded ("batchnorm" or "output_scale"), None when the pattern is absent."""
+    source = node.inputs[0]
+    linear = _linear_producing(source)
+    if linear is None or len(consumers(source)) != 1 or source.is_graph_output() or not owns_weight(linear):
+        return None
+    width = linear.out_features
+    if node.op_type == "BatchNormalization":
+        params = [const_array(v) for v in node.inputs[1:5]]
+        rank = len(source.shape) if source.shape is not None else 0
+        if len(node.outputs) != 1 or any(p is None or p.size != width for p in params) or rank != 2:
+            return None  # training mode, non-constant statistics, or channels not the features axis
+        gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+        scale = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
+        shift = beta - mean * scale
+        kind = "batchnorm"
+    else:
+        other = node.inputs[1] if node.inputs[0] is source else node.inputs[0]
+        constant = const_array(other)
+        if constant is None or constant.size not in (1, width) or (node.op_type == "Div" and other is node.inputs[0]):
+            return None
+        if constant.size == width and constant.shape[-1] != width:
+            return None
+        factor = np.broadcast_to(constant.astype(np.float64).reshape(-1), (width,))
+        scale, shift = (1.0 / factor if node.op_type == "Div" else factor), np.zeros(width)
+        kind = "output_scale"
+    set_weight(graph, linear, weight_in_out(linear) * scale[None, :])
+    set_bias(graph, linear, bias_or_zeros(linear) * scale + shift)
+    remove_node_keeping_input(graph, node, linear.output)
+    return kind
+
+
+def _linear_producing(value: ir.Value | None) -> Linear | None:
+    """The linear whose output (after its bias) is `value`, if any."""
+    node = value.producer() if value is not None else None
+    if node is None:
+        return None
+    if node.op_type == "Add":
+        for candidate in node.inputs:
+            inner = candidate.producer() if candidate is not None else None
+            linear = match_linear(inner) if inner is not None else None
+            if linear is not None and linear.output is value:
+                return linear
+        return None
+    linear = match_linear(node)
+    return linear if linear is not None and linear.output is value else None
 
 
 def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stats: Counter, explain: list) -> None:

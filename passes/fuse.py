@@ -35,6 +35,7 @@ import onnx_ir.passes.common as common_passes
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import const_array, consumers
 from xopt.analysis.patterns import Linear, Norm
+from xopt.backends.lowering import LoweringChooser
 from xopt.errors import XoptError, first_line
 from xopt.inputs import sample_inputs
 from xopt.pipeline import Pass, PassResult, register
@@ -58,8 +59,6 @@ class FusePass(Pass):
     sequence: int = 128
 
     def __call__(self, model: ir.Model) -> PassResult:
-        from xopt.backends.lowering import LoweringChooser
-
         if self.lowering not in LOWERINGS:
             raise XoptError(f"fuse: unknown lowering {self.lowering!r}: one of {', '.join(LOWERINGS)}")
         skipped = {name.strip() for name in self.skip.split(",") if name.strip()}
@@ -71,7 +70,7 @@ class FusePass(Pass):
         signature = _signature(model)
         stats: Counter[str] = Counter()
         explain: list[str] = []
-        modified = False
+        modified, original, sound = False, model, {}  # sound: family → matches, for families that check out
         for family in FAMILIES:
             if family in skipped:
                 explain.append(f"{family}: skipped (option)")
@@ -86,6 +85,7 @@ class FusePass(Pass):
             if broken:
                 explain.append(f"{family}: {count} matched, reverted: {broken}")
                 continue
+            sound[family] = count
             if self.lowering == "measure":
                 try:
                     verdict = chooser.choose(family, {**signature, "count": count}, model, candidate)
@@ -102,7 +102,42 @@ class FusePass(Pass):
                 explain.append(f"{family}: {count} matched, kept")
             stats[family] = count
             model, modified = candidate, True
+        kept_alone = [family for family in sound if family in stats]
+        if self.lowering == "measure" and len(sound) > 1 and len(kept_alone) < len(sound):
+            together = _together(original, model, sound, chooser, signature, explain)
+            if together is not None:
+                model, modified = together, True
+                stats.update(sound)
         return PassResult(model, modified, dict(stats), explain)
+
+
+def _together(
+    original: ir.Model,
+    current: ir.Model,
+    sound: dict[str, int],
+    chooser: LoweringChooser,
+    signature: dict,
+    explain: list[str],
+) -> ir.Model | None:
+    """Every sound family at once, timed against the kept ones: families too small to win one at a
+    time (a norm, a rotary embedding) can win together. Returns the combined model if it wins."""
+    candidate = original.clone()
+    for family in sound:
+        _APPLY[family](candidate)
+    label = "+".join(sound)
+    broken = _breakage(original, candidate)
+    if broken:
+        explain.append(f"{label} together: reverted: {broken}")
+        return None
+    try:
+        verdict = chooser.choose(label, {**signature, "count": dict(sound)}, current, candidate)
+    except Exception as error:
+        explain.append(f"{label} together: reverted: timing failed ({first_line(error)})")
+        return None
+    source = "cached" if verdict.cached else "measured"
+    outcome = "kept" if verdict.keep else "not kept"
+    explain.append(f"{label} together: {source} speedup {verdict.speedup:.3f}× over the families kept alone: {outcome}")
+    return candidate if verdict.keep else None
 
 
 def _breakage(model: ir.Model, candidate: ir.Model) -> str | None:

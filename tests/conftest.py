@@ -22,6 +22,7 @@ def _lowering_cache(tmp_path_factory):
     """Measured lowerings are cached in a folder of this run, not the user's ~/.cache."""
     os.environ["XOPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("xopt-cache"))
 
+
 TINY_CONFIGS = {
     # name: (config class, kwargs, model class)
     "bert": (
@@ -61,14 +62,18 @@ TINY_CONFIGS = {
 
 def build_tiny_folder(name: str, folder: Path) -> Path:
     """Save a random-initialised model of config `name` as a Hugging Face folder."""
+    return build_folder(*TINY_CONFIGS[name], folder)
+
+
+def build_folder(config_class: str, kwargs: dict, model_class: str, folder: Path, seed: int = 0) -> Path:
+    """Save a random-initialised transformers model (norm parameters and biases perturbed too)."""
     import torch
     import transformers
 
-    config_class, kwargs, model_class = TINY_CONFIGS[name]
     config = getattr(transformers, config_class)(**kwargs)
-    if name == "gpt2":
+    if config_class == "GPT2Config":
         config.bos_token_id = config.eos_token_id = 0
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():  # non-trivial norm parameters and biases, so folds and parity see them
         for parameter in model.parameters():

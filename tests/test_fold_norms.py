@@ -84,3 +84,38 @@ def test_float64_equivalence_within_1e_10(tiny_folder, name):
     assert actual.dtype == np.float64
     relative = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
     assert relative <= 1e-10, relative
+
+
+class _LinearThenScales(torch.nn.Module):
+    """Linear → BatchNorm over its features; Linear → constant per-feature scale; Linear / σ."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.third = (torch.nn.Linear(12, 12) for _ in range(3))
+        self.norm = torch.nn.BatchNorm1d(12)
+        self.register_buffer("gain", torch.linspace(0.5, 2.0, 12))
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        y = torch.relu(self.norm(self.first(x)))
+        return self.third(torch.relu(self.second(y) * self.gain)) / 3.0
+
+
+def test_batchnorm_and_constant_output_scales_fold_into_linears():
+    module = _LinearThenScales().double().eval()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    expected = module(x).detach().numpy()
+    model = xopt.load(module, (x,))
+    assert "BatchNormalization" in {n.op_type for n in model.graph}
+    alone, report = PassManager([FoldNormsPass()], verify=False)(model)  # the Div's divisor is Cast(Constant)
+    assert report.passes[0].stats == {"batchnorm_folded": 1, "output_scale_folded": 1}
+    recipe, report = PassManager([CleanupPass(), FoldNormsPass()], verify=False)(model)  # cleanup folds BN too
+    assert report.passes[1].stats == {"output_scale_folded": 2}
+    for folded in (alone, recipe):
+        assert not {"BatchNormalization", "Mul"} & {n.op_type for n in folded.graph}
+        actual = next(iter(run(create_session(folded), {folded.graph.inputs[0].name: x.numpy()}).values()))
+        assert np.max(np.abs(actual - expected)) / np.max(np.abs(expected)) <= 1e-10

@@ -104,3 +104,14 @@ def test_input_model_is_not_modified(tiny_model):
     assert Counter(n.op_type for n in model.graph) == ops_before
     after = reference_outputs(model, feeds)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_families_too_small_alone_are_kept_together(tiny_model, monkeypatch):
+    def speedup(self, current, candidate):
+        ops = {n.op_type for n in candidate.graph}
+        return 1.5 if {"SimplifiedLayerNormalization", "MultiHeadAttention", "Split"} <= ops else 1.0
+
+    monkeypatch.setattr(LoweringChooser, "_measure", speedup)
+    result = FusePass()(CleanupPass()(tiny_model("qwen2").clone()).model)
+    assert any(line.startswith("norm+attention+merge-qkv+merge-gate-up together") for line in result.explain)
+    assert result.modified and result.stats["norm"] == 7 and result.stats["merge-gate-up"] == 3

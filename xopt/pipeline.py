@@ -153,6 +153,7 @@ class PassManager:
     def __call__(self, model: ir.Model) -> tuple[ir.Model, Report]:
         working = model.clone()
         report = Report(input=ModelStats.of(model), output=ModelStats.of(model), verified=self.verify)
+        report.structure = input_structure(model)
         inputs = reference = None
         if self.verify:
             inputs = self.inputs if self.inputs is not None else sample_inputs(model, padded=True)
@@ -237,6 +238,14 @@ def _convert(pass_name: str, key: str, raw: str, hint: Any) -> Any:
         except (TypeError, ValueError):
             continue
     raise XoptError(f"option {key}={raw!r} of pass {pass_name!r} is not a valid {_type_name(hint)}")
+
+
+def input_structure(model: ir.Model) -> dict[str, Any]:
+    """The input model's transformer facts for the report (fused operators hide them afterwards)."""
+    from xopt.analysis import find_transformer_structure
+
+    summary = find_transformer_structure(model).summary()
+    return {k: v for k, v in summary.items() if k not in ("ops", "blocks")}
 
 
 def _type_name(hint: Any) -> str:

@@ -71,6 +71,7 @@ class Report:
     output: ModelStats
     passes: list[PassRecord] = field(default_factory=list)
     verified: bool = True
+    structure: dict[str, Any] = field(default_factory=dict)  # the input's transformer facts
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
