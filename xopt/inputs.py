@@ -63,12 +63,20 @@ def _mask(shape: tuple[int, ...], dtype: np.dtype, padded: bool) -> np.ndarray:
     return mask
 
 
+_INDEX_PRESERVING_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity"})
+
+
 def _index_bound(value: ir.Value) -> int:
-    """The row count of the smallest constant table this input gathers from (else 100)."""
-    bounds = []
-    for node, index in value.uses():
-        if node.op_type == "Gather" and index == 1 and node.inputs[0] is not None:
-            table = node.inputs[0].const_value
-            if table is not None and len(table.shape) >= 1:
-                bounds.append(int(table.shape[0]))
+    """The row count of the smallest constant table this input gathers from, also through
+    reshapes and casts (GPT-2 views its ids first); 100 when it indexes no table."""
+    bounds, pending = [], [value]
+    while pending:
+        current = pending.pop()
+        for node, index in current.uses():
+            if node.op_type in _INDEX_PRESERVING_OPS and index == 0:
+                pending.append(node.outputs[0])
+            elif node.op_type == "Gather" and index == 1 and node.inputs[0] is not None:
+                table = node.inputs[0].const_value
+                if table is not None and len(table.shape) >= 1:
+                    bounds.append(int(table.shape[0]))
     return min(bounds, default=100)
