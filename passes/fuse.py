@@ -33,13 +33,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array, consumers
+from xopt.analysis.graph_view import consumers
 from xopt.analysis.patterns import Linear, Norm
 from xopt.backends.lowering import LoweringChooser
 from xopt.errors import XoptError, first_line
 from xopt.inputs import sample_inputs
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, weight_in_out
+from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, weight_dtype, weight_in_out
 
 FAMILIES = ("norm", "rotary", "attention", "gelu", "merge-qkv", "merge-gate-up")
 LOWERINGS = ("measure", "all")
@@ -207,20 +207,14 @@ def _merge_refusal(linears: list[Linear]) -> str | None:
         return "the projections read different inputs"
     if not all(owns_weight(linear) for linear in linears):
         return "a weight is shared with another node"
-    if len({_weight_dtype(linear) for linear in linears}) != 1:
+    if len({weight_dtype(linear.weight) for linear in linears}) != 1:
         return "the weights differ in dtype"
     return None
 
 
-def _weight_dtype(linear: Linear) -> np.dtype:
-    """The stored dtype of a linear's weight (read through a Transpose if there is one)."""
-    array = const_array(linear.weight)
-    return array.dtype if array is not None else const_array(linear.weight.producer().inputs[0]).dtype
-
-
 def _merge(graph: ir.Graph, linears: list[Linear]) -> None:
     """X·[W₁|…|Wₖ] + [b₁|…|bₖ] → Split into the k original outputs."""
-    dtype = _weight_dtype(linears[0])
+    dtype = weight_dtype(linears[0].weight)
     first = min((linear.node for linear in linears), key=list(graph).index)
     stacked = np.concatenate([weight_in_out(x) for x in linears], 1)
     weight = new_initializer(graph, (linears[0].weight.name or "linear") + "_merged", stacked, dtype)

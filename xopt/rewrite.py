@@ -41,7 +41,7 @@ def owns_weight(linear: Linear) -> bool:
 
 def set_weight(graph: ir.Graph, linear: Linear, w_in_out: np.ndarray) -> None:
     """Store W ([in, out], float64) as a new initializer in the layout this node reads."""
-    dtype = _dtype_of(linear.weight)
+    dtype = weight_dtype(linear.weight)
     transpose = linear.weight.producer() if const_array(linear.weight) is None else None
     gemm_transposed = linear.node.op_type == "Gemm" and linear.node.attributes.get_int("transB", 0)
     stored = w_in_out.T if gemm_transposed else w_in_out
@@ -53,7 +53,7 @@ def set_weight(graph: ir.Graph, linear: Linear, w_in_out: np.ndarray) -> None:
 
 def set_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray) -> None:
     """Store b (float64) as this linear's bias, adding an Add after the MatMul if it had none."""
-    dtype = _dtype_of(linear.weight)
+    dtype = weight_dtype(linear.weight)
     name = (linear.weight.name or "linear") + "_bias"
     if linear.bias is not None:
         node = linear.bias_node or linear.node
@@ -93,7 +93,8 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dty
     return value
 
 
-def _dtype_of(value: ir.Value) -> np.dtype:
+def weight_dtype(value: ir.Value) -> np.dtype:
+    """The stored dtype of a weight (read through the Transpose that may sit on it)."""
     array = const_array(value)
     if array is None:
         array = const_array(value.producer().inputs[0])
