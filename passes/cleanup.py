@@ -21,6 +21,7 @@ with several output nodes by scanning the whole graph per candidate, O(N²), whi
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from xopt.pipeline import Pass, PassResult, register
 
 _QUADRATIC_RULES = frozenset({"SlicesSplit"})
 _REWRITE_RULES = tuple(rule for rule in _DEFAULT_REWRITE_RULES if rule.name not in _QUADRATIC_RULES)
+_SMALL_CONSTANT = 1024  # elements
 _LAYOUT_OPS = frozenset({"Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
 
 
@@ -83,9 +85,19 @@ class CleanupPass(Pass):
 
 
 def _fold_weight_layout(node: ir.Node) -> bool | None:
-    """Fold layout ops on constants regardless of size, unless the constant has other readers:
-    folding Transpose(E) of a tied embedding table would store the table twice."""
+    """Fold layout ops on constants regardless of size, unless a large constant has other readers:
+    folding Transpose(E) of a tied embedding table would store the table twice. Small shared
+    constants (a Slice axis, a shape) fold as usual: later pattern rules need them constant."""
     if node.domain in ("", "ai.onnx") and node.op_type in _LAYOUT_OPS:
-        shared = any(len(value.uses()) > 1 for value in node.inputs if value is not None)
+        shared = any(len(v.uses()) > 1 and _elements(v) > _SMALL_CONSTANT for v in node.inputs if v is not None)
         return not shared
     return None
+
+
+def _elements(value: ir.Value) -> float:
+    """Element count of a value (infinite when unknown)."""
+    if value.const_value is not None:
+        return value.const_value.size
+    if value.shape is not None and value.shape.is_static():
+        return math.prod(value.shape.numpy())
+    return math.inf

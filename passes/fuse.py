@@ -292,16 +292,20 @@ def _replace_norm(graph: ir.Graph, norm: Norm) -> None:
 # ----------------------------------------------------------------------------- onnxscript's rules
 
 
-def _onnxscript_family(*names: str) -> Callable[[ir.Model], tuple[int, list[str]]]:
-    """Apply onnxscript ORT fusion functions in order; the count is their total matches."""
+def _onnxscript_family(names: tuple[str, ...], produces: frozenset[str]) -> Callable[[ir.Model], tuple[int, list[str]]]:
+    """Apply onnxscript ORT fusion functions in order. Intermediate fusion ops that no later rule
+    lowered (a RotaryEmbedding whose cos/sin cache did not match) are inlined back to standard
+    ops; the count is the ORT operators of `produces` that remain."""
 
     def apply(model: ir.Model) -> tuple[int, list[str]]:
         from onnxscript.rewriter import ort_fusions
 
         common_passes.ShapeInferencePass()(model)
-        count = sum(getattr(ort_fusions._core, name)(model) for name in names)
+        for name in names:
+            getattr(ort_fusions._core, name)(model)
+        common_passes.InlinePass()(model)
         _drop_unused(model)
-        return count, []
+        return sum(node.op_type in produces for node in model.graph), []
 
     return apply
 
@@ -336,9 +340,13 @@ def _drop_unused(model: ir.Model) -> None:
 
 _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
     "norm": _lower_norms,
-    "rotary": _onnxscript_family("fuse_rotary_embedding", "fuse_cos_sin_cache", "fuse_partial_rotary_embedding"),
+    "rotary": _onnxscript_family(
+        ("fuse_rotary_embedding", "fuse_cos_sin_cache", "fuse_partial_rotary_embedding"), frozenset({"RotaryEmbedding"})
+    ),
     "attention": _apply_attention,
-    "gelu": _onnxscript_family("fuse_erfgelu", "fuse_gelu", "fuse_bias_gelu"),
+    "gelu": _onnxscript_family(
+        ("fuse_erfgelu", "fuse_gelu", "fuse_bias_gelu"), frozenset({"Gelu", "FastGelu", "BiasGelu"})
+    ),
     "merge-qkv": _merge_qkv,
     "merge-gate-up": _merge_gate_up,
 }

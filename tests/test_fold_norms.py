@@ -77,9 +77,12 @@ def test_float64_equivalence_within_1e_10(tiny_folder, name):
     mask[1, 6:] = 0
     model = xopt.load(_Logits(module), (ids, mask))
     feeds = {v.name: a for v, a in zip(model.graph.inputs, (ids.numpy(), mask.numpy()), strict=True)}
-    expected = next(iter(run(create_session(model), feeds).values()))
-    folded, report = PassManager([CleanupPass(), FoldNormsPass()], verify=False)(model)
-    assert report.passes[1].modified
+    # against the cleaned model: cleanup may fold float32 RoPE-table ops (HF computes them in
+    # float32 even in a float64 model), which moves outputs at float32 rounding, not the norm math
+    cleaned, _ = PassManager([CleanupPass()], verify=False)(model)
+    expected = next(iter(run(create_session(cleaned), feeds).values()))
+    folded, report = PassManager([FoldNormsPass()], verify=False)(cleaned)
+    assert report.passes[0].modified
     actual = next(iter(run(create_session(folded), feeds).values()))
     assert actual.dtype == np.float64
     relative = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
