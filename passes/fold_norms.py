@@ -40,7 +40,15 @@ from xopt.analysis.graph_view import const_array, consumers
 from xopt.analysis.patterns import Linear, Norm, match_linear
 from xopt.analysis.structure import Attention, TransformerStructure, sublayer_output
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import bias_or_zeros, owns_weight, remove_node_keeping_input, set_bias, set_weight, weight_in_out
+from xopt.rewrite import (
+    bias_or_zeros,
+    owns_weight,
+    remove_node_keeping_input,
+    replace_value,
+    set_bias,
+    set_weight,
+    weight_in_out,
+)
 
 
 @register
@@ -326,5 +334,5 @@ def _replace_with_rmsnorm(graph: ir.Graph, norm: Norm, opset: int) -> None:
         output = biased.outputs[0]
     graph.insert_before(layer_norm, nodes)
     output.dtype, output.shape = layer_norm.outputs[0].dtype, layer_norm.outputs[0].shape
-    layer_norm.outputs[0].replace_all_uses_with(output, replace_graph_outputs=True)
+    replace_value(layer_norm.outputs[0], output)
     graph.remove(layer_norm, safe=True)

@@ -39,7 +39,7 @@ from xopt.backends.lowering import LoweringChooser
 from xopt.errors import XoptError, first_line
 from xopt.inputs import sample_inputs
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, weight_dtype, weight_in_out
+from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_value, weight_dtype, weight_in_out
 
 FAMILIES = ("norm", "rotary", "attention", "gelu", "merge-qkv", "merge-gate-up")
 LOWERINGS = ("measure", "all")
@@ -229,9 +229,7 @@ def _merge(graph: ir.Graph, linears: list[Linear]) -> None:
     graph.insert_before(first, nodes)
     for linear, part in zip(linears, nodes[-1].outputs, strict=True):
         part.dtype, part.shape = linear.output.dtype, linear.output.shape
-        linear.output.replace_all_uses_with(part, replace_graph_outputs=True)
-        if linear.output.is_graph_output():
-            part.name, linear.output.name = linear.output.name, f"{linear.output.name}_unmerged"
+        replace_value(linear.output, part)
 
 
 # ----------------------------------------------------------------------------- norms
@@ -284,9 +282,7 @@ def _replace_norm(graph: ir.Graph, norm: Norm) -> None:
     graph.insert_after(norm.nodes[-1], node)
     output = node.outputs[0]
     output.dtype, output.shape = norm.input.dtype, norm.output.shape
-    if norm.output.is_graph_output():
-        output.name, norm.output.name = norm.output.name, f"{norm.output.name}_decomposed"
-    norm.output.replace_all_uses_with(output, replace_graph_outputs=True)
+    replace_value(norm.output, output)
 
 
 # ----------------------------------------------------------------------------- onnxscript's rules

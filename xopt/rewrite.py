@@ -73,11 +73,15 @@ def set_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray) -> None:
 
 def remove_node_keeping_input(graph: ir.Graph, node: ir.Node, keep: ir.Value) -> None:
     """Remove a single-output node, redirecting its readers to `keep` (one of its inputs)."""
-    output = node.outputs[0]
-    if output.is_graph_output():
-        keep.name, output.name = output.name, f"{output.name}_removed"
-    output.replace_all_uses_with(keep, replace_graph_outputs=True)
+    replace_value(node.outputs[0], keep)
     graph.remove(node, safe=True)
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Make every reader of `old` read `new`; a graph output keeps its name (the user's contract)."""
+    if old.is_graph_output():
+        new.name, old.name = old.name, f"{old.name}_replaced"
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
 
 
 def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dtype) -> ir.Value:
