@@ -35,6 +35,7 @@ import onnx_ir.passes.common as common_passes
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import consumers
 from xopt.analysis.patterns import Linear, Norm
+from xopt.analysis.structure import TransformerStructure
 from xopt.backends.lowering import LoweringChooser
 from xopt.errors import XoptError, first_line
 from xopt.inputs import sample_inputs
@@ -65,9 +66,10 @@ class FusePass(Pass):
         unknown = skipped - set(FAMILIES)
         if unknown:
             raise XoptError(f"fuse: unknown family {sorted(unknown)[0]!r} in skip: families are {', '.join(FAMILIES)}")
-        sequence = _timed_sequence(model, self.sequence)
+        structure = find_transformer_structure(model)
+        sequence = _timed_sequence(structure, self.sequence)
         chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
-        signature = _signature(model)
+        signature = _signature(model, structure)
         stats: Counter[str] = Counter()
         explain: list[str] = []
         modified, original, sound = False, model, {}  # sound: family → matches, for families that check out
@@ -157,16 +159,15 @@ def _breakage(model: ir.Model, candidate: ir.Model) -> str | None:
     return None if result.within(EXACT_TOLERANCE) else f"outputs differ (max rel {result.max_rel:.1e})"
 
 
-def _timed_sequence(model: ir.Model, wanted: int) -> int:
+def _timed_sequence(structure: TransformerStructure, wanted: int) -> int:
     """The timing sequence length, capped by a learned position table's rows (GPT-2, BERT)."""
-    structure = find_transformer_structure(model)
     tables = [e.rows for e in structure.embeddings if e is not structure.token_embedding]
     return min([wanted, *tables])
 
 
-def _signature(model: ir.Model) -> dict:
+def _signature(model: ir.Model, structure: TransformerStructure) -> dict:
     """What a lowering's speed depends on besides the machine: the model's dimensions and ops."""
-    summary = find_transformer_structure(model).summary()
+    summary = structure.summary()
     keys = ("num_blocks", "hidden_size", "num_heads", "num_kv_heads", "head_size", "intermediate_size", "vocab_size")
     ops = Counter(f"{node.domain}:{node.op_type}" for node in model.graph)
     return {**{k: summary[k] for k in keys}, "ops": dict(sorted(ops.items()))}
