@@ -38,7 +38,7 @@ from xopt.analysis.patterns import Linear, Norm
 from xopt.analysis.structure import TransformerStructure
 from xopt.backends.lowering import LoweringChooser
 from xopt.errors import XoptError, first_line
-from xopt.inputs import sample_inputs
+from xopt.inputs import verification_inputs
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_value, weight_dtype, weight_in_out
 
@@ -151,7 +151,7 @@ def _breakage(model: ir.Model, candidate: ir.Model) -> str | None:
     """
     from xopt.verify import EXACT_TOLERANCE, VerificationError, parity, reference_outputs
 
-    inputs = sample_inputs(model, padded=True)
+    inputs = verification_inputs(model)
     try:
         result = parity(candidate, inputs, reference_outputs(model, inputs))
     except VerificationError as error:

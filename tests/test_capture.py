@@ -11,6 +11,7 @@ from helpers import LINEAR_MODEL, model_from_text
 import xopt
 from xopt.backends.onnxruntime import create_session, run
 from xopt.errors import XoptError
+from xopt.kv_cache import empty_cache
 
 
 class TinyNet(torch.nn.Module):
@@ -82,24 +83,64 @@ def test_unreadable_pt2_is_a_one_line_error(tmp_path):
         xopt.load(path)
 
 
-@pytest.mark.parametrize(("name", "output"), [("bert", "last_hidden_state"), ("llama", "logits")])
-def test_hugging_face_folder_exports_dynamic_axes_and_matches_torch(tiny_folder, tiny_model, name, output):
+def test_hugging_face_encoder_exports_dynamic_axes_and_matches_torch(tiny_folder, tiny_model):
     import transformers
 
-    model = tiny_model(name)
+    model = tiny_model("bert")
     assert [v.name for v in model.graph.inputs] == ["input_ids", "attention_mask"]
-    assert [v.name for v in model.graph.outputs] == [output]
-    assert model.metadata_props["xopt.task"] == ("causal-lm" if output == "logits" else "feature-extraction")
-    auto = transformers.AutoModelForCausalLM if output == "logits" else transformers.AutoModel
-    reference = auto.from_pretrained(tiny_folder(name), attn_implementation="eager").eval()
+    assert [v.name for v in model.graph.outputs] == ["last_hidden_state"]
+    assert model.metadata_props["xopt.task"] == "feature-extraction"
+    reference = transformers.AutoModel.from_pretrained(tiny_folder("bert"), attn_implementation="eager").eval()
     session = create_session(model)
     rng = np.random.default_rng(1)
     for batch, sequence in ((1, 5), (3, 11)):
         ids = rng.integers(0, 211, (batch, sequence))
         mask = np.ones_like(ids)
         mask[-1, sequence - 2 :] = 0  # right padding on the last row
-        got = run(session, {"input_ids": ids, "attention_mask": mask})[output]
+        got = run(session, {"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
         with torch.no_grad():
             expected = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))[0].numpy()
         valid = mask.astype(bool)
         np.testing.assert_allclose(got[valid], expected[valid], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_causal_lm_exports_a_kv_cache_model_that_matches_torch(tiny_folder, tiny_model, name):
+    """Prefill on an empty cache, then the rest of the sequence fed on the returned presents,
+    gives transformers' logits for the whole sequence; left padding included."""
+    import transformers
+
+    model = tiny_model(name)
+    layers = 2
+    pasts = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    assert [v.name for v in model.graph.inputs] == ["input_ids", "attention_mask", *pasts]
+    presents = [p.replace("past_key_values", "present") for p in pasts]
+    assert [v.name for v in model.graph.outputs] == ["logits", *presents]
+    assert [str(d) for d in model.graph.inputs[2].shape].count("past_sequence") == 1
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder(name), attn_implementation="eager")
+    session = create_session(model)
+    rng = np.random.default_rng(1)
+    for batch, sequence, split in ((1, 5, 3), (3, 11, 7)):
+        ids = rng.integers(0, 211, (batch, sequence))
+        mask = np.ones_like(ids)
+        mask[-1, :2] = 0  # left padding on the last row
+        positions = torch.from_numpy(np.maximum(mask.cumsum(-1) - 1, 0))  # as transformers' generate does
+        with torch.no_grad():
+            expected = reference.eval()(
+                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=positions
+            )
+        first = run(
+            session, {"input_ids": ids[:, :split], "attention_mask": mask[:, :split], **empty_cache(model, batch)}
+        )
+        second = run(
+            session,
+            {
+                "input_ids": ids[:, split:],
+                "attention_mask": mask,
+                **{past: first[present] for past, present in zip(pasts, presents, strict=True)},
+            },
+        )
+        got = np.concatenate([first["logits"], second["logits"]], axis=1)
+        valid = mask.astype(bool)
+        np.testing.assert_allclose(got[valid], expected.logits.numpy()[valid], atol=2e-5, rtol=1e-4)
+        assert second["present.0.key"].shape[2] == sequence

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import xopt
-from xopt.inputs import sample_inputs
+from xopt.inputs import verification_inputs
 from xopt.pipeline import PassManager, resolve_passes
 
 
@@ -48,7 +48,7 @@ def main() -> None:
         summary.pop("blocks")
         summary.pop("ops")
         print(f"## {name}: xopt inspect\n{json.dumps(summary)}")
-        inputs = sample_inputs(model, padded=True)
+        inputs = verification_inputs(model)
         _, report = PassManager(resolve_passes("exact"), inputs=inputs)(model)
         (cleanup,) = report.passes
         rows.append(

@@ -4,6 +4,9 @@
                   [--report FILE.json] [--no-verify] [--explain]
     xopt inspect INPUT [--json]
     xopt passes
+    xopt eval MODEL [--reference MODEL] [--text FILE] [--json]
+    xopt bench MODEL [MODEL ...] [--batch B] [--seq S] [--threads N]
+    xopt generate MODEL --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S]
     xopt demo [--output FOLDER]
 
 User errors print one line on stderr and exit 2; nothing is written and the input is untouched.
@@ -89,6 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart")
     bench.set_defaults(run=_bench)
+
+    generate = commands.add_parser("generate", help="generate text with a KV-cache decoder in ONNX Runtime")
+    generate.add_argument("model", type=Path, help="xopt output folder, .onnx file, or Hugging Face folder")
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for a bare .onnx file")
+    generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    generate.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+    generate.add_argument("--json", action="store_true", help="print the timings as JSON after the text")
+    generate.set_defaults(run=_generate)
 
     demo = commands.add_parser("demo", help="optimize MiniLM (bundled, offline) and show before/after")
     demo.add_argument("--output", type=Path, default=Path("xopt-demo"), help="folder for the results")
@@ -234,6 +249,49 @@ def _bench(args: argparse.Namespace) -> int:
         if args.json
         else bench.format_table(timings, args.batch, args.seq, threads)
     )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from xopt.generate import Decoder
+    from xopt.runnable import open_runnable
+
+    with _step(f"loading {args.model}"):
+        runnable = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads)
+    decoder = Decoder(runnable)
+    tokenizer = runnable.tokenizer()
+    prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    generated: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:  # decode the whole continuation: tokens may merge into one word
+        nonlocal shown
+        if not generated:
+            print(args.prompt, end="")
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+
+    result = decoder.generate(
+        prompt_ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
+        on_token=stream,
+    )
+    print()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        speed = result.decode_tokens_per_s
+        decode = f"{speed:.1f} tokens/s" if speed is not None else "n/a"
+        print(
+            f"prefill {result.prefill_ms:.1f} ms ({result.prompt_tokens} prompt tokens), "
+            f"decode {decode} ({len(result.tokens)} new tokens)",
+            file=sys.stderr,
+        )
     return 0
 
 

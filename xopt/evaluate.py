@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from xopt import kv_cache
 from xopt.backends.onnxruntime import run
 from xopt.capture.huggingface import TASK_CAUSAL_LM
 from xopt.errors import XoptError
@@ -94,14 +95,14 @@ def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
 
 
 def _logits(model: Runnable, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    outputs = run(model.session, _fill_inputs(model, feeds))
-    named = [v for k, v in outputs.items() if "logits" in k.lower()]
-    return named[0] if named else next(iter(outputs.values()))
+    names = [o.name for o in model.session.get_outputs()]
+    wanted = [n for n in names if "logits" in n.lower()][:1] or names[:1]
+    return run(model.session, _fill_inputs(model, feeds), wanted)[wanted[0]]
 
 
 def _fill_inputs(model: Runnable, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Add position ids when the model asks for them; refuse other unknown inputs."""
-    filled = dict(feeds)
+    """Add position ids and an empty KV cache when the model asks for them; refuse other unknown inputs."""
+    filled = {**kv_cache.empty_cache(model.model, len(feeds["input_ids"])), **feeds}
     for value in model.model.graph.inputs:
         if value.name in filled:
             continue

@@ -1,9 +1,14 @@
 """Sample inputs generated from a model's graph inputs, for verification and probing.
 
-Symbolic axes are bound by position: the first is the batch, the others the sequence. Values
-follow the input's name: `*mask*` → ones (with right padding on all but the first row when
-`padded`), `*position*` → 0..S−1, `*token_type*` → zeros, other integers → token ids drawn below
-the vocabulary size of the embedding table they index, floats → standard normal.
+Symbolic axes are bound by name where they have one (`*past*` → the past length P, `*total*` →
+P + S, `*batch*` → the batch), otherwise by position: the first is the batch, the others the
+sequence S. Values follow the input's name: `*mask*` → ones (with right padding on all but the
+first row when `padded`), `*position*` → P..P+S−1, `*token_type*` → zeros, other integers →
+token ids drawn below the vocabulary size of the embedding table they index, floats (a KV
+cache's past keys and values too) → standard normal.
+
+`verification_inputs` are what the pipeline checks a pass on: a padded batch with a short past,
+so a decoder's cache path is exercised as well as prefill.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ import numpy as np
 import onnx_ir as ir
 
 DEFAULT_BATCH, DEFAULT_SEQUENCE = 2, 16
+VERIFY_PAST = 3
+
+
+def verification_inputs(model: ir.Model) -> dict[str, np.ndarray]:
+    """A padded batch, with a past of `VERIFY_PAST` tokens for a model with a KV cache."""
+    return sample_inputs(model, padded=True, past=VERIFY_PAST)
 
 
 def sample_inputs(
@@ -19,6 +30,7 @@ def sample_inputs(
     *,
     batch: int = DEFAULT_BATCH,
     sequence: int = DEFAULT_SEQUENCE,
+    past: int = 0,
     padded: bool = False,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
@@ -26,7 +38,7 @@ def sample_inputs(
     rng = np.random.default_rng(seed)
     feeds = {}
     for value in model.graph.inputs:
-        shape = _concrete_shape(value, batch, sequence)
+        shape = _concrete_shape(value, batch, sequence, past)
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
         name = value.name.lower()
         if np.issubdtype(dtype, np.floating):
@@ -34,7 +46,8 @@ def sample_inputs(
         elif "mask" in name:
             feeds[value.name] = _mask(shape, dtype, padded)
         elif "position" in name:
-            feeds[value.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+            positions = np.arange(past, past + shape[-1], dtype=dtype)
+            feeds[value.name] = np.broadcast_to(positions, shape).copy()
         elif "token_type" in name or dtype == np.bool_:
             feeds[value.name] = np.zeros(shape, dtype) if dtype != np.bool_ else np.ones(shape, dtype)
         else:
@@ -42,16 +55,23 @@ def sample_inputs(
     return feeds
 
 
-def _concrete_shape(value: ir.Value, batch: int, sequence: int) -> tuple[int, ...]:
+def _concrete_shape(value: ir.Value, batch: int, sequence: int, past: int) -> tuple[int, ...]:
     if value.shape is None:
         return (batch, sequence)
     dims, seen_symbolic = [], 0
     for dim in value.shape:
+        name = str(dim.value).lower() if isinstance(dim, ir.SymbolicDim) and dim.value else ""
         if isinstance(dim, int):
             dims.append(dim)
+        elif "past" in name:
+            dims.append(past)
+        elif "total" in name:
+            dims.append(past + sequence)
+        elif "batch" in name:
+            dims.append(batch)
         else:
             dims.append(batch if seen_symbolic == 0 else sequence)
-            seen_symbolic += 1
+        seen_symbolic += not isinstance(dim, int)
     return tuple(dims)
 
 

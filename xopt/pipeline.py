@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from xopt.errors import XoptError
-from xopt.inputs import sample_inputs
+from xopt.inputs import verification_inputs
 from xopt.report import ModelStats, PassRecord, Report
 from xopt.verify import EXACT_TOLERANCE, VerificationError, check_structure, parity, reference_outputs
 
@@ -156,7 +156,7 @@ class PassManager:
         report.structure = input_structure(model)
         inputs = reference = None
         if self.verify:
-            inputs = self.inputs if self.inputs is not None else sample_inputs(model, padded=True)
+            inputs = self.inputs if self.inputs is not None else verification_inputs(model)
             reference = reference_outputs(model, inputs)
         for step in self.passes:
             if self.on_pass is not None:

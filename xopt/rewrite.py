@@ -64,8 +64,8 @@ def set_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray) -> None:
     output = linear.node.outputs[0]
     bias_value = new_initializer(graph, name, bias, dtype)
     add = ir.node("Add", inputs=[output, bias_value])
-    output.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
-    add.replace_input_with(0, output)
+    replace_value(output, add.outputs[0])
+    add.replace_input_with(0, output)  # the Add reads the product it replaces
     graph.insert_after(linear.node, add)
     add.outputs[0].dtype, add.outputs[0].shape = output.dtype, output.shape
     linear.bias, linear.bias_node = bias_value, add

@@ -1,10 +1,14 @@
 """Capture a Hugging Face model folder (config.json + weights, or a single GGUF file).
 
 Encoders export their last hidden state (feature extraction: `input_ids, attention_mask ->
-last_hidden_state`); causal LMs export logits (`input_ids, attention_mask -> logits`). Batch and
-sequence are dynamic axes. Attention is loaded as transformers' "eager" implementation, so the
-graph holds the plain `softmax(QKᵀ/√d + mask)·V` that the structure analysis and fusions
-recognise, rather than an SDPA expansion.
+last_hidden_state`). Causal LMs export one model that does both prefill and decode with a KV
+cache (`xopt.kv_cache` states the convention): position ids are computed in the graph from the
+attention mask (`cumsum(mask) − 1`, so left padding works), and the cache is handed to the model
+as a transformers `DynamicCache`. Batch, sequence and past length are dynamic axes.
+
+Attention is loaded as transformers' "eager" implementation, so the graph holds the plain
+`softmax(QKᵀ/√d + mask)·V` that the structure analysis and fusions recognise, rather than an
+SDPA expansion.
 
 The folder path is recorded in the model's metadata (`xopt.hf_folder`, `xopt.task`), so that a
 folder output can carry the tokenizer and config along.
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from xopt import kv_cache
 from xopt.capture.torch_export import export_to_ir
 from xopt.errors import XoptError, first_line
 
@@ -28,9 +33,9 @@ logger = logging.getLogger(__name__)
 TASK_CAUSAL_LM = "causal-lm"
 TASK_FEATURE_EXTRACTION = "feature-extraction"
 
-# Example shapes used for tracing: batch and sequence must differ from each other and from 1,
-# so that torch.export does not specialise either axis.
-_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE = 2, 16
+# Example shapes used for tracing: batch, sequence and past length must differ from each other
+# and from 0 and 1, so that torch.export does not specialise any axis.
+_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE, _EXAMPLE_PAST = 2, 16, 3
 
 
 def find_gguf_file(folder: Path) -> str | None:
@@ -76,8 +81,6 @@ def load_hf_model(folder: Path, gguf_file: str | None = None):
 
 def load_hf_folder(folder: Path) -> ir.Model:
     """Export the model in `folder` to onnx-ir with dynamic batch and sequence axes."""
-    import torch
-
     if not folder.is_dir():
         raise XoptError(f"{folder}: no such folder")
     gguf_file = None
@@ -87,21 +90,7 @@ def load_hf_folder(folder: Path) -> ir.Model:
             raise XoptError(f"{folder}: no config.json (not a Hugging Face model folder)")
     task = hf_task(folder, gguf_file)
     model = load_hf_model(folder, gguf_file)
-    vocab = int(model.config.vocab_size)
-
-    output_name = "logits" if task == TASK_CAUSAL_LM else "last_hidden_state"
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
-    captured = export_to_ir(
-        _single_output(model, task),
-        (input_ids, attention_mask),
-        input_names=["input_ids", "attention_mask"],
-        output_names=[output_name],
-        dynamic_shapes=dynamic,
-    )
+    captured = _export_causal_lm(model) if task == TASK_CAUSAL_LM else _export_encoder(model)
     captured.metadata_props["xopt.task"] = task
     captured.metadata_props["xopt.hf_folder"] = str(folder.resolve())
     captured.metadata_props["xopt.model_type"] = str(model.config.model_type)
@@ -133,18 +122,99 @@ def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
     return True
 
 
-def _single_output(model, task: str):
-    """Wrap `model` so that forward(input_ids, attention_mask) returns one tensor, no KV cache."""
+def _example_ids(model):
     import torch
 
-    class SingleOutput(torch.nn.Module):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, int(model.config.vocab_size), (_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE), generator=generator)
+
+
+def _export_encoder(model) -> ir.Model:
+    """`input_ids, attention_mask -> last_hidden_state`."""
+    import torch
+
+    class LastHiddenState(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
         def forward(self, input_ids, attention_mask):
-            if task == TASK_CAUSAL_LM:
-                return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    return SingleOutput(model).eval()
+    input_ids = _example_ids(model)
+    batch, sequence = torch.export.Dim(kv_cache.BATCH), torch.export.Dim(kv_cache.SEQUENCE)
+    dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+    return export_to_ir(
+        LastHiddenState(model).eval(),
+        (input_ids, torch.ones_like(input_ids)),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["last_hidden_state"],
+        dynamic_shapes=dynamic,
+    )
+
+
+def _export_causal_lm(model) -> ir.Model:
+    """`input_ids, attention_mask, past_key_values.* -> logits, present.*` (see `xopt.kv_cache`)."""
+    import torch
+    from transformers import DynamicCache
+
+    layers = int(model.config.get_text_config(decoder=True).num_hidden_layers)
+
+    class WithKVCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, past):
+            pairs = list(zip(past[0::2], past[1::2], strict=True))
+            cache = DynamicCache(ddp_cache_data=pairs, config=self.inner.config)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
+            output = self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            presents = [t for layer in output.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (output.logits, *presents)
+
+    input_ids = _example_ids(model)
+    attention_mask = torch.ones(_EXAMPLE_BATCH, _EXAMPLE_PAST + _EXAMPLE_SEQUENCE, dtype=torch.int64)
+    with torch.no_grad():  # the cache's shape per layer: run one step on an empty cache
+        empty = model(input_ids=input_ids[:, :1], use_cache=True).past_key_values
+    past = tuple(
+        torch.randn(_EXAMPLE_BATCH, t.shape[1], _EXAMPLE_PAST, t.shape[3])
+        for layer in empty.layers
+        for t in (layer.keys, layer.values)
+    )
+    if len(past) != 2 * layers:
+        raise XoptError(f"{model.config.model_type}: the cache has {len(past) // 2} layers, the config {layers}")
+    batch, sequence = torch.export.Dim(kv_cache.BATCH), torch.export.Dim(kv_cache.SEQUENCE)
+    past_sequence = torch.export.Dim(kv_cache.PAST_SEQUENCE)
+    dynamic = {
+        "input_ids": {0: batch, 1: sequence},
+        "attention_mask": {0: batch, 1: torch.export.Dim.DYNAMIC},
+        "past": tuple({0: batch, 2: past_sequence} for _ in past),
+    }
+    names = [(kv_cache.past_name(i, k), kv_cache.present_name(i, k)) for i in range(layers) for k in ("key", "value")]
+    captured = export_to_ir(
+        WithKVCache(model).eval(),
+        (input_ids, attention_mask, past),
+        input_names=["input_ids", "attention_mask", *(p for p, _ in names)],
+        output_names=["logits", *(p for _, p in names)],
+        dynamic_shapes=dynamic,
+    )
+    _name_total_sequence(captured)
+    return captured
+
+
+def _name_total_sequence(model: ir.Model) -> None:
+    """The exporter names the mask's length and the presents' length after its own symbols."""
+    mask = next(v for v in model.graph.inputs if v.name == "attention_mask")
+    mask.shape = ir.Shape([mask.shape[0], kv_cache.TOTAL_SEQUENCE])
+    for value in model.graph.outputs:
+        if value.name.startswith("present."):
+            dims = list(value.shape)
+            dims[2] = kv_cache.TOTAL_SEQUENCE
+            value.shape = ir.Shape(dims)

@@ -1,0 +1,76 @@
+"""`xopt generate`: KV-cache decoding in ONNX Runtime matches transformers' greedy generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import xopt
+from xopt.cli import main
+from xopt.errors import XoptError
+from xopt.generate import Decoder
+from xopt.runnable import open_runnable
+
+PROMPT = [5, 17, 42, 9, 3]
+
+
+def _transformers_greedy(folder, prompt, new_tokens):
+    import transformers
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        output = reference.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+    return output[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2"])
+def test_greedy_generation_matches_transformers_before_and_after_the_exact_recipe(
+    tiny_folder, tiny_model, tmp_path, name
+):
+    expected = _transformers_greedy(tiny_folder(name), PROMPT, 24)
+    optimized, _ = xopt.optimize(tiny_model(name))
+    for label, model in (("captured", tiny_model(name)), ("exact", optimized)):
+        assert [v.name for v in model.graph.outputs] == [v.name for v in tiny_model(name).graph.outputs]
+        xopt.save(model, tmp_path / label)
+        generation = Decoder(open_runnable(tmp_path / label)).generate(PROMPT, 24)
+        assert generation.tokens == expected, label
+        assert generation.prefill_ms > 0 and generation.decode_tokens_per_s > 0
+
+
+def test_sampling_is_reproducible_and_stops_at_eos(tiny_model, tmp_path):
+    xopt.save(tiny_model("llama"), tmp_path / "m")
+    decoder = Decoder(open_runnable(tmp_path / "m"))
+    first = decoder.generate(PROMPT, 16, temperature=1.5, seed=3)
+    assert decoder.generate(PROMPT, 16, temperature=1.5, seed=3).tokens == first.tokens
+    assert decoder.generate(PROMPT, 16, temperature=1.5, seed=4).tokens != first.tokens
+    stopped = decoder.generate(PROMPT, 16, temperature=1.5, seed=3, eos_token_id=first.tokens[2])
+    assert stopped.tokens == first.tokens[: first.tokens.index(first.tokens[2]) + 1] and stopped.stopped_at_eos
+
+
+def test_cli_streams_text_and_reports_speed(tiny_model, tmp_path, capsys):
+    xopt.save(tiny_model("llama"), tmp_path / "m")
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "she was", "--max-new-tokens", "6", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("she was")
+    timings = json.loads(out[out.index("{") :])
+    assert timings["prompt_tokens"] == 2 and 1 <= timings["new_tokens"] <= 6 and timings["prefill_ms"] > 0
+
+
+def test_generate_errors_are_one_line(tiny_model, tmp_path, capsys):
+    xopt.save(tiny_model("bert"), tmp_path / "encoder")
+    assert main(["generate", str(tmp_path / "encoder"), "--prompt", "she was"]) == 2
+    assert "not a decoder with a KV cache" in capsys.readouterr().err
+    xopt.save(tiny_model("llama"), tmp_path / "m")
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "she", "--max-new-tokens", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "xopt: error: --max-new-tokens 0: need at least 1"
+    with pytest.raises(XoptError, match="prompt is empty"):
+        Decoder(open_runnable(tmp_path / "m")).generate([], 4)

@@ -1,0 +1,116 @@
+"""Text generation with a KV-cache decoder in ONNX Runtime: what `xopt generate` runs.
+
+Prefill runs the whole prompt on an empty cache (past length 0) and yields the first new token;
+each decode step feeds that token alone, the attention mask grown by one, and the previous
+step's `present.*` outputs as `past_key_values.*` (the convention of `xopt.kv_cache`). Greedy
+decoding takes argmax of the last position's logits; with temperature T > 0 the next token is
+drawn from softmax(logits / T) with a seeded generator, so a run is reproducible.
+
+Reported: prefill latency (prompt → first token's logits) and decode throughput, the new tokens
+after the first divided by the time of the decode steps (the same split transformers,
+onnxruntime-genai and llama.cpp report).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from xopt import kv_cache
+from xopt.errors import XoptError
+from xopt.runnable import Runnable
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    prefill_ms: float = 0.0
+    decode_seconds: float = 0.0
+    stopped_at_eos: bool = False
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        steps = len(self.tokens) - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": len(self.tokens),
+            "prefill_ms": self.prefill_ms,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "stopped_at_eos": self.stopped_at_eos,
+        }
+
+
+class Decoder:
+    """Runs a KV-cache causal LM session token by token."""
+
+    def __init__(self, runnable: Runnable):
+        if not kv_cache.has_kv_cache(runnable.model):
+            raise XoptError(f"{runnable.label}: not a decoder with a KV cache (no past_key_values.* inputs)")
+        self.runnable = runnable
+        self.session = runnable.session
+        declared = {i.name for i in self.session.get_inputs()}
+        unknown = declared - {"input_ids", "attention_mask"} - {v.name for v in kv_cache.past_inputs(runnable.model)}
+        if unknown:
+            raise XoptError(f"{runnable.label}: cannot feed input {sorted(unknown)[0]!r} when generating")
+        self.pasts = [v.name for v in kv_cache.past_inputs(runnable.model)]
+        self.output_names = ["logits", *(kv_cache.present_for(name) for name in self.pasts)]
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        seed: int = 0,
+        eos_token_id: int | None = None,
+        on_token: Callable[[int], None] = lambda token: None,
+    ) -> Generation:
+        """Generate up to `max_new_tokens` after `prompt_ids`, stopping at `eos_token_id` if given."""
+        if not prompt_ids:
+            raise XoptError("the prompt is empty")
+        if max_new_tokens < 1:
+            raise XoptError(f"--max-new-tokens {max_new_tokens}: need at least 1")
+        if temperature < 0:
+            raise XoptError(f"--temperature {temperature}: must not be negative")
+        rng = np.random.default_rng(seed)
+        result = Generation(prompt_tokens=len(prompt_ids))
+        feeds = {
+            "input_ids": np.asarray([prompt_ids], dtype=np.int64),
+            "attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64),
+            **kv_cache.empty_cache(self.runnable.model, batch=1),
+        }
+        decode_start = None
+        for step in range(max_new_tokens):
+            start = time.perf_counter()
+            logits, *presents = self.session.run(self.output_names, feeds)
+            if step == 0:
+                result.prefill_ms = 1000 * (time.perf_counter() - start)
+                decode_start = time.perf_counter()
+            token = _next_token(logits[0, -1], temperature, rng)
+            result.tokens.append(token)
+            on_token(token)
+            if token == eos_token_id:
+                result.stopped_at_eos = True
+                break
+            feeds = {
+                "input_ids": np.asarray([[token]], dtype=np.int64),
+                "attention_mask": np.ones((1, feeds["attention_mask"].shape[1] + 1), dtype=np.int64),
+                **dict(zip(self.pasts, presents, strict=True)),
+            }
+        result.decode_seconds = time.perf_counter() - decode_start
+        return result
+
+
+def _next_token(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    probabilities = np.exp(scaled - scaled.max())
+    return int(rng.choice(len(probabilities), p=probabilities / probabilities.sum()))

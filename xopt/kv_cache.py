@@ -1,0 +1,55 @@
+"""The input/output convention of a decoder with a KV cache, shared by capture, runners and passes.
+
+A causal LM captured by xopt takes `input_ids [batch, sequence]`, `attention_mask [batch,
+total_sequence]` (past and new tokens) and, for every layer i, `past_key_values.i.key` and
+`past_key_values.i.value` of shape `[batch, kv_heads, past_sequence, head_size]`; it returns
+`logits [batch, sequence, vocab]` and `present.i.key` / `present.i.value` holding past and new
+keys and values (`total_sequence = past_sequence + sequence`). With grouped-query attention the
+cache keeps only the KV heads. Prefill feeds an empty cache (`past_sequence = 0`); each decode
+step feeds the previous step's presents back. This is the convention of Hugging Face Optimum and
+onnxruntime-genai, so their models run in xopt's runners too.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+PAST_PATTERN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE = "batch", "sequence", "past_sequence", "total_sequence"
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+def past_inputs(model: ir.Model) -> list[ir.Value]:
+    """The graph's past key/value inputs, in layer order (empty for a model without a cache)."""
+    return [v for v in model.graph.inputs if PAST_PATTERN.match(v.name or "")]
+
+
+def has_kv_cache(model: ir.Model) -> bool:
+    return bool(past_inputs(model))
+
+
+def present_for(past: str) -> str:
+    """The output that becomes input `past` at the next step."""
+    layer, kind = PAST_PATTERN.match(past).groups()
+    return present_name(int(layer), kind)
+
+
+def empty_cache(model: ir.Model, batch: int) -> dict[str, np.ndarray]:
+    """Past inputs of length zero: what prefill feeds."""
+    return {v.name: np.zeros(cache_shape(v, batch, 0), v.dtype.numpy()) for v in past_inputs(model)}
+
+
+def cache_shape(value: ir.Value, batch: int, past: int) -> tuple[int, ...]:
+    """[batch, kv_heads, past, head_size] with the fixed dims read from the graph input."""
+    _, heads, _, head_size = value.shape
+    return batch, int(heads), past, int(head_size)
