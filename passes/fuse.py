@@ -10,6 +10,8 @@ Every rewrite computes the same values up to float rounding:
   decomposed RMSNorm x/√(mean(x²) + ε)·γ one `SimplifiedLayerNormalization` (γ = 1 when the scale
   was folded away). ORT then fuses the residual Add into `Skip(Simplified)LayerNormalization`.
 - `rotary`: x·cos + rotate_half(x)·sin → `RotaryEmbedding`.
+- `cached-attention`: a KV-cache decoder's Concat(past, K/V) → head repeats → softmax(s·Q·Kᵀ + M)·V
+  → ONNX `Attention` (opset 23) with past and present (`cached_attention.py`; any mask).
 - `attention`: softmax(Q·Kᵀ·s + mask)·V with its head reshapes → `Attention` (projections packed),
   `MultiHeadAttention` or `GroupQueryAttention`.
 - `gelu`: the erf/tanh GELU expansions (+ bias) → `Gelu`, `FastGelu`, `BiasGelu`.
@@ -39,10 +41,11 @@ from xopt.analysis.structure import TransformerStructure
 from xopt.backends.lowering import LoweringChooser
 from xopt.errors import XoptError, first_line
 from xopt.inputs import verification_inputs
+from xopt.passes.cached_attention import lower_cached_attention
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_value, weight_dtype, weight_in_out
 
-FAMILIES = ("norm", "rotary", "attention", "gelu", "merge-qkv", "merge-gate-up")
+FAMILIES = ("norm", "rotary", "cached-attention", "attention", "gelu", "merge-qkv", "merge-gate-up")
 LOWERINGS = ("measure", "all")
 
 
@@ -340,6 +343,7 @@ _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
     "rotary": _onnxscript_family(
         ("fuse_rotary_embedding", "fuse_cos_sin_cache", "fuse_partial_rotary_embedding"), frozenset({"RotaryEmbedding"})
     ),
+    "cached-attention": lower_cached_attention,
     "attention": _apply_attention,
     "gelu": _onnxscript_family(
         ("fuse_erfgelu", "fuse_gelu", "fuse_bias_gelu"), frozenset({"Gelu", "FastGelu", "BiasGelu"})

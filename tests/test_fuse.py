@@ -14,12 +14,13 @@ from xopt.passes import CleanupPass, FoldNormsPass, FusePass
 from xopt.pipeline import PassManager
 from xopt.verify import compare, reference_outputs
 
-EXPECTED_OPS = {
-    "bert": {"Attention", "BiasGelu"},
-    "gpt2": {"SimplifiedLayerNormalization"},
-    "llama": {"MultiHeadAttention", "SimplifiedLayerNormalization", "Split"},
-    "qwen2": {"MultiHeadAttention", "SimplifiedLayerNormalization", "Split"},
+EXPECTED_OPS = {  # (domain, op); "" Attention is ONNX's opset-23 operator with the KV cache
+    "bert": {("com.microsoft", "Attention"), ("com.microsoft", "BiasGelu")},
+    "gpt2": {("", "Attention"), ("", "SimplifiedLayerNormalization")},
+    "llama": {("", "Attention"), ("", "SimplifiedLayerNormalization"), ("", "Split")},
+    "qwen2": {("", "Attention"), ("", "SimplifiedLayerNormalization"), ("", "Split")},
 }
+LAYERS = {"gpt2": 2, "llama": 2, "qwen2": 3}
 
 
 @pytest.fixture(autouse=True)
@@ -31,11 +32,11 @@ def _private_cache(tmp_path, monkeypatch):
 def test_all_lowerings_keep_outputs_at_several_shapes(tiny_model, name):
     model = tiny_model(name)
     optimized, report = PassManager([CleanupPass(), FoldNormsPass(), FusePass(lowering="all")])(model)
-    ops = Counter(node.op_type for node in optimized.graph)
+    ops = Counter((node.domain, node.op_type) for node in optimized.graph)
     assert EXPECTED_OPS[name] <= set(ops), ops
     assert report.passes[2].parity.max_rel <= 1e-5
-    for batch, sequence, padded in ((1, 1, False), (1, 23, False), (3, 9, True)):
-        feeds = sample_inputs(model, batch=batch, sequence=sequence, padded=padded, seed=batch)
+    for batch, sequence, past, padded in ((1, 1, 0, False), (1, 23, 0, False), (3, 9, 0, True), (2, 1, 7, True)):
+        feeds = sample_inputs(model, batch=batch, sequence=sequence, past=past, padded=padded, seed=batch)
         parity = compare(reference_outputs(model, feeds), reference_outputs(optimized, feeds))
         assert parity.max_rel <= 1e-5, (batch, sequence, padded, parity)
 
@@ -43,13 +44,30 @@ def test_all_lowerings_keep_outputs_at_several_shapes(tiny_model, name):
 def test_a_rule_that_breaks_the_model_is_reverted(tiny_model):
     # onnxscript's MultiHeadAttention rule drops the 2-D reshape GPT-2's Conv1D Gemm reads
     cleaned = CleanupPass()(tiny_model("gpt2").clone()).model
-    result = FusePass(lowering="all", skip="norm")(cleaned)
+    result = FusePass(lowering="all", skip="norm,cached-attention")(cleaned)
     assert any(line.startswith("attention: 2 matched, reverted: ONNX Runtime cannot run") for line in result.explain)
     assert "MultiHeadAttention" not in {n.op_type for n in result.model.graph}
 
 
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_cached_attention_becomes_one_onnx_attention_per_layer(tiny_model, name):
+    cleaned = CleanupPass()(tiny_model(name).clone()).model
+    result = FusePass(lowering="all", skip="norm,rotary,attention,gelu,merge-qkv,merge-gate-up")(cleaned)
+    ops = Counter((node.domain, node.op_type) for node in result.model.graph)
+    assert result.stats == {"cached-attention": LAYERS[name]} and ops[("", "Attention")] == LAYERS[name]
+    matmuls_before = Counter(n.op_type for n in cleaned.graph)["MatMul"]
+    assert ops[("", "Softmax")] == 0 and ops[("", "MatMul")] == matmuls_before - 2 * LAYERS[name]  # Q·Kᵀ, P·V
+    assert result.model.opset_imports[""] == 23
+    assert [v.name for v in result.model.graph.outputs] == [v.name for v in cleaned.graph.outputs]
+
+
+def test_cached_attention_leaves_an_encoder_alone(tiny_model):
+    result = FusePass(lowering="all", skip="norm,attention,gelu")(CleanupPass()(tiny_model("bert").clone()).model)
+    assert "cached-attention: no match" in result.explain and "cached-attention" not in result.stats
+
+
 def test_merges_stack_the_projections(tiny_model):
-    result = FusePass(lowering="all", skip="attention,rotary,norm")(tiny_model("llama").clone())
+    result = FusePass(lowering="all", skip="attention,cached-attention,rotary,norm")(tiny_model("llama").clone())
     assert result.stats == {"merge-qkv": 2, "merge-gate-up": 2}
     splits = [n for n in result.model.graph if n.op_type == "Split"]
     widths = sorted(tuple(int(x) for x in n.inputs[1].const_value.numpy()) for n in splits)
@@ -109,9 +127,10 @@ def test_input_model_is_not_modified(tiny_model):
 def test_families_too_small_alone_are_kept_together(tiny_model, monkeypatch):
     def speedup(self, current, candidate):
         ops = {n.op_type for n in candidate.graph}
-        return 1.5 if {"SimplifiedLayerNormalization", "MultiHeadAttention", "Split"} <= ops else 1.0
+        return 1.5 if {"SimplifiedLayerNormalization", "Attention", "Split"} <= ops else 1.0
 
     monkeypatch.setattr(LoweringChooser, "_measure", speedup)
     result = FusePass()(CleanupPass()(tiny_model("qwen2").clone()).model)
-    assert any(line.startswith("norm+attention+merge-qkv+merge-gate-up together") for line in result.explain)
+    together = [line for line in result.explain if " together: " in line]
+    assert together and together[0].startswith("norm+cached-attention+") and together[0].endswith(": kept")
     assert result.modified and result.stats["norm"] == 7 and result.stats["merge-gate-up"] == 3

@@ -90,7 +90,9 @@ def test_smollm2_structure_parity_and_agreement_with_pytorch(smollm2_folder, smo
 
     folder, report = smollm2_optimized
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold-norms", "fuse"]
-    assert all(p["parity"]["max_abs"] <= 1e-3 and p["parity"]["top1_agreement"] == 1.0 for p in report["passes"])
+    # verification inputs carry a random past cache, which inflates logits: relative error here,
+    # the absolute bound against PyTorch on real text below
+    assert all(p["parity"]["max_rel"] <= 1e-4 and p["parity"]["top1_agreement"] == 1.0 for p in report["passes"])
     assert report["output"]["nodes"] < report["input"]["nodes"] / 2
     assert {"model.onnx", "config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
 

@@ -3,7 +3,8 @@
     python tools/benchmark.py                      # full run: writes benchmarks/RESULTS.md and .png
     python tools/benchmark.py --quick --output DIR # smoke run with few iterations (used by a test)
 
-Scenarios: MiniLM 1×128 and 8×128 (sentence embedding), SmolLM2-135M prefill 1×128 (logits).
+Scenarios: MiniLM 1×128 and 8×128 (sentence embedding), SmolLM2-135M prefill 1×128 (logits; xopt's
+KV-cache model gets an empty cache). Generation (decode) is measured by tools/benchmark_decode.py.
 Variants, each timed in the same interleaved rounds with the same inputs and thread count:
 - PyTorch eager (transformers, fp32, its default SDPA attention);
 - torch.compile of the same model (inductor, default mode; compile time excluded, reported);
@@ -39,6 +40,7 @@ import xopt
 from xopt.backends.onnxruntime import create_session, run
 from xopt.bench import Timing, session_runner, time_interleaved
 from xopt.evaluate import mean_pool
+from xopt.kv_cache import PAST_PATTERN
 from xopt.pipeline import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +230,15 @@ def accuracy(expected: np.ndarray, actual: np.ndarray, feeds, causal: bool) -> t
     return max_abs, float(cosine.min())
 
 
+def empty_cache_of(session, batch: int) -> dict[str, np.ndarray]:
+    """Prefill of a KV-cache decoder: its past inputs with length 0."""
+    return {
+        i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+        for i in session.get_inputs()
+        if PAST_PATTERN.match(i.name)
+    }
+
+
 def run_scenario(scenario, sessions, modules, causal, rounds, warmup) -> list[Row]:
     reference, compiled = modules
     feeds = feeds_for(scenario, reference.config.vocab_size)
@@ -241,8 +252,9 @@ def run_scenario(scenario, sessions, modules, causal, rounds, warmup) -> list[Ro
         notes["torch.compile"] = f"compile {time.perf_counter() - start:.0f} s"
         runners["torch.compile"] = lambda: torch_output(compiled, feeds, causal)
     for label, session in sessions.items():
-        runners[label] = session_runner(session, feeds)
-        outputs[label] = next(iter(run(session, feeds).values()))
+        session_feeds = {**feeds, **empty_cache_of(session, scenario.batch)}
+        runners[label] = session_runner(session, session_feeds)
+        outputs[label] = next(iter(run(session, session_feeds).values()))
     timings = time_interleaved(runners, rounds=rounds, warmup=warmup)
     rows = []
     for timing in timings:

@@ -154,7 +154,11 @@ def build_variants(args, scratch: Path, prompt: list[int]) -> tuple[dict, dict]:
     captured = xopt.load(folder)
     for recipe in ["captured", *RECIPES]:
         start = time.perf_counter()
-        model = captured if recipe == "captured" else xopt.optimize(captured, recipe=recipe, verify=False)[0]
+        model = captured
+        if recipe != "captured":
+            model, report = xopt.optimize(captured, recipe=recipe, verify=False)
+            for record in report.passes:
+                logger.info("%s / %s: %s", recipe, record.name, "; ".join(record.explain) or "no notes")
         out = scratch / f"xopt-{recipe}"
         xopt.save(model, out)
         seconds[f"xopt {recipe}"] = time.perf_counter() - start

@@ -1,0 +1,156 @@
+"""Lower a KV-cache decoder's attention to ONNX's `Attention` operator (opset 23), for `fuse`.
+
+What the exported graph computes per layer, with K, V of the new tokens after RoPE:
+
+    K_all = Concat(past_key, K)        (→ present_key)       V_all = Concat(past_value, V)
+    Y     = softmax(s · Q·repeat(K_all)ᵀ + M) · repeat(V_all)
+
+where `repeat` copies each KV head to its group of query heads (grouped-query attention), s is
+the product of the constant scalars on the way from Q·Kᵀ to the softmax (1 when `fold-norms` has
+moved 1/√d into W_q) and M the additive mask the graph built from `attention_mask`. ONNX
+`Attention` (opset 23) computes exactly this from Q [B,H,S,d], K/V [B,KV,S,d], the mask, past key
+and value, returning Y and both presents, so the rewrite is exact for any mask, padding included.
+The head repeats, the transpose of K, the two MatMuls, the scale and the softmax go away.
+
+Preconditions, each checked with a reason: the block's Q·Kᵀ reads K through a transpose of the
+last two axes and head repeats (Unsqueeze/Expand/Reshape) of a Concat on axis 2 of a graph input
+`past_key_values.i.key` and the new keys (the same for V); the softmax is on the last axis and its
+output is what multiplies V. The model's default opset is raised to 23 by onnxscript's version
+converter when it is lower.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from xopt.analysis import find_transformer_structure
+from xopt.analysis.graph_view import const_array
+from xopt.analysis.structure import Attention
+from xopt.kv_cache import PAST_PATTERN, has_kv_cache
+from xopt.rewrite import replace_value
+
+ATTENTION_OPSET = 23
+_REPEAT_OPS = frozenset({"Unsqueeze", "Expand", "Reshape", "Identity"})
+_SCALE_OPS = frozenset({"Mul", "Div"})
+
+
+def lower_cached_attention(model: ir.Model) -> tuple[int, list[str]]:
+    """Rewrite every matching attention block; returns the count and the near-misses."""
+    if not has_kv_cache(model):
+        return 0, []
+    structure = find_transformer_structure(model)
+    matches, notes = [], []
+    for block in structure.blocks:
+        if block.attention is None:
+            continue
+        match = _match(block.attention)
+        if isinstance(match, str):
+            notes.append(f"block {block.index}: {match}")
+        else:
+            matches.append(match)
+    if not matches:
+        return 0, notes
+    if model.opset_imports.get("", 1) < ATTENTION_OPSET:
+        from onnxscript import version_converter
+
+        version_converter.convert_version(model, ATTENTION_OPSET)
+    for match in matches:
+        _rewrite(model.graph, match)
+    common_passes.RemoveUnusedNodesPass()(model)  # the repeats, MatMuls and softmax are dead now
+    return len(matches), notes
+
+
+def _match(attention: Attention) -> dict | str:
+    """The operands of one block's cached attention, or why it does not match."""
+    query, key_t = attention.scores.inputs
+    scale = 1.0
+    query, factor = _strip_scales(query)
+    scale *= factor
+    transpose = key_t.producer()
+    is_transpose = transpose is not None and transpose.op_type == "Transpose"
+    if not is_transpose or tuple(transpose.attributes.get_ints("perm", ())) != (0, 1, 3, 2):
+        return "K is not read through a transpose of its last two axes"
+    key, factor = _strip_scales(transpose.inputs[0])
+    scale *= factor
+    key_concat = _cache_concat(key, "key")
+    if isinstance(key_concat, str):
+        return key_concat
+    value_concat = _cache_concat(attention.context.inputs[1], "value")
+    if isinstance(value_concat, str):
+        return value_concat
+    if attention.context.inputs[0] is not attention.softmax.outputs[0]:
+        return "the softmax output is not what multiplies V"
+    if attention.softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        return "softmax is not on the last axis"
+    mask, logits = None, attention.softmax.inputs[0]
+    add = logits.producer()
+    if add is not None and add.op_type == "Add":
+        sides = [v for v in add.inputs if _reaches(v, attention.scores)]
+        if len(sides) != 1:
+            return "the mask Add does not have exactly one side from Q·Kᵀ"
+        mask = add.inputs[1] if sides[0] is add.inputs[0] else add.inputs[0]
+        logits = sides[0]
+    logits, factor = _strip_scales(logits)
+    scale *= factor
+    if logits is not attention.scores.outputs[0]:
+        return "something other than constant scales and a mask lies between Q·Kᵀ and the softmax"
+    return {
+        "query": query,
+        "key": key_concat.inputs[1],
+        "value": value_concat.inputs[1],
+        "mask": mask,
+        "past_key": key_concat.inputs[0],
+        "past_value": value_concat.inputs[0],
+        "present_key": key_concat.outputs[0],
+        "present_value": value_concat.outputs[0],
+        "output": attention.context.outputs[0],
+        "scale": scale,
+        "after": attention.context,
+    }
+
+
+def _strip_scales(value: ir.Value) -> tuple[ir.Value, float]:
+    """Follow Mul/Div by a constant scalar back; returns the source and the product of factors."""
+    factor = 1.0
+    while (node := value.producer()) is not None and node.op_type in _SCALE_OPS:
+        constant = const_array(node.inputs[1])
+        if constant is None or constant.size != 1:
+            break
+        c = float(constant.reshape(()))
+        factor *= c if node.op_type == "Mul" else 1.0 / c
+        value = node.inputs[0]
+    return value, factor
+
+
+def _cache_concat(value: ir.Value, kind: str) -> ir.Node | str:
+    """The Concat(past, new) on axis 2 that `value` repeats, with past a cache input of `kind`."""
+    while (node := value.producer()) is not None and node.op_type in _REPEAT_OPS:
+        value = node.inputs[0]
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+        return f"{kind}: no Concat with the cache before the attention"
+    if node.attributes.get_int("axis", 0) not in (2, -2):
+        return f"{kind}: the cache Concat is not on the sequence axis"
+    past = node.inputs[0]
+    match = PAST_PATTERN.match(past.name or "") if past.is_graph_input() else None
+    if match is None or match.group(2) != kind:
+        return f"{kind}: the Concat does not start from a past_key_values.*.{kind} input"
+    return node
+
+
+def _reaches(value: ir.Value, target: ir.Node) -> bool:
+    """Whether `value` is computed from `target` through constant scalings only."""
+    source, _ = _strip_scales(value)
+    return source.producer() is target
+
+
+def _rewrite(graph: ir.Graph, match: dict) -> None:
+    inputs = [match["query"], match["key"], match["value"], match["mask"], match["past_key"], match["past_value"]]
+    node = ir.node("Attention", inputs, attributes={"scale": match["scale"]}, num_outputs=3)
+    graph.insert_after(match["after"], node)
+    output, present_key, present_value = node.outputs
+    replaced = ((output, "output"), (present_key, "present_key"), (present_value, "present_value"))
+    for new, name in replaced:
+        new.dtype, new.shape = match[name].dtype, match[name].shape
+        replace_value(match[name], new)
