@@ -142,13 +142,14 @@ def xopt_variant(folder: Path, prompt: list[int], new_tokens: int, threads: int)
     return generate
 
 
-def build_variants(args, scratch: Path, prompt: list[int]) -> tuple[dict, dict]:
-    from xopt.capture.huggingface import load_hf_model, save_tokenizer_and_config
+def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[dict, dict]:
+    from xopt.capture.huggingface import load_hf_model
 
     folder = smollm2_folder()
     reference = load_hf_model(folder, GGUF_FILE)
     hf_folder = scratch / "smollm2-hf"  # a plain fp32 checkpoint: what the model builder reads
     reference.save_pretrained(hf_folder)
+    tokenizer.save_pretrained(hf_folder)
     variants, seconds = {"transformers generate": transformers_variant(reference, prompt, args.new_tokens)}, {}
 
     captured = xopt.load(folder)
@@ -163,7 +164,6 @@ def build_variants(args, scratch: Path, prompt: list[int]) -> tuple[dict, dict]:
         xopt.save(model, out)
         seconds[f"xopt {recipe}"] = time.perf_counter() - start
         variants[f"xopt {recipe}"] = xopt_variant(out, prompt, args.new_tokens, args.threads)
-    save_tokenizer_and_config(captured, hf_folder)
 
     for precision in ("fp32", "int4"):
         label = f"onnxruntime-genai {precision}"
@@ -249,7 +249,7 @@ def main() -> None:
     prompt = prompt[: args.prompt_tokens]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xopt-decode-") as scratch:
-        variants, seconds = build_variants(args, Path(scratch), prompt)
+        variants, seconds = build_variants(args, Path(scratch), tokenizer, prompt)
         samples = run(variants, args.repeats)
     write_markdown(samples, seconds, args, args.output / "DECODE.md", time.perf_counter() - started)
     print((args.output / "DECODE.md").read_text())
