@@ -9,14 +9,16 @@ Every rewrite computes the same values up to float rounding:
 - `norm`: a decomposed LayerNorm (x − μ)/√(σ² + ε)·γ + β becomes one `LayerNormalization`, a
   decomposed RMSNorm x/√(mean(x²) + ε)·γ one `SimplifiedLayerNormalization` (γ = 1 when the scale
   was folded away). ORT then fuses the residual Add into `Skip(Simplified)LayerNormalization`.
-- `rotary`: x·cos + rotate_half(x)·sin → `RotaryEmbedding`.
+- `rotary`: x·cos + rotate_half(x)·sin → ONNX `RotaryEmbedding` (opset 23) on the graph's own
+  cos/sin tables (`rotary.py`; any positions).
 - `cached-attention`: a KV-cache decoder's Concat(past, K/V) → head repeats → softmax(s·Q·Kᵀ + M)·V
   → ONNX `Attention` (opset 23) with past and present (`cached_attention.py`; any mask).
 - `attention`: softmax(Q·Kᵀ·s + mask)·V with its head reshapes → `Attention` (projections packed),
   `MultiHeadAttention` or `GroupQueryAttention`.
 - `gelu`: the erf/tanh GELU expansions (+ bias) → `Gelu`, `FastGelu`, `BiasGelu`.
-The merges and the norm are found by xopt's structure analysis (so whatever the exporter); the
-rotary, attention and GELU patterns by onnxscript's ORT fusion rules.
+The merges, the norm and the cached attention are found by xopt's structure analysis (so
+whatever the exporter), the rotary embedding by xopt's own matcher; the encoder attention and
+GELU patterns by onnxscript's ORT fusion rules.
 
 Lowering (`lowering` option): "measure" times each family that matched, applied on top of what
 was kept so far, against the model without it (`backends/lowering.py`, cached per machine), and
@@ -42,6 +44,7 @@ from xopt.backends.lowering import LoweringChooser
 from xopt.errors import XoptError, first_line
 from xopt.inputs import verification_inputs
 from xopt.passes.cached_attention import lower_cached_attention
+from xopt.passes.rotary import lower_rotary
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_value, weight_dtype, weight_in_out
 
@@ -340,9 +343,7 @@ def _drop_unused(model: ir.Model) -> None:
 
 _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
     "norm": _lower_norms,
-    "rotary": _onnxscript_family(
-        ("fuse_rotary_embedding", "fuse_cos_sin_cache", "fuse_partial_rotary_embedding"), frozenset({"RotaryEmbedding"})
-    ),
+    "rotary": lower_rotary,
     "cached-attention": lower_cached_attention,
     "attention": _apply_attention,
     "gelu": _onnxscript_family(

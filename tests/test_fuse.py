@@ -17,8 +17,8 @@ from xopt.verify import compare, reference_outputs
 EXPECTED_OPS = {  # (domain, op); "" Attention is ONNX's opset-23 operator with the KV cache
     "bert": {("com.microsoft", "Attention"), ("com.microsoft", "BiasGelu")},
     "gpt2": {("", "Attention"), ("", "SimplifiedLayerNormalization")},
-    "llama": {("", "Attention"), ("", "SimplifiedLayerNormalization"), ("", "Split")},
-    "qwen2": {("", "Attention"), ("", "SimplifiedLayerNormalization"), ("", "Split")},
+    "llama": {("", "Attention"), ("", "RotaryEmbedding"), ("", "SimplifiedLayerNormalization"), ("", "Split")},
+    "qwen2": {("", "Attention"), ("", "RotaryEmbedding"), ("", "SimplifiedLayerNormalization"), ("", "Split")},
 }
 LAYERS = {"gpt2": 2, "llama": 2, "qwen2": 3}
 
@@ -59,6 +59,14 @@ def test_cached_attention_becomes_one_onnx_attention_per_layer(tiny_model, name)
     assert ops[("", "Softmax")] == 0 and ops[("", "MatMul")] == matmuls_before - 2 * LAYERS[name]  # Q·Kᵀ, P·V
     assert result.model.opset_imports[""] == 23
     assert [v.name for v in result.model.graph.outputs] == [v.name for v in cleaned.graph.outputs]
+
+
+def test_rotary_embeddings_of_q_and_k_become_onnx_rotary_embedding(tiny_model):
+    cleaned = CleanupPass()(tiny_model("qwen2").clone()).model
+    result = FusePass(lowering="all", skip="norm,cached-attention,attention,gelu,merge-qkv,merge-gate-up")(cleaned)
+    ops = Counter((node.domain, node.op_type) for node in result.model.graph)
+    assert result.stats == {"rotary": 6} and ops[("", "RotaryEmbedding")] == 6 and ops[("", "Neg")] == 0
+    assert ops[("", "Slice")] < Counter(n.op_type for n in cleaned.graph)["Slice"]  # halves of cos/sin: 2 Slices
 
 
 def test_cached_attention_leaves_an_encoder_alone(tiny_model):
@@ -132,5 +140,5 @@ def test_families_too_small_alone_are_kept_together(tiny_model, monkeypatch):
     monkeypatch.setattr(LoweringChooser, "_measure", speedup)
     result = FusePass()(CleanupPass()(tiny_model("qwen2").clone()).model)
     together = [line for line in result.explain if " together: " in line]
-    assert together and together[0].startswith("norm+cached-attention+") and together[0].endswith(": kept")
+    assert together and together[0].startswith("norm+rotary+cached-attention+") and together[0].endswith(": kept")
     assert result.modified and result.stats["norm"] == 7 and result.stats["merge-gate-up"] == 3
