@@ -57,6 +57,19 @@ TINY_CONFIGS = {
         ),
         "Qwen2ForCausalLM",
     ),
+    "gemma": (  # (1 + γ) RMSNorm, embeddings scaled by √d, GeGLU MLP, head size ≠ hidden / heads
+        "GemmaConfig",
+        dict(
+            vocab_size=211,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+        "GemmaForCausalLM",
+    ),
 }
 
 

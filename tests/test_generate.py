@@ -32,7 +32,7 @@ def _transformers_greedy(folder, prompt, new_tokens):
     return output[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2", "gemma"])
 def test_greedy_generation_matches_transformers_before_and_after_the_exact_recipe(
     tiny_folder, tiny_model, tmp_path, name
 ):
