@@ -29,6 +29,9 @@ def test_llama_folds_rmsnorm_scales_and_score_scale(tiny_model):
     structure = find_transformer_structure(optimized)
     assert all(n.scale is None for b in structure.blocks for n in b.norms)
     assert structure.final_norm.scale is not None
+    cleaned = CleanupPass()(tiny_model("llama").clone()).model
+    adds = [sum(n.op_type == "Add" for n in m.graph) for m in (cleaned, optimized)]
+    assert adds[0] == adds[1]  # an RMSNorm has no β: folding adds no zero biases
 
 
 def test_qwen2_untied_head_takes_the_final_norm_too(tiny_model):

@@ -52,7 +52,10 @@ def set_weight(graph: ir.Graph, linear: Linear, w_in_out: np.ndarray) -> None:
 
 
 def set_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray) -> None:
-    """Store b (float64) as this linear's bias, adding an Add after the MatMul if it had none."""
+    """Store b (float64) as this linear's bias, adding an Add after the MatMul if it had none
+    (a zero bias on a linear without one adds nothing: folding an RMSNorm has no β)."""
+    if linear.bias is None and not np.any(bias):
+        return
     dtype = weight_dtype(linear.weight)
     name = (linear.weight.name or "linear") + "_bias"
     if linear.bias is not None:
