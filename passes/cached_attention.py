@@ -28,7 +28,7 @@ from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import const_array
 from xopt.analysis.structure import Attention
 from xopt.kv_cache import PAST_PATTERN, has_kv_cache
-from xopt.rewrite import replace_value
+from xopt.rewrite import replace_value, require_opset
 
 ATTENTION_OPSET = 23
 _REPEAT_OPS = frozenset({"Unsqueeze", "Expand", "Reshape", "Identity"})
@@ -51,10 +51,7 @@ def lower_cached_attention(model: ir.Model) -> tuple[int, list[str]]:
             matches.append(match)
     if not matches:
         return 0, notes
-    if model.opset_imports.get("", 1) < ATTENTION_OPSET:
-        from onnxscript import version_converter
-
-        version_converter.convert_version(model, ATTENTION_OPSET)
+    require_opset(model, ATTENTION_OPSET)
     for match in matches:
         _rewrite(model.graph, match)
     common_passes.RemoveUnusedNodesPass()(model)  # the repeats, MatMuls and softmax are dead now

@@ -20,7 +20,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis.graph_view import const_array
-from xopt.rewrite import new_initializer, replace_value
+from xopt.rewrite import new_initializer, replace_value, require_opset
 
 ROTARY_OPSET = 23
 
@@ -37,10 +37,7 @@ def lower_rotary(model: ir.Model) -> tuple[int, list[str]]:
                 matches.append(match)
     if not matches:
         return 0, notes
-    if model.opset_imports.get("", 1) < ROTARY_OPSET:
-        from onnxscript import version_converter
-
-        version_converter.convert_version(model, ROTARY_OPSET)
+    require_opset(model, ROTARY_OPSET)
     halves: dict[ir.Value, ir.Value] = {}
     for match in matches:
         _rewrite(model.graph, match, halves)

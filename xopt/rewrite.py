@@ -106,3 +106,12 @@ def weight_dtype(value: ir.Value) -> np.dtype:
     if array is None:
         array = const_array(value.producer().inputs[0])
     return array.dtype
+
+
+def require_opset(model: ir.Model, version: int) -> None:
+    """Raise the model's default-domain opset to at least `version` (onnxscript's converter
+    adapts the existing nodes), so a rewrite can emit an operator introduced there."""
+    if model.opset_imports.get("", 1) < version:
+        from onnxscript import version_converter
+
+        version_converter.convert_version(model, version)
