@@ -12,6 +12,14 @@ moved 1/√d into W_q) and M the additive mask the graph built from `attention_m
 and value, returning Y and both presents, so the rewrite is exact for any mask, padding included.
 The head repeats, the transpose of K, the two MatMuls, the scale and the softmax go away.
 
+Head layout: the exporter splits heads as Transpose₀₂₁₃(Reshape(X, [B, S, H, d])) before RoPE and
+the attention, and merges them back as Reshape(Transpose₀₂₁₃(Y), [B, S, H·d]) after. `Attention`
+and `RotaryEmbedding` also take the merged [B, S, H·d] layout (with `q_num_heads`/`kv_num_heads`
+and `num_heads`), and compute the same values there, so when all three inputs and the output
+have that form the lowering feeds X directly and returns the merged Y: per layer four Reshapes
+and four Transposes (each a copy in ONNX Runtime) go too. The past and present stay
+[B, KV, P, d].
+
 Preconditions, each checked with a reason: the block's Q·Kᵀ reads K through a transpose of the
 last two axes and head repeats (Unsqueeze/Expand/Reshape) of a Concat on axis 2 of a graph input
 `past_key_values.i.key` and the new keys (the same for V); the softmax is on the last axis and its
@@ -92,7 +100,7 @@ def _match(attention: Attention) -> dict | str:
     scale *= factor
     if logits is not attention.scores.outputs[0]:
         return "something other than constant scales and a mask lies between Q·Kᵀ and the softmax"
-    return {
+    match = {
         "query": query,
         "key": key_concat.inputs[1],
         "value": value_concat.inputs[1],
@@ -105,6 +113,8 @@ def _match(attention: Attention) -> dict | str:
         "scale": scale,
         "after": attention.context,
     }
+    match["merged"] = _merged_heads(match, attention)
+    return match
 
 
 def _strip_scales(value: ir.Value) -> tuple[ir.Value, float]:
@@ -142,12 +152,93 @@ def _reaches(value: ir.Value, target: ir.Node) -> bool:
     return source.producer() is target
 
 
+def _merged_heads(match: dict, attention: Attention) -> dict | None:
+    """Q, K, V as [B, S, H·d] (each with the RotaryEmbedding on its way, if any) and the merged
+    output that Y is reshaped into, when the whole block splits and merges heads by the book."""
+    heads = {"query": attention.num_heads, "key": attention.num_kv_heads, "value": attention.num_kv_heads}
+    merged: dict = {}
+    for name, count in heads.items():
+        split = _split_heads(match[name], count)
+        if split is None:
+            return None
+        merged[name] = (*split, count)
+    output = _merged_output(match["output"])
+    if output is None:
+        return None
+    merged["output"] = output
+    return merged
+
+
+def _split_heads(value: ir.Value, heads: int) -> tuple[ir.Value, ir.Node | None] | None:
+    """(X, rotary) when `value` = [RotaryEmbedding](Transpose₀₂₁₃(Reshape(X, [B, S, heads, d])))."""
+    node, rotary = value.producer(), None
+    if node is not None and node.op_type == "RotaryEmbedding" and node.domain == "" and _sole_use(node.outputs[0]):
+        if len(node.inputs) != 3 or node.attributes.get_int("interleaved", 0) != 0:
+            return None
+        rotary, node = node, node.inputs[0].producer()
+    if not _is_head_transpose(node) or not _sole_use(node.outputs[0]):
+        return None
+    reshape = node.inputs[0].producer()
+    if reshape is None or reshape.op_type != "Reshape" or not _sole_use(reshape.outputs[0]):
+        return None
+    x, split = reshape.inputs[0], reshape.outputs[0].shape
+    if x.shape is None or split is None or len(x.shape) != 3 or len(split) != 4:
+        return None
+    if list(x.shape)[:2] != list(split)[:2] or split[2] != heads or not isinstance(split[3], int):
+        return None
+    return (x, rotary) if x.shape[2] == heads * split[3] else None
+
+
+def _merged_output(value: ir.Value) -> ir.Value | None:
+    """The [B, S, H·d] value that Reshape(Transpose₀₂₁₃(`value`)) produces, if that is all `value` feeds."""
+    users = [node for node, _ in value.uses()]
+    if len(users) != 1 or not _is_head_transpose(users[0]) or value.is_graph_output():
+        return None
+    readers = [node for node, _ in users[0].outputs[0].uses()]
+    if len(readers) != 1 or readers[0].op_type != "Reshape" or users[0].outputs[0].is_graph_output():
+        return None
+    split, merged = value.shape, readers[0].outputs[0].shape
+    if split is None or merged is None or len(split) != 4 or len(merged) != 3:
+        return None
+    if [split[0], split[2]] != list(merged)[:2] or not all(isinstance(d, int) for d in (split[1], split[3])):
+        return None
+    return readers[0].outputs[0] if merged[2] == split[1] * split[3] else None
+
+
+def _is_head_transpose(node: ir.Node | None) -> bool:
+    if node is None or node.op_type != "Transpose":
+        return False
+    return tuple(node.attributes.get_ints("perm", ())) == (0, 2, 1, 3)
+
+
+def _sole_use(value: ir.Value) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
 def _rewrite(graph: ir.Graph, match: dict) -> None:
-    inputs = [match["query"], match["key"], match["value"], match["mask"], match["past_key"], match["past_value"]]
-    node = ir.node("Attention", inputs, attributes={"scale": match["scale"]}, num_outputs=3)
+    attributes: dict = {"scale": match["scale"]}
+    operands = {name: match[name] for name in ("query", "key", "value")}
+    outputs = {name: match[name] for name in ("output", "present_key", "present_value")}
+    merged = match["merged"]
+    if merged is not None:
+        heads = {"query": "q_num_heads", "key": "kv_num_heads", "value": "kv_num_heads"}
+        for name, attribute in heads.items():
+            x, rotary, heads_count = merged[name]
+            attributes[attribute] = heads_count
+            operands[name] = x if rotary is None else _merged_rotary(graph, rotary, x, heads_count)
+        outputs["output"] = merged["output"]
+    inputs = [*operands.values(), match["mask"], match["past_key"], match["past_value"]]
+    node = ir.node("Attention", inputs, attributes=attributes, num_outputs=3)
     graph.insert_after(match["after"], node)
-    output, present_key, present_value = node.outputs
-    replaced = ((output, "output"), (present_key, "present_key"), (present_value, "present_value"))
-    for new, name in replaced:
-        new.dtype, new.shape = match[name].dtype, match[name].shape
-        replace_value(match[name], new)
+    for new, old in zip(node.outputs, outputs.values(), strict=True):
+        new.dtype, new.shape = old.dtype, old.shape
+        replace_value(old, new)
+
+
+def _merged_rotary(graph: ir.Graph, rotary: ir.Node, x: ir.Value, heads: int) -> ir.Value:
+    """The same RotaryEmbedding applied to X in the [B, S, H·d] layout."""
+    attributes = {**{name: attr.value for name, attr in rotary.attributes.items()}, "num_heads": heads}
+    node = ir.node("RotaryEmbedding", [x, *rotary.inputs[1:]], attributes=attributes)
+    graph.insert_after(rotary, node)
+    node.outputs[0].dtype, node.outputs[0].shape = x.dtype, x.shape
+    return node.outputs[0]

@@ -8,7 +8,11 @@ Every rewrite computes the same values up to float rounding:
 - `merge-gate-up`: the same for a gated MLP's gate and up projections.
 - `norm`: a decomposed LayerNorm (x − μ)/√(σ² + ε)·γ + β becomes one `LayerNormalization`, a
   decomposed RMSNorm x/√(mean(x²) + ε)·γ one `SimplifiedLayerNormalization` (γ = 1 when the scale
-  was folded away). ORT then fuses the residual Add into `Skip(Simplified)LayerNormalization`.
+  was folded away).
+- `skip-norm`: a norm of a residual sum, Norm(a + b), becomes one `Skip(Simplified)LayerNormalization`
+  (com.microsoft) computing the sum and its norm in one pass; its fourth output is a + b for the
+  other readers of the residual stream (ONNX Runtime does not fuse these itself when the shapes
+  are symbolic, as in every KV-cache export).
 - `rotary`: x·cos + rotate_half(x)·sin → ONNX `RotaryEmbedding` (opset 23) on the graph's own
   cos/sin tables (`rotary.py`; any positions).
 - `cached-attention`: a KV-cache decoder's Concat(past, K/V) → head repeats → softmax(s·Q·Kᵀ + M)·V
@@ -28,6 +32,7 @@ can also be switched off by listing it in `skip`.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,12 +48,17 @@ from xopt.analysis.structure import TransformerStructure
 from xopt.backends.lowering import LoweringChooser
 from xopt.errors import XoptError, first_line
 from xopt.inputs import verification_inputs
+from xopt.kv_cache import has_kv_cache
 from xopt.passes.cached_attention import lower_cached_attention
 from xopt.passes.rotary import lower_rotary
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_value, weight_dtype, weight_in_out
 
-FAMILIES = ("norm", "rotary", "cached-attention", "attention", "gelu", "merge-qkv", "merge-gate-up")
+# Order: each family runs while the graph still has the forms it matches: onnxscript's encoder
+# attention rules want separate Q/K/V; the merges need xopt's structure analysis, which no longer
+# sees Q/K/V once a cached attention is one operator; skip-norm absorbs the residual Adds that
+# the analysis finds blocks by, so it comes last.
+FAMILIES = ("norm", "rotary", "attention", "gelu", "merge-qkv", "merge-gate-up", "cached-attention", "skip-norm")
 LOWERINGS = ("measure", "all")
 
 
@@ -60,7 +70,7 @@ class FusePass(Pass):
     summary = "merge QKV and gate/up linears; norms, RoPE, attention, GELU → fused ORT ops, kept where faster"
 
     lowering: str = "measure"
-    skip: str = ""  # comma-separated families to leave alone
+    skip: str = ""  # families to leave alone, separated by "+" (or "," from Python)
     threads: int = 2
     batch: int = 1
     sequence: int = 128
@@ -68,7 +78,7 @@ class FusePass(Pass):
     def __call__(self, model: ir.Model) -> PassResult:
         if self.lowering not in LOWERINGS:
             raise XoptError(f"fuse: unknown lowering {self.lowering!r}: one of {', '.join(LOWERINGS)}")
-        skipped = {name.strip() for name in self.skip.split(",") if name.strip()}
+        skipped = {name.strip() for name in re.split(r"[+,]", self.skip) if name.strip()}
         unknown = skipped - set(FAMILIES)
         if unknown:
             raise XoptError(f"fuse: unknown family {sorted(unknown)[0]!r} in skip: families are {', '.join(FAMILIES)}")
@@ -79,6 +89,7 @@ class FusePass(Pass):
         stats: Counter[str] = Counter()
         explain: list[str] = []
         modified, original, sound = False, model, {}  # sound: family → matches, for families that check out
+        unmatched = []  # families that found nothing alone, and may once others are applied
         for family in FAMILIES:
             if family in skipped:
                 explain.append(f"{family}: skipped (option)")
@@ -88,6 +99,7 @@ class FusePass(Pass):
             explain += [f"{family}: {note}" for note in notes]
             if count == 0:
                 explain.append(f"{family}: no match")
+                unmatched.append(family)
                 continue
             broken = _breakage(model, candidate)
             if broken:
@@ -112,10 +124,11 @@ class FusePass(Pass):
             model, modified = candidate, True
         kept_alone = [family for family in sound if family in stats]
         if self.lowering == "measure" and len(sound) > 1 and len(kept_alone) < len(sound):
-            together = _together(original, model, sound, chooser, signature, explain)
+            together = _together(original, model, sound, unmatched, chooser, signature, explain)
             if together is not None:
-                model, modified = together, True
-                stats.update(sound)
+                model, counts = together
+                modified = True
+                stats.update(counts)
         return PassResult(model, modified, dict(stats), explain)
 
 
@@ -123,29 +136,34 @@ def _together(
     original: ir.Model,
     current: ir.Model,
     sound: dict[str, int],
+    unmatched: list[str],
     chooser: LoweringChooser,
     signature: dict,
     explain: list[str],
-) -> ir.Model | None:
+) -> tuple[ir.Model, dict[str, int]] | None:
     """Every sound family at once, timed against the kept ones: families too small to win one at a
-    time (a norm, a rotary embedding) can win together. Returns the combined model if it wins."""
-    candidate = original.clone()
-    for family in sound:
-        _APPLY[family](candidate)
-    label = "+".join(sound)
+    time (a norm, a rotary embedding) can win together, and a family that builds on another
+    (skip-norm on the lowered norms) matches only then. Returns the model and counts if it wins."""
+    candidate, counts = original.clone(), {}
+    for family in FAMILIES:
+        if family in sound or family in unmatched:
+            count, _ = _APPLY[family](candidate)
+            if count:
+                counts[family] = count
+    label = "+".join(counts)
     broken = _breakage(original, candidate)
     if broken:
         explain.append(f"{label} together: reverted: {broken}")
         return None
     try:
-        verdict = chooser.choose(label, {**signature, "count": dict(sound)}, current, candidate)
+        verdict = chooser.choose(label, {**signature, "count": counts}, current, candidate)
     except Exception as error:
         explain.append(f"{label} together: reverted: timing failed ({first_line(error)})")
         return None
     source = "cached" if verdict.cached else "measured"
     outcome = "kept" if verdict.keep else "not kept"
     explain.append(f"{label} together: {source} speedup {verdict.speedup:.3f}× over the families kept alone: {outcome}")
-    return candidate if verdict.keep else None
+    return (candidate, counts) if verdict.keep else None
 
 
 def _breakage(model: ir.Model, candidate: ir.Model) -> str | None:
@@ -292,6 +310,60 @@ def _replace_norm(graph: ir.Graph, norm: Norm) -> None:
     replace_value(norm.output, output)
 
 
+_SKIP_NORMS = {
+    "SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization",
+    "LayerNormalization": "SkipLayerNormalization",
+}
+
+
+def _fuse_skip_norms(model: ir.Model) -> tuple[int, list[str]]:
+    count, notes = 0, []
+    for norm in [n for n in model.graph if n.op_type in _SKIP_NORMS and n.domain == ""]:
+        add = norm.inputs[0].producer()
+        if add is None or add.op_type != "Add" or add.domain != "":
+            continue
+        reason = _skip_norm_refusal(norm, add)
+        if reason:
+            notes.append(f"{norm.op_type} at {norm.outputs[0].name}: {reason}")
+            continue
+        _replace_skip_norm(model.graph, norm, add)
+        count += 1
+    if count:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    common_passes.RemoveUnusedNodesPass()(model)
+    return count, notes
+
+
+def _skip_norm_refusal(norm: ir.Node, add: ir.Node) -> str | None:
+    shapes = [value.shape for value in add.inputs]
+    if any(shape is None or len(shape) != 3 for shape in shapes) or list(shapes[0]) != list(shapes[1]):
+        return "the residual Add's operands are not two [batch, sequence, hidden] tensors of one shape"
+    if norm.attributes.get_int("axis", -1) not in (-1, 2):
+        return "the norm is not over the last axis"
+    if any(output.uses() or output.is_graph_output() for output in norm.outputs[1:]):
+        return "the norm's mean or inverse deviation is read"
+    if any(value is not None and value.producer() is not None for value in norm.inputs[1:]):
+        return "the scale or shift is computed, not stored"
+    return None
+
+
+def _replace_skip_norm(graph: ir.Graph, norm: ir.Node, add: ir.Node) -> None:
+    """Norm(a + b) → Skip…Normalization(a, b, γ[, β]) with outputs (y, -, -, a + b)."""
+    epsilon = norm.attributes.get_float("epsilon", 1e-5)
+    outputs = [ir.Value(name=""), ir.Value(name=""), ir.Value(name=""), ir.Value(name="")]
+    node = ir.Node(
+        "com.microsoft",
+        _SKIP_NORMS[norm.op_type],
+        [*add.inputs, *norm.inputs[1:]],
+        attributes=[ir.AttrFloat32("epsilon", epsilon)],
+        outputs=outputs,
+    )
+    graph.insert_after(add, node)  # where the sum was: its readers may precede the norm
+    for new, old in ((outputs[0], norm.outputs[0]), (outputs[3], add.outputs[0])):
+        new.name, new.dtype, new.shape = f"{old.name}_fused", old.dtype, old.shape
+        replace_value(old, new)
+
+
 # ----------------------------------------------------------------------------- onnxscript's rules
 
 
@@ -316,6 +388,8 @@ def _onnxscript_family(names: tuple[str, ...], produces: frozenset[str]) -> Call
 def _apply_attention(model: ir.Model) -> tuple[int, list[str]]:
     from onnxscript.rewriter import ort_fusions
 
+    if has_kv_cache(model):
+        return 0, ["a KV-cache decoder's attention is cached-attention's"]
     common_passes.ShapeInferencePass()(model)
     fusions = ort_fusions._core
     count = fusions.fuse_sdpa(model, apply_shape_inference=True)
@@ -343,6 +417,7 @@ def _drop_unused(model: ir.Model) -> None:
 
 _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
     "norm": _lower_norms,
+    "skip-norm": _fuse_skip_norms,
     "rotary": lower_rotary,
     "cached-attention": lower_cached_attention,
     "attention": _apply_attention,

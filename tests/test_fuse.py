@@ -11,16 +11,23 @@ from xopt.backends.lowering import LoweringChooser
 from xopt.errors import XoptError
 from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass, FoldNormsPass, FusePass
-from xopt.pipeline import PassManager
+from xopt.passes.fuse import FAMILIES
+from xopt.pipeline import PassManager, parse_spec
 from xopt.verify import compare, reference_outputs
 
+MS = "com.microsoft"
 EXPECTED_OPS = {  # (domain, op); "" Attention is ONNX's opset-23 operator with the KV cache
-    "bert": {("com.microsoft", "Attention"), ("com.microsoft", "BiasGelu")},
-    "gpt2": {("", "Attention"), ("", "SimplifiedLayerNormalization")},
-    "llama": {("", "Attention"), ("", "RotaryEmbedding"), ("", "SimplifiedLayerNormalization"), ("", "Split")},
-    "qwen2": {("", "Attention"), ("", "RotaryEmbedding"), ("", "SimplifiedLayerNormalization"), ("", "Split")},
+    "bert": {(MS, "Attention"), (MS, "BiasGelu"), (MS, "SkipLayerNormalization")},
+    "gpt2": {("", "Attention"), ("", "SimplifiedLayerNormalization"), (MS, "SkipSimplifiedLayerNormalization")},
+    "llama": {("", "Attention"), ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization"), ("", "Split")},
+    "qwen2": {("", "Attention"), ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization"), ("", "Split")},
 }
 LAYERS = {"gpt2": 2, "llama": 2, "qwen2": 3}
+
+
+def only(*families: str) -> str:
+    """The `skip` option that leaves just `families` on."""
+    return ",".join(f for f in FAMILIES if f not in families)
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +59,7 @@ def test_a_rule_that_breaks_the_model_is_reverted(tiny_model):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_cached_attention_becomes_one_onnx_attention_per_layer(tiny_model, name):
     cleaned = CleanupPass()(tiny_model(name).clone()).model
-    result = FusePass(lowering="all", skip="norm,rotary,attention,gelu,merge-qkv,merge-gate-up")(cleaned)
+    result = FusePass(lowering="all", skip=only("cached-attention"))(cleaned)
     ops = Counter((node.domain, node.op_type) for node in result.model.graph)
     assert result.stats == {"cached-attention": LAYERS[name]} and ops[("", "Attention")] == LAYERS[name]
     matmuls_before = Counter(n.op_type for n in cleaned.graph)["MatMul"]
@@ -61,9 +68,26 @@ def test_cached_attention_becomes_one_onnx_attention_per_layer(tiny_model, name)
     assert [v.name for v in result.model.graph.outputs] == [v.name for v in cleaned.graph.outputs]
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma"])
+def test_cached_attention_after_rotary_reads_merged_heads(tiny_model, name):
+    # Q, K, V and Y stay [B, S, H·d]: the head-splitting Reshape/Transpose pairs go, RoPE included
+    cleaned = CleanupPass()(tiny_model(name).clone()).model
+    before = Counter(n.op_type for n in cleaned.graph)
+    result = FusePass(lowering="all", skip=only("rotary", "cached-attention"))(cleaned)
+    ops = Counter(n.op_type for n in result.model.graph)
+    attentions = [n for n in result.model.graph if n.op_type == "Attention"]
+    layers = len(attentions)
+    assert layers and all(len(n.inputs[0].shape) == 3 and n.attributes.get_int("q_num_heads") for n in attentions)
+    assert all(n.attributes.get_int("num_heads") for n in result.model.graph if n.op_type == "RotaryEmbedding")
+    assert ops["Transpose"] == before["Transpose"] - 5 * layers  # 4 head splits/merges + Kᵀ per layer
+    feeds = sample_inputs(cleaned, batch=2, sequence=5, past=4, padded=True, seed=3)
+    parity = compare(reference_outputs(cleaned, feeds), reference_outputs(result.model, feeds))
+    assert parity.max_rel <= 1e-5, parity
+
+
 def test_rotary_embeddings_of_q_and_k_become_onnx_rotary_embedding(tiny_model):
     cleaned = CleanupPass()(tiny_model("qwen2").clone()).model
-    result = FusePass(lowering="all", skip="norm,cached-attention,attention,gelu,merge-qkv,merge-gate-up")(cleaned)
+    result = FusePass(lowering="all", skip=only("rotary"))(cleaned)
     ops = Counter((node.domain, node.op_type) for node in result.model.graph)
     assert result.stats == {"rotary": 6} and ops[("", "RotaryEmbedding")] == 6 and ops[("", "Neg")] == 0
     assert ops[("", "Slice")] < Counter(n.op_type for n in cleaned.graph)["Slice"]  # halves of cos/sin: 2 Slices
@@ -74,8 +98,23 @@ def test_cached_attention_leaves_an_encoder_alone(tiny_model):
     assert "cached-attention: no match" in result.explain and "cached-attention" not in result.stats
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_norms_of_residual_sums_absorb_the_add(tiny_model, name):
+    folded = FoldNormsPass()(CleanupPass()(tiny_model(name).clone()).model).model
+    lowered = FusePass(lowering="all", skip=only("norm"))
+    normed = lowered(folded.clone()).model
+    result = FusePass(lowering="all", skip=only("skip-norm"))(normed)
+    ops = Counter(n.op_type for n in result.model.graph)
+    residual_sums = 2 * LAYERS[name]  # before each block's second norm, the next block's first, the final norm
+    assert result.stats == {"skip-norm": residual_sums} and ops["SkipSimplifiedLayerNormalization"] == residual_sums
+    assert ops["Add"] == Counter(n.op_type for n in normed.graph)["Add"] - residual_sums
+    feeds = sample_inputs(folded, batch=2, sequence=5, past=4, padded=True, seed=4)
+    parity = compare(reference_outputs(folded, feeds), reference_outputs(result.model, feeds))
+    assert parity.max_rel <= 1e-5, parity
+
+
 def test_merges_stack_the_projections(tiny_model):
-    result = FusePass(lowering="all", skip="attention,cached-attention,rotary,norm")(tiny_model("llama").clone())
+    result = FusePass(lowering="all", skip=only("merge-qkv", "merge-gate-up"))(tiny_model("llama").clone())
     assert result.stats == {"merge-qkv": 2, "merge-gate-up": 2}
     splits = [n for n in result.model.graph if n.op_type == "Split"]
     widths = sorted(tuple(int(x) for x in n.inputs[1].const_value.numpy()) for n in splits)
@@ -117,6 +156,8 @@ def test_real_timing_runs_both_forms(tiny_model):
 def test_bad_options_are_named(tiny_model):
     with pytest.raises(XoptError, match="unknown family 'bogus'"):
         FusePass(skip="bogus")(tiny_model("bert").clone())
+    with pytest.raises(XoptError, match="unknown family 'bogus'"):  # "+" separates families in a pass spec
+        parse_spec("fuse(lowering=all,skip=norm+bogus)")[0](tiny_model("bert").clone())
     with pytest.raises(XoptError, match="unknown lowering 'sometimes'"):
         FusePass(lowering="sometimes")(tiny_model("bert").clone())
 
@@ -140,5 +181,6 @@ def test_families_too_small_alone_are_kept_together(tiny_model, monkeypatch):
     monkeypatch.setattr(LoweringChooser, "_measure", speedup)
     result = FusePass()(CleanupPass()(tiny_model("qwen2").clone()).model)
     together = [line for line in result.explain if " together: " in line]
-    assert together and together[0].startswith("norm+rotary+cached-attention+") and together[0].endswith(": kept")
+    families = "norm+rotary+merge-qkv+merge-gate-up+cached-attention+skip-norm"  # skip-norm needs norm
+    assert together and together[0].startswith(families + " together") and together[0].endswith(": kept")
     assert result.modified and result.stats["norm"] == 7 and result.stats["merge-gate-up"] == 3

@@ -2,7 +2,8 @@
 
 Prefill runs the whole prompt on an empty cache (past length 0) and yields the first new token;
 each decode step feeds that token alone, the attention mask grown by one, and the previous
-step's `present.*` outputs as `past_key_values.*` (the convention of `xopt.kv_cache`). Greedy
+step's `present.*` outputs as `past_key_values.*` (the convention of `xopt.kv_cache`), kept as
+ONNX Runtime values so the cache is never copied into numpy and back between steps. Greedy
 decoding takes argmax of the last position's logits; with temperature T > 0 the next token is
 drawn from softmax(logits / T) with a seeded generator, so a run is reproducible.
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 
 from xopt import kv_cache
 from xopt.errors import XoptError
@@ -81,15 +83,17 @@ class Decoder:
             raise XoptError(f"--temperature {temperature}: must not be negative")
         rng = np.random.default_rng(seed)
         result = Generation(prompt_tokens=len(prompt_ids))
-        feeds = {
+        arrays = {
             "input_ids": np.asarray([prompt_ids], dtype=np.int64),
             "attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64),
             **kv_cache.empty_cache(self.runnable.model, batch=1),
         }
+        feeds = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
         decode_start = None
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            logits, *presents = self.session.run(self.output_names, feeds)
+            outputs, *presents = self.session.run_with_ort_values(self.output_names, feeds)
+            logits = outputs.numpy()
             if step == 0:
                 result.prefill_ms = 1000 * (time.perf_counter() - start)
                 decode_start = time.perf_counter()
@@ -99,9 +103,10 @@ class Decoder:
             if token == eos_token_id:
                 result.stopped_at_eos = True
                 break
+            length = len(prompt_ids) + len(result.tokens)
             feeds = {
-                "input_ids": np.asarray([[token]], dtype=np.int64),
-                "attention_mask": np.ones((1, feeds["attention_mask"].shape[1] + 1), dtype=np.int64),
+                "input_ids": ort.OrtValue.ortvalue_from_numpy(np.asarray([[token]], dtype=np.int64)),
+                "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, length), dtype=np.int64)),
                 **dict(zip(self.pasts, presents, strict=True)),
             }
         result.decode_seconds = time.perf_counter() - decode_start
