@@ -13,8 +13,10 @@ and slow the other. A first
 ratio within `NEAR_TIE` of the threshold is measured again over twice the rounds and the two are
 averaged, weighted by rounds, so that a verdict rests on more samples where noise could flip it.
 
-Verdicts are cached in a JSON file keyed by the family, the model's shape signature, the sample
-shape, the thread count, the ORT version and the CPU, so a model is timed once per machine.
+Verdicts are cached in a JSON file keyed by the family, the model's shape signature, the operator
+counts of both forms (so a changed lowering, or a different set of families kept before it, is
+timed anew), the sample shape, the thread count, the ORT version and the CPU, so a model is timed
+once per machine.
 `XOPT_CACHE_DIR` (else `$XDG_CACHE_HOME/xopt`, else `~/.cache/xopt`) holds the file.
 """
 
@@ -58,7 +60,7 @@ class LoweringChooser:
     cache_dir: Path | None = None
 
     def choose(self, family: str, signature: dict, current: ir.Model, candidate: ir.Model) -> Verdict:
-        key = self._key(family, signature)
+        key = self._key(family, {**signature, "current": _op_counts(current), "candidate": _op_counts(candidate)})
         cache = self._read_cache()
         if key in cache:
             return Verdict(cache[key] >= self.min_speedup, cache[key], cached=True)
@@ -142,3 +144,12 @@ def _cpu_name() -> str:
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     return " ".join([name, *sorted(f for f in flags if f.startswith(("avx", "amx")) or f == "fma")])
+
+
+def _op_counts(model: ir.Model) -> dict[str, int]:
+    """How many nodes of each operator (and its main attributes' keys) a model has."""
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        key = f"{node.domain}:{node.op_type}:{','.join(sorted(node.attributes))}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

@@ -85,7 +85,7 @@ class FusePass(Pass):
         structure = find_transformer_structure(model)
         sequence = _timed_sequence(structure, self.sequence)
         chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
-        signature = _signature(model, structure)
+        signature = _signature(structure)
         stats: Counter[str] = Counter()
         explain: list[str] = []
         modified, original, sound = False, model, {}  # sound: family → matches, for families that check out
@@ -189,12 +189,11 @@ def _timed_sequence(structure: TransformerStructure, wanted: int) -> int:
     return min([wanted, *tables])
 
 
-def _signature(model: ir.Model, structure: TransformerStructure) -> dict:
-    """What a lowering's speed depends on besides the machine: the model's dimensions and ops."""
+def _signature(structure: TransformerStructure) -> dict:
+    """What a lowering's speed depends on besides the machine and the operators: the dimensions."""
     summary = structure.summary()
     keys = ("num_blocks", "hidden_size", "num_heads", "num_kv_heads", "head_size", "intermediate_size", "vocab_size")
-    ops = Counter(f"{node.domain}:{node.op_type}" for node in model.graph)
-    return {**{k: summary[k] for k in keys}, "ops": dict(sorted(ops.items()))}
+    return {k: summary[k] for k in keys}
 
 
 # ----------------------------------------------------------------------------- merged linears

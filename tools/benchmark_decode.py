@@ -10,9 +10,13 @@ the repeats, and how many generated tokens agree with transformers' greedy outpu
 one whole generation at a time, interleaved (A, B, C, A, B, C, …) after one warm-up generation
 each; each keeps its runtime's default thread spinning, as a user would run it.
 
+The anchors are optional: `pip install -e '.[anchors]'` (llama-cpp-python builds llama.cpp from
+source, about ten minutes); a missing one is reported and left out.
+
 Variants:
 - transformers `generate` (fp32, default SDPA attention, torch threads fixed);
 - onnxruntime-genai: its model builder on the same fp32 weights, `-p fp32` and `-p int4`;
+- llama.cpp (`llama-cpp-python`) on the original Q4_1 GGUF file, fed the same token ids;
 - xopt: the captured KV-cache model, and each recipe's output, run by `xopt.generate.Decoder`.
 """
 
@@ -132,6 +136,28 @@ def genai_variant(folder: Path, prompt: list[int], new_tokens: int):
     return generate
 
 
+def llama_cpp_variant(gguf: Path, prompt: list[int], new_tokens: int, threads: int):
+    """llama.cpp on the GGUF file: the prompt in one batch, then one token per call, greedy."""
+    from llama_cpp import Llama
+
+    context = len(prompt) + new_tokens
+    model = Llama(str(gguf), n_ctx=context, n_batch=context, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def generate():
+        model.reset()
+        start = time.perf_counter()
+        model.eval(prompt)
+        tokens = [int(np.argmax(model.scores[model.n_tokens - 1]))]
+        first = time.perf_counter()
+        while len(tokens) < new_tokens:
+            model.eval(tokens[-1:])
+            tokens.append(int(np.argmax(model.scores[model.n_tokens - 1])))
+        last = time.perf_counter()
+        return tokens, 1000 * (first - start), (new_tokens - 1) / (last - first)
+
+    return generate
+
+
 def xopt_variant(folder: Path, prompt: list[int], new_tokens: int, threads: int):
     decoder = Decoder(open_runnable(folder, threads=threads))
 
@@ -175,6 +201,11 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
             continue
         seconds[label] = time.perf_counter() - start
         variants[label] = genai_variant(built, prompt, args.new_tokens)
+
+    try:
+        variants["llama.cpp Q4_1"] = llama_cpp_variant(folder / GGUF_FILE, prompt, args.new_tokens, args.threads)
+    except ImportError as error:
+        logger.warning("llama.cpp Q4_1 left out: %s", error)
     return variants, seconds
 
 
