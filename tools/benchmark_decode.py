@@ -138,20 +138,25 @@ def genai_variant(folder: Path, prompt: list[int], new_tokens: int):
 
 def llama_cpp_variant(gguf: Path, prompt: list[int], new_tokens: int, threads: int):
     """llama.cpp on the GGUF file: the prompt in one batch, then one token per call, greedy."""
-    from llama_cpp import Llama
+    import llama_cpp
 
     context = len(prompt) + new_tokens
-    model = Llama(str(gguf), n_ctx=context, n_batch=context, n_threads=threads, n_threads_batch=threads, verbose=False)
+    model = llama_cpp.Llama(
+        str(gguf), n_ctx=context, n_batch=context, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),))
 
     def generate():
         model.reset()
         start = time.perf_counter()
         model.eval(prompt)
-        tokens = [int(np.argmax(model.scores[model.n_tokens - 1]))]
+        tokens = [int(np.argmax(last_logits()))]
         first = time.perf_counter()
         while len(tokens) < new_tokens:
             model.eval(tokens[-1:])
-            tokens.append(int(np.argmax(model.scores[model.n_tokens - 1])))
+            tokens.append(int(np.argmax(last_logits())))
         last = time.perf_counter()
         return tokens, 1000 * (first - start), (new_tokens - 1) / (last - first)
 
