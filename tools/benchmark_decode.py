@@ -227,6 +227,18 @@ def run(variants: dict, repeats: int) -> dict[str, Samples]:
     return samples
 
 
+def anchor_versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for package in ("onnxruntime-genai", "llama-cpp-python"):
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{package} not installed")
+    return ", ".join(found)
+
+
 def write_markdown(samples: dict[str, Samples], seconds: dict, args, path: Path, elapsed: float) -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     from benchmark import machine_description, versions
@@ -238,7 +250,7 @@ def write_markdown(samples: dict[str, Samples], seconds: dict, args, path: Path,
         "# Decode benchmark: SmolLM2-135M",
         "",
         f"Machine: {machine_description()}. Threads: {args.threads}.",
-        f"Versions: {versions()}.",
+        f"Versions: {versions()}; anchors: {anchor_versions()}.",
         "",
         f"Method: `python tools/benchmark_decode.py`. Batch 1, {args.prompt_tokens}-token prompt, "
         f"{args.new_tokens} new tokens, greedy, end of sequence ignored. Each variant generates the whole "
