@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,9 +148,6 @@ def _cpu_name() -> str:
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:
-    """How many nodes of each operator (and its main attributes' keys) a model has."""
-    counts: dict[str, int] = {}
-    for node in model.graph:
-        key = f"{node.domain}:{node.op_type}:{','.join(sorted(node.attributes))}"
-        counts[key] = counts.get(key, 0) + 1
+    """How many nodes a model has of each operator with each set of attribute names."""
+    counts = Counter(f"{n.domain}:{n.op_type}:{','.join(sorted(n.attributes))}" for n in model.graph)
     return dict(sorted(counts.items()))

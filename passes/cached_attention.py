@@ -33,7 +33,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array
+from xopt.analysis.graph_view import const_array, sole_reader
 from xopt.analysis.structure import Attention
 from xopt.kv_cache import PAST_PATTERN, has_kv_cache
 from xopt.rewrite import replace_value, require_opset
@@ -172,14 +172,14 @@ def _merged_heads(match: dict, attention: Attention) -> dict | None:
 def _split_heads(value: ir.Value, heads: int) -> tuple[ir.Value, ir.Node | None] | None:
     """(X, rotary) when `value` = [RotaryEmbedding](Transpose₀₂₁₃(Reshape(X, [B, S, heads, d])))."""
     node, rotary = value.producer(), None
-    if node is not None and node.op_type == "RotaryEmbedding" and node.domain == "" and _sole_use(node.outputs[0]):
+    if node is not None and node.op_type == "RotaryEmbedding" and node.domain == "" and sole_reader(node.outputs[0]):
         if len(node.inputs) != 3 or node.attributes.get_int("interleaved", 0) != 0:
             return None
         rotary, node = node, node.inputs[0].producer()
-    if not _is_head_transpose(node) or not _sole_use(node.outputs[0]):
+    if not _is_head_transpose(node) or sole_reader(node.outputs[0]) is None:
         return None
     reshape = node.inputs[0].producer()
-    if reshape is None or reshape.op_type != "Reshape" or not _sole_use(reshape.outputs[0]):
+    if reshape is None or reshape.op_type != "Reshape" or sole_reader(reshape.outputs[0]) is None:
         return None
     x, split = reshape.inputs[0], reshape.outputs[0].shape
     if x.shape is None or split is None or len(x.shape) != 3 or len(split) != 4:
@@ -191,28 +191,24 @@ def _split_heads(value: ir.Value, heads: int) -> tuple[ir.Value, ir.Node | None]
 
 def _merged_output(value: ir.Value) -> ir.Value | None:
     """The [B, S, H·d] value that Reshape(Transpose₀₂₁₃(`value`)) produces, if that is all `value` feeds."""
-    users = [node for node, _ in value.uses()]
-    if len(users) != 1 or not _is_head_transpose(users[0]) or value.is_graph_output():
+    transpose = sole_reader(value)
+    if not _is_head_transpose(transpose):
         return None
-    readers = [node for node, _ in users[0].outputs[0].uses()]
-    if len(readers) != 1 or readers[0].op_type != "Reshape" or users[0].outputs[0].is_graph_output():
+    reshape = sole_reader(transpose.outputs[0], "Reshape")
+    if reshape is None:
         return None
-    split, merged = value.shape, readers[0].outputs[0].shape
+    split, merged = value.shape, reshape.outputs[0].shape
     if split is None or merged is None or len(split) != 4 or len(merged) != 3:
         return None
     if [split[0], split[2]] != list(merged)[:2] or not all(isinstance(d, int) for d in (split[1], split[3])):
         return None
-    return readers[0].outputs[0] if merged[2] == split[1] * split[3] else None
+    return reshape.outputs[0] if merged[2] == split[1] * split[3] else None
 
 
 def _is_head_transpose(node: ir.Node | None) -> bool:
     if node is None or node.op_type != "Transpose":
         return False
     return tuple(node.attributes.get_ints("perm", ())) == (0, 2, 1, 3)
-
-
-def _sole_use(value: ir.Value) -> bool:
-    return len(value.uses()) == 1 and not value.is_graph_output()
 
 
 def _rewrite(graph: ir.Graph, match: dict) -> None:

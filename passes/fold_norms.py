@@ -36,7 +36,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array, consumers
+from xopt.analysis.graph_view import const_array, consumers, sole_reader
 from xopt.analysis.patterns import Linear, Norm, match_linear
 from xopt.analysis.structure import Attention, TransformerStructure, sublayer_output
 from xopt.pipeline import Pass, PassResult, register
@@ -194,7 +194,7 @@ def _fold_output_scale(graph: ir.Graph, node: ir.Node) -> str | None:
     Returns what was folded ("batchnorm" or "output_scale"), None when the pattern is absent."""
     source = node.inputs[0]
     linear = _linear_producing(source)
-    if linear is None or len(consumers(source)) != 1 or source.is_graph_output() or not owns_weight(linear):
+    if linear is None or sole_reader(source) is None or not owns_weight(linear):
         return None
     width = linear.out_features
     if node.op_type == "BatchNormalization":

@@ -349,7 +349,7 @@ def _skip_norm_refusal(norm: ir.Node, add: ir.Node) -> str | None:
 def _replace_skip_norm(graph: ir.Graph, norm: ir.Node, add: ir.Node) -> None:
     """Norm(a + b) → Skip…Normalization(a, b, γ[, β]) with outputs (y, -, -, a + b)."""
     epsilon = norm.attributes.get_float("epsilon", 1e-5)
-    outputs = [ir.Value(name=""), ir.Value(name=""), ir.Value(name=""), ir.Value(name="")]
+    outputs = [ir.Value(name="") for _ in range(4)]  # y, mean, inverse deviation, a + b
     node = ir.Node(
         "com.microsoft",
         _SKIP_NORMS[norm.op_type],

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from xopt.analysis.graph_view import const_array
+from xopt.analysis.graph_view import const_array, sole_reader
 from xopt.rewrite import new_initializer, replace_value, require_opset
 
 ROTARY_OPSET = 23
@@ -59,11 +59,11 @@ def _match(neg: ir.Node) -> dict | str:
     lower_source, lower_end = _last_axis_slice(concat.inputs[1].producer(), start_is_zero=True)
     if lower_source is not x or lower_end != half:
         return "rotate_half's halves do not come from the same x"
-    sin_mul = _single_use(concat.outputs[0], "Mul")
+    sin_mul = sole_reader(concat.outputs[0], "Mul")
     if sin_mul is None:
         return "rotate_half(x) is not multiplied by sin"
     sin = _other_input(sin_mul, concat.outputs[0])
-    add = _single_use(sin_mul.outputs[0], "Add")
+    add = sole_reader(sin_mul.outputs[0], "Add")
     if add is None:
         return "rotate_half(x)·sin is not added to x·cos"
     cos_mul = _other_input(add, sin_mul.outputs[0]).producer()
@@ -89,11 +89,6 @@ def _last_axis_slice(node: ir.Node | None, *, start_is_zero: bool) -> tuple[ir.V
     if start_is_zero:
         return (node.inputs[0], int(ends.item())) if int(starts.item()) == 0 else (None, None)
     return (node.inputs[0], int(starts.item())) if int(ends.item()) >= 2**31 - 1 else (None, None)
-
-
-def _single_use(value: ir.Value, op_type: str) -> ir.Node | None:
-    users = [node for node, _ in value.uses()]
-    return users[0] if len(users) == 1 and users[0].op_type == op_type else None
 
 
 def _other_input(node: ir.Node, known: ir.Value) -> ir.Value:

@@ -272,9 +272,18 @@ def machine_description() -> str:
     return f"{model}, {isa}{vnni}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def versions() -> str:
-    names = ["xopt", "torch", "onnxruntime", "onnx", "onnx-ir", "onnxscript", "transformers", "numpy"]
-    return ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)
+CORE_PACKAGES = ("xopt", "torch", "onnxruntime", "onnx", "onnx-ir", "onnxscript", "transformers", "numpy")
+
+
+def versions(names: tuple[str, ...] = CORE_PACKAGES) -> str:
+    return ", ".join(f"{n} {_version(n)}" for n in names)
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def write_markdown(results: Results, path: Path, threads: int, rounds: int, warmup: int, seconds: float) -> None:

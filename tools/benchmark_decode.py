@@ -46,6 +46,7 @@ from xopt.text import bundled_text
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ANCHOR_PACKAGES = ("onnxruntime-genai", "llama-cpp-python")
 logger = logging.getLogger("benchmark_decode")
 
 
@@ -227,18 +228,6 @@ def run(variants: dict, repeats: int) -> dict[str, Samples]:
     return samples
 
 
-def anchor_versions() -> str:
-    from importlib import metadata
-
-    found = []
-    for package in ("onnxruntime-genai", "llama-cpp-python"):
-        try:
-            found.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            found.append(f"{package} not installed")
-    return ", ".join(found)
-
-
 def write_markdown(samples: dict[str, Samples], seconds: dict, args, path: Path, elapsed: float) -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     from benchmark import machine_description, versions
@@ -250,7 +239,7 @@ def write_markdown(samples: dict[str, Samples], seconds: dict, args, path: Path,
         "# Decode benchmark: SmolLM2-135M",
         "",
         f"Machine: {machine_description()}. Threads: {args.threads}.",
-        f"Versions: {versions()}; anchors: {anchor_versions()}.",
+        f"Versions: {versions()}; anchors: {versions(ANCHOR_PACKAGES)}.",
         "",
         f"Method: `python tools/benchmark_decode.py`. Batch 1, {args.prompt_tokens}-token prompt, "
         f"{args.new_tokens} new tokens, greedy, end of sequence ignored. Each variant generates the whole "

@@ -43,6 +43,16 @@ def consumers(value: ir.Value) -> list[ir.Node]:
     return list(dict.fromkeys(node for node, _ in value.uses()))
 
 
+def sole_reader(value: ir.Value, op_type: str | None = None) -> ir.Node | None:
+    """The one node that reads `value` (of `op_type`, if given), when nothing else does: no other
+    reader and not a graph output, so a rewrite may consume `value` without keeping it."""
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    node = uses[0][0]
+    return node if op_type is None or node.op_type == op_type else None
+
+
 def skip_back(value: ir.Value, ops: Iterable[str] = TRANSPARENT_OPS) -> ir.Value:
     """Follow `value` back through single-input pass-through ops."""
     ops = frozenset(ops)
