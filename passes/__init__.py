@@ -9,5 +9,6 @@ Every pass is callable alone on an `ir.Model`:
 from xopt.passes.cleanup import CleanupPass
 from xopt.passes.fold_norms import FoldNormsPass
 from xopt.passes.fuse import FusePass
+from xopt.passes.quantize import QuantizeWeightsPass
 
-__all__ = ["CleanupPass", "FoldNormsPass", "FusePass"]
+__all__ = ["CleanupPass", "FoldNormsPass", "FusePass", "QuantizeWeightsPass"]

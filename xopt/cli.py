@@ -123,6 +123,10 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.report is not None:
         _check_writable_parent(args.report)
     passes = resolve_passes(args.recipe, args.passes)
+    if args.calibration is not None:  # passes that calibrate read the user's text unless told otherwise
+        for step in passes:
+            if getattr(step, "calibration", None) == "":
+                step.calibration = str(args.calibration)
     with _step(f"capturing {args.input}"):
         model = xopt.load(args.input)
     with _progress_bar(len(passes), "pass") as advance:

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from xopt import kv_cache
 from xopt.backends.onnxruntime import run
 from xopt.capture.huggingface import TASK_CAUSAL_LM
 from xopt.errors import XoptError
+from xopt.inputs import text_feeds
 from xopt.runnable import Runnable
 from xopt.text import split_sentences
 
@@ -97,23 +97,14 @@ def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
 def _logits(model: Runnable, feeds: dict[str, np.ndarray]) -> np.ndarray:
     names = [o.name for o in model.session.get_outputs()]
     wanted = [n for n in names if "logits" in n.lower()][:1] or names[:1]
-    return run(model.session, _fill_inputs(model, feeds), wanted)[wanted[0]]
+    return run(model.session, _text_feeds(model, feeds), wanted)[wanted[0]]
 
 
-def _fill_inputs(model: Runnable, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Add position ids and an empty KV cache when the model asks for them; refuse other unknown inputs."""
-    filled = {**kv_cache.empty_cache(model.model, len(feeds["input_ids"])), **feeds}
-    for value in model.model.graph.inputs:
-        if value.name in filled:
-            continue
-        if "position" in value.name:
-            sequence = feeds["input_ids"].shape[1]
-            filled[value.name] = np.broadcast_to(np.arange(sequence, dtype=np.int64), feeds["input_ids"].shape).copy()
-        elif "token_type" in value.name:
-            filled[value.name] = np.zeros_like(feeds["input_ids"])
-        else:
-            raise XoptError(f"{model.label}: cannot feed input {value.name!r} from text")
-    return filled
+def _text_feeds(model: Runnable, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    try:
+        return text_feeds(model.model, feeds)
+    except XoptError as error:
+        raise XoptError(f"{model.label}: {error}") from None
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -151,7 +142,7 @@ def _encoder_quality(model, text, reference, max_sentences, progress) -> Quality
 
 
 def _embed(model: Runnable, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    hidden = next(iter(run(model.session, _fill_inputs(model, feeds)).values())).astype(np.float64)
+    hidden = next(iter(run(model.session, _text_feeds(model, feeds)).values())).astype(np.float64)
     return mean_pool(hidden, feeds["attention_mask"])
 
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from xopt import kv_cache
+from xopt.errors import XoptError
+
 DEFAULT_BATCH, DEFAULT_SEQUENCE = 2, 16
 VERIFY_PAST = 3
 
@@ -53,6 +56,24 @@ def sample_inputs(
         else:
             feeds[value.name] = rng.integers(0, _index_bound(value), size=shape).astype(dtype)
     return feeds
+
+
+def text_feeds(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Complete `input_ids` and `attention_mask` of tokenized text into the model's inputs: an
+    empty KV cache, position ids 0..S−1 and zero token types when it asks for them; any other
+    unknown input is refused."""
+    filled = {**kv_cache.empty_cache(model, len(feeds["input_ids"])), **feeds}
+    for value in model.graph.inputs:
+        if value.name in filled:
+            continue
+        if "position" in value.name:
+            sequence = feeds["input_ids"].shape[1]
+            filled[value.name] = np.broadcast_to(np.arange(sequence, dtype=np.int64), feeds["input_ids"].shape).copy()
+        elif "token_type" in value.name:
+            filled[value.name] = np.zeros_like(feeds["input_ids"])
+        else:
+            raise XoptError(f"cannot feed input {value.name!r} from text")
+    return filled
 
 
 def _concrete_shape(value: ir.Value, batch: int, sequence: int, past: int) -> tuple[int, ...]:

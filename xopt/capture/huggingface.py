@@ -106,20 +106,35 @@ def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
     source = model.metadata_props.get("xopt.hf_folder")
     if not source or not Path(source).is_dir():
         return False
-    kwargs = {}
-    if gguf_file := model.metadata_props.get("xopt.gguf_file"):
-        kwargs["gguf_file"] = gguf_file
-    transformers.logging.set_verbosity_error()
     try:
-        transformers.AutoTokenizer.from_pretrained(source, **kwargs).save_pretrained(folder)
-    except (OSError, ValueError) as error:
-        logger.warning("%s has no usable tokenizer; the output folder gets none (%s)", source, first_line(error))
-    config = transformers.AutoConfig.from_pretrained(source, **kwargs)
+        source_tokenizer(model).save_pretrained(folder)
+    except XoptError as error:
+        logger.warning("the output folder gets no tokenizer: %s", error)
+    config = transformers.AutoConfig.from_pretrained(source, **_gguf_kwargs(model))
 
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(folder)
     return True
+
+
+def source_tokenizer(model: ir.Model):
+    """The tokenizer of the Hugging Face folder the model was captured from."""
+    import transformers
+
+    source = model.metadata_props.get("xopt.hf_folder")
+    if not source or not Path(source).is_dir():
+        raise XoptError("the model was not captured from a Hugging Face folder here, so xopt has no tokenizer for it")
+    transformers.logging.set_verbosity_error()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, **_gguf_kwargs(model))
+    except (OSError, ValueError) as error:
+        raise XoptError(f"{source} has no usable tokenizer ({first_line(error)})") from None
+
+
+def _gguf_kwargs(model: ir.Model) -> dict[str, str]:
+    gguf_file = model.metadata_props.get("xopt.gguf_file")
+    return {"gguf_file": gguf_file} if gguf_file else {}
 
 
 def _example_ids(model):

@@ -1,0 +1,63 @@
+"""GPTQ (Frantar et al., 2023): quantize a linear's weight column by column, each step's error
+compensated by the columns not yet quantized, so that the layer's output on calibration inputs
+changes least.
+
+With the weight as rows of output channels, W [N, K], and H = Σ_t x_t x_tᵀ [K, K] the second moment
+of the layer's inputs on calibration data, GPTQ minimises ‖(W − Ŵ)·X‖² one input column at a time:
+
+    H ← H + λ·mean(diag H)·I                    (dampening; dead inputs, H_kk = 0, get H_kk = 1, W[:, k] = 0)
+    U = chol(H⁻¹)ᵀ                               (upper triangular)
+    for k = 0 … K−1:  ŵ_k = grid(w_k);  e = (w_k − ŵ_k)/U_kk;  W[:, k+1:] −= e · U[k, k+1:]
+
+done lazily over blocks of B columns (in-block updates immediately, the rest once per block).
+The grid of each group of g columns (scale and integer zero point per output channel, see
+`weight_grid`) is fitted when the loop enters the group, on the group's columns as updated so
+far, so it sees the compensation of earlier groups. Columns are taken in their stored order (no
+act-order), so groups stay contiguous as MatMulNBits needs. Float64 throughout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xopt.passes.weight_grid import codes_of, fit_blocks
+
+BLOCK_COLUMNS = 128
+
+
+def gptq(
+    w_nk: np.ndarray, hessian: np.ndarray, *, bits: int, group: int, fit: str, damp: float = 0.01
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes [N, K], and scale, zero [N, ⌈K/g⌉] of W [N, K] quantized against input moment H [K, K]."""
+    n, k = w_nk.shape
+    weight = np.array(w_nk, dtype=np.float64)
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+
+    groups = -(-k // group)
+    codes = np.zeros((n, k))
+    scale, zero = np.zeros((n, groups)), np.zeros((n, groups))
+    block = max(BLOCK_COLUMNS // group, 1) * group  # whole groups per block
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        current = weight[:, start:end]  # a view: updates land in `weight`
+        errors = np.zeros((n, end - start))
+        inverse = upper[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if column % group == 0:
+                g = column // group
+                members = current[:, i : i + group]
+                scale[:, g], zero[:, g] = (a[:, 0] for a in fit_blocks(members[:, None, :], bits, fit))
+            g = column // group
+            q = codes_of(current[:, i : i + 1], scale[:, g], zero[:, g], bits)[:, 0]
+            codes[:, column] = q
+            error = (current[:, i] - scale[:, g] * (q - zero[:, g])) / inverse[i, i]
+            current[:, i:] -= np.outer(error, inverse[i, i:])
+            errors[:, i] = error
+        weight[:, end:] -= errors @ upper[start:end, end:]
+    return codes, scale, zero

@@ -1,0 +1,113 @@
+"""Block-wise integer grids for weight-only quantization, their fits, and the MatMulNBits layout.
+
+A linear's weight W [K, N] (y = x·W) is quantized per output column n in blocks of g consecutive
+input rows (the layout of ONNX Runtime's com.microsoft.MatMulNBits):
+
+    Ŵ[k, n] = s[n, b] · (q[k, n] − z[n, b]),   b = ⌊k / g⌋,   q, z ∈ {0, …, L},  L = 2^bits − 1
+
+with an integer zero point z: ONNX Runtime's fast CPU kernels take only uint8 zero points (a float
+zero point falls back to dequantizing the whole weight on every call, ~30× slower for a decode
+step on the machines measured). Given (s, z) the codes are q = clip(round(w/s + z), 0, L).
+
+Fits of (s, z) per block, on the block's values w:
+- `minmax` (round to nearest, RTN): s = (max w − min w)/L, z = round(−min w / s).
+- `hqq`: Half-Quadratic Quantization (Badri & Shaji, 2023) minimises ‖w − Ŵ‖_p^p with p < 1
+  (robust to outliers) by alternating a proximal step on the error, e = shrink_p(w − Ŵ, β) with
+  shrink_p(x) = sign(x)·relu(|x| − |x|^(p−1)/β), and closed-form updates of the grid on the
+  target w − e: the zero point z = round(mean(q − (w − e)/s)) (kept on the integer grid
+  MatMulNBits stores) and, beyond the original HQQ, the least-squares scale
+  s = Σ (w − e)(q − z) / Σ (q − z)². β grows by κ each step; each block keeps the iterate with
+  the smallest squared error ‖w − Ŵ‖², so it is never worse than `minmax`, where it starts.
+
+Blocks are fitted as arrays [..., g] (leading axes: output channel, block); a last block shorter
+than g (K not a multiple of g) is padded for the fit by repeating its own values, which leaves
+its min and max unchanged, and its padded codes multiply nothing (MatMulNBits reads K rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FITS = ("minmax", "hqq")
+HQQ_ITERATIONS, HQQ_P, HQQ_BETA, HQQ_KAPPA = 20, 0.7, 10.0, 1.01
+
+
+def levels(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def fit_blocks(blocks: np.ndarray, bits: int, fit: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero) of each block of `blocks` [..., g] (float64); zero is integer-valued."""
+    if fit == "minmax":
+        return _fit_minmax(blocks, levels(bits))
+    if fit == "hqq":
+        return _fit_hqq(blocks, levels(bits))
+    raise ValueError(f"unknown grid fit {fit!r}")
+
+
+def codes_of(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """q = clip(round(w/s + z), 0, L) for blocks [..., g] and per-block scale, zero [...]."""
+    return np.clip(np.rint(blocks / scale[..., None] + zero[..., None]), 0, levels(bits))
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    return scale[..., None] * (codes - zero[..., None])
+
+
+def _fit_minmax(blocks: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    low, high = blocks.min(axis=-1), blocks.max(axis=-1)
+    scale = (high - low) / top
+    scale = np.where(scale > 0, scale, np.maximum(np.abs(high), 1e-12))  # a constant block: any s, q − z = w/s
+    zero = np.clip(np.rint(-low / scale), 0, top)
+    return scale, zero
+
+
+def _fit_hqq(blocks: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    scale, zero = _fit_minmax(blocks, top)
+    best_scale, best_zero = scale.copy(), zero.copy()
+    best_error = np.full(scale.shape, np.inf)
+    beta = HQQ_BETA
+    for _ in range(HQQ_ITERATIONS):
+        q = np.clip(np.rint(blocks / scale[..., None] + zero[..., None]), 0, top)
+        residual = blocks - scale[..., None] * (q - zero[..., None])
+        error = np.square(residual).sum(axis=-1)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scale, best_zero = np.where(better, scale, best_scale), np.where(better, zero, best_zero)
+        magnitude = np.abs(residual)
+        shrunk = np.sign(residual) * np.maximum(magnitude - np.power(magnitude + 1e-8, HQQ_P - 1) / beta, 0)
+        target = blocks - shrunk
+        zero = np.clip(np.rint(np.mean(q - target / scale[..., None], axis=-1)), 0, top)
+        offset = q - zero[..., None]
+        denominator = np.square(offset).sum(axis=-1)
+        refit = np.sum(target * offset, axis=-1) / np.where(denominator > 0, denominator, 1)
+        scale = np.where((denominator > 0) & (refit > 0), refit, scale)
+        beta *= HQQ_KAPPA
+    return best_scale, best_zero
+
+
+def as_blocks(w_nk: np.ndarray, group: int) -> np.ndarray:
+    """[N, K] → [N, ⌈K/g⌉, g]; a short last block is padded by repeating its own values."""
+    n, k = w_nk.shape
+    padding = -k % group
+    if padding:
+        tail = w_nk[:, k - (k % group) :]
+        w_nk = np.concatenate([w_nk, np.resize(tail, (n, padding)) if tail.size else tail], axis=1)
+    return w_nk.reshape(n, -1, group)
+
+
+def pack_matmul_nbits(codes: np.ndarray, zero: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' B [N, blocks, g·bits/8] and packed uint8 zero points from codes [N, blocks, g]
+    and zero [N, blocks]: 4-bit values two to a byte, the first in the low nibble; each row's 4-bit
+    zero points padded to whole bytes."""
+    codes = codes.astype(np.uint8)
+    zero = zero.astype(np.uint8)
+    if bits == 8:
+        return codes, zero.reshape(-1)
+    if bits != 4:
+        raise ValueError(f"{bits}-bit packing is not supported")
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    if zero.shape[1] % 2:
+        zero = np.concatenate([zero, np.zeros((zero.shape[0], 1), np.uint8)], axis=1)
+    packed_zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return packed, packed_zero.reshape(-1)
