@@ -12,8 +12,13 @@ of the layer's inputs on calibration data, GPTQ minimises ‖(W − Ŵ)·X‖² 
 done lazily over blocks of B columns (in-block updates immediately, the rest once per block).
 The grid of each group of g columns (scale and integer zero point per output channel, see
 `weight_grid`) is fitted when the loop enters the group, on the group's columns as updated so
-far, so it sees the compensation of earlier groups. Columns are taken in their stored order (no
-act-order), so groups stay contiguous as MatMulNBits needs. Float64 throughout.
+far, so it sees the compensation of earlier groups.
+
+`act_order`: columns are quantized in order of decreasing H_kk (the inputs with the most energy
+first, while the most columns remain to absorb their error). Groups must stay contiguous in the
+stored order, as MatMulNBits reads them, so their grids are fitted up front on the unquantized
+weight ("static groups") and each column uses the grid of the group it is stored in.
+Float64 throughout.
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ BLOCK_COLUMNS = 128
 
 
 def gptq(
-    w_nk: np.ndarray, hessian: np.ndarray, *, bits: int, group: int, fit: str, damp: float = 0.01
+    w_nk: np.ndarray,
+    hessian: np.ndarray,
+    *,
+    bits: int,
+    group: int,
+    fit: str,
+    damp: float = 0.01,
+    act_order: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes [N, K], and scale, zero [N, ⌈K/g⌉] of W [N, K] quantized against input moment H [K, K]."""
     n, k = w_nk.shape
@@ -36,11 +48,20 @@ def gptq(
     h[dead, dead] = 1.0
     weight[:, dead] = 0.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    groups = -(-k // group)
+    scale, zero = np.zeros((n, groups)), np.zeros((n, groups))
+    if act_order:
+        for g in range(groups):
+            scale[:, g], zero[:, g] = (
+                a[:, 0] for a in fit_blocks(weight[:, None, g * group : (g + 1) * group], bits, fit)
+            )
+        order = np.argsort(-np.diag(h), kind="stable")
+    else:
+        order = np.arange(k)
+    weight, h = weight[:, order], h[np.ix_(order, order)]
     upper = np.linalg.cholesky(np.linalg.inv(h)).T
 
-    groups = -(-k // group)
     codes = np.zeros((n, k))
-    scale, zero = np.zeros((n, groups)), np.zeros((n, groups))
     block = max(BLOCK_COLUMNS // group, 1) * group  # whole groups per block
     for start in range(0, k, block):
         end = min(start + block, k)
@@ -48,14 +69,12 @@ def gptq(
         errors = np.zeros((n, end - start))
         inverse = upper[start:end, start:end]
         for i in range(end - start):
-            column = start + i
-            if column % group == 0:
-                g = column // group
-                members = current[:, i : i + group]
-                scale[:, g], zero[:, g] = (a[:, 0] for a in fit_blocks(members[:, None, :], bits, fit))
-            g = column // group
+            g = order[start + i] // group
+            if not act_order and (start + i) % group == 0:
+                members = current[:, None, i : i + group]
+                scale[:, g], zero[:, g] = (a[:, 0] for a in fit_blocks(members, bits, fit))
             q = codes_of(current[:, i : i + 1], scale[:, g], zero[:, g], bits)[:, 0]
-            codes[:, column] = q
+            codes[:, order[start + i]] = q
             error = (current[:, i] - scale[:, g] * (q - zero[:, g])) / inverse[i, i]
             current[:, i:] -= np.outer(error, inverse[i, i:])
             errors[:, i] = error

@@ -8,9 +8,11 @@ of `group` input rows (`weight_grid` states the grid and its fits). The codes q 
 - `hqq`: HQQ's half-quadratic fit of the grid to the weight, no data needed;
 - `gptq`: GPTQ (`gptq.py`) on calibration activations: the second moment Σ x xᵀ of each linear's
   input, gathered in one ONNX Runtime pass over the calibration text (`xopt.calibration`), so
-  memory is Σ K² over the distinct inputs; the grid of each group is fitted with HQQ's fit.
-A bias Add after the MatMul stays as it is. `lm_head=false` keeps the linear that writes a graph
-output (the LM head) in float.
+  memory is Σ K² over the distinct inputs; the grid of each group is fitted with HQQ's fit, and
+  `act_order` takes the inputs with the most energy first (static groups).
+A bias Add after the MatMul stays as it is. The LM head (the linear that writes a graph output)
+takes `head_bits` (8 by default: it is the widest matrix of a small LM and the most sensitive;
+0 keeps it in float).
 
 MatMulNBits' `accuracy_level` picks its kernel: 0 computes in float, 4 quantizes the activations
 to int8 per block and uses integer dot products (faster for decode on CPUs with VNNI, often slower
@@ -57,11 +59,12 @@ class QuantizeWeightsPass(Pass):
     bits: int = 4
     group: int = 128
     method: str = "gptq"
-    lm_head: bool = True
+    head_bits: int = 8
     accuracy: str = "measure"
     calibration: str = ""  # text file for gptq; empty: the bundled calibration text
     windows: int = 8  # calibration windows of 512 tokens
     damp: float = 0.01
+    act_order: bool = True
     threads: int = 2
     batch: int = 1
     sequence: int = 128
@@ -76,16 +79,16 @@ class QuantizeWeightsPass(Pass):
         moments = self._moments(model, linears) if self.method == "gptq" else {}
         stats: Counter[str] = Counter()
         errors = []
-        for linear in linears:
+        for linear, bits in linears:
             w = weight_in_out(linear)
-            codes, scale, zero = self._quantize(w.T, moments.get(linear.input.name))
+            codes, scale, zero = self._quantize(w.T, moments.get(linear.input.name), bits)
             restored = dequantize(as_blocks(codes, self.group), scale, zero).reshape(len(codes), -1)[:, : w.shape[0]]
             errors.append(np.linalg.norm(restored - w.T) / max(np.linalg.norm(w), 1e-30))
             stats["bytes_before"] += w.size * weight_dtype(linear.weight).itemsize
-            stats["bytes_after"] += _lower(model.graph, linear, codes, scale, zero, self.bits, self.group)
+            stats["bytes_after"] += _lower(model.graph, linear, codes, scale, zero, bits, self.group)
             stats["linears_quantized"] += 1
             shape = f"{w.shape[0]}×{w.shape[1]}"
-            explain.append(f"{linear.name}: {shape} → {self.bits}-bit, relative error {errors[-1]:.4f}")
+            explain.append(f"{linear.name}: {shape} → {bits}-bit, relative error {errors[-1]:.4f}")
         stats["mean_relative_error"] = float(np.mean(errors))
         level, note = self._accuracy_level(model)
         explain.append(note)
@@ -95,6 +98,8 @@ class QuantizeWeightsPass(Pass):
     def _check_options(self) -> None:
         if self.bits not in (4, 8):
             raise XoptError(f"quantize: bits={self.bits}: MatMulNBits takes 4 or 8")
+        if self.head_bits not in (0, 4, 8):
+            raise XoptError(f"quantize: head_bits={self.head_bits}: 4, 8, or 0 to keep the LM head in float")
         if self.group < 16 or self.group & (self.group - 1):
             raise XoptError(f"quantize: group={self.group}: a power of two, at least 16")
         if self.method not in METHODS:
@@ -102,7 +107,8 @@ class QuantizeWeightsPass(Pass):
         if str(self.accuracy) not in ACCURACY_LEVELS:
             raise XoptError(f"quantize: accuracy={self.accuracy!r}: one of {', '.join(ACCURACY_LEVELS)}")
 
-    def _targets(self, model: ir.Model, explain: list[str]) -> list[Linear]:
+    def _targets(self, model: ir.Model, explain: list[str]) -> list[tuple[Linear, int]]:
+        """Each linear to quantize with its bit width."""
         outputs = set(model.graph.outputs)
         linears = []
         for node in model.graph:
@@ -113,23 +119,27 @@ class QuantizeWeightsPass(Pass):
                 continue
             if node.op_type == "Gemm":
                 explain.append(f"{linear.name}: not quantized: Gemm (only MatMul is lowered)")
-            elif not self.lm_head and skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"}) in outputs:
-                explain.append(f"{linear.name}: not quantized: LM head (lm_head=false)")
+            elif skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"}) not in outputs:
+                linears.append((linear, self.bits))
+            elif self.head_bits:
+                linears.append((linear, self.head_bits))
             else:
-                linears.append(linear)
+                explain.append(f"{linear.name}: not quantized: LM head (head_bits=0)")
         return linears
 
     def _moments(self, model: ir.Model, linears: list[Linear]):
         feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
-        return second_moments(model, [linear.input for linear in linears], feeds, threads=self.threads)
+        return second_moments(model, [linear.input for linear, _ in linears], feeds, threads=self.threads)
 
-    def _quantize(self, w_nk: np.ndarray, moment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _quantize(self, w_nk: np.ndarray, moment, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Codes [N, K] and scale, zero [N, blocks] of W [N, K]."""
         if self.method == "gptq":
-            return gptq(w_nk, moment.matrix, bits=self.bits, group=self.group, fit="hqq", damp=self.damp)
+            return gptq(
+                w_nk, moment.matrix, bits=bits, group=self.group, fit="hqq", damp=self.damp, act_order=self.act_order
+            )
         blocks = as_blocks(w_nk, self.group)
-        scale, zero = fit_blocks(blocks, self.bits, "minmax" if self.method == "rtn" else "hqq")
-        codes = codes_of(blocks, scale, zero, self.bits).reshape(len(w_nk), -1)[:, : w_nk.shape[1]]
+        scale, zero = fit_blocks(blocks, bits, "minmax" if self.method == "rtn" else "hqq")
+        codes = codes_of(blocks, scale, zero, bits).reshape(len(w_nk), -1)[:, : w_nk.shape[1]]
         return codes, scale, zero
 
     def _accuracy_level(self, model: ir.Model) -> tuple[int, str]:

@@ -3,6 +3,8 @@ and whole tiny models quantized and still running (decoders with their KV cache)
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -43,7 +45,7 @@ def test_matmulnbits_computes_x_times_the_dequantized_weight(bits, in_features, 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((in_features, 24)).astype(np.float32)
     model = _single_matmul(weight)
-    result = QuantizeWeightsPass(bits=bits, group=group, method="rtn", accuracy="0")(model)
+    result = QuantizeWeightsPass(bits=bits, group=group, method="rtn", accuracy="0", head_bits=bits)(model)
     assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
     check_structure(result.model)
     x = rng.standard_normal((5, in_features)).astype(np.float32)
@@ -65,17 +67,20 @@ def test_hqq_fit_is_never_worse_than_round_to_nearest():
     assert errors["hqq"].mean() < 0.97 * errors["minmax"].mean()  # measured 0.95
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("fit", ["minmax", "hqq"])
-def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(fit):
+def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(fit, act_order):
     """GPTQ's objective ‖X·(W − Ŵ)‖ is lower than the same grid rounded to nearest."""
     rng = np.random.default_rng(2)
     inputs = rng.standard_normal((2048, 96)) @ rng.standard_normal((96, 96))  # correlated channels
+    inputs *= rng.uniform(0.2, 3.0, size=96)  # uneven channel energy, which act-order exploits
     weight = rng.standard_normal((96, 40))
-    codes, scale, zero = gptq(weight.T, inputs.T @ inputs, bits=4, group=32, fit=fit)
+    codes, scale, zero = gptq(weight.T, inputs.T @ inputs, bits=4, group=32, fit=fit, act_order=act_order)
     ours = dequantize(as_blocks(codes, 32), scale, zero).reshape(40, -1)[:, :96].T
     nearest = _restored(weight, 4, 32, fit)
     error = np.linalg.norm(inputs @ (weight - ours))
-    assert error < 0.8 * np.linalg.norm(inputs @ (weight - nearest))  # measured 0.71 (minmax)
+    ratio = error / np.linalg.norm(inputs @ (weight - nearest))
+    assert ratio < (0.7 if act_order else 0.85)  # measured 0.58–0.60 with act-order, 0.75–0.76 without
 
 
 def test_gptq_on_uncorrelated_inputs_is_round_to_nearest():
@@ -102,7 +107,9 @@ def test_every_linear_becomes_matmulnbits_and_the_model_still_runs(tiny_model, n
     decoders); 8-bit keeps the outputs close, 4-bit within its noise."""
     model = tiny_model(name)
     for bits, tolerance in ((8, 0.05), (4, 0.5)):
-        optimized, report = PassManager([QuantizeWeightsPass(bits=bits, group=16, method=method, accuracy="0")])(model)
+        optimized, report = PassManager(
+            [QuantizeWeightsPass(bits=bits, group=16, method=method, accuracy="0", head_bits=bits)]
+        )(model)
         record = report.passes[-1]
         assert record.stats["linears_quantized"] == _linear_count(model) > 0
         assert _linear_count(optimized) == 0
@@ -110,13 +117,17 @@ def test_every_linear_becomes_matmulnbits_and_the_model_still_runs(tiny_model, n
         assert record.parity.max_rel <= tolerance, (bits, record.parity.describe())
 
 
-def test_lm_head_false_keeps_the_head_in_float(tiny_model):
-    model = tiny_model("qwen2").clone()
+def test_head_bits_sets_the_lm_head_apart(tiny_model):
+    model = tiny_model("qwen2")
     linears = _linear_count(model)
-    result = QuantizeWeightsPass(method="rtn", group=16, accuracy="0", lm_head=False)(model)
-    assert result.stats["linears_quantized"] == linears - 1
-    assert _linear_count(result.model) == 1
-    assert any("LM head" in line for line in result.explain)
+    kept = QuantizeWeightsPass(method="rtn", group=16, accuracy="0", head_bits=0)(model.clone())
+    assert kept.stats["linears_quantized"] == linears - 1
+    assert _linear_count(kept.model) == 1
+    assert any("LM head" in line for line in kept.explain)
+    for head_bits in (4, 8):
+        result = QuantizeWeightsPass(method="rtn", group=16, accuracy="0", head_bits=head_bits)(model.clone())
+        bits = Counter(n.attributes.get_int("bits") for n in result.model.graph if n.op_type == "MatMulNBits")
+        assert bits == ({4: linears} if head_bits == 4 else {4: linears - 1, 8: 1})
 
 
 def test_gptq_calibrates_on_text_with_the_models_tokenizer(tiny_model):
@@ -138,6 +149,7 @@ def test_measured_accuracy_level_is_applied_to_every_matmulnbits(tiny_model):
     ("options", "message"),
     [
         (dict(bits=3), "bits=3"),
+        (dict(head_bits=2), "head_bits=2"),
         (dict(group=48), "group=48"),
         (dict(method="awq"), "unknown method"),
         (dict(accuracy="2"), "accuracy="),
@@ -146,3 +158,25 @@ def test_measured_accuracy_level_is_applied_to_every_matmulnbits(tiny_model):
 def test_bad_options_are_refused_with_the_reason(tiny_model, options, message):
     with pytest.raises(XoptError, match=message):
         QuantizeWeightsPass(**options)(tiny_model("llama").clone())
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tmp_path, name):
+    """The recipe's output (calibrated with the model's own tokenizer) decodes token by token;
+    8-bit weights keep the greedy tokens of the float model."""
+    import xopt
+    from xopt.generate import Decoder
+    from xopt.runnable import open_runnable
+
+    prompt = [5, 17, 42, 9, 3]
+    xopt.save(tiny_model(name), tmp_path / "float")
+    expected = Decoder(open_runnable(tmp_path / "float")).generate(prompt, 12).tokens
+    int4, report = xopt.optimize(tiny_model(name), recipe="int4")
+    assert [p.name for p in report.passes] == xopt.RECIPES["int4"]
+    int8, _ = xopt.optimize(tiny_model(name), passes=[QuantizeWeightsPass(bits=8, group=16, windows=2)])
+    for label, model in (("int4", int4), ("int8", int8)):
+        xopt.save(model, tmp_path / label)
+        tokens = Decoder(open_runnable(tmp_path / label)).generate(prompt, 12).tokens
+        assert len(tokens) == 12
+        if label == "int8":
+            assert tokens == expected

@@ -13,6 +13,9 @@ each; each keeps its runtime's default thread spinning, as a user would run it.
 The anchors are optional: `pip install -e '.[anchors]'` (llama-cpp-python builds llama.cpp from
 source, about ten minutes); a missing one is reported and left out.
 
+Quality: perplexity of each variant on the first windows of the evaluation text (512 tokens each,
+the same token ids for all), so the int4 variants are compared at their cost in accuracy.
+
 Variants:
 - transformers `generate` (fp32, default SDPA attention, torch threads fixed);
 - onnxruntime-genai: its model builder on the same fp32 weights, `-p fp32` and `-p int4`;
@@ -39,6 +42,7 @@ import numpy as np
 import torch
 
 import xopt
+from xopt.evaluate import evaluate
 from xopt.generate import Decoder
 from xopt.pipeline import RECIPES
 from xopt.runnable import open_runnable
@@ -174,7 +178,36 @@ def xopt_variant(folder: Path, prompt: list[int], new_tokens: int, threads: int)
     return generate
 
 
-def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[dict, dict]:
+PERPLEXITY_WINDOW = 512
+
+
+def onnx_perplexity(model: Path, tokenizer_folder: Path, text: str, threads: int) -> float:
+    """Perplexity of an ONNX KV-cache model (xopt's or onnxruntime-genai's) in ONNX Runtime."""
+    runnable = open_runnable(model, tokenizer=tokenizer_folder, threads=threads)
+    return evaluate(runnable, text, window=PERPLEXITY_WINDOW).perplexity
+
+
+def llama_cpp_perplexity(gguf: Path, ids: list[int], threads: int) -> float:
+    """The same windows through llama.cpp, all logits kept."""
+    import llama_cpp
+
+    model = llama_cpp.Llama(
+        str(gguf), n_ctx=PERPLEXITY_WINDOW, n_batch=PERPLEXITY_WINDOW, logits_all=True, n_threads=threads, verbose=False
+    )
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - PERPLEXITY_WINDOW + 1, PERPLEXITY_WINDOW):
+        window = ids[start : start + PERPLEXITY_WINDOW]
+        model.reset()
+        model.eval(window)
+        logits = np.asarray(model.scores[: len(window) - 1], dtype=np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        nll -= float(log_probs[np.arange(len(window) - 1), window[1:]].sum())
+        count += len(window) - 1
+    return float(np.exp(nll / count))
+
+
+def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[dict, dict, dict]:
     from xopt.capture.huggingface import load_hf_model
 
     folder = smollm2_folder()
@@ -183,6 +216,8 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
     reference.save_pretrained(hf_folder)
     tokenizer.save_pretrained(hf_folder)
     variants, seconds = {"transformers generate": transformers_variant(reference, prompt, args.new_tokens)}, {}
+    text, threads = perplexity_text(tokenizer, args.perplexity_windows), args.threads
+    quality = {}  # label → a function computing its perplexity
 
     captured = xopt.load(folder)
     for recipe in ["captured", *RECIPES]:
@@ -196,6 +231,7 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
         xopt.save(model, out)
         seconds[f"xopt {recipe}"] = time.perf_counter() - start
         variants[f"xopt {recipe}"] = xopt_variant(out, prompt, args.new_tokens, args.threads)
+        quality[f"xopt {recipe}"] = lambda out=out: onnx_perplexity(out, out, text, threads)
 
     for precision in ("fp32", "int4"):
         label = f"onnxruntime-genai {precision}"
@@ -207,12 +243,23 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
             continue
         seconds[label] = time.perf_counter() - start
         variants[label] = genai_variant(built, prompt, args.new_tokens)
+        quality[label] = lambda built=built: onnx_perplexity(built / "model.onnx", hf_folder, text, threads)
 
     try:
         variants["llama.cpp Q4_1"] = llama_cpp_variant(folder / GGUF_FILE, prompt, args.new_tokens, args.threads)
     except ImportError as error:
         logger.warning("llama.cpp Q4_1 left out: %s", error)
-    return variants, seconds
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        quality["llama.cpp Q4_1"] = lambda: llama_cpp_perplexity(folder / GGUF_FILE, ids, threads)
+    return variants, seconds, quality
+
+
+def perplexity_text(tokenizer, windows: int) -> str:
+    """The opening of the evaluation text: about `windows` windows of tokens."""
+    text = bundled_text("evaluation").read_text()
+    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return text[: len(text) * (windows * PERPLEXITY_WINDOW + 64) // tokens]
 
 
 def run(variants: dict, repeats: int) -> dict[str, Samples]:
@@ -228,7 +275,9 @@ def run(variants: dict, repeats: int) -> dict[str, Samples]:
     return samples
 
 
-def write_markdown(samples: dict[str, Samples], seconds: dict, args, path: Path, elapsed: float) -> None:
+def write_markdown(
+    samples: dict[str, Samples], seconds: dict, perplexity: dict, args, path: Path, elapsed: float
+) -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     from benchmark import machine_description, versions
 
@@ -246,10 +295,12 @@ def write_markdown(samples: dict[str, Samples], seconds: dict, args, path: Path,
         f"sequence in turn, interleaved over {args.repeats} rounds after one warm-up round; median (p10–p90). "
         "Prefill = prompt to first new token; decode = the other new tokens over their time. "
         "'agree' = generated tokens equal to transformers' greedy output. "
+        f"Perplexity: the first {args.perplexity_windows} windows of {PERPLEXITY_WINDOW} tokens of the bundled "
+        "evaluation text (the same token ids for every variant; transformers' weights are xopt captured's). "
         f"The run took {elapsed / 60:.0f} minutes.",
         "",
-        "| variant | prefill ms | decode tokens/s | vs onnxruntime-genai fp32 | agree | build s |",
-        "|---|---|---|---|---|---|",
+        "| variant | prefill ms | decode tokens/s | vs onnxruntime-genai fp32 | agree | perplexity | build s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, s in samples.items():
         p10, median, p90 = np.percentile(s.tokens_per_s, [10, 50, 90])
@@ -257,9 +308,10 @@ def write_markdown(samples: dict[str, Samples], seconds: dict, args, path: Path,
         agree = sum(a == b for a, b in zip(s.tokens, reference, strict=True))
         ratio = f"{median / genai_speed:.2f}×" if genai_speed else "—"
         build = f"{seconds[label]:.0f}" if label in seconds else ""
+        quality = f"{perplexity[label]:.2f}" if label in perplexity else "—"
         lines.append(
             f"| {label} | {prefill:.0f} ({q10:.0f}–{q90:.0f}) | {median:.1f} ({p10:.1f}–{p90:.1f}) | {ratio} | "
-            f"{agree}/{len(reference)} | {build} |"
+            f"{agree}/{len(reference)} | {quality} | {build} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -270,6 +322,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--perplexity-windows", type=int, default=8, help="windows of 512 tokens; 0 skips")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -286,9 +339,12 @@ def main() -> None:
     prompt = prompt[: args.prompt_tokens]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xopt-decode-") as scratch:
-        variants, seconds = build_variants(args, Path(scratch), tokenizer, prompt)
+        variants, seconds, quality = build_variants(args, Path(scratch), tokenizer, prompt)
         samples = run(variants, args.repeats)
-    write_markdown(samples, seconds, args, args.output / "DECODE.md", time.perf_counter() - started)
+        perplexity = {label: measure() for label, measure in quality.items()} if args.perplexity_windows else {}
+        for label, value in perplexity.items():
+            logger.info("%s: perplexity %.3f", label, value)
+    write_markdown(samples, seconds, perplexity, args, args.output / "DECODE.md", time.perf_counter() - started)
     print((args.output / "DECODE.md").read_text())
 
 

@@ -2,9 +2,10 @@
 
 Calibration text (the bundled opening of *Emma* unless the user gives a file; never the
 evaluation text) is tokenized with the model's own tokenizer and cut into the first `windows`
-non-overlapping windows of `window` tokens, each fed as one unpadded sequence (an empty KV cache
-for a decoder). Statistics come from running the model in ONNX Runtime with the values of
-interest added as graph outputs; for a value x of width d, over every token t of every window:
+non-overlapping windows of `window` tokens (shorter when the model's context is), each fed as
+one unpadded sequence (an empty KV cache for a decoder). Statistics come from running the model
+in ONNX Runtime with the values of interest added as graph outputs; for a value x of width d,
+over every token t of every window:
 
     M(x) = Σ_t x_t x_tᵀ   [d, d], accumulated in float64,   n = number of tokens
 
@@ -23,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from xopt.backends.onnxruntime import create_session, run
-from xopt.capture.huggingface import source_tokenizer
+from xopt.capture.huggingface import source_context_length, source_tokenizer
 from xopt.errors import XoptError
 from xopt.inputs import text_feeds
 from xopt.text import read_text
@@ -49,6 +50,7 @@ def calibration_feeds(
     """Model inputs for the first `windows` windows of the calibration text (fewer if it is short)."""
     text = read_text(Path(text_file) if text_file else None, "calibration")
     tokenizer = source_tokenizer(model)
+    window = min(window, source_context_length(model) or window)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     count = min(windows, len(ids) // window)
     if count == 0:

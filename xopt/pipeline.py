@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 RECIPES: dict[str, list[str]] = {
     # Changes no output beyond float rounding.
     "exact": ["cleanup", "fold-norms", "fuse"],
+    # The exact recipe, then int4 weights (GPTQ, groups of 128, LM head 8-bit). Quantizing after
+    # the merges is the same as before them (each output column has its own grid) and leaves one
+    # MatMulNBits per merged linear.
+    "int4": ["cleanup", "fold-norms", "fuse", "quantize"],
 }
 DEFAULT_RECIPE = "exact"
 

@@ -3,7 +3,8 @@
 - an `.onnx` file from any exporter (external data memory-mapped, never rewritten);
 - a torch `nn.Module` with example inputs, or an `ExportedProgram` / saved `.pt2` file
   (torch.export → torch.onnx);
-- a Hugging Face model folder (config.json + weights, or one GGUF file).
+- a Hugging Face model folder (config.json + weights, or one GGUF file);
+- an `xopt optimize` output folder (model.onnx beside the tokenizer and config it keeps).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from xopt.capture.huggingface import load_hf_folder
 from xopt.capture.onnx_file import load_onnx_file
 from xopt.capture.torch_export import export_module, export_to_ir, load_exported_program
 from xopt.errors import XoptError
+from xopt.saving import MODEL_FILE
 
 __all__ = ["load"]
 
@@ -47,6 +49,11 @@ def load(
 def _load_path(path: Path) -> ir.Model:
     if not path.exists():
         raise XoptError(f"{path}: no such file or folder")
+    if path.is_dir() and (path / MODEL_FILE).is_file():  # an `xopt optimize` output folder
+        model = load_onnx_file(path / MODEL_FILE)
+        if (path / "config.json").is_file():  # its tokenizer and config travel on to the next output
+            model.metadata_props["xopt.hf_folder"] = str(path.resolve())
+        return model
     if path.is_dir():
         return load_hf_folder(path)
     if path.suffix == ".pt2":

@@ -132,6 +132,20 @@ def source_tokenizer(model: ir.Model):
         raise XoptError(f"{source} has no usable tokenizer ({first_line(error)})") from None
 
 
+def source_context_length(model: ir.Model) -> int | None:
+    """The longest sequence the source model's config allows (its position table), if known."""
+    import transformers
+
+    source = model.metadata_props.get("xopt.hf_folder")
+    if not source or not Path(source).is_dir():
+        return None
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, **_gguf_kwargs(model))
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
 def _gguf_kwargs(model: ir.Model) -> dict[str, str]:
     gguf_file = model.metadata_props.get("xopt.gguf_file")
     return {"gguf_file": gguf_file} if gguf_file else {}

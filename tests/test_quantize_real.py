@@ -1,0 +1,51 @@
+"""int4 on real weights: SmolLM2-135M quantized by xopt's GPTQ against ONNX Runtime's own
+MatMulNBitsQuantizer (round to nearest, same bits and group size, LM head left in float as ORT
+leaves it), measured on evaluation text disjoint from the calibration text."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+
+import xopt
+from xopt.evaluate import evaluate
+from xopt.passes import QuantizeWeightsPass
+from xopt.pipeline import PassManager
+from xopt.runnable import open_runnable
+from xopt.text import read_text
+
+pytestmark = pytest.mark.slow
+
+GROUP = 128
+WINDOWS = 6  # of 512 evaluation tokens
+
+
+def _onnxruntime_rtn(model: ir.Model) -> ir.Model:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(ir.to_proto(model), bits=4, block_size=GROUP, is_symmetric=False)
+    quantizer.process()
+    quantized = ir.from_proto(quantizer.model.model)
+    quantized.metadata_props.update(model.metadata_props)  # the tokenizer's whereabouts
+    return quantized
+
+
+def test_smollm2_int4_gptq_is_closer_to_fp32_than_onnxruntime_rtn(smollm2, tmp_path):
+    ours, report = PassManager([QuantizeWeightsPass(group=GROUP, head_bits=0, accuracy="0")], verify=False)(smollm2)
+    assert report.passes[-1].stats["linears_quantized"] == 210  # 30 blocks × 7, the tied LM head kept
+    folders = {}
+    for label, model in (("fp32", smollm2), ("xopt", ours), ("onnxruntime", _onnxruntime_rtn(smollm2))):
+        folders[label] = tmp_path / label
+        xopt.save(model, folders[label])
+    text = read_text(None, "evaluation")
+    tokens = open_runnable(folders["fp32"]).tokenizer()(text, add_special_tokens=False)["input_ids"]
+    text = text[: len(text) * WINDOWS * 512 // len(tokens) + 200]  # about WINDOWS windows
+    reference = open_runnable(folders["fp32"], threads=2)
+    quality = {
+        label: evaluate(open_runnable(folders[label], threads=2), text, reference) for label in ("xopt", "onnxruntime")
+    }
+    fp32 = evaluate(reference, text).perplexity
+    print({label: q.to_dict() for label, q in quality.items()}, fp32)
+    assert quality["xopt"].kl < 0.85 * quality["onnxruntime"].kl
+    assert quality["xopt"].perplexity < quality["onnxruntime"].perplexity
+    assert quality["xopt"].top1_agreement > quality["onnxruntime"].top1_agreement
