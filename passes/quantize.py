@@ -57,7 +57,7 @@ class QuantizeWeightsPass(Pass):
     summary = "weight-only int4/int8 of every linear → MatMulNBits (rtn, hqq, gptq); kernel chosen by measurement"
 
     bits: int = 4
-    group: int = 128
+    group: int = 32
     method: str = "gptq"
     head_bits: int = 8
     accuracy: str = "measure"
@@ -74,7 +74,7 @@ class QuantizeWeightsPass(Pass):
         explain: list[str] = []
         linears = self._targets(model, explain)
         if not linears:
-            return PassResult(model, False, {}, [*explain, "no linear with a constant weight to quantize"])
+            raise XoptError("quantize: the model has no MatMul with a constant weight to quantize")
         model.opset_imports.setdefault(CONTRIB, 1)
         moments = self._moments(model, linears) if self.method == "gptq" else {}
         stats: Counter[str] = Counter()
@@ -189,8 +189,12 @@ def _lower(graph: ir.Graph, linear: Linear, codes, scale, zero, bits: int, group
     old.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
     transpose = linear.weight.producer()
     graph.remove(linear.node, safe=True)
+    weight = linear.weight
     if transpose is not None and not transpose.outputs[0].uses():
+        weight = transpose.inputs[0]
         graph.remove(transpose, safe=True)
+    if weight.is_initializer() and not weight.uses() and not weight.is_graph_input():
+        graph.initializers.pop(weight.name)  # the float weight goes with its last reader
     return sum(v.const_value.nbytes for v in inputs[1:])
 
 

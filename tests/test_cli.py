@@ -13,7 +13,7 @@ import sys
 
 import onnx_ir as ir
 import pytest
-from helpers import REDUNDANT_MODEL, model_from_text
+from helpers import LINEAR_MODEL, REDUNDANT_MODEL, model_from_text
 
 from xopt.cli import EXIT_USER_ERROR, main
 
@@ -70,6 +70,16 @@ def test_passes_lists_every_pass_and_recipe(capsys):
     assert "cleanup" in out and "exact" in out and "iterations: int = 2" in out and "recipe exact" in out
 
 
+def test_calibration_text_reaches_the_passes_that_calibrate(tiny_folder, tmp_path, capsys):
+    """`--calibration` is what GPTQ reads: a text shorter than one window is refused by name."""
+    short = tmp_path / "short.txt"
+    short.write_text("It was a bright cold day in April. " * 20)
+    out = tmp_path / "out"
+    argv = ["optimize", str(tiny_folder("llama")), "-o", str(out), "--passes", "quantize", "--calibration", str(short)]
+    assert main(argv) == EXIT_USER_ERROR
+    assert "calibration text has" in capsys.readouterr().err and not out.exists()
+
+
 def _bad_inputs(tmp_path, redundant_onnx):
     text = tmp_path / "notes.onnx"
     text.write_text("these are notes, not a model\n" * 20)
@@ -80,6 +90,8 @@ def _bad_inputs(tmp_path, redundant_onnx):
     empty_folder = tmp_path / "no-config"
     empty_folder.mkdir()
     (empty_folder / "weights.bin").write_bytes(b"0")
+    linear = tmp_path / "linear.onnx"
+    ir.save(model_from_text(LINEAR_MODEL), linear)
     good, out = str(redundant_onnx), str(tmp_path / "out.onnx")
     return {
         "missing file": (["optimize", str(tmp_path / "absent.onnx"), "-o", out], "no such file"),
@@ -97,6 +109,9 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "output equal to input": (["optimize", good, "-o", good], "output is the input"),
         "missing calibration": (["optimize", good, "-o", out, "--calibration", str(tmp_path / "x.txt")], "calibration"),
         "inspect missing": (["inspect", str(tmp_path / "absent.onnx")], "no such file"),
+        "quantize bits": (["optimize", good, "-o", out, "--passes", "quantize(bits=3)"], "bits=3"),
+        "nothing to quantize": (["optimize", good, "-o", out, "--passes", "quantize"], "no MatMul with a constant"),
+        "gptq without tokenizer": (["optimize", str(linear), "-o", out, "--passes", "quantize"], "no tokenizer"),
     }
 
 
@@ -118,6 +133,9 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "output equal to input",
         "missing calibration",
         "inspect missing",
+        "quantize bits",
+        "nothing to quantize",
+        "gptq without tokenizer",
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, redundant_onnx, capsys):

@@ -45,7 +45,9 @@ def test_smollm2_int4_gptq_is_closer_to_fp32_than_onnxruntime_rtn(smollm2, tmp_p
         label: evaluate(open_runnable(folders[label], threads=2), text, reference) for label in ("xopt", "onnxruntime")
     }
     fp32 = evaluate(reference, text).perplexity
-    print({label: q.to_dict() for label, q in quality.items()}, fp32)
-    assert quality["xopt"].kl < 0.85 * quality["onnxruntime"].kl
+    assert quality["xopt"].perplexity > fp32  # it is lossy, and measured as such
+    # Measured on the whole evaluation text: xopt perplexity 43.5, KL 0.167, top-1 77%;
+    # ONNX Runtime 46.9, 0.371, 64%; fp32 37.5.
+    assert quality["xopt"].kl < 0.7 * quality["onnxruntime"].kl
     assert quality["xopt"].perplexity < quality["onnxruntime"].perplexity
     assert quality["xopt"].top1_agreement > quality["onnxruntime"].top1_agreement
