@@ -41,7 +41,7 @@ def fit_blocks(blocks: np.ndarray, bits: int, fit: str) -> tuple[np.ndarray, np.
     if fit == "minmax":
         return _fit_minmax(blocks, levels(bits))
     if fit == "hqq":
-        return _fit_hqq(blocks, levels(bits))
+        return _fit_hqq(blocks, bits)
     raise ValueError(f"unknown grid fit {fit!r}")
 
 
@@ -62,14 +62,15 @@ def _fit_minmax(blocks: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, zero
 
 
-def _fit_hqq(blocks: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+def _fit_hqq(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    top = levels(bits)
     scale, zero = _fit_minmax(blocks, top)
     best_scale, best_zero = scale.copy(), zero.copy()
     best_error = np.full(scale.shape, np.inf)
     beta = HQQ_BETA
     for _ in range(HQQ_ITERATIONS):
-        q = np.clip(np.rint(blocks / scale[..., None] + zero[..., None]), 0, top)
-        residual = blocks - scale[..., None] * (q - zero[..., None])
+        q = codes_of(blocks, scale, zero, bits)
+        residual = blocks - dequantize(q, scale, zero)
         error = np.square(residual).sum(axis=-1)
         better = error < best_error
         best_error = np.where(better, error, best_error)

@@ -43,7 +43,7 @@ import onnx_ir as ir
 import torch
 
 import xopt
-from xopt.evaluate import evaluate
+from xopt.evaluate import evaluate, log_softmax
 from xopt.generate import Decoder
 from xopt.kv_cache import past_inputs
 from xopt.pipeline import RECIPES
@@ -207,9 +207,7 @@ def llama_cpp_perplexity(gguf: Path, ids: list[int], threads: int) -> float:
         window = ids[start : start + PERPLEXITY_WINDOW]
         model.reset()
         model.eval(window)
-        logits = np.asarray(model.scores[: len(window) - 1], dtype=np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        log_probs = log_softmax(np.asarray(model.scores[: len(window) - 1]))
         nll -= float(log_probs[np.arange(len(window) - 1), window[1:]].sum())
         count += len(window) - 1
     return float(np.exp(nll / count))

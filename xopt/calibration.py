@@ -66,18 +66,18 @@ def second_moments(
     model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]], *, threads: int | None = None
 ) -> dict[str, SecondMoment]:
     """Σ x xᵀ over the calibration tokens of each value in `values` (by value name)."""
-    names = [_named(value) for value in values]
+    names = list(dict.fromkeys(_named(value) for value in values))
     probe = model.clone()
     by_name = {v.name: v for node in probe.graph for v in node.outputs}
     by_name.update({v.name: v for v in probe.graph.inputs})
     existing = {v.name for v in probe.graph.outputs}
-    for name in dict.fromkeys(names):
+    for name in names:
         if name not in existing:
             probe.graph.outputs.append(by_name[name])
     session = create_session(probe, threads=threads)
     moments: dict[str, SecondMoment] = {}
     for feed in feeds:
-        outputs = run(session, feed, list(dict.fromkeys(names)))
+        outputs = run(session, feed, names)
         for name, array in outputs.items():
             x = array.reshape(-1, array.shape[-1]).astype(np.float64)
             if name not in moments:

@@ -80,12 +80,12 @@ def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
     for start in progress(range(0, count * window, window), count):
         tokens = ids[start : start + window][None, :]
         feeds = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
-        log_probs = _log_softmax(_logits(model, feeds)[0, :-1])
+        log_probs = log_softmax(_logits(model, feeds)[0, :-1])
         targets = tokens[0, 1:]
         nll_sum -= float(log_probs[np.arange(len(targets)), targets].sum())
         predicted += len(targets)
         if reference is not None:
-            ref_log_probs = _log_softmax(_logits(reference, feeds)[0, :-1])
+            ref_log_probs = log_softmax(_logits(reference, feeds)[0, :-1])
             kl_sum += float(np.sum(np.exp(ref_log_probs) * (ref_log_probs - log_probs)))
             agree += int(np.sum(ref_log_probs.argmax(-1) == log_probs.argmax(-1)))
     quality = Quality(TASK_CAUSAL_LM, predicted, perplexity=float(np.exp(nll_sum / predicted)), windows=count)
@@ -107,7 +107,8 @@ def _text_feeds(model: Runnable, feeds: dict[str, np.ndarray]) -> dict[str, np.n
         raise XoptError(f"{model.label}: {error}") from None
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p over the last axis, in float64."""
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

@@ -15,8 +15,8 @@ from typing import Any
 import onnx_ir as ir
 
 from xopt.backends.onnxruntime import create_session
-from xopt.capture.huggingface import TASK_CAUSAL_LM, TASK_FEATURE_EXTRACTION
-from xopt.errors import XoptError, first_line
+from xopt.capture.huggingface import TASK_CAUSAL_LM, TASK_FEATURE_EXTRACTION, load_tokenizer
+from xopt.errors import XoptError
 from xopt.saving import MODEL_FILE
 
 logger = logging.getLogger(__name__)
@@ -36,13 +36,7 @@ class Runnable:
         """The Hugging Face tokenizer (loaded on first use)."""
         if self.tokenizer_source is None:
             raise XoptError(f"{self.label}: no tokenizer found; pass --tokenizer FOLDER")
-        from transformers import AutoTokenizer
-
-        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
-        try:
-            return AutoTokenizer.from_pretrained(str(self.tokenizer_source), **kwargs)
-        except (OSError, ValueError) as error:
-            raise XoptError(f"{self.tokenizer_source}: cannot load a tokenizer ({first_line(error)})") from None
+        return load_tokenizer(self.tokenizer_source, self.gguf_file)
 
 
 def open_runnable(

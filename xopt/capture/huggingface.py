@@ -103,8 +103,8 @@ def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
     """Write the source model's tokenizer and config into `folder`; False if it has none."""
     import transformers
 
-    source = model.metadata_props.get("xopt.hf_folder")
-    if not source or not Path(source).is_dir():
+    source = _source_folder(model)
+    if source is None:
         return False
     try:
         source_tokenizer(model).save_pretrained(folder)
@@ -118,32 +118,44 @@ def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
     return True
 
 
-def source_tokenizer(model: ir.Model):
-    """The tokenizer of the Hugging Face folder the model was captured from."""
+def load_tokenizer(folder: Path | str, gguf_file: str | None = None):
+    """The Hugging Face tokenizer in `folder` (or in its GGUF file)."""
     import transformers
 
-    source = model.metadata_props.get("xopt.hf_folder")
-    if not source or not Path(source).is_dir():
-        raise XoptError("the model was not captured from a Hugging Face folder here, so xopt has no tokenizer for it")
     transformers.logging.set_verbosity_error()
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return transformers.AutoTokenizer.from_pretrained(source, **_gguf_kwargs(model))
+        return transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as error:
-        raise XoptError(f"{source} has no usable tokenizer ({first_line(error)})") from None
+        raise XoptError(f"{folder}: cannot load a tokenizer ({first_line(error)})") from None
+
+
+def source_tokenizer(model: ir.Model):
+    """The tokenizer of the Hugging Face folder the model was captured from."""
+    source = _source_folder(model)
+    if source is None:
+        raise XoptError("the model was not captured from a Hugging Face folder here, so xopt has no tokenizer for it")
+    return load_tokenizer(source, model.metadata_props.get("xopt.gguf_file"))
 
 
 def source_context_length(model: ir.Model) -> int | None:
     """The longest sequence the source model's config allows (its position table), if known."""
     import transformers
 
-    source = model.metadata_props.get("xopt.hf_folder")
-    if not source or not Path(source).is_dir():
+    source = _source_folder(model)
+    if source is None:
         return None
     try:
         config = transformers.AutoConfig.from_pretrained(source, **_gguf_kwargs(model))
     except (OSError, ValueError):
         return None
     return getattr(config, "max_position_embeddings", None)
+
+
+def _source_folder(model: ir.Model) -> Path | None:
+    """The folder the model was captured from (recorded in its metadata), if it is still there."""
+    source = model.metadata_props.get("xopt.hf_folder")
+    return Path(source) if source and Path(source).is_dir() else None
 
 
 def _gguf_kwargs(model: ir.Model) -> dict[str, str]:
