@@ -17,6 +17,9 @@ Every rewrite computes the same values up to float rounding:
   cos/sin tables (`rotary.py`; any positions).
 - `cached-attention`: a KV-cache decoder's Concat(past, K/V) → head repeats → softmax(s·Q·Kᵀ + M)·V
   → ONNX `Attention` (opset 23) with past and present (`cached_attention.py`; any mask).
+- `group-query-attention`: that `Attention` → com.microsoft `GroupQueryAttention` with the mask as
+  its attention bias, whose past and present can be one buffer updated in place by the decoder
+  (`group_query_attention.py`; any mask).
 - `attention`: softmax(Q·Kᵀ·s + mask)·V with its head reshapes → `Attention` (projections packed),
   `MultiHeadAttention` or `GroupQueryAttention`.
 - `gelu`: the erf/tanh GELU expansions (+ bias) → `Gelu`, `FastGelu`, `BiasGelu`.
@@ -50,6 +53,7 @@ from xopt.errors import XoptError, first_line
 from xopt.inputs import verification_inputs
 from xopt.kv_cache import has_kv_cache
 from xopt.passes.cached_attention import lower_cached_attention
+from xopt.passes.group_query_attention import lower_group_query_attention
 from xopt.passes.rotary import lower_rotary
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_value, weight_dtype, weight_in_out
@@ -58,7 +62,17 @@ from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_va
 # attention rules want separate Q/K/V; the merges need xopt's structure analysis, which no longer
 # sees Q/K/V once a cached attention is one operator; skip-norm absorbs the residual Adds that
 # the analysis finds blocks by, so it comes last.
-FAMILIES = ("norm", "rotary", "attention", "gelu", "merge-qkv", "merge-gate-up", "cached-attention", "skip-norm")
+FAMILIES = (
+    "norm",
+    "rotary",
+    "attention",
+    "gelu",
+    "merge-qkv",
+    "merge-gate-up",
+    "cached-attention",
+    "group-query-attention",
+    "skip-norm",
+)
 LOWERINGS = ("measure", "all")
 
 
@@ -173,11 +187,11 @@ def _breakage(model: ir.Model, candidate: ir.Model) -> str | None:
     rewrite that runs on one exporter's output can break another's), so each family is checked
     before it is timed or kept; the pass manager's verification then covers the whole pass.
     """
-    from xopt.verify import EXACT_TOLERANCE, VerificationError, parity, reference_outputs
+    from xopt.verify import EXACT_TOLERANCE, VerificationError, parity_over, references_over
 
     inputs = verification_inputs(model)
     try:
-        result = parity(candidate, inputs, reference_outputs(model, inputs))
+        result = parity_over(candidate, inputs, references_over(model, inputs))
     except VerificationError as error:
         return str(error)
     return None if result.within(EXACT_TOLERANCE) else f"outputs differ (max rel {result.max_rel:.1e})"
@@ -419,6 +433,7 @@ _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
     "skip-norm": _fuse_skip_norms,
     "rotary": lower_rotary,
     "cached-attention": lower_cached_attention,
+    "group-query-attention": lower_group_query_attention,
     "attention": _apply_attention,
     "gelu": _onnxscript_family(
         ("fuse_erfgelu", "fuse_gelu", "fuse_bias_gelu"), frozenset({"Gelu", "FastGelu", "BiasGelu"})

@@ -9,8 +9,11 @@ import onnx_ir as ir
 import pytest
 
 from xopt.backends.lowering import LoweringChooser
+from xopt.backends.onnxruntime import create_session
 from xopt.errors import XoptError
+from xopt.generate import CopiedCache, InPlaceCache
 from xopt.inputs import sample_inputs
+from xopt.kv_cache import shares_buffers
 from xopt.passes import CleanupPass, FoldNormsPass, FusePass
 from xopt.passes import fuse as fuse_module
 from xopt.passes.fuse import FAMILIES
@@ -18,11 +21,12 @@ from xopt.pipeline import PassManager, parse_spec
 from xopt.verify import compare, reference_outputs
 
 MS = "com.microsoft"
-EXPECTED_OPS = {  # (domain, op); "" Attention is ONNX's opset-23 operator with the KV cache
+GQA = (MS, "GroupQueryAttention")
+EXPECTED_OPS = {  # (domain, op); GPT-2's attention stays split-head, so ONNX Attention, not GQA
     "bert": {(MS, "Attention"), (MS, "BiasGelu"), (MS, "SkipLayerNormalization")},
     "gpt2": {("", "Attention"), ("", "SimplifiedLayerNormalization"), (MS, "SkipSimplifiedLayerNormalization")},
-    "llama": {("", "Attention"), ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization"), ("", "Split")},
-    "qwen2": {("", "Attention"), ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization"), ("", "Split")},
+    "llama": {GQA, ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization"), ("", "Split")},
+    "qwen2": {GQA, ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization"), ("", "Split")},
 }
 LAYERS = {"gpt2": 2, "llama": 2, "qwen2": 3}
 
@@ -94,6 +98,24 @@ def test_cached_attention_after_rotary_reads_merged_heads(tiny_model, name):
     feeds = sample_inputs(cleaned, batch=2, sequence=5, past=4, padded=True, seed=3)
     parity = compare(reference_outputs(cleaned, feeds), reference_outputs(result.model, feeds))
     assert parity.max_rel <= 1e-5, parity
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_group_query_attention_steps_alike_with_a_copied_and_an_in_place_cache(tiny_model, name):
+    cleaned = CleanupPass()(tiny_model(name).clone()).model
+    attention = FusePass(lowering="all", skip=only("rotary", "cached-attention"))(cleaned).model  # merged heads
+    result = FusePass(lowering="all", skip=only("group-query-attention"))(attention.clone())
+    ops = Counter((node.domain, node.op_type) for node in result.model.graph)
+    assert result.stats == {"group-query-attention": LAYERS[name]} and ops[GQA] == LAYERS[name]
+    assert not shares_buffers(attention) and shares_buffers(result.model)  # the past's Shape readers are gone too
+    session = create_session(result.model, threads=1)
+    copied, in_place = CopiedCache(session, result.model), InPlaceCache(session, result.model, capacity=16)
+    ids = [[3, 1, 4, 1, 5, 9]]
+    for length in range(6, 16):  # prefill, then a token a step, the argmax of the last one
+        feeds = {"input_ids": np.asarray(ids, np.int64), "attention_mask": np.ones((1, length), np.int64)}
+        expected, actual = copied.run(feeds), in_place.run(feeds)
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+        ids = [[int(expected[0, -1].argmax())]]
 
 
 def test_rotary_embeddings_of_q_and_k_become_onnx_rotary_embedding(tiny_model):
@@ -187,11 +209,11 @@ def test_input_model_is_not_modified(tiny_model):
 def test_families_too_small_alone_are_kept_together(tiny_model, monkeypatch):
     def speedup(self, current, candidate):
         ops = {n.op_type for n in candidate.graph}
-        return 1.5 if {"SimplifiedLayerNormalization", "Attention", "Split"} <= ops else 1.0
+        return 1.5 if {"SimplifiedLayerNormalization", "GroupQueryAttention", "Split"} <= ops else 1.0
 
     monkeypatch.setattr(LoweringChooser, "_measure", speedup)
     result = FusePass()(CleanupPass()(tiny_model("qwen2").clone()).model)
     together = [line for line in result.explain if " together: " in line]
-    families = "norm+rotary+merge-qkv+merge-gate-up+cached-attention+skip-norm"  # skip-norm needs norm
+    families = "norm+rotary+merge-qkv+merge-gate-up+cached-attention+group-query-attention+skip-norm"
     assert together and together[0].startswith(families + " together") and together[0].endswith(": kept")
     assert result.modified and result.stats["norm"] == 7 and result.stats["merge-gate-up"] == 3

@@ -11,6 +11,8 @@ import xopt
 from xopt.cli import main
 from xopt.errors import XoptError
 from xopt.generate import Decoder
+from xopt.kv_cache import shares_buffers
+from xopt.passes import CleanupPass, FusePass
 from xopt.runnable import open_runnable
 
 PROMPT = [5, 17, 42, 9, 3]
@@ -44,6 +46,16 @@ def test_greedy_generation_matches_transformers_before_and_after_the_exact_recip
         generation = Decoder(open_runnable(tmp_path / label)).generate(PROMPT, 24)
         assert generation.tokens == expected, label
         assert generation.prefill_ms > 0 and generation.decode_tokens_per_s > 0
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma"])
+def test_a_cache_updated_in_place_generates_the_transformers_tokens(tiny_folder, tiny_model, tmp_path, name):
+    expected = _transformers_greedy(tiny_folder(name), PROMPT, 24)
+    lowered = FusePass(lowering="all")(CleanupPass()(tiny_model(name).clone()).model).model
+    assert shares_buffers(lowered) and not shares_buffers(tiny_model(name))
+    xopt.save(lowered, tmp_path / "m")
+    decoder = Decoder(open_runnable(tmp_path / "m"))
+    assert decoder.in_place and decoder.generate(PROMPT, 24).tokens == expected
 
 
 def test_sampling_is_reproducible_and_stops_at_eos(tiny_model, tmp_path):

@@ -1,9 +1,11 @@
 """Text generation with a KV-cache decoder in ONNX Runtime: what `xopt generate` runs.
 
 Prefill runs the whole prompt on an empty cache (past length 0) and yields the first new token;
-each decode step feeds that token alone, the attention mask grown by one, and the previous
-step's `present.*` outputs as `past_key_values.*` (the convention of `xopt.kv_cache`), kept as
-ONNX Runtime values so the cache is never copied into numpy and back between steps. Greedy
+each decode step feeds that token alone, the attention mask grown by one, and the cache: the
+previous step's `present.*` outputs as `past_key_values.*` (the convention of `xopt.kv_cache`),
+kept as ONNX Runtime values so they never pass through numpy; or, when the model updates its
+cache in place (`kv_cache.shares_buffers`), one preallocated buffer per layer of prompt +
+max-new-tokens positions bound as both past and present, so no step copies the cache. Greedy
 decoding takes argmax of the last position's logits; with temperature T > 0 the next token is
 drawn from softmax(logits / T) with a seeded generator, so a run is reproducible.
 
@@ -49,8 +51,57 @@ class Generation:
         }
 
 
+class CopiedCache:
+    """Each step's presents fed back as the next step's pasts, kept as ONNX Runtime values."""
+
+    def __init__(self, session: ort.InferenceSession, model, batch: int = 1):
+        self.session = session
+        self.pasts = [v.name for v in kv_cache.past_inputs(model)]
+        self.output_names = ["logits", *(kv_cache.present_for(name) for name in self.pasts)]
+        self.values = {name: _ort(array) for name, array in kv_cache.empty_cache(model, batch).items()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits of one step on `feeds` (the inputs other than the cache)."""
+        values = {**{name: _ort(array) for name, array in feeds.items()}, **self.values}
+        logits, *presents = self.session.run_with_ort_values(self.output_names, values)
+        self.values = dict(zip(self.pasts, presents, strict=True))
+        return logits.numpy()
+
+
+class InPlaceCache:
+    """One buffer of `capacity` positions per layer, bound as both past and present, which the
+    model updates in place (`kv_cache.shares_buffers`): nothing is copied between steps."""
+
+    def __init__(self, session: ort.InferenceSession, model, capacity: int, batch: int = 1):
+        self.session, self.capacity = session, capacity
+        self.binding = session.io_binding()
+        self.binding.bind_output("logits")  # first, so it is get_outputs()[0]
+        self.buffers = []
+        for past in kv_cache.past_inputs(model):
+            zeros = np.zeros(kv_cache.cache_shape(past, batch, capacity), past.dtype.numpy())
+            self.buffers.append(buffer := _ort(zeros))
+            self.binding.bind_ortvalue_input(past.name, buffer)
+            self.binding.bind_ortvalue_output(kv_cache.present_for(past.name), buffer)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits of one step on `feeds` (the inputs other than the cache)."""
+        length = feeds["attention_mask"].shape[1]
+        if length > self.capacity:
+            raise XoptError(f"the cache holds {self.capacity} positions, {length} asked for")
+        for name, array in feeds.items():
+            self.binding.bind_cpu_input(name, array)
+        self.binding.bind_output("logits")
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()
+
+
+def _ort(array: np.ndarray) -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
 class Decoder:
-    """Runs a KV-cache causal LM session token by token."""
+    """Runs a KV-cache causal LM session token by token, with its cache updated in place when the
+    model allows it (`kv_cache.shares_buffers`) and copied from step to step otherwise."""
 
     def __init__(self, runnable: Runnable):
         if not kv_cache.has_kv_cache(runnable.model):
@@ -61,8 +112,7 @@ class Decoder:
         unknown = declared - {"input_ids", "attention_mask"} - {v.name for v in kv_cache.past_inputs(runnable.model)}
         if unknown:
             raise XoptError(f"{runnable.label}: cannot feed input {sorted(unknown)[0]!r} when generating")
-        self.pasts = [v.name for v in kv_cache.past_inputs(runnable.model)]
-        self.output_names = ["logits", *(kv_cache.present_for(name) for name in self.pasts)]
+        self.in_place = kv_cache.shares_buffers(runnable.model)
 
     def generate(
         self,
@@ -83,17 +133,19 @@ class Decoder:
             raise XoptError(f"--temperature {temperature}: must not be negative")
         rng = np.random.default_rng(seed)
         result = Generation(prompt_tokens=len(prompt_ids))
-        arrays = {
-            "input_ids": np.asarray([prompt_ids], dtype=np.int64),
-            "attention_mask": np.ones((1, len(prompt_ids)), dtype=np.int64),
-            **kv_cache.empty_cache(self.runnable.model, batch=1),
-        }
-        feeds = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        model = self.runnable.model
+        cache = (
+            InPlaceCache(self.session, model, capacity=len(prompt_ids) + max_new_tokens)
+            if self.in_place
+            else CopiedCache(self.session, model)
+        )
+        new_ids = prompt_ids
         decode_start = None
         for step in range(max_new_tokens):
             start = time.perf_counter()
-            outputs, *presents = self.session.run_with_ort_values(self.output_names, feeds)
-            logits = outputs.numpy()
+            length = len(prompt_ids) + len(result.tokens)
+            ids, mask = np.asarray([new_ids], dtype=np.int64), np.ones((1, length), dtype=np.int64)
+            logits = cache.run({"input_ids": ids, "attention_mask": mask})
             if step == 0:
                 result.prefill_ms = 1000 * (time.perf_counter() - start)
                 decode_start = time.perf_counter()
@@ -103,12 +155,7 @@ class Decoder:
             if token == eos_token_id:
                 result.stopped_at_eos = True
                 break
-            length = len(prompt_ids) + len(result.tokens)
-            feeds = {
-                "input_ids": ort.OrtValue.ortvalue_from_numpy(np.asarray([[token]], dtype=np.int64)),
-                "attention_mask": ort.OrtValue.ortvalue_from_numpy(np.ones((1, length), dtype=np.int64)),
-                **dict(zip(self.pasts, presents, strict=True)),
-            }
+            new_ids = [token]
         result.decode_seconds = time.perf_counter() - decode_start
         return result
 

@@ -7,8 +7,10 @@ first row when `padded`), `*position*` → P..P+S−1, `*token_type*` → zeros,
 token ids drawn below the vocabulary size of the embedding table they index, floats (a KV
 cache's past keys and values too) → standard normal.
 
-`verification_inputs` are what the pipeline checks a pass on: a padded batch with a short past,
-so a decoder's cache path is exercised as well as prefill.
+`verification_inputs` are what the pipeline checks a pass on: a padded batch; for a decoder with
+a KV cache, the three workloads it runs: prefill of a padded batch on an empty cache, one decode
+step of that batch on a short past, and several new tokens of one sequence on a past (batch 1:
+ONNX Runtime's GroupQueryAttention refuses several new tokens on a past for a larger batch).
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ DEFAULT_BATCH, DEFAULT_SEQUENCE = 2, 16
 VERIFY_PAST = 3
 
 
-def verification_inputs(model: ir.Model) -> dict[str, np.ndarray]:
-    """A padded batch, with a past of `VERIFY_PAST` tokens for a model with a KV cache."""
-    return sample_inputs(model, padded=True, past=VERIFY_PAST)
+def verification_inputs(model: ir.Model) -> list[dict[str, np.ndarray]]:
+    """The input sets a pass is checked on (a past of `VERIFY_PAST` tokens where there is one)."""
+    if not kv_cache.has_kv_cache(model):
+        return [sample_inputs(model, padded=True)]
+    return [
+        sample_inputs(model, padded=True),
+        sample_inputs(model, padded=True, sequence=1, past=VERIFY_PAST),
+        sample_inputs(model, batch=1, past=VERIFY_PAST),
+    ]
 
 
 def sample_inputs(

@@ -8,6 +8,12 @@ keys and values (`total_sequence = past_sequence + sequence`). With grouped-quer
 cache keeps only the KV heads. Prefill feeds an empty cache (`past_sequence = 0`); each decode
 step feeds the previous step's presents back. This is the convention of Hugging Face Optimum and
 onnxruntime-genai, so their models run in xopt's runners too.
+
+A model whose every past input is read only by a com.microsoft `GroupQueryAttention` (as its
+past, with the matching present its output and read by nothing else) can also run with one
+buffer per layer of any length L ≥ total_sequence bound as both past and present: the operator
+writes the new keys and values at past_sequence..total_sequence−1 in place, taking the lengths
+from `attention_mask`, so nothing is copied between steps (`shares_buffers`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,23 @@ def present_for(past: str) -> str:
     """The output that becomes input `past` at the next step."""
     layer, kind = PAST_PATTERN.match(past).groups()
     return present_name(int(layer), kind)
+
+
+def shares_buffers(model: ir.Model) -> bool:
+    """Whether past and present can be one preallocated buffer per layer, updated in place."""
+    pasts = past_inputs(model)
+    outputs = {v.name for v in model.graph.outputs}
+    for past in pasts:
+        uses = list(past.uses())
+        if len(uses) != 1:
+            return False
+        node, index = uses[0]
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or index not in (3, 4):
+            return False
+        present = node.outputs[index - 2]
+        if present.name != present_for(past.name) or present.name not in outputs or list(present.uses()):
+            return False
+    return bool(pasts)
 
 
 def empty_cache(model: ir.Model, batch: int) -> dict[str, np.ndarray]:

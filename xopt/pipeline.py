@@ -30,7 +30,7 @@ import onnx_ir as ir
 from xopt.errors import XoptError
 from xopt.inputs import verification_inputs
 from xopt.report import ModelStats, PassRecord, Report
-from xopt.verify import EXACT_TOLERANCE, VerificationError, check_structure, parity, reference_outputs
+from xopt.verify import EXACT_TOLERANCE, VerificationError, check_structure, parity_over, references_over
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class PassManager:
         passes: Sequence[Pass],
         *,
         verify: bool = True,
-        inputs: Mapping[str, np.ndarray] | None = None,
+        inputs: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
         on_pass: Callable[[Pass], None] | None = None,
     ):
         self.passes = list(passes)
@@ -160,8 +160,9 @@ class PassManager:
         report.structure = input_structure(model)
         inputs = reference = None
         if self.verify:
-            inputs = self.inputs if self.inputs is not None else verification_inputs(model)
-            reference = reference_outputs(model, inputs)
+            inputs = verification_inputs(model) if self.inputs is None else self.inputs
+            inputs = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+            reference = references_over(model, inputs)
         for step in self.passes:
             if self.on_pass is not None:
                 self.on_pass(step)
@@ -194,7 +195,7 @@ class PassManager:
     def _verify(step: Pass, model: ir.Model, inputs, reference):
         try:
             check_structure(model)
-            result = parity(model, inputs, reference)
+            result = parity_over(model, inputs, reference)
         except VerificationError as error:
             raise VerificationError(f"after pass {step.name!r}: {error}") from error
         if step.exact and not result.within(EXACT_TOLERANCE):

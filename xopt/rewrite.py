@@ -93,7 +93,8 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dty
     while name in graph.initializers:
         suffix += 1
         name = f"{base}_{suffix}"
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array.astype(dtype)), name=name))
+    contiguous = np.array(array, dtype=dtype, order="C")  # (np.ascontiguousarray turns a scalar into [1])
+    value = ir.Value(name=name, const_value=ir.tensor(contiguous, name=name))
     value.shape = ir.Shape(array.shape)
     value.dtype = ir.DataType.from_numpy(np.dtype(dtype))
     graph.register_initializer(value)

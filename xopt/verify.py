@@ -129,12 +129,29 @@ def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
 
 def parity(model: ir.Model, inputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Parity:
     """Run `model` on `inputs` and compare with `reference`."""
+    return parity_over(model, [inputs], [reference])
+
+
+def references_over(model: ir.Model, input_sets: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """`reference_outputs` of each input set, from one session."""
+    session = create_session(model, optimization="disable")
+    return [run(session, inputs) for inputs in input_sets]
+
+
+def parity_over(
+    model: ir.Model, input_sets: Sequence[Mapping[str, np.ndarray]], references: Sequence[Mapping[str, np.ndarray]]
+) -> Parity:
+    """The worst parity of `model` over several input sets and their references (one session)."""
     try:
-        outputs = run(create_session(model, optimization="disable"), inputs)
+        session = create_session(model, optimization="disable")
+        results = [compare(ref, run(session, inputs)) for inputs, ref in zip(input_sets, references, strict=True)]
     except Exception as error:
         reason = first_line(error)
         raise VerificationError(f"ONNX Runtime cannot run the model: {reason}") from error
-    return compare(reference, outputs)
+    agreements = [r.top1_agreement for r in results if r.top1_agreement is not None]
+    return Parity(
+        max(r.max_abs for r in results), max(r.max_rel for r in results), min(agreements) if agreements else None
+    )
 
 
 def bisect_passes(
