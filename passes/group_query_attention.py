@@ -28,6 +28,8 @@ Preconditions, each checked with a reason: the Attention is in the merged-head l
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx_ir as ir
 
@@ -40,14 +42,15 @@ _UNSUPPORTED = ("softcap", "is_causal", "qk_matmul_output_mode")
 
 def lower_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
     """Rewrite every cached `Attention`; returns the count and the near-misses."""
-    matches, notes = [], []
+    matches, refusals = [], Counter()
     for node in model.graph:
         if node.op_type == "Attention" and node.domain == "":
             refusal = _refusal(node)
             if refusal:
-                notes.append(f"{node.name}: {refusal}")
+                refusals[refusal] += 1
             else:
                 matches.append(node)
+    notes = [f"{count} Attention: {refusal}" for refusal, count in refusals.items()]
     if not matches:
         return 0, notes
     model.opset_imports.setdefault(MICROSOFT, 1)

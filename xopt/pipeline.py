@@ -37,10 +37,11 @@ logger = logging.getLogger(__name__)
 RECIPES: dict[str, list[str]] = {
     # Changes no output beyond float rounding.
     "exact": ["cleanup", "fold-norms", "fuse"],
-    # The exact recipe, then int4 weights (GPTQ, groups of 128, LM head 8-bit). Quantizing after
-    # the merges is the same as before them (each output column has its own grid) and leaves one
-    # MatMulNBits per merged linear.
-    "int4": ["cleanup", "fold-norms", "fuse", "quantize"],
+    # The exact recipe, then int4 weights (GPTQ, groups of 32), the LM head too: on SmolLM2 a 4-bit
+    # head decodes 6% faster than an 8-bit one for 1% more perplexity (42.15 against 41.74).
+    # Quantizing after the merges is the same as before them (each output column has its own grid)
+    # and leaves one MatMulNBits per merged linear.
+    "int4": ["cleanup", "fold-norms", "fuse", "quantize(head_bits=4)"],
 }
 DEFAULT_RECIPE = "exact"
 
@@ -135,7 +136,7 @@ def resolve_passes(recipe: str | None = None, passes: str | Iterable[str | Pass]
     recipe = recipe or DEFAULT_RECIPE
     if recipe not in RECIPES:
         raise XoptError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
-    return [make_pass(name) for name in RECIPES[recipe]]
+    return [step for spec in RECIPES[recipe] for step in parse_spec(spec)]
 
 
 class PassManager:
