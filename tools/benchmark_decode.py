@@ -291,8 +291,7 @@ def write_markdown(
     from benchmark import machine_description, versions
 
     reference = samples["transformers generate"].tokens
-    genai = samples.get("onnxruntime-genai fp32")
-    genai_speed = float(np.median(genai.tokens_per_s)) if genai else None
+    anchors = [label for label in ("onnxruntime-genai fp32", "onnxruntime-genai int4") if label in samples]
     lines = [
         "# Decode benchmark: SmolLM2-135M",
         "",
@@ -306,23 +305,32 @@ def write_markdown(
         "'agree' = generated tokens equal to transformers' greedy output. "
         f"Perplexity: the first {args.perplexity_windows} windows of {PERPLEXITY_WINDOW} tokens of the bundled "
         "evaluation text (the same token ids for every variant; transformers' weights are xopt captured's). "
+        "'vs X': the median over rounds of the decode speed over X's in the same round (paired, so load "
+        "on the shared machine that slows a whole round cancels out). "
         f"The run took {elapsed / 60:.0f} minutes.",
         "",
-        "| variant | prefill ms | decode tokens/s | vs onnxruntime-genai fp32 | agree | perplexity | build s |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | prefill ms | decode tokens/s | "
+        + "".join(f"vs {a} | " for a in anchors)
+        + "agree | perplexity | build s |",
+        "|---|---|---|" + "---|" * len(anchors) + "---|---|---|",
     ]
     for label, s in samples.items():
         p10, median, p90 = np.percentile(s.tokens_per_s, [10, 50, 90])
         q10, prefill, q90 = np.percentile(s.prefill_ms, [10, 50, 90])
         agree = sum(a == b for a, b in zip(s.tokens, reference, strict=True))
-        ratio = f"{median / genai_speed:.2f}×" if genai_speed else "—"
+        ratios = "".join(f"{_paired_ratio(s, samples[a]):.2f}× | " for a in anchors)
         build = f"{seconds[label]:.0f}" if label in seconds else ""
         quality = f"{perplexity[label]:.2f}" if label in perplexity else "—"
         lines.append(
-            f"| {label} | {prefill:.0f} ({q10:.0f}–{q90:.0f}) | {median:.1f} ({p10:.1f}–{p90:.1f}) | {ratio} | "
+            f"| {label} | {prefill:.0f} ({q10:.0f}–{q90:.0f}) | {median:.1f} ({p10:.1f}–{p90:.1f}) | {ratios}"
             f"{agree}/{len(reference)} | {quality} | {build} |"
         )
     path.write_text("\n".join(lines) + "\n")
+
+
+def _paired_ratio(variant: Samples, anchor: Samples) -> float:
+    """Median over rounds of the variant's decode speed over the anchor's in the same round."""
+    return float(np.median(np.divide(variant.tokens_per_s, anchor.tokens_per_s)))
 
 
 def main() -> None:
