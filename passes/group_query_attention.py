@@ -135,7 +135,7 @@ def _cache_dims_from_inputs(model: ir.Model) -> list[str]:
                 pieces.append(_add(graph, shape, "Sub", [total, sequence]))
             else:
                 pieces.append(new_initializer(graph, "cache_dim", np.array([past.shape[dim]]), np.int64))
-        dims = pieces[0] if len(pieces) == 1 else _add(graph, shape, "Concat", pieces, axis=0)
-        replace_value(shape.outputs[0], dims)
+        value = pieces[0] if len(pieces) == 1 else _add(graph, shape, "Concat", pieces, axis=0)
+        replace_value(shape.outputs[0], value)
         graph.remove(shape, safe=True)
     return []
