@@ -36,6 +36,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime as ort
 
+from xopt.analysis.structure import TransformerStructure
 from xopt.backends.onnxruntime import create_session, run
 from xopt.kv_cache import has_kv_cache, past_inputs, shares_buffers
 
@@ -48,6 +49,13 @@ class Verdict:
     keep: bool
     speedup: float  # median(current) / median(candidate); above 1: the candidate is faster
     cached: bool
+
+
+def timed_sequence(structure: TransformerStructure, wanted: int) -> int:
+    """The timing sequence length S, capped so that a learned position table (GPT-2, BERT) has a
+    row for every position timed: prefill of S tokens and a decode step at position S."""
+    tables = [e.rows for e in structure.embeddings if e is not structure.token_embedding]
+    return min([wanted, *(rows - 1 for rows in tables)])
 
 
 @dataclass

@@ -48,7 +48,7 @@ from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import consumers
 from xopt.analysis.patterns import Linear, Norm
 from xopt.analysis.structure import TransformerStructure
-from xopt.backends.lowering import LoweringChooser
+from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.errors import XoptError, first_line
 from xopt.inputs import verification_inputs
 from xopt.kv_cache import has_kv_cache
@@ -97,7 +97,7 @@ class FusePass(Pass):
         if unknown:
             raise XoptError(f"fuse: unknown family {sorted(unknown)[0]!r} in skip: families are {', '.join(FAMILIES)}")
         structure = find_transformer_structure(model)
-        sequence = _timed_sequence(structure, self.sequence)
+        sequence = timed_sequence(structure, self.sequence)
         chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
         signature = _signature(structure)
         stats: Counter[str] = Counter()
@@ -195,12 +195,6 @@ def _breakage(model: ir.Model, candidate: ir.Model) -> str | None:
     except VerificationError as error:
         return str(error)
     return None if result.within(EXACT_TOLERANCE) else f"outputs differ (max rel {result.max_rel:.1e})"
-
-
-def _timed_sequence(structure: TransformerStructure, wanted: int) -> int:
-    """The timing sequence length, capped by a learned position table's rows (GPT-2, BERT)."""
-    tables = [e.rows for e in structure.embeddings if e is not structure.token_embedding]
-    return min([wanted, *tables])
 
 
 def _signature(structure: TransformerStructure) -> dict:

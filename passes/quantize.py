@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import TRANSPARENT_OPS, skip_forward
 from xopt.analysis.patterns import Linear, match_linear
-from xopt.backends.lowering import LoweringChooser
+from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
 from xopt.passes.gptq import gptq
@@ -71,6 +72,7 @@ class QuantizeWeightsPass(Pass):
 
     def __call__(self, model: ir.Model) -> PassResult:
         self._check_options()
+        sequence = timed_sequence(find_transformer_structure(model), self.sequence)
         explain: list[str] = []
         linears = self._targets(model, explain)
         if not linears:
@@ -90,7 +92,7 @@ class QuantizeWeightsPass(Pass):
             shape = f"{w.shape[0]}×{w.shape[1]}"
             explain.append(f"{linear.name}: {shape} → {bits}-bit, relative error {errors[-1]:.4f}")
         stats["mean_relative_error"] = float(np.mean(errors))
-        level, note = self._accuracy_level(model)
+        level, note = self._accuracy_level(model, sequence)
         explain.append(note)
         stats["accuracy_level"] = level
         return PassResult(model, True, dict(stats), explain)
@@ -142,14 +144,14 @@ class QuantizeWeightsPass(Pass):
         codes = codes_of(blocks, scale, zero, bits).reshape(len(w_nk), -1)[:, : w_nk.shape[1]]
         return codes, scale, zero
 
-    def _accuracy_level(self, model: ir.Model) -> tuple[int, str]:
+    def _accuracy_level(self, model: ir.Model, sequence: int) -> tuple[int, str]:
         if self.accuracy != "measure":
             _set_accuracy(model, int(self.accuracy))
             return int(self.accuracy), f"accuracy_level {self.accuracy} (option)"
         _set_accuracy(model, 0)
         candidate = model.clone()
         _set_accuracy(candidate, 4)
-        chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=self.sequence)
+        chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
         try:
             verdict = chooser.choose("matmulnbits-accuracy-4", _signature(model), model, candidate)
         except Exception as error:  # a kernel ORT cannot run at this shape is not chosen

@@ -195,6 +195,13 @@ def test_bad_options_are_named(tiny_model):
         FusePass(lowering="sometimes")(tiny_model("bert").clone())
 
 
+def test_a_learned_position_table_bounds_the_timed_sequence(tiny_model):
+    # tiny GPT-2 has 64 positions: a prefill of 128, or a decode step at position 64, cannot run
+    result = FusePass()(CleanupPass()(tiny_model("gpt2").clone()).model)
+    timed = [line for line in result.explain if "speedup" in line]
+    assert timed and not any("timing failed" in line for line in result.explain), result.explain
+
+
 def test_input_model_is_not_modified(tiny_model):
     model = tiny_model("qwen2")
     feeds = sample_inputs(model)
