@@ -1,26 +1,35 @@
-"""`quantize`: weight-only integer quantization of every linear, lowered to ONNX Runtime's
-com.microsoft.MatMulNBits (lossy).
+"""`quantize`: integer quantization of every linear (lossy), in one of two schemes.
 
-Each MatMul with a constant weight W [K, N] (also one behind a Transpose, such as a tied LM head)
-becomes MatMulNBits(x, B, s, z) computing x·Ŵ with Ŵ[k, n] = s[n, b]·(q[k, n] − z[n, b]) on blocks
-of `group` input rows (`weight_grid` states the grid and its fits). The codes q come from:
+`scheme=weight-only` (the default): each MatMul with a constant weight W [K, N] (also one behind a
+Transpose, such as a tied LM head) becomes com.microsoft.MatMulNBits(x, B, s, z) computing x·Ŵ
+with Ŵ[k, n] = s[n, b]·(q[k, n] − z[n, b]) on blocks of `group` input rows (`weight_grid` states
+the grid and its fits), 4 or 8 bits. The codes q come from:
 - `rtn`: round to nearest on each block's min/max range;
 - `hqq`: HQQ's half-quadratic fit of the grid to the weight, no data needed;
 - `gptq`: GPTQ (`gptq.py`) on calibration activations: the second moment Σ x xᵀ of each linear's
   input, gathered in one ONNX Runtime pass over the calibration text (`xopt.calibration`), so
   memory is Σ K² over the distinct inputs; the grid of each group is fitted with HQQ's fit, and
   `act_order` takes the inputs with the most energy first (static groups).
-A bias Add after the MatMul stays as it is. The LM head (the linear that writes a graph output)
-takes `head_bits` (8 by default: it is the widest matrix of a small LM and the most sensitive;
-0 keeps it in float).
-
 MatMulNBits' `accuracy_level` picks its kernel: 0 computes in float, 4 quantizes the activations
 to int8 per block and uses integer dot products (faster for decode on CPUs with VNNI, often slower
 for long prefill). `accuracy=measure` times the whole model with each (prefill plus decode steps,
 `backends/lowering.py`, cached per machine) and keeps the faster; 0 or 4 force one.
 
-Stats: linears quantized, weight bytes before and after, and the mean relative weight error
-‖W − Ŵ‖_F / ‖W‖_F over the quantized linears.
+`scheme=dynamic` (8 bits): int8 weights per output channel and activations quantized per tensor
+at run time, lowered to DynamicQuantizeMatMul, with SmoothQuant smoothing (`alpha`, `auto`
+choosing it per linear on calibration activations): see `int8_dynamic.py`.
+
+A bias Add after the MatMul stays as it is. The LM head (the linear that writes a graph output)
+takes `head_bits` (8 by default: it is the widest matrix of a small LM and the most sensitive;
+0 keeps it in float).
+
+`budget` > 0 turns on mixed precision (`mixed_precision.py`): the linears whose quantization
+costs the task error most (KL per token for a causal LM, 1 − min sentence cosine for an encoder,
+on calibration text: `xopt.task_error`) are kept at higher precision — 8-bit for 4-bit weights,
+float for 8-bit ones — until the model's task error is within the budget.
+
+Stats: linears quantized (and protected), weight bytes before and after, and the mean relative
+weight error ‖W − Ŵ‖_F / ‖W‖_F over the quantized linears.
 """
 
 from __future__ import annotations
@@ -36,16 +45,18 @@ from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import TRANSPARENT_OPS, skip_forward
 from xopt.analysis.patterns import Linear, match_linear
 from xopt.backends.lowering import LoweringChooser, timed_sequence
-from xopt.calibration import calibration_feeds, second_moments
+from xopt.calibration import activation_samples, calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
 from xopt.passes.gptq import gptq
+from xopt.passes.int8_dynamic import DynamicInt8, lower_dynamic, quantize_dynamic
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import new_initializer, weight_dtype, weight_in_out
+from xopt.rewrite import new_initializer, replace_linear, weight_dtype, weight_in_out
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("rtn", "hqq", "gptq")
+SCHEMES = ("weight-only", "dynamic")
 ACCURACY_LEVELS = ("measure", "0", "4")
 CONTRIB = "com.microsoft"
 
@@ -55,14 +66,20 @@ CONTRIB = "com.microsoft"
 class QuantizeWeightsPass(Pass):
     name = "quantize"
     exact = False
-    summary = "weight-only int4/int8 of every linear → MatMulNBits (rtn, hqq, gptq); kernel chosen by measurement"
+    summary = (
+        "int4/int8 linears: weight-only MatMulNBits (rtn, hqq, gptq) or dynamic int8 with smoothing; "
+        "mixed precision under a task-error budget"
+    )
 
     bits: int = 4
     group: int = 32
     method: str = "gptq"
+    scheme: str = "weight-only"
+    alpha: str = "auto"  # dynamic scheme: smoothing exponent in [0, 1], or auto (per linear)
     head_bits: int = 8
+    budget: float = 0.0  # mixed precision: task error allowed (0: every linear quantized)
     accuracy: str = "measure"
-    calibration: str = ""  # text file for gptq; empty: the bundled calibration text
+    calibration: str = ""  # text file for gptq, smoothing and sensitivity; empty: the bundled text
     windows: int = 8  # calibration windows of 512 tokens
     damp: float = 0.01
     act_order: bool = True
@@ -74,75 +91,76 @@ class QuantizeWeightsPass(Pass):
         self._check_options()
         sequence = timed_sequence(find_transformer_structure(model), self.sequence)
         explain: list[str] = []
-        linears = self._targets(model, explain)
-        if not linears:
+        precision = self._precision(model, explain)
+        if not precision:
             raise XoptError("quantize: the model has no MatMul with a constant weight to quantize")
         model.opset_imports.setdefault(CONTRIB, 1)
-        moments = self._moments(model, linears) if self.method == "gptq" else {}
-        stats: Counter[str] = Counter()
-        errors = []
-        for linear, bits in linears:
-            w = weight_in_out(linear)
-            codes, scale, zero = self._quantize(w.T, moments.get(linear.input.name), bits)
-            restored = dequantize(as_blocks(codes, self.group), scale, zero).reshape(len(codes), -1)[:, : w.shape[0]]
-            errors.append(np.linalg.norm(restored - w.T) / max(np.linalg.norm(w), 1e-30))
-            stats["bytes_before"] += w.size * weight_dtype(linear.weight).itemsize
-            stats["bytes_after"] += _lower(model.graph, linear, codes, scale, zero, bits, self.group)
-            stats["linears_quantized"] += 1
-            shape = f"{w.shape[0]}×{w.shape[1]}"
-            explain.append(f"{linear.name}: {shape} → {bits}-bit, relative error {errors[-1]:.4f}")
-        stats["mean_relative_error"] = float(np.mean(errors))
-        level, note = self._accuracy_level(model, sequence)
-        explain.append(note)
-        stats["accuracy_level"] = level
+        forms = _Forms(self, model)
+        plan = {name: (bits, self._alpha()) for name, bits in precision.items()}
+        if self.budget > 0:
+            plan = self._mixed_precision(model, forms, plan, explain)
+        stats = forms.lower_all(model.graph, plan, explain)
+        stats["linears_protected"] = sum(bits != precision[name] for name, (bits, _) in plan.items())
+        if any(node.op_type == "MatMulNBits" for node in model.graph):
+            level, note = self._accuracy_level(model, sequence)
+            explain.append(note)
+            stats["accuracy_level"] = level
         return PassResult(model, True, dict(stats), explain)
 
     def _check_options(self) -> None:
-        if self.bits not in (4, 8):
-            raise XoptError(f"quantize: bits={self.bits}: MatMulNBits takes 4 or 8")
-        if self.head_bits not in (0, 4, 8):
-            raise XoptError(f"quantize: head_bits={self.head_bits}: 4, 8, or 0 to keep the LM head in float")
+        if self.scheme not in SCHEMES:
+            raise XoptError(f"quantize: unknown scheme {self.scheme!r}: one of {', '.join(SCHEMES)}")
+        if self.bits not in (4, 8) or (self.scheme == "dynamic" and self.bits != 8):
+            raise XoptError(f"quantize: bits={self.bits}: MatMulNBits takes 4 or 8, the dynamic scheme 8")
+        if self.head_bits not in (0, 4, 8) or (self.scheme == "dynamic" and self.head_bits == 4):
+            raise XoptError(f"quantize: head_bits={self.head_bits}: 4 (weight-only), 8, or 0 (LM head in float)")
         if self.group < 16 or self.group & (self.group - 1):
             raise XoptError(f"quantize: group={self.group}: a power of two, at least 16")
         if self.method not in METHODS:
             raise XoptError(f"quantize: unknown method {self.method!r}: one of {', '.join(METHODS)}")
         if str(self.accuracy) not in ACCURACY_LEVELS:
             raise XoptError(f"quantize: accuracy={self.accuracy!r}: one of {', '.join(ACCURACY_LEVELS)}")
+        if self.alpha != "auto" and not _is_fraction(self.alpha):
+            raise XoptError(f"quantize: alpha={self.alpha!r}: auto, or a number from 0 to 1")
+        if self.budget < 0:
+            raise XoptError(f"quantize: budget={self.budget}: a task error, 0 or more")
 
-    def _targets(self, model: ir.Model, explain: list[str]) -> list[tuple[Linear, int]]:
-        """Each linear to quantize with its bit width."""
+    def _precision(self, model: ir.Model, explain: list[str]) -> dict[str, int]:
+        """The bit width of each linear to quantize, by linear name."""
         outputs = set(model.graph.outputs)
-        linears = []
-        for node in model.graph:
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                continue
-            linear = match_linear(node)
-            if linear is None:
-                continue
-            if node.op_type == "Gemm":
+        precision = {}
+        for linear in _linears(model):
+            if linear.node.op_type == "Gemm":
                 explain.append(f"{linear.name}: not quantized: Gemm (only MatMul is lowered)")
+            elif weight_dtype(linear.weight) != np.float32 and self.scheme == "dynamic":
+                explain.append(f"{linear.name}: not quantized: DynamicQuantizeMatMul takes float32 inputs")
             elif skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"}) not in outputs:
-                linears.append((linear, self.bits))
+                precision[linear.name] = self.bits
             elif self.head_bits:
-                linears.append((linear, self.head_bits))
+                precision[linear.name] = self.head_bits
             else:
                 explain.append(f"{linear.name}: not quantized: LM head (head_bits=0)")
-        return linears
+        return precision
 
-    def _moments(self, model: ir.Model, linears: list[Linear]):
-        feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
-        return second_moments(model, [linear.input for linear, _ in linears], feeds, threads=self.threads)
+    def _alpha(self) -> float | None:
+        """The smoothing exponent of the dynamic scheme (None: chosen per linear)."""
+        return None if self.scheme != "dynamic" or self.alpha == "auto" else float(self.alpha)
 
-    def _quantize(self, w_nk: np.ndarray, moment, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Codes [N, K] and scale, zero [N, blocks] of W [N, K]."""
-        if self.method == "gptq":
-            return gptq(
-                w_nk, moment.matrix, bits=bits, group=self.group, fit="hqq", damp=self.damp, act_order=self.act_order
-            )
-        blocks = as_blocks(w_nk, self.group)
-        scale, zero = fit_blocks(blocks, bits, "minmax" if self.method == "rtn" else "hqq")
-        codes = codes_of(blocks, scale, zero, bits).reshape(len(w_nk), -1)[:, : w_nk.shape[1]]
-        return codes, scale, zero
+    def _mixed_precision(self, model: ir.Model, forms: _Forms, plan: dict, explain: list[str]) -> dict:
+        """The plan with the most sensitive linears raised: 4-bit weights to 8 bits, 8-bit ones to float.
+        An automatic α also competes with no smoothing, on the task error."""
+        from xopt.passes.mixed_precision import protect_by_sensitivity
+        from xopt.task_error import TaskError
+
+        candidates, fallback = {}, {}
+        for name, (bits, alpha) in plan.items():
+            candidates[name] = [(bits, alpha)]
+            if self.scheme == "dynamic" and alpha is None and forms.form(name, (bits, alpha)).alpha != 0:
+                candidates[name].append((bits, 0.0))
+            fallback[name] = (8 if bits == 4 else 0, alpha)
+        error = TaskError(model, self.calibration or None, threads=self.threads)
+        build = forms.quantized_copy
+        return protect_by_sensitivity(candidates, fallback, build, error, self.budget, explain, error.unit)
 
     def _accuracy_level(self, model: ir.Model, sequence: int) -> tuple[int, str]:
         if self.accuracy != "measure":
@@ -160,6 +178,116 @@ class QuantizeWeightsPass(Pass):
         _set_accuracy(model, level)
         source = "cached" if verdict.cached else "measured"
         return level, f"accuracy_level {level}: level 4 {source} {verdict.speedup:.3f}× against level 0"
+
+
+class _Forms:
+    """The quantized form of each linear at each bit width, computed once (calibration statistics
+    included) and lowered into any copy of the model."""
+
+    def __init__(self, options: QuantizeWeightsPass, model: ir.Model):
+        self.options = options
+        self.model = model
+        self.linears = {linear.name: linear for linear in _linears(model)}
+        self.forms: dict[tuple, object] = {}
+        self._statistics = None
+
+    def quantized_copy(self, plan: dict) -> ir.Model:
+        copy = self.model.clone()
+        self.lower_all(copy.graph, plan, [])
+        return copy
+
+    def lower_all(self, graph: ir.Graph, plan: dict, explain: list[str]) -> Counter:
+        """Lower every linear of `graph` named in `plan` in its form (bits, α); 0 bits: left in float."""
+        stats: Counter = Counter()
+        errors, alphas = [], Counter()
+        for linear in _linears_of(graph):
+            bits, _ = key = plan.get(linear.name, (0, None))
+            if not bits:
+                continue
+            form = self.form(linear.name, key)
+            w = weight_in_out(self.linears[linear.name])
+            stats["bytes_before"] += w.size * weight_dtype(linear.weight).itemsize
+            if isinstance(form, DynamicInt8):
+                restored = form.restored()
+                stats["bytes_after"] += lower_dynamic(graph, linear, form)
+                alphas[form.alpha] += 1
+                detail = f"int8 dynamic, α {form.alpha:g}"
+                if form.simulated_error is not None:
+                    detail += f" (simulated output error {form.simulated_error:.2e})"
+            else:
+                codes, scale, zero = form
+                group = self.options.group
+                restored = dequantize(as_blocks(codes, group), scale, zero).reshape(len(codes), -1)[:, : w.shape[0]].T
+                stats["bytes_after"] += _lower(graph, linear, codes, scale, zero, bits, group)
+                detail = f"{bits}-bit"
+            errors.append(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
+            stats["linears_quantized"] += 1
+            explain.append(f"{linear.name}: {w.shape[0]}×{w.shape[1]} → {detail}, relative error {errors[-1]:.4f}")
+        if errors:
+            stats["mean_relative_error"] = float(np.mean(errors))
+        if alphas:
+            explain.append("smoothing α chosen: " + ", ".join(f"{a:g} ×{n}" for a, n in sorted(alphas.items())))
+        return stats
+
+    def form(self, name: str, form: tuple[int, float | None]):
+        """The linear quantized in `form` (bits, α): DynamicInt8 (dynamic scheme), or codes [N, K]
+        with scale, zero [N, blocks] (weight-only)."""
+        key = (name, *form)
+        if key not in self.forms:
+            linear, options = self.linears[name], self.options
+            bits, alpha = form
+            w = weight_in_out(linear)
+            statistic = self._statistic(linear)
+            if options.scheme == "dynamic":
+                self.forms[key] = quantize_dynamic(w, statistic, alpha)
+            elif options.method == "gptq":
+                self.forms[key] = gptq(
+                    w.T, statistic.matrix, bits=bits, group=options.group, fit="hqq", damp=options.damp,
+                    act_order=options.act_order,
+                )  # fmt: skip
+            else:
+                blocks = as_blocks(w.T, options.group)
+                scale, zero = fit_blocks(blocks, bits, "minmax" if options.method == "rtn" else "hqq")
+                codes = codes_of(blocks, scale, zero, bits).reshape(w.shape[1], -1)[:, : w.shape[0]]
+                self.forms[key] = (codes, scale, zero)
+        return self.forms[key]
+
+    def _statistic(self, linear: Linear):
+        """The calibration statistic of the linear's input its form needs (None: none)."""
+        options = self.options
+        needs = "samples" if options.scheme == "dynamic" else None
+        if options.scheme == "weight-only" and options.method == "gptq":
+            needs = "moments"
+        if needs is None:
+            return None
+        if self._statistics is None:
+            feeds = calibration_feeds(self.model, options.calibration or None, windows=options.windows)
+            inputs = [linear.input for linear in self.linears.values()]
+            collect = activation_samples if needs == "samples" else second_moments
+            self._statistics = collect(self.model, inputs, feeds, threads=options.threads)
+        return self._statistics[linear.input.name]
+
+
+def _linears(model: ir.Model) -> list[Linear]:
+    return _linears_of(model.graph)
+
+
+def _linears_of(graph: ir.Graph) -> list[Linear]:
+    """The graph's linears (MatMul or Gemm with a constant weight), in graph order."""
+    found = []
+    for node in graph:
+        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx"):
+            linear = match_linear(node)
+            if linear is not None:
+                found.append(linear)
+    return found
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
 
 
 def _lower(graph: ir.Graph, linear: Linear, codes, scale, zero, bits: int, group: int) -> int:
@@ -183,20 +311,7 @@ def _lower(graph: ir.Graph, linear: Linear, codes, scale, zero, bits: int, group
         domain=CONTRIB,
         name=f"{linear.node.name or base}_q{bits}",
     )
-    old = linear.node.outputs[0]
-    node.outputs[0].name, old.name = old.name, f"{old.name}_float"
-    if old.type is not None:
-        node.outputs[0].type, node.outputs[0].shape = old.type, old.shape
-    graph.insert_after(linear.node, node)
-    old.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-    transpose = linear.weight.producer()
-    graph.remove(linear.node, safe=True)
-    weight = linear.weight
-    if transpose is not None and not transpose.outputs[0].uses():
-        weight = transpose.inputs[0]
-        graph.remove(transpose, safe=True)
-    if weight.is_initializer() and not weight.uses() and not weight.is_graph_input():
-        graph.initializers.pop(weight.name)  # the float weight goes with its last reader
+    replace_linear(graph, linear, node)
     return sum(v.const_value.nbytes for v in inputs[1:])
 
 

@@ -10,13 +10,15 @@ over every token t of every window:
     M(x) = Σ_t x_t x_tᵀ   [d, d], accumulated in float64,   n = number of tokens
 
 the second moment of a linear's input, from which GPTQ's Hessian (2M/n) and SVD-LLM's whitening
-are formed. Memory is Σ d² per value asked for, whatever the amount of text.
+are formed. Memory is Σ d² per value asked for, whatever the amount of text. For simulating
+run-time activation quantization, `activation_samples` keeps per run each channel's range (the
+run's quantization range follows from it) and a fixed-seed random subset of the run's token rows.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +34,27 @@ from xopt.text import read_text
 logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW, DEFAULT_WINDOWS = 512, 8
+SAMPLE_ROWS = 128
 
 
 @dataclass
 class SecondMoment:
     matrix: np.ndarray  # Σ x xᵀ, float64 [d, d]
     tokens: int
+
+
+@dataclass
+class ActivationSample:
+    """A value's activations, per calibration run (one window): each channel's min and max over
+    the run, and a random subset of the run's token rows."""
+
+    low: list[np.ndarray]  # [d] per run
+    high: list[np.ndarray]  # [d] per run
+    rows: list[np.ndarray]  # [≤ SAMPLE_ROWS, d] per run
+
+    def absmax(self) -> np.ndarray:
+        """max |x_j| over all runs, per channel j."""
+        return np.max([np.maximum(-low, high) for low, high in zip(self.low, self.high, strict=True)], axis=0)
 
 
 def calibration_feeds(
@@ -66,6 +83,42 @@ def second_moments(
     model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]], *, threads: int | None = None
 ) -> dict[str, SecondMoment]:
     """Σ x xᵀ over the calibration tokens of each value in `values` (by value name)."""
+    moments: dict[str, SecondMoment] = {}
+    for outputs in probe_values(model, values, feeds, threads=threads):
+        for name, array in outputs.items():
+            x = array.reshape(-1, array.shape[-1]).astype(np.float64)
+            if name not in moments:
+                moments[name] = SecondMoment(np.zeros((x.shape[1], x.shape[1])), 0)
+            moments[name].matrix += x.T @ x
+            moments[name].tokens += x.shape[0]
+    return moments
+
+
+def activation_samples(
+    model: ir.Model,
+    values: Sequence[ir.Value],
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    rows: int = SAMPLE_ROWS,
+    threads: int | None = None,
+) -> dict[str, ActivationSample]:
+    """Per calibration run, each value's channel ranges and `rows` of its tokens drawn at random."""
+    generator = np.random.default_rng(0)
+    samples: dict[str, ActivationSample] = {}
+    for outputs in probe_values(model, values, feeds, threads=threads):
+        for name, array in outputs.items():
+            x = array.reshape(-1, array.shape[-1])
+            sample = samples.setdefault(name, ActivationSample([], [], []))
+            sample.low.append(x.min(axis=0))
+            sample.high.append(x.max(axis=0))
+            sample.rows.append(x[np.sort(generator.choice(len(x), min(rows, len(x)), replace=False))])
+    return samples
+
+
+def probe_values(
+    model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]], *, threads: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed, the arrays of `values` (by name) in one ONNX Runtime run of the model."""
     names = list(dict.fromkeys(_named(value) for value in values))
     probe = model.clone()
     by_name = {v.name: v for node in probe.graph for v in node.outputs}
@@ -75,16 +128,8 @@ def second_moments(
         if name not in existing:
             probe.graph.outputs.append(by_name[name])
     session = create_session(probe, threads=threads)
-    moments: dict[str, SecondMoment] = {}
     for feed in feeds:
-        outputs = run(session, feed, names)
-        for name, array in outputs.items():
-            x = array.reshape(-1, array.shape[-1]).astype(np.float64)
-            if name not in moments:
-                moments[name] = SecondMoment(np.zeros((x.shape[1], x.shape[1])), 0)
-            moments[name].matrix += x.T @ x
-            moments[name].tokens += x.shape[0]
-    return moments
+        yield run(session, feed, names)
 
 
 def _named(value: ir.Value) -> str:

@@ -115,13 +115,27 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _encoder_quality(model, text, reference, max_sentences, progress) -> Quality:
+    batches = sentence_batches(model.tokenizer(), text, max_sentences)
+    cosines, tokens = [], 0
+    for feeds in progress(iter(batches), len(batches)):
+        tokens += int(feeds["attention_mask"].sum())
+        if reference is None:
+            continue
+        cosines.append(cosine(_embed(model, feeds), _embed(reference, feeds)))
+    quality = Quality(model.task, tokens, sentences=sum(len(feeds["input_ids"]) for feeds in batches))
+    if cosines:
+        all_cosines = np.concatenate(cosines)
+        quality.cosine_min, quality.cosine_mean = float(all_cosines.min()), float(all_cosines.mean())
+    return quality
+
+
+def sentence_batches(tokenizer, text: str, max_sentences: int) -> list[dict[str, np.ndarray]]:
+    """The first `max_sentences` sentences of `text`, tokenized in padded batches."""
     sentences = split_sentences(text)[:max_sentences]
     if not sentences:
         raise XoptError("the text has no sentence of four words or more")
-    tokenizer = model.tokenizer()
-    cosines, tokens = [], 0
-    batches = range(0, len(sentences), SENTENCE_BATCH)
-    for start in progress(batches, len(batches)):
+    batches = []
+    for start in range(0, len(sentences), SENTENCE_BATCH):
         encoded = tokenizer(
             sentences[start : start + SENTENCE_BATCH],
             padding=True,
@@ -129,17 +143,13 @@ def _encoder_quality(model, text, reference, max_sentences, progress) -> Quality
             max_length=SENTENCE_MAX_TOKENS,
             return_tensors="np",
         )
-        feeds = {k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
-        tokens += int(feeds["attention_mask"].sum())
-        if reference is None:
-            continue
-        a, b = _embed(model, feeds), _embed(reference, feeds)
-        cosines.append(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
-    quality = Quality(model.task, tokens, sentences=len(sentences))
-    if cosines:
-        all_cosines = np.concatenate(cosines)
-        quality.cosine_min, quality.cosine_mean = float(all_cosines.min()), float(all_cosines.mean())
-    return quality
+        batches.append({k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
+    return batches
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two [n, d] arrays."""
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def _embed(model: Runnable, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -116,3 +116,22 @@ def require_opset(model: ir.Model, version: int) -> None:
         from onnxscript import version_converter
 
         version_converter.convert_version(model, version)
+
+
+def replace_linear(graph: ir.Graph, linear: Linear, node: ir.Node) -> None:
+    """Put `node` (computing the linear's MatMul, bias excluded) in the MatMul's place; the float
+    weight, and the Transpose it may sit behind, go with their last reader."""
+    old = linear.node.outputs[0]
+    node.outputs[0].name, old.name = old.name, f"{old.name}_float"
+    if old.type is not None:
+        node.outputs[0].type, node.outputs[0].shape = old.type, old.shape
+    graph.insert_after(linear.node, node)
+    old.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+    transpose = linear.weight.producer()
+    graph.remove(linear.node, safe=True)
+    weight = linear.weight
+    if transpose is not None and not transpose.outputs[0].uses():
+        weight = transpose.inputs[0]
+        graph.remove(transpose, safe=True)
+    if weight.is_initializer() and not weight.uses() and not weight.is_graph_input():
+        graph.initializers.pop(weight.name)

@@ -1,0 +1,163 @@
+"""Dynamic int8 linears (lossy): int8 weights per output channel, activations quantized to uint8
+per tensor at run time, with SmoothQuant-style smoothing; lowered to com.microsoft's
+DynamicQuantizeMatMul (integer GEMM, then one float rescale).
+
+A bias Add after the MatMul is absorbed into the kernel.
+
+Weights, per output column n of W [K, N] (symmetric): w_n = max_k |W[k, n]| / 127,
+q[k, n] = round(W[k, n] / w_n) ∈ [−127, 127].
+
+Activations, per tensor on every run (ONNX DynamicQuantizeLinear): a = (max(0, max x) − min(0, min x)) / 255,
+z = round(−min(0, min x) / a), x̂ = a·(clip(round(x / a) + z, 0, 255) − z). One outlier channel sets
+a for the whole tensor, so every other channel's error grows with it.
+
+Smoothing (Xiao et al., SmoothQuant, 2023) moves that range into the weights, exactly in real
+arithmetic: x·W = (x·diag(1/s))·(diag(s)·W) with, per input channel j over calibration activations,
+
+    s_j = max|X_j|^α / max_n |W[j, n]|^(1−α)
+
+1/s is folded into the norm that produces x when the norm feeds only this linear (its γ, and β,
+are divided by s), otherwise applied by a Mul. `alpha` is fixed, or chosen per linear from
+{0, ¼, ½, ¾} (`auto`) as the one whose simulated output error ‖X·W − x̂·Ŵ‖² / ‖X·W‖² on
+calibration activations is smallest: the run-time quantization above reproduced in numpy, with
+each calibration run's own range (α = 0 is no smoothing; ORT's DynamicQuantizeLinear rounds
+half to even, as np.rint does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from xopt.analysis.graph_view import const_array
+from xopt.analysis.patterns import Linear
+from xopt.calibration import ActivationSample
+from xopt.rewrite import new_initializer, remove_node_keeping_input, replace_linear
+
+CONTRIB = "com.microsoft"
+AUTO_ALPHAS = (0.0, 0.25, 0.5, 0.75)
+WEIGHT_LEVEL, ACTIVATION_LEVELS = 127, 255
+NORM_SCALE_SHIFT = {  # norm op → indices of its γ and β inputs (None: it has no β)
+    "LayerNormalization": (1, 2),
+    "SimplifiedLayerNormalization": (1, None),
+    "RMSNormalization": (1, None),
+    "SkipLayerNormalization": (2, 3),
+    "SkipSimplifiedLayerNormalization": (2, None),
+}
+
+
+@dataclass
+class DynamicInt8:
+    """A linear's int8 form: codes q [K, N], per-column scale [N], smoothing s [K] (None: none)."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    smoothing: np.ndarray | None
+    alpha: float
+    simulated_error: float | None  # relative output error on calibration activations
+
+    def restored(self) -> np.ndarray:
+        """Ŵ in the linear's original basis, [K, N]: diag(1/s)·(q·w)."""
+        w = self.codes * self.scale
+        return w if self.smoothing is None else w / self.smoothing[:, None]
+
+
+def quantize_dynamic(w_in_out: np.ndarray, sample: ActivationSample | None, alpha: float | None) -> DynamicInt8:
+    """The int8 form of W [K, N]; `alpha` None chooses it from AUTO_ALPHAS on `sample`."""
+    if sample is None:
+        if alpha:
+            raise ValueError("smoothing needs calibration activations")
+        return DynamicInt8(*_weight_codes(w_in_out), None, 0.0, None)
+    candidates = AUTO_ALPHAS if alpha is None else (alpha,)
+    best = None
+    for candidate in candidates:
+        smoothing = _smoothing(sample.absmax(), w_in_out, candidate) if candidate else None
+        codes, scale = _weight_codes(w_in_out if smoothing is None else w_in_out * smoothing[:, None])
+        error = simulated_error(sample, w_in_out, codes * scale, smoothing)
+        if best is None or error < best.simulated_error:
+            best = DynamicInt8(codes, scale, smoothing, candidate, error)
+    return best
+
+
+def simulated_error(sample: ActivationSample, w: np.ndarray, w_hat: np.ndarray, smoothing: np.ndarray | None) -> float:
+    """‖X·W − x̂·Ŵ‖² / ‖X·W‖² over the sampled rows, x̂ quantized with each run's own range."""
+    inverse = 1.0 if smoothing is None else 1.0 / smoothing
+    error = reference = 0.0
+    for rows, low, high in zip(sample.rows, sample.low, sample.high, strict=True):
+        x = rows.astype(np.float64)
+        exact = x @ w
+        smoothed = x * inverse
+        step, zero = _activation_grid(float(np.min(low * inverse)), float(np.max(high * inverse)))
+        restored = step * (np.clip(np.rint(smoothed / step) + zero, 0, ACTIVATION_LEVELS) - zero)
+        error += float(np.sum((exact - restored @ w_hat) ** 2))
+        reference += float(np.sum(exact**2))
+    return error / max(reference, 1e-30)
+
+
+def lower_dynamic(graph: ir.Graph, linear: Linear, int8: DynamicInt8) -> int:
+    """Replace the linear's MatMul by DynamicQuantizeMatMul (smoothing applied before it); returns
+    the bytes of the new initializers."""
+    x = linear.input
+    if int8.smoothing is not None:
+        x = _divide_input(graph, linear, int8.smoothing)
+    weights = [
+        new_initializer(graph, f"{linear.name}_int8", int8.codes, np.int8),
+        new_initializer(graph, f"{linear.name}_int8_scale", int8.scale, np.float32),
+    ]
+    bias = const_array(linear.bias) if linear.bias_node is not None else None
+    absorbed = bias is not None and bias.ndim == 1  # the kernel adds a 1-D bias itself
+    inputs = [x, *weights, None, linear.bias] if absorbed else [x, *weights]
+    node = ir.node("DynamicQuantizeMatMul", inputs, domain=CONTRIB, name=f"{linear.node.name or linear.name}_int8")
+    replace_linear(graph, linear, node)
+    if absorbed:
+        remove_node_keeping_input(graph, linear.bias_node, node.outputs[0])
+    return sum(v.const_value.nbytes for v in weights)
+
+
+def _weight_codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale = np.abs(w).max(axis=0) / WEIGHT_LEVEL
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.rint(w / scale), -WEIGHT_LEVEL, WEIGHT_LEVEL), scale
+
+
+def _smoothing(absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+    weight_max = np.abs(w).max(axis=1)
+    s = np.maximum(absmax, 1e-5) ** alpha / np.maximum(weight_max, 1e-5) ** (1 - alpha)
+    return np.where((absmax > 0) & (weight_max > 0), s, 1.0)  # a dead channel keeps scale 1
+
+
+def _activation_grid(low: float, high: float) -> tuple[float, float]:
+    low, high = min(low, 0.0), max(high, 0.0)
+    step = (high - low) / ACTIVATION_LEVELS or 1.0
+    return step, float(np.clip(np.rint(-low / step), 0, ACTIVATION_LEVELS))
+
+
+def _divide_input(graph: ir.Graph, linear: Linear, smoothing: np.ndarray) -> ir.Value:
+    """x·diag(1/s): folded into the producing norm's γ (and β) when it feeds only this linear, else a Mul."""
+    x = linear.input
+    norm = x.producer()
+    if (
+        norm is not None
+        and norm.op_type in NORM_SCALE_SHIFT
+        and x is norm.outputs[0]
+        and len(x.uses()) == 1
+        and not x.is_graph_output()
+    ):
+        indices = [i for i in NORM_SCALE_SHIFT[norm.op_type] if i is not None and i < len(norm.inputs)]
+        arrays = [const_array(norm.inputs[i]) if norm.inputs[i] is not None else None for i in indices]
+        if all(a is not None and a.shape == smoothing.shape for a in arrays):
+            for index, array in zip(indices, arrays, strict=True):
+                old = norm.inputs[index]
+                scaled = new_initializer(graph, f"{linear.name}_smoothed", array / smoothing, array.dtype)
+                norm.replace_input_with(index, scaled)
+                if old.is_initializer() and not old.uses() and not old.is_graph_input():
+                    graph.initializers.pop(old.name)
+            return x
+    inverse = new_initializer(graph, f"{linear.name}_smoothing", 1.0 / smoothing, np.float32)
+    mul = ir.node("Mul", [x, inverse], name=f"{linear.node.name or linear.name}_smoothing")
+    mul.outputs[0].name = f"{linear.name}_smoothed_input"
+    mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
+    graph.insert_before(linear.node, mul)
+    return mul.outputs[0]

@@ -1,0 +1,186 @@
+"""Dynamic int8 (`quantize(scheme=dynamic)`): ONNX Runtime computes exactly what the simulation
+that chooses the smoothing predicts, smoothing folds into a norm or a Mul without changing the
+float function, and mixed precision keeps the task error within its budget."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from xopt.backends.onnxruntime import create_session
+from xopt.calibration import ActivationSample
+from xopt.errors import XoptError
+from xopt.passes import QuantizeWeightsPass
+from xopt.passes.int8_dynamic import lower_dynamic, quantize_dynamic
+from xopt.passes.mixed_precision import protect_by_sensitivity
+from xopt.passes.quantize import _linears
+from xopt.pipeline import PassManager
+from xopt.verify import check_structure
+
+K, N = 64, 24
+
+
+def _inputs_with_outliers(rows: int, seed: int = 0) -> np.ndarray:
+    """Activations whose channels 3 and 40 are 30× the others, as after a transformer's norms."""
+    x = np.random.default_rng(seed).standard_normal((rows, K)).astype(np.float32)
+    x[:, [3, 40]] *= 30
+    return x
+
+
+def _model(weight: np.ndarray, *, norm: bool, bias: bool, second_reader: bool = False) -> ir.Model:
+    """x → [LayerNormalization] → MatMul(W) → [Add b]; optionally the norm's output is an output too."""
+    rng = np.random.default_rng(1)
+    values = {}
+
+    def constant(name, array):
+        value = ir.Value(name=name, const_value=ir.tensor(array.astype(np.float32), name=name))
+        value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
+        values[name] = value
+        return value
+
+    x = ir.Value(name="x", shape=ir.Shape(["rows", K]), type=ir.TensorType(ir.DataType.FLOAT))
+    nodes, outputs, current = [], [], x
+    if norm:
+        gamma, beta = rng.uniform(0.5, 30, K), rng.standard_normal(K)
+        layer_norm = ir.node("LayerNormalization", [x, constant("gamma", gamma), constant("beta", beta)], {"axis": -1})
+        nodes.append(layer_norm)
+        current = layer_norm.outputs[0]
+        current.name, current.dtype, current.shape = "normed", ir.DataType.FLOAT, ir.Shape(["rows", K])
+        if second_reader:
+            outputs.append(current)
+    matmul = ir.node("MatMul", [current, constant("w", weight)], name="linear")
+    nodes.append(matmul)
+    current = matmul.outputs[0]
+    if bias:
+        add = ir.node("Add", [current, constant("b", rng.standard_normal(N))])
+        nodes.append(add)
+        current.dtype, current.shape = ir.DataType.FLOAT, ir.Shape(["rows", N])
+        current = add.outputs[0]
+    current.name, current.dtype, current.shape = "y", ir.DataType.FLOAT, ir.Shape(["rows", N])
+    graph = ir.Graph(
+        [x], [current, *outputs], nodes=nodes, initializers=list(values.values()), opset_imports={"": 21}, name="m"
+    )
+    model = ir.Model(graph, ir_version=10)
+    model.opset_imports["com.microsoft"] = 1
+    return model
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    return create_session(model).run(["y"], {"x": x})[0]
+
+
+def _linear_input(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    """The activations the linear reads (the norm's output when there is one)."""
+    if not any(node.op_type == "LayerNormalization" for node in model.graph):
+        return x
+    probe = model.clone()
+    normed = next(v for node in probe.graph for v in node.outputs if v.name == "normed")
+    if normed not in probe.graph.outputs:
+        probe.graph.outputs.append(normed)
+    return create_session(probe).run(["normed"], {"x": x})[0]
+
+
+@pytest.mark.parametrize(("norm", "second_reader"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_onnxruntime_computes_the_simulated_int8_linear(norm, second_reader, alpha, bias):
+    """The output error ONNX Runtime shows is the one the simulation predicts (so the α search
+    optimises the real thing), the bias is absorbed, and 1/s lands in the norm when it can."""
+    weight = np.random.default_rng(2).standard_normal((K, N)).astype(np.float32)
+    model = _model(weight, norm=norm, bias=bias, second_reader=second_reader)
+    x = _inputs_with_outliers(256)
+    reference = _run(model, x)
+    activations = _linear_input(model, x)
+    sample = ActivationSample([activations.min(0)], [activations.max(0)], [activations])
+    form = quantize_dynamic(weight.astype(np.float64), sample, alpha)
+    quantized = model.clone()
+    (linear,) = _linears(quantized)
+    lower_dynamic(quantized.graph, linear, form)
+    check_structure(quantized)
+    ops = Counter(node.op_type for node in quantized.graph)
+    assert ops["DynamicQuantizeMatMul"] == 1 and ops["MatMul"] == 0 and ops["Add"] == 0
+    assert ops["Mul"] == (1 if alpha and (not norm or second_reader) else 0)
+    actual = _run(quantized, x)
+    exact = (activations.astype(np.float64) @ weight).astype(np.float32)
+    measured = np.sum((actual - reference) ** 2) / np.sum(exact**2)
+    assert measured == pytest.approx(form.simulated_error, rel=1e-3)
+    assert 0 < measured < 0.01
+
+
+def test_smoothing_lowers_the_error_of_inputs_with_outlier_channels():
+    weight = np.random.default_rng(3).standard_normal((K, N))
+    x = _inputs_with_outliers(512)
+    sample = ActivationSample([x.min(0)], [x.max(0)], [x])
+    plain = quantize_dynamic(weight, sample, 0.0)
+    chosen = quantize_dynamic(weight, sample, None)
+    assert chosen.alpha > 0
+    assert chosen.simulated_error < 0.2 * plain.simulated_error  # measured 0.071 (α = 0.5)
+
+
+def _dynamic_linears(model: ir.Model) -> int:
+    return sum(node.op_type == "DynamicQuantizeMatMul" for node in model.graph)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_every_linear_becomes_dynamic_int8_and_the_model_still_runs(tiny_model, name):
+    model = tiny_model(name)
+    linears = len(_linears(model))
+    optimized, report = PassManager([QuantizeWeightsPass(scheme="dynamic", bits=8, windows=2)])(model)
+    record = report.passes[-1]
+    assert record.stats["linears_quantized"] == _dynamic_linears(optimized) == linears > 0
+    assert not _linears(optimized)
+    assert record.stats["bytes_after"] < 0.3 * record.stats["bytes_before"]
+    assert any(line.startswith("smoothing α chosen") for line in record.explain)
+    assert record.parity.max_rel < 0.1, record.parity.describe()
+
+
+def test_mixed_precision_keeps_the_task_error_within_the_budget(tiny_model):
+    """On the tiny random BERT, int8 everywhere costs more than the budget; protecting the most
+    sensitive linears brings it within, with fewer linears in float than all of them."""
+    from xopt.task_error import TaskError
+
+    model = tiny_model("bert")
+    everywhere = QuantizeWeightsPass(scheme="dynamic", bits=8, windows=2)(model.clone()).model
+    error = TaskError(model)(everywhere)
+    budget = error / 3
+    result = QuantizeWeightsPass(scheme="dynamic", bits=8, windows=2, budget=budget)(model.clone())
+    protected = result.stats["linears_protected"]
+    assert 0 < protected < len(_linears(model))
+    assert result.stats["linears_quantized"] == _dynamic_linears(result.model) == len(_linears(model)) - protected
+    assert TaskError(model)(result.model) <= budget
+    assert sum("kept at higher precision" in line for line in result.explain) == protected
+
+
+def test_protection_takes_the_most_sensitive_linears_first():
+    """With an additive task error the search protects exactly the largest contributions."""
+    contribution = {"a": 0.5, "b": 3.0, "c": 0.1, "d": 1.0}
+
+    def task_error(plan):
+        return sum(contribution[name] for name, form in plan.items() if form == "q")
+
+    forms = {name: ["q"] for name in contribution}
+    fallback = {name: "float" for name in contribution}
+    explain: list[str] = []
+    plan = protect_by_sensitivity(forms, fallback, lambda p: p, task_error, 0.7, explain, "units")
+    assert plan == {"a": "q", "b": "float", "c": "q", "d": "float"}
+    assert protect_by_sensitivity(forms, fallback, lambda p: p, task_error, 5.0, [], "units") == dict.fromkeys(
+        contribution, "q"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(scheme="dynamic", bits=4), "bits=4"),
+        (dict(scheme="dynamic", bits=8, head_bits=4), "head_bits=4"),
+        (dict(scheme="static"), "unknown scheme"),
+        (dict(scheme="dynamic", bits=8, alpha="1.5"), "alpha="),
+        (dict(budget=-1.0), "budget="),
+    ],
+)
+def test_bad_dynamic_options_are_refused_with_the_reason(tiny_model, options, message):
+    with pytest.raises(XoptError, match=message):
+        QuantizeWeightsPass(**options)(tiny_model("llama").clone())

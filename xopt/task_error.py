@@ -1,0 +1,74 @@
+"""The task error a lossy pass budgets: how far a candidate's outputs are from the reference
+(unchanged) model's on calibration text, in the terms of the task metric `xopt eval` reports.
+
+- causal LM: mean KL(p_ref ‖ p) in nats per predicted token, over the first calibration windows;
+- encoder: 1 − the smallest cosine, over calibration sentences, between the two models' sentence
+  embeddings (mean-pooled last hidden state), i.e. 1 − `cosine_min`.
+
+The reference's outputs are computed once; each candidate costs one ONNX Runtime session and one
+pass over the same feeds. Calibration text, never the evaluation text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from xopt.backends.onnxruntime import create_session, run
+from xopt.calibration import calibration_feeds
+from xopt.capture.huggingface import TASK_CAUSAL_LM, source_tokenizer
+from xopt.evaluate import cosine, log_softmax, mean_pool, sentence_batches
+from xopt.inputs import text_feeds
+from xopt.runnable import model_task
+from xopt.text import read_text
+
+WINDOW_TOKENS = 256  # per causal-LM calibration window
+
+
+class TaskError:
+    """Call with a candidate model (same inputs and outputs as the reference) for its task error."""
+
+    def __init__(
+        self,
+        reference: ir.Model,
+        text_file: str | Path | None = None,
+        *,
+        windows: int = 2,
+        sentences: int = 128,
+        threads: int | None = None,
+    ):
+        self.causal_lm = model_task(reference) == TASK_CAUSAL_LM
+        self.threads = threads
+        if self.causal_lm:
+            self.unit = "KL nats/token"
+            feeds = calibration_feeds(reference, text_file, window=WINDOW_TOKENS, windows=windows)
+        else:
+            self.unit = "1 − min cosine"
+            text = read_text(Path(text_file) if text_file else None, "calibration")
+            feeds = sentence_batches(source_tokenizer(reference), text, sentences)
+        self.feeds = [(feed, text_feeds(reference, feed)) for feed in feeds]
+        self.reference = self._outputs(reference)
+
+    def __call__(self, candidate: ir.Model) -> float:
+        outputs = self._outputs(candidate)
+        if self.causal_lm:
+            kl = [np.sum(np.exp(p) * (p - q), axis=-1) for p, q in zip(self.reference, outputs, strict=True)]
+            return float(np.mean(np.concatenate([k.reshape(-1) for k in kl])))
+        cosines = [cosine(a, b) for a, b in zip(self.reference, outputs, strict=True)]
+        return float(1.0 - np.min(np.concatenate(cosines)))
+
+    def _outputs(self, model: ir.Model) -> list[np.ndarray]:
+        """Per feed: log-probabilities [B, T, V] (causal LM) or sentence embeddings [B, d]."""
+        session = create_session(model, threads=self.threads)
+        names = [o.name for o in session.get_outputs()]
+        wanted = ([n for n in names if "logits" in n.lower()][:1] or names[:1]) if self.causal_lm else names[:1]
+        outputs = []
+        for feed, model_feed in self.feeds:
+            array = run(session, model_feed, wanted)[wanted[0]]
+            if self.causal_lm:
+                outputs.append(log_softmax(array))
+            else:
+                outputs.append(mean_pool(array.astype(np.float64), feed["attention_mask"]))
+        return outputs
