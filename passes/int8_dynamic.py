@@ -11,17 +11,25 @@ Activations, per tensor on every run (ONNX DynamicQuantizeLinear): a = (max(0, m
 z = round(−min(0, min x) / a), x̂ = a·(clip(round(x / a) + z, 0, 255) − z). One outlier channel sets
 a for the whole tensor, so every other channel's error grows with it.
 
-Smoothing (Xiao et al., SmoothQuant, 2023) moves that range into the weights, exactly in real
-arithmetic: x·W = (x·diag(1/s))·(diag(s)·W) with, per input channel j over calibration activations,
+Smoothing moves that range into the weights, exactly in real arithmetic:
+x·W = (x·diag(1/s))·(diag(s)·W), with per input channel j, from max|X_j| over calibration data:
 
-    s_j = max|X_j|^α / max_n |W[j, n]|^(1−α)
+- `outliers` (the default): s_j = max(1, max|X_j| / T) with T the range of the (k+1)-th widest
+  channel: only the k widest channels are scaled down to T (their weight rows scaled up);
+- `alpha` (SmoothQuant, Xiao et al., 2023): s_j = max|X_j|^α / max_n |W[j, n]|^(1−α), α from {0, ¼, ½, ¾};
+- a number: SmoothQuant with that α; `none`: s = 1.
+
+Each linear takes the candidate (k ∈ {1, 2, 4, 8, 16, 32} or none; or α) whose simulated output
+error ‖X·W − x̂·Ŵ‖² / ‖X·W‖² on calibration activations is smallest: the run-time quantization
+above reproduced in numpy with each calibration run's own range (ORT's DynamicQuantizeLinear
+rounds half to even, as np.rint does). Why `outliers` is the default, measured on MiniLM (cosine
+of sentence embeddings to fp32, min / mean): none 0.9871 / 0.9939, `alpha` 0.9853 / 0.9936 (its
+layer errors are lower than none's, its embeddings are not closer), `outliers` with k = 4 for
+every linear 0.9943 / 0.9981. On SmolLM2 `alpha` and `outliers` (k = 16) are alike (perplexity
+40.76 and 40.74 against 38.68 in float; none: 60.09).
 
 1/s is folded into the norm that produces x when the norm feeds only this linear (its γ, and β,
-are divided by s), otherwise applied by a Mul. `alpha` is fixed, or chosen per linear from
-{0, ¼, ½, ¾} (`auto`) as the one whose simulated output error ‖X·W − x̂·Ŵ‖² / ‖X·W‖² on
-calibration activations is smallest: the run-time quantization above reproduced in numpy, with
-each calibration run's own range (α = 0 is no smoothing; ORT's DynamicQuantizeLinear rounds
-half to even, as np.rint does).
+are divided by s), otherwise applied by a Mul.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from xopt.rewrite import new_initializer, remove_node_keeping_input, replace_lin
 
 CONTRIB = "com.microsoft"
 AUTO_ALPHAS = (0.0, 0.25, 0.5, 0.75)
+OUTLIER_COUNTS = (1, 2, 4, 8, 16, 32)
+SMOOTHINGS = ("outliers", "alpha", "none")
 WEIGHT_LEVEL, ACTIVATION_LEVELS = 127, 255
 NORM_SCALE_SHIFT = {  # norm op → indices of its γ and β inputs (None: it has no β)
     "LayerNormalization": (1, 2),
@@ -55,7 +65,7 @@ class DynamicInt8:
     codes: np.ndarray
     scale: np.ndarray
     smoothing: np.ndarray | None
-    alpha: float
+    label: str  # the smoothing chosen, e.g. "outliers 4" or "α 0.5"
     simulated_error: float | None  # relative output error on calibration activations
 
     def restored(self) -> np.ndarray:
@@ -64,21 +74,46 @@ class DynamicInt8:
         return w if self.smoothing is None else w / self.smoothing[:, None]
 
 
-def quantize_dynamic(w_in_out: np.ndarray, sample: ActivationSample | None, alpha: float | None) -> DynamicInt8:
-    """The int8 form of W [K, N]; `alpha` None chooses it from AUTO_ALPHAS on `sample`."""
+def quantize_dynamic(w_in_out: np.ndarray, sample: ActivationSample | None, smoothing: str) -> DynamicInt8:
+    """The int8 form of W [K, N] with the candidate of `smoothing` (see SMOOTHINGS) whose simulated
+    error on `sample` is smallest."""
     if sample is None:
-        if alpha:
+        if smoothing != "none":
             raise ValueError("smoothing needs calibration activations")
-        return DynamicInt8(*_weight_codes(w_in_out), None, 0.0, None)
-    candidates = AUTO_ALPHAS if alpha is None else (alpha,)
+        return DynamicInt8(*_weight_codes(w_in_out), None, "none", None)
     best = None
-    for candidate in candidates:
-        smoothing = _smoothing(sample.absmax(), w_in_out, candidate) if candidate else None
-        codes, scale = _weight_codes(w_in_out if smoothing is None else w_in_out * smoothing[:, None])
-        error = simulated_error(sample, w_in_out, codes * scale, smoothing)
+    for label, factors in _candidates(sample.absmax(), w_in_out, smoothing):
+        codes, scale = _weight_codes(w_in_out if factors is None else w_in_out * factors[:, None])
+        error = simulated_error(sample, w_in_out, codes * scale, factors)
         if best is None or error < best.simulated_error:
-            best = DynamicInt8(codes, scale, smoothing, candidate, error)
+            best = DynamicInt8(codes, scale, factors, label, error)
     return best
+
+
+def is_smoothing(text: str) -> bool:
+    """Whether `text` names a smoothing: one of SMOOTHINGS, or an α from 0 to 1."""
+    if text in SMOOTHINGS:
+        return True
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
+
+
+def _candidates(absmax: np.ndarray, w: np.ndarray, smoothing: str) -> list[tuple[str, np.ndarray | None]]:
+    """(label, s or None) of each smoothing candidate."""
+    if smoothing == "none":
+        return [("none", None)]
+    if smoothing == "outliers":
+        ranked = np.sort(absmax)[::-1]
+        clipped = [
+            (f"outliers {k}", np.maximum(1.0, absmax / max(ranked[k], 1e-12)))
+            for k in OUTLIER_COUNTS
+            if k < len(ranked)
+        ]
+        return [("none", None), *clipped]
+    alphas = AUTO_ALPHAS if smoothing == "alpha" else (float(smoothing),)
+    return [(f"α {a:g}", _alpha_smoothing(absmax, w, a) if a else None) for a in alphas]
 
 
 def simulated_error(sample: ActivationSample, w: np.ndarray, w_hat: np.ndarray, smoothing: np.ndarray | None) -> float:
@@ -122,7 +157,7 @@ def _weight_codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale), -WEIGHT_LEVEL, WEIGHT_LEVEL), scale
 
 
-def _smoothing(absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
+def _alpha_smoothing(absmax: np.ndarray, w: np.ndarray, alpha: float) -> np.ndarray:
     weight_max = np.abs(w).max(axis=1)
     s = np.maximum(absmax, 1e-5) ** alpha / np.maximum(weight_max, 1e-5) ** (1 - alpha)
     return np.where((absmax > 0) & (weight_max > 0), s, 1.0)  # a dead channel keeps scale 1

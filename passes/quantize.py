@@ -16,8 +16,8 @@ for long prefill). `accuracy=measure` times the whole model with each (prefill p
 `backends/lowering.py`, cached per machine) and keeps the faster; 0 or 4 force one.
 
 `scheme=dynamic` (8 bits): int8 weights per output channel and activations quantized per tensor
-at run time, lowered to DynamicQuantizeMatMul, with SmoothQuant smoothing (`alpha`, `auto`
-choosing it per linear on calibration activations): see `int8_dynamic.py`.
+at run time, lowered to DynamicQuantizeMatMul, with smoothing of the activations' outlier
+channels chosen per linear on calibration activations (`smoothing`): see `int8_dynamic.py`.
 
 A bias Add after the MatMul stays as it is. The LM head (the linear that writes a graph output)
 takes `head_bits` (8 by default: it is the widest matrix of a small LM and the most sensitive;
@@ -48,7 +48,7 @@ from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import activation_samples, calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
 from xopt.passes.gptq import gptq
-from xopt.passes.int8_dynamic import DynamicInt8, lower_dynamic, quantize_dynamic
+from xopt.passes.int8_dynamic import DynamicInt8, is_smoothing, lower_dynamic, quantize_dynamic
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import new_initializer, replace_linear, weight_dtype, weight_in_out
@@ -75,7 +75,7 @@ class QuantizeWeightsPass(Pass):
     group: int = 32
     method: str = "gptq"
     scheme: str = "weight-only"
-    alpha: str = "auto"  # dynamic scheme: smoothing exponent in [0, 1], or auto (per linear)
+    smoothing: str = "outliers"  # dynamic scheme: outliers, alpha, none, or a SmoothQuant α in [0, 1]
     head_bits: int = 8
     budget: float = 0.0  # mixed precision: task error allowed (0: every linear quantized)
     accuracy: str = "measure"
@@ -96,7 +96,8 @@ class QuantizeWeightsPass(Pass):
             raise XoptError("quantize: the model has no MatMul with a constant weight to quantize")
         model.opset_imports.setdefault(CONTRIB, 1)
         forms = _Forms(self, model)
-        plan = {name: (bits, self._alpha()) for name, bits in precision.items()}
+        smoothing = self.smoothing if self.scheme == "dynamic" else None
+        plan = {name: (bits, smoothing) for name, bits in precision.items()}
         if self.budget > 0:
             plan = self._mixed_precision(model, forms, plan, explain)
         stats = forms.lower_all(model.graph, plan, explain)
@@ -120,8 +121,8 @@ class QuantizeWeightsPass(Pass):
             raise XoptError(f"quantize: unknown method {self.method!r}: one of {', '.join(METHODS)}")
         if str(self.accuracy) not in ACCURACY_LEVELS:
             raise XoptError(f"quantize: accuracy={self.accuracy!r}: one of {', '.join(ACCURACY_LEVELS)}")
-        if self.alpha != "auto" and not _is_fraction(self.alpha):
-            raise XoptError(f"quantize: alpha={self.alpha!r}: auto, or a number from 0 to 1")
+        if not is_smoothing(self.smoothing):
+            raise XoptError(f"quantize: smoothing={self.smoothing!r}: outliers, alpha, none, or a number from 0 to 1")
         if self.budget < 0:
             raise XoptError(f"quantize: budget={self.budget}: a task error, 0 or more")
 
@@ -142,22 +143,18 @@ class QuantizeWeightsPass(Pass):
                 explain.append(f"{linear.name}: not quantized: LM head (head_bits=0)")
         return precision
 
-    def _alpha(self) -> float | None:
-        """The smoothing exponent of the dynamic scheme (None: chosen per linear)."""
-        return None if self.scheme != "dynamic" or self.alpha == "auto" else float(self.alpha)
-
     def _mixed_precision(self, model: ir.Model, forms: _Forms, plan: dict, explain: list[str]) -> dict:
         """The plan with the most sensitive linears raised: 4-bit weights to 8 bits, 8-bit ones to float.
-        An automatic α also competes with no smoothing, on the task error."""
+        A linear's chosen smoothing also competes with none, on the task error."""
         from xopt.passes.mixed_precision import protect_by_sensitivity
         from xopt.task_error import TaskError
 
         candidates, fallback = {}, {}
-        for name, (bits, alpha) in plan.items():
-            candidates[name] = [(bits, alpha)]
-            if self.scheme == "dynamic" and alpha is None and forms.form(name, (bits, alpha)).alpha != 0:
-                candidates[name].append((bits, 0.0))
-            fallback[name] = (8 if bits == 4 else 0, alpha)
+        for name, (bits, smoothing) in plan.items():
+            candidates[name] = [(bits, smoothing)]
+            if smoothing is not None and forms.form(name, (bits, smoothing)).label != "none":
+                candidates[name].append((bits, "none"))
+            fallback[name] = (8 if bits == 4 else 0, smoothing)
         error = TaskError(model, self.calibration or None, threads=self.threads)
         build = forms.quantized_copy
         return protect_by_sensitivity(candidates, fallback, build, error, self.budget, explain, error.unit)
@@ -199,7 +196,7 @@ class _Forms:
     def lower_all(self, graph: ir.Graph, plan: dict, explain: list[str]) -> Counter:
         """Lower every linear of `graph` named in `plan` in its form (bits, α); 0 bits: left in float."""
         stats: Counter = Counter()
-        errors, alphas = [], Counter()
+        errors, smoothings = [], Counter()
         for linear in _linears_of(graph):
             bits, _ = key = plan.get(linear.name, (0, None))
             if not bits:
@@ -210,8 +207,8 @@ class _Forms:
             if isinstance(form, DynamicInt8):
                 restored = form.restored()
                 stats["bytes_after"] += lower_dynamic(graph, linear, form)
-                alphas[form.alpha] += 1
-                detail = f"int8 dynamic, α {form.alpha:g}"
+                smoothings[form.label] += 1
+                detail = f"int8 dynamic, smoothing {form.label}"
                 if form.simulated_error is not None:
                     detail += f" (simulated output error {form.simulated_error:.2e})"
             else:
@@ -225,21 +222,21 @@ class _Forms:
             explain.append(f"{linear.name}: {w.shape[0]}×{w.shape[1]} → {detail}, relative error {errors[-1]:.4f}")
         if errors:
             stats["mean_relative_error"] = float(np.mean(errors))
-        if alphas:
-            explain.append("smoothing α chosen: " + ", ".join(f"{a:g} ×{n}" for a, n in sorted(alphas.items())))
+        if smoothings:
+            explain.append("smoothing chosen: " + ", ".join(f"{label} ×{n}" for label, n in sorted(smoothings.items())))
         return stats
 
     def form(self, name: str, form: tuple[int, float | None]):
-        """The linear quantized in `form` (bits, α): DynamicInt8 (dynamic scheme), or codes [N, K]
+        """The linear quantized in `form` (bits, smoothing): DynamicInt8 (dynamic scheme), or codes [N, K]
         with scale, zero [N, blocks] (weight-only)."""
         key = (name, *form)
         if key not in self.forms:
             linear, options = self.linears[name], self.options
-            bits, alpha = form
+            bits, smoothing = form
             w = weight_in_out(linear)
             statistic = self._statistic(linear)
             if options.scheme == "dynamic":
-                self.forms[key] = quantize_dynamic(w, statistic, alpha)
+                self.forms[key] = quantize_dynamic(w, statistic, smoothing)
             elif options.method == "gptq":
                 self.forms[key] = gptq(
                     w.T, statistic.matrix, bits=bits, group=options.group, fit="hqq", damp=options.damp,
@@ -281,13 +278,6 @@ def _linears_of(graph: ir.Graph) -> list[Linear]:
             if linear is not None:
                 found.append(linear)
     return found
-
-
-def _is_fraction(text: str) -> bool:
-    try:
-        return 0.0 <= float(text) <= 1.0
-    except ValueError:
-        return False
 
 
 def _lower(graph: ir.Graph, linear: Linear, codes, scale, zero, bits: int, group: int) -> int:

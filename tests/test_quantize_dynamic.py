@@ -84,9 +84,9 @@ def _linear_input(model: ir.Model, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(("norm", "second_reader"), [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("smoothing", ["none", "0.5", "outliers"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_onnxruntime_computes_the_simulated_int8_linear(norm, second_reader, alpha, bias):
+def test_onnxruntime_computes_the_simulated_int8_linear(norm, second_reader, smoothing, bias):
     """The output error ONNX Runtime shows is the one the simulation predicts (so the α search
     optimises the real thing), the bias is absorbed, and 1/s lands in the norm when it can."""
     weight = np.random.default_rng(2).standard_normal((K, N)).astype(np.float32)
@@ -95,29 +95,33 @@ def test_onnxruntime_computes_the_simulated_int8_linear(norm, second_reader, alp
     reference = _run(model, x)
     activations = _linear_input(model, x)
     sample = ActivationSample([activations.min(0)], [activations.max(0)], [activations])
-    form = quantize_dynamic(weight.astype(np.float64), sample, alpha)
+    form = quantize_dynamic(weight.astype(np.float64), sample, smoothing)
+    assert (form.smoothing is None) == (form.label == "none") and (smoothing != "none") == (form.label != "none")
     quantized = model.clone()
     (linear,) = _linears(quantized)
     lower_dynamic(quantized.graph, linear, form)
     check_structure(quantized)
     ops = Counter(node.op_type for node in quantized.graph)
     assert ops["DynamicQuantizeMatMul"] == 1 and ops["MatMul"] == 0 and ops["Add"] == 0
-    assert ops["Mul"] == (1 if alpha and (not norm or second_reader) else 0)
+    assert ops["Mul"] == (1 if form.smoothing is not None and (not norm or second_reader) else 0)
     actual = _run(quantized, x)
     exact = (activations.astype(np.float64) @ weight).astype(np.float32)
     measured = np.sum((actual - reference) ** 2) / np.sum(exact**2)
-    assert measured == pytest.approx(form.simulated_error, rel=1e-3)
+    assert measured == pytest.approx(form.simulated_error, rel=0.01)  # float32 Mul vs float64: 0.3%
     assert 0 < measured < 0.01
 
 
-def test_smoothing_lowers_the_error_of_inputs_with_outlier_channels():
+@pytest.mark.parametrize(("smoothing", "chosen", "ratio"), [("outliers", "outliers 2", 0.2), ("alpha", "α 0.5", 0.2)])
+def test_smoothing_lowers_the_error_of_inputs_with_outlier_channels(smoothing, chosen, ratio):
+    """Both smoothings tame the two wide channels: `outliers` scales only them (measured error
+    ratio to no smoothing 0.117), SmoothQuant's α every channel (0.071)."""
     weight = np.random.default_rng(3).standard_normal((K, N))
     x = _inputs_with_outliers(512)
     sample = ActivationSample([x.min(0)], [x.max(0)], [x])
-    plain = quantize_dynamic(weight, sample, 0.0)
-    chosen = quantize_dynamic(weight, sample, None)
-    assert chosen.alpha > 0
-    assert chosen.simulated_error < 0.2 * plain.simulated_error  # measured 0.071 (α = 0.5)
+    plain = quantize_dynamic(weight, sample, "none")
+    form = quantize_dynamic(weight, sample, smoothing)
+    assert form.label == chosen
+    assert form.simulated_error < ratio * plain.simulated_error
 
 
 def _dynamic_linears(model: ir.Model) -> int:
@@ -133,7 +137,7 @@ def test_every_linear_becomes_dynamic_int8_and_the_model_still_runs(tiny_model, 
     assert record.stats["linears_quantized"] == _dynamic_linears(optimized) == linears > 0
     assert not _linears(optimized)
     assert record.stats["bytes_after"] < 0.3 * record.stats["bytes_before"]
-    assert any(line.startswith("smoothing α chosen") for line in record.explain)
+    assert any(line.startswith("smoothing chosen") for line in record.explain)
     assert record.parity.max_rel < 0.1, record.parity.describe()
 
 
@@ -177,7 +181,7 @@ def test_protection_takes_the_most_sensitive_linears_first():
         (dict(scheme="dynamic", bits=4), "bits=4"),
         (dict(scheme="dynamic", bits=8, head_bits=4), "head_bits=4"),
         (dict(scheme="static"), "unknown scheme"),
-        (dict(scheme="dynamic", bits=8, alpha="1.5"), "alpha="),
+        (dict(scheme="dynamic", bits=8, smoothing="1.5"), "smoothing="),
         (dict(budget=-1.0), "budget="),
     ],
 )

@@ -42,6 +42,10 @@ RECIPES: dict[str, list[str]] = {
     # Quantizing after the merges is the same as before them (each output column has its own grid)
     # and leaves one MatMulNBits per merged linear.
     "int4": ["cleanup", "fold-norms", "fuse", "quantize(head_bits=4)"],
+    # The exact recipe, then dynamic int8 (per-channel weights, run-time activations, smoothing α
+    # chosen per linear on calibration activations); mixed precision is opt-in (`budget=`): its
+    # sweep is one candidate model per linear.
+    "int8": ["cleanup", "fold-norms", "fuse", "quantize(scheme=dynamic,bits=8)"],
 }
 DEFAULT_RECIPE = "exact"
 
