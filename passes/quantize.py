@@ -19,6 +19,9 @@ for long prefill). `accuracy=measure` times the whole model with each (prefill p
 at run time, lowered to DynamicQuantizeMatMul, with smoothing of the activations' outlier
 channels chosen per linear on calibration activations (`smoothing`): see `int8_dynamic.py`.
 
+`embedding_bits` 4 or 8 also quantizes the token embedding table (Gather on a constant table)
+in blocks of `group` along each row, lowered to GatherBlockQuantized (`gather_quantized.py`).
+
 A bias Add after the MatMul stays as it is. The LM head (the linear that writes a graph output)
 takes `head_bits` (8 by default: it is the widest matrix of a small LM and the most sensitive;
 0 keeps it in float).
@@ -43,10 +46,11 @@ import onnx_ir as ir
 
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import TRANSPARENT_OPS, skip_forward
-from xopt.analysis.patterns import Linear, match_linear
+from xopt.analysis.patterns import Embedding, Linear, match_linear
 from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import activation_samples, calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
+from xopt.passes.gather_quantized import lower_gather, quantizable
 from xopt.passes.gptq import gptq
 from xopt.passes.int8_dynamic import DynamicInt8, is_smoothing, lower_dynamic, quantize_dynamic
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
@@ -77,6 +81,7 @@ class QuantizeWeightsPass(Pass):
     scheme: str = "weight-only"
     smoothing: str = "outliers"  # dynamic scheme: outliers, alpha, none, or a SmoothQuant α in [0, 1]
     head_bits: int = 8
+    embedding_bits: int = 0  # token embedding table: 4 or 8 → GatherBlockQuantized; 0 keeps it float
     budget: float = 0.0  # mixed precision: task error allowed (0: every linear quantized)
     accuracy: str = "measure"
     calibration: str = ""  # text file for gptq, smoothing and sensitivity; empty: the bundled text
@@ -89,7 +94,8 @@ class QuantizeWeightsPass(Pass):
 
     def __call__(self, model: ir.Model) -> PassResult:
         self._check_options()
-        sequence = timed_sequence(find_transformer_structure(model), self.sequence)
+        structure = find_transformer_structure(model)
+        sequence = timed_sequence(structure, self.sequence)
         explain: list[str] = []
         precision = self._precision(model, explain)
         if not precision:
@@ -101,6 +107,8 @@ class QuantizeWeightsPass(Pass):
         if self.budget > 0:
             plan = self._mixed_precision(model, forms, plan, explain)
         stats = forms.lower_all(model.graph, plan, explain)
+        if self.embedding_bits:
+            self._quantize_embedding(model.graph, structure.token_embedding, stats, explain)
         stats["linears_protected"] = sum(bits != precision[name] for name, (bits, _) in plan.items())
         if any(node.op_type == "MatMulNBits" for node in model.graph):
             level, note = self._accuracy_level(model, sequence)
@@ -113,6 +121,8 @@ class QuantizeWeightsPass(Pass):
             raise XoptError(f"quantize: unknown scheme {self.scheme!r}: one of {', '.join(SCHEMES)}")
         if self.bits not in (4, 8) or (self.scheme == "dynamic" and self.bits != 8):
             raise XoptError(f"quantize: bits={self.bits}: MatMulNBits takes 4 or 8, the dynamic scheme 8")
+        if self.embedding_bits not in (0, 4, 8):
+            raise XoptError(f"quantize: embedding_bits={self.embedding_bits}: 4, 8, or 0 (tables in float)")
         if self.head_bits not in (0, 4, 8) or (self.scheme == "dynamic" and self.head_bits == 4):
             raise XoptError(f"quantize: head_bits={self.head_bits}: 4 (weight-only), 8, or 0 (LM head in float)")
         if self.group < 16 or self.group & (self.group - 1):
@@ -142,6 +152,23 @@ class QuantizeWeightsPass(Pass):
             else:
                 explain.append(f"{linear.name}: not quantized: LM head (head_bits=0)")
         return precision
+
+    def _quantize_embedding(self, graph: ir.Graph, embedding: Embedding | None, stats: Counter, explain: list[str]):
+        """The token embedding table → GatherBlockQuantized at `embedding_bits` (HQQ's fit; min/max
+        for method=rtn). Position tables stay in float (small, and read at every position)."""
+        if embedding is None:
+            explain.append("embedding: not quantized: no token embedding table found")
+            return
+        shape = "×".join(str(d) for d in embedding.table.shape)
+        if reason := quantizable(embedding, self.group):
+            explain.append(f"embedding {shape}: not quantized: {reason}")
+            return
+        fit = "minmax" if self.method == "rtn" else "hqq"
+        before, after, error = lower_gather(graph, embedding, self.embedding_bits, self.group, fit)
+        stats["bytes_before"] += before
+        stats["bytes_after"] += after
+        stats["embeddings_quantized"] += 1
+        explain.append(f"embedding {shape} → {self.embedding_bits}-bit, relative error {error:.4f}")
 
     def _mixed_precision(self, model: ir.Model, forms: _Forms, plan: dict, explain: list[str]) -> dict:
         """The plan with the most sensitive linears raised: 4-bit weights to 8 bits, 8-bit ones to float.

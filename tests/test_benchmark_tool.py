@@ -20,7 +20,15 @@ def test_benchmark_tool_quick_run_writes_results(tmp_path):
         capture_output=True,
     )
     markdown = (tmp_path / "RESULTS.md").read_text()
-    for variant in ("PyTorch eager", "plain ORT", "ORT transformers optimizer", "onnxscript ORT fusions", "xopt exact"):
+    for variant in (
+        "PyTorch eager",
+        "plain ORT",
+        "ORT transformers optimizer",
+        "onnxscript ORT fusions",
+        "ORT quantize_dynamic int8",
+        "xopt exact",
+        "xopt int8",
+    ):
         assert variant in markdown
     assert "## MiniLM 1×128" in markdown and "## MiniLM 8×128" in markdown
     assert (tmp_path / "RESULTS.png").read_bytes()[:4] == b"\x89PNG"

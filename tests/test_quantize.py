@@ -183,3 +183,49 @@ def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tm
         assert len(tokens) == 12
         if label == "int8":
             assert tokens == expected
+
+
+def _single_gather(table: np.ndarray) -> ir.Model:
+    ids = ir.Value(name="ids", shape=ir.Shape(["batch", "sequence"]), type=ir.TensorType(ir.DataType.INT64))
+    e = ir.Value(name="table", const_value=ir.tensor(table, name="table"))
+    e.shape, e.dtype = ir.Shape(table.shape), ir.DataType.FLOAT
+    node = ir.node("Gather", inputs=[e, ids], attributes={"axis": 0}, name="embed")
+    node.outputs[0].name = "hidden"
+    node.outputs[0].shape = ir.Shape(["batch", "sequence", table.shape[1]])
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    graph = ir.Graph([ids], node.outputs, nodes=[node], initializers=[e], opset_imports={"": 21}, name="gather")
+    model = ir.Model(graph, ir_version=10)
+    model.opset_imports["com.microsoft"] = 1
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [16, 32])
+def test_gatherblockquantized_returns_the_dequantized_rows(bits, group):
+    """ONNX Runtime reads the packed table, scales and zero points as the grid defines them."""
+    from xopt.analysis.patterns import match_embedding
+    from xopt.passes.gather_quantized import lower_gather
+
+    table = np.random.default_rng(4).standard_normal((50, 64)).astype(np.float32)
+    model = _single_gather(table)
+    embedding = match_embedding(next(iter(model.graph)))
+    before, after, error = lower_gather(model.graph, embedding, bits, group, "minmax")
+    assert [n.op_type for n in model.graph] == ["GatherBlockQuantized"] and "table" not in model.graph.initializers
+    check_structure(model)
+    ids = np.array([[3, 49, 0, 3], [7, 7, 12, 1]], dtype=np.int64)
+    (actual,) = create_session(model).run(None, {"ids": ids})
+    restored = _restored(table.T, bits, group, "minmax").T  # rows of E are the output channels of Eᵀ
+    np.testing.assert_allclose(actual, restored[ids], rtol=1e-5, atol=1e-6)
+    assert after < before * (0.2 if bits == 4 else 0.35) and 0 < error < (0.1 if bits == 4 else 0.01)
+
+
+def test_embedding_bits_quantizes_the_tables_of_a_tiny_model(tiny_model):
+    model = tiny_model("llama")
+    optimized, report = PassManager(
+        [QuantizeWeightsPass(method="rtn", group=16, accuracy="0", embedding_bits=8, head_bits=8, bits=8)]
+    )(model)
+    record = report.passes[-1]
+    gathers = sum(n.op_type == "GatherBlockQuantized" for n in optimized.graph)
+    assert record.stats["embeddings_quantized"] == gathers == 1
+    assert not any(n.op_type == "Gather" and n.inputs[0].const_value is not None for n in optimized.graph)
+    assert record.parity.max_rel <= 0.05, record.parity.describe()

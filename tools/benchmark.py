@@ -11,6 +11,8 @@ Variants, each timed in the same interleaved rounds with the same inputs and thr
 - ONNX Runtime (ORT_ENABLE_ALL) on the plain torch.onnx export (`dynamo=True`, defaults);
 - ORT's transformers optimizer (`onnxruntime.transformers.optimizer.optimize_model`) on it;
 - onnxscript's ORT fusions (`onnxscript.rewriter.ort_fusions.optimize_for_ort`) on it;
+- ORT's `quantize_dynamic` (int8, per-channel weights) on the transformers optimizer's output, ORT's
+  documented flow (optimize, then quantize): the anchor of xopt's `int8` recipe;
 - each xopt recipe on xopt's own capture.
 Accuracy is measured against PyTorch eager fp32 on the benchmark input: max abs difference of the
 output, and for MiniLM the min cosine of mean-pooled embeddings, for SmolLM2 top-1 agreement.
@@ -171,6 +173,14 @@ def onnxscript_fusions(plain: Path, scratch: Path) -> Path:
     return path
 
 
+def ort_quantize_dynamic(optimized: Path, scratch: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = scratch / "ort-quantize-dynamic.onnx"
+    quantize_dynamic(optimized, path, per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
+    return path
+
+
 def build_variants(scenario_model: str, threads: int, scratch: Path, quick: bool) -> tuple[dict, dict, object, bool]:
     """Every variant's session (or module) for one model; reused across that model's scenarios."""
     folder, gguf_file = model_folder(scenario_model)
@@ -187,6 +197,7 @@ def build_variants(scenario_model: str, threads: int, scratch: Path, quick: bool
     for label, build in (
         ("ORT transformers optimizer", lambda: ort_transformers_optimizer(plain, causal, reference.config, scratch)),
         ("onnxscript ORT fusions", lambda: onnxscript_fusions(plain, scratch)),
+        ("ORT quantize_dynamic int8", lambda: ort_quantize_dynamic(scratch / "ort-transformers.onnx", scratch)),
     ):
         start = time.perf_counter()
         try:

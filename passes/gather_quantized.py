@@ -1,0 +1,70 @@
+"""Embedding tables (Gather on a constant table E [V, d]) quantized to 4 or 8 bits, lowered to
+com.microsoft.GatherBlockQuantized (lossy).
+
+Each row of E is quantized in blocks of g consecutive columns on the grid of `weight_grid`
+(scale and integer zero point per block), Ê[v, j] = s[v, b]·(q[v, j] − z[v, b]), b = ⌊j / g⌋.
+The op gathers the packed rows and dequantizes only those, so the output is Ê[ids] and memory
+and file hold d·bits/8 bytes a row plus the block parameters. Layout (ONNX Runtime's CPU kernel,
+uint8 data): gather axis 0, quantize axis 1, data [V, d·bits/8] with two 4-bit codes to a byte,
+the first in the low nibble; scales [V, d/g]; zero points [V, ⌈(d/g)·bits/8⌉] packed the same
+way — the byte layout of MatMulNBits, whose weight rows are output channels as E's rows are.
+Tables whose width is not a multiple of g are left in float (the kernel reads whole blocks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from xopt.analysis.graph_view import const_array
+from xopt.analysis.patterns import Embedding
+from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
+from xopt.rewrite import new_initializer
+
+CONTRIB = "com.microsoft"
+
+
+def quantizable(embedding: Embedding, group: int) -> str | None:
+    """Why the table cannot be quantized, or None."""
+    table = const_array(embedding.table)
+    if table is None or table.dtype != np.float32:
+        return "not a float32 constant table"
+    if table.shape[1] % group:
+        return f"width {table.shape[1]} is not a multiple of the group ({group})"
+    return None
+
+
+def lower_gather(graph: ir.Graph, embedding: Embedding, bits: int, group: int, fit: str) -> tuple[int, int, float]:
+    """Replace the Gather by GatherBlockQuantized; returns (bytes before, bytes after, ‖E − Ê‖/‖E‖)."""
+    table = const_array(embedding.table).astype(np.float64)
+    blocks = as_blocks(table, group)
+    scale, zero = fit_blocks(blocks, bits, fit)
+    codes = codes_of(blocks, scale, zero, bits)
+    error = float(np.linalg.norm(dequantize(codes, scale, zero).reshape(table.shape) - table) / np.linalg.norm(table))
+    packed, packed_zero = pack_matmul_nbits(codes, zero, bits)
+    rows = table.shape[0]
+    name = embedding.table.name or "embedding"
+    inputs = [
+        new_initializer(graph, f"{name}_q{bits}", packed.reshape(rows, -1), np.uint8),
+        embedding.node.inputs[1],
+        new_initializer(graph, f"{name}_scales", scale, np.float32),
+        new_initializer(graph, f"{name}_zero_points", packed_zero.reshape(rows, -1), np.uint8),
+    ]
+    node = ir.node(
+        "GatherBlockQuantized",
+        inputs,
+        attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": group, "bits": bits},
+        domain=CONTRIB,
+        name=f"{embedding.node.name or name}_q{bits}",
+    )
+    old = embedding.node.outputs[0]
+    node.outputs[0].name, old.name = old.name, f"{old.name}_float"
+    node.outputs[0].dtype, node.outputs[0].shape = old.dtype, old.shape
+    graph.insert_after(embedding.node, node)
+    old.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+    graph.remove(embedding.node, safe=True)
+    before = table.size * 4
+    weight = embedding.table
+    if weight.is_initializer() and not weight.uses() and not weight.is_graph_input():
+        graph.initializers.pop(weight.name)
+    return before, sum(inputs[i].const_value.nbytes for i in (0, 2, 3)), error
