@@ -1,9 +1,13 @@
 """Calibration data and activation statistics for lossy passes.
 
 Calibration text (the bundled opening of *Emma* unless the user gives a file; never the
-evaluation text) is tokenized with the model's own tokenizer and cut into the first `windows`
-non-overlapping windows of `window` tokens (shorter when the model's context is), each fed as
-one unpadded sequence (an empty KV cache for a decoder). Statistics come from running the model
+evaluation text) is tokenized with the model's own tokenizer. A causal LM reads the first
+`windows` non-overlapping windows of `window` tokens (shorter when the model's context is), each
+fed as one unpadded sequence (an empty KV cache). An encoder reads what it serves: padded batches
+of 32 sentences (up to 128 tokens), `windows` of them — padding rows take part in a run-time
+quantization range, so they must be there when that range is simulated (on MiniLM, int8 with
+smoothing calibrated on 512-token windows: sentence cosine to fp32 min 0.9945, mean 0.9980; on
+sentence batches: 0.9959, 0.9984). Statistics come from running the model
 in ONNX Runtime with the values of interest added as graph outputs; for a value x of width d,
 over every token t of every window:
 
@@ -26,9 +30,11 @@ import numpy as np
 import onnx_ir as ir
 
 from xopt.backends.onnxruntime import create_session, run
-from xopt.capture.huggingface import source_context_length, source_tokenizer
+from xopt.capture.huggingface import TASK_CAUSAL_LM, source_context_length, source_tokenizer
 from xopt.errors import XoptError
+from xopt.evaluate import SENTENCE_BATCH, sentence_batches
 from xopt.inputs import text_feeds
+from xopt.runnable import model_task
 from xopt.text import read_text
 
 logger = logging.getLogger(__name__)
@@ -64,9 +70,12 @@ def calibration_feeds(
     window: int = DEFAULT_WINDOW,
     windows: int = DEFAULT_WINDOWS,
 ) -> list[dict[str, np.ndarray]]:
-    """Model inputs for the first `windows` windows of the calibration text (fewer if it is short)."""
+    """Model inputs for the first `windows` windows of the calibration text (fewer if it is short);
+    for an encoder, the first `windows` padded batches of its sentences."""
     text = read_text(Path(text_file) if text_file else None, "calibration")
     tokenizer = source_tokenizer(model)
+    if model_task(model) != TASK_CAUSAL_LM:
+        return [text_feeds(model, batch) for batch in sentence_batches(tokenizer, text, windows * SENTENCE_BATCH)]
     window = min(window, source_context_length(model) or window)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     count = min(windows, len(ids) // window)

@@ -2,7 +2,7 @@
 (unchanged) model's on calibration text, in the terms of the task metric `xopt eval` reports.
 
 - causal LM: mean KL(p_ref ‖ p) in nats per predicted token, over the first calibration windows;
-- encoder: 1 − the smallest cosine, over calibration sentences, between the two models' sentence
+- encoder: 1 − the smallest cosine, over the first calibration sentences (`sentences`), between the two models' sentence
   embeddings (mean-pooled last hidden state), i.e. 1 − `cosine_min`.
 
 The reference's outputs are computed once; each candidate costs one ONNX Runtime session and one
@@ -18,11 +18,9 @@ import onnx_ir as ir
 
 from xopt.backends.onnxruntime import create_session, run
 from xopt.calibration import calibration_feeds
-from xopt.capture.huggingface import TASK_CAUSAL_LM, source_tokenizer
-from xopt.evaluate import cosine, log_softmax, mean_pool, sentence_batches
-from xopt.inputs import text_feeds
+from xopt.capture.huggingface import TASK_CAUSAL_LM
+from xopt.evaluate import SENTENCE_BATCH, cosine, log_softmax, mean_pool
 from xopt.runnable import model_task
-from xopt.text import read_text
 
 WINDOW_TOKENS = 256  # per causal-LM calibration window
 
@@ -41,14 +39,9 @@ class TaskError:
     ):
         self.causal_lm = model_task(reference) == TASK_CAUSAL_LM
         self.threads = threads
-        if self.causal_lm:
-            self.unit = "KL nats/token"
-            feeds = calibration_feeds(reference, text_file, window=WINDOW_TOKENS, windows=windows)
-        else:
-            self.unit = "1 − min cosine"
-            text = read_text(Path(text_file) if text_file else None, "calibration")
-            feeds = sentence_batches(source_tokenizer(reference), text, sentences)
-        self.feeds = [(feed, text_feeds(reference, feed)) for feed in feeds]
+        self.unit = "KL nats/token" if self.causal_lm else "1 − min cosine"
+        windows = windows if self.causal_lm else -(-sentences // SENTENCE_BATCH)
+        self.feeds = calibration_feeds(reference, text_file, window=WINDOW_TOKENS, windows=windows)
         self.reference = self._outputs(reference)
 
     def __call__(self, candidate: ir.Model) -> float:
@@ -65,10 +58,11 @@ class TaskError:
         names = [o.name for o in session.get_outputs()]
         wanted = ([n for n in names if "logits" in n.lower()][:1] or names[:1]) if self.causal_lm else names[:1]
         outputs = []
-        for feed, model_feed in self.feeds:
-            array = run(session, model_feed, wanted)[wanted[0]]
+        for feed in self.feeds:
+            array = run(session, feed, wanted)[wanted[0]]
             if self.causal_lm:
                 outputs.append(log_softmax(array))
             else:
-                outputs.append(mean_pool(array.astype(np.float64), feed["attention_mask"]))
+                mask = feed.get("attention_mask", np.ones(array.shape[:2], np.int64))
+                outputs.append(mean_pool(array.astype(np.float64), mask))
         return outputs
