@@ -176,6 +176,7 @@ def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tm
     assert [p.name for p in report.passes] == ["cleanup", "fold-norms", "fuse", "quantize"]
     assert report.passes[-1].stats["linears_quantized"] == sum(n.op_type == "MatMulNBits" for n in int4.graph)
     assert {n.attributes.get_int("bits") for n in int4.graph if n.op_type == "MatMulNBits"} == {4}  # the head too
+    assert [n.attributes.get_int("bits") for n in int4.graph if n.op_type == "GatherBlockQuantized"] == [8]
     int8, _ = xopt.optimize(tiny_model(name), passes=[QuantizeWeightsPass(bits=8, group=16, windows=2)])
     for label, model in (("int4", int4), ("int8", int8)):
         xopt.save(model, tmp_path / label)
