@@ -8,7 +8,8 @@ and file hold d·bits/8 bytes a row plus the block parameters. Layout (ONNX Runt
 uint8 data): gather axis 0, quantize axis 1, data [V, d·bits/8] with two 4-bit codes to a byte,
 the first in the low nibble; scales [V, d/g]; zero points [V, ⌈(d/g)·bits/8⌉] packed the same
 way — the byte layout of MatMulNBits, whose weight rows are output channels as E's rows are.
-Tables whose width is not a multiple of g are left in float (the kernel reads whole blocks).
+The kernel reads whole blocks: when the width is not a multiple of g, g is halved until it is
+(down to 16; a table whose width is not a multiple of 16 stays in float).
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from xopt.rewrite import new_initializer
 CONTRIB = "com.microsoft"
 
 
-def quantizable(embedding: Embedding, group: int) -> str | None:
-    """Why the table cannot be quantized, or None."""
+def table_group(embedding: Embedding, group: int) -> int | str:
+    """The block size for the table: `group`, halved (down to 16, the kernel's least) until it
+    divides the width; or why the table cannot be quantized."""
     table = const_array(embedding.table)
     if table is None or table.dtype != np.float32:
         return "not a float32 constant table"
-    if table.shape[1] % group:
-        return f"width {table.shape[1]} is not a multiple of the group ({group})"
-    return None
+    block = group
+    while table.shape[1] % block and block > 16:
+        block //= 2
+    return block if table.shape[1] % block == 0 else f"width {table.shape[1]} is not a multiple of 16"
 
 
 def lower_gather(graph: ir.Graph, embedding: Embedding, bits: int, group: int, fit: str) -> tuple[int, int, float]:

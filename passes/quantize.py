@@ -50,7 +50,7 @@ from xopt.analysis.patterns import Embedding, Linear, match_linear
 from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import activation_samples, calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
-from xopt.passes.gather_quantized import lower_gather, quantizable
+from xopt.passes.gather_quantized import lower_gather, table_group
 from xopt.passes.gptq import gptq
 from xopt.passes.int8_dynamic import DynamicInt8, is_smoothing, lower_dynamic, quantize_dynamic
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
@@ -160,15 +160,17 @@ class QuantizeWeightsPass(Pass):
             explain.append("embedding: not quantized: no token embedding table found")
             return
         shape = "×".join(str(d) for d in embedding.table.shape)
-        if reason := quantizable(embedding, self.group):
-            explain.append(f"embedding {shape}: not quantized: {reason}")
+        group = table_group(embedding, self.group)
+        if isinstance(group, str):
+            explain.append(f"embedding {shape}: not quantized: {group}")
             return
         fit = "minmax" if self.method == "rtn" else "hqq"
-        before, after, error = lower_gather(graph, embedding, self.embedding_bits, self.group, fit)
+        before, after, error = lower_gather(graph, embedding, self.embedding_bits, group, fit)
         stats["bytes_before"] += before
         stats["bytes_after"] += after
         stats["embeddings_quantized"] += 1
-        explain.append(f"embedding {shape} → {self.embedding_bits}-bit, relative error {error:.4f}")
+        bits = self.embedding_bits
+        explain.append(f"embedding {shape} → {bits}-bit in groups of {group}, relative error {error:.4f}")
 
     def _mixed_precision(self, model: ir.Model, forms: _Forms, plan: dict, explain: list[str]) -> dict:
         """The plan with the most sensitive linears raised: 4-bit weights to 8 bits, 8-bit ones to float.
