@@ -28,8 +28,9 @@ layer errors are lower than none's, its embeddings are not closer), `outliers` w
 every linear 0.9943 / 0.9981. On SmolLM2 `alpha` and `outliers` (k = 16) are alike (perplexity
 40.76 and 40.74 against 38.68 in float; none: 60.09).
 
-1/s is folded into the norm that produces x when the norm feeds only this linear (its γ, and β,
-are divided by s), otherwise applied by a Mul.
+1/s is folded into the op that produces x when x feeds only this linear: a norm (its γ, and β,
+are divided by s) or com.microsoft Attention (the V columns of its packed weight and bias: each
+head's output is softmax(QKᵀ)·V, linear in V's channels); otherwise a Mul applies it.
 """
 
 from __future__ import annotations
@@ -170,23 +171,23 @@ def _activation_grid(low: float, high: float) -> tuple[float, float]:
 
 
 def _divide_input(graph: ir.Graph, linear: Linear, smoothing: np.ndarray) -> ir.Value:
-    """x·diag(1/s): folded into the producing norm's γ (and β) when it feeds only this linear, else a Mul."""
+    """x·diag(1/s): folded into the op that produces x when x feeds only this linear, else a Mul."""
     x = linear.input
-    norm = x.producer()
-    if (
-        norm is not None
-        and norm.op_type in NORM_SCALE_SHIFT
-        and x is norm.outputs[0]
-        and len(x.uses()) == 1
-        and not x.is_graph_output()
-    ):
-        indices = [i for i in NORM_SCALE_SHIFT[norm.op_type] if i is not None and i < len(norm.inputs)]
-        arrays = [const_array(norm.inputs[i]) if norm.inputs[i] is not None else None for i in indices]
-        if all(a is not None and a.shape == smoothing.shape for a in arrays):
-            for index, array in zip(indices, arrays, strict=True):
-                old = norm.inputs[index]
-                scaled = new_initializer(graph, f"{linear.name}_smoothed", array / smoothing, array.dtype)
-                norm.replace_input_with(index, scaled)
+    producer = x.producer()
+    if producer is not None and x is producer.outputs[0] and len(x.uses()) == 1 and not x.is_graph_output():
+        targets = _foldable_inputs(producer)
+        arrays = [const_array(producer.inputs[index]) for index, _ in targets]
+        if targets and all(
+            a is not None and a[..., part].shape[-1] == len(smoothing)
+            for a, (_, part) in zip(arrays, targets, strict=True)
+        ):
+            for array, (index, part) in zip(arrays, targets, strict=True):
+                old = producer.inputs[index]
+                scaled = np.array(array, dtype=np.float64)
+                scaled[..., part] /= smoothing
+                producer.replace_input_with(
+                    index, new_initializer(graph, f"{linear.name}_smoothed", scaled, array.dtype)
+                )
                 if old.is_initializer() and not old.uses() and not old.is_graph_input():
                     graph.initializers.pop(old.name)
             return x
@@ -196,3 +197,23 @@ def _divide_input(graph: ir.Graph, linear: Linear, smoothing: np.ndarray) -> ir.
     mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
     graph.insert_before(linear.node, mul)
     return mul.outputs[0]
+
+
+def _foldable_inputs(producer: ir.Node) -> list[tuple[int, slice]]:
+    """The constant inputs (index, slice of the last axis) that scale the producer's output 0
+    channel by channel: a norm's γ and β; com.microsoft Attention's V weight columns and bias."""
+    if producer.op_type in NORM_SCALE_SHIFT:
+        indices = [i for i in NORM_SCALE_SHIFT[producer.op_type] if i is not None and i < len(producer.inputs)]
+        return [(i, slice(None)) for i in indices if producer.inputs[i] is not None]
+    inputs = producer.inputs
+    if (
+        producer.op_type == "Attention"
+        and producer.domain == CONTRIB
+        and "qkv_hidden_sizes" not in producer.attributes
+        and len(inputs) > 2
+        and inputs[2] is not None
+        and inputs[1].shape is not None
+    ):
+        width = inputs[1].shape[-1] // 3  # packed [Q | K | V] columns
+        return [(1, slice(2 * width, 3 * width)), (2, slice(2 * width, 3 * width))]
+    return []

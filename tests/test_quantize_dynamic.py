@@ -188,3 +188,54 @@ def test_protection_takes_the_most_sensitive_linears_first():
 def test_bad_dynamic_options_are_refused_with_the_reason(tiny_model, options, message):
     with pytest.raises(XoptError, match=message):
         QuantizeWeightsPass(**options)(tiny_model("llama").clone())
+
+
+def test_smoothing_folds_into_the_v_columns_of_a_fused_attention():
+    """com.microsoft Attention's output channels are V's: 1/s goes into V's weight columns and
+    bias, no Mul, and ONNX Runtime still computes the simulated int8 linear."""
+    rng = np.random.default_rng(5)
+    x = ir.Value(name="x", shape=ir.Shape(["batch", "sequence", K]), type=ir.TensorType(ir.DataType.FLOAT))
+    initializers = []
+
+    def constant(name, array):
+        value = ir.Value(name=name, const_value=ir.tensor(array.astype(np.float32), name=name))
+        value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
+        initializers.append(value)
+        return value
+
+    qkv = rng.standard_normal((K, 3 * K)) / 8
+    qkv[:, 2 * K + 3] *= 30  # one wide output channel of V
+    attention = ir.node(
+        "Attention",
+        [x, constant("qkv", qkv), constant("qkv_bias", rng.standard_normal(3 * K))],
+        {"num_heads": 4},
+        domain="com.microsoft",
+    )
+    attended = attention.outputs[0]
+    attended.name, attended.dtype, attended.shape = "attended", ir.DataType.FLOAT, ir.Shape(["batch", "sequence", K])
+    weight = rng.standard_normal((K, N)).astype(np.float32)
+    matmul = ir.node("MatMul", [attended, constant("w", weight)], name="linear")
+    y = matmul.outputs[0]
+    y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape(["batch", "sequence", N])
+    graph = ir.Graph([x], [y], nodes=[attention, matmul], initializers=initializers, opset_imports={"": 21}, name="g")
+    model = ir.Model(graph, ir_version=10)
+    model.opset_imports["com.microsoft"] = 1
+
+    inputs = rng.standard_normal((2, 16, K)).astype(np.float32)
+    probe = model.clone()
+    probe.graph.outputs.append(next(v for n in probe.graph for v in n.outputs if v.name == "attended"))
+    reference, activations = create_session(probe).run(["y", "attended"], {"x": inputs})
+    rows = activations.reshape(-1, K)
+    form = quantize_dynamic(
+        weight.astype(np.float64), ActivationSample([rows.min(0)], [rows.max(0)], [rows]), "outliers"
+    )
+    assert form.smoothing is not None
+    quantized = model.clone()
+    (linear,) = _linears(quantized)
+    lower_dynamic(quantized.graph, linear, form)
+    check_structure(quantized)
+    assert [n.op_type for n in quantized.graph] == ["Attention", "DynamicQuantizeMatMul"]
+    (actual,) = create_session(quantized).run(["y"], {"x": inputs})
+    exact = rows.astype(np.float64) @ weight
+    measured = np.sum((actual.reshape(-1, N) - reference.reshape(-1, N)) ** 2) / np.sum(exact**2)
+    assert measured == pytest.approx(form.simulated_error, rel=0.01)
