@@ -20,7 +20,7 @@ import onnx_ir as ir
 from xopt.analysis.graph_view import const_array
 from xopt.analysis.patterns import Embedding
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
-from xopt.rewrite import new_initializer
+from xopt.rewrite import drop_if_unused, new_initializer, replace_node
 
 CONTRIB = "com.microsoft"
 
@@ -39,7 +39,8 @@ def table_group(embedding: Embedding, group: int) -> int | str:
 
 def lower_gather(graph: ir.Graph, embedding: Embedding, bits: int, group: int, fit: str) -> tuple[int, int, float]:
     """Replace the Gather by GatherBlockQuantized; returns (bytes before, bytes after, ‖E − Ê‖/‖E‖)."""
-    table = const_array(embedding.table).astype(np.float64)
+    stored = const_array(embedding.table)
+    table = stored.astype(np.float64)
     blocks = as_blocks(table, group)
     scale, zero = fit_blocks(blocks, bits, fit)
     codes = codes_of(blocks, scale, zero, bits)
@@ -60,14 +61,6 @@ def lower_gather(graph: ir.Graph, embedding: Embedding, bits: int, group: int, f
         domain=CONTRIB,
         name=f"{embedding.node.name or name}_q{bits}",
     )
-    old = embedding.node.outputs[0]
-    node.outputs[0].name, old.name = old.name, f"{old.name}_float"
-    node.outputs[0].dtype, node.outputs[0].shape = old.dtype, old.shape
-    graph.insert_after(embedding.node, node)
-    old.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-    graph.remove(embedding.node, safe=True)
-    before = table.size * 4
-    weight = embedding.table
-    if weight.is_initializer() and not weight.uses() and not weight.is_graph_input():
-        graph.initializers.pop(weight.name)
-    return before, sum(inputs[i].const_value.nbytes for i in (0, 2, 3)), error
+    replace_node(graph, embedding.node, node)
+    drop_if_unused(graph, embedding.table)
+    return stored.nbytes, sum(inputs[i].const_value.nbytes for i in (0, 2, 3)), error

@@ -43,7 +43,7 @@ import onnx_ir as ir
 from xopt.analysis.graph_view import const_array
 from xopt.analysis.patterns import Linear
 from xopt.calibration import ActivationSample
-from xopt.rewrite import new_initializer, remove_node_keeping_input, replace_linear
+from xopt.rewrite import drop_if_unused, new_initializer, remove_node_keeping_input, replace_linear
 
 CONTRIB = "com.microsoft"
 AUTO_ALPHAS = (0.0, 0.25, 0.5, 0.75)
@@ -188,8 +188,7 @@ def _divide_input(graph: ir.Graph, linear: Linear, smoothing: np.ndarray) -> ir.
                 producer.replace_input_with(
                     index, new_initializer(graph, f"{linear.name}_smoothed", scaled, array.dtype)
                 )
-                if old.is_initializer() and not old.uses() and not old.is_graph_input():
-                    graph.initializers.pop(old.name)
+                drop_if_unused(graph, old)
             return x
     inverse = new_initializer(graph, f"{linear.name}_smoothing", 1.0 / smoothing, np.float32)
     mul = ir.node("Mul", [x, inverse], name=f"{linear.node.name or linear.name}_smoothing")

@@ -46,7 +46,7 @@ import onnx_ir as ir
 
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import TRANSPARENT_OPS, skip_forward
-from xopt.analysis.patterns import Embedding, Linear, match_linear
+from xopt.analysis.patterns import Embedding, Linear, find_linears
 from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import activation_samples, calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
@@ -140,7 +140,7 @@ class QuantizeWeightsPass(Pass):
         """The bit width of each linear to quantize, by linear name."""
         outputs = set(model.graph.outputs)
         precision = {}
-        for linear in _linears(model):
+        for linear in find_linears(model.graph):
             if linear.node.op_type == "Gemm":
                 explain.append(f"{linear.name}: not quantized: Gemm (only MatMul is lowered)")
             elif weight_dtype(linear.weight) != np.float32 and self.scheme == "dynamic":
@@ -213,7 +213,7 @@ class _Forms:
     def __init__(self, options: QuantizeWeightsPass, model: ir.Model):
         self.options = options
         self.model = model
-        self.linears = {linear.name: linear for linear in _linears(model)}
+        self.linears = {linear.name: linear for linear in find_linears(model.graph)}
         self.forms: dict[tuple, object] = {}
         self._statistics = None
 
@@ -226,7 +226,7 @@ class _Forms:
         """Lower every linear of `graph` named in `plan` in its form (bits, α); 0 bits: left in float."""
         stats: Counter = Counter()
         errors, smoothings = [], Counter()
-        for linear in _linears_of(graph):
+        for linear in find_linears(graph):
             bits, _ = key = plan.get(linear.name, (0, None))
             if not bits:
                 continue
@@ -292,21 +292,6 @@ class _Forms:
             collect = activation_samples if needs == "samples" else second_moments
             self._statistics = collect(self.model, inputs, feeds, threads=options.threads)
         return self._statistics[linear.input.name]
-
-
-def _linears(model: ir.Model) -> list[Linear]:
-    return _linears_of(model.graph)
-
-
-def _linears_of(graph: ir.Graph) -> list[Linear]:
-    """The graph's linears (MatMul or Gemm with a constant weight), in graph order."""
-    found = []
-    for node in graph:
-        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx"):
-            linear = match_linear(node)
-            if linear is not None:
-                found.append(linear)
-    return found
 
 
 def _lower(graph: ir.Graph, linear: Linear, codes, scale, zero, bits: int, group: int) -> int:

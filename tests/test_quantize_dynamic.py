@@ -10,13 +10,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from xopt.analysis.patterns import find_linears
 from xopt.backends.onnxruntime import create_session
 from xopt.calibration import ActivationSample
 from xopt.errors import XoptError
 from xopt.passes import QuantizeWeightsPass
 from xopt.passes.int8_dynamic import lower_dynamic, quantize_dynamic
 from xopt.passes.mixed_precision import protect_by_sensitivity
-from xopt.passes.quantize import _linears
 from xopt.pipeline import PassManager
 from xopt.verify import check_structure
 
@@ -98,7 +98,7 @@ def test_onnxruntime_computes_the_simulated_int8_linear(norm, second_reader, smo
     form = quantize_dynamic(weight.astype(np.float64), sample, smoothing)
     assert (form.smoothing is None) == (form.label == "none") and (smoothing != "none") == (form.label != "none")
     quantized = model.clone()
-    (linear,) = _linears(quantized)
+    (linear,) = find_linears(quantized.graph)
     lower_dynamic(quantized.graph, linear, form)
     check_structure(quantized)
     ops = Counter(node.op_type for node in quantized.graph)
@@ -131,11 +131,11 @@ def _dynamic_linears(model: ir.Model) -> int:
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_every_linear_becomes_dynamic_int8_and_the_model_still_runs(tiny_model, name):
     model = tiny_model(name)
-    linears = len(_linears(model))
+    linears = len(find_linears(model.graph))
     optimized, report = PassManager([QuantizeWeightsPass(scheme="dynamic", bits=8, windows=2)])(model)
     record = report.passes[-1]
     assert record.stats["linears_quantized"] == _dynamic_linears(optimized) == linears > 0
-    assert not _linears(optimized)
+    assert not find_linears(optimized.graph)
     assert record.stats["bytes_after"] < 0.3 * record.stats["bytes_before"]
     assert any(line.startswith("smoothing chosen") for line in record.explain)
     assert record.parity.max_rel < 0.1, record.parity.describe()
@@ -152,8 +152,12 @@ def test_mixed_precision_keeps_the_task_error_within_the_budget(tiny_model):
     budget = error / 3
     result = QuantizeWeightsPass(scheme="dynamic", bits=8, windows=2, budget=budget)(model.clone())
     protected = result.stats["linears_protected"]
-    assert 0 < protected < len(_linears(model))
-    assert result.stats["linears_quantized"] == _dynamic_linears(result.model) == len(_linears(model)) - protected
+    assert 0 < protected < len(find_linears(model.graph))
+    assert (
+        result.stats["linears_quantized"]
+        == _dynamic_linears(result.model)
+        == len(find_linears(model.graph)) - protected
+    )
     assert TaskError(model)(result.model) <= budget
     assert sum("kept at higher precision" in line for line in result.explain) == protected
 
@@ -231,7 +235,7 @@ def test_smoothing_folds_into_the_v_columns_of_a_fused_attention():
     )
     assert form.smoothing is not None
     quantized = model.clone()
-    (linear,) = _linears(quantized)
+    (linear,) = find_linears(quantized.graph)
     lower_dynamic(quantized.graph, linear, form)
     check_structure(quantized)
     assert [n.op_type for n in quantized.graph] == ["Attention", "DynamicQuantizeMatMul"]

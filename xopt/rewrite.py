@@ -118,20 +118,30 @@ def require_opset(model: ir.Model, version: int) -> None:
         version_converter.convert_version(model, version)
 
 
+def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+    """Put `new` in `old`'s place: its output 0 takes the old output's name, type and readers."""
+    before, after = old.outputs[0], new.outputs[0]
+    after.name, before.name = before.name, f"{before.name}_float"
+    if before.type is not None:
+        after.type, after.shape = before.type, before.shape
+    graph.insert_after(old, new)
+    before.replace_all_uses_with(after, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove an initializer that nothing reads any more."""
+    if value.is_initializer() and not value.uses() and not value.is_graph_input():
+        graph.initializers.pop(value.name)
+
+
 def replace_linear(graph: ir.Graph, linear: Linear, node: ir.Node) -> None:
     """Put `node` (computing the linear's MatMul, bias excluded) in the MatMul's place; the float
     weight, and the Transpose it may sit behind, go with their last reader."""
-    old = linear.node.outputs[0]
-    node.outputs[0].name, old.name = old.name, f"{old.name}_float"
-    if old.type is not None:
-        node.outputs[0].type, node.outputs[0].shape = old.type, old.shape
-    graph.insert_after(linear.node, node)
-    old.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
     transpose = linear.weight.producer()
-    graph.remove(linear.node, safe=True)
+    replace_node(graph, linear.node, node)
     weight = linear.weight
     if transpose is not None and not transpose.outputs[0].uses():
         weight = transpose.inputs[0]
         graph.remove(transpose, safe=True)
-    if weight.is_initializer() and not weight.uses() and not weight.is_graph_input():
-        graph.initializers.pop(weight.name)
+    drop_if_unused(graph, weight)

@@ -77,6 +77,11 @@ class Embedding:
         return int(self.table.shape[1])
 
 
+def find_linears(graph: ir.Graph) -> list[Linear]:
+    """Every linear of the graph, in graph order."""
+    return [linear for linear in map(match_linear, graph) if linear is not None]
+
+
 def match_linear(node: ir.Node) -> Linear | None:
     """The dense layer computed by `node`, or None."""
     if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:

@@ -39,8 +39,8 @@ from xopt.analysis.patterns import (
     Embedding,
     Linear,
     Norm,
+    find_linears,
     match_embedding,
-    match_linear,
     match_norm,
     table_equals_transposed,
 )
@@ -165,7 +165,7 @@ def find_transformer_structure(model: ir.Model) -> TransformerStructure:
     """Find embeddings, blocks (attention, MLP, norms), final norm and LM head in `model`."""
     graph = model.graph
     order = {node: i for i, node in enumerate(graph)}
-    linears = [x for x in map(match_linear, graph) if x is not None]
+    linears = find_linears(graph)
     by_output = {}
     for linear in linears:
         by_output[linear.output] = linear
