@@ -59,7 +59,8 @@ def protect_by_sensitivity(
         remaining -= sensitivity[order[count]]
         count += 1
     while True:
-        plan = {name: fallback[name] if name in order[:count] else best[name] for name in names}
+        protected = set(order[:count])
+        plan = {name: fallback[name] if name in protected else best[name] for name in names}
         measured = full if count == 0 else task_error(build(plan))
         if measured <= budget or count == len(order):
             break

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -52,10 +54,12 @@ from xopt.calibration import activation_samples, calibration_feeds, second_momen
 from xopt.errors import XoptError, first_line
 from xopt.passes.gather_quantized import lower_gather, table_group
 from xopt.passes.gptq import gptq
-from xopt.passes.int8_dynamic import DynamicInt8, is_smoothing, lower_dynamic, quantize_dynamic
+from xopt.passes.int8_dynamic import is_smoothing, lower_dynamic, quantize_dynamic
+from xopt.passes.mixed_precision import protect_by_sensitivity
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import new_initializer, replace_linear, weight_dtype, weight_in_out
+from xopt.task_error import TaskError
 
 logger = logging.getLogger(__name__)
 
@@ -175,13 +179,10 @@ class QuantizeWeightsPass(Pass):
     def _mixed_precision(self, model: ir.Model, forms: _Forms, plan: dict, explain: list[str]) -> dict:
         """The plan with the most sensitive linears raised: 4-bit weights to 8 bits, 8-bit ones to float.
         A linear's chosen smoothing also competes with none, on the task error."""
-        from xopt.passes.mixed_precision import protect_by_sensitivity
-        from xopt.task_error import TaskError
-
         candidates, fallback = {}, {}
         for name, (bits, smoothing) in plan.items():
             candidates[name] = [(bits, smoothing)]
-            if smoothing is not None and forms.form(name, (bits, smoothing)).label != "none":
+            if smoothing is not None and forms.form(name, (bits, smoothing)).smoothing != "none":
                 candidates[name].append((bits, "none"))
             fallback[name] = (8 if bits == 4 else 0, smoothing)
         error = TaskError(model, self.calibration or None, threads=self.threads)
@@ -206,15 +207,25 @@ class QuantizeWeightsPass(Pass):
         return level, f"accuracy_level {level}: level 4 {source} {verdict.speedup:.3f}× against level 0"
 
 
+@dataclass
+class _Form:
+    """A linear quantized one way, computed once and ready to lower into any copy of the model."""
+
+    lower: Callable[[ir.Graph, Linear], int]  # replaces the linear; returns the new bytes
+    relative_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
+    detail: str
+    smoothing: str | None = None  # the smoothing chosen (dynamic scheme)
+
+
 class _Forms:
-    """The quantized form of each linear at each bit width, computed once (calibration statistics
-    included) and lowered into any copy of the model."""
+    """Each linear's quantized forms (bits, smoothing), computed once, calibration statistics
+    included: the mixed-precision sweep lowers them into many copies of the model."""
 
     def __init__(self, options: QuantizeWeightsPass, model: ir.Model):
         self.options = options
         self.model = model
         self.linears = {linear.name: linear for linear in find_linears(model.graph)}
-        self.forms: dict[tuple, object] = {}
+        self.forms: dict[tuple, _Form] = {}
         self._statistics = None
 
     def quantized_copy(self, plan: dict) -> ir.Model:
@@ -223,7 +234,7 @@ class _Forms:
         return copy
 
     def lower_all(self, graph: ir.Graph, plan: dict, explain: list[str]) -> Counter:
-        """Lower every linear of `graph` named in `plan` in its form (bits, α); 0 bits: left in float."""
+        """Lower every linear of `graph` named in `plan` in its form (bits, smoothing); 0 bits: left in float."""
         stats: Counter = Counter()
         errors, smoothings = [], Counter()
         for linear in find_linears(graph):
@@ -231,33 +242,22 @@ class _Forms:
             if not bits:
                 continue
             form = self.form(linear.name, key)
-            w = weight_in_out(self.linears[linear.name])
-            stats["bytes_before"] += w.size * weight_dtype(linear.weight).itemsize
-            if isinstance(form, DynamicInt8):
-                restored = form.restored()
-                stats["bytes_after"] += lower_dynamic(graph, linear, form)
-                smoothings[form.label] += 1
-                detail = f"int8 dynamic, smoothing {form.label}"
-                if form.simulated_error is not None:
-                    detail += f" (simulated output error {form.simulated_error:.2e})"
-            else:
-                codes, scale, zero = form
-                group = self.options.group
-                restored = dequantize(as_blocks(codes, group), scale, zero).reshape(len(codes), -1)[:, : w.shape[0]].T
-                stats["bytes_after"] += _lower(graph, linear, codes, scale, zero, bits, group)
-                detail = f"{bits}-bit"
-            errors.append(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
+            stats["bytes_before"] += linear.in_features * linear.out_features * weight_dtype(linear.weight).itemsize
+            stats["bytes_after"] += form.lower(graph, linear)
             stats["linears_quantized"] += 1
-            explain.append(f"{linear.name}: {w.shape[0]}×{w.shape[1]} → {detail}, relative error {errors[-1]:.4f}")
+            errors.append(form.relative_error)
+            if form.smoothing is not None:
+                smoothings[form.smoothing] += 1
+            shape = f"{linear.in_features}×{linear.out_features}"
+            explain.append(f"{linear.name}: {shape} → {form.detail}, relative error {form.relative_error:.4f}")
         if errors:
             stats["mean_relative_error"] = float(np.mean(errors))
         if smoothings:
             explain.append("smoothing chosen: " + ", ".join(f"{label} ×{n}" for label, n in sorted(smoothings.items())))
         return stats
 
-    def form(self, name: str, form: tuple[int, float | None]):
-        """The linear quantized in `form` (bits, smoothing): DynamicInt8 (dynamic scheme), or codes [N, K]
-        with scale, zero [N, blocks] (weight-only)."""
+    def form(self, name: str, form: tuple[int, str | None]) -> _Form:
+        """The linear quantized in `form` (bits, smoothing)."""
         key = (name, *form)
         if key not in self.forms:
             linear, options = self.linears[name], self.options
@@ -265,17 +265,28 @@ class _Forms:
             w = weight_in_out(linear)
             statistic = self._statistic(linear)
             if options.scheme == "dynamic":
-                self.forms[key] = quantize_dynamic(w, statistic, smoothing)
-            elif options.method == "gptq":
-                self.forms[key] = gptq(
-                    w.T, statistic.matrix, bits=bits, group=options.group, fit="hqq", damp=options.damp,
-                    act_order=options.act_order,
-                )  # fmt: skip
+                int8 = quantize_dynamic(w, statistic, smoothing)
+                restored, lower = int8.restored(), partial(lower_dynamic, int8=int8)
+                detail = f"int8 dynamic, smoothing {int8.label}"
+                if int8.simulated_error is not None:
+                    detail += f" (simulated output error {int8.simulated_error:.2e})"
+                smoothing = int8.label
             else:
-                blocks = as_blocks(w.T, options.group)
-                scale, zero = fit_blocks(blocks, bits, "minmax" if options.method == "rtn" else "hqq")
-                codes = codes_of(blocks, scale, zero, bits).reshape(w.shape[1], -1)[:, : w.shape[0]]
-                self.forms[key] = (codes, scale, zero)
+                if options.method == "gptq":
+                    codes, scale, zero = gptq(
+                        w.T, statistic.matrix, bits=bits, group=options.group, fit="hqq", damp=options.damp,
+                        act_order=options.act_order,
+                    )  # fmt: skip
+                else:
+                    blocks = as_blocks(w.T, options.group)
+                    scale, zero = fit_blocks(blocks, bits, "minmax" if options.method == "rtn" else "hqq")
+                    codes = codes_of(blocks, scale, zero, bits).reshape(w.shape[1], -1)[:, : w.shape[0]]
+                restored = dequantize(as_blocks(codes, options.group), scale, zero).reshape(len(codes), -1)
+                restored = restored[:, : w.shape[0]].T
+                lower = partial(_lower, nbits=_MatMulNBits.pack(codes, scale, zero, bits, options.group))
+                detail = f"{bits}-bit"
+            error = float(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
+            self.forms[key] = _Form(lower, error, detail, smoothing)
         return self.forms[key]
 
     def _statistic(self, linear: Linear):
@@ -294,24 +305,40 @@ class _Forms:
         return self._statistics[linear.input.name]
 
 
-def _lower(graph: ir.Graph, linear: Linear, codes, scale, zero, bits: int, group: int) -> int:
+@dataclass
+class _MatMulNBits:
+    """MatMulNBits' initializers for a linear: packed codes [N, blocks, g·bits/8], scales, zero points."""
+
+    packed: np.ndarray
+    scale: np.ndarray
+    packed_zero: np.ndarray
+    k: int
+    n: int
+    bits: int
+    group: int
+
+    @classmethod
+    def pack(cls, codes, scale, zero, bits: int, group: int) -> _MatMulNBits:
+        n, k = codes.shape
+        padded = np.zeros((n, scale.shape[1] * group))
+        padded[:, :k] = codes
+        packed, packed_zero = pack_matmul_nbits(padded.reshape(n, -1, group), zero, bits)
+        return cls(packed, scale.reshape(-1), packed_zero, k, n, bits, group)
+
+
+def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits) -> int:
     """Replace the linear's MatMul by MatMulNBits; returns the bytes of its new initializers."""
-    n, k = codes.shape
-    padded = np.zeros((n, scale.shape[1] * group))
-    padded[:, :k] = codes
-    packed, packed_zero = pack_matmul_nbits(padded.reshape(n, -1, group), zero, bits)
-    base = linear.name
-    dtype = weight_dtype(linear.weight)
+    base, bits = linear.name, nbits.bits
     inputs = [
         linear.input,
-        new_initializer(graph, f"{base}_q{bits}", packed, np.uint8),
-        new_initializer(graph, f"{base}_scales", scale.reshape(-1), dtype),
-        new_initializer(graph, f"{base}_zero_points", packed_zero, np.uint8),
+        new_initializer(graph, f"{base}_q{bits}", nbits.packed, np.uint8),
+        new_initializer(graph, f"{base}_scales", nbits.scale, weight_dtype(linear.weight)),
+        new_initializer(graph, f"{base}_zero_points", nbits.packed_zero, np.uint8),
     ]
     node = ir.node(
         "MatMulNBits",
         inputs=inputs,
-        attributes={"K": k, "N": n, "bits": bits, "block_size": group, "accuracy_level": 0},
+        attributes={"K": nbits.k, "N": nbits.n, "bits": bits, "block_size": nbits.group, "accuracy_level": 0},
         domain=CONTRIB,
         name=f"{linear.node.name or base}_q{bits}",
     )
