@@ -107,7 +107,8 @@ def test_onnxruntime_computes_the_simulated_int8_linear(norm, second_reader, smo
     actual = _run(quantized, x)
     exact = (activations.astype(np.float64) @ weight).astype(np.float32)
     measured = np.sum((actual - reference) ** 2) / np.sum(exact**2)
-    assert measured == pytest.approx(form.simulated_error, rel=0.01)  # float32 Mul vs float64: 0.3%
+    # ORT quantizes in float32: with `outliers` a few values round across a step (0.15–0.3% here)
+    assert measured == pytest.approx(form.simulated_error, rel=0.01)
     assert 0 < measured < 0.01
 
 
