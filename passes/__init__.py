@@ -10,5 +10,6 @@ from xopt.passes.cleanup import CleanupPass
 from xopt.passes.fold_norms import FoldNormsPass
 from xopt.passes.fuse import FusePass
 from xopt.passes.quantize import QuantizeWeightsPass
+from xopt.passes.rotate import RotatePass
 
-__all__ = ["CleanupPass", "FoldNormsPass", "FusePass", "QuantizeWeightsPass"]
+__all__ = ["CleanupPass", "FoldNormsPass", "FusePass", "QuantizeWeightsPass", "RotatePass"]

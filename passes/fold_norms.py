@@ -73,7 +73,7 @@ class FoldNormsPass(Pass):
             explain.append("no transformer blocks found: nothing to fold")
         norms += [n for n in (structure.final_norm, structure.embedding_norm) if n is not None]
         for norm in norms:
-            reason = _fold_affine(graph, norm)
+            reason = fold_affine(graph, norm)
             if reason is None:
                 stats["norms_folded"] += 1
                 explain.append(f"folded γ/β of {norm.kind} {norm.output.name} into its readers")
@@ -97,13 +97,13 @@ class FoldNormsPass(Pass):
         return PassResult(model, bool(stats), dict(stats), explain)
 
 
-def _fold_affine(graph: ir.Graph, norm: Norm) -> str | None:
+def fold_affine(graph: ir.Graph, norm: Norm) -> str | None:
     """Fold γ, β of `norm` into the linears reading it; a reason when it cannot ('' if nothing to do)."""
     gamma = const_array(norm.scale) if norm.scale is not None else None
     beta = const_array(norm.shift) if norm.shift is not None else None
     if (gamma is None or np.all(gamma == 1)) and (beta is None or np.all(beta == 0)):
         return ""
-    readers = _linear_readers(norm.output)
+    readers = linear_readers(norm.output)
     if isinstance(readers, str):
         return readers
     if not all(owns_weight(linear) for linear in readers):
@@ -119,11 +119,11 @@ def _fold_affine(graph: ir.Graph, norm: Norm) -> str | None:
     return None
 
 
-def _linear_readers(value: ir.Value) -> list[Linear] | str:
+def linear_readers(value: ir.Value) -> list[Linear] | str:
     readers = []
     for user in consumers(value):
         if user.op_type == "Reshape" and _keeps_last_axis(user):
-            inner = _linear_readers(user.outputs[0])
+            inner = linear_readers(user.outputs[0])
             if isinstance(inner, str):
                 return inner
             readers += inner
@@ -246,7 +246,7 @@ def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stat
     if structure.norm_position != "pre":
         explain.append("LayerNorm → RMSNorm refused: post-LN model (the norms sit on the residual stream itself)")
         return
-    reason = _stream_writers_known(structure)
+    reason = stream_writers_known(structure)
     if reason:
         explain.append(f"LayerNorm → RMSNorm refused: {reason}")
         return
@@ -254,11 +254,11 @@ def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stat
         explain.append("LayerNorm → RMSNorm refused: decomposed LayerNorm (only the LayerNormalization op)")
         return
     if structure.tied_embeddings and structure.lm_head is not None:
-        _untie_lm_head(graph, structure)
+        untie_lm_head(graph, structure)
         stats["lm_head_untied"] += 1
     for embedding in structure.embeddings:
         table = const_array(embedding.table).astype(np.float64)
-        _replace_constant(graph, embedding.node, 0, table - table.mean(axis=1, keepdims=True))
+        replace_constant(graph, embedding.node, 0, table - table.mean(axis=1, keepdims=True))
         stats["embeddings_recentred"] += 1
     for block in structure.blocks:
         for linear in (block.attention.o, block.mlp.down):
@@ -275,7 +275,7 @@ def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stat
     explain.append(f"LayerNorm → RMSNorm on {len(norms)} norms after recentring the residual stream")
 
 
-def _stream_writers_known(structure: TransformerStructure) -> str | None:
+def stream_writers_known(structure: TransformerStructure) -> str | None:
     """None when every write into the residual stream is an embedding or a sublayer output."""
     for block in structure.blocks:
         if any(s is None or s.residual is None for s in (block.attention, block.mlp)):
@@ -296,12 +296,12 @@ def _stream_writers_known(structure: TransformerStructure) -> str | None:
     return None if seen else "no embedding writes into the residual stream"
 
 
-def _untie_lm_head(graph: ir.Graph, structure: TransformerStructure) -> None:
+def untie_lm_head(graph: ir.Graph, structure: TransformerStructure) -> None:
     table = const_array(structure.token_embedding.table).astype(np.float64)
     set_weight(graph, structure.lm_head, table.T)
 
 
-def _replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
+def replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
     old = node.inputs[index]
     dtype = const_array(old).dtype
     node.replace_input_with(index, _constant(graph, f"{old.name}_recentred", ir.tensor(array.astype(dtype))))

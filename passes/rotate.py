@@ -1,0 +1,165 @@
+"""`rotate`: an orthogonal rotation of the residual stream folded into the weights (QuaRot's R1;
+Ashkboos et al., 2024). Exact in real arithmetic; it prepares the weights for quantization.
+
+In a pre-norm transformer with RMSNorm the stream x [.., d] is written by the embeddings and by
+each sublayer's output projection, and read only by RMSNorms, whose outputs feed linears. For an
+orthogonal Q (QQᵀ = I) run the model on x̃ = x·Q instead:
+
+    embedding tables      E' = E·Q                        (each row rotated)
+    writers (o, down)     W' = W·Q,   b' = b·Q            (their outputs land rotated)
+    RMSNorm with γ = 1    RMSNorm(x·Q) = RMSNorm(x)·Q     (‖x·Q‖ = ‖x‖)
+    readers (q, k, v, gate, up, LM head)   W' = Qᵀ·W      (x·Q·Qᵀ·W = x·W)
+
+so every output is unchanged. A norm's γ does not commute with Q: it is folded into its readers
+first (`fold-norms`' fold; a tied LM head is untied for it; when the final norm's γ is already 1 a
+tied head stays tied, reading the rotated table). Q is a randomised Hadamard matrix (`hadamard.py`):
+every rotated channel is ±1/√d times all the original ones, so an outlier channel — a few input
+rows of every reader's W with large activations behind them, or large weights — is spread over
+all d, which lowers the error of a per-group weight grid and of a per-tensor activation range.
+
+Refused, with the reason: post-LN or LayerNorm models (LayerNorm subtracts the mean, which Q
+does not preserve; `fold-norms` turns Pre-LN LayerNorm into RMSNorm first), a stream read by
+anything but norms and residual adds (a hidden-state output), or a norm read by other than linears.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from xopt.analysis import find_transformer_structure
+from xopt.analysis.graph_view import const_array, consumers
+from xopt.analysis.patterns import Embedding, Linear
+from xopt.analysis.structure import TransformerStructure
+from xopt.errors import XoptError
+from xopt.passes.fold_norms import fold_affine, linear_readers, stream_writers_known, untie_lm_head
+from xopt.passes.hadamard import random_rotation
+from xopt.pipeline import Pass, PassResult, register
+from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, set_bias, set_weight, weight_in_out
+
+
+@register
+@dataclass
+class RotatePass(Pass):
+    name = "rotate"
+    exact = True
+    summary = "rotate the residual stream by a randomised Hadamard matrix folded into the weights (QuaRot R1)"
+
+    seed: int = 0
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        structure = find_transformer_structure(model)
+        reason = _refusal(model.graph, structure)
+        if reason:
+            raise XoptError(f"rotate: {reason}")
+        graph = model.graph
+        stats: Counter[str] = Counter()
+        explain: list[str] = []
+        norms = [n for b in structure.blocks for n in b.norms] + [structure.final_norm]
+        if structure.tied_embeddings and _has_affine(structure.final_norm):
+            untie_lm_head(graph, structure)
+            stats["lm_head_untied"] += 1
+            explain.append("untied the LM head: the final norm's γ goes into it")
+        for norm in norms:
+            if fold_affine(graph, norm) is None:
+                stats["norms_folded"] += 1
+        structure = find_transformer_structure(model)  # the folds replaced weights
+        width = structure.token_embedding.width
+        rotation, kind = random_rotation(width, self.seed)
+        for embedding in structure.embeddings:
+            _rotate_table(graph, embedding, rotation)
+            stats["tables_rotated"] += 1
+        for block in structure.blocks:
+            for writer in (block.attention.o, block.mlp.down):
+                set_weight(graph, writer, weight_in_out(writer) @ rotation)
+                if writer.bias is not None:
+                    set_bias(graph, writer, bias_or_zeros(writer) @ rotation)
+                stats["writers_rotated"] += 1
+        for norm in [n for b in structure.blocks for n in b.norms] + [structure.final_norm]:
+            for reader in linear_readers(norm.output):
+                if not _reads_rotated_table(reader, structure):
+                    set_weight(graph, reader, rotation.T @ weight_in_out(reader))
+                stats["readers_rotated"] += 1
+        explain.append(f"rotated the residual stream (width {width}) by a {kind} matrix, seed {self.seed}")
+        common_passes.RemoveUnusedNodesPass()(model)  # drops the replaced weights too
+        return PassResult(model, True, dict(stats), explain)
+
+
+def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
+    """Why the stream cannot be rotated exactly, or None."""
+    if any(node.domain == "com.microsoft" for node in graph):
+        return "the graph has fused com.microsoft ops (run it before `fuse`)"
+    if not structure.blocks:
+        return "no transformer blocks found"
+    if structure.norm_position != "pre" or structure.embedding_norm is not None:
+        return "not a pre-norm model: post-LN norms sit on the residual stream, which a rotation would change"
+    norms = [n for b in structure.blocks for n in b.norms] + [structure.final_norm]
+    if any(n is None for n in norms) or len(norms) != 2 * len(structure.blocks) + 1:
+        return "a block without both of its norms, or no final norm"
+    if any(n.kind != "RMSNorm" for n in norms):
+        return "LayerNorm does not commute with a rotation (run `fold-norms` first: it turns Pre-LN into RMSNorm)"
+    if structure.lm_head is None:
+        return "no LM head: the final hidden state is the output, and a rotation would change it"
+    reason = stream_writers_known(structure)
+    if reason:
+        return reason
+    for block in structure.blocks:
+        for writer in (block.attention.o, block.mlp.down):
+            if not owns_weight(writer):
+                return f"the output projection {writer.name} shares its weight"
+    for norm in norms:
+        readers = linear_readers(norm.output)
+        if isinstance(readers, str):
+            return f"norm {norm.output.name} is {readers}"
+        if any(not owns_weight(r) and not _reads_rotated_table(r, structure) for r in readers):
+            return f"a reader of norm {norm.output.name} shares its weight"
+    return _stream_readers_unknown(structure, norms)
+
+
+def _stream_readers_unknown(structure: TransformerStructure, norms) -> str | None:
+    """Why something other than norms and residual adds reads the stream, or None."""
+    allowed = {node for n in norms for node in n.nodes} | set(structure.residual_stream)
+    stream = [add.outputs[0] for add in structure.residual_stream]
+    for embedding in structure.embeddings:
+        value = embedding.node.outputs[0]
+        stream.append(value)
+        for user in consumers(value):  # token + position embeddings summed into the stream
+            if user.op_type in ("Add", "Cast", "Identity") and user not in allowed:
+                allowed.add(user)
+                stream.append(user.outputs[0])
+    for value in stream:
+        if value.is_graph_output():
+            return f"the residual stream value {value.name} is a model output"
+        for user in consumers(value):
+            if user not in allowed:
+                return f"the residual stream is read by {user.op_type} {user.name}, not only by norms and residual adds"
+    return None
+
+
+def _has_affine(norm) -> bool:
+    gamma = const_array(norm.scale) if norm.scale is not None else None
+    beta = const_array(norm.shift) if norm.shift is not None else None
+    return (gamma is not None and not np.all(gamma == 1)) or (beta is not None and np.any(beta))
+
+
+def _reads_rotated_table(linear: Linear, structure: TransformerStructure) -> bool:
+    """A tied LM head: its weight is a Transpose of an embedding table, rotated with the table."""
+    producer = linear.weight.producer()
+    tables = {e.table for e in structure.embeddings}
+    return producer is not None and producer.op_type == "Transpose" and producer.inputs[0] in tables
+
+
+def _rotate_table(graph: ir.Graph, embedding: Embedding, rotation: np.ndarray) -> None:
+    """E' = E·Q for every reader of the table (the Gather, and a tied LM head's Transpose)."""
+    old = embedding.table
+    array = const_array(old)
+    new = new_initializer(graph, f"{old.name}_rotated", array.astype(np.float64) @ rotation, array.dtype)
+    for user, index in list(old.uses()):
+        user.replace_input_with(index, new)
+    if old.is_initializer() and not old.uses():
+        graph.initializers.pop(old.name)
+    embedding.table = new
