@@ -28,9 +28,7 @@ layer errors are lower than none's, its embeddings are not closer), `outliers` w
 every linear 0.9943 / 0.9981. On SmolLM2 `alpha` and `outliers` (k = 16) are alike (perplexity
 40.76 and 40.74 against 38.68 in float; none: 60.09).
 
-1/s is folded into the op that produces x when x feeds only this linear: a norm (its γ, and β,
-are divided by s) or com.microsoft Attention (the V columns of its packed weight and bias: each
-head's output is softmax(QKᵀ)·V, linear in V's channels); otherwise a Mul applies it.
+1/s is folded into the op that produces x where it can (`input_scaling`), else a Mul applies it.
 """
 
 from __future__ import annotations
@@ -43,20 +41,14 @@ import onnx_ir as ir
 from xopt.analysis.graph_view import const_array
 from xopt.analysis.patterns import Linear
 from xopt.calibration import ActivationSample
-from xopt.rewrite import drop_if_unused, new_initializer, remove_node_keeping_input, replace_linear
+from xopt.passes.input_scaling import divide_input
+from xopt.rewrite import new_initializer, remove_node_keeping_input, replace_linear
 
 CONTRIB = "com.microsoft"
 AUTO_ALPHAS = (0.0, 0.25, 0.5, 0.75)
 OUTLIER_COUNTS = (1, 2, 4, 8, 16, 32)
 SMOOTHINGS = ("outliers", "alpha", "none")
 WEIGHT_LEVEL, ACTIVATION_LEVELS = 127, 255
-NORM_SCALE_SHIFT = {  # norm op → indices of its γ and β inputs (None: it has no β)
-    "LayerNormalization": (1, 2),
-    "SimplifiedLayerNormalization": (1, None),
-    "RMSNormalization": (1, None),
-    "SkipLayerNormalization": (2, 3),
-    "SkipSimplifiedLayerNormalization": (2, None),
-}
 
 
 @dataclass
@@ -137,7 +129,7 @@ def lower_dynamic(graph: ir.Graph, linear: Linear, int8: DynamicInt8) -> int:
     the bytes of the new initializers."""
     x = linear.input
     if int8.smoothing is not None:
-        x = _divide_input(graph, linear, int8.smoothing)
+        x = divide_input(graph, linear, int8.smoothing)
     weights = [
         new_initializer(graph, f"{linear.name}_int8", int8.codes, np.int8),
         new_initializer(graph, f"{linear.name}_int8_scale", int8.scale, np.float32),
@@ -168,51 +160,3 @@ def _activation_grid(low: float, high: float) -> tuple[float, float]:
     low, high = min(low, 0.0), max(high, 0.0)
     step = (high - low) / ACTIVATION_LEVELS or 1.0
     return step, float(np.clip(np.rint(-low / step), 0, ACTIVATION_LEVELS))
-
-
-def _divide_input(graph: ir.Graph, linear: Linear, smoothing: np.ndarray) -> ir.Value:
-    """x·diag(1/s): folded into the op that produces x when x feeds only this linear, else a Mul."""
-    x = linear.input
-    producer = x.producer()
-    if producer is not None and x is producer.outputs[0] and len(x.uses()) == 1 and not x.is_graph_output():
-        targets = _foldable_inputs(producer)
-        arrays = [const_array(producer.inputs[index]) for index, _ in targets]
-        if targets and all(
-            a is not None and a[..., part].shape[-1] == len(smoothing)
-            for a, (_, part) in zip(arrays, targets, strict=True)
-        ):
-            for array, (index, part) in zip(arrays, targets, strict=True):
-                old = producer.inputs[index]
-                scaled = np.array(array, dtype=np.float64)
-                scaled[..., part] /= smoothing
-                producer.replace_input_with(
-                    index, new_initializer(graph, f"{linear.name}_smoothed", scaled, array.dtype)
-                )
-                drop_if_unused(graph, old)
-            return x
-    inverse = new_initializer(graph, f"{linear.name}_smoothing", 1.0 / smoothing, np.float32)
-    mul = ir.node("Mul", [x, inverse], name=f"{linear.node.name or linear.name}_smoothing")
-    mul.outputs[0].name = f"{linear.name}_smoothed_input"
-    mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
-    graph.insert_before(linear.node, mul)
-    return mul.outputs[0]
-
-
-def _foldable_inputs(producer: ir.Node) -> list[tuple[int, slice]]:
-    """The constant inputs (index, slice of the last axis) that scale the producer's output 0
-    channel by channel: a norm's γ and β; com.microsoft Attention's V weight columns and bias."""
-    if producer.op_type in NORM_SCALE_SHIFT:
-        indices = [i for i in NORM_SCALE_SHIFT[producer.op_type] if i is not None and i < len(producer.inputs)]
-        return [(i, slice(None)) for i in indices if producer.inputs[i] is not None]
-    inputs = producer.inputs
-    if (
-        producer.op_type == "Attention"
-        and producer.domain == CONTRIB
-        and "qkv_hidden_sizes" not in producer.attributes
-        and len(inputs) > 2
-        and inputs[2] is not None
-        and inputs[1].shape is not None
-    ):
-        width = inputs[1].shape[-1] // 3  # packed [Q | K | V] columns
-        return [(1, slice(2 * width, 3 * width)), (2, slice(2 * width, 3 * width))]
-    return []

@@ -9,7 +9,10 @@ the grid and its fits), 4 or 8 bits. The codes q come from:
 - `gptq`: GPTQ (`gptq.py`) on calibration activations: the second moment Σ x xᵀ of each linear's
   input, gathered in one ONNX Runtime pass over the calibration text (`xopt.calibration`), so
   memory is Σ K² over the distinct inputs; the grid of each group is fitted with HQQ's fit, and
-  `act_order` takes the inputs with the most energy first (static groups).
+  `act_order` takes the inputs with the most energy first (static groups);
+- `awq`: AWQ-style (`awq.py`): per-input-channel scales s searched on the same second moment,
+  Ŵ = diag(1/s)·Q(diag(s)·W) with each group's range clipped where that lowers the output error;
+  1/s is folded into the op producing the input (a norm's γ), else a Mul.
 MatMulNBits' `accuracy_level` picks its kernel: 0 computes in float, 4 quantizes the activations
 to int8 per block and uses integer dot products (faster for decode on CPUs with VNNI, often slower
 for long prefill). `accuracy=measure` times the whole model with each (prefill plus decode steps,
@@ -52,8 +55,10 @@ from xopt.analysis.patterns import Embedding, Linear, find_linears
 from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import activation_samples, calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
+from xopt.passes.awq import awq
 from xopt.passes.gather_quantized import lower_gather, table_group
 from xopt.passes.gptq import gptq
+from xopt.passes.input_scaling import divide_input
 from xopt.passes.int8_dynamic import is_smoothing, lower_dynamic, quantize_dynamic
 from xopt.passes.mixed_precision import protect_by_sensitivity
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
@@ -63,7 +68,7 @@ from xopt.task_error import TaskError
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rtn", "hqq", "gptq")
+METHODS = ("rtn", "hqq", "gptq", "awq")
 SCHEMES = ("weight-only", "dynamic")
 ACCURACY_LEVELS = ("measure", "0", "4")
 CONTRIB = "com.microsoft"
@@ -75,7 +80,7 @@ class QuantizeWeightsPass(Pass):
     name = "quantize"
     exact = False
     summary = (
-        "int4/int8 linears: weight-only MatMulNBits (rtn, hqq, gptq) or dynamic int8 with smoothing; "
+        "int4/int8 linears: weight-only MatMulNBits (rtn, hqq, gptq, awq) or dynamic int8 with smoothing; "
         "mixed precision under a task-error budget"
     )
 
@@ -272,28 +277,39 @@ class _Forms:
                     detail += f" (simulated output error {int8.simulated_error:.2e})"
                 smoothing = int8.label
             else:
-                if options.method == "gptq":
-                    codes, scale, zero = gptq(
-                        w.T, statistic.matrix, bits=bits, group=options.group, fit="hqq", damp=options.damp,
-                        act_order=options.act_order,
-                    )  # fmt: skip
-                else:
-                    blocks = as_blocks(w.T, options.group)
-                    scale, zero = fit_blocks(blocks, bits, "minmax" if options.method == "rtn" else "hqq")
-                    codes = codes_of(blocks, scale, zero, bits).reshape(w.shape[1], -1)[:, : w.shape[0]]
-                restored = dequantize(as_blocks(codes, options.group), scale, zero).reshape(len(codes), -1)
-                restored = restored[:, : w.shape[0]].T
-                lower = partial(_lower, nbits=_MatMulNBits.pack(codes, scale, zero, bits, options.group))
-                detail = f"{bits}-bit"
+                restored, lower, detail = self._weight_only(w, statistic, bits)
             error = float(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
             self.forms[key] = _Form(lower, error, detail, smoothing)
         return self.forms[key]
+
+    def _weight_only(self, w: np.ndarray, statistic, bits: int) -> tuple[np.ndarray, Callable, str]:
+        """Ŵ [K, N], the lowering to MatMulNBits, and a description, by the pass's method."""
+        options, input_scale, detail = self.options, None, f"{bits}-bit"
+        if options.method == "awq":
+            form = awq(w, statistic.matrix, bits=bits, group=options.group)
+            codes, scale, zero, input_scale = form.codes, form.scale, form.zero, form.input_scale
+            detail += f", AWQ α {form.alpha:.1f}"
+        elif options.method == "gptq":
+            codes, scale, zero = gptq(
+                w.T, statistic.matrix, bits=bits, group=options.group, fit="hqq", damp=options.damp,
+                act_order=options.act_order,
+            )  # fmt: skip
+        else:
+            blocks = as_blocks(w.T, options.group)
+            scale, zero = fit_blocks(blocks, bits, "minmax" if options.method == "rtn" else "hqq")
+            codes = codes_of(blocks, scale, zero, bits).reshape(w.shape[1], -1)[:, : w.shape[0]]
+        restored = dequantize(as_blocks(codes, options.group), scale, zero).reshape(len(codes), -1)
+        restored = restored[:, : w.shape[0]].T
+        if input_scale is not None:
+            restored = restored / input_scale[:, None]
+        nbits = _MatMulNBits.pack(codes, scale, zero, bits, options.group)
+        return restored, partial(_lower, nbits=nbits, input_scale=input_scale), detail
 
     def _statistic(self, linear: Linear):
         """The calibration statistic of the linear's input its form needs (None: none)."""
         options = self.options
         needs = "samples" if options.scheme == "dynamic" else None
-        if options.scheme == "weight-only" and options.method == "gptq":
+        if options.scheme == "weight-only" and options.method in ("gptq", "awq"):
             needs = "moments"
         if needs is None:
             return None
@@ -326,11 +342,12 @@ class _MatMulNBits:
         return cls(packed, scale.reshape(-1), packed_zero, k, n, bits, group)
 
 
-def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits) -> int:
-    """Replace the linear's MatMul by MatMulNBits; returns the bytes of its new initializers."""
+def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np.ndarray | None) -> int:
+    """Replace the linear's MatMul by MatMulNBits (its input divided by `input_scale` first, if
+    any); returns the bytes of its new initializers."""
     base, bits = linear.name, nbits.bits
     inputs = [
-        linear.input,
+        linear.input if input_scale is None else divide_input(graph, linear, input_scale),
         new_initializer(graph, f"{base}_q{bits}", nbits.packed, np.uint8),
         new_initializer(graph, f"{base}_scales", nbits.scale, weight_dtype(linear.weight)),
         new_initializer(graph, f"{base}_zero_points", nbits.packed_zero, np.uint8),
