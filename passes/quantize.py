@@ -22,6 +22,10 @@ for long prefill). `accuracy=measure` times the whole model with each (prefill p
 at run time, lowered to DynamicQuantizeMatMul, with smoothing of the activations' outlier
 channels chosen per linear on calibration activations (`smoothing`): see `int8_dynamic.py`.
 
+`scheme=static` (8 bits): int8 QDQ with per-column weights and per-tensor activation ranges
+fixed from the calibration runs (`activation_range`), by ONNX Runtime's static quantizer: see
+`int8_static.py`.
+
 `embedding_bits` 4 or 8 also quantizes the token embedding table (Gather on a constant table)
 in blocks of `group` along each row, lowered to GatherBlockQuantized (`gather_quantized.py`).
 
@@ -60,16 +64,17 @@ from xopt.passes.gather_quantized import lower_gather, table_group
 from xopt.passes.gptq import gptq
 from xopt.passes.input_scaling import divide_input
 from xopt.passes.int8_dynamic import is_smoothing, lower_dynamic, quantize_dynamic
+from xopt.passes.int8_static import CALIBRATIONS, quantize_static_qdq
 from xopt.passes.mixed_precision import protect_by_sensitivity
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import new_initializer, replace_linear, weight_dtype, weight_in_out
+from xopt.rewrite import new_initializer, replace_linear, set_weight, weight_dtype, weight_in_out
 from xopt.task_error import TaskError
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("rtn", "hqq", "gptq", "awq")
-SCHEMES = ("weight-only", "dynamic")
+SCHEMES = ("weight-only", "dynamic", "static")
 ACCURACY_LEVELS = ("measure", "0", "4")
 CONTRIB = "com.microsoft"
 
@@ -88,11 +93,12 @@ class QuantizeWeightsPass(Pass):
     group: int = 32
     method: str = "gptq"
     scheme: str = "weight-only"
-    smoothing: str = "outliers"  # dynamic scheme: outliers, alpha, none, or a SmoothQuant α in [0, 1]
+    smoothing: str = "outliers"  # int8 schemes: outliers, alpha, none, or a SmoothQuant α in [0, 1]
     head_bits: int = 8
     embedding_bits: int = 0  # token embedding table: 4 or 8 → GatherBlockQuantized; 0 keeps it float
     budget: float = 0.0  # mixed precision: task error allowed (0: every linear quantized)
     accuracy: str = "measure"
+    activation_range: str = "minmax"  # static scheme: minmax or percentile over the calibration runs
     calibration: str = ""  # text file for gptq, smoothing and sensitivity; empty: the bundled text
     windows: int = 8  # calibration windows of 512 tokens
     damp: float = 0.01
@@ -109,6 +115,8 @@ class QuantizeWeightsPass(Pass):
         precision = self._precision(model, explain)
         if not precision:
             raise XoptError("quantize: the model has no MatMul with a constant weight to quantize")
+        if self.scheme == "static":
+            return self._static(model, precision, explain)
         model.opset_imports.setdefault(CONTRIB, 1)
         forms = _Forms(self, model)
         smoothing = self.smoothing if self.scheme == "dynamic" else None
@@ -128,11 +136,12 @@ class QuantizeWeightsPass(Pass):
     def _check_options(self) -> None:
         if self.scheme not in SCHEMES:
             raise XoptError(f"quantize: unknown scheme {self.scheme!r}: one of {', '.join(SCHEMES)}")
-        if self.bits not in (4, 8) or (self.scheme == "dynamic" and self.bits != 8):
-            raise XoptError(f"quantize: bits={self.bits}: MatMulNBits takes 4 or 8, the dynamic scheme 8")
+        integer = self.scheme in ("dynamic", "static")
+        if self.bits not in (4, 8) or (integer and self.bits != 8):
+            raise XoptError(f"quantize: bits={self.bits}: MatMulNBits takes 4 or 8, the {self.scheme} scheme 8")
         if self.embedding_bits not in (0, 4, 8):
             raise XoptError(f"quantize: embedding_bits={self.embedding_bits}: 4, 8, or 0 (tables in float)")
-        if self.head_bits not in (0, 4, 8) or (self.scheme == "dynamic" and self.head_bits == 4):
+        if self.head_bits not in (0, 4, 8) or (integer and self.head_bits == 4):
             raise XoptError(f"quantize: head_bits={self.head_bits}: 4 (weight-only), 8, or 0 (LM head in float)")
         if self.group < 16 or self.group & (self.group - 1):
             raise XoptError(f"quantize: group={self.group}: a power of two, at least 16")
@@ -144,6 +153,10 @@ class QuantizeWeightsPass(Pass):
             raise XoptError(f"quantize: smoothing={self.smoothing!r}: outliers, alpha, none, or a number from 0 to 1")
         if self.budget < 0:
             raise XoptError(f"quantize: budget={self.budget}: a task error, 0 or more")
+        if self.scheme == "static" and (self.budget or self.embedding_bits):
+            raise XoptError("quantize: the static scheme takes no budget= or embedding_bits= (weight-only, dynamic do)")
+        if self.activation_range not in CALIBRATIONS:
+            raise XoptError(f"quantize: activation_range={self.activation_range!r}: one of {', '.join(CALIBRATIONS)}")
 
     def _precision(self, model: ir.Model, explain: list[str]) -> dict[str, int]:
         """The bit width of each linear to quantize, by linear name."""
@@ -152,8 +165,8 @@ class QuantizeWeightsPass(Pass):
         for linear in find_linears(model.graph):
             if linear.node.op_type == "Gemm":
                 explain.append(f"{linear.name}: not quantized: Gemm (only MatMul is lowered)")
-            elif weight_dtype(linear.weight) != np.float32 and self.scheme == "dynamic":
-                explain.append(f"{linear.name}: not quantized: DynamicQuantizeMatMul takes float32 inputs")
+            elif weight_dtype(linear.weight) != np.float32 and self.scheme != "weight-only":
+                explain.append(f"{linear.name}: not quantized: the {self.scheme} int8 kernels take float32 inputs")
             elif skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"}) not in outputs:
                 precision[linear.name] = self.bits
             elif self.head_bits:
@@ -180,6 +193,35 @@ class QuantizeWeightsPass(Pass):
         stats["embeddings_quantized"] += 1
         bits = self.embedding_bits
         explain.append(f"embedding {shape} → {bits}-bit in groups of {group}, relative error {error:.4f}")
+
+    def _static(self, model: ir.Model, precision: dict[str, int], explain: list[str]) -> PassResult:
+        """Static int8 QDQ of the chosen linears by ONNX Runtime's quantizer (`int8_static.py`), after
+        the same per-linear smoothing as the dynamic scheme, applied in float."""
+        linears = [x for x in find_linears(model.graph) if x.name in precision]
+        feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
+        before = sum(x.in_features * x.out_features * weight_dtype(x.weight).itemsize for x in linears)
+        if self.smoothing != "none":
+            samples = activation_samples(model, [x.input for x in linears], feeds, threads=self.threads)
+            forms = [quantize_dynamic(weight_in_out(x), samples[x.input.name], self.smoothing) for x in linears]
+            for linear, form in zip(linears, forms, strict=True):
+                if form.smoothing is not None:
+                    set_weight(model.graph, linear, weight_in_out(linear) * form.smoothing[:, None])
+                    linear.node.replace_input_with(0, divide_input(model.graph, linear, form.smoothing))
+            labels = Counter(form.label for form in forms)
+            explain.append("smoothing chosen: " + ", ".join(f"{label} ×{n}" for label, n in sorted(labels.items())))
+        names = [linear.node.name for linear in linears]
+        quantized = quantize_static_qdq(model, names, feeds, self.activation_range)
+        new = [v for name, v in quantized.graph.initializers.items() if name not in model.graph.initializers]
+        stats = {
+            "linears_quantized": len(linears),
+            "bytes_before": before,
+            "bytes_after": sum(v.const_value.nbytes for v in new),  # int8 weights, their scales, activation grids
+        }
+        explain.append(
+            f"{len(linears)} linears → static int8 QDQ (per-column weights, per-tensor activation ranges by "
+            f"{self.activation_range} over {len(feeds)} calibration runs)"
+        )
+        return PassResult(quantized, True, stats, explain)
 
     def _mixed_precision(self, model: ir.Model, forms: _Forms, plan: dict, explain: list[str]) -> dict:
         """The plan with the most sensitive linears raised: 4-bit weights to 8 bits, 8-bit ones to float.

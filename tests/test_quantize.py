@@ -184,8 +184,11 @@ def test_measured_accuracy_level_is_applied_to_every_matmulnbits(tiny_model):
         (dict(bits=3), "bits=3"),
         (dict(head_bits=2), "head_bits=2"),
         (dict(group=48), "group=48"),
-        (dict(method="awq"), "unknown method"),
+        (dict(method="spqr"), "unknown method"),
         (dict(accuracy="2"), "accuracy="),
+        (dict(scheme="static", bits=4), "the static scheme 8"),
+        (dict(scheme="static", bits=8, budget=0.1), "the static scheme takes no budget"),
+        (dict(scheme="static", bits=8, activation_range="entropy"), "activation_range="),
     ],
 )
 def test_bad_options_are_refused_with_the_reason(tiny_model, options, message):
