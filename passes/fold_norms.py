@@ -59,6 +59,7 @@ class FoldNormsPass(Pass):
     summary = "fold norm γ/β and attention scales into linears; Pre-LN LayerNorm → RMSNorm"
 
     to_rmsnorm: bool = True
+    affine: bool = True  # fold γ/β into the readers (false keeps them in the norm, see the docstring)
     fold_scales: bool = True
 
     def __call__(self, model: ir.Model) -> PassResult:
@@ -72,7 +73,7 @@ class FoldNormsPass(Pass):
         if not structure.blocks:
             explain.append("no transformer blocks found: nothing to fold")
         norms += [n for n in (structure.final_norm, structure.embedding_norm) if n is not None]
-        for norm in norms:
+        for norm in norms if self.affine else []:
             reason = fold_affine(graph, norm)
             if reason is None:
                 stats["norms_folded"] += 1
