@@ -34,6 +34,14 @@ def test_llama_folds_rmsnorm_scales_and_score_scale(tiny_model):
     assert adds[0] == adds[1]  # an RMSNorm has no β: folding adds no zero biases
 
 
+def test_affine_false_keeps_every_norm_scale(tiny_model):
+    optimized, report = PassManager([CleanupPass(), FoldNormsPass(affine=False)])(tiny_model("qwen2"))
+    assert report.passes[1].stats == {"score_scales_folded": 3}
+    structure = find_transformer_structure(optimized)
+    assert all(n.scale is not None for b in structure.blocks for n in b.norms)
+    assert report.passes[1].parity.max_rel <= 1e-6
+
+
 def test_qwen2_untied_head_takes_the_final_norm_too(tiny_model):
     _, report = _fold(tiny_model("qwen2"))
     assert report.passes[1].stats == {"norms_folded": 7, "score_scales_folded": 3}
