@@ -50,10 +50,13 @@ class RotatePass(Pass):
     summary = "rotate the residual stream by a randomised Hadamard matrix folded into the weights (QuaRot R1)"
 
     seed: int = 0
+    optional: bool = False  # a model it cannot rotate passes through unchanged, with the reason (recipes)
 
     def __call__(self, model: ir.Model) -> PassResult:
         structure = find_transformer_structure(model)
         reason = _refusal(model.graph, structure)
+        if reason and self.optional:
+            return PassResult(model, False, {}, [f"not rotated: {reason}"])
         if reason:
             raise XoptError(f"rotate: {reason}")
         graph = model.graph

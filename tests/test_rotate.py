@@ -74,6 +74,8 @@ def test_refusals_name_the_reason(tiny_model, name, passes, reason):
     model, _ = PassManager(passes, verify=False)(tiny_model(name))
     with pytest.raises(XoptError, match=reason):
         RotatePass()(model.clone())
+    skipped = RotatePass(optional=True)(model)  # as in a recipe: unchanged, with the reason
+    assert not skipped.modified and reason in skipped.explain[0]
 
 
 def test_a_model_without_blocks_is_refused():
