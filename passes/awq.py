@@ -91,7 +91,8 @@ def _clipped(scaled: np.ndarray, hessian: np.ndarray, s, bits: int, group: int, 
         residual = blocks - dequantize(
             codes_of(blocks, candidate_scale, candidate_zero, bits), candidate_scale, candidate_zero
         )
-        error = np.einsum("nbg,bgh,nbh->nb", residual, diagonal, residual)
+        by_block = residual.transpose(1, 0, 2)  # [groups, N, g]
+        error = np.sum(by_block @ diagonal * by_block, axis=-1).T  # e_{n,b}ᵀ H_bb e_{n,b}
         better = error < best_error
         best_error = np.where(better, error, best_error)
         scale, zero = np.where(better, candidate_scale, scale), np.where(better, candidate_zero, zero)
