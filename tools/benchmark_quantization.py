@@ -7,8 +7,10 @@ Every variant quantizes the same captured model (after `cleanup`) and is measure
 `xopt.evaluate` on the bundled evaluation text (disjoint from the calibration text GPTQ reads):
 - SmolLM2-135M: perplexity, and against the fp32 model the mean next-token KL and top-1 agreement;
 - MiniLM: sentence-embedding cosine to the fp32 embeddings, min and mean.
-xopt: `quantize(method=rtn|hqq|gptq)`; its LM head stays in float here (`head_bits=0`), as ORT's
-quantizer leaves SmolLM2's tied head (a Transpose of the embedding, not an initializer) in float.
+xopt: `quantize(method=rtn|hqq|gptq|awq)`, and each after `fold-norms,rotate` (" + rotate": the
+residual stream rotated by a randomised Hadamard matrix; refused, with the reason, on post-LN
+MiniLM); its LM head stays in float here (`head_bits=0`), as ORT's quantizer leaves SmolLM2's tied
+head (a Transpose of the embedding, not an initializer) in float.
 ONNX Runtime: `MatMulNBitsQuantizer` with round to nearest (asymmetric, uint4 zero points) and with
 HQQ (its zero points are float, a layout its CPU kernel runs by dequantizing every call).
 """
@@ -26,13 +28,14 @@ from pathlib import Path
 import onnx_ir as ir
 
 import xopt
+from xopt.errors import XoptError, first_line
 from xopt.evaluate import Quality, evaluate
 from xopt.pipeline import PassManager, parse_spec
 from xopt.runnable import open_runnable
 from xopt.text import read_text
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("rtn", "hqq", "gptq")
+METHODS = ("rtn", "hqq", "gptq", "awq")
 logger = logging.getLogger("benchmark_quantization")
 
 
@@ -65,21 +68,29 @@ def measure(model: ir.Model, folder: Path, reference, text: str, threads: int) -
     return evaluate(open_runnable(folder, threads=threads), text, reference)
 
 
-def rows_for(name: str, groups: list[int], scratch: Path, threads: int) -> list[tuple[str, int, Quality, float]]:
+def rows_for(name: str, groups: list[int], scratch: Path, threads: int) -> tuple[list, list[str]]:
+    """The table's rows (label, group, quality, seconds) and notes (e.g. why rotation was refused)."""
     captured, _ = PassManager(parse_spec("cleanup"), verify=False)(xopt.load(source_folder(name)))
     xopt.save(captured, scratch / f"{name}-fp32")
     reference = open_runnable(scratch / f"{name}-fp32", threads=threads)
     text = read_text(None, "evaluation")
-    rows = [("fp32", 0, evaluate(reference, text, reference), 0.0)]
+    rows, notes = [("fp32", 0, evaluate(reference, text, reference), 0.0)], []
+    rotations = {"": ""}
+    try:
+        PassManager(parse_spec("fold-norms,rotate"), verify=False)(captured)
+        rotations[" + rotate"] = "fold-norms,rotate,"
+    except XoptError as error:
+        notes.append(f"Rotation is not measured: {first_line(error)}")
     for group in groups:
-        for method in METHODS:
-            start = time.perf_counter()
-            spec = f"quantize(method={method},group={group},head_bits=0,accuracy=0)"
-            quantized, _ = PassManager(parse_spec(spec), verify=False)(captured)
-            seconds = time.perf_counter() - start
-            quality = measure(quantized, scratch / f"{name}-{method}-{group}", reference, text, threads)
-            rows.append((f"xopt {method}", group, quality, seconds))
-            logger.info("%s %s g%d: %s", name, method, group, quality.to_dict())
+        for suffix, prefix in rotations.items():
+            for method in METHODS:
+                start = time.perf_counter()
+                spec = f"{prefix}quantize(method={method},group={group},head_bits=0,accuracy=0)"
+                quantized, _ = PassManager(parse_spec(spec), verify=False)(captured)
+                seconds = time.perf_counter() - start
+                quality = measure(quantized, scratch / f"{name}-{method}-{group}", reference, text, threads)
+                rows.append((f"xopt {method}{suffix}", group, quality, seconds))
+                logger.info("%s %s%s g%d: %s", name, method, suffix, group, quality.to_dict())
         for algorithm in ("rtn", "hqq"):
             start = time.perf_counter()
             quantized = onnxruntime_quantized(captured, algorithm, group)
@@ -87,17 +98,19 @@ def rows_for(name: str, groups: list[int], scratch: Path, threads: int) -> list[
             quality = measure(quantized, scratch / f"{name}-ort-{algorithm}-{group}", reference, text, threads)
             rows.append((f"ONNX Runtime {algorithm}", group, quality, seconds))
             logger.info("%s ORT %s g%d: %s", name, algorithm, group, quality.to_dict())
-    return rows
+    return rows, notes
 
 
 def table(name: str, rows) -> list[str]:
     causal = name == "smollm2"
-    metrics = "perplexity | KL | top-1" if causal else "cos min | cos mean"
+    metrics = "perplexity | vs fp32 | KL | top-1" if causal else "cos min | cos mean"
     header = f"| variant | group | {metrics} | s |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    fp32 = rows[0][2]
     for label, group, q, seconds in rows:
         if causal:
-            values = f"{q.perplexity:.3f} | {q.kl:.4f} | {100 * q.top1_agreement:.1f}%"
+            increase = 100 * (q.perplexity / fp32.perplexity - 1)
+            values = f"{q.perplexity:.3f} | {increase:+.1f}% | {q.kl:.4f} | {100 * q.top1_agreement:.1f}%"
         else:
             values = f"{q.cosine_min:.4f} | {q.cosine_mean:.4f}"
         lines.append(f"| {label} | {group or '—'} | {values} | {seconds:.0f} |")
@@ -129,7 +142,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xopt-quantization-") as scratch:
         for name in args.models:
             title = "SmolLM2-135M" if name == "smollm2" else "MiniLM-L6"
-            lines += [f"## {title}", "", *table(name, rows_for(name, args.groups, Path(scratch), args.threads)), ""]
+            rows, notes = rows_for(name, args.groups, Path(scratch), args.threads)
+            lines += [f"## {title}", "", *table(name, rows), "", *notes, *([""] if notes else [])]
     lines.append(f"The run took {(time.perf_counter() - started) / 60:.0f} minutes.")
     (args.output / "QUANTIZATION.md").write_text("\n".join(lines) + "\n")
     print((args.output / "QUANTIZATION.md").read_text())
