@@ -198,8 +198,8 @@ def test_bad_options_are_refused_with_the_reason(tiny_model, options, message):
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tmp_path, name):
-    """The recipe's output (calibrated with the model's own tokenizer) decodes token by token;
-    8-bit weights keep the greedy tokens of the float model."""
+    """The recipe's output (calibrated with the model's own tokenizer; rotated where the model
+    allows) decodes token by token; 8-bit weights keep the greedy tokens of the float model."""
     import xopt
     from xopt.generate import Decoder
     from xopt.runnable import open_runnable
@@ -208,7 +208,8 @@ def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tm
     xopt.save(tiny_model(name), tmp_path / "float")
     expected = Decoder(open_runnable(tmp_path / "float")).generate(prompt, 12).tokens
     int4, report = xopt.optimize(tiny_model(name), recipe="int4")
-    assert [p.name for p in report.passes] == ["cleanup", "fold-norms", "fuse", "quantize"]
+    assert [p.name for p in report.passes] == ["cleanup", "fold-norms", "rotate", "fuse", "quantize"]
+    assert report.passes[2].modified == (name == "llama")  # GPT-2's Conv1D reshape: not rotated, said why
     assert report.passes[-1].stats["linears_quantized"] == sum(n.op_type == "MatMulNBits" for n in int4.graph)
     assert {n.attributes.get_int("bits") for n in int4.graph if n.op_type == "MatMulNBits"} == {4}  # the head too
     assert [n.attributes.get_int("bits") for n in int4.graph if n.op_type == "GatherBlockQuantized"] == [8]
