@@ -185,7 +185,7 @@ def test_protection_takes_the_most_sensitive_linears_first():
     [
         (dict(scheme="dynamic", bits=4), "bits=4"),
         (dict(scheme="dynamic", bits=8, head_bits=4), "head_bits=4"),
-        (dict(scheme="static"), "unknown scheme"),
+        (dict(scheme="qdq"), "unknown scheme"),
         (dict(scheme="dynamic", bits=8, smoothing="1.5"), "smoothing="),
         (dict(budget=-1.0), "budget="),
     ],
