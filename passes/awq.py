@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks
+from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, restored_in_out
 
 ALPHAS = tuple(np.linspace(0.0, 1.0, 11))
 CLIP_RATIOS = tuple(np.linspace(1.0, 0.55, 10))
@@ -43,8 +43,7 @@ class AwqWeights:
 
     def restored(self, group: int) -> np.ndarray:
         """Ŵ in the linear's original basis, [K, N]."""
-        k = self.codes.shape[1]
-        w = dequantize(as_blocks(self.codes, group), self.scale, self.zero).reshape(len(self.codes), -1)[:, :k].T
+        w = restored_in_out(self.codes, self.scale, self.zero, group)
         return w if self.input_scale is None else w / self.input_scale[:, None]
 
 

@@ -100,10 +100,10 @@ class FoldNormsPass(Pass):
 
 def fold_affine(graph: ir.Graph, norm: Norm) -> str | None:
     """Fold γ, β of `norm` into the linears reading it; a reason when it cannot ('' if nothing to do)."""
+    if not has_affine(norm):
+        return ""
     gamma = const_array(norm.scale) if norm.scale is not None else None
     beta = const_array(norm.shift) if norm.shift is not None else None
-    if (gamma is None or np.all(gamma == 1)) and (beta is None or np.all(beta == 0)):
-        return ""
     readers = linear_readers(norm.output)
     if isinstance(readers, str):
         return readers
@@ -118,6 +118,13 @@ def fold_affine(graph: ir.Graph, norm: Norm) -> str | None:
         set_weight(graph, linear, gamma64[:, None] * weight)
     _drop_affine(graph, norm)
     return None
+
+
+def has_affine(norm: Norm) -> bool:
+    """Whether the norm has a γ other than 1 or a β other than 0."""
+    gamma = const_array(norm.scale) if norm.scale is not None else None
+    beta = const_array(norm.shift) if norm.shift is not None else None
+    return (gamma is not None and not np.all(gamma == 1)) or (beta is not None and bool(np.any(beta)))
 
 
 def linear_readers(value: ir.Value) -> list[Linear] | str:

@@ -53,23 +53,25 @@ def quantize_static_qdq(
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to run ORT's pre-processing: xopt's passes have run instead
-    with tempfile.TemporaryDirectory(prefix="xopt-static-int8-") as scratch:
-        output = Path(scratch) / "static.onnx"
-        quantize_static(
-            ir.to_proto(model),
-            output,
-            _Feeds(),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=list(node_names),
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=method,
-            extra_options={"CalibTensorRangeSymmetric": False, "WeightSymmetric": True},
-        )
-        quantized = ir.from_proto(onnx.load(output))
-    root.setLevel(level)
+    try:
+        with tempfile.TemporaryDirectory(prefix="xopt-static-int8-") as scratch:
+            output = Path(scratch) / "static.onnx"
+            quantize_static(
+                ir.to_proto(model),
+                output,
+                _Feeds(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=list(node_names),
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                extra_options={"CalibTensorRangeSymmetric": False, "WeightSymmetric": True},
+            )
+            quantized = ir.from_proto(onnx.load(output))
+    finally:
+        root.setLevel(level)
     quantized.metadata_props.update(model.metadata_props)
     return quantized
 

@@ -66,7 +66,7 @@ from xopt.passes.input_scaling import divide_input
 from xopt.passes.int8_dynamic import is_smoothing, lower_dynamic, quantize_dynamic
 from xopt.passes.int8_static import CALIBRATIONS, quantize_static_qdq
 from xopt.passes.mixed_precision import protect_by_sensitivity
-from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
+from xopt.passes.weight_grid import as_blocks, codes_of, fit_blocks, pack_matmul_nbits, restored_in_out
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import new_initializer, replace_linear, set_weight, weight_dtype, weight_in_out
 from xopt.task_error import TaskError
@@ -199,16 +199,18 @@ class QuantizeWeightsPass(Pass):
         the same per-linear smoothing as the dynamic scheme, applied in float."""
         linears = [x for x in find_linears(model.graph) if x.name in precision]
         feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
-        before = sum(x.in_features * x.out_features * weight_dtype(x.weight).itemsize for x in linears)
+        before = sum(map(_float_bytes, linears))
         if self.smoothing != "none":
             samples = activation_samples(model, [x.input for x in linears], feeds, threads=self.threads)
-            forms = [quantize_dynamic(weight_in_out(x), samples[x.input.name], self.smoothing) for x in linears]
-            for linear, form in zip(linears, forms, strict=True):
+            labels: Counter = Counter()
+            for linear in linears:
+                w = weight_in_out(linear)
+                form = quantize_dynamic(w, samples[linear.input.name], self.smoothing)
+                labels[form.label] += 1
                 if form.smoothing is not None:
-                    set_weight(model.graph, linear, weight_in_out(linear) * form.smoothing[:, None])
+                    set_weight(model.graph, linear, w * form.smoothing[:, None])
                     linear.node.replace_input_with(0, divide_input(model.graph, linear, form.smoothing))
-            labels = Counter(form.label for form in forms)
-            explain.append("smoothing chosen: " + ", ".join(f"{label} ×{n}" for label, n in sorted(labels.items())))
+            explain.append(_smoothing_summary(labels))
         names = [linear.node.name for linear in linears]
         quantized = quantize_static_qdq(model, names, feeds, self.activation_range)
         new = [v for name, v in quantized.graph.initializers.items() if name not in model.graph.initializers]
@@ -289,7 +291,7 @@ class _Forms:
             if not bits:
                 continue
             form = self.form(linear.name, key)
-            stats["bytes_before"] += linear.in_features * linear.out_features * weight_dtype(linear.weight).itemsize
+            stats["bytes_before"] += _float_bytes(linear)
             stats["bytes_after"] += form.lower(graph, linear)
             stats["linears_quantized"] += 1
             errors.append(form.relative_error)
@@ -300,7 +302,7 @@ class _Forms:
         if errors:
             stats["mean_relative_error"] = float(np.mean(errors))
         if smoothings:
-            explain.append("smoothing chosen: " + ", ".join(f"{label} ×{n}" for label, n in sorted(smoothings.items())))
+            explain.append(_smoothing_summary(smoothings))
         return stats
 
     def form(self, name: str, form: tuple[int, str | None]) -> _Form:
@@ -340,8 +342,7 @@ class _Forms:
             blocks = as_blocks(w.T, options.group)
             scale, zero = fit_blocks(blocks, bits, "minmax" if options.method == "rtn" else "hqq")
             codes = codes_of(blocks, scale, zero, bits).reshape(w.shape[1], -1)[:, : w.shape[0]]
-        restored = dequantize(as_blocks(codes, options.group), scale, zero).reshape(len(codes), -1)
-        restored = restored[:, : w.shape[0]].T
+        restored = restored_in_out(codes, scale, zero, options.group)
         if input_scale is not None:
             restored = restored / input_scale[:, None]
         nbits = _MatMulNBits.pack(codes, scale, zero, bits, options.group)
@@ -403,6 +404,14 @@ def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np
     )
     replace_linear(graph, linear, node)
     return sum(v.const_value.nbytes for v in inputs[1:])
+
+
+def _float_bytes(linear: Linear) -> int:
+    return linear.in_features * linear.out_features * weight_dtype(linear.weight).itemsize
+
+
+def _smoothing_summary(labels: Counter) -> str:
+    return "smoothing chosen: " + ", ".join(f"{label} ×{n}" for label, n in sorted(labels.items()))
 
 
 def _set_accuracy(model: ir.Model, level: int) -> None:

@@ -36,10 +36,18 @@ from xopt.analysis.graph_view import const_array, consumers
 from xopt.analysis.patterns import Embedding, Linear
 from xopt.analysis.structure import TransformerStructure
 from xopt.errors import XoptError
-from xopt.passes.fold_norms import fold_affine, linear_readers, stream_writers_known, untie_lm_head
+from xopt.passes.fold_norms import fold_affine, has_affine, linear_readers, stream_writers_known, untie_lm_head
 from xopt.passes.hadamard import random_rotation
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, set_bias, set_weight, weight_in_out
+from xopt.rewrite import (
+    bias_or_zeros,
+    drop_if_unused,
+    new_initializer,
+    owns_weight,
+    set_bias,
+    set_weight,
+    weight_in_out,
+)
 
 
 @register
@@ -62,13 +70,15 @@ class RotatePass(Pass):
         graph = model.graph
         stats: Counter[str] = Counter()
         explain: list[str] = []
-        norms = [n for b in structure.blocks for n in b.norms] + [structure.final_norm]
-        if structure.tied_embeddings and _has_affine(structure.final_norm):
+        if structure.tied_embeddings and has_affine(structure.final_norm):
             untie_lm_head(graph, structure)
             stats["lm_head_untied"] += 1
             explain.append("untied the LM head: the final norm's γ goes into it")
-        for norm in norms:
-            if fold_affine(graph, norm) is None:
+        for norm in _stream_norms(structure):
+            reason = fold_affine(graph, norm)
+            if reason:  # _refusal checked every reader, so this is a bug, not bad input
+                raise RuntimeError(f"rotate: γ of {norm.output.name} could not be folded: {reason}")
+            if reason is None:
                 stats["norms_folded"] += 1
         structure = find_transformer_structure(model)  # the folds replaced weights
         width = structure.token_embedding.width
@@ -82,7 +92,7 @@ class RotatePass(Pass):
                 if writer.bias is not None:
                     set_bias(graph, writer, bias_or_zeros(writer) @ rotation)
                 stats["writers_rotated"] += 1
-        for norm in [n for b in structure.blocks for n in b.norms] + [structure.final_norm]:
+        for norm in _stream_norms(structure):
             for reader in linear_readers(norm.output):
                 if not _reads_rotated_table(reader, structure):
                     set_weight(graph, reader, rotation.T @ weight_in_out(reader))
@@ -100,7 +110,7 @@ def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
         return "no transformer blocks found"
     if structure.norm_position != "pre" or structure.embedding_norm is not None:
         return "not a pre-norm model: post-LN norms sit on the residual stream, which a rotation would change"
-    norms = [n for b in structure.blocks for n in b.norms] + [structure.final_norm]
+    norms = _stream_norms(structure)
     if any(n is None for n in norms) or len(norms) != 2 * len(structure.blocks) + 1:
         return "a block without both of its norms, or no final norm"
     if any(n.kind != "RMSNorm" for n in norms):
@@ -143,10 +153,9 @@ def _stream_readers_unknown(structure: TransformerStructure, norms) -> str | Non
     return None
 
 
-def _has_affine(norm) -> bool:
-    gamma = const_array(norm.scale) if norm.scale is not None else None
-    beta = const_array(norm.shift) if norm.shift is not None else None
-    return (gamma is not None and not np.all(gamma == 1)) or (beta is not None and np.any(beta))
+def _stream_norms(structure: TransformerStructure) -> list:
+    """The norms that read the stream: each block's two, and the final one."""
+    return [n for b in structure.blocks for n in b.norms] + [structure.final_norm]
 
 
 def _reads_rotated_table(linear: Linear, structure: TransformerStructure) -> bool:
@@ -161,8 +170,6 @@ def _rotate_table(graph: ir.Graph, embedding: Embedding, rotation: np.ndarray) -
     old = embedding.table
     array = const_array(old)
     new = new_initializer(graph, f"{old.name}_rotated", array.astype(np.float64) @ rotation, array.dtype)
-    for user, index in list(old.uses()):
-        user.replace_input_with(index, new)
-    if old.is_initializer() and not old.uses():
-        graph.initializers.pop(old.name)
+    old.replace_all_uses_with(new)
+    drop_if_unused(graph, old)
     embedding.table = new

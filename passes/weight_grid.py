@@ -54,6 +54,12 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.nda
     return scale[..., None] * (codes - zero[..., None])
 
 
+def restored_in_out(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> np.ndarray:
+    """Ŵ [K, N] from codes [N, K] and per-block scale, zero [N, ⌈K/g⌉]."""
+    k = codes.shape[1]
+    return dequantize(as_blocks(codes, group), scale, zero).reshape(len(codes), -1)[:, :k].T
+
+
 def _fit_minmax(blocks: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     low, high = blocks.min(axis=-1), blocks.max(axis=-1)
     scale = (high - low) / top
