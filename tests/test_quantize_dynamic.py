@@ -249,8 +249,12 @@ def test_smoothing_folds_into_the_v_columns_of_a_fused_attention():
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_static_qdq_quantizes_every_linear_and_stays_close(tiny_model, name):
     """ONNX Runtime's static quantizer on xopt's calibration runs: every linear in QDQ form with
-    int8 weights, the model verified like any pass. Ranges fixed on calibration text clip the
-    verification inputs' extremes (random token ids), so the bound is loose: measured 0.30 (llama)."""
+    int8 weights. On the calibration inputs (inside the fixed ranges) the outputs stay within int8
+    noise; the pass verification's random token ids fall partly outside those ranges and are
+    clipped, so its bound is loose (measured 0.30 on llama)."""
+    from xopt.backends.onnxruntime import run
+    from xopt.calibration import calibration_feeds
+
     model = tiny_model(name)
     optimized, report = PassManager([QuantizeWeightsPass(scheme="static", bits=8, windows=2)])(model)
     record = report.passes[-1]
@@ -259,3 +263,8 @@ def test_static_qdq_quantizes_every_linear_and_stays_close(tiny_model, name):
     assert sum(n.op_type == "DequantizeLinear" for n in optimized.graph) >= 2 * linears  # weight and input
     assert 0 < record.stats["bytes_after"] < 0.3 * record.stats["bytes_before"]
     assert record.parity.max_rel < 0.5, record.parity.describe()
+    feeds = calibration_feeds(model, windows=2)[0]
+    expected = next(iter(run(create_session(model), feeds).values()))
+    actual = next(iter(run(create_session(optimized), feeds).values()))
+    relative = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+    assert relative < 0.05, relative  # measured 0.010 (llama), 0.0005 (bert)
