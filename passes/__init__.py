@@ -9,7 +9,8 @@ Every pass is callable alone on an `ir.Model`:
 from xopt.passes.cleanup import CleanupPass
 from xopt.passes.fold_norms import FoldNormsPass
 from xopt.passes.fuse import FusePass
+from xopt.passes.prune_layers import PruneLayersPass
 from xopt.passes.quantize import QuantizeWeightsPass
 from xopt.passes.rotate import RotatePass
 
-__all__ = ["CleanupPass", "FoldNormsPass", "FusePass", "QuantizeWeightsPass", "RotatePass"]
+__all__ = ["CleanupPass", "FoldNormsPass", "FusePass", "PruneLayersPass", "QuantizeWeightsPass", "RotatePass"]

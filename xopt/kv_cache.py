@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 PAST_PATTERN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+PRESENT_PATTERN = re.compile(r"^present\.(\d+)\.(key|value)$")
 BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE = "batch", "sequence", "past_sequence", "total_sequence"
 
 

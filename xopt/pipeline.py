@@ -236,7 +236,8 @@ def _convert(pass_name: str, key: str, raw: str, hint: Any) -> Any:
     """Convert an option string to `hint` (bool, int, float, str, Literal[...] or X | None)."""
     if raw.lower() == "none" and type(None) in typing.get_args(hint):
         return None
-    candidates = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    literal = typing.get_origin(hint) is typing.Literal
+    candidates = [hint] if literal else [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     for target in candidates:
         if typing.get_origin(target) is typing.Literal:
             if raw in [str(choice) for choice in typing.get_args(target)]:

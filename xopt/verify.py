@@ -103,9 +103,11 @@ def reference_outputs(model: ir.Model, inputs: Mapping[str, np.ndarray]) -> dict
 
 
 def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> Parity:
-    """Worst-case parity over the outputs both sides have, matched by name then by position."""
+    """Worst-case parity over the outputs, matched by name. When the output sets differ (a pruned
+    decoder has fewer cache outputs, renumbered), only the first outputs are compared: the task's
+    logits or hidden state."""
     if set(reference) != set(candidate):
-        pairs = list(zip(reference.items(), candidate.values(), strict=False))
+        pairs = [(next(iter(reference.items())), next(iter(candidate.values())))]
     else:
         pairs = [((name, reference[name]), candidate[name]) for name in reference]
     max_abs, max_rel, agreements = 0.0, 0.0, []

@@ -1,0 +1,197 @@
+"""How much each transformer block matters, measured on calibration text: what `prune-layers` and
+`xopt blocks` rank blocks by.
+
+With h_0 the stream entering block 0 and h_{l+1} the stream leaving block l (`block_boundaries`),
+over every calibration token t (padding excluded):
+
+- Block Influence (ShortGPT; Men et al., 2024): BI_l = 1 − mean_t cos(h_l,t, h_{l+1},t); a block
+  that hardly turns the stream matters little.
+- angular distance (Gromov et al., 2024) of a window of n blocks starting at l:
+  d(l, n) = mean_t arccos(cos(h_l,t, h_{l+n},t)) / π; the window with the smallest d is removed.
+  Reported per block as d(l, 1).
+- greedy: remove the block whose removal raises the calibration loss least, and repeat. The loss
+  is the next-token cross-entropy (nats/token) of a causal LM, or 1 − the smallest cosine between
+  an encoder's sentence embeddings and the full model's. Every candidate runs in one ONNX Runtime
+  session of a gated model, where each block's output is h_in + g_l·(h_out − h_in) with a gate
+  input g_l ∈ {0, 1} (g_l = 0 is h_in exactly: the block removed); it costs Σ_k (L − k) runs
+  over the first `GREEDY_WINDOWS` calibration windows.
+
+One pass over the calibration feeds gives every h_l; all pairs (l, m) are accumulated, so every
+window of every length is scored from that pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from xopt.analysis import find_transformer_structure
+from xopt.analysis.block_boundaries import block_input, block_output
+from xopt.analysis.structure import TransformerStructure
+from xopt.backends.onnxruntime import create_session, run
+from xopt.calibration import probe_values
+from xopt.evaluate import cosine, log_softmax, mean_pool
+from xopt.rewrite import replace_value
+
+logger = logging.getLogger(__name__)
+
+GREEDY_WINDOWS = 2
+GATE_PREFIX = "xopt_block_gate."
+
+
+@dataclass
+class BlockScores:
+    blocks: int
+    influence: np.ndarray  # [L] Block Influence
+    angular: np.ndarray  # [L+1, L+1] mean angular distance between stream states l and m (l < m)
+    greedy_order: list[int] = field(default_factory=list)  # blocks in the order greedy removes them
+    greedy_loss: list[float] = field(default_factory=list)  # the calibration loss after each removal
+    base_loss: float | None = None
+    loss_unit: str = ""
+
+    def window(self, start: int, count: int) -> float:
+        return float(self.angular[start, start + count])
+
+    def table(self) -> list[str]:
+        """One line per block: its Block Influence, its one-block angular distance and its greedy rank."""
+        rank = {block: k + 1 for k, block in enumerate(self.greedy_order)}
+        lines = [f"{'block':>5} {'influence':>10} {'angular':>8} {'greedy':>7}"]
+        for block in range(self.blocks):
+            greedy = f"{rank[block]:>7}" if block in rank else f"{'—':>7}"
+            lines.append(f"{block:>5} {self.influence[block]:>10.4f} {self.window(block, 1):>8.4f} {greedy}")
+        return lines
+
+    def to_dict(self) -> dict:
+        return {
+            "influence": [round(float(x), 6) for x in self.influence],
+            "angular": [round(self.window(b, 1), 6) for b in range(self.blocks)],
+            "greedy_order": self.greedy_order,
+            "greedy_loss": [round(x, 6) for x in self.greedy_loss],
+            "base_loss": self.base_loss,
+            "loss_unit": self.loss_unit,
+        }
+
+
+def stream_states(structure: TransformerStructure) -> list[ir.Value]:
+    """h_0 … h_L: the stream entering block 0, then the stream leaving each block."""
+    return [block_input(structure.blocks[0]), *(block_output(b, structure) for b in structure.blocks)]
+
+
+def measure_distances(
+    model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], threads: int | None = None
+) -> BlockScores:
+    """Block Influence and angular distances of every pair of stream states, from one calibration pass."""
+    structure = find_transformer_structure(model)
+    states = stream_states(structure)
+    count = len(states)
+    cos_sum, angle_sum, tokens = np.zeros((count, count)), np.zeros((count, count)), 0
+    for feed, outputs in zip(feeds, probe_values(model, states, feeds, threads=threads), strict=True):
+        keep = _real_tokens(feed)
+        rows = [_unit_rows(outputs[v.name], keep) for v in states]
+        for first in range(count):
+            for second in range(first + 1, count):
+                cos = np.clip(np.sum(rows[first] * rows[second], axis=1), -1.0, 1.0)
+                cos_sum[first, second] += cos.sum()
+                angle_sum[first, second] += (np.arccos(cos) / np.pi).sum()
+        tokens += len(rows[0])
+    influence = 1.0 - np.array([cos_sum[b, b + 1] for b in range(count - 1)]) / tokens
+    return BlockScores(blocks=count - 1, influence=influence, angular=angle_sum / tokens)
+
+
+def greedy_removal(
+    model: ir.Model,
+    feeds: Sequence[dict[str, np.ndarray]],
+    steps: int,
+    causal_lm: bool,
+    *,
+    first: int = 0,
+    threads: int | None = None,
+) -> tuple[list[int], list[float], float]:
+    """The blocks greedy removes in turn (`steps` of them, from block `first` on), the loss after
+    each, and the full model's loss."""
+    gated, blocks = gated_model(model)
+    session = create_session(gated, threads=threads)
+    loss = _CalibrationLoss(session, feeds[:GREEDY_WINDOWS], causal_lm)
+    open_gates = np.ones(blocks, np.float32)
+    base = loss(open_gates)
+    order, losses = [], []
+    for step in range(steps):
+        trials = {}
+        for block in (b for b in range(first, blocks) if open_gates[b]):
+            gates = open_gates.copy()
+            gates[block] = 0.0
+            trials[block] = loss(gates)
+        chosen = min(trials, key=trials.get)
+        open_gates[chosen] = 0.0
+        order.append(chosen)
+        losses.append(trials[chosen])
+        logger.info("greedy %d/%d: block %d removed, loss %.4f", step + 1, steps, chosen, trials[chosen])
+    return order, losses, base
+
+
+def gated_model(model: ir.Model) -> tuple[ir.Model, int]:
+    """A copy of `model` whose block l's output is h_in + g_l·(h_out − h_in), g_l a float input
+    `xopt_block_gate.l` of shape [1]; and the number of blocks."""
+    gated = model.clone()
+    graph = gated.graph
+    structure = find_transformer_structure(gated)
+    for block in structure.blocks:
+        h_in, h_out = block_input(block), block_output(block, structure)  # h_in: the previous gated output
+        gate = ir.Value(name=f"{GATE_PREFIX}{block.index}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+        graph.inputs.append(gate)
+        delta = ir.node("Sub", inputs=[h_out, h_in])
+        scaled = ir.node("Mul", inputs=[delta.outputs[0], gate])
+        total = ir.node("Add", inputs=[h_in, scaled.outputs[0]])
+        replace_value(h_out, total.outputs[0])
+        delta.replace_input_with(0, h_out)  # the Sub reads the output it gates
+        graph.insert_after(h_out.producer(), [delta, scaled, total])
+    return gated, len(structure.blocks)
+
+
+class _CalibrationLoss:
+    """The loss of the gated model at given gates, over fixed feeds."""
+
+    def __init__(self, session, feeds: Sequence[dict[str, np.ndarray]], causal_lm: bool):
+        self.session, self.feeds, self.causal_lm = session, list(feeds), causal_lm
+        self.output = session.get_outputs()[0].name
+        self.reference = None if causal_lm else self._embeddings(np.ones(self._blocks(), np.float32))
+
+    def _blocks(self) -> int:
+        return sum(1 for i in self.session.get_inputs() if i.name.startswith(GATE_PREFIX))
+
+    def _run(self, feed: dict[str, np.ndarray], gates: np.ndarray) -> np.ndarray:
+        inputs = {**feed, **{f"{GATE_PREFIX}{b}": gates[b : b + 1] for b in range(len(gates))}}
+        return run(self.session, inputs, [self.output])[self.output]
+
+    def _embeddings(self, gates: np.ndarray) -> list[np.ndarray]:
+        return [mean_pool(self._run(f, gates).astype(np.float64), f["attention_mask"]) for f in self.feeds]
+
+    def __call__(self, gates: np.ndarray) -> float:
+        if not self.causal_lm:
+            cosines = [cosine(a, b) for a, b in zip(self.reference, self._embeddings(gates), strict=True)]
+            return float(1.0 - np.min(np.concatenate(cosines)))
+        total, count = 0.0, 0
+        for feed in self.feeds:
+            logp = log_softmax(self._run(feed, gates))[:, :-1]
+            targets = feed["input_ids"][:, 1:]
+            total -= float(np.take_along_axis(logp, targets[..., None], axis=-1).sum())
+            count += targets.size
+        return total / count
+
+
+def _real_tokens(feed: dict[str, np.ndarray]) -> np.ndarray:
+    """Which (batch, position) rows are tokens, not padding, flattened."""
+    mask = feed.get("attention_mask")
+    ids = feed["input_ids"]
+    if mask is None or mask.shape != ids.shape:  # a decoder's mask spans past + new tokens; no padding here
+        return np.ones(ids.size, bool)
+    return mask.reshape(-1).astype(bool)
+
+
+def _unit_rows(array: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    rows = array.reshape(-1, array.shape[-1])[keep].astype(np.float64)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)

@@ -1,0 +1,228 @@
+"""`prune-layers`: remove whole transformer blocks chosen on calibration text (lossy, training-free).
+
+Which blocks (`block_scores.py`): the n with the smallest Block Influence (`score=bi`), the
+contiguous window of n with the smallest angular distance between the stream before and after
+it (`score=angular`), or the first n that greedy removal of the least-loss block picks
+(`score=greedy`). n = `n`, or round(`ratio` · L) of the L blocks.
+
+`method=drop` removes blocks l..m (each maximal run of chosen blocks) by wiring the stream that
+enters block l to every reader of the stream leaving block m: the run's residual contributions
+are gone, its nodes fall out as dead code.
+
+`method=replaceme` (Shopkhoev et al., 2025) also folds a linear map into the last kept block
+before each run. With M the MLP output of block l−1, Y its residual part (h_l = Y + M) and L the
+stream leaving block m, over all calibration tokens (rows), in float64:
+
+    T = argmin_T ‖M·T + Y − L‖²  =  (MᵀM + λI)⁻¹ Mᵀ(L − Y),   λ = 1e-6 · tr(MᵀM)/d
+
+and the down projection becomes W' = W·T, b' = b·T (M = x·W + b, so M·T = x·W' + b'): block
+l−1 then writes Y + M·T ≈ L, with no new parameters. Each run's T is fitted on the full model's
+activations (runs are processed from the last, so the blocks before a run are the original ones).
+A run starting at block 0 has no MLP before it, so with replaceme block 0 is never chosen. Post-norm
+models (BERT) put a norm after the residual add, where no linear map folds: replaceme refuses them.
+
+A decoder's KV cache loses the removed layers' past inputs and present outputs, and the kept
+layers are renumbered 0…L−n−1 (`xopt.kv_cache`'s convention), so the model still generates.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from xopt.analysis import find_transformer_structure
+from xopt.analysis.block_boundaries import block_input, block_output, boundaries_known, cache_layers
+from xopt.analysis.structure import TransformerStructure, sublayer_output
+from xopt.calibration import calibration_feeds, probe_values
+from xopt.capture.huggingface import TASK_CAUSAL_LM
+from xopt.errors import XoptError
+from xopt.kv_cache import PAST_PATTERN, PRESENT_PATTERN, past_inputs, past_name, present_name
+from xopt.passes.block_scores import BlockScores, greedy_removal, measure_distances
+from xopt.pipeline import Pass, PassResult, register
+from xopt.rewrite import bias_or_zeros, owns_weight, replace_value, set_bias, set_weight, weight_in_out
+from xopt.runnable import model_task
+
+logger = logging.getLogger(__name__)
+
+RIDGE = 1e-6
+
+
+@register
+@dataclass
+class PruneLayersPass(Pass):
+    name = "prune-layers"
+    exact = False
+    summary = "remove the transformer blocks that matter least on calibration text (drop or ReplaceMe)"
+
+    n: int = 0  # blocks to remove
+    ratio: float = 0.0  # or this fraction of the blocks, rounded
+    method: Literal["drop", "replaceme"] = "replaceme"
+    score: Literal["bi", "angular", "greedy"] = "angular"
+    calibration: str = ""  # text file; empty: the bundled calibration text
+    windows: int = 8  # calibration windows of 512 tokens (greedy uses the first 2)
+    threads: int = 2
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        if any(node.domain == "com.microsoft" for node in model.graph):
+            raise XoptError("the graph has fused com.microsoft ops (run prune-layers before fuse)")
+        structure = find_transformer_structure(model)
+        reason = boundaries_known(structure)
+        if reason:
+            raise XoptError(reason)
+        total = len(structure.blocks)
+        count = self._count(total)
+        if self.method == "replaceme" and structure.norm_position == "post":
+            raise XoptError(
+                "replaceme folds its map before a residual add, and this post-norm model has a norm there; "
+                "use method=drop"
+            )
+        first = 1 if self.method == "replaceme" else 0
+        if count > total - first:
+            raise XoptError(f"cannot remove {count} of {total} blocks with method={self.method}")
+        causal_lm = model_task(model) == TASK_CAUSAL_LM
+        feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
+        scores = measure_distances(model, feeds, threads=self.threads)
+        if self.score == "greedy":
+            scores.greedy_order, scores.greedy_loss, scores.base_loss = greedy_removal(
+                model, feeds, count, causal_lm, threads=self.threads, first=first
+            )
+            scores.loss_unit = "nats/token" if causal_lm else "1 − min cosine"
+        chosen = sorted(self._choose(scores, count, first))
+        runs = _runs(chosen)
+        explain = [f"block scores on {len(feeds)} calibration runs:", *scores.table()]
+        explain.append(f"removing {count} of {total} blocks by {self.score}: {chosen} ({self.method})")
+        stats: dict = {"blocks_removed": count, "removed": chosen}
+        if self.method == "replaceme":
+            fits = _fit_replaceme(model, structure, runs, feeds, self.threads)
+            for (start, end), fit in zip(runs, fits, strict=True):
+                _fold_into_down(model.graph, structure.blocks[start - 1], fit.transform)
+                explain.append(
+                    f"replaceme: blocks {start}–{end} → a map folded into block {start - 1}'s down projection; "
+                    f"relative stream error after block {end} on calibration: {fit.error_drop:.4f} (drop) → "
+                    f"{fit.error_fit:.4f}"
+                )
+            stats["fit_error"] = [[round(f.error_drop, 6), round(f.error_fit, 6)] for f in fits]
+        layers = cache_layers(model, structure)
+        for start, end in reversed(runs):
+            replace_value(block_output(structure.blocks[end], structure), block_input(structure.blocks[start]))
+        removed_layers = [layers[b] for b in chosen if b in layers]
+        _drop_cache_layers(model, removed_layers)
+        stats["cache_layers_removed"] = len(removed_layers)
+        stats["scores"] = scores.to_dict()
+        return PassResult(model, True, stats, explain)
+
+    def _count(self, total: int) -> int:
+        if (self.n > 0) == (self.ratio > 0):
+            raise XoptError("give exactly one of n=K (blocks) or ratio=R (0 < R < 1)")
+        if self.ratio >= 1:
+            raise XoptError(f"ratio={self.ratio:g} must be below 1")
+        count = self.n or round(self.ratio * total)
+        if count < 1:
+            raise XoptError(f"ratio={self.ratio:g} of {total} blocks removes none")
+        return count
+
+    def _choose(self, scores: BlockScores, count: int, first: int) -> list[int]:
+        candidates = range(first, scores.blocks)
+        if self.score == "bi":
+            return sorted(candidates, key=lambda b: scores.influence[b])[:count]
+        if self.score == "greedy":
+            return scores.greedy_order[:count]
+        start = min(range(first, scores.blocks - count + 1), key=lambda s: scores.window(s, count))
+        return list(range(start, start + count))
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive block indices, as (first, last)."""
+    runs: list[tuple[int, int]] = []
+    for block in blocks:
+        if runs and runs[-1][1] == block - 1:
+            runs[-1] = (runs[-1][0], block)
+        else:
+            runs.append((block, block))
+    return runs
+
+
+@dataclass
+class ReplaceMeFit:
+    transform: np.ndarray  # T [d, d]
+    error_drop: float  # ‖M + Y − L‖² / ‖L − Y‖² on the calibration tokens (T = I: plain drop)
+    error_fit: float  # ‖M·T + Y − L‖² / ‖L − Y‖²
+
+
+def _fit_replaceme(
+    model: ir.Model, structure: TransformerStructure, runs: list[tuple[int, int]], feeds, threads: int
+) -> list[ReplaceMeFit]:
+    """T for each run (first, last), fitted on the full model: M·T + Y ≈ L (see the module doc)."""
+    blocks = structure.blocks
+    wanted = []
+    for start, end in runs:
+        mlp = blocks[start - 1].mlp
+        if mlp is None or not owns_weight(mlp.down):
+            raise XoptError(f"block {start - 1} has no down projection of its own to fold a map into")
+        output = sublayer_output(mlp)
+        residual = next(v for v in mlp.residual.inputs if v is not output)
+        wanted.append((output, residual, block_output(blocks[end], structure)))
+    width = blocks[0].mlp.down.out_features
+    gram = [np.zeros((width, width)) for _ in runs]  # MᵀM
+    cross = [np.zeros((width, width)) for _ in runs]  # Mᵀ(L − Y)
+    energy = [0.0 for _ in runs]  # ‖L − Y‖²
+    values = [v for triple in wanted for v in triple]
+    for outputs in probe_values(model, values, feeds, threads=threads):
+        for k, (m, y, target) in enumerate(wanted):
+            rows_m, rows_d = _rows(outputs[m.name]), _rows(outputs[target.name]) - _rows(outputs[y.name])
+            gram[k] += rows_m.T @ rows_m
+            cross[k] += rows_m.T @ rows_d
+            energy[k] += float(np.sum(rows_d**2))
+    fits = []
+    for g, c, e in zip(gram, cross, energy, strict=True):
+        transform = np.linalg.solve(g + RIDGE * np.trace(g) / width * np.eye(width), c)
+
+        def error(t: np.ndarray, g=g, c=c, e=e) -> float:  # ‖M·T − (L − Y)‖² / ‖L − Y‖²
+            return float((np.sum(t * (g @ t)) - 2 * np.sum(t * c) + e) / e)
+
+        fits.append(ReplaceMeFit(transform, error(np.eye(width)), error(transform)))
+    return fits
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    return array.reshape(-1, array.shape[-1]).astype(np.float64)
+
+
+def _fold_into_down(graph: ir.Graph, block, transform: np.ndarray) -> None:
+    down = block.mlp.down
+    set_weight(graph, down, weight_in_out(down) @ transform)
+    if down.bias is not None:
+        set_bias(graph, down, bias_or_zeros(down) @ transform)
+
+
+def _drop_cache_layers(model: ir.Model, layers: list[int]) -> None:
+    """Remove the layers' present outputs, the nodes only they needed, and their past inputs;
+    renumber the kept layers 0, 1, …"""
+    graph = model.graph
+    removed = set(layers)
+    graph.outputs[:] = [v for v in graph.outputs if _cache_layer(v.name, PRESENT_PATTERN) not in removed]
+    common_passes.RemoveUnusedNodesPass()(model)
+    if not removed:
+        return
+    pasts = {(int(m.group(1)), m.group(2)): v for v in past_inputs(model) if (m := PAST_PATTERN.match(v.name))}
+    kept = sorted({layer for layer, _ in pasts} - removed)
+    for (layer, kind), value in pasts.items():
+        if layer in removed and value.uses():  # read outside its block (e.g. for the past length)
+            replace_value(value, pasts[(kept[0], kind)])
+    graph.inputs[:] = [v for v in graph.inputs if _cache_layer(v.name, PAST_PATTERN) not in removed]
+    outputs = {v.name: v for v in graph.outputs}
+    for new, old in enumerate(kept):
+        for kind in ("key", "value"):
+            pasts[(old, kind)].name = past_name(new, kind)
+            outputs[present_name(old, kind)].name = present_name(new, kind)
+
+
+def _cache_layer(name: str | None, pattern: re.Pattern) -> int | None:
+    match = pattern.match(name or "")
+    return int(match.group(1)) if match else None

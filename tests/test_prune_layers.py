@@ -1,0 +1,177 @@
+"""prune-layers: block scores against transformers' hidden states, dropped blocks against transformers
+with those layers deleted (greedy generation token for token), ReplaceMe's fit, refusals."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_folder
+
+import xopt
+from xopt.calibration import calibration_feeds
+from xopt.errors import XoptError
+from xopt.evaluate import log_softmax
+from xopt.generate import Decoder
+from xopt.kv_cache import past_inputs
+from xopt.passes import CleanupPass, FusePass, PruneLayersPass
+from xopt.passes.block_scores import GREEDY_WINDOWS, measure_distances
+from xopt.pipeline import PassManager
+from xopt.runnable import open_runnable
+
+PROMPT = [5, 17, 42, 9, 3, 11]
+
+DEEP_CONFIGS = {
+    "llama": (
+        "LlamaConfig",
+        dict(
+            vocab_size=211,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+        ),
+        "LlamaForCausalLM",
+    ),
+    "gpt2": ("GPT2Config", dict(vocab_size=211, n_embd=48, n_layer=5, n_head=4, n_positions=64), "GPT2LMHeadModel"),
+}
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """name → (folder, cleaned-up captured model) of a 5–6 block random model."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            folder = build_folder(*DEEP_CONFIGS[name], tmp_path_factory.mktemp(f"deep-{name}"))
+            cache[name] = folder, CleanupPass()(xopt.load(folder)).model
+        return cache[name]
+
+    return get
+
+
+def _without_layers(folder, removed: list[int]):
+    """The transformers model with decoder layers `removed` deleted (and the others renumbered)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    owner, attribute = (model.transformer, "h") if hasattr(model, "transformer") else (model.model, "layers")
+    kept = [layer for index, layer in enumerate(getattr(owner, attribute)) if index not in removed]
+    for index, layer in enumerate(kept):
+        attention = layer.attn if hasattr(layer, "attn") else layer.self_attn
+        attention.layer_idx = index
+    setattr(owner, attribute, torch.nn.ModuleList(kept))
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in removed]
+    return model
+
+
+def _greedy(model, prompt, new_tokens):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        output = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+    return output[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize(("name", "score"), [("llama", "bi"), ("llama", "angular"), ("gpt2", "greedy")])
+def test_dropped_blocks_generate_what_transformers_generates_without_them(deep, tmp_path, name, score):
+    folder, model = deep(name)
+    pruned, report = PassManager([PruneLayersPass(n=2, method="drop", score=score)])(model)
+    removed = report.passes[0].stats["removed"]
+    assert len(removed) == 2 and report.passes[0].stats["cache_layers_removed"] == 2
+    assert [v.name for v in past_inputs(pruned)] == [
+        f"past_key_values.{i}.{k}" for i in range(4 if name == "llama" else 3) for k in ("key", "value")
+    ]
+    xopt.save(pruned, tmp_path / "pruned")
+    generated = Decoder(open_runnable(tmp_path / "pruned")).generate(PROMPT, 16).tokens
+    assert generated == _greedy(_without_layers(folder, removed), PROMPT, 16)
+
+
+def test_scores_match_transformers_hidden_states(deep):
+    """Block Influence from xopt's stream states equals 1 − cos of transformers' hidden states."""
+    folder, model = deep("llama")
+    feeds = calibration_feeds(model, windows=2, window=64)
+    scores = measure_distances(model, feeds)
+    import transformers
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    cosines = []
+    for feed in feeds:
+        with torch.no_grad():
+            states = reference(torch.tensor(feed["input_ids"]), output_hidden_states=True).hidden_states
+        rows = [s[0].double().numpy() for s in states[:-1]]  # the last one is after the final norm
+        rows = [r / np.linalg.norm(r, axis=1, keepdims=True) for r in rows]
+        cosines.append([np.sum(a * b, axis=1) for a, b in itertools.pairwise(rows)])
+    expected = 1 - np.mean(np.concatenate([np.stack(c) for c in cosines], axis=1), axis=1)
+    np.testing.assert_allclose(scores.influence[: len(expected)], expected, atol=1e-5)
+    assert scores.angular.shape == (7, 7) and np.all(scores.angular[np.triu_indices(7, 1)] > 0)
+
+
+def test_greedy_removal_predicts_the_pruned_models_calibration_loss(deep):
+    """A gate of 0 is the block removed exactly: the pruned model's loss is greedy's last figure."""
+    _, model = deep("llama")
+    pruned, report = PassManager([PruneLayersPass(n=2, method="drop", score="greedy")], verify=False)(model)
+    scores = report.passes[0].stats["scores"]
+    assert len(scores["greedy_order"]) == len(scores["greedy_loss"]) == 2
+    session = xopt.backends.onnxruntime.create_session(pruned)
+    total, count = 0.0, 0
+    for feed in calibration_feeds(pruned)[:GREEDY_WINDOWS]:
+        logp = log_softmax(xopt.backends.onnxruntime.run(session, feed, ["logits"])["logits"])[:, :-1]
+        total -= np.take_along_axis(logp, feed["input_ids"][:, 1:, None], axis=-1).sum()
+        count += feed["input_ids"].size - 1
+    assert total / count == pytest.approx(scores["greedy_loss"][1], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_replaceme_lowers_the_stream_error_and_still_generates(deep, tmp_path, name):
+    _, model = deep(name)
+    pruned, report = PassManager([PruneLayersPass(n=2, score="angular")])(model)
+    stats = report.passes[0].stats
+    assert 0 not in stats["removed"]
+    for error_drop, error_fit in stats["fit_error"]:
+        assert error_fit < error_drop
+    xopt.save(pruned, tmp_path / "pruned")
+    generation = Decoder(open_runnable(tmp_path / "pruned")).generate(PROMPT, 8)
+    assert len(generation.tokens) == 8
+
+
+def test_post_norm_encoder_drops_blocks_and_refuses_replaceme(tiny_model):
+    model = CleanupPass()(tiny_model("bert").clone()).model
+    _, report = PassManager([PruneLayersPass(n=1, method="drop")])(model)
+    assert report.passes[0].parity.max_abs < float("inf")
+    assert report.output.params < report.input.params
+    with pytest.raises(XoptError, match=r"post-norm.*method=drop"):
+        PassManager([PruneLayersPass(n=1)], verify=False)(model)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(), "exactly one of n"),
+        (dict(n=1, ratio=0.5), "exactly one of n"),
+        (dict(ratio=1.5), "below 1"),
+        (dict(ratio=0.01), "removes none"),
+        (dict(n=6), "cannot remove 6 of 6"),
+    ],
+)
+def test_bad_options_are_one_line_errors(deep, options, message):
+    _, model = deep("llama")
+    with pytest.raises(XoptError, match=message):
+        PruneLayersPass(**options)(model.clone())
+
+
+def test_a_fused_model_is_refused(tiny_model):
+    fused = FusePass(lowering="all")(CleanupPass()(tiny_model("llama").clone()).model).model
+    with pytest.raises(XoptError, match="before fuse"):
+        PruneLayersPass(n=1)(fused)
