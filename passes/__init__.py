@@ -10,7 +10,16 @@ from xopt.passes.cleanup import CleanupPass
 from xopt.passes.fold_norms import FoldNormsPass
 from xopt.passes.fuse import FusePass
 from xopt.passes.prune_layers import PruneLayersPass
+from xopt.passes.prune_width import PruneWidthPass
 from xopt.passes.quantize import QuantizeWeightsPass
 from xopt.passes.rotate import RotatePass
 
-__all__ = ["CleanupPass", "FoldNormsPass", "FusePass", "PruneLayersPass", "QuantizeWeightsPass", "RotatePass"]
+__all__ = [
+    "CleanupPass",
+    "FoldNormsPass",
+    "FusePass",
+    "PruneLayersPass",
+    "PruneWidthPass",
+    "QuantizeWeightsPass",
+    "RotatePass",
+]

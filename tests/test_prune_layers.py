@@ -11,7 +11,9 @@ import torch
 from conftest import build_folder
 
 import xopt
-from xopt.calibration import calibration_feeds
+from xopt.analysis import find_transformer_structure
+from xopt.analysis.block_boundaries import block_output
+from xopt.calibration import calibration_feeds, probe_values
 from xopt.errors import XoptError
 from xopt.evaluate import log_softmax
 from xopt.generate import Decoder
@@ -175,3 +177,23 @@ def test_a_fused_model_is_refused(tiny_model):
     fused = FusePass(lowering="all")(CleanupPass()(tiny_model("llama").clone()).model).model
     with pytest.raises(XoptError, match="before fuse"):
         PruneLayersPass(n=1)(fused)
+
+
+def test_replaceme_predicts_the_pruned_models_stream_error(deep):
+    """The fit's reported error is what the pruned model shows: its stream after the kept block,
+    against the full model's stream after the removed one, on the calibration tokens."""
+    _, model = deep("llama")
+    result = PruneLayersPass(n=1, score="bi")(model.clone())
+    (start,) = result.stats["removed"]
+    ((error_drop, error_fit),) = result.stats["fit_error"]
+    before, after = find_transformer_structure(model), find_transformer_structure(result.model)
+    feeds = calibration_feeds(model)
+    target = block_output(before.blocks[start], before)
+    kept = block_output(before.blocks[start - 1], before)
+    replaced = block_output(after.blocks[start - 1], after)
+    full = list(probe_values(model, [target, kept], feeds))
+    pruned = [o[replaced.name] for o in probe_values(result.model, [replaced], feeds)]
+    fit = sum(np.sum((o[target.name] - p).astype(np.float64) ** 2) for o, p in zip(full, pruned, strict=True))
+    drop = sum(np.sum((o[target.name] - o[kept.name]).astype(np.float64) ** 2) for o in full)
+    assert fit / drop == pytest.approx(error_fit / error_drop, rel=1e-3)
+    assert error_fit < 0.5 * error_drop

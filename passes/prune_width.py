@@ -1,0 +1,171 @@
+"""`prune-width`: narrow every MLP by an interpolative decomposition of its hidden activations
+(STAT; Flynn et al., 2024): lossy, training-free, and the result is dense and smaller.
+
+For one MLP y = Z·W_down + b with hidden activations Z = act(x·W_gate) ⊙ (x·W_up) (or act(x·W_up))
+of width m, over the calibration tokens (rows of Z), keep k = round((1 − ratio)·m) neurons S and
+write every neuron as a combination of the kept ones:
+
+    Z ≈ Z[:, S]·C,   C = (Z_Sᵀ Z_S)⁻¹ Z_Sᵀ Z  (k × m, C[:, S] = I)
+
+so y ≈ Z_S·(C·W_down) + b: W_up and W_gate keep their columns S (and biases), W_down becomes
+C·W_down (k × d). S is chosen by column-pivoted QR of Z (greedily the neuron least explained by
+those already kept). Everything comes from the Gram matrix G = ZᵀZ accumulated in float64
+(`xopt.calibration.second_moments`): with G = RᵀR (Cholesky), the pivoted QR of R picks the same
+columns as that of Z, and C = G[S,S]⁻¹ G[S,:]. Reported per MLP: the relative output error on
+calibration, tr(W_downᵀ (G − G[:,S] G[S,S]⁻¹ G[S,:]) W_down) / tr(W_downᵀ G W_down).
+
+Reshapes between the up and down projections whose constant shape names the width m (GPT-2's
+Conv1D flattens to [-1, m]) are rewritten to k; a width computed any other way is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import scipy.linalg
+
+from xopt.analysis import find_transformer_structure
+from xopt.analysis.graph_view import const_array
+from xopt.analysis.structure import MLP
+from xopt.calibration import calibration_feeds, second_moments
+from xopt.errors import XoptError
+from xopt.pipeline import Pass, PassResult, register
+from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, set_bias, set_weight, weight_in_out
+
+logger = logging.getLogger(__name__)
+
+JITTER = 1e-10  # added to G's diagonal, relative to its mean, so that dead neurons do not stop Cholesky
+
+
+@register
+@dataclass
+class PruneWidthPass(Pass):
+    name = "prune-width"
+    exact = False
+    summary = "remove MLP neurons by an interpolative decomposition of calibration activations (STAT)"
+
+    ratio: float = 0.0  # fraction of each MLP's hidden neurons removed
+    calibration: str = ""  # text file; empty: the bundled calibration text
+    windows: int = 8  # calibration windows of 512 tokens
+    threads: int = 2
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        if not 0 < self.ratio < 1:
+            raise XoptError(f"ratio={self.ratio:g} must be between 0 and 1")
+        if any(node.domain == "com.microsoft" for node in model.graph):
+            raise XoptError("the graph has fused com.microsoft ops (run prune-width before fuse)")
+        mlps = [b.mlp for b in find_transformer_structure(model).blocks if b.mlp is not None]
+        if not mlps:
+            raise XoptError("no MLP found")
+        regions = {}
+        for mlp in mlps:
+            region = _width_region(mlp)
+            if isinstance(region, str):
+                raise XoptError(f"MLP {mlp.down.name}: {region}")
+            if not all(owns_weight(x) for x in mlp.linears):
+                raise XoptError(f"MLP {mlp.down.name}: a projection shares its weight")
+            regions[id(mlp)] = region
+        feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
+        moments = second_moments(model, [m.down.input for m in mlps], feeds, threads=self.threads)
+        explain, errors = [], []
+        for index, mlp in enumerate(mlps):
+            width = mlp.down.in_features
+            keep = max(1, round((1 - self.ratio) * width))
+            gram = moments[mlp.down.input.name].matrix
+            kept, interpolation = interpolative_decomposition(gram, keep)
+            down = weight_in_out(mlp.down)
+            error = _output_error(gram, kept, down)
+            _narrow(model.graph, mlp, kept, interpolation @ down, regions[id(mlp)])
+            errors.append(error)
+            explain.append(f"MLP {index}: {width} → {keep} neurons, relative output error {error:.4f} (calibration)")
+        common_passes.RemoveUnusedNodesPass()(model)  # the old weights
+        stats = {"neurons_kept": keep, "neurons": width, "output_error": [round(e, 6) for e in errors]}
+        return PassResult(model, True, stats, explain)
+
+
+def interpolative_decomposition(gram: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `keep` columns S of Z chosen by column-pivoted QR, and C with Z ≈ Z[:, S]·C, from G = ZᵀZ."""
+    width = len(gram)
+    jitter = JITTER * max(np.trace(gram) / width, 1e-30)
+    factor = scipy.linalg.cholesky(gram + jitter * np.eye(width), lower=False)
+    _, pivots = scipy.linalg.qr(factor, mode="r", pivoting=True)
+    kept = np.sort(pivots[:keep])
+    interpolation = np.linalg.solve(gram[np.ix_(kept, kept)] + jitter * np.eye(keep), gram[kept])
+    return kept, interpolation
+
+
+def _output_error(gram: np.ndarray, kept: np.ndarray, down: np.ndarray) -> float:
+    explained = gram[:, kept] @ np.linalg.solve(gram[np.ix_(kept, kept)], gram[kept])
+    total = np.sum(down * (gram @ down))
+    return float(np.sum(down * ((gram - explained) @ down)) / max(total, 1e-30))
+
+
+def _narrow(graph: ir.Graph, mlp: MLP, kept: np.ndarray, down: np.ndarray, region: list[ir.Node]) -> None:
+    """Keep columns `kept` of up/gate, store the new down weight, and make the region's shapes say k."""
+    width, keep = mlp.down.in_features, len(kept)
+    for linear in (mlp.up, mlp.gate):
+        if linear is None:
+            continue
+        bias = bias_or_zeros(linear)
+        set_weight(graph, linear, weight_in_out(linear)[:, kept])
+        if linear.bias is not None:
+            set_bias(graph, linear, bias[kept])
+        linear.out_features = keep
+    set_weight(graph, mlp.down, down)
+    mlp.down.in_features = keep
+    for node in region:
+        if node.op_type == "Reshape":
+            _rewrite_shape(graph, node, width, keep)
+        for value in node.outputs:
+            if value.shape is not None:
+                value.shape = ir.Shape([keep if dim == width else dim for dim in value.shape])
+
+
+def _width_region(mlp: MLP) -> list[ir.Node] | str:
+    """The nodes from the up/gate projections up to the down projection's input (the hidden
+    activations of width m), or why the width cannot be changed there."""
+    starts = [x for x in (mlp.up, mlp.gate) if x is not None]
+    region = [n for x in starts for n in (x.node, x.bias_node) if n is not None]
+    frontier = [x.output for x in starts]
+    stop = {mlp.down.node, *region}
+    while frontier:
+        value = frontier.pop()
+        for node, _ in value.uses():
+            if node in stop or node in region:
+                continue
+            region.append(node)
+            frontier.extend(node.outputs)
+            if len(region) > 64:
+                return "the MLP's hidden activations reach beyond its down projection"
+            if node.op_type == "Reshape" and _shape_constants(node) is None:
+                return "a Reshape with a computed shape sits between its up and down projections"
+    return region
+
+
+def _shape_constants(node: ir.Node) -> list[ir.Value] | None:
+    """The constant tensors a Reshape's shape is made of (itself, or the inputs of its Concat)."""
+    shape = node.inputs[1]
+    if const_array(shape) is not None:
+        return [shape]
+    producer = shape.producer()
+    if producer is not None and producer.op_type == "Concat":
+        return [v for v in producer.inputs if const_array(v) is not None]
+    return None
+
+
+def _rewrite_shape(graph: ir.Graph, reshape: ir.Node, width: int, keep: int) -> None:
+    """Replace the width by k in the constants a Reshape's shape is made of (new initializers)."""
+    shape = reshape.inputs[1]
+    owner = reshape if const_array(shape) is not None else shape.producer()
+    for value in _shape_constants(reshape):
+        array = const_array(value)
+        if width not in array.reshape(-1).tolist():
+            continue
+        index = next(i for i, v in enumerate(owner.inputs) if v is value)
+        changed = np.where(array == width, keep, array).astype(array.dtype)
+        name = (value.name or "shape") + "_pruned"
+        owner.replace_input_with(index, new_initializer(graph, name, changed, array.dtype))
