@@ -34,6 +34,7 @@ from xopt.analysis.block_boundaries import block_input, block_output
 from xopt.analysis.structure import TransformerStructure
 from xopt.backends.onnxruntime import create_session, run
 from xopt.calibration import probe_values
+from xopt.errors import XoptError
 from xopt.evaluate import cosine, log_softmax, mean_pool
 from xopt.rewrite import replace_value
 
@@ -74,6 +75,35 @@ class BlockScores:
             "base_loss": self.base_loss,
             "loss_unit": self.loss_unit,
         }
+
+
+def plot_block_scores(scores: BlockScores, path, title: str) -> None:
+    """A PNG: Block Influence and one-block angular distance per block; greedy's loss per removal."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise XoptError("--plot needs matplotlib: pip install 'xopt[bench]'") from None
+    panels = 2 if scores.greedy_order else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.6), squeeze=False)
+    blocks = np.arange(scores.blocks)
+    axes[0, 0].plot(blocks, scores.influence, "o-", label="Block Influence (1 − cos)")
+    axes[0, 0].plot(blocks, [scores.window(b, 1) for b in blocks], "s-", label="angular distance / π")
+    axes[0, 0].set(xlabel="block", ylabel="score (low: removable)", title=title)
+    axes[0, 0].legend()
+    if scores.greedy_order:
+        steps = np.arange(len(scores.greedy_order) + 1)
+        axes[0, 1].plot(steps, [scores.base_loss, *scores.greedy_loss], "o-")
+        for step, block in zip(steps[1:], scores.greedy_order, strict=True):
+            axes[0, 1].annotate(
+                str(block), (step, scores.greedy_loss[step - 1]), textcoords="offset points", xytext=(0, 6)
+            )
+        axes[0, 1].set(xlabel="blocks removed (greedy; labels: block)", ylabel=f"calibration loss ({scores.loss_unit})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def stream_states(structure: TransformerStructure) -> list[ir.Value]:

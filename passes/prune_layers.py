@@ -64,6 +64,7 @@ class PruneLayersPass(Pass):
     ratio: float = 0.0  # or this fraction of the blocks, rounded
     method: Literal["drop", "replaceme"] = "replaceme"
     score: Literal["bi", "angular", "greedy"] = "angular"
+    blocks: str = ""  # or exactly these blocks, e.g. blocks=20+21+22 (scores are still reported)
     calibration: str = ""  # text file; empty: the bundled calibration text
     windows: int = 8  # calibration windows of 512 tokens (greedy uses the first 2)
     threads: int = 2
@@ -76,27 +77,29 @@ class PruneLayersPass(Pass):
         if reason:
             raise XoptError(reason)
         total = len(structure.blocks)
-        count = self._count(total)
         if self.method == "replaceme" and structure.norm_position == "post":
             raise XoptError(
                 "replaceme folds its map before a residual add, and this post-norm model has a norm there; "
                 "use method=drop"
             )
         first = 1 if self.method == "replaceme" else 0
+        explicit = self._explicit_blocks(total, first)
+        count = len(explicit) or self._count(total)
         if count > total - first:
             raise XoptError(f"cannot remove {count} of {total} blocks with method={self.method}")
         causal_lm = model_task(model) == TASK_CAUSAL_LM
         feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
         scores = measure_distances(model, feeds, threads=self.threads)
-        if self.score == "greedy":
+        if self.score == "greedy" and not explicit:
             scores.greedy_order, scores.greedy_loss, scores.base_loss = greedy_removal(
                 model, feeds, count, causal_lm, threads=self.threads, first=first
             )
             scores.loss_unit = "nats/token" if causal_lm else "1 − min cosine"
-        chosen = sorted(self._choose(scores, count, first))
-        runs = _runs(chosen)
+        chosen = explicit or choose_blocks(scores, self.score, count, first)
         explain = [f"block scores on {len(feeds)} calibration runs:", *scores.table()]
-        explain.append(f"removing {count} of {total} blocks by {self.score}: {chosen} ({self.method})")
+        chooser = "blocks=" if explicit else self.score
+        explain.append(f"removing {count} of {total} blocks chosen by {chooser}: {chosen} ({self.method})")
+        runs = _runs(chosen)
         stats: dict = {"blocks_removed": count, "removed": chosen}
         if self.method == "replaceme":
             fits = _fit_replaceme(model, structure, runs, feeds, self.threads)
@@ -117,6 +120,22 @@ class PruneLayersPass(Pass):
         stats["scores"] = scores.to_dict()
         return PassResult(model, True, stats, explain)
 
+    def _explicit_blocks(self, total: int, first: int) -> list[int]:
+        """The blocks given by `blocks=20+21+22` (sorted), checked; empty when not given."""
+        if not self.blocks:
+            return []
+        if self.n or self.ratio:
+            raise XoptError("give blocks= or n=/ratio=, not both")
+        try:
+            chosen = sorted({int(b) for b in self.blocks.split("+")})
+        except ValueError:
+            raise XoptError(f"blocks={self.blocks!r}: write block indices joined by '+', e.g. blocks=20+21") from None
+        if chosen[0] < first or chosen[-1] >= total:
+            raise XoptError(
+                f"blocks={self.blocks!r}: indices must lie in {first}…{total - 1} with method={self.method}"
+            )
+        return chosen
+
     def _count(self, total: int) -> int:
         if (self.n > 0) == (self.ratio > 0):
             raise XoptError("give exactly one of n=K (blocks) or ratio=R (0 < R < 1)")
@@ -127,14 +146,16 @@ class PruneLayersPass(Pass):
             raise XoptError(f"ratio={self.ratio:g} of {total} blocks removes none")
         return count
 
-    def _choose(self, scores: BlockScores, count: int, first: int) -> list[int]:
-        candidates = range(first, scores.blocks)
-        if self.score == "bi":
-            return sorted(candidates, key=lambda b: scores.influence[b])[:count]
-        if self.score == "greedy":
-            return scores.greedy_order[:count]
-        start = min(range(first, scores.blocks - count + 1), key=lambda s: scores.window(s, count))
-        return list(range(start, start + count))
+
+def choose_blocks(scores: BlockScores, score: str, count: int, first: int = 0) -> list[int]:
+    """The `count` blocks (from block `first` on) that `score` ranks least important, sorted."""
+    candidates = range(first, scores.blocks)
+    if score == "bi":
+        return sorted(sorted(candidates, key=lambda b: scores.influence[b])[:count])
+    if score == "greedy":
+        return sorted(scores.greedy_order[:count])
+    start = min(range(first, scores.blocks - count + 1), key=lambda s: scores.window(s, count))
+    return list(range(start, start + count))
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:

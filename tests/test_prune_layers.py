@@ -4,6 +4,7 @@ with those layers deleted (greedy generation token for token), ReplaceMe's fit, 
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -197,3 +198,28 @@ def test_replaceme_predicts_the_pruned_models_stream_error(deep):
     drop = sum(np.sum((o[target.name] - o[kept.name]).astype(np.float64) ** 2) for o in full)
     assert fit / drop == pytest.approx(error_fit / error_drop, rel=1e-3)
     assert error_fit < 0.5 * error_drop
+
+
+def test_explicit_blocks_are_removed_and_checked(deep):
+    _, model = deep("llama")
+    result = PruneLayersPass(blocks="4+2", method="drop")(model.clone())
+    assert result.stats["removed"] == [2, 4]
+    for options, message in (
+        (dict(blocks="2+x"), "joined by"),
+        (dict(blocks="0"), "indices must lie in 1"),
+        (dict(blocks="2", n=1), "not both"),
+    ):
+        with pytest.raises(XoptError, match=message):
+            PruneLayersPass(**options)(model.clone())
+
+
+def test_blocks_command_prints_and_plots_the_scores(deep, tmp_path, capsys):
+    from xopt.cli import main
+
+    folder, _ = deep("llama")
+    assert main(["blocks", str(folder), "--greedy", "2", "--plot", str(tmp_path / "s.png"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert len(scores["influence"]) == 6 and len(scores["greedy_order"]) == 2
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    assert main(["blocks", str(folder), "--greedy", "9"]) == 2
+    assert "has 6 blocks" in capsys.readouterr().err

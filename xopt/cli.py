@@ -3,6 +3,7 @@
     xopt optimize INPUT -o OUTPUT [--recipe NAME] [--passes SPEC] [--calibration TEXT]
                   [--report FILE.json] [--no-verify] [--explain]
     xopt inspect INPUT [--json]
+    xopt blocks INPUT [--greedy N] [--calibration TEXT] [--plot FILE.png] [--json]
     xopt passes
     xopt eval MODEL [--reference MODEL] [--text FILE] [--json]
     xopt bench MODEL [MODEL ...] [--batch B] [--seq S] [--threads N]
@@ -66,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("input", type=Path)
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_inspect)
+
+    blocks = commands.add_parser("blocks", help="score every transformer block on calibration text (for pruning)")
+    blocks.add_argument("input", type=Path)
+    blocks.add_argument("--greedy", type=int, default=0, help="also rank the first N blocks greedy removal picks")
+    blocks.add_argument("--calibration", type=Path, default=None, help="text to score on (default: bundled)")
+    blocks.add_argument("--plot", type=Path, default=None, help="write a PNG of the scores")
+    blocks.add_argument("--json", action="store_true", help="print JSON")
+    blocks.set_defaults(run=_blocks)
 
     passes = commands.add_parser("passes", help="list every pass with its options")
     passes.set_defaults(run=_passes)
@@ -163,6 +172,38 @@ def _inspect(args: argparse.Namespace) -> int:
         for part in ("attention", "mlp"):
             if part in block:
                 print(f"    {part:<10} " + "  ".join(f"{k}={v}" for k, v in block[part].items()))
+    return 0
+
+
+def _blocks(args: argparse.Namespace) -> int:
+    import xopt
+    from xopt.calibration import calibration_feeds
+    from xopt.capture.huggingface import TASK_CAUSAL_LM
+    from xopt.passes import CleanupPass
+    from xopt.passes.block_scores import greedy_removal, measure_distances, plot_block_scores
+    from xopt.runnable import model_task
+
+    if args.calibration is not None and not args.calibration.is_file():
+        raise XoptError(f"{args.calibration}: no such file")
+    if args.plot is not None:
+        _check_writable_parent(args.plot)
+    with _step(f"capturing {args.input}"):
+        model = CleanupPass()(xopt.load(args.input)).model
+    feeds = calibration_feeds(model, args.calibration)
+    with _step("scoring blocks"):
+        scores = measure_distances(model, feeds)
+    if not 0 <= args.greedy <= scores.blocks:
+        raise XoptError(f"--greedy {args.greedy}: the model has {scores.blocks} blocks")
+    if args.greedy:
+        causal_lm = model_task(model) == TASK_CAUSAL_LM
+        with _step(f"greedy removal of {args.greedy} blocks"):
+            scores.greedy_order, scores.greedy_loss, scores.base_loss = greedy_removal(
+                model, feeds, args.greedy, causal_lm
+            )
+        scores.loss_unit = "nats/token" if causal_lm else "1 − min cosine"
+    if args.plot is not None:
+        plot_block_scores(scores, args.plot, str(args.input))
+    print(json.dumps(scores.to_dict(), indent=2) if args.json else "\n".join(scores.table()))
     return 0
 
 
