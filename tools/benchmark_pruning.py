@@ -1,0 +1,230 @@
+"""Depth and width pruning: quality and speed on real weights.
+
+    python tools/benchmark_pruning.py                       # writes benchmarks/PRUNING.md
+    python tools/benchmark_pruning.py --ratios 0.25 --no-speed --output DIR
+
+SmolLM2-135M (30 blocks), after `cleanup`:
+- depth: for each fraction of the blocks (10, 20, 25, 30% → round(r·30) blocks), each score (Block
+  Influence, angular distance of a window, greedy calibration loss) and each method (drop,
+  replaceme) — `prune-layers(blocks=…, method=…)` with the blocks that score ranks least important;
+  the scores are computed once on the bundled calibration text (`xopt.passes.block_scores`);
+- width: `prune-width(ratio=r)` for r = 10, 20, 30% of every MLP's neurons;
+- quality with `xopt.evaluate` on the bundled evaluation text (a different novel): perplexity, and
+  against the unpruned model the next-token KL and top-1 agreement;
+- speed: the exact recipe applied after pruning against the exact recipe alone, as `xopt generate`
+  runs them (batch 1, 128-token prompt, 128 new tokens), interleaved rounds after a warm-up; the
+  ratio is the median over rounds of the per-round ratio (paired, so load that slows a round cancels).
+MiniLM-L6 (6 post-norm blocks): drop 1 and 2 blocks per score; sentence-embedding cosine to fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import xopt
+from xopt.calibration import calibration_feeds
+from xopt.evaluate import Quality, evaluate
+from xopt.passes.block_scores import BlockScores, greedy_removal, measure_distances
+from xopt.passes.prune_layers import choose_blocks
+from xopt.pipeline import PassManager, parse_spec
+from xopt.runnable import open_runnable
+from xopt.text import read_text
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from benchmark import machine_description, versions  # noqa: E402
+from benchmark_decode import xopt_variant  # noqa: E402
+from benchmark_quantization import source_folder  # noqa: E402
+
+SCORES = ("bi", "angular", "greedy")
+METHODS = ("drop", "replaceme")
+SPEED_DEPTH = ("angular", "replaceme", 0.25)
+logger = logging.getLogger("benchmark_pruning")
+
+
+def scores_for(model, causal_lm: bool, most: int) -> dict[str, BlockScores]:
+    """Scores for drop (every block a candidate) and replaceme (block 0 kept): greedy differs only
+    when it would pick block 0."""
+    feeds = calibration_feeds(model)
+    scores = measure_distances(model, feeds)
+    scores.greedy_order, scores.greedy_loss, scores.base_loss = greedy_removal(model, feeds, most, causal_lm)
+    both = {"drop": scores, "replaceme": scores}
+    if 0 in scores.greedy_order:
+        kept_first = measure_distances(model, feeds)
+        kept_first.greedy_order, kept_first.greedy_loss, kept_first.base_loss = greedy_removal(
+            model, feeds, most, causal_lm, first=1
+        )
+        both["replaceme"] = kept_first
+    return both
+
+
+def quality_rows(name: str, ratios: list[float], scratch: Path, threads: int) -> tuple[list, dict, BlockScores]:
+    """(label, blocks removed, params, quality) rows; the spec of each variant; the scores."""
+    captured, _ = PassManager(parse_spec("cleanup"), verify=False)(xopt.load(source_folder(name)))
+    xopt.save(captured, scratch / f"{name}-fp32")
+    reference = open_runnable(scratch / f"{name}-fp32", threads=threads)
+    text = read_text(None, "evaluation")
+    causal_lm = name == "smollm2"
+    total = len(xopt.analyze(captured).blocks)
+    counts = sorted({max(1, round(r * total)) for r in ratios}) if causal_lm else [1, 2]
+    scores = scores_for(captured, causal_lm, max(counts))
+    rows = [("unpruned", "—", _params(captured), evaluate(reference, text, reference))]
+    specs = {}
+    methods = METHODS if causal_lm else ("drop",)
+    for count in counts:
+        for score in SCORES:
+            for method in methods:
+                blocks = choose_blocks(scores[method], score, count, first=1 if method == "replaceme" else 0)
+                spec = f"prune-layers(blocks={'+'.join(map(str, blocks))},method={method})"
+                label = f"{count} blocks ({100 * count / total:.0f}%), {score}, {method}"
+                specs[label] = spec
+                rows.append(
+                    _measured(captured, spec, label, ",".join(map(str, blocks)), scratch, reference, text, threads)
+                )
+    for ratio in ratios if causal_lm else ():
+        spec = f"prune-width(ratio={ratio})"
+        label = f"width −{100 * ratio:.0f}% (MLP neurons)"
+        specs[label] = spec
+        rows.append(_measured(captured, spec, label, "—", scratch, reference, text, threads))
+    return rows, specs, scores["drop"]
+
+
+def _measured(captured, spec: str, label: str, removed: str, scratch: Path, reference, text: str, threads: int):
+    start = time.perf_counter()
+    pruned, _ = PassManager(parse_spec(spec), verify=False)(captured)
+    folder = scratch / "variant"
+    xopt.save(pruned, folder)
+    quality = evaluate(open_runnable(folder, threads=threads), text, reference)
+    logger.info("%s: %s in %.0f s", label, _metric(quality), time.perf_counter() - start)
+    return label, removed, _params(pruned), quality
+
+
+def _params(model) -> int:
+    return sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _metric(q: Quality) -> str:
+    if q.perplexity is not None:
+        return f"perplexity {q.perplexity:.3f}, KL {q.kl:.4f}, top-1 {100 * q.top1_agreement:.1f}%"
+    return f"cosine min {q.cosine_min:.4f}, mean {q.cosine_mean:.4f}"
+
+
+def speed_rows(specs: dict[str, str], scratch: Path, threads: int, repeats: int) -> list[tuple]:
+    """(label, prefill ms, decode tokens/s, prefill speed-up, decode speed-up) against the exact recipe."""
+    import transformers
+
+    folder = source_folder("smollm2")
+    captured = xopt.load(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(scratch / "smollm2-fp32")
+    prompt = tokenizer(read_text(None, "evaluation"), add_special_tokens=False)["input_ids"][:128]
+    exact = ["cleanup", "fold-norms", "fuse"]
+    builds = {"exact recipe": exact}
+    for label, spec in specs.items():
+        builds[f"{label} + exact"] = ["cleanup", spec, "fold-norms", "fuse"]
+    variants = {}
+    for label, steps in builds.items():
+        model, _ = PassManager(parse_spec(",".join(steps)), verify=False)(captured)
+        out = scratch / f"speed-{len(variants)}"
+        xopt.save(model, out)
+        variants[label] = xopt_variant(out, prompt, 128, threads)
+        logger.info("built %s", label)
+    samples = {label: ([], []) for label in variants}
+    for round_index in range(repeats + 1):
+        for label, generate in variants.items():
+            _, prefill_ms, tokens_per_s = generate()
+            if round_index:
+                samples[label][0].append(prefill_ms)
+                samples[label][1].append(tokens_per_s)
+    base_prefill, base_decode = samples["exact recipe"]
+    rows = []
+    for label, (prefill, decode) in samples.items():
+        prefill_ratio = float(np.median(np.divide(base_prefill, prefill)))
+        decode_ratio = float(np.median(np.divide(decode, base_decode)))
+        rows.append((label, float(np.median(prefill)), float(np.median(decode)), prefill_ratio, decode_ratio))
+    return rows
+
+
+def quality_table(rows, causal_lm: bool) -> list[str]:
+    metrics = "perplexity | vs unpruned | KL | top-1" if causal_lm else "cos min | cos mean"
+    lines = [
+        f"| variant | blocks removed | params (M) | {metrics} |",
+        "|---|---|---|" + "---|" * (4 if causal_lm else 2),
+    ]
+    base = rows[0][3]
+    for label, removed, params, q in rows:
+        if causal_lm:
+            increase = 100 * (q.perplexity / base.perplexity - 1)
+            values = f"{q.perplexity:.2f} | {increase:+.1f}% | {q.kl:.3f} | {100 * q.top1_agreement:.1f}%"
+        else:
+            values = f"{q.cosine_min:.4f} | {q.cosine_mean:.4f}"
+        lines.append(f"| {label} | {removed} | {params / 1e6:.1f} | {values} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.25, 0.3])
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--repeats", type=int, default=7, help="timed generation rounds")
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--no-minilm", action="store_true")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    lines = [
+        "# Pruning: SmolLM2-135M and MiniLM-L6",
+        "",
+        f"Machine: {machine_description()}. Threads: {args.threads}. Versions: {versions()}.",
+        "",
+        "Method: `python tools/benchmark_pruning.py`. Blocks are scored once on the bundled calibration text "
+        "(8 windows of 512 tokens; greedy on the first 2) and chosen per score; each variant is measured by "
+        "`xopt eval` on the bundled evaluation text (a different novel), KL and top-1 against the unpruned "
+        "model. Block numbers count from 0.",
+        "",
+    ]
+    with tempfile.TemporaryDirectory(prefix="xopt-pruning-") as scratch:
+        scratch = Path(scratch)
+        rows, specs, scores = quality_rows("smollm2", args.ratios, scratch, args.threads)
+        lines += ["## SmolLM2-135M: quality", "", *quality_table(rows, True), ""]
+        lines += ["Block scores (greedy: rank of removal, calibration loss in nats/token):", "", "```"]
+        lines += [*scores.table(), "```", ""]
+        if not args.no_speed:
+            wanted = [
+                f"{round(SPEED_DEPTH[2] * 30)} blocks ({100 * round(SPEED_DEPTH[2] * 30) / 30:.0f}%), "
+                f"{SPEED_DEPTH[0]}, {SPEED_DEPTH[1]}"
+            ]
+            wanted += [label for label in specs if label.startswith("width")]
+            timed = speed_rows(
+                {label: specs[label] for label in wanted if label in specs}, scratch, args.threads, args.repeats
+            )
+            lines += [
+                "## SmolLM2-135M: speed (`xopt generate`, batch 1, 128-token prompt, 128 new tokens)",
+                "",
+                "| variant | prefill ms | decode tokens/s | prefill speed-up | decode speed-up |",
+                "|---|---|---|---|---|",
+            ]
+            for label, prefill, decode, prefill_ratio, decode_ratio in timed:
+                lines.append(f"| {label} | {prefill:.0f} | {decode:.1f} | {prefill_ratio:.2f}× | {decode_ratio:.2f}× |")
+            lines.append("")
+        if not args.no_minilm:
+            rows, _, _ = quality_rows("minilm", [], scratch, args.threads)
+            lines += ["## MiniLM-L6: quality (post-norm: drop only)", "", *quality_table(rows, False), ""]
+    lines.append(f"The run took {(time.perf_counter() - started) / 60:.0f} minutes.")
+    (args.output / "PRUNING.md").write_text("\n".join(lines) + "\n")
+    print((args.output / "PRUNING.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
