@@ -9,6 +9,7 @@ Every pass is callable alone on an `ir.Model`:
 from xopt.passes.cleanup import CleanupPass
 from xopt.passes.fold_norms import FoldNormsPass
 from xopt.passes.fuse import FusePass
+from xopt.passes.low_rank import LowRankPass
 from xopt.passes.prune_layers import PruneLayersPass
 from xopt.passes.prune_width import PruneWidthPass
 from xopt.passes.quantize import QuantizeWeightsPass
@@ -18,6 +19,7 @@ __all__ = [
     "CleanupPass",
     "FoldNormsPass",
     "FusePass",
+    "LowRankPass",
     "PruneLayersPass",
     "PruneWidthPass",
     "QuantizeWeightsPass",

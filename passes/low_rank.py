@@ -1,0 +1,258 @@
+"""`low-rank`: replace a linear's weight W [n in, m out] by two matrices of rank k, x·W ≈ (x·A)·B
+with A [n, k] and B [k, m] (lossy). In every method the factors come from a truncated SVD of a
+transformed weight, in float64:
+
+- `svd`: W = UΣVᵀ, A = U_kΣ_k, B = V_kᵀ; minimises ‖W − AB‖_F.
+- `asvd` (ASVD; Yuan et al., 2023): s_j = mean_t|x_tj|^α over the calibration tokens (α = `alpha`),
+  SVD of diag(s)·W, A = diag(1/s)·U_kΣ_k: the input channels that carry large activations are
+  kept more faithfully.
+- `svdllm` (SVD-LLM; Wang et al., 2024): with XᵀX = S·Sᵀ (Cholesky, X the calibration inputs,
+  damped by 1e-6 of its mean diagonal), SVD of Sᵀ·W, A = S⁻ᵀ·U_kΣ_k, B = V_kᵀ. Since X·S⁻ᵀ has
+  orthonormal columns, ‖X·W − X·A·B‖_F = ‖Sᵀ·W − U_kΣ_kV_kᵀ‖_F: the truncation error is exactly
+  the output error on the calibration tokens, Σ_{i>k} σ_i².
+
+Rank: `energy=E` keeps, per matrix, the fewest components with Σ_{i≤k} σ_i² ≥ E·Σ σ_i² (of the
+transformed matrix). `ratio=R` removes a fraction R of the targeted matrices' parameters: every
+component i of matrix j costs e_ij = σ_ij² / Σ_i σ_ij² (its share of the matrix's output energy
+under `svdllm`, a proxy under the others) and the components below a common threshold τ go,
+τ found by bisection so that the parameters saved reach R; the budget is spent where the
+calibration error it causes is smallest. A matrix is factored only when k(n + m) < n·m (fewer
+parameters); with `objective=speed` (the default) also only where ONNX Runtime runs the pair of
+MatMuls faster than the dense one at the target batch and sequence (timed on this machine, cached:
+`backends/lowering.py`); `objective=size` factors wherever it saves parameters. The explain lists
+every matrix: rank, parameters saved, measured speedup and the decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import scipy.linalg
+
+from xopt.analysis import find_transformer_structure
+from xopt.analysis.patterns import Linear
+from xopt.calibration import calibration_feeds, probe_values
+from xopt.errors import XoptError
+from xopt.pipeline import Pass, PassResult, register
+from xopt.rewrite import drop_if_unused, new_initializer, owns_weight, replace_linear, weight_dtype, weight_in_out
+
+logger = logging.getLogger(__name__)
+
+DAMP = 1e-6
+MIN_SPEEDUP = 1.03  # the factored pair must be this much faster than the dense MatMul (objective=speed)
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class Factors:
+    label: str  # block and role, e.g. "block 3 down"
+    linear: Linear
+    left: np.ndarray  # [n, r] transformed left factor A·diag(σ)… for the full rank r
+    right: np.ndarray  # [r, m]
+    energy: np.ndarray  # σ_i² of the transformed matrix, descending
+    rank: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.linear.in_features, self.linear.out_features
+
+    def saved(self, rank: int) -> int:
+        n, m = self.shape
+        return n * m - rank * (n + m) if rank * (n + m) < n * m else 0
+
+
+@register
+@dataclass
+class LowRankPass(Pass):
+    name = "low-rank"
+    exact = False
+    summary = "factor linear weights into two low-rank matrices (SVD, ASVD, SVD-LLM) where it pays"
+
+    ratio: float = 0.0  # fraction of the targeted matrices' parameters removed
+    energy: float = 0.0  # or: per matrix, the fraction of Σσ² kept
+    method: Literal["svd", "asvd", "svdllm"] = "svdllm"
+    targets: str = "q+k+v+o+gate+up+down"  # which linears of each block, joined by '+'
+    objective: Literal["speed", "size"] = "speed"
+    alpha: float = 0.5  # ASVD's exponent
+    calibration: str = ""  # text file; empty: the bundled calibration text
+    windows: int = 8  # calibration windows of 512 tokens
+    threads: int = 2
+    batch: int = 1  # the shape the factored pair is timed at (objective=speed)
+    sequence: int = 128
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        if (self.ratio > 0) == (self.energy > 0):
+            raise XoptError("give exactly one of ratio=R (parameters removed) or energy=E (spectrum kept)")
+        if not 0 <= self.ratio < 1 or not 0 <= self.energy <= 1:
+            raise XoptError("ratio must lie in [0, 1) and energy in (0, 1]")
+        linears, explain = self._targets(model)
+        statistics = self._statistics(model, [x for _, x in linears]) if self.method != "svd" else {}
+        factors = [
+            Factors(
+                label,
+                linear,
+                *factor_weight(weight_in_out(linear), self.method, statistics.get(linear.input.name), self.alpha),
+            )
+            for label, linear in linears
+        ]
+        if self.energy:
+            for f in factors:
+                f.rank = int(np.searchsorted(np.cumsum(f.energy) / f.energy.sum(), self.energy - 1e-12) + 1)
+        else:
+            _allocate(factors, self.ratio)
+        speedups = self._timed(factors) if self.objective == "speed" else {}
+        graph, saved, factored = model.graph, 0, 0
+        for f in factors:
+            n, m = f.shape
+            speedup = speedups.get((n, m, f.rank))
+            timing = f", measured {speedup:.2f}×" if speedup is not None else ""
+            if f.saved(f.rank) == 0:
+                explain.append(f"{f.label}: kept dense: rank {f.rank} of {n}×{m} saves no parameters")
+            elif speedup is not None and speedup < MIN_SPEEDUP:
+                explain.append(f"{f.label}: kept dense: rank {f.rank} is not faster{timing}")
+            else:
+                _factor_linear(graph, f)
+                saved += f.saved(f.rank)
+                factored += 1
+                explain.append(f"{f.label}: rank {f.rank} of {n}×{m}, {f.saved(f.rank)} parameters saved{timing}")
+        total = sum(f.shape[0] * f.shape[1] for f in factors)
+        share = saved / max(total, 1)
+        explain.insert(0, f"{factored} of {len(factors)} matrices factored, {share:.1%} of their parameters saved")
+        stats = {"factored": factored, "matrices": len(factors), "params_saved": saved, "target_params": total}
+        return PassResult(model, factored > 0, stats, explain)
+
+    def _targets(self, model: ir.Model) -> tuple[list[tuple[str, Linear]], list[str]]:
+        wanted = set(self.targets.split("+"))
+        unknown = wanted - set(TARGETS)
+        if unknown:
+            raise XoptError(f"targets: unknown {sorted(unknown)} (choose from {'+'.join(TARGETS)})")
+        if any(node.domain == "com.microsoft" for node in model.graph):
+            raise XoptError("the graph has fused com.microsoft ops (run low-rank before fuse)")
+        structure = find_transformer_structure(model)
+        if not structure.blocks:
+            raise XoptError("no transformer blocks found")
+        linears, explain = [], []
+        for block in structure.blocks:
+            parts = {}
+            if block.attention is not None and not block.attention.fused_qkv:
+                a = block.attention
+                parts.update(q=a.q, k=a.k, v=a.v, o=a.o)
+            if block.mlp is not None:
+                parts.update(gate=block.mlp.gate, up=block.mlp.up, down=block.mlp.down)
+            for role, linear in parts.items():
+                if role not in wanted or linear is None:
+                    continue
+                label = f"block {block.index} {role}"
+                if linear.node.op_type != "MatMul" or not owns_weight(linear):
+                    explain.append(f"{label}: not factored: a Gemm or a shared weight")
+                    continue
+                linears.append((label, linear))
+        if not linears:
+            raise XoptError(f"no linear matches targets={self.targets}")
+        return linears, explain
+
+    def _statistics(self, model: ir.Model, linears: list[Linear]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        """Per input value: Σ xxᵀ, Σ|x| and the token count over the calibration runs."""
+        feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
+        inputs = list({linear.input.name: linear.input for linear in linears}.values())
+        sums: dict[str, list] = {}
+        for outputs in probe_values(model, inputs, feeds, threads=self.threads):
+            for name, array in outputs.items():
+                x = array.reshape(-1, array.shape[-1]).astype(np.float64)
+                entry = sums.setdefault(name, [np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]), 0])
+                entry[0] += x.T @ x
+                entry[1] += np.abs(x).sum(axis=0)
+                entry[2] += len(x)
+        return {name: (gram, absolute, count) for name, (gram, absolute, count) in sums.items()}
+
+    def _timed(self, factors: list[Factors]) -> dict[tuple[int, int, int], float]:
+        """Speedup of the factored pair over the dense MatMul, per distinct (n, m, k)."""
+        from xopt.backends.lowering import LoweringChooser
+
+        chooser = LoweringChooser(
+            threads=self.threads, batch=self.batch, sequence=self.sequence, min_speedup=MIN_SPEEDUP
+        )
+        speedups = {}
+        for f in factors:
+            n, m = f.shape
+            key = (n, m, f.rank)
+            if key in speedups or f.saved(f.rank) == 0:
+                continue
+            signature = {"n": n, "m": m, "k": f.rank}
+            verdict = chooser.choose("low-rank", signature, _matmul_model(n, m, None), _matmul_model(n, m, f.rank))
+            speedups[key] = verdict.speedup
+        return speedups
+
+
+def factor_weight(
+    weight: np.ndarray, method: str, statistics: tuple[np.ndarray, np.ndarray, int] | None, alpha: float = 0.5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(left [n, r], right [r, m], σ² descending) with weight ≈ left[:, :k]·right[:k] at rank k;
+    `statistics` = (Σ xxᵀ, Σ|x|, tokens) of the input for asvd and svdllm."""
+    if method == "svd":
+        u, sigma, vt = np.linalg.svd(weight, full_matrices=False)
+        return u * sigma, vt, sigma**2
+    gram, absolute, count = statistics
+    if method == "asvd":
+        scale = np.maximum(absolute / count, 1e-8) ** alpha
+        u, sigma, vt = np.linalg.svd(scale[:, None] * weight, full_matrices=False)
+        return (u * sigma) / scale[:, None], vt, sigma**2
+    damp = DAMP * max(np.trace(gram) / len(gram), 1e-30)
+    factor = scipy.linalg.cholesky(gram + damp * np.eye(len(gram)), lower=True)  # XᵀX = S·Sᵀ
+    u, sigma, vt = np.linalg.svd(factor.T @ weight, full_matrices=False)
+    return scipy.linalg.solve_triangular(factor.T, u * sigma, lower=False), vt, sigma**2  # S⁻ᵀ·U·Σ
+
+
+def _allocate(factors: list[Factors], ratio: float) -> None:
+    """Ranks that save `ratio` of the parameters, dropping the components of least relative energy."""
+    shares = [f.energy / max(f.energy.sum(), 1e-300) for f in factors]
+    target = ratio * sum(f.shape[0] * f.shape[1] for f in factors)
+
+    def ranks(threshold: float) -> list[int]:
+        return [int(np.count_nonzero(share > threshold)) for share in shares]
+
+    def saved(threshold: float) -> int:
+        return sum(f.saved(k) for f, k in zip(factors, ranks(threshold), strict=True))
+
+    low, high = 0.0, 1.0  # saved(high) is everything that can be saved
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if saved(middle) < target else (low, middle)
+    for f, k in zip(factors, ranks(high), strict=True):
+        f.rank = max(k, 1)
+
+
+def _factor_linear(graph: ir.Graph, f: Factors) -> None:
+    """x·W → (x·A)·B with A = left[:, :k], B = right[:k] (the bias, if any, stays after)."""
+    linear, k = f.linear, f.rank
+    dtype = weight_dtype(linear.weight)
+    base = linear.name
+    first = ir.node("MatMul", inputs=[linear.input, new_initializer(graph, f"{base}_lowrank_a", f.left[:, :k], dtype)])
+    second = ir.node(
+        "MatMul", inputs=[first.outputs[0], new_initializer(graph, f"{base}_lowrank_b", f.right[:k], dtype)]
+    )
+    graph.insert_before(linear.node, first)
+    weight = linear.weight
+    replace_linear(graph, linear, second)
+    drop_if_unused(graph, weight)
+
+
+def _matmul_model(n: int, m: int, rank: int | None) -> ir.Model:
+    """x [batch, sequence, n] · W [n, m], or · A [n, k] · B [k, m] (random weights: timing only)."""
+    generator = np.random.default_rng(0)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", "sequence", n]))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 17}, name="matmul")
+    shapes = [(n, m)] if rank is None else [(n, rank), (rank, m)]
+    value = x
+    for index, shape in enumerate(shapes):
+        weight = new_initializer(graph, f"w{index}", generator.standard_normal(shape) / np.sqrt(shape[0]), np.float32)
+        node = ir.node("MatMul", inputs=[value, weight])
+        graph.append(node)
+        value = node.outputs[0]
+    value.name, value.dtype, value.shape = "y", ir.DataType.FLOAT, ir.Shape(["batch", "sequence", m])
+    graph.outputs.append(value)
+    return ir.Model(graph, ir_version=10)

@@ -1,0 +1,98 @@
+"""low-rank: the factorisations' math (SVD-LLM's truncation error is the calibration output error),
+rank budgets, the speed objective, and the rewrite on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xopt
+from xopt.errors import XoptError
+from xopt.generate import Decoder
+from xopt.passes import CleanupPass, FusePass, LowRankPass
+from xopt.passes.low_rank import factor_weight
+from xopt.pipeline import PassManager
+from xopt.runnable import open_runnable
+
+
+def _activations(tokens=2000, width=48, seed=0):
+    """Inputs with a few large channels, as transformer activations have."""
+    generator = np.random.default_rng(seed)
+    x = generator.standard_normal((tokens, width)) @ generator.standard_normal((width, width)) * 0.3
+    x[:, :3] *= 20
+    return x
+
+
+def _statistics(x):
+    return x.T @ x, np.abs(x).sum(axis=0), len(x)
+
+
+def test_svdllm_truncation_error_is_the_output_error_and_beats_the_others():
+    x = _activations()
+    weight = np.random.default_rng(1).standard_normal((48, 80))
+    errors = {}
+    for method in ("svd", "asvd", "svdllm"):
+        left, right, energy = factor_weight(weight, method, _statistics(x))
+        np.testing.assert_allclose(left @ right, weight, atol=1e-8)  # full rank: exact
+        errors[method] = [np.sum((x @ weight - x @ left[:, :k] @ right[:k]) ** 2) for k in (8, 16, 32)]
+        if method == "svdllm":
+            predicted = [energy[k:].sum() for k in (8, 16, 32)]
+            np.testing.assert_allclose(errors[method], predicted, rtol=1e-3)  # up to the Cholesky damping
+    for k in range(3):
+        assert errors["svdllm"][k] < errors["asvd"][k] < errors["svd"][k]
+
+
+@pytest.fixture(scope="module")
+def cleaned(tiny_model):
+    return CleanupPass()(tiny_model("qwen2").clone()).model
+
+
+def test_a_parameter_budget_is_met_and_the_model_still_generates(cleaned, tmp_path):
+    model, report = PassManager([LowRankPass(ratio=0.3, objective="size")])(cleaned)
+    stats = report.passes[0].stats
+    assert stats["params_saved"] / stats["target_params"] == pytest.approx(0.3, abs=0.02)
+    assert report.input.params - report.output.params == stats["params_saved"]
+    assert stats["factored"] > 0
+    xopt.save(model, tmp_path / "m")
+    assert len(Decoder(open_runnable(tmp_path / "m")).generate([3, 5, 7], 5).tokens) == 5
+
+
+def test_more_budget_costs_more_accuracy(cleaned):
+    diffs = []
+    for ratio in (0.1, 0.3, 0.5):
+        _, report = PassManager([LowRankPass(ratio=ratio, objective="size")])(cleaned)
+        diffs.append(report.passes[0].parity.max_abs)
+    assert diffs[0] < diffs[1] < diffs[2]
+
+
+def test_an_energy_of_one_keeps_every_matrix_dense(cleaned):
+    result = LowRankPass(energy=1.0, objective="size")(cleaned.clone())
+    assert not result.modified and result.stats["factored"] == 0
+    assert all("saves no parameters" in line for line in result.explain[1:])
+
+
+def test_the_speed_objective_times_every_candidate(cleaned):
+    result = LowRankPass(ratio=0.3, targets="up+down")(cleaned.clone())
+    lines = result.explain[1:]
+    assert lines and all("measured" in line or "saves no parameters" in line for line in lines)
+    assert all(("kept dense" in line) != ("parameters saved" in line) for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(), "exactly one of"),
+        (dict(ratio=0.2, energy=0.9), "exactly one of"),
+        (dict(ratio=1.2), "must lie in"),
+        (dict(ratio=0.2, targets="up+ffn"), "unknown"),
+    ],
+)
+def test_bad_options_are_one_line_errors(cleaned, options, message):
+    with pytest.raises(XoptError, match=message):
+        LowRankPass(**options)(cleaned.clone())
+
+
+def test_a_fused_model_is_refused(cleaned):
+    fused = FusePass(lowering="all")(cleaned.clone()).model
+    with pytest.raises(XoptError, match="before fuse"):
+        LowRankPass(ratio=0.2)(fused)
