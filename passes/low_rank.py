@@ -235,6 +235,10 @@ def _factor_linear(graph: ir.Graph, f: Factors) -> None:
     second = ir.node(
         "MatMul", inputs=[first.outputs[0], new_initializer(graph, f"{base}_lowrank_b", f.right[:k], dtype)]
     )
+    hidden = first.outputs[0]
+    hidden.dtype = linear.input.dtype
+    if linear.input.shape is not None:
+        hidden.shape = ir.Shape([*list(linear.input.shape)[:-1], k])
     graph.insert_before(linear.node, first)
     weight = linear.weight
     replace_linear(graph, linear, second)

@@ -96,3 +96,17 @@ def test_a_fused_model_is_refused(cleaned):
     fused = FusePass(lowering="all")(cleaned.clone()).model
     with pytest.raises(XoptError, match="before fuse"):
         LowRankPass(ratio=0.2)(fused)
+
+
+def test_composes_with_int8(cleaned, tmp_path):
+    """The factors are linears like any other: dynamic int8 quantizes both MatMuls of a pair."""
+    from xopt.passes import QuantizeWeightsPass
+
+    model, report = PassManager(
+        [LowRankPass(ratio=0.3, objective="size", targets="up+down"), QuantizeWeightsPass(scheme="dynamic", bits=8)]
+    )(cleaned)
+    factored = report.passes[0].stats["factored"]
+    assert factored > 0
+    quantized = [n for n in model.graph if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(quantized) >= 2 * factored
+    xopt.save(model, tmp_path / "m")

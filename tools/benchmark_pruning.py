@@ -76,7 +76,7 @@ def quality_rows(name: str, ratios: list[float], scratch: Path, threads: int) ->
     total = len(xopt.analyze(captured).blocks)
     counts = sorted({max(1, round(r * total)) for r in ratios}) if causal_lm else [1, 2]
     scores = scores_for(captured, causal_lm, max(counts))
-    rows = [("unpruned", "—", _params(captured), evaluate(reference, text, reference))]
+    rows = [("unpruned", "—", parameters(captured), evaluate(reference, text, reference))]
     specs = {}
     methods = METHODS if causal_lm else ("drop",)
     for count in counts:
@@ -87,27 +87,27 @@ def quality_rows(name: str, ratios: list[float], scratch: Path, threads: int) ->
                 label = f"{count} blocks ({100 * count / total:.0f}%), {score}, {method}"
                 specs[label] = spec
                 rows.append(
-                    _measured(captured, spec, label, ",".join(map(str, blocks)), scratch, reference, text, threads)
+                    measured(captured, spec, label, ",".join(map(str, blocks)), scratch, reference, text, threads)
                 )
     for ratio in ratios if causal_lm else ():
         spec = f"prune-width(ratio={ratio})"
         label = f"width −{100 * ratio:.0f}% (MLP neurons)"
         specs[label] = spec
-        rows.append(_measured(captured, spec, label, "—", scratch, reference, text, threads))
+        rows.append(measured(captured, spec, label, "—", scratch, reference, text, threads))
     return rows, specs, scores["drop"]
 
 
-def _measured(captured, spec: str, label: str, removed: str, scratch: Path, reference, text: str, threads: int):
+def measured(captured, spec: str, label: str, removed: str, scratch: Path, reference, text: str, threads: int):
     start = time.perf_counter()
     pruned, _ = PassManager(parse_spec(spec), verify=False)(captured)
     folder = scratch / "variant"
     xopt.save(pruned, folder)
     quality = evaluate(open_runnable(folder, threads=threads), text, reference)
     logger.info("%s: %s in %.0f s", label, _metric(quality), time.perf_counter() - start)
-    return label, removed, _params(pruned), quality
+    return label, removed, parameters(pruned), quality
 
 
-def _params(model) -> int:
+def parameters(model) -> int:
     return sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
 
 
@@ -152,10 +152,11 @@ def speed_rows(specs: dict[str, str], scratch: Path, threads: int, repeats: int)
     return rows
 
 
-def quality_table(rows, causal_lm: bool) -> list[str]:
-    metrics = "perplexity | vs unpruned | KL | top-1" if causal_lm else "cos min | cos mean"
+def quality_table(rows, causal_lm: bool, column: str = "blocks removed") -> list[str]:
+    """Markdown rows; the perplexity increase is over the first row's."""
+    metrics = "perplexity | vs first row | KL | top-1" if causal_lm else "cos min | cos mean"
     lines = [
-        f"| variant | blocks removed | params (M) | {metrics} |",
+        f"| variant | {column} | params (M) | {metrics} |",
         "|---|---|---|" + "---|" * (4 if causal_lm else 2),
     ]
     base = rows[0][3]
