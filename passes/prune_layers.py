@@ -16,8 +16,8 @@ stream leaving block m, over all calibration tokens (rows), in float64:
     T = argmin_T ‖M·T + Y − L‖²  =  (MᵀM + λI)⁻¹ Mᵀ(L − Y),   λ = 1e-6 · tr(MᵀM)/d
 
 and the down projection becomes W' = W·T, b' = b·T (M = x·W + b, so M·T = x·W' + b'): block
-l−1 then writes Y + M·T ≈ L, with no new parameters. Each run's T is fitted on the full model's
-activations (runs are processed from the last, so the blocks before a run are the original ones).
+l−1 then writes Y + M·T ≈ L, with no new parameters. Every run's T is fitted in one pass over the
+full model's activations (with several runs, a later run's M and Y are those of the unpruned model).
 A run starting at block 0 has no MLP before it, so with replaceme block 0 is never chosen. Post-norm
 models (BERT) put a norm after the residual add, where no linear map folds: replaceme refuses them.
 
