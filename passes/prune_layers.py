@@ -64,7 +64,7 @@ class PruneLayersPass(Pass):
     ratio: float = 0.0  # or this fraction of the blocks, rounded
     method: Literal["drop", "replaceme"] = "replaceme"
     score: Literal["bi", "angular", "greedy"] = "angular"
-    blocks: str = ""  # or exactly these blocks, e.g. blocks=20+21+22 (scores are still reported)
+    blocks: str = ""  # or exactly these blocks, e.g. blocks=20+21+22 (then nothing is scored)
     calibration: str = ""  # text file; empty: the bundled calibration text
     windows: int = 8  # calibration windows of 512 tokens (greedy uses the first 2)
     threads: int = 2
@@ -89,18 +89,23 @@ class PruneLayersPass(Pass):
             raise XoptError(f"cannot remove {count} of {total} blocks with method={self.method}")
         causal_lm = model_task(model) == TASK_CAUSAL_LM
         feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
-        scores = measure_distances(model, feeds, threads=self.threads)
-        if self.score == "greedy" and not explicit:
-            scores.greedy_order, scores.greedy_loss, scores.base_loss = greedy_removal(
-                model, feeds, count, causal_lm, threads=self.threads, first=first
-            )
-            scores.loss_unit = "nats/token" if causal_lm else "1 − min cosine"
-        chosen = explicit or choose_blocks(scores, self.score, count, first)
-        explain = [f"block scores on {len(feeds)} calibration runs:", *scores.table()]
+        stats: dict = {"blocks_removed": count}
+        if explicit:  # no scoring: `xopt blocks` shows the scores
+            chosen, explain = explicit, []
+        else:
+            scores = measure_distances(model, feeds, threads=self.threads)
+            if self.score == "greedy":
+                scores.greedy_order, scores.greedy_loss, scores.base_loss = greedy_removal(
+                    model, feeds, count, causal_lm, threads=self.threads, first=first
+                )
+                scores.loss_unit = "nats/token" if causal_lm else "1 − min cosine"
+            chosen = choose_blocks(scores, self.score, count, first)
+            explain = [f"block scores on {len(feeds)} calibration runs:", *scores.table()]
+            stats["scores"] = scores.to_dict()
         chooser = "blocks=" if explicit else self.score
         explain.append(f"removing {count} of {total} blocks chosen by {chooser}: {chosen} ({self.method})")
         runs = _runs(chosen)
-        stats: dict = {"blocks_removed": count, "removed": chosen}
+        stats["removed"] = chosen
         if self.method == "replaceme":
             fits = _fit_replaceme(model, structure, runs, feeds, self.threads)
             for (start, end), fit in zip(runs, fits, strict=True):
@@ -117,7 +122,6 @@ class PruneLayersPass(Pass):
         removed_layers = [layers[b] for b in chosen if b in layers]
         _drop_cache_layers(model, removed_layers)
         stats["cache_layers_removed"] = len(removed_layers)
-        stats["scores"] = scores.to_dict()
         return PassResult(model, True, stats, explain)
 
     def _explicit_blocks(self, total: int, first: int) -> list[int]:

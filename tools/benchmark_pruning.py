@@ -66,12 +66,17 @@ def scores_for(model, causal_lm: bool, most: int) -> dict[str, BlockScores]:
     return both
 
 
-def quality_rows(name: str, ratios: list[float], scratch: Path, threads: int) -> tuple[list, dict, BlockScores]:
+def quality_rows(
+    name: str, ratios: list[float], scratch: Path, threads: int, windows: int = 0
+) -> tuple[list, dict, BlockScores]:
     """(label, blocks removed, params, quality) rows; the spec of each variant; the scores."""
     captured, _ = PassManager(parse_spec("cleanup"), verify=False)(xopt.load(source_folder(name)))
     xopt.save(captured, scratch / f"{name}-fp32")
     reference = open_runnable(scratch / f"{name}-fp32", threads=threads)
     text = read_text(None, "evaluation")
+    if windows:  # about the first `windows` windows of 512 tokens
+        tokens = len(reference.tokenizer()(text, add_special_tokens=False)["input_ids"])
+        text = text[: len(text) * (windows * 512 + 64) // tokens]
     causal_lm = name == "smollm2"
     total = len(xopt.analyze(captured).blocks)
     counts = sorted({max(1, round(r * total)) for r in ratios}) if causal_lm else [1, 2]
@@ -177,6 +182,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed generation rounds")
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--no-minilm", action="store_true")
+    parser.add_argument(
+        "--windows", type=int, default=0, help="SmolLM2: evaluate on the first N windows of 512 tokens (0: all)"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -191,13 +199,14 @@ def main() -> None:
         "",
         "Method: `python tools/benchmark_pruning.py`. Blocks are scored once on the bundled calibration text "
         "(8 windows of 512 tokens; greedy on the first 2) and chosen per score; each variant is measured by "
-        "`xopt eval` on the bundled evaluation text (a different novel), KL and top-1 against the unpruned "
-        "model. Block numbers count from 0.",
+        "`xopt eval` on the bundled evaluation text (a different novel"
+        + (f"; SmolLM2 on its first {args.windows} windows of 512 tokens" if args.windows else "")
+        + "), KL and top-1 against the unpruned model. Block numbers count from 0.",
         "",
     ]
     with tempfile.TemporaryDirectory(prefix="xopt-pruning-") as scratch:
         scratch = Path(scratch)
-        rows, specs, scores = quality_rows("smollm2", args.ratios, scratch, args.threads)
+        rows, specs, scores = quality_rows("smollm2", args.ratios, scratch, args.threads, args.windows)
         lines += ["## SmolLM2-135M: quality", "", *quality_table(rows, True), ""]
         lines += ["Block scores (greedy: rank of removal, calibration loss in nats/token):", "", "```"]
         lines += [*scores.table(), "```", ""]
