@@ -46,7 +46,8 @@ from benchmark_quantization import source_folder  # noqa: E402
 
 SCORES = ("bi", "angular", "greedy")
 METHODS = ("drop", "replaceme")
-SPEED_DEPTH = ("angular", "replaceme", 0.25)
+SPEED_BLOCKS, SPEED_SCORE = 8, "angular"  # the depth variant timed: 25% of SmolLM2's 30 blocks, replaceme
+SPEED_LABEL = f"{SPEED_BLOCKS} blocks ({100 * SPEED_BLOCKS / 30:.0f}%), {SPEED_SCORE}, replaceme"
 logger = logging.getLogger("benchmark_pruning")
 
 
@@ -100,6 +101,18 @@ def quality_rows(
         specs[label] = spec
         rows.append(measured(captured, spec, label, "—", scratch, reference, text, threads))
     return rows, specs, scores["drop"]
+
+
+def speed_specs(ratios: list[float], scratch: Path) -> dict[str, str]:
+    """The timed variants' specs without the quality sweep: blocks by angular distance alone."""
+    captured, _ = PassManager(parse_spec("cleanup"), verify=False)(xopt.load(source_folder("smollm2")))
+    xopt.save(captured, scratch / "smollm2-fp32")  # the tokenizer speed_rows reads
+    scores = measure_distances(captured, calibration_feeds(captured))
+    blocks = choose_blocks(scores, SPEED_SCORE, SPEED_BLOCKS, first=1)
+    specs = {SPEED_LABEL: f"prune-layers(blocks={'+'.join(map(str, blocks))},method=replaceme)"}
+    for ratio in ratios:
+        specs[f"width −{100 * ratio:.0f}% (MLP neurons)"] = f"prune-width(ratio={ratio})"
+    return specs
 
 
 def measured(captured, spec: str, label: str, removed: str, scratch: Path, reference, text: str, threads: int):
@@ -181,6 +194,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=7, help="timed generation rounds")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--no-quality", action="store_true", help="speed only (blocks chosen by angular distance)")
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument(
         "--windows", type=int, default=0, help="SmolLM2: evaluate on the first N windows of 512 tokens (0: all)"
@@ -206,29 +220,27 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory(prefix="xopt-pruning-") as scratch:
         scratch = Path(scratch)
-        rows, specs, scores = quality_rows("smollm2", args.ratios, scratch, args.threads, args.windows)
-        lines += ["## SmolLM2-135M: quality", "", *quality_table(rows, True), ""]
-        lines += ["Block scores (greedy: rank of removal, calibration loss in nats/token):", "", "```"]
-        lines += [*scores.table(), "```", ""]
+        if args.no_quality:
+            specs = speed_specs(args.ratios, scratch)
+        else:
+            rows, specs, scores = quality_rows("smollm2", args.ratios, scratch, args.threads, args.windows)
+            lines += ["## SmolLM2-135M: quality", "", *quality_table(rows, True), ""]
+            lines += ["Block scores (greedy: rank of removal, calibration loss in nats/token):", "", "```"]
+            lines += [*scores.table(), "```", ""]
         if not args.no_speed:
-            wanted = [
-                f"{round(SPEED_DEPTH[2] * 30)} blocks ({100 * round(SPEED_DEPTH[2] * 30) / 30:.0f}%), "
-                f"{SPEED_DEPTH[0]}, {SPEED_DEPTH[1]}"
-            ]
-            wanted += [label for label in specs if label.startswith("width")]
-            timed = speed_rows(
-                {label: specs[label] for label in wanted if label in specs}, scratch, args.threads, args.repeats
-            )
+            wanted = {label: spec for label, spec in specs.items() if label == SPEED_LABEL or label.startswith("width")}
             lines += [
                 "## SmolLM2-135M: speed (`xopt generate`, batch 1, 128-token prompt, 128 new tokens)",
                 "",
                 "| variant | prefill ms | decode tokens/s | prefill speed-up | decode speed-up |",
                 "|---|---|---|---|---|",
             ]
-            for label, prefill, decode, prefill_ratio, decode_ratio in timed:
+            for label, prefill, decode, prefill_ratio, decode_ratio in speed_rows(
+                wanted, scratch, args.threads, args.repeats
+            ):
                 lines.append(f"| {label} | {prefill:.0f} | {decode:.1f} | {prefill_ratio:.2f}× | {decode_ratio:.2f}× |")
             lines.append("")
-        if not args.no_minilm:
+        if not args.no_minilm and not args.no_quality:
             rows, _, _ = quality_rows("minilm", [], scratch, args.threads)
             lines += ["## MiniLM-L6: quality (post-norm: drop only)", "", *quality_table(rows, False), ""]
     lines.append(f"The run took {(time.perf_counter() - started) / 60:.0f} minutes.")
