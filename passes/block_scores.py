@@ -188,10 +188,8 @@ class _CalibrationLoss:
     def __init__(self, session, feeds: Sequence[dict[str, np.ndarray]], causal_lm: bool):
         self.session, self.feeds, self.causal_lm = session, list(feeds), causal_lm
         self.output = session.get_outputs()[0].name
-        self.reference = None if causal_lm else self._embeddings(np.ones(self._blocks(), np.float32))
-
-    def _blocks(self) -> int:
-        return sum(1 for i in self.session.get_inputs() if i.name.startswith(GATE_PREFIX))
+        blocks = sum(1 for i in session.get_inputs() if i.name.startswith(GATE_PREFIX))
+        self.reference = None if causal_lm else self._embeddings(np.ones(blocks, np.float32))
 
     def _run(self, feed: dict[str, np.ndarray], gates: np.ndarray) -> np.ndarray:
         inputs = {**feed, **{f"{GATE_PREFIX}{b}": gates[b : b + 1] for b in range(len(gates))}}

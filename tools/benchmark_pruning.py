@@ -20,6 +20,7 @@ MiniLM-L6 (6 post-norm blocks): drop 1 and 2 blocks per score; sentence-embeddin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -59,7 +60,7 @@ def scores_for(model, causal_lm: bool, most: int) -> dict[str, BlockScores]:
     scores.greedy_order, scores.greedy_loss, scores.base_loss = greedy_removal(model, feeds, most, causal_lm)
     both = {"drop": scores, "replaceme": scores}
     if 0 in scores.greedy_order:
-        kept_first = measure_distances(model, feeds)
+        kept_first = dataclasses.replace(scores)  # the same distances; only greedy's candidates differ
         kept_first.greedy_order, kept_first.greedy_loss, kept_first.base_loss = greedy_removal(
             model, feeds, most, causal_lm, first=1
         )
