@@ -12,9 +12,8 @@ over every calibration token t (padding excluded):
 - greedy: remove the block whose removal raises the calibration loss least, and repeat. The loss
   is the next-token cross-entropy (nats/token) of a causal LM, or 1 − the smallest cosine between
   an encoder's sentence embeddings and the full model's. Every candidate runs in one ONNX Runtime
-  session of a gated model, where each block's output is h_in + g_l·(h_out − h_in) with a gate
-  input g_l ∈ {0, 1} (g_l = 0 is h_in exactly: the block removed); it costs Σ_k (L − k) runs
-  over the first `GREEDY_WINDOWS` calibration windows.
+  session of the gated model of `block_gates.py` (gate g_l = 0: block l removed); it costs
+  Σ_k (L − k) runs over the first `GREEDY_WINDOWS` calibration windows.
 
 One pass over the calibration feeds gives every h_l; all pairs (l, m) are accumulated, so every
 window of every length is scored from that pass.
@@ -32,16 +31,14 @@ import onnx_ir as ir
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.block_boundaries import block_input, block_output
 from xopt.analysis.structure import TransformerStructure
-from xopt.backends.onnxruntime import create_session, run
+from xopt.backends.onnxruntime import create_session
 from xopt.calibration import probe_values
 from xopt.errors import XoptError
-from xopt.evaluate import cosine, log_softmax, mean_pool
-from xopt.rewrite import replace_value
+from xopt.passes.block_gates import CalibrationLoss, gate_name, gated_model
 
 logger = logging.getLogger(__name__)
 
 GREEDY_WINDOWS = 2
-GATE_PREFIX = "xopt_block_gate."
 
 
 @dataclass
@@ -143,72 +140,19 @@ def greedy_removal(
 ) -> tuple[list[int], list[float], float]:
     """The blocks greedy removes in turn (`steps` of them, from block `first` on), the loss after
     each, and the full model's loss."""
-    gated, blocks = gated_model(model)
-    session = create_session(gated, threads=threads)
-    loss = _CalibrationLoss(session, feeds[:GREEDY_WINDOWS], causal_lm)
-    open_gates = np.ones(blocks, np.float32)
-    base = loss(open_gates)
+    blocks = len(find_transformer_structure(model).blocks)
+    session = create_session(gated_model(model), threads=threads)
+    loss = CalibrationLoss(session, feeds[:GREEDY_WINDOWS], causal_lm)
+    base = loss({})
     order, losses = [], []
     for step in range(steps):
-        trials = {}
-        for block in (b for b in range(first, blocks) if open_gates[b]):
-            gates = open_gates.copy()
-            gates[block] = 0.0
-            trials[block] = loss(gates)
+        closed = {gate_name(b): 0.0 for b in order}
+        trials = {b: loss({**closed, gate_name(b): 0.0}) for b in range(first, blocks) if b not in order}
         chosen = min(trials, key=trials.get)
-        open_gates[chosen] = 0.0
         order.append(chosen)
         losses.append(trials[chosen])
         logger.info("greedy %d/%d: block %d removed, loss %.4f", step + 1, steps, chosen, trials[chosen])
     return order, losses, base
-
-
-def gated_model(model: ir.Model) -> tuple[ir.Model, int]:
-    """A copy of `model` whose block l's output is h_in + g_l·(h_out − h_in), g_l a float input
-    `xopt_block_gate.l` of shape [1]; and the number of blocks."""
-    gated = model.clone()
-    graph = gated.graph
-    structure = find_transformer_structure(gated)
-    for block in structure.blocks:
-        h_in, h_out = block_input(block), block_output(block, structure)  # h_in: the previous gated output
-        gate = ir.Value(name=f"{GATE_PREFIX}{block.index}", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
-        graph.inputs.append(gate)
-        delta = ir.node("Sub", inputs=[h_out, h_in])
-        scaled = ir.node("Mul", inputs=[delta.outputs[0], gate])
-        total = ir.node("Add", inputs=[h_in, scaled.outputs[0]])
-        replace_value(h_out, total.outputs[0])
-        delta.replace_input_with(0, h_out)  # the Sub reads the output it gates
-        graph.insert_after(h_out.producer(), [delta, scaled, total])
-    return gated, len(structure.blocks)
-
-
-class _CalibrationLoss:
-    """The loss of the gated model at given gates, over fixed feeds."""
-
-    def __init__(self, session, feeds: Sequence[dict[str, np.ndarray]], causal_lm: bool):
-        self.session, self.feeds, self.causal_lm = session, list(feeds), causal_lm
-        self.output = session.get_outputs()[0].name
-        blocks = sum(1 for i in session.get_inputs() if i.name.startswith(GATE_PREFIX))
-        self.reference = None if causal_lm else self._embeddings(np.ones(blocks, np.float32))
-
-    def _run(self, feed: dict[str, np.ndarray], gates: np.ndarray) -> np.ndarray:
-        inputs = {**feed, **{f"{GATE_PREFIX}{b}": gates[b : b + 1] for b in range(len(gates))}}
-        return run(self.session, inputs, [self.output])[self.output]
-
-    def _embeddings(self, gates: np.ndarray) -> list[np.ndarray]:
-        return [mean_pool(self._run(f, gates).astype(np.float64), f["attention_mask"]) for f in self.feeds]
-
-    def __call__(self, gates: np.ndarray) -> float:
-        if not self.causal_lm:
-            cosines = [cosine(a, b) for a, b in zip(self.reference, self._embeddings(gates), strict=True)]
-            return float(1.0 - np.min(np.concatenate(cosines)))
-        total, count = 0.0, 0
-        for feed in self.feeds:
-            logp = log_softmax(self._run(feed, gates))[:, :-1]
-            targets = feed["input_ids"][:, 1:]
-            total -= float(np.take_along_axis(logp, targets[..., None], axis=-1).sum())
-            count += targets.size
-        return total / count
 
 
 def _real_tokens(feed: dict[str, np.ndarray]) -> np.ndarray:

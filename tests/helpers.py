@@ -1,4 +1,5 @@
-"""Small models written in ONNX text, and a deliberately wrong pass, for unit tests."""
+"""Small models written in ONNX text, a deliberately wrong pass, and transformers' greedy generation,
+for unit tests."""
 
 from __future__ import annotations
 
@@ -75,3 +76,19 @@ def wide_linear_model(width: int = 64) -> ir.Model:
         [onnx.numpy_helper.from_array(weight, "w")],
     )
     return ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)]))
+
+
+def transformers_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """The `new_tokens` tokens a transformers causal LM generates greedily after `prompt`."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        output = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
+    return output[0, len(prompt) :].tolist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from helpers import transformers_greedy
 
 import xopt
 from xopt.cli import main
@@ -22,16 +22,7 @@ def _transformers_greedy(folder, prompt, new_tokens):
     import transformers
 
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        output = reference.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-        )
-    return output[0, len(prompt) :].tolist()
+    return transformers_greedy(reference, prompt, new_tokens)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "qwen2", "gemma"])

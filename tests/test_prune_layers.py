@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_folder
+from helpers import transformers_greedy
 
 import xopt
 from xopt.analysis import find_transformer_structure
@@ -21,6 +22,7 @@ from xopt.generate import Decoder
 from xopt.kv_cache import past_inputs
 from xopt.passes import CleanupPass, FusePass, PruneLayersPass
 from xopt.passes.block_scores import GREEDY_WINDOWS, measure_distances
+from xopt.passes.prune_layers import GUARD_WINDOWS, ReplaceMeFit, _guard
 from xopt.pipeline import PassManager
 from xopt.runnable import open_runnable
 
@@ -74,19 +76,6 @@ def _without_layers(folder, removed: list[int]):
     return model
 
 
-def _greedy(model, prompt, new_tokens):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        output = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-        )
-    return output[0, len(prompt) :].tolist()
-
-
 @pytest.mark.parametrize(("name", "score"), [("llama", "bi"), ("llama", "angular"), ("gpt2", "greedy")])
 def test_dropped_blocks_generate_what_transformers_generates_without_them(deep, tmp_path, name, score):
     folder, model = deep(name)
@@ -98,7 +87,7 @@ def test_dropped_blocks_generate_what_transformers_generates_without_them(deep, 
     ]
     xopt.save(pruned, tmp_path / "pruned")
     generated = Decoder(open_runnable(tmp_path / "pruned")).generate(PROMPT, 16).tokens
-    assert generated == _greedy(_without_layers(folder, removed), PROMPT, 16)
+    assert generated == transformers_greedy(_without_layers(folder, removed), PROMPT, 16)
 
 
 def test_scores_match_transformers_hidden_states(deep):
@@ -127,13 +116,8 @@ def test_greedy_removal_predicts_the_pruned_models_calibration_loss(deep):
     pruned, report = PassManager([PruneLayersPass(n=2, method="drop", score="greedy")], verify=False)(model)
     scores = report.passes[0].stats["scores"]
     assert len(scores["greedy_order"]) == len(scores["greedy_loss"]) == 2
-    session = xopt.backends.onnxruntime.create_session(pruned)
-    total, count = 0.0, 0
-    for feed in calibration_feeds(pruned)[:GREEDY_WINDOWS]:
-        logp = log_softmax(xopt.backends.onnxruntime.run(session, feed, ["logits"])["logits"])[:, :-1]
-        total -= np.take_along_axis(logp, feed["input_ids"][:, 1:, None], axis=-1).sum()
-        count += feed["input_ids"].size - 1
-    assert total / count == pytest.approx(scores["greedy_loss"][1], rel=1e-5)
+    loss = _nll(pruned, calibration_feeds(pruned)[:GREEDY_WINDOWS])
+    assert loss == pytest.approx(scores["greedy_loss"][1], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -184,7 +168,7 @@ def test_replaceme_predicts_the_pruned_models_stream_error(deep):
     """The fit's reported error is what the pruned model shows: its stream after the kept block,
     against the full model's stream after the removed one, on the calibration tokens."""
     _, model = deep("llama")
-    result = PruneLayersPass(n=1, score="bi")(model.clone())
+    result = PruneLayersPass(n=1, score="bi", guard=False)(model.clone())
     (start,) = result.stats["removed"]
     ((error_drop, error_fit),) = result.stats["fit_error"]
     before, after = find_transformer_structure(model), find_transformer_structure(result.model)
@@ -198,6 +182,43 @@ def test_replaceme_predicts_the_pruned_models_stream_error(deep):
     drop = sum(np.sum((o[target.name] - o[kept.name]).astype(np.float64) ** 2) for o in full)
     assert fit / drop == pytest.approx(error_fit / error_drop, rel=1e-3)
     assert error_fit < 0.5 * error_drop
+
+
+def _nll(model, feeds) -> float:
+    session = xopt.backends.onnxruntime.create_session(model)
+    total, count = 0.0, 0
+    for feed in feeds:
+        logp = log_softmax(xopt.backends.onnxruntime.run(session, feed, ["logits"])["logits"])[:, :-1]
+        total -= np.take_along_axis(logp, feed["input_ids"][:, 1:, None], axis=-1).sum()
+        count += feed["input_ids"].size - 1
+    return total / count
+
+
+def test_replaceme_guard_predicts_the_pruned_models_held_out_loss(deep):
+    """The gated model with switched maps is the pruned model exactly: its held-out loss is the guard's
+    figure, and the guard never does worse than drop."""
+    _, model = deep("llama")
+    result = PruneLayersPass(blocks="2+4", windows=3)(model.clone())
+    guard = result.stats["guard"]
+    held_out = calibration_feeds(model, windows=3 + GUARD_WINDOWS)[3:]
+    assert len(held_out) == GUARD_WINDOWS
+    assert _nll(result.model, held_out) == pytest.approx(guard["kept"], rel=1e-5)
+    assert guard["kept"] <= min(guard["drop"], guard["all_maps"])
+    dropped = PruneLayersPass(blocks="2+4", method="drop")(model.clone()).model
+    assert _nll(dropped, held_out) == pytest.approx(guard["drop"], rel=1e-5)
+
+
+def test_replaceme_guard_leaves_out_a_map_that_raises_the_loss(deep):
+    """Two runs: an identity map (the same loss as drop: kept) and a wild one (left out)."""
+    _, model = deep("llama")
+    width = find_transformer_structure(model).blocks[0].mlp.down.out_features
+    wild = np.random.default_rng(0).standard_normal((width, width)) * 10
+    fits = [ReplaceMeFit(np.eye(width), 1.0, 1.0), ReplaceMeFit(wild, 1.0, 1.0)]
+    held_out = calibration_feeds(model, windows=2)
+    keep, stats, line = _guard(model, [2, 4], [(2, 2), (4, 4)], fits, held_out, True, 2)
+    assert keep == [True, False]
+    assert stats["kept"] == stats["drop"] < stats["all_maps"]
+    assert "kept the maps of 2–2" in line
 
 
 def test_explicit_blocks_are_removed_and_checked(deep):

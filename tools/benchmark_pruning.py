@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from benchmark import machine_description, versions  # noqa: E402
 from benchmark_decode import xopt_variant  # noqa: E402
-from benchmark_quantization import source_folder  # noqa: E402
+from benchmark_quantization import quality_cells, quality_columns, source_folder  # noqa: E402
 
 SCORES = ("bi", "angular", "greedy")
 METHODS = ("drop", "replaceme")
@@ -118,7 +118,10 @@ def speed_specs(ratios: list[float], scratch: Path) -> dict[str, str]:
 
 def measured(captured, spec: str, label: str, removed: str, scratch: Path, reference, text: str, threads: int):
     start = time.perf_counter()
-    pruned, _ = PassManager(parse_spec(spec), verify=False)(captured)
+    pruned, report = PassManager(parse_spec(spec), verify=False)(captured)
+    stats = report.passes[-1].stats
+    if "maps_kept" in stats and stats["maps_kept"] < len(stats["fit_error"]):  # ReplaceMe's guard
+        label += f" (guard kept {stats['maps_kept']} of {len(stats['fit_error'])} maps)"
     folder = scratch / "variant"
     xopt.save(pruned, folder)
     quality = evaluate(open_runnable(folder, threads=threads), text, reference)
@@ -173,19 +176,10 @@ def speed_rows(specs: dict[str, str], scratch: Path, threads: int, repeats: int)
 
 def quality_table(rows, causal_lm: bool, column: str = "blocks removed") -> list[str]:
     """Markdown rows; the perplexity increase is over the first row's."""
-    metrics = "perplexity | vs first row | KL | top-1" if causal_lm else "cos min | cos mean"
-    lines = [
-        f"| variant | {column} | params (M) | {metrics} |",
-        "|---|---|---|" + "---|" * (4 if causal_lm else 2),
-    ]
-    base = rows[0][3]
+    header = f"| variant | {column} | params (M) | {quality_columns(causal_lm, 'first row')} |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for label, removed, params, q in rows:
-        if causal_lm:
-            increase = 100 * (q.perplexity / base.perplexity - 1)
-            values = f"{q.perplexity:.2f} | {increase:+.1f}% | {q.kl:.3f} | {100 * q.top1_agreement:.1f}%"
-        else:
-            values = f"{q.cosine_min:.4f} | {q.cosine_mean:.4f}"
-        lines.append(f"| {label} | {removed} | {params / 1e6:.1f} | {values} |")
+        lines.append(f"| {label} | {removed} | {params / 1e6:.1f} | {quality_cells(q, rows[0][3], causal_lm)} |")
     return lines
 
 

@@ -101,19 +101,25 @@ def rows_for(name: str, groups: list[int], scratch: Path, threads: int) -> tuple
     return rows, notes
 
 
+def quality_columns(causal_lm: bool, base: str = "fp32") -> str:
+    return f"perplexity | vs {base} | KL | top-1" if causal_lm else "cos min | cos mean"
+
+
+def quality_cells(q: Quality, base: Quality, causal_lm: bool) -> str:
+    """Markdown cells: perplexity, its increase over `base`'s, KL and top-1 agreement; or the
+    embedding cosine's min and mean."""
+    if not causal_lm:
+        return f"{q.cosine_min:.4f} | {q.cosine_mean:.4f}"
+    increase = 100 * (q.perplexity / base.perplexity - 1)
+    return f"{q.perplexity:.3f} | {increase:+.1f}% | {q.kl:.4f} | {100 * q.top1_agreement:.1f}%"
+
+
 def table(name: str, rows) -> list[str]:
     causal = name == "smollm2"
-    metrics = "perplexity | vs fp32 | KL | top-1" if causal else "cos min | cos mean"
-    header = f"| variant | group | {metrics} | s |"
+    header = f"| variant | group | {quality_columns(causal)} | s |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    fp32 = rows[0][2]
     for label, group, q, seconds in rows:
-        if causal:
-            increase = 100 * (q.perplexity / fp32.perplexity - 1)
-            values = f"{q.perplexity:.3f} | {increase:+.1f}% | {q.kl:.4f} | {100 * q.top1_agreement:.1f}%"
-        else:
-            values = f"{q.cosine_min:.4f} | {q.cosine_mean:.4f}"
-        lines.append(f"| {label} | {group or '—'} | {values} | {seconds:.0f} |")
+        lines.append(f"| {label} | {group or '—'} | {quality_cells(q, rows[0][2], causal)} | {seconds:.0f} |")
     return lines
 
 
