@@ -6,13 +6,15 @@ CPU (a fused contrib op can be several times slower than the standard ops it rep
 machine and faster on another), so it is measured, not assumed. Both models run in sessions of
 this process with the same thread count, spinning off, on the same sample inputs, in interleaved
 rounds (median of `rounds` after `warmup`); the candidate is kept only when
-`median(current) / median(candidate) ≥ min_speedup`: a tie keeps the standard form. For a decoder
+`median(current) / median(candidate) ≥ min_speedup`: a tie keeps the standard form. The two
+medians are kept with the verdict (a report shows the time before and after). For a decoder
 with a KV cache the time compared is that of a generation: prefill of S tokens plus S decode
 steps of one token on a past of S (`t_prefill + S · t_step`), since a lowering can speed one
 and slow the other; a model that can update its cache in place is timed so (one buffer per layer
 bound as past and present, as `xopt generate` runs it). A first
-ratio within `NEAR_TIE` of the threshold is measured again over twice the rounds and the two are
-averaged, weighted by rounds, so that a verdict rests on more samples where noise could flip it.
+ratio within `NEAR_TIE` of the threshold is measured again over twice the rounds and each form's
+two medians are averaged, weighted by rounds, so that a verdict rests on more samples where noise
+could flip it.
 
 Verdicts are cached in a JSON file keyed by the family, the model's shape signature, the operator
 counts of both forms (so a changed lowering, or a different set of families kept before it, is
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -47,8 +50,14 @@ NEAR_TIE = 0.03  # a first speedup within this of the threshold is re-measured w
 @dataclass
 class Verdict:
     keep: bool
-    speedup: float  # median(current) / median(candidate); above 1: the candidate is faster
+    current_ms: float  # median time of the current form (a generation's total for a KV-cache model)
+    candidate_ms: float
     cached: bool
+
+    @property
+    def speedup(self) -> float:
+        """current / candidate: above 1, the candidate is faster."""
+        return self.current_ms / self.candidate_ms
 
 
 def timed_sequence(structure: TransformerStructure, wanted: int) -> int:
@@ -73,14 +82,15 @@ class LoweringChooser:
     def choose(self, family: str, signature: dict, current: ir.Model, candidate: ir.Model) -> Verdict:
         key = self._key(family, {**signature, "current": _op_counts(current), "candidate": _op_counts(candidate)})
         cache = self._read_cache()
-        if key in cache:
-            return Verdict(cache[key] >= self.min_speedup, cache[key], cached=True)
-        speedup = self._measure(current, candidate)
-        cache[key] = speedup
-        self._write_cache(cache)
-        return Verdict(speedup >= self.min_speedup, speedup, cached=False)
+        cached = key in cache
+        if not cached:
+            cache[key] = self._measure(current, candidate)
+            self._write_cache(cache)
+        current_ms, candidate_ms = cache[key]
+        return Verdict(current_ms / candidate_ms >= self.min_speedup, current_ms, candidate_ms, cached)
 
-    def _measure(self, current: ir.Model, candidate: ir.Model) -> float:
+    def _measure(self, current: ir.Model, candidate: ir.Model) -> tuple[float, float]:
+        """Median times (ms) of the current and the candidate form."""
         from xopt.bench import time_interleaved
         from xopt.inputs import sample_inputs
 
@@ -94,23 +104,25 @@ class LoweringChooser:
             for workload, (feeds, _) in workloads.items():
                 runners[f"{label} {workload}"] = _runner(session, model, feeds)
 
-        def ratio(rounds: int) -> float:
+        def times(rounds: int) -> np.ndarray:
             medians = {t.label: t.median_ms for t in time_interleaved(runners, rounds=rounds, warmup=self.warmup)}
-            total = {
-                label: sum(count * medians[f"{label} {w}"] for w, (_, count) in workloads.items())
-                for label in ("current", "candidate")
-            }
-            return total["current"] / total["candidate"]
+            return np.array(
+                [
+                    sum(count * medians[f"{label} {w}"] for w, (_, count) in workloads.items())
+                    for label in ("current", "candidate")
+                ]
+            )
 
-        speedup = ratio(self.rounds)
-        if abs(speedup - self.min_speedup) < NEAR_TIE:  # a verdict that noise could flip: look longer
-            speedup = (speedup + 2 * ratio(2 * self.rounds)) / 3  # weighted by rounds
-        return speedup
+        medians = times(self.rounds)
+        if abs(medians[0] / medians[1] - self.min_speedup) < NEAR_TIE:  # a verdict that noise could flip: look longer
+            medians = (medians + 2 * times(2 * self.rounds)) / 3  # weighted by rounds
+        return float(medians[0]), float(medians[1])
 
     def _key(self, family: str, signature: dict) -> str:
         facts = {
             "family": family,
             "signature": signature,
+            "cache_format": 2,  # [current ms, candidate ms]
             "batch": self.batch,
             "sequence": self.sequence,
             "threads": self.threads,
@@ -127,13 +139,13 @@ class LoweringChooser:
         )
         return Path(folder) / CACHE_FILE
 
-    def _read_cache(self) -> dict[str, float]:
+    def _read_cache(self) -> dict[str, list[float]]:
         try:
             return json.loads(self.cache_path.read_text())
         except (OSError, ValueError):
             return {}
 
-    def _write_cache(self, cache: dict[str, float]) -> None:
+    def _write_cache(self, cache: dict[str, list[float]]) -> None:
         """Atomic replace; a cache that cannot be written only costs a re-measurement later."""
         path = self.cache_path
         try:

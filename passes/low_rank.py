@@ -20,7 +20,8 @@ calibration error it causes is smallest. A matrix is factored only when k(n + m)
 parameters); with `objective=speed` (the default) also only where ONNX Runtime runs the pair of
 MatMuls faster than the dense one at the target batch and sequence (timed on this machine, cached:
 `backends/lowering.py`); `objective=size` factors wherever it saves parameters. The explain lists
-every matrix: rank, parameters saved, measured speedup and the decision.
+every matrix: rank, parameters saved, the measured time of the dense and the factored form, and
+the decision.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import scipy.linalg
 
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.patterns import Linear
-from xopt.calibration import calibration_feeds, probe_values
+from xopt.backends.lowering import LoweringChooser, Verdict
+from xopt.calibration import SecondMoment, calibration_feeds, second_moments
 from xopt.errors import XoptError
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import drop_if_unused, new_initializer, owns_weight, replace_linear, weight_dtype, weight_in_out
@@ -90,7 +92,10 @@ class LowRankPass(Pass):
         if not 0 <= self.ratio < 1 or not 0 <= self.energy <= 1:
             raise XoptError("ratio must lie in [0, 1) and energy in (0, 1]")
         linears, explain = self._targets(model)
-        statistics = self._statistics(model, [x for _, x in linears]) if self.method != "svd" else {}
+        statistics = {}
+        if self.method != "svd":
+            feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
+            statistics = second_moments(model, [linear.input for _, linear in linears], feeds, threads=self.threads)
         factors = [
             Factors(
                 label,
@@ -104,15 +109,20 @@ class LowRankPass(Pass):
                 f.rank = int(np.searchsorted(np.cumsum(f.energy) / f.energy.sum(), self.energy - 1e-12) + 1)
         else:
             _allocate(factors, self.ratio)
-        speedups = self._timed(factors) if self.objective == "speed" else {}
+        verdicts = self._timed(factors) if self.objective == "speed" else {}
         graph, saved, factored = model.graph, 0, 0
         for f in factors:
             n, m = f.shape
-            speedup = speedups.get((n, m, f.rank))
-            timing = f", measured {speedup:.2f}×" if speedup is not None else ""
+            verdict = verdicts.get((n, m, f.rank))
+            timing = ""
+            if verdict is not None:
+                timing = (
+                    f", measured {verdict.current_ms:.3f} ms dense → {verdict.candidate_ms:.3f} ms factored "
+                    f"({verdict.speedup:.2f}×)"
+                )
             if f.saved(f.rank) == 0:
                 explain.append(f"{f.label}: kept dense: rank {f.rank} of {n}×{m} saves no parameters")
-            elif speedup is not None and speedup < MIN_SPEEDUP:
+            elif verdict is not None and not verdict.keep:
                 explain.append(f"{f.label}: kept dense: rank {f.rank} is not faster{timing}")
             else:
                 _factor_linear(graph, f)
@@ -155,54 +165,40 @@ class LowRankPass(Pass):
             raise XoptError(f"no linear matches targets={self.targets}")
         return linears, explain
 
-    def _statistics(self, model: ir.Model, linears: list[Linear]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-        """Per input value: Σ xxᵀ, Σ|x| and the token count over the calibration runs."""
-        feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
-        inputs = list({linear.input.name: linear.input for linear in linears}.values())
-        sums: dict[str, list] = {}
-        for outputs in probe_values(model, inputs, feeds, threads=self.threads):
-            for name, array in outputs.items():
-                x = array.reshape(-1, array.shape[-1]).astype(np.float64)
-                entry = sums.setdefault(name, [np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]), 0])
-                entry[0] += x.T @ x
-                entry[1] += np.abs(x).sum(axis=0)
-                entry[2] += len(x)
-        return {name: (gram, absolute, count) for name, (gram, absolute, count) in sums.items()}
-
-    def _timed(self, factors: list[Factors]) -> dict[tuple[int, int, int], float]:
-        """Speedup of the factored pair over the dense MatMul, per distinct (n, m, k)."""
-        from xopt.backends.lowering import LoweringChooser
-
+    def _timed(self, factors: list[Factors]) -> dict[tuple[int, int, int], Verdict]:
+        """The factored pair timed against the dense MatMul, per distinct (n, m, k)."""
         chooser = LoweringChooser(
             threads=self.threads, batch=self.batch, sequence=self.sequence, min_speedup=MIN_SPEEDUP
         )
-        speedups = {}
+        verdicts = {}
         for f in factors:
             n, m = f.shape
             key = (n, m, f.rank)
-            if key in speedups or f.saved(f.rank) == 0:
+            if key in verdicts or f.saved(f.rank) == 0:
                 continue
             signature = {"n": n, "m": m, "k": f.rank}
-            verdict = chooser.choose("low-rank", signature, _matmul_model(n, m, None), _matmul_model(n, m, f.rank))
-            speedups[key] = verdict.speedup
-        return speedups
+            verdicts[key] = chooser.choose(
+                "low-rank", signature, _matmul_model(n, m, None), _matmul_model(n, m, f.rank)
+            )
+        return verdicts
 
 
 def factor_weight(
-    weight: np.ndarray, method: str, statistics: tuple[np.ndarray, np.ndarray, int] | None, alpha: float = 0.5
+    weight: np.ndarray, method: str, statistics: SecondMoment | None, alpha: float = 0.5, damp: float = DAMP
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(left [n, r], right [r, m], σ² descending) with weight ≈ left[:, :k]·right[:k] at rank k;
-    `statistics` = (Σ xxᵀ, Σ|x|, tokens) of the input for asvd and svdllm."""
+    `statistics` (Σ xxᵀ, Σ|x|, tokens of the input) for asvd and svdllm; svdllm adds
+    `damp` · mean diag(XᵀX) to the diagonal before its Cholesky factor."""
     if method == "svd":
         u, sigma, vt = np.linalg.svd(weight, full_matrices=False)
         return u * sigma, vt, sigma**2
-    gram, absolute, count = statistics
+    gram = statistics.matrix
     if method == "asvd":
-        scale = np.maximum(absolute / count, 1e-8) ** alpha
+        scale = np.maximum(statistics.absolute / statistics.tokens, 1e-8) ** alpha
         u, sigma, vt = np.linalg.svd(scale[:, None] * weight, full_matrices=False)
         return (u * sigma) / scale[:, None], vt, sigma**2
-    damp = DAMP * max(np.trace(gram) / len(gram), 1e-30)
-    factor = scipy.linalg.cholesky(gram + damp * np.eye(len(gram)), lower=True)  # XᵀX = S·Sᵀ
+    shift = damp * max(np.trace(gram) / len(gram), 1e-30)
+    factor = scipy.linalg.cholesky(gram + shift * np.eye(len(gram)), lower=True)  # XᵀX = S·Sᵀ
     u, sigma, vt = np.linalg.svd(factor.T @ weight, full_matrices=False)
     return scipy.linalg.solve_triangular(factor.T, u * sigma, lower=False), vt, sigma**2  # S⁻ᵀ·U·Σ
 

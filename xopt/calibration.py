@@ -46,6 +46,7 @@ SAMPLE_ROWS = 128
 @dataclass
 class SecondMoment:
     matrix: np.ndarray  # Σ x xᵀ, float64 [d, d]
+    absolute: np.ndarray  # Σ |x|, float64 [d]
     tokens: int
 
 
@@ -91,14 +92,15 @@ def calibration_feeds(
 def second_moments(
     model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]], *, threads: int | None = None
 ) -> dict[str, SecondMoment]:
-    """Σ x xᵀ over the calibration tokens of each value in `values` (by value name)."""
+    """Σ x xᵀ and Σ |x| over the calibration tokens of each value in `values` (by value name)."""
     moments: dict[str, SecondMoment] = {}
     for outputs in probe_values(model, values, feeds, threads=threads):
         for name, array in outputs.items():
             x = array.reshape(-1, array.shape[-1]).astype(np.float64)
             if name not in moments:
-                moments[name] = SecondMoment(np.zeros((x.shape[1], x.shape[1])), 0)
+                moments[name] = SecondMoment(np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]), 0)
             moments[name].matrix += x.T @ x
+            moments[name].absolute += np.abs(x).sum(axis=0)
             moments[name].tokens += x.shape[0]
     return moments
 
