@@ -8,9 +8,10 @@ g_l = 1 is the block as it is, g_l = 0 is h_in exactly: the block removed (`gree
 `block_scores.py`). Given a map T_l for block l (ReplaceMe, `prune_layers.py`), its MLP output M
 becomes
 
-    M' = M + s_l · (M·T_l − M),    s_l a float input `xopt_map_switch.l`:
+    M' = M + s_l · (M·T_l − M),    s_l a float input `xopt_switch.l`:
 
 s_l = 0 is the block as it is, s_l = 1 writes M·T_l, as the down projection W·T_l would.
+`add_switch` puts such a switch on any value (`low_rank.py` switches a linear to its factored form).
 
 `CalibrationLoss` runs such a session over fixed calibration feeds at given gates and switches
 (every gate open and every switch off unless given): the next-token cross-entropy (nats/token) of
@@ -33,7 +34,7 @@ from xopt.evaluate import cosine, log_softmax, mean_pool
 from xopt.rewrite import new_initializer, replace_value
 
 GATE_PREFIX = "xopt_block_gate."
-SWITCH_PREFIX = "xopt_map_switch."
+SWITCH_PREFIX = "xopt_switch."
 
 
 def gate_name(block: int) -> str:
@@ -54,18 +55,17 @@ def gated_model(model: ir.Model, maps: Mapping[int, np.ndarray] | None = None) -
         output = sublayer_output(structure.blocks[index].mlp)
         weight = new_initializer(graph, f"xopt_map.{index}", transform, np.float32)
         mapped = ir.node("MatMul", inputs=[output, weight])
-        _blend(
-            graph,
-            output,
-            base=output,
-            other=mapped.outputs[0],
-            weight=_control(graph, switch_name(index)),
-            first=[mapped],
-        )
+        add_switch(graph, output, mapped.outputs[0], [mapped], index)
     for block in structure.blocks:
         h_in, h_out = block_input(block), block_output(block, structure)  # h_in: the previous gated output
         _blend(graph, h_out, base=h_in, other=h_out, weight=_control(graph, gate_name(block.index)))
     return gated
+
+
+def add_switch(graph: ir.Graph, value: ir.Value, other: ir.Value, first: Sequence[ir.Node], index: int) -> None:
+    """Readers of `value` read value + s·(other − value) instead, s the input `switch_name(index)`;
+    the nodes `first` compute `other` from what `value`'s producer reads or from `value`."""
+    _blend(graph, value, base=value, other=other, weight=_control(graph, switch_name(index)), first=first)
 
 
 def _control(graph: ir.Graph, name: str) -> ir.Value:

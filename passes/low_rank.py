@@ -16,7 +16,14 @@ transformed matrix). `ratio=R` removes a fraction R of the targeted matrices' pa
 component i of matrix j costs e_ij = σ_ij² / Σ_i σ_ij² (its share of the matrix's output energy
 under `svdllm`, a proxy under the others) and the components below a common threshold τ go,
 τ found by bisection so that the parameters saved reach R; the budget is spent where the
-calibration error it causes is smallest. A matrix is factored only when k(n + m) < n·m (fewer
+calibration error it causes is smallest. That error is local: with `allocation=sensitivity` each
+matrix's costs are weighted by how much the task loss (`block_gates.CalibrationLoss`: next-token
+NLL, or 1 − min embedding cosine) moves per unit of it. Matrix j alone is truncated to the rank
+that saves the fraction R of its own parameters, relative error ε_j = Σ_{i>k} e_ij; with ΔL_j the
+loss increase on `SENSITIVITY_WINDOWS` calibration windows, the cost becomes w_j·e_ij with
+w_j = ΔL_j / ε_j (first order: ΔL ≈ Σ_j w_j ε_j; a ΔL_j ≤ 0 counts as the smallest positive one).
+All L + 1 runs share one ONNX Runtime session of a copy in which each matrix is switched between
+its dense and its truncated form (`block_gates.add_switch`). A matrix is factored only when k(n + m) < n·m (fewer
 parameters); with `objective=speed` (the default) also only where ONNX Runtime runs the pair of
 MatMuls faster than the dense one at the target batch and sequence (timed on this machine, cached:
 `backends/lowering.py`); `objective=size` factors wherever it saves parameters. The explain lists
@@ -37,16 +44,21 @@ import scipy.linalg
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.patterns import Linear
 from xopt.backends.lowering import LoweringChooser, Verdict
+from xopt.backends.onnxruntime import create_session
 from xopt.calibration import SecondMoment, calibration_feeds, second_moments
+from xopt.capture.huggingface import TASK_CAUSAL_LM
 from xopt.errors import XoptError
+from xopt.passes.block_gates import CalibrationLoss, add_switch, switch_name
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import drop_if_unused, new_initializer, owns_weight, replace_linear, weight_dtype, weight_in_out
+from xopt.runnable import model_task
 
 logger = logging.getLogger(__name__)
 
 DAMP = 1e-6
 MIN_SPEEDUP = 1.03  # the factored pair must be this much faster than the dense MatMul (objective=speed)
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+SENSITIVITY_WINDOWS = 1
 
 
 @dataclass
@@ -79,6 +91,7 @@ class LowRankPass(Pass):
     method: Literal["svd", "asvd", "svdllm"] = "svdllm"
     targets: str = "q+k+v+o+gate+up+down"  # which linears of each block, joined by '+'
     objective: Literal["speed", "size"] = "speed"
+    allocation: Literal["energy", "sensitivity"] = "energy"  # how ratio= spends its budget (module doc)
     alpha: float = 0.5  # ASVD's exponent
     calibration: str = ""  # text file; empty: the bundled calibration text
     windows: int = 8  # calibration windows of 512 tokens
@@ -91,10 +104,14 @@ class LowRankPass(Pass):
             raise XoptError("give exactly one of ratio=R (parameters removed) or energy=E (spectrum kept)")
         if not 0 <= self.ratio < 1 or not 0 <= self.energy <= 1:
             raise XoptError("ratio must lie in [0, 1) and energy in (0, 1]")
+        if self.allocation == "sensitivity" and not self.ratio:
+            raise XoptError("allocation=sensitivity spends a ratio=R budget; energy=E sets every rank itself")
         linears, explain = self._targets(model)
         statistics = {}
-        if self.method != "svd":
+        feeds = []
+        if self.method != "svd" or self.allocation == "sensitivity":
             feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
+        if self.method != "svd":
             statistics = second_moments(model, [linear.input for _, linear in linears], feeds, threads=self.threads)
         factors = [
             Factors(
@@ -107,8 +124,15 @@ class LowRankPass(Pass):
         if self.energy:
             for f in factors:
                 f.rank = int(np.searchsorted(np.cumsum(f.energy) / f.energy.sum(), self.energy - 1e-12) + 1)
+        elif self.allocation == "sensitivity":
+            weights = self._sensitivities(model, factors, feeds)
+            _allocate(factors, self.ratio, weights / weights.max())
+            explain.append(
+                f"sensitivity (loss per unit of relative error) from {min(len(feeds), SENSITIVITY_WINDOWS)} "
+                f"calibration runs: min {weights.min():.3g}, median {np.median(weights):.3g}, max {weights.max():.3g}"
+            )
         else:
-            _allocate(factors, self.ratio)
+            _allocate(factors, self.ratio, np.ones(len(factors)))
         verdicts = self._timed(factors) if self.objective == "speed" else {}
         graph, saved, factored = model.graph, 0, 0
         for f in factors:
@@ -165,6 +189,26 @@ class LowRankPass(Pass):
             raise XoptError(f"no linear matches targets={self.targets}")
         return linears, explain
 
+    def _sensitivities(self, model: ir.Model, factors: list[Factors], feeds) -> np.ndarray:
+        """w_j = ΔL_j / ε_j for each matrix truncated alone to save `ratio` of its parameters."""
+        switched = model.clone()
+        linears = dict(self._targets(switched)[0])
+        probes = []
+        for index, f in enumerate(factors):
+            n, m = f.shape
+            rank = max(1, int((1 - self.ratio) * n * m / (n + m)))
+            probes.append(float(f.energy[rank:].sum() / max(f.energy.sum(), 1e-300)))
+            linear = linears[f.label]
+            first, second = _factor_nodes(switched.graph, linear, f.left[:, :rank], f.right[:rank])
+            add_switch(switched.graph, linear.node.outputs[0], second.outputs[0], [first, second], index)
+        causal_lm = model_task(model) == TASK_CAUSAL_LM
+        session = create_session(switched, threads=self.threads)
+        loss = CalibrationLoss(session, feeds[:SENSITIVITY_WINDOWS], causal_lm)
+        base = loss({})
+        rises = np.array([loss({switch_name(j): 1.0}) - base for j in range(len(factors))])
+        floor = rises[rises > 0].min() if np.any(rises > 0) else 1.0
+        return np.maximum(rises, floor) / np.maximum(probes, 1e-12)
+
     def _timed(self, factors: list[Factors]) -> dict[tuple[int, int, int], Verdict]:
         """The factored pair timed against the dense MatMul, per distinct (n, m, k)."""
         chooser = LoweringChooser(
@@ -203,9 +247,10 @@ def factor_weight(
     return scipy.linalg.solve_triangular(factor.T, u * sigma, lower=False), vt, sigma**2  # S⁻ᵀ·U·Σ
 
 
-def _allocate(factors: list[Factors], ratio: float) -> None:
-    """Ranks that save `ratio` of the parameters, dropping the components of least relative energy."""
-    shares = [f.energy / max(f.energy.sum(), 1e-300) for f in factors]
+def _allocate(factors: list[Factors], ratio: float, weights: np.ndarray) -> None:
+    """Ranks that save `ratio` of the parameters, dropping the components of least weighted relative
+    energy w_j·e_ij (weights in (0, 1])."""
+    shares = [w * f.energy / max(f.energy.sum(), 1e-300) for f, w in zip(factors, weights, strict=True)]
     target = ratio * sum(f.shape[0] * f.shape[1] for f in factors)
 
     def ranks(threshold: float) -> list[int]:
@@ -222,19 +267,23 @@ def _allocate(factors: list[Factors], ratio: float) -> None:
         f.rank = max(k, 1)
 
 
-def _factor_linear(graph: ir.Graph, f: Factors) -> None:
-    """x·W → (x·A)·B with A = left[:, :k], B = right[:k] (the bias, if any, stays after)."""
-    linear, k = f.linear, f.rank
+def _factor_nodes(graph: ir.Graph, linear: Linear, left: np.ndarray, right: np.ndarray) -> tuple[ir.Node, ir.Node]:
+    """The MatMuls (x·A)·B for a linear's input x (not inserted), A and B stored in its weight's dtype."""
     dtype = weight_dtype(linear.weight)
     base = linear.name
-    first = ir.node("MatMul", inputs=[linear.input, new_initializer(graph, f"{base}_lowrank_a", f.left[:, :k], dtype)])
-    second = ir.node(
-        "MatMul", inputs=[first.outputs[0], new_initializer(graph, f"{base}_lowrank_b", f.right[:k], dtype)]
-    )
+    first = ir.node("MatMul", inputs=[linear.input, new_initializer(graph, f"{base}_lowrank_a", left, dtype)])
+    second = ir.node("MatMul", inputs=[first.outputs[0], new_initializer(graph, f"{base}_lowrank_b", right, dtype)])
     hidden = first.outputs[0]
     hidden.dtype = linear.input.dtype
     if linear.input.shape is not None:
-        hidden.shape = ir.Shape([*list(linear.input.shape)[:-1], k])
+        hidden.shape = ir.Shape([*list(linear.input.shape)[:-1], left.shape[1]])
+    return first, second
+
+
+def _factor_linear(graph: ir.Graph, f: Factors) -> None:
+    """x·W → (x·A)·B with A = left[:, :k], B = right[:k] (the bias, if any, stays after)."""
+    linear, k = f.linear, f.rank
+    first, second = _factor_nodes(graph, linear, f.left[:, :k], f.right[:k])
     graph.insert_before(linear.node, first)
     weight = linear.weight
     replace_linear(graph, linear, second)

@@ -1,5 +1,5 @@
-"""Small models written in ONNX text, a deliberately wrong pass, and transformers' greedy generation,
-for unit tests."""
+"""Small models written in ONNX text, a deliberately wrong pass, transformers' greedy generation and
+a causal LM's loss, for unit tests."""
 
 from __future__ import annotations
 
@@ -92,3 +92,19 @@ def transformers_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
             do_sample=False,
         )
     return output[0, len(prompt) :].tolist()
+
+
+def next_token_nll(model: ir.Model, feeds) -> float:
+    """Mean next-token negative log-likelihood (nats/token) of a causal LM over calibration feeds."""
+    import numpy as np
+
+    from xopt.backends.onnxruntime import create_session, run
+    from xopt.evaluate import log_softmax
+
+    session = create_session(model)
+    total, count = 0.0, 0
+    for feed in feeds:
+        logp = log_softmax(run(session, feed, ["logits"])["logits"])[:, :-1]
+        total -= np.take_along_axis(logp, feed["input_ids"][:, 1:, None], axis=-1).sum()
+        count += feed["input_ids"].size - 1
+    return total / count

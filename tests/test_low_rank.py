@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import next_token_nll
 
 import xopt
-from xopt.calibration import SecondMoment
+from xopt.calibration import SecondMoment, calibration_feeds
 from xopt.errors import XoptError
 from xopt.generate import Decoder
 from xopt.passes import CleanupPass, FusePass, LowRankPass
-from xopt.passes.low_rank import factor_weight
+from xopt.passes.low_rank import SENSITIVITY_WINDOWS, Factors, _factor_linear, factor_weight
 from xopt.pipeline import PassManager
+from xopt.rewrite import weight_in_out
 from xopt.runnable import open_runnable
 
 
@@ -70,6 +72,38 @@ def test_an_energy_of_one_keeps_every_matrix_dense(cleaned):
     result = LowRankPass(energy=1.0, objective="size")(cleaned.clone())
     assert not result.modified and result.stats["factored"] == 0
     assert all("saves no parameters" in line for line in result.explain[1:])
+
+
+def test_sensitivity_is_the_loss_rise_of_each_matrix_truncated_alone(cleaned):
+    """The switched copy's runs are the truncated models exactly: w_j·ε_j = ΔL_j (a ΔL_j ≤ 0 counts
+    as the smallest positive one)."""
+    low_rank = LowRankPass(ratio=0.6, allocation="sensitivity")
+    linears, _ = low_rank._targets(cleaned)
+    factors = [Factors(label, x, *factor_weight(weight_in_out(x), "svd", None)) for label, x in linears]
+    feeds = calibration_feeds(cleaned, windows=SENSITIVITY_WINDOWS)
+    weights = low_rank._sensitivities(cleaned, factors, feeds)
+    base = next_token_nll(cleaned, feeds)
+    rises, shares = [], []
+    for f in factors:
+        n, m = f.shape
+        rank = int(0.4 * n * m / (n + m))
+        truncated = cleaned.clone()
+        own = dict(low_rank._targets(truncated)[0])[f.label]
+        _factor_linear(truncated.graph, Factors(f.label, own, f.left, f.right, f.energy, rank))
+        rises.append(next_token_nll(truncated, feeds) - base)
+        shares.append(f.energy[rank:].sum() / f.energy.sum())
+    rises = np.array(rises)
+    assert np.count_nonzero(rises > 1e-4) >= 3  # random weights: truncation lowers the loss as often
+    expected = np.maximum(rises, rises[rises > 0].min())
+    np.testing.assert_allclose(weights * np.array(shares), expected, rtol=1e-3, atol=1e-6)
+
+
+def test_sensitivity_allocation_meets_the_budget(cleaned):
+    result = LowRankPass(ratio=0.3, allocation="sensitivity", objective="size")(cleaned.clone())
+    assert result.stats["params_saved"] / result.stats["target_params"] == pytest.approx(0.3, abs=0.02)
+    assert any(line.startswith("sensitivity") for line in result.explain)
+    with pytest.raises(XoptError, match="spends a ratio"):
+        LowRankPass(energy=0.9, allocation="sensitivity")(cleaned.clone())
 
 
 def test_the_speed_objective_times_every_candidate(cleaned):

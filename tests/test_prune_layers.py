@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_folder
-from helpers import transformers_greedy
+from helpers import next_token_nll, transformers_greedy
 
 import xopt
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.block_boundaries import block_output
 from xopt.calibration import calibration_feeds, probe_values
 from xopt.errors import XoptError
-from xopt.evaluate import log_softmax
 from xopt.generate import Decoder
 from xopt.kv_cache import past_inputs
 from xopt.passes import CleanupPass, FusePass, PruneLayersPass
@@ -116,7 +115,7 @@ def test_greedy_removal_predicts_the_pruned_models_calibration_loss(deep):
     pruned, report = PassManager([PruneLayersPass(n=2, method="drop", score="greedy")], verify=False)(model)
     scores = report.passes[0].stats["scores"]
     assert len(scores["greedy_order"]) == len(scores["greedy_loss"]) == 2
-    loss = _nll(pruned, calibration_feeds(pruned)[:GREEDY_WINDOWS])
+    loss = next_token_nll(pruned, calibration_feeds(pruned)[:GREEDY_WINDOWS])
     assert loss == pytest.approx(scores["greedy_loss"][1], rel=1e-5)
 
 
@@ -184,16 +183,6 @@ def test_replaceme_predicts_the_pruned_models_stream_error(deep):
     assert error_fit < 0.5 * error_drop
 
 
-def _nll(model, feeds) -> float:
-    session = xopt.backends.onnxruntime.create_session(model)
-    total, count = 0.0, 0
-    for feed in feeds:
-        logp = log_softmax(xopt.backends.onnxruntime.run(session, feed, ["logits"])["logits"])[:, :-1]
-        total -= np.take_along_axis(logp, feed["input_ids"][:, 1:, None], axis=-1).sum()
-        count += feed["input_ids"].size - 1
-    return total / count
-
-
 def test_replaceme_guard_predicts_the_pruned_models_held_out_loss(deep):
     """The gated model with switched maps is the pruned model exactly: its held-out loss is the guard's
     figure, and the guard never does worse than drop."""
@@ -202,10 +191,10 @@ def test_replaceme_guard_predicts_the_pruned_models_held_out_loss(deep):
     guard = result.stats["guard"]
     held_out = calibration_feeds(model, windows=3 + GUARD_WINDOWS)[3:]
     assert len(held_out) == GUARD_WINDOWS
-    assert _nll(result.model, held_out) == pytest.approx(guard["kept"], rel=1e-5)
+    assert next_token_nll(result.model, held_out) == pytest.approx(guard["kept"], rel=1e-5)
     assert guard["kept"] <= min(guard["drop"], guard["all_maps"])
     dropped = PruneLayersPass(blocks="2+4", method="drop")(model.clone()).model
-    assert _nll(dropped, held_out) == pytest.approx(guard["drop"], rel=1e-5)
+    assert next_token_nll(dropped, held_out) == pytest.approx(guard["drop"], rel=1e-5)
 
 
 def test_replaceme_guard_leaves_out_a_map_that_raises_the_loss(deep):

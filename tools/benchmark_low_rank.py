@@ -5,8 +5,9 @@
 
 SmolLM2-135M and MiniLM-L6, after `cleanup`: `low-rank(ratio=R, method=M, objective=size)` for
 R = 5, 10, 20, 30% of the blocks' linear parameters and M = svd, asvd, svdllm (calibrated on the
-bundled calibration text), measured with `xopt.evaluate` on the bundled evaluation text
-(perplexity, KL and top-1 against the unfactored model; sentence-embedding cosine for MiniLM).
+bundled calibration text), and svdllm with `allocation=sensitivity`, measured with
+`xopt.evaluate` on the bundled evaluation text (perplexity, KL and top-1 against the unfactored
+model; sentence-embedding cosine for MiniLM).
 Then `objective=speed` (factored only where ONNX Runtime runs the pair faster, timed on this
 machine) and `low-rank` followed by dynamic int8 (`quantize(scheme=dynamic,bits=8)`); latency of
 batch 1 × 128 tokens against the unfactored model, interleaved rounds after warm-up.
@@ -33,24 +34,27 @@ from xopt.text import read_text
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from benchmark import machine_description, versions  # noqa: E402
-from benchmark_pruning import measured, parameters, quality_table  # noqa: E402
+from benchmark_pruning import first_windows, measured, parameters, quality_table  # noqa: E402
 from benchmark_quantization import source_folder  # noqa: E402
 
-METHODS = ("svd", "asvd", "svdllm")
+VARIANTS = (("svd", "energy"), ("asvd", "energy"), ("svdllm", "energy"), ("svdllm", "sensitivity"))
 logger = logging.getLogger("benchmark_low_rank")
 
 
-def rows_for(name: str, ratios: list[float], scratch: Path, threads: int) -> tuple[list, dict]:
+def rows_for(name: str, ratios: list[float], scratch: Path, threads: int, windows: int) -> tuple[list, dict]:
     captured, _ = PassManager(parse_spec("cleanup"), verify=False)(xopt.load(source_folder(name)))
     xopt.save(captured, scratch / f"{name}-fp32")
     reference = open_runnable(scratch / f"{name}-fp32", threads=threads)
     text = read_text(None, "evaluation")
+    if windows and name == "smollm2":
+        text = first_windows(reference, text, windows)
     rows = [("unfactored", "—", parameters(captured), evaluate(reference, text, reference))]
     specs = {}
     for ratio in ratios:
-        for method in METHODS:
-            spec = f"low-rank(ratio={ratio},method={method},objective=size)"
-            label = f"{method}, −{100 * ratio:.0f}% of block parameters"
+        for method, allocation in VARIANTS:
+            spec = f"low-rank(ratio={ratio},method={method},allocation={allocation},objective=size)"
+            allocated = " + sensitivity" if allocation == "sensitivity" else ""
+            label = f"{method}{allocated}, −{100 * ratio:.0f}% of block parameters"
             rows.append(measured(captured, spec, label, "—", scratch, reference, text, threads))
     best = max(ratios)
     for label, spec in (
@@ -88,6 +92,9 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.3])
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=30, help="timed latency rounds")
+    parser.add_argument(
+        "--windows", type=int, default=0, help="SmolLM2: evaluate on the first N windows of 512 tokens (0: all)"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -102,7 +109,9 @@ def main() -> None:
         "",
         "Method: `python tools/benchmark_low_rank.py`. The ratio is the share of the blocks' linear parameters "
         "removed (embeddings and LM head untouched); asvd and svdllm calibrate on the bundled calibration text, "
-        "every variant is measured by `xopt eval` on the bundled evaluation text (a different novel). Latency: "
+        "every variant is measured by `xopt eval` on the bundled evaluation text (a different novel"
+        + (f"; SmolLM2 on its first {args.windows} windows of 512 tokens" if args.windows else "")
+        + "). Latency: "
         "batch 1 × 128 tokens, interleaved rounds after warm-up, ratio of the medians to the unfactored model's.",
         "",
     ]
@@ -110,7 +119,7 @@ def main() -> None:
         scratch = Path(scratch)
         for name in args.models:
             title = "SmolLM2-135M" if name == "smollm2" else "MiniLM-L6"
-            rows, specs = rows_for(name, args.ratios, scratch, args.threads)
+            rows, specs = rows_for(name, args.ratios, scratch, args.threads, args.windows)
             lines += [f"## {title}: quality", "", *quality_table(rows, name == "smollm2", "note"), ""]
             lines += [f"## {title}: latency (batch 1 × 128 tokens)", "", "| variant | median ms | speed-up |"]
             lines.append("|---|---|---|")

@@ -76,9 +76,8 @@ def quality_rows(
     xopt.save(captured, scratch / f"{name}-fp32")
     reference = open_runnable(scratch / f"{name}-fp32", threads=threads)
     text = read_text(None, "evaluation")
-    if windows:  # about the first `windows` windows of 512 tokens
-        tokens = len(reference.tokenizer()(text, add_special_tokens=False)["input_ids"])
-        text = text[: len(text) * (windows * 512 + 64) // tokens]
+    if windows:
+        text = first_windows(reference, text, windows)
     causal_lm = name == "smollm2"
     total = len(xopt.analyze(captured).blocks)
     counts = sorted({max(1, round(r * total)) for r in ratios}) if causal_lm else [1, 2]
@@ -102,6 +101,12 @@ def quality_rows(
         specs[label] = spec
         rows.append(measured(captured, spec, label, "—", scratch, reference, text, threads))
     return rows, specs, scores["drop"]
+
+
+def first_windows(reference, text: str, windows: int) -> str:
+    """About the first `windows` windows of 512 tokens of `text` (cut in proportion to its tokens)."""
+    tokens = len(reference.tokenizer()(text, add_special_tokens=False)["input_ids"])
+    return text[: len(text) * (windows * 512 + 64) // tokens]
 
 
 def speed_specs(ratios: list[float], scratch: Path) -> dict[str, str]:
