@@ -41,7 +41,9 @@ VARIANTS = (("svd", "energy"), ("asvd", "energy"), ("svdllm", "energy"), ("svdll
 logger = logging.getLogger("benchmark_low_rank")
 
 
-def rows_for(name: str, ratios: list[float], scratch: Path, threads: int, windows: int) -> tuple[list, dict]:
+def rows_for(
+    name: str, ratios: list[float], scratch: Path, threads: int, windows: int, sensitivity: bool
+) -> tuple[list, dict]:
     captured, _ = PassManager(parse_spec("cleanup"), verify=False)(xopt.load(source_folder(name)))
     xopt.save(captured, scratch / f"{name}-fp32")
     reference = open_runnable(scratch / f"{name}-fp32", threads=threads)
@@ -51,7 +53,7 @@ def rows_for(name: str, ratios: list[float], scratch: Path, threads: int, window
     rows = [("unfactored", "—", parameters(captured), evaluate(reference, text, reference))]
     specs = {}
     for ratio in ratios:
-        for method, allocation in VARIANTS:
+        for method, allocation in VARIANTS if sensitivity else VARIANTS[:-1]:
             spec = f"low-rank(ratio={ratio},method={method},allocation={allocation},objective=size)"
             allocated = " + sensitivity" if allocation == "sensitivity" else ""
             label = f"{method}{allocated}, −{100 * ratio:.0f}% of block parameters"
@@ -93,6 +95,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--rounds", type=int, default=30, help="timed latency rounds")
     parser.add_argument(
+        "--sensitivity",
+        nargs="*",
+        default=["smollm2", "minilm"],
+        help="the models that get svdllm + sensitivity rows (one model run per matrix: ~12 min per ratio on SmolLM2)",
+    )
+    parser.add_argument(
         "--windows", type=int, default=0, help="SmolLM2: evaluate on the first N windows of 512 tokens (0: all)"
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
@@ -119,7 +127,7 @@ def main() -> None:
         scratch = Path(scratch)
         for name in args.models:
             title = "SmolLM2-135M" if name == "smollm2" else "MiniLM-L6"
-            rows, specs = rows_for(name, args.ratios, scratch, args.threads, args.windows)
+            rows, specs = rows_for(name, args.ratios, scratch, args.threads, args.windows, name in args.sensitivity)
             lines += [f"## {title}: quality", "", *quality_table(rows, name == "smollm2", "note"), ""]
             lines += [f"## {title}: latency (batch 1 × 128 tokens)", "", "| variant | median ms | speed-up |"]
             lines.append("|---|---|---|")
