@@ -1,5 +1,6 @@
-"""`prune-width`: narrow every MLP by an interpolative decomposition of its hidden activations
-(STAT; Flynn et al., 2024): lossy, training-free, and the result is dense and smaller.
+"""`prune-width`: narrow every MLP by an interpolative decomposition of its hidden activations,
+and with `heads=R` every attention by its heads (STAT; Flynn et al., 2024): lossy,
+training-free, and the result is dense and smaller. The head math is in `attention_heads`.
 
 For one MLP y = Z·W_down + b with hidden activations Z = act(x·W_gate) ⊙ (x·W_up) (or act(x·W_up))
 of width m, over the calibration tokens (rows of Z), keep k = round((1 − ratio)·m) neurons S and
@@ -30,14 +31,24 @@ import scipy.linalg
 
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import const_array
-from xopt.analysis.structure import MLP
-from xopt.calibration import calibration_feeds, second_moments
+from xopt.analysis.structure import MLP, TransformerStructure
+from xopt.calibration import SecondMoment, calibration_feeds, second_moments
 from xopt.errors import XoptError
+from xopt.passes.attention_heads import (
+    HeadCounts,
+    HeadPlan,
+    attention_region,
+    head_groups,
+    narrow_attention,
+    plan_shape_rewrites,
+    select_heads,
+)
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, set_bias, set_weight, weight_in_out
 
 logger = logging.getLogger(__name__)
 
+Moments = dict[str, SecondMoment]
 JITTER = 1e-10  # added to G's diagonal, relative to its mean, so that dead neurons do not stop Cholesky
 
 
@@ -46,45 +57,127 @@ JITTER = 1e-10  # added to G's diagonal, relative to its mean, so that dead neur
 class PruneWidthPass(Pass):
     name = "prune-width"
     exact = False
-    summary = "remove MLP neurons by an interpolative decomposition of calibration activations (STAT)"
+    summary = "remove MLP neurons and attention heads by interpolative decomposition of activations (STAT)"
 
     ratio: float = 0.0  # fraction of each MLP's hidden neurons removed
+    heads: float = 0.0  # fraction of each attention's query heads removed (equal in every KV group)
     calibration: str = ""  # text file; empty: the bundled calibration text
     windows: int = 8  # calibration windows of 512 tokens
     threads: int = 2
 
     def __call__(self, model: ir.Model) -> PassResult:
-        if not 0 < self.ratio < 1:
-            raise XoptError(f"ratio={self.ratio:g} must be between 0 and 1")
+        for option in ("ratio", "heads"):
+            if not 0 <= getattr(self, option) < 1:
+                raise XoptError(f"{option}={getattr(self, option):g} must be between 0 and 1")
+        if not (self.ratio or self.heads):
+            raise XoptError("ratio=0 and heads=0: give ratio (MLP neurons) or heads between 0 and 1")
         if any(node.domain == "com.microsoft" for node in model.graph):
             raise XoptError("the graph has fused com.microsoft ops (run prune-width before fuse)")
-        mlps = [b.mlp for b in find_transformer_structure(model).blocks if b.mlp is not None]
+        structure = find_transformer_structure(model)
+        mlps = self._plan_mlps(structure) if self.ratio else []
+        attentions = self._plan_attentions(structure) if self.heads else []
+        feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
+        probed = [mlp.down.input for mlp, _ in mlps] + [plan.attention.o.input for plan in attentions]
+        moments = second_moments(model, probed, feeds, threads=self.threads)
+        explain: list[str] = []
+        stats = _prune_heads(model.graph, attentions, moments, explain) | _prune_mlps(
+            model.graph, mlps, self.ratio, moments, explain
+        )
+        common_passes.RemoveUnusedNodesPass()(model)  # the old weights
+        return PassResult(model, True, stats, explain)
+
+    def _plan_mlps(self, structure: TransformerStructure) -> list[tuple[MLP, list[ir.Node]]]:
+        """Every MLP with the nodes between its projections, checked before anything changes."""
+        mlps = [b.mlp for b in structure.blocks if b.mlp is not None]
         if not mlps:
             raise XoptError("no MLP found")
-        regions = {}
+        plans = []
         for mlp in mlps:
             region = _width_region(mlp)
             if isinstance(region, str):
                 raise XoptError(f"MLP {mlp.down.name}: {region}")
             if not all(owns_weight(x) for x in mlp.linears):
                 raise XoptError(f"MLP {mlp.down.name}: a projection shares its weight")
-            regions[id(mlp)] = region
-        feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
-        moments = second_moments(model, [m.down.input for m in mlps], feeds, threads=self.threads)
-        explain, errors = [], []
-        for index, mlp in enumerate(mlps):
-            width = mlp.down.in_features
-            keep = max(1, round((1 - self.ratio) * width))
-            gram = moments[mlp.down.input.name].matrix
-            kept, interpolation = interpolative_decomposition(gram, keep)
-            down = weight_in_out(mlp.down)
-            error = _output_error(gram, kept, down)
-            _narrow(model.graph, mlp, kept, interpolation @ down, regions[id(mlp)])
-            errors.append(error)
-            explain.append(f"MLP {index}: {width} → {keep} neurons, relative output error {error:.4f} (calibration)")
-        common_passes.RemoveUnusedNodesPass()(model)  # the old weights
-        stats = {"neurons_kept": keep, "neurons": width, "output_error": [round(e, 6) for e in errors]}
-        return PassResult(model, True, stats, explain)
+            plans.append((mlp, region))
+        return plans
+
+    def _plan_attentions(self, structure: TransformerStructure) -> list[HeadPlan]:
+        """Every attention with its head counts and shape rewrites, checked before anything changes."""
+        attentions = [b.attention for b in structure.blocks if b.attention is not None]
+        if not attentions:
+            raise XoptError("no attention found")
+        plans = []
+        for attention in attentions:
+            where = f"attention {attention.o.name}"
+            if not attention.num_heads or not attention.num_kv_heads:
+                raise XoptError(f"{where}: its head count is unknown")
+            if not all(owns_weight(x) for x in attention.linears):
+                raise XoptError(f"{where}: a projection shares its weight")
+            groups = head_groups(attention)
+            keep_per_group = max(1, round((1 - self.heads) * len(groups[0])))
+            if keep_per_group == len(groups[0]):
+                raise XoptError(
+                    f"heads={self.heads:g} removes no head: {where} keeps its {len(groups[0])} query heads "
+                    f"per {'KV head' if len(groups) > 1 else 'attention'}"
+                )
+            region = attention_region(attention)
+            if isinstance(region, str):
+                raise XoptError(f"{where}: {region}")
+            counts = HeadCounts(
+                heads=attention.num_heads,
+                repeat=attention.num_heads // attention.num_kv_heads,
+                head_size=attention.head_size,
+                fused_width=attention.q.out_features if attention.fused_qkv else 0,
+                kept_heads=keep_per_group * len(groups),
+            )
+            rewrites = plan_shape_rewrites(region, counts)
+            if isinstance(rewrites, str):
+                raise XoptError(f"{where}: {rewrites}")
+            plans.append(HeadPlan(attention, counts, keep_per_group, region, rewrites))
+        return plans
+
+
+def _prune_heads(graph: ir.Graph, plans: list[HeadPlan], moments: Moments, explain: list[str]) -> dict:
+    errors = []
+    for index, plan in enumerate(plans):
+        attention, counts = plan.attention, plan.counts
+        gram = moments[attention.o.input.name].matrix
+        groups = head_groups(attention)
+        kept, rows, error = select_heads(
+            gram, weight_in_out(attention.o), counts.head_size, groups, plan.keep_per_group
+        )
+        narrow_attention(graph, attention, kept, rows, plan.region, plan.rewrites, counts)
+        errors.append(error)
+        explain.append(
+            f"attention {index}: {counts.heads} → {len(kept)} heads (kept {kept.tolist()}), "
+            f"relative output error {error:.4f} (calibration)"
+        )
+    if not plans:
+        return {}
+    return {"heads_kept": plans[0].counts.kept_heads, "heads": plans[0].counts.heads, "head_error": _rounded(errors)}
+
+
+def _prune_mlps(
+    graph: ir.Graph, plans: list[tuple[MLP, list[ir.Node]]], ratio: float, moments: Moments, explain: list[str]
+) -> dict:
+    errors = []
+    for index, (mlp, region) in enumerate(plans):
+        width = mlp.down.in_features
+        keep = max(1, round((1 - ratio) * width))
+        gram = moments[mlp.down.input.name].matrix
+        kept, interpolation = interpolative_decomposition(gram, keep)
+        down = weight_in_out(mlp.down)
+        error = _output_error(gram, kept, down)
+        _narrow(graph, mlp, kept, interpolation @ down, region)
+        errors.append(error)
+        explain.append(f"MLP {index}: {width} → {keep} neurons, relative output error {error:.4f} (calibration)")
+    if not plans:
+        return {}
+    return {"neurons_kept": keep, "neurons": width, "output_error": _rounded(errors)}
+
+
+def _rounded(errors: list[float]) -> list[float]:
+    return [round(e, 6) for e in errors]
 
 
 def interpolative_decomposition(gram: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:

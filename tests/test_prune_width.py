@@ -1,5 +1,5 @@
 """prune-width: the interpolative decomposition's math, its predicted error against the pruned
-model's, narrowed shapes on every architecture, and generation after it."""
+model's, narrowed shapes on every architecture, and generation after it; the same for heads."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from xopt.calibration import calibration_feeds, probe_values
 from xopt.errors import XoptError
 from xopt.generate import Decoder
 from xopt.passes import CleanupPass, FusePass, PruneWidthPass
+from xopt.passes.attention_heads import select_heads
 from xopt.passes.prune_width import interpolative_decomposition
 from xopt.pipeline import PassManager
+from xopt.rewrite import bias_or_zeros
 from xopt.runnable import open_runnable
 
 
@@ -71,3 +73,58 @@ def test_a_fused_model_is_refused(tiny_model):
     fused = FusePass(lowering="all")(CleanupPass()(tiny_model("llama").clone()).model).model
     with pytest.raises(XoptError, match="before fuse"):
         PruneWidthPass(ratio=0.5)(fused)
+
+
+def test_head_selection_keeps_what_explains_the_output_and_corrects_for_the_rest():
+    """Head 1 is a linear mix of heads 0 and 2, so any three heads with head 3 reproduce the
+    output exactly once W_o is corrected; every KV group keeps the same number of heads."""
+    generator = np.random.default_rng(1)
+    size, tokens = 4, 400
+    heads = [generator.standard_normal((tokens, size)) for _ in range(4)]
+    heads[1] = heads[0] @ generator.standard_normal((size, size)) + heads[2] @ generator.standard_normal((size, size))
+    context = np.concatenate(heads, axis=1)
+    weight = generator.standard_normal((4 * size, 6))
+    kept, rows, error = select_heads(context.T @ context, weight, size, [[0, 1], [2, 3]], 1)
+    assert kept[0] in (0, 1) and kept[1] in (2, 3) and error > 0.05
+    kept, rows, error = select_heads(context.T @ context, weight, size, [[0, 1, 2, 3]], 3)
+    assert 3 in kept.tolist()
+    columns = np.concatenate([np.arange(h * size, (h + 1) * size) for h in kept])
+    np.testing.assert_allclose(context[:, columns] @ rows, context @ weight, atol=1e-6 * np.abs(context @ weight).max())
+    assert error < 1e-9
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "qwen2", "gemma"])
+def test_pruned_heads_keep_the_model_valid_and_the_first_error_is_as_predicted(tiny_model, name):
+    """GQA keeps every KV head and the same query heads per group; MHA (BERT, GPT-2's fused QKV
+    and its cache) loses keys and values with the queries. Block 0's attention sees unchanged
+    inputs, so its output error (bias excluded) is exactly the reported one."""
+    model = CleanupPass()(tiny_model(name).clone()).model
+    pruned, report = PassManager([PruneWidthPass(heads=0.5)])(model)  # checker + strict shape inference
+    before, after = find_transformer_structure(model).blocks[0].attention, find_transformer_structure(pruned)
+    kept = report.passes[0].stats["heads_kept"]
+    assert kept < before.num_heads and all(b.attention.num_heads == kept for b in after.blocks)
+    kv_heads = kept if before.num_kv_heads == before.num_heads else before.num_kv_heads
+    assert all(b.attention.num_kv_heads == kv_heads for b in after.blocks)
+    assert report.output.params < report.input.params
+    bias = bias_or_zeros(before.o) if before.o.bias_node is None else 0.0  # a Gemm adds its bias itself
+    start = before.o.node.outputs[0]
+    full = [o[start.name] - bias for o in probe_values(model, [start], calibration_feeds(model))]
+    first = after.blocks[0].attention.o.node.outputs[0]
+    cut = [o[first.name] - bias for o in probe_values(pruned, [first], calibration_feeds(pruned))]
+    error = sum(np.sum((a - b).astype(np.float64) ** 2) for a, b in zip(full, cut, strict=True))
+    energy = sum(np.sum(a.astype(np.float64) ** 2) for a in full)
+    assert error / energy == pytest.approx(report.passes[0].stats["head_error"][0], rel=1e-2, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_head_pruned_decoder_generates(tiny_model, tmp_path, name):
+    """With GQA the cache keeps its KV heads; GPT-2's cache narrows with its heads."""
+    model = CleanupPass()(tiny_model(name).clone()).model
+    pruned, _ = PassManager([PruneWidthPass(ratio=0.25, heads=0.5)], verify=False)(model)
+    xopt.save(pruned, tmp_path / "m")
+    assert len(Decoder(open_runnable(tmp_path / "m")).generate([3, 5, 7], 6).tokens) == 6
+
+
+def test_heads_that_remove_no_head_are_refused(tiny_model):
+    with pytest.raises(XoptError, match="removes no head"):
+        PruneWidthPass(heads=0.1)(CleanupPass()(tiny_model("qwen2").clone()).model)  # 2 query heads per KV head

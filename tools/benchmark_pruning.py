@@ -8,13 +8,15 @@ SmolLM2-135M (30 blocks), after `cleanup`:
   Influence, angular distance of a window, greedy calibration loss) and each method (drop,
   replaceme) — `prune-layers(blocks=…, method=…)` with the blocks that score ranks least important;
   the scores are computed once on the bundled calibration text (`xopt.passes.block_scores`);
-- width: `prune-width(ratio=r)` for r = 10, 20, 30% of every MLP's neurons;
+- width: `prune-width(ratio=r)` for r = 10, 20, 30% of every MLP's neurons, `prune-width(heads=h)`
+  (h = 34%: 9 → 6 query heads per attention, 2 per KV head) and both together;
 - quality with `xopt.evaluate` on the bundled evaluation text (a different novel): perplexity, and
   against the unpruned model the next-token KL and top-1 agreement;
 - speed: the exact recipe applied after pruning against the exact recipe alone, as `xopt generate`
   runs them (batch 1, 128-token prompt, 128 new tokens), interleaved rounds after a warm-up; the
   ratio is the median over rounds of the per-round ratio (paired, so load that slows a round cancels).
-MiniLM-L6 (6 post-norm blocks): drop 1 and 2 blocks per score; sentence-embedding cosine to fp32.
+MiniLM-L6 (6 post-norm blocks): drop 1 and 2 blocks per score, and 25 or 50% of its 12 heads;
+sentence-embedding cosine to fp32. `--no-depth` leaves the block rows out (width and heads only).
 """
 
 from __future__ import annotations
@@ -69,8 +71,14 @@ def scores_for(model, causal_lm: bool, most: int) -> dict[str, BlockScores]:
 
 
 def quality_rows(
-    name: str, ratios: list[float], scratch: Path, threads: int, windows: int = 0
-) -> tuple[list, dict, BlockScores]:
+    name: str,
+    ratios: list[float],
+    heads: list[float],
+    scratch: Path,
+    threads: int,
+    windows: int = 0,
+    depth: bool = True,
+) -> tuple[list, dict, BlockScores | None]:
     """(label, blocks removed, params, quality) rows; the spec of each variant; the scores."""
     captured, _ = PassManager(parse_spec("cleanup"), verify=False)(xopt.load(source_folder(name)))
     xopt.save(captured, scratch / f"{name}-fp32")
@@ -80,8 +88,8 @@ def quality_rows(
         text = first_windows(reference, text, windows)
     causal_lm = name == "smollm2"
     total = len(xopt.analyze(captured).blocks)
-    counts = sorted({max(1, round(r * total)) for r in ratios}) if causal_lm else [1, 2]
-    scores = scores_for(captured, causal_lm, max(counts))
+    counts = (sorted({max(1, round(r * total)) for r in ratios}) if causal_lm else [1, 2]) if depth else []
+    scores = scores_for(captured, causal_lm, max(counts)) if counts else None
     rows = [("unpruned", "—", parameters(captured), evaluate(reference, text, reference))]
     specs = {}
     methods = METHODS if causal_lm else ("drop",)
@@ -95,12 +103,22 @@ def quality_rows(
                 rows.append(
                     measured(captured, spec, label, ",".join(map(str, blocks)), scratch, reference, text, threads)
                 )
-    for ratio in ratios if causal_lm else ():
-        spec = f"prune-width(ratio={ratio})"
-        label = f"width −{100 * ratio:.0f}% (MLP neurons)"
+    for label, spec in width_specs(ratios if causal_lm else [], heads, both=causal_lm).items():
         specs[label] = spec
         rows.append(measured(captured, spec, label, "—", scratch, reference, text, threads))
-    return rows, specs, scores["drop"]
+    return rows, specs, scores["drop"] if scores else None
+
+
+def width_specs(ratios: list[float], heads: list[float], both: bool) -> dict[str, str]:
+    """`prune-width` variants by label: MLP neurons, attention heads, and (`both`) the smallest
+    MLP ratio above 10% with each head fraction."""
+    specs = {f"width −{100 * r:.0f}% (MLP neurons)": f"prune-width(ratio={r})" for r in ratios}
+    specs |= {f"heads −{100 * h:.0f}% (attention heads)": f"prune-width(heads={h})" for h in heads}
+    paired = [r for r in ratios if r > 0.1][:1] if both else []
+    for r in paired:
+        for h in heads:
+            specs[f"width −{100 * r:.0f}% and heads −{100 * h:.0f}%"] = f"prune-width(ratio={r},heads={h})"
+    return specs
 
 
 def first_windows(reference, text: str, windows: int) -> str:
@@ -109,16 +127,16 @@ def first_windows(reference, text: str, windows: int) -> str:
     return text[: len(text) * (windows * 512 + 64) // tokens]
 
 
-def speed_specs(ratios: list[float], scratch: Path) -> dict[str, str]:
+def speed_specs(ratios: list[float], heads: list[float], scratch: Path, depth: bool) -> dict[str, str]:
     """The timed variants' specs without the quality sweep: blocks by angular distance alone."""
     captured, _ = PassManager(parse_spec("cleanup"), verify=False)(xopt.load(source_folder("smollm2")))
     xopt.save(captured, scratch / "smollm2-fp32")  # the tokenizer speed_rows reads
-    scores = measure_distances(captured, calibration_feeds(captured))
-    blocks = choose_blocks(scores, SPEED_SCORE, SPEED_BLOCKS, first=1)
-    specs = {SPEED_LABEL: f"prune-layers(blocks={'+'.join(map(str, blocks))},method=replaceme)"}
-    for ratio in ratios:
-        specs[f"width −{100 * ratio:.0f}% (MLP neurons)"] = f"prune-width(ratio={ratio})"
-    return specs
+    specs = {}
+    if depth:
+        scores = measure_distances(captured, calibration_feeds(captured))
+        blocks = choose_blocks(scores, SPEED_SCORE, SPEED_BLOCKS, first=1)
+        specs[SPEED_LABEL] = f"prune-layers(blocks={'+'.join(map(str, blocks))},method=replaceme)"
+    return specs | width_specs(ratios, heads, both=True)
 
 
 def measured(captured, spec: str, label: str, removed: str, scratch: Path, reference, text: str, threads: int):
@@ -191,6 +209,8 @@ def quality_table(rows, causal_lm: bool, column: str = "blocks removed") -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.25, 0.3])
+    parser.add_argument("--heads", nargs="*", type=float, default=[0.34], help="fractions of attention heads")
+    parser.add_argument("--no-depth", action="store_true", help="width and head rows only")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=7, help="timed generation rounds")
     parser.add_argument("--no-speed", action="store_true")
@@ -221,14 +241,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xopt-pruning-") as scratch:
         scratch = Path(scratch)
         if args.no_quality:
-            specs = speed_specs(args.ratios, scratch)
+            specs = speed_specs(args.ratios, args.heads, scratch, depth=not args.no_depth)
         else:
-            rows, specs, scores = quality_rows("smollm2", args.ratios, scratch, args.threads, args.windows)
+            rows, specs, scores = quality_rows(
+                "smollm2", args.ratios, args.heads, scratch, args.threads, args.windows, depth=not args.no_depth
+            )
             lines += ["## SmolLM2-135M: quality", "", *quality_table(rows, True), ""]
-            lines += ["Block scores (greedy: rank of removal, calibration loss in nats/token):", "", "```"]
-            lines += [*scores.table(), "```", ""]
+            if scores is not None:
+                lines += ["Block scores (greedy: rank of removal, calibration loss in nats/token):", "", "```"]
+                lines += [*scores.table(), "```", ""]
         if not args.no_speed:
-            wanted = {label: spec for label, spec in specs.items() if label == SPEED_LABEL or label.startswith("width")}
+            widths = width_specs(args.ratios, args.heads, both=True)
+            wanted = {label: spec for label, spec in specs.items() if label == SPEED_LABEL or label in widths}
             lines += [
                 "## SmolLM2-135M: speed (`xopt generate`, batch 1, 128-token prompt, 128 new tokens)",
                 "",
@@ -241,7 +265,8 @@ def main() -> None:
                 lines.append(f"| {label} | {prefill:.0f} | {decode:.1f} | {prefill_ratio:.2f}× | {decode_ratio:.2f}× |")
             lines.append("")
         if not args.no_minilm and not args.no_quality:
-            rows, _, _ = quality_rows("minilm", [], scratch, args.threads)
+            minilm_heads = [0.25, 0.5] if args.heads else []
+            rows, _, _ = quality_rows("minilm", [], minilm_heads, scratch, args.threads, depth=not args.no_depth)
             lines += ["## MiniLM-L6: quality (post-norm: drop only)", "", *quality_table(rows, False), ""]
     lines.append(f"The run took {(time.perf_counter() - started) / 60:.0f} minutes.")
     (args.output / "PRUNING.md").write_text("\n".join(lines) + "\n")

@@ -36,6 +36,22 @@ def verification_inputs(model: ir.Model) -> list[dict[str, np.ndarray]]:
     ]
 
 
+def fit_inputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feeds` for a model a pass has changed: inputs it no longer has are left out, and an axis
+    it narrowed (the KV cache of an attention that lost heads) keeps its first entries."""
+    fitted = {}
+    for value in model.graph.inputs:
+        if value.name not in feeds:
+            continue
+        array = feeds[value.name]
+        if value.shape is not None and len(value.shape) == array.ndim:
+            dims = zip(value.shape, array.shape, strict=True)
+            cut = tuple(slice(0, d) if isinstance(d, int) and d < n else slice(None) for d, n in dims)
+            array = array[cut]
+        fitted[value.name] = array
+    return fitted
+
+
 def sample_inputs(
     model: ir.Model,
     *,

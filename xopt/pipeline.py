@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from xopt.errors import XoptError
-from xopt.inputs import verification_inputs
+from xopt.inputs import fit_inputs, verification_inputs
 from xopt.report import ModelStats, PassRecord, Report
 from xopt.verify import EXACT_TOLERANCE, VerificationError, check_structure, parity_over, references_over
 
@@ -203,7 +203,7 @@ class PassManager:
     def _verify(step: Pass, model: ir.Model, inputs, reference):
         try:
             check_structure(model)
-            result = parity_over(model, inputs, reference)
+            result = parity_over(model, [fit_inputs(model, feeds) for feeds in inputs], reference)
         except VerificationError as error:
             raise VerificationError(f"after pass {step.name!r}: {error}") from error
         if step.exact and not result.within(EXACT_TOLERANCE):

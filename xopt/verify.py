@@ -104,9 +104,9 @@ def reference_outputs(model: ir.Model, inputs: Mapping[str, np.ndarray]) -> dict
 
 def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> Parity:
     """Worst-case parity over the outputs, matched by name. When the output sets differ (a pruned
-    decoder has fewer cache outputs, renumbered), only the first outputs are compared: the task's
-    logits or hidden state."""
-    if set(reference) != set(candidate):
+    decoder has fewer cache outputs, renumbered, or narrower ones), only the first outputs are
+    compared: the task's logits or hidden state."""
+    if set(reference) != set(candidate) or any(reference[k].shape != candidate[k].shape for k in reference):
         pairs = [(next(iter(reference.items())), next(iter(candidate.values())))]
     else:
         pairs = [((name, reference[name]), candidate[name]) for name in reference]

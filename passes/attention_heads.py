@@ -1,0 +1,278 @@
+"""Attention-head pruning for `prune-width(heads=R)`: choose the heads to keep from calibration
+activations and fold the correction for the removed ones into the output projection (STAT's
+scheme for heads, with heads chosen by their contribution to the attention's output).
+
+An attention's output is y = C·W_o + b, where C = [C_1 … C_H] holds the H heads' contexts
+(softmax(QKᵀ)·V, d_h columns each) over the calibration tokens. Keeping a set S of heads and
+writing the removed columns as combinations of the kept ones, C ≈ C_S·T, gives
+
+    y ≈ C_S·(T·W_o) + b,   T·W_o = G_SS⁻¹·G_S·W_o   (least squares for the whole output),
+
+with G = CᵀC accumulated in float64 (`xopt.calibration.second_moments`). The relative output
+error is 1 − tr(W_oᵀ G_Sᵀ G_SS⁻¹ G_S W_o) / tr(W_oᵀ G W_o). Heads are chosen greedily, each step
+adding the head that lowers that error most — the grouped form of the column-pivoted QR that
+STAT runs on neurons, weighted by W_o so that a head counts by what it writes to the stream.
+
+With grouped-query attention (H query heads sharing KV heads in groups of r), every group keeps
+the same r' query heads so the KV heads and the cache stay; with one query head per KV head
+(r = 1) a head goes with its key and value columns, and the KV cache narrows with it.
+
+The head count lives in the graph's shape constants between the projections and W_o: a head
+axis (axis 1 or 2 of a 4-D shape), the repeat of a GQA expand (axis 2 of a 5-D shape) and merged
+widths (the last axis equal to H·d_h, or the fused QKV width). Those are rewritten; a shape
+whose head axis cannot be told, or whose constants feed nodes outside the attention, is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from xopt.analysis.graph_view import const_array
+from xopt.analysis.patterns import Linear
+from xopt.analysis.structure import Attention
+from xopt.rewrite import bias_or_zeros, new_initializer, set_bias, set_weight, weight_in_out
+
+JITTER = 1e-10  # added to G's diagonal, relative to its mean, so that a silent head does not stop the solve
+REGION_LIMIT = 400
+
+
+@dataclass
+class HeadCounts:
+    """What the shape constants of one attention say before and after pruning."""
+
+    heads: int
+    repeat: int  # query heads per KV head
+    head_size: int
+    fused_width: int  # the fused QKV projection's width (0: separate projections)
+    kept_heads: int
+
+    @property
+    def kept_repeat(self) -> int:
+        return self.kept_heads // (self.heads // self.repeat)
+
+    def new_element(self, value: int, axis: int, rank: int) -> int | None:
+        """The pruned value of a shape element `value` at `axis` of a rank-`rank` shape, or None
+        where it does not count heads."""
+        if axis == rank - 1 and rank <= 3:
+            widths = {self.heads * self.head_size: self.kept_heads * self.head_size}
+            if self.fused_width:  # [Q | K | V]: K and V narrow with Q when r = 1
+                kv_width = self.fused_width - self.heads * self.head_size
+                kept_kv = 2 * self.kept_heads * self.head_size if self.repeat == 1 else kv_width
+                widths[self.fused_width] = self.kept_heads * self.head_size + kept_kv
+            return widths.get(value)
+        if rank == 4 and axis in (1, 2) and value == self.heads:
+            return self.kept_heads
+        if rank == 5 and axis == 2 and self.repeat > 1 and value == self.repeat:
+            return self.kept_repeat
+        return None
+
+
+@dataclass
+class ShapeRewrite:
+    """New constants for the shape a node reads: its own input 1, or inputs of the Concat making it
+    (that Concat is copied for this reader, since exporters and cleanup share shapes across layers)."""
+
+    reader: ir.Node
+    owner: ir.Node
+    constants: dict[int, np.ndarray]  # owner's input index → new array
+
+    def apply(self, graph: ir.Graph) -> None:
+        inputs = list(self.owner.inputs)
+        for index, array in self.constants.items():
+            name = (inputs[index].name or "shape") + "_heads"
+            inputs[index] = new_initializer(graph, name, array, array.dtype)
+        if self.owner is self.reader:
+            self.reader.replace_input_with(1, inputs[1])
+            return
+        concat = ir.node("Concat", inputs=inputs, attributes={"axis": 0})
+        concat.outputs[0].dtype, concat.outputs[0].shape = self.owner.outputs[0].dtype, self.owner.outputs[0].shape
+        graph.insert_before(self.reader, concat)
+        self.reader.replace_input_with(1, concat.outputs[0])
+
+
+@dataclass
+class HeadPlan:
+    """One attention's pruning, checked before anything changes."""
+
+    attention: Attention
+    counts: HeadCounts
+    keep_per_group: int
+    region: list[ir.Node]
+    rewrites: list[ShapeRewrite]
+
+
+def head_groups(attention: Attention) -> list[list[int]]:
+    """The query heads that must keep equal numbers: one group per KV head, or all heads (r = 1)."""
+    heads, kv_heads = attention.num_heads, attention.num_kv_heads
+    repeat = heads // kv_heads
+    if repeat == 1:
+        return [list(range(heads))]
+    return [list(range(g * repeat, (g + 1) * repeat)) for g in range(kv_heads)]
+
+
+def select_heads(
+    gram: np.ndarray, weight: np.ndarray, head_size: int, groups: list[list[int]], keep_per_group: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Greedily the heads S (sorted) whose contexts best reproduce C·W_o, the corrected W_o rows
+    for them (|S|·d_h × d) and the relative output error left, from G = CᵀC (float64)."""
+    jitter = JITTER * max(np.trace(gram) / len(gram), 1e-30)
+    target = gram @ weight  # G·W_o: row block h is G_h·W_o
+    total = max(float(np.sum(weight * target)), 1e-30)
+
+    def columns(heads: list[int]) -> np.ndarray:
+        return np.concatenate([np.arange(h * head_size, (h + 1) * head_size) for h in sorted(heads)])
+
+    def explained(heads: list[int]) -> float:
+        cols = columns(heads)
+        solved = np.linalg.solve(gram[np.ix_(cols, cols)] + jitter * np.eye(len(cols)), target[cols])
+        return float(np.sum(target[cols] * solved))
+
+    chosen: list[int] = []
+    for _ in range(keep_per_group * len(groups)):
+        open_heads = [h for g in groups if sum(x in chosen for x in g) < keep_per_group for h in g if h not in chosen]
+        chosen.append(max(open_heads, key=lambda h: explained([*chosen, h])))
+    cols = columns(chosen)
+    corrected = np.linalg.solve(gram[np.ix_(cols, cols)] + jitter * np.eye(len(cols)), target[cols])
+    return np.array(sorted(chosen)), corrected, 1.0 - explained(chosen) / total
+
+
+def attention_region(attention: Attention) -> list[ir.Node] | str:
+    """The nodes from the Q/K/V projections up to W_o's input, or why heads cannot be cut there."""
+    starts = list(dict.fromkeys([attention.q, attention.k, attention.v]))
+    region = [n for x in starts for n in (x.node, x.bias_node) if n is not None]
+    frontier = [x.output for x in starts]
+    stop = {attention.o.node, *region}
+    while frontier:
+        value = frontier.pop()
+        for node, _ in value.uses():
+            if node in stop or node in region:
+                continue
+            region.append(node)
+            frontier.extend(node.outputs)
+            if len(region) > REGION_LIMIT:
+                return "the heads' activations reach beyond the output projection"
+    if attention.fused_qkv and not any(n.op_type == "Split" for n in region):
+        return "the fused QKV projection is not split by a Split"
+    return region
+
+
+def plan_shape_rewrites(region: list[ir.Node], counts: HeadCounts) -> list[ShapeRewrite] | str:
+    """For every shape in the region that counts heads, its new constants; or why it cannot be read."""
+    rewrites = []
+    for node in region:
+        if node.op_type in ("Reshape", "Expand"):
+            sources = _shape_element_sources(node)
+            if sources is None:
+                return f"{node.op_type} {node.name}: its shape is computed in a way heads cannot be read from"
+            changes = []
+            for axis, source in enumerate(sources):
+                if source is None:
+                    continue
+                index, offset = source
+                owner = node if const_array(node.inputs[1]) is not None else node.inputs[1].producer()
+                new = counts.new_element(int(const_array(owner.inputs[index]).reshape(-1)[offset]), axis, len(sources))
+                if new is not None:
+                    changes.append((axis, owner, index, offset, new))
+            if len(sources) == 4 and sum(axis in (1, 2) for axis, *_ in changes) > 1:
+                return f"{node.op_type} {node.name}: both axes 1 and 2 equal the head count"
+        elif node.op_type == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            sizes = const_array(node.inputs[1])
+            if sizes is None:
+                return f"Split {node.name}: computed split sizes"
+            width, kept = counts.heads * counts.head_size, counts.kept_heads * counts.head_size
+            changes = [(None, node, 1, i, kept) for i, size in enumerate(sizes.reshape(-1)) if size == width]
+        else:
+            continue
+        if changes:
+            rewrite = ShapeRewrite(node, changes[0][1], {})
+            for _, owner, index, offset, new in changes:
+                array = rewrite.constants.setdefault(index, const_array(owner.inputs[index]).copy())
+                array.reshape(-1)[offset] = new
+            rewrites.append(rewrite)
+    return rewrites
+
+
+def _shape_element_sources(node: ir.Node) -> list[tuple[int, int] | None] | None:
+    """Per element of a Reshape/Expand shape, the (input index, offset) of the constant it comes
+    from in the node itself or in the Concat making the shape (None for a computed element); None
+    when the element positions cannot be told."""
+    shape = node.inputs[1]
+    array = const_array(shape)
+    if array is not None:
+        return [(1, i) for i in range(array.size)]
+    producer = shape.producer()
+    if producer is None or producer.op_type != "Concat":
+        return None
+    sources: list[tuple[int, int] | None] = []
+    for index, value in enumerate(producer.inputs):
+        array = const_array(value)
+        if array is not None:
+            sources.extend((index, i) for i in range(array.size))
+        elif value.shape is not None and len(value.shape) == 1 and isinstance(value.shape[0], int):
+            sources.extend([None] * value.shape[0])
+        else:
+            return None
+    return sources
+
+
+def narrow_attention(
+    graph: ir.Graph,
+    attention: Attention,
+    kept: np.ndarray,
+    output_rows: np.ndarray,
+    region: list[ir.Node],
+    rewrites: list[ShapeRewrite],
+    counts: HeadCounts,
+) -> None:
+    """Keep heads `kept` in Q (and K, V when r = 1), store W_o's corrected rows, rewrite the
+    shape constants and the static shapes (the KV cache's included) to the new head count."""
+    size = counts.head_size
+    query_cols = np.concatenate([np.arange(h * size, (h + 1) * size) for h in kept])
+    width = counts.heads * size
+    if attention.fused_qkv:
+        kv_width = (attention.q.out_features - width) // 2
+        if counts.repeat == 1:
+            cols = np.concatenate([query_cols, width + query_cols, 2 * width + query_cols])
+        else:
+            cols = np.concatenate([query_cols, np.arange(width, width + 2 * kv_width)])
+        _keep_columns(graph, attention.q, cols)
+    else:
+        _keep_columns(graph, attention.q, query_cols)
+        if counts.repeat == 1:
+            _keep_columns(graph, attention.k, query_cols)
+            _keep_columns(graph, attention.v, query_cols)
+    set_weight(graph, attention.o, output_rows)
+    attention.o.in_features = len(query_cols)
+    for rewrite in rewrites:
+        rewrite.apply(graph)
+    for node in region:
+        for value in node.outputs:
+            _narrow_shape(value, counts)
+        for value in node.inputs:
+            if value is not None and value.is_graph_input():
+                _narrow_shape(value, counts)  # a KV-cache input
+    attention.num_heads = counts.kept_heads
+    if counts.repeat == 1:
+        attention.num_kv_heads = counts.kept_heads
+
+
+def _keep_columns(graph: ir.Graph, linear: Linear, cols: np.ndarray) -> None:
+    bias = bias_or_zeros(linear)
+    set_weight(graph, linear, weight_in_out(linear)[:, cols])
+    if linear.bias is not None:
+        set_bias(graph, linear, bias[cols])
+    linear.out_features = len(cols)
+
+
+def _narrow_shape(value: ir.Value, counts: HeadCounts) -> None:
+    if value.shape is None:
+        return
+    dims = list(value.shape)
+    new = [counts.new_element(d, axis, len(dims)) if isinstance(d, int) else None for axis, d in enumerate(dims)]
+    if len(dims) == 4 and new[1] is not None and new[2] is not None:
+        value.shape = None  # which axis counts heads cannot be told; shape inference can
+        return
+    value.shape = ir.Shape([n if n is not None else d for n, d in zip(new, dims, strict=True)])
