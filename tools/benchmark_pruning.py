@@ -162,18 +162,22 @@ def _metric(q: Quality) -> str:
     return f"cosine min {q.cosine_min:.4f}, mean {q.cosine_mean:.4f}"
 
 
-def speed_rows(specs: dict[str, str], scratch: Path, threads: int, repeats: int) -> list[tuple]:
-    """(label, prefill ms, decode tokens/s, prefill speed-up, decode speed-up) against the exact recipe."""
+def speed_rows(specs: dict[str, str], scratch: Path, threads: int, repeats: int, last_token: bool) -> list[tuple]:
+    """(label, prefill ms, decode tokens/s, prefill speed-up, decode speed-up) against the exact
+    recipe; with `last_token` every build computes the LM head for the last position only, and the
+    exact recipe with every position's logits is timed beside them."""
     import transformers
 
     folder = source_folder("smollm2")
     captured = xopt.load(folder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(scratch / "smollm2-fp32")
     prompt = tokenizer(read_text(None, "evaluation"), add_special_tokens=False)["input_ids"][:128]
-    exact = ["cleanup", "fold-norms", "fuse"]
-    builds = {"exact recipe": exact}
+    head = ["last-token-logits"] if last_token else []
+    builds = {"exact recipe": ["cleanup", "fold-norms", *head, "fuse"]}
+    if last_token:
+        builds["exact recipe, every position's logits"] = ["cleanup", "fold-norms", "fuse"]
     for label, spec in specs.items():
-        builds[f"{label} + exact"] = ["cleanup", spec, "fold-norms", "fuse"]
+        builds[f"{label} + exact"] = ["cleanup", spec, "fold-norms", *head, "fuse"]
     variants = {}
     for label, steps in builds.items():
         model, _ = PassManager(parse_spec(",".join(steps)), verify=False)(captured)
@@ -208,9 +212,12 @@ def quality_table(rows, causal_lm: bool, column: str = "blocks removed") -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1, 0.2, 0.25, 0.3])
+    parser.add_argument("--ratios", nargs="*", type=float, default=[0.1, 0.2, 0.25, 0.3])
     parser.add_argument("--heads", nargs="*", type=float, default=[0.34], help="fractions of attention heads")
     parser.add_argument("--no-depth", action="store_true", help="width and head rows only")
+    parser.add_argument(
+        "--last-token-logits", action="store_true", help="speed: every build computes the last position's logits only"
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=7, help="timed generation rounds")
     parser.add_argument("--no-speed", action="store_true")
@@ -256,11 +263,16 @@ def main() -> None:
             lines += [
                 "## SmolLM2-135M: speed (`xopt generate`, batch 1, 128-token prompt, 128 new tokens)",
                 "",
+                *(
+                    ["Every build with `last-token-logits` (the LM head on the last position only).", ""]
+                    if args.last_token_logits
+                    else []
+                ),
                 "| variant | prefill ms | decode tokens/s | prefill speed-up | decode speed-up |",
                 "|---|---|---|---|---|",
             ]
             for label, prefill, decode, prefill_ratio, decode_ratio in speed_rows(
-                wanted, scratch, args.threads, args.repeats
+                wanted, scratch, args.threads, args.repeats, args.last_token_logits
             ):
                 lines.append(f"| {label} | {prefill:.0f} | {decode:.1f} | {prefill_ratio:.2f}× | {decode_ratio:.2f}× |")
             lines.append("")

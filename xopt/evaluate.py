@@ -97,7 +97,13 @@ def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
 def _logits(model: Runnable, feeds: dict[str, np.ndarray]) -> np.ndarray:
     names = [o.name for o in model.session.get_outputs()]
     wanted = [n for n in names if "logits" in n.lower()][:1] or names[:1]
-    return run(model.session, _text_feeds(model, feeds), wanted)[wanted[0]]
+    logits = run(model.session, _text_feeds(model, feeds), wanted)[wanted[0]]
+    if logits.shape[1] != feeds["input_ids"].shape[1]:
+        raise XoptError(
+            f"{model.label} returns logits for {logits.shape[1]} of {feeds['input_ids'].shape[1]} positions "
+            "(last-token-logits): perplexity needs every position; evaluate the model before that pass"
+        )
+    return logits
 
 
 def _text_feeds(model: Runnable, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
