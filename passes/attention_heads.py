@@ -167,12 +167,12 @@ def plan_shape_rewrites(region: list[ir.Node], counts: HeadCounts) -> list[Shape
             sources = _shape_element_sources(node)
             if sources is None:
                 return f"{node.op_type} {node.name}: its shape is computed in a way heads cannot be read from"
+            owner = node if const_array(node.inputs[1]) is not None else node.inputs[1].producer()
             changes = []
             for axis, source in enumerate(sources):
                 if source is None:
                     continue
                 index, offset = source
-                owner = node if const_array(node.inputs[1]) is not None else node.inputs[1].producer()
                 new = counts.new_element(int(const_array(owner.inputs[index]).reshape(-1)[offset]), axis, len(sources))
                 if new is not None:
                     changes.append((axis, owner, index, offset, new))

@@ -10,7 +10,9 @@ bundled calibration text), and svdllm with `allocation=sensitivity`, measured wi
 model; sentence-embedding cosine for MiniLM).
 Then `objective=speed` (factored only where ONNX Runtime runs the pair faster, timed on this
 machine) and `low-rank` followed by dynamic int8 (`quantize(scheme=dynamic,bits=8)`); latency of
-batch 1 × 128 tokens against the unfactored model, interleaved rounds after warm-up.
+batch 1 × 128 tokens against the unfactored model, interleaved rounds after warm-up, for those and
+for svdllm at every ratio with `objective=size` and `objective=speed` (`--latency-only` skips the
+quality rows).
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ def rows_for(
     return rows, {"unfactored": "cleanup", **{k: f"cleanup,{v}" for k, v in specs.items()}}
 
 
+def ratio_latency_specs(ratios: list[float]) -> dict[str, str]:
+    """svdllm at every ratio, factored everywhere it saves parameters and only where it measures faster."""
+    specs = {}
+    for ratio in ratios:
+        for objective in ("size", "speed"):
+            label = f"svdllm −{100 * ratio:.0f}%, objective={objective}"
+            specs[label] = f"cleanup,low-rank(ratio={ratio},method=svdllm,objective={objective})"
+    return specs
+
+
 def latency_rows(name: str, specs: dict[str, str], scratch: Path, threads: int, rounds: int) -> list[tuple]:
     """(label, median ms, speedup over the unfactored model) at batch 1 × 128 tokens."""
     from xopt.bench import time_interleaved
@@ -103,6 +115,7 @@ def main() -> None:
     parser.add_argument(
         "--windows", type=int, default=0, help="SmolLM2: evaluate on the first N windows of 512 tokens (0: all)"
     )
+    parser.add_argument("--latency-only", action="store_true", help="latency rows only (no quality)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -127,8 +140,12 @@ def main() -> None:
         scratch = Path(scratch)
         for name in args.models:
             title = "SmolLM2-135M" if name == "smollm2" else "MiniLM-L6"
-            rows, specs = rows_for(name, args.ratios, scratch, args.threads, args.windows, name in args.sensitivity)
-            lines += [f"## {title}: quality", "", *quality_table(rows, name == "smollm2", "note"), ""]
+            specs = {"unfactored": "cleanup"}
+            if not args.latency_only:
+                sensitivity = name in args.sensitivity
+                rows, specs = rows_for(name, args.ratios, scratch, args.threads, args.windows, sensitivity)
+                lines += [f"## {title}: quality", "", *quality_table(rows, name == "smollm2", "note"), ""]
+            specs |= {k: v for k, v in ratio_latency_specs(args.ratios).items() if k not in specs}
             lines += [f"## {title}: latency (batch 1 × 128 tokens)", "", "| variant | median ms | speed-up |"]
             lines.append("|---|---|---|")
             for label, ms, speedup in latency_rows(name, specs, scratch, args.threads, args.rounds):
