@@ -33,7 +33,7 @@ import onnx_ir as ir
 from xopt.analysis.graph_view import const_array
 from xopt.analysis.patterns import Linear
 from xopt.analysis.structure import Attention
-from xopt.rewrite import bias_or_zeros, new_initializer, set_bias, set_weight, weight_in_out
+from xopt.rewrite import bias_or_zeros, new_initializer, region_after, set_bias, set_weight, weight_in_out
 
 JITTER = 1e-10  # added to G's diagonal, relative to its mean, so that a silent head does not stop the solve
 REGION_LIMIT = 400
@@ -142,18 +142,9 @@ def select_heads(
 def attention_region(attention: Attention) -> list[ir.Node] | str:
     """The nodes from the Q/K/V projections up to W_o's input, or why heads cannot be cut there."""
     starts = list(dict.fromkeys([attention.q, attention.k, attention.v]))
-    region = [n for x in starts for n in (x.node, x.bias_node) if n is not None]
-    frontier = [x.output for x in starts]
-    stop = {attention.o.node, *region}
-    while frontier:
-        value = frontier.pop()
-        for node, _ in value.uses():
-            if node in stop or node in region:
-                continue
-            region.append(node)
-            frontier.extend(node.outputs)
-            if len(region) > REGION_LIMIT:
-                return "the heads' activations reach beyond the output projection"
+    region = region_after(starts, attention.o.node, REGION_LIMIT)
+    if region is None:
+        return "the heads' activations reach beyond the output projection"
     if attention.fused_qkv and not any(n.op_type == "Split" for n in region):
         return "the fused QKV projection is not split by a Split"
     return region

@@ -44,7 +44,7 @@ from xopt.passes.attention_heads import (
     select_heads,
 )
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, set_bias, set_weight, weight_in_out
+from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, region_after, set_bias, set_weight, weight_in_out
 
 logger = logging.getLogger(__name__)
 
@@ -222,20 +222,11 @@ def _width_region(mlp: MLP) -> list[ir.Node] | str:
     """The nodes from the up/gate projections up to the down projection's input (the hidden
     activations of width m), or why the width cannot be changed there."""
     starts = [x for x in (mlp.up, mlp.gate) if x is not None]
-    region = [n for x in starts for n in (x.node, x.bias_node) if n is not None]
-    frontier = [x.output for x in starts]
-    stop = {mlp.down.node, *region}
-    while frontier:
-        value = frontier.pop()
-        for node, _ in value.uses():
-            if node in stop or node in region:
-                continue
-            region.append(node)
-            frontier.extend(node.outputs)
-            if len(region) > 64:
-                return "the MLP's hidden activations reach beyond its down projection"
-            if node.op_type == "Reshape" and _shape_constants(node) is None:
-                return "a Reshape with a computed shape sits between its up and down projections"
+    region = region_after(starts, mlp.down.node, 64)
+    if region is None:
+        return "the MLP's hidden activations reach beyond its down projection"
+    if any(node.op_type == "Reshape" and _shape_constants(node) is None for node in region):
+        return "a Reshape with a computed shape sits between its up and down projections"
     return region
 
 

@@ -74,6 +74,24 @@ def set_bias(graph: ir.Graph, linear: Linear, bias: np.ndarray) -> None:
     linear.bias, linear.bias_node = bias_value, add
 
 
+def region_after(starts: list[Linear], end: ir.Node, limit: int) -> list[ir.Node] | None:
+    """The linears' nodes (and bias adds) and every node their outputs reach before `end`; None
+    when that is more than `limit` nodes (the values escape the sublayer)."""
+    region = [n for x in starts for n in (x.node, x.bias_node) if n is not None]
+    frontier = [x.output for x in starts]
+    stop = {end, *region}
+    while frontier:
+        value = frontier.pop()
+        for node, _ in value.uses():
+            if node in stop or node in region:
+                continue
+            region.append(node)
+            frontier.extend(node.outputs)
+            if len(region) > limit:
+                return None
+    return region
+
+
 def remove_node_keeping_input(graph: ir.Graph, node: ir.Node, keep: ir.Value) -> None:
     """Remove a single-output node, redirecting its readers to `keep` (one of its inputs)."""
     replace_value(node.outputs[0], keep)
