@@ -33,7 +33,7 @@ import onnx_ir as ir
 from xopt.analysis.graph_view import const_array
 from xopt.analysis.patterns import Linear
 from xopt.analysis.structure import Attention
-from xopt.rewrite import bias_or_zeros, new_initializer, region_after, set_bias, set_weight, weight_in_out
+from xopt.rewrite import ShapeRewrite, bias_or_zeros, region_after, set_bias, set_weight, weight_in_out
 
 JITTER = 1e-10  # added to G's diagonal, relative to its mean, so that a silent head does not stop the solve
 REGION_LIMIT = 400
@@ -68,29 +68,6 @@ class HeadCounts:
         if rank == 5 and axis == 2 and self.repeat > 1 and value == self.repeat:
             return self.kept_repeat
         return None
-
-
-@dataclass
-class ShapeRewrite:
-    """New constants for the shape a node reads: its own input 1, or inputs of the Concat making it
-    (that Concat is copied for this reader, since exporters and cleanup share shapes across layers)."""
-
-    reader: ir.Node
-    owner: ir.Node
-    constants: dict[int, np.ndarray]  # owner's input index → new array
-
-    def apply(self, graph: ir.Graph) -> None:
-        inputs = list(self.owner.inputs)
-        for index, array in self.constants.items():
-            name = (inputs[index].name or "shape") + "_heads"
-            inputs[index] = new_initializer(graph, name, array, array.dtype)
-        if self.owner is self.reader:
-            self.reader.replace_input_with(1, inputs[1])
-            return
-        concat = ir.node("Concat", inputs=inputs, attributes={"axis": 0})
-        concat.outputs[0].dtype, concat.outputs[0].shape = self.owner.outputs[0].dtype, self.owner.outputs[0].shape
-        graph.insert_before(self.reader, concat)
-        self.reader.replace_input_with(1, concat.outputs[0])
 
 
 @dataclass

@@ -44,12 +44,30 @@ from xopt.passes.attention_heads import (
     select_heads,
 )
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, region_after, set_bias, set_weight, weight_in_out
+from xopt.rewrite import (
+    ShapeRewrite,
+    bias_or_zeros,
+    owns_weight,
+    region_after,
+    set_bias,
+    set_weight,
+    weight_in_out,
+)
 
 logger = logging.getLogger(__name__)
 
 Moments = dict[str, SecondMoment]
 JITTER = 1e-10  # added to G's diagonal, relative to its mean, so that dead neurons do not stop Cholesky
+
+
+@dataclass
+class MLPPlan:
+    """One MLP's pruning, checked before anything changes."""
+
+    mlp: MLP
+    keep: int  # hidden neurons kept
+    region: list[ir.Node]  # the nodes between its up/gate and down projections
+    rewrites: list[ShapeRewrite]  # reshape constants naming the width
 
 
 @register
@@ -77,17 +95,16 @@ class PruneWidthPass(Pass):
         mlps = self._plan_mlps(structure) if self.ratio else []
         attentions = self._plan_attentions(structure) if self.heads else []
         feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
-        probed = [mlp.down.input for mlp, _ in mlps] + [plan.attention.o.input for plan in attentions]
+        probed = [plan.mlp.down.input for plan in mlps] + [plan.attention.o.input for plan in attentions]
         moments = second_moments(model, probed, feeds, threads=self.threads)
         explain: list[str] = []
-        stats = _prune_heads(model.graph, attentions, moments, explain) | _prune_mlps(
-            model.graph, mlps, self.ratio, moments, explain
-        )
+        stats = _prune_heads(model.graph, attentions, moments, explain)
+        stats |= _prune_mlps(model.graph, mlps, moments, explain)
         common_passes.RemoveUnusedNodesPass()(model)  # the old weights
         return PassResult(model, True, stats, explain)
 
-    def _plan_mlps(self, structure: TransformerStructure) -> list[tuple[MLP, list[ir.Node]]]:
-        """Every MLP with the nodes between its projections, checked before anything changes."""
+    def _plan_mlps(self, structure: TransformerStructure) -> list[MLPPlan]:
+        """Every MLP with its kept width and shape rewrites, checked before anything changes."""
         mlps = [b.mlp for b in structure.blocks if b.mlp is not None]
         if not mlps:
             raise XoptError("no MLP found")
@@ -98,7 +115,8 @@ class PruneWidthPass(Pass):
                 raise XoptError(f"MLP {mlp.down.name}: {region}")
             if not all(owns_weight(x) for x in mlp.linears):
                 raise XoptError(f"MLP {mlp.down.name}: a projection shares its weight")
-            plans.append((mlp, region))
+            keep = max(1, round((1 - self.ratio) * mlp.down.in_features))
+            plans.append(MLPPlan(mlp, keep, region, _width_rewrites(region, mlp.down.in_features, keep)))
         return plans
 
     def _plan_attentions(self, structure: TransformerStructure) -> list[HeadPlan]:
@@ -157,23 +175,20 @@ def _prune_heads(graph: ir.Graph, plans: list[HeadPlan], moments: Moments, expla
     return {"heads_kept": plans[0].counts.kept_heads, "heads": plans[0].counts.heads, "head_error": _rounded(errors)}
 
 
-def _prune_mlps(
-    graph: ir.Graph, plans: list[tuple[MLP, list[ir.Node]]], ratio: float, moments: Moments, explain: list[str]
-) -> dict:
+def _prune_mlps(graph: ir.Graph, plans: list[MLPPlan], moments: Moments, explain: list[str]) -> dict:
     errors = []
-    for index, (mlp, region) in enumerate(plans):
-        width = mlp.down.in_features
-        keep = max(1, round((1 - ratio) * width))
-        gram = moments[mlp.down.input.name].matrix
-        kept, interpolation = interpolative_decomposition(gram, keep)
-        down = weight_in_out(mlp.down)
+    for index, plan in enumerate(plans):
+        width = plan.mlp.down.in_features
+        gram = moments[plan.mlp.down.input.name].matrix
+        kept, interpolation = interpolative_decomposition(gram, plan.keep)
+        down = weight_in_out(plan.mlp.down)
         error = _output_error(gram, kept, down)
-        _narrow(graph, mlp, kept, interpolation @ down, region)
+        _narrow(graph, plan, kept, interpolation @ down)
         errors.append(error)
-        explain.append(f"MLP {index}: {width} → {keep} neurons, relative output error {error:.4f} (calibration)")
+        explain.append(f"MLP {index}: {width} → {plan.keep} neurons, relative output error {error:.4f} (calibration)")
     if not plans:
         return {}
-    return {"neurons_kept": keep, "neurons": width, "output_error": _rounded(errors)}
+    return {"neurons_kept": plans[0].keep, "neurons": width, "output_error": _rounded(errors)}
 
 
 def _rounded(errors: list[float]) -> list[float]:
@@ -197,9 +212,9 @@ def _output_error(gram: np.ndarray, kept: np.ndarray, down: np.ndarray) -> float
     return float(np.sum(down * ((gram - explained) @ down)) / max(total, 1e-30))
 
 
-def _narrow(graph: ir.Graph, mlp: MLP, kept: np.ndarray, down: np.ndarray, region: list[ir.Node]) -> None:
+def _narrow(graph: ir.Graph, plan: MLPPlan, kept: np.ndarray, down: np.ndarray) -> None:
     """Keep columns `kept` of up/gate, store the new down weight, and make the region's shapes say k."""
-    width, keep = mlp.down.in_features, len(kept)
+    mlp, width, keep = plan.mlp, plan.mlp.down.in_features, len(kept)
     for linear in (mlp.up, mlp.gate):
         if linear is None:
             continue
@@ -210,9 +225,9 @@ def _narrow(graph: ir.Graph, mlp: MLP, kept: np.ndarray, down: np.ndarray, regio
         linear.out_features = keep
     set_weight(graph, mlp.down, down)
     mlp.down.in_features = keep
-    for node in region:
-        if node.op_type == "Reshape":
-            _rewrite_shape(graph, node, width, keep)
+    for rewrite in plan.rewrites:
+        rewrite.apply(graph)
+    for node in plan.region:
         for value in node.outputs:
             if value.shape is not None:
                 value.shape = ir.Shape([keep if dim == width else dim for dim in value.shape])
@@ -225,31 +240,30 @@ def _width_region(mlp: MLP) -> list[ir.Node] | str:
     region = region_after(starts, mlp.down.node, 64)
     if region is None:
         return "the MLP's hidden activations reach beyond its down projection"
-    if any(node.op_type == "Reshape" and _shape_constants(node) is None for node in region):
+    if any(node.op_type == "Reshape" and _shape_owner(node) is None for node in region):
         return "a Reshape with a computed shape sits between its up and down projections"
     return region
 
 
-def _shape_constants(node: ir.Node) -> list[ir.Value] | None:
-    """The constant tensors a Reshape's shape is made of (itself, or the inputs of its Concat)."""
-    shape = node.inputs[1]
-    if const_array(shape) is not None:
-        return [shape]
-    producer = shape.producer()
-    if producer is not None and producer.op_type == "Concat":
-        return [v for v in producer.inputs if const_array(v) is not None]
-    return None
+def _shape_owner(reshape: ir.Node) -> ir.Node | None:
+    """The node whose constant inputs make a Reshape's shape: itself, or the Concat producing it."""
+    if const_array(reshape.inputs[1]) is not None:
+        return reshape
+    producer = reshape.inputs[1].producer()
+    return producer if producer is not None and producer.op_type == "Concat" else None
 
 
-def _rewrite_shape(graph: ir.Graph, reshape: ir.Node, width: int, keep: int) -> None:
-    """Replace the width by k in the constants a Reshape's shape is made of (new initializers)."""
-    shape = reshape.inputs[1]
-    owner = reshape if const_array(shape) is not None else shape.producer()
-    for value in _shape_constants(reshape):
-        array = const_array(value)
-        if width not in array.reshape(-1).tolist():
-            continue
-        index = next(i for i, v in enumerate(owner.inputs) if v is value)
-        changed = np.where(array == width, keep, array).astype(array.dtype)
-        name = (value.name or "shape") + "_pruned"
-        owner.replace_input_with(index, new_initializer(graph, name, changed, array.dtype))
+def _width_rewrites(region: list[ir.Node], width: int, keep: int) -> list[ShapeRewrite]:
+    """The Reshapes in the region whose shape constants name the width, with k in its place."""
+    rewrites = []
+    for reshape in (node for node in region if node.op_type == "Reshape"):
+        owner = _shape_owner(reshape)
+        start = 1 if owner is reshape else 0
+        constants = {
+            index: np.where(array == width, keep, array).astype(array.dtype)
+            for index, array in ((i, const_array(v)) for i, v in enumerate(owner.inputs) if i >= start)
+            if array is not None and width in array.reshape(-1).tolist()
+        }
+        if constants:
+            rewrites.append(ShapeRewrite(reshape, owner, constants))
+    return rewrites

@@ -1,4 +1,4 @@
-"""Shared rewrite math for passes: reading and replacing linear weights, inserting nodes.
+"""Shared rewrite math for passes: reading and replacing linear weights and shape constants, inserting nodes.
 
 A linear is y = x·W + b with W stored [in, out] (MatMul) or [out, in] (Gemm with transB, or a
 MatMul behind a Transpose). Helpers compute in float64 and store in the weight's dtype. Weights
@@ -7,6 +7,8 @@ so a tensor shared with the input model (or with another node) stays as it was.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -90,6 +92,29 @@ def region_after(starts: list[Linear], end: ir.Node, limit: int) -> list[ir.Node
             if len(region) > limit:
                 return None
     return region
+
+
+@dataclass
+class ShapeRewrite:
+    """New constants for the shape a node reads: its own input 1, or inputs of the Concat making it
+    (that Concat is copied for this reader, since exporters and cleanup share shapes across layers)."""
+
+    reader: ir.Node
+    owner: ir.Node
+    constants: dict[int, np.ndarray]  # owner's input index → new array
+
+    def apply(self, graph: ir.Graph) -> None:
+        inputs = list(self.owner.inputs)
+        for index, array in self.constants.items():
+            name = (inputs[index].name or "shape") + "_pruned"
+            inputs[index] = new_initializer(graph, name, array, array.dtype)
+        if self.owner is self.reader:
+            self.reader.replace_input_with(1, inputs[1])
+            return
+        concat = ir.node("Concat", inputs=inputs, attributes={"axis": 0})
+        concat.outputs[0].dtype, concat.outputs[0].shape = self.owner.outputs[0].dtype, self.owner.outputs[0].shape
+        graph.insert_before(self.reader, concat)
+        self.reader.replace_input_with(1, concat.outputs[0])
 
 
 def remove_node_keeping_input(graph: ir.Graph, node: ir.Node, keep: ir.Value) -> None:
