@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 
 from xopt.analysis.patterns import find_linears
+from xopt.backends.integer_gemm import u8s8_saturates
 from xopt.backends.onnxruntime import create_session
 from xopt.calibration import ActivationSample
 from xopt.errors import XoptError
@@ -99,7 +100,7 @@ def test_onnxruntime_computes_the_simulated_int8_linear(norm, second_reader, smo
     assert (form.smoothing is None) == (form.label == "none") and (smoothing != "none") == (form.label != "none")
     quantized = model.clone()
     (linear,) = find_linears(quantized.graph)
-    lower_dynamic(quantized.graph, linear, form)
+    lower_dynamic(quantized.graph, linear, form, unsigned=u8s8_saturates())  # as the pass does
     check_structure(quantized)
     ops = Counter(node.op_type for node in quantized.graph)
     assert ops["DynamicQuantizeMatMul"] == 1 and ops["MatMul"] == 0 and ops["Add"] == 0
@@ -110,6 +111,28 @@ def test_onnxruntime_computes_the_simulated_int8_linear(norm, second_reader, smo
     # ORT quantizes in float32: with `outliers` a few values round across a step (0.15–0.3% here)
     assert measured == pytest.approx(form.simulated_error, rel=0.01)
     assert 0 < measured < 0.01
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_uint8_codes_are_exact_where_the_int8_kernel_clips_pairs(unsigned):
+    """Full-range codes on full-range activations: the uint8 form computes the exact integer sum
+    on every CPU; the int8 form does only where `u8s8_saturates` says the kernel does not clip."""
+    rng = np.random.default_rng(3)
+    weight = np.where(rng.random((K, N)) < 0.5, -1.0, 1.0) * rng.uniform(0.9, 1.0, (K, N))
+    model = _model(weight.astype(np.float32), norm=False, bias=False)
+    x = rng.uniform(0, 1, (32, K)).astype(np.float32)
+    x[:, 0] = 1.0  # every row spans [0, 1]: step 1/255, zero point 0
+    form = quantize_dynamic(weight, None, "none")
+    quantized = model.clone()
+    (linear,) = find_linears(quantized.graph)
+    lower_dynamic(quantized.graph, linear, form, unsigned=unsigned)
+    check_structure(quantized)
+    codes = np.rint(x * 255)
+    integer_sums = codes @ form.codes
+    expected = integer_sums * form.scale / 255
+    actual = _run(quantized, x)
+    exact = np.allclose(actual, expected, rtol=1e-5, atol=1e-4)
+    assert exact == (unsigned or not u8s8_saturates())
 
 
 @pytest.mark.parametrize(("smoothing", "chosen", "ratio"), [("outliers", "outliers 2", 0.2), ("alpha", "α 0.5", 0.2)])
@@ -140,6 +163,18 @@ def test_every_linear_becomes_dynamic_int8_and_the_model_still_runs(tiny_model, 
     assert record.stats["bytes_after"] < 0.3 * record.stats["bytes_before"]
     assert any(line.startswith("smoothing chosen") for line in record.explain)
     assert record.parity.max_rel < 0.5, record.parity.describe()
+
+
+@pytest.mark.parametrize("codes", ["int8", "uint8", "auto"])
+def test_weight_codes_are_stored_as_asked_or_where_this_cpu_computes_them_exactly(tiny_model, codes):
+    optimized, report = PassManager([QuantizeWeightsPass(scheme="dynamic", bits=8, windows=2, codes=codes)])(
+        tiny_model("llama")
+    )
+    unsigned = codes == "uint8" or (codes == "auto" and u8s8_saturates())
+    stored = {node.inputs[1].dtype for node in optimized.graph if node.op_type == "DynamicQuantizeMatMul"}
+    assert stored == {ir.DataType.UINT8 if unsigned else ir.DataType.INT8}
+    assert any("stored as uint8" in line for line in report.passes[-1].explain) == unsigned
+    assert report.passes[-1].parity.max_rel < 0.5, report.passes[-1].parity.describe()
 
 
 def test_mixed_precision_keeps_the_task_error_within_the_budget(tiny_model):
@@ -188,6 +223,7 @@ def test_protection_takes_the_most_sensitive_linears_first():
         (dict(scheme="qdq"), "unknown scheme"),
         (dict(scheme="dynamic", bits=8, smoothing="1.5"), "smoothing="),
         (dict(budget=-1.0), "budget="),
+        (dict(scheme="dynamic", bits=8, codes="int7"), "codes="),
     ],
 )
 def test_bad_dynamic_options_are_refused_with_the_reason(tiny_model, options, message):
@@ -237,7 +273,7 @@ def test_smoothing_folds_into_the_v_columns_of_a_fused_attention():
     assert form.smoothing is not None
     quantized = model.clone()
     (linear,) = find_linears(quantized.graph)
-    lower_dynamic(quantized.graph, linear, form)
+    lower_dynamic(quantized.graph, linear, form, unsigned=u8s8_saturates())
     check_structure(quantized)
     assert [n.op_type for n in quantized.graph] == ["Attention", "DynamicQuantizeMatMul"]
     (actual,) = create_session(quantized).run(["y"], {"x": inputs})
