@@ -120,7 +120,7 @@ def test_uint8_codes_are_exact_where_the_int8_kernel_clips_pairs(unsigned):
     rng = np.random.default_rng(3)
     weight = np.where(rng.random((K, N)) < 0.5, -1.0, 1.0) * rng.uniform(0.9, 1.0, (K, N))
     model = _model(weight.astype(np.float32), norm=False, bias=False)
-    x = rng.uniform(0, 1, (32, K)).astype(np.float32)
+    x = (rng.integers(0, 256, (32, K)) / 255).astype(np.float32)  # on the grid: no rounding ties
     x[:, 0] = 1.0  # every row spans [0, 1]: step 1/255, zero point 0
     form = quantize_dynamic(weight, None, "none")
     quantized = model.clone()
