@@ -33,7 +33,15 @@ import onnx_ir as ir
 from xopt.analysis.graph_view import const_array
 from xopt.analysis.patterns import Linear
 from xopt.analysis.structure import Attention
-from xopt.rewrite import ShapeRewrite, bias_or_zeros, region_after, set_bias, set_weight, weight_in_out
+from xopt.rewrite import (
+    ShapeRewrite,
+    bias_or_zeros,
+    region_after,
+    set_bias,
+    set_weight,
+    shape_owner,
+    weight_in_out,
+)
 
 JITTER = 1e-10  # added to G's diagonal, relative to its mean, so that a silent head does not stop the solve
 REGION_LIMIT = 400
@@ -135,7 +143,7 @@ def plan_shape_rewrites(region: list[ir.Node], counts: HeadCounts) -> list[Shape
             sources = _shape_element_sources(node)
             if sources is None:
                 return f"{node.op_type} {node.name}: its shape is computed in a way heads cannot be read from"
-            owner = node if const_array(node.inputs[1]) is not None else node.inputs[1].producer()
+            owner = shape_owner(node)
             changes = []
             for axis, source in enumerate(sources):
                 if source is None:

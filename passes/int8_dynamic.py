@@ -150,7 +150,9 @@ def lower_dynamic(graph: ir.Graph, linear: Linear, int8: DynamicInt8, unsigned: 
     weights = [codes, new_initializer(graph, f"{linear.name}_int8_scale", int8.scale, np.float32)]
     bias = const_array(linear.bias) if linear.bias_node is not None else None
     absorbed = bias is not None and bias.ndim == 1  # the kernel adds a 1-D bias itself
-    inputs = [x, *weights, zero, linear.bias] if absorbed else [x, *weights] + ([zero] if unsigned else [])
+    inputs = [x, *weights, zero, linear.bias if absorbed else None]
+    while inputs[-1] is None:  # optional inputs left off the end
+        inputs.pop()
     node = ir.node("DynamicQuantizeMatMul", inputs, domain=CONTRIB, name=f"{linear.node.name or linear.name}_int8")
     replace_linear(graph, linear, node)
     if absorbed:

@@ -10,8 +10,9 @@ ONNX Runtime fuses the QDQ pairs into integer kernels (QLinearMatMul / MatMulInt
 it loads the model. Where its u8s8 kernel clips pairs of products to 16 bits (x86 without VNNI,
 `backends/integer_gemm.py`) the weights are stored as uint8 on the same grid (zero point 128), which
 runs the exact u8u8 kernel: the tiny Llama's output error on calibration inputs 0.11 with int8
-weights there, against 0.010 with VNNI. Unlike the dynamic scheme no range is computed at run time, and the same
-range serves every input, so a calibration set that misses an input's extremes clips them.
+weights there, against 0.010 with VNNI. Unlike the dynamic scheme no range is computed at run
+time, and the same range serves every input, so a calibration set that misses an input's
+extremes clips them.
 
 The calibration runs are xopt's (`xopt.calibration`: windows of the calibration text for a
 causal LM, padded sentence batches for an encoder, here padded to one length), fed to

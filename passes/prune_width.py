@@ -51,6 +51,7 @@ from xopt.rewrite import (
     region_after,
     set_bias,
     set_weight,
+    shape_owner,
     weight_in_out,
 )
 
@@ -240,30 +241,21 @@ def _width_region(mlp: MLP) -> list[ir.Node] | str:
     region = region_after(starts, mlp.down.node, 64)
     if region is None:
         return "the MLP's hidden activations reach beyond its down projection"
-    if any(node.op_type == "Reshape" and _shape_owner(node) is None for node in region):
+    if any(node.op_type == "Reshape" and shape_owner(node) is None for node in region):
         return "a Reshape with a computed shape sits between its up and down projections"
     return region
-
-
-def _shape_owner(reshape: ir.Node) -> ir.Node | None:
-    """The node whose constant inputs make a Reshape's shape: itself, or the Concat producing it."""
-    if const_array(reshape.inputs[1]) is not None:
-        return reshape
-    producer = reshape.inputs[1].producer()
-    return producer if producer is not None and producer.op_type == "Concat" else None
 
 
 def _width_rewrites(region: list[ir.Node], width: int, keep: int) -> list[ShapeRewrite]:
     """The Reshapes in the region whose shape constants name the width, with k in its place."""
     rewrites = []
     for reshape in (node for node in region if node.op_type == "Reshape"):
-        owner = _shape_owner(reshape)
-        start = 1 if owner is reshape else 0
-        constants = {
-            index: np.where(array == width, keep, array).astype(array.dtype)
-            for index, array in ((i, const_array(v)) for i, v in enumerate(owner.inputs) if i >= start)
-            if array is not None and width in array.reshape(-1).tolist()
-        }
+        owner = shape_owner(reshape)
+        constants = {}
+        for index in [1] if owner is reshape else range(len(owner.inputs)):
+            array = const_array(owner.inputs[index])
+            if array is not None and width in array.reshape(-1).tolist():
+                constants[index] = np.where(array == width, keep, array).astype(array.dtype)
         if constants:
             rewrites.append(ShapeRewrite(reshape, owner, constants))
     return rewrites

@@ -94,6 +94,15 @@ def region_after(starts: list[Linear], end: ir.Node, limit: int) -> list[ir.Node
     return region
 
 
+def shape_owner(reader: ir.Node) -> ir.Node | None:
+    """The node whose constant inputs make the shape a Reshape/Expand reads: itself, or the Concat
+    producing it (None: the shape is computed some other way)."""
+    if const_array(reader.inputs[1]) is not None:
+        return reader
+    producer = reader.inputs[1].producer()
+    return producer if producer is not None and producer.op_type == "Concat" else None
+
+
 @dataclass
 class ShapeRewrite:
     """New constants for the shape a node reads: its own input 1, or inputs of the Concat making it
