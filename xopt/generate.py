@@ -5,7 +5,8 @@ each decode step feeds that token alone, the attention mask grown by one, and th
 previous step's `present.*` outputs as `past_key_values.*` (the convention of `xopt.kv_cache`),
 kept as ONNX Runtime values so they never pass through numpy; or, when the model updates its
 cache in place (`kv_cache.shares_buffers`), one preallocated buffer per layer of prompt +
-max-new-tokens positions bound as both past and present, so no step copies the cache. Greedy
+max-new-tokens positions bound as both past and present, so no step copies the cache (and a
+decode step's logits are written into a numpy array bound as the output). Greedy
 decoding takes argmax of the last position's logits; with temperature T > 0 the next token is
 drawn from softmax(logits / T) with a seeded generator, so a run is reproducible.
 
@@ -74,6 +75,7 @@ class InPlaceCache:
 
     def __init__(self, session: ort.InferenceSession, model, capacity: int, batch: int = 1):
         self.session, self.capacity = session, capacity
+        self.logits_row: tuple[int, np.dtype] | None = None  # (vocab, dtype), known after the first run
         self.binding = session.io_binding()
         self.binding.bind_output("logits")  # first, so it is get_outputs()[0]
         self.buffers = []
@@ -90,9 +92,20 @@ class InPlaceCache:
             raise XoptError(f"the cache holds {self.capacity} positions, {length} asked for")
         for name, array in feeds.items():
             self.binding.bind_cpu_input(name, array)
+        batch, sequence = feeds["input_ids"].shape
+        if sequence == 1 and self.logits_row is not None:
+            # a decode step writes its [batch, 1, vocab] logits into a numpy array bound as the
+            # output: reading them back through get_outputs() would wrap every bound present too
+            vocab, dtype = self.logits_row
+            logits = np.empty((batch, 1, vocab), dtype)
+            self.binding.bind_output("logits", "cpu", 0, logits.dtype.type, logits.shape, logits.ctypes.data)
+            self.session.run_with_iobinding(self.binding)
+            return logits
         self.binding.bind_output("logits")
         self.session.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()[0].numpy()
+        logits = self.binding.get_outputs()[0].numpy()
+        self.logits_row = logits.shape[-1], logits.dtype
+        return logits
 
 
 def _ort(array: np.ndarray) -> ort.OrtValue:
