@@ -20,6 +20,10 @@ Every rewrite computes the same values up to float rounding:
 - `group-query-attention`: that `Attention` → com.microsoft `GroupQueryAttention` with the mask as
   its attention bias, whose past and present can be one buffer updated in place by the decoder
   (`group_query_attention.py`; any mask).
+- `rotary-attention`, only with `positions=contiguous`: the RotaryEmbedding of Q and K before a
+  `GroupQueryAttention` → its own rotation (`do_rotary`), on packed QKV where Q, K and V are split
+  from one projection (`rotary_attention.py`). ONNX Runtime's kernel rotates at positions P..P+S−1,
+  so the model then assumes inputs without left padding, as onnxruntime-genai's models do.
 - `attention`: softmax(Q·Kᵀ·s + mask)·V with its head reshapes → `Attention` (projections packed),
   `MultiHeadAttention` or `GroupQueryAttention`.
 - `gelu`: the erf/tanh GELU expansions (+ bias) → `Gelu`, `FastGelu`, `BiasGelu`.
@@ -55,6 +59,7 @@ from xopt.kv_cache import has_kv_cache
 from xopt.passes.cached_attention import lower_cached_attention
 from xopt.passes.group_query_attention import lower_group_query_attention
 from xopt.passes.rotary import lower_rotary
+from xopt.passes.rotary_attention import lower_rotary_attention
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_value, weight_dtype, weight_in_out
 
@@ -71,9 +76,11 @@ FAMILIES = (
     "merge-gate-up",
     "cached-attention",
     "group-query-attention",
+    "rotary-attention",
     "skip-norm",
 )
 LOWERINGS = ("measure", "all")
+POSITIONS = ("mask", "contiguous")
 
 
 @register
@@ -85,6 +92,7 @@ class FusePass(Pass):
 
     lowering: str = "measure"
     skip: str = ""  # families to leave alone, separated by "+" (or "," from Python)
+    positions: str = "mask"  # "contiguous": positions P..P+S−1 in every row (no left padding)
     threads: int = 2
     batch: int = 1
     sequence: int = 128
@@ -92,6 +100,8 @@ class FusePass(Pass):
     def __call__(self, model: ir.Model) -> PassResult:
         if self.lowering not in LOWERINGS:
             raise XoptError(f"fuse: unknown lowering {self.lowering!r}: one of {', '.join(LOWERINGS)}")
+        if self.positions not in POSITIONS:
+            raise XoptError(f"fuse: unknown positions {self.positions!r}: one of {', '.join(POSITIONS)}")
         skipped = {name.strip() for name in re.split(r"[+,]", self.skip) if name.strip()}
         unknown = skipped - set(FAMILIES)
         if unknown:
@@ -107,6 +117,9 @@ class FusePass(Pass):
         for family in FAMILIES:
             if family in skipped:
                 explain.append(f"{family}: skipped (option)")
+                continue
+            if family == "rotary-attention" and self.positions == "mask":
+                explain.append(f"{family}: off (positions=mask; positions=contiguous allows it, without left padding)")
                 continue
             candidate = model.clone()
             count, notes = _APPLY[family](candidate)
@@ -428,6 +441,7 @@ _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
     "rotary": lower_rotary,
     "cached-attention": lower_cached_attention,
     "group-query-attention": lower_group_query_attention,
+    "rotary-attention": lower_rotary_attention,
     "attention": _apply_attention,
     "gelu": _onnxscript_family(
         ("fuse_erfgelu", "fuse_gelu", "fuse_bias_gelu"), frozenset({"Gelu", "FastGelu", "BiasGelu"})

@@ -84,11 +84,11 @@ def _add(graph: ir.Graph, before: ir.Node, op: str, inputs: list, **attributes) 
 
 def _lengths(graph: ir.Graph, first: ir.Node) -> tuple[ir.Value, ir.Value]:
     """seqlens_k [B] = T − 1 and total_sequence_length = T (int32), T being the mask's last dim."""
-    query, mask = first.inputs[0], first.inputs[3]
+    mask = first.inputs[3]  # [B, 1, S, T]
     one = new_initializer(graph, "gqa_one", np.array(1), np.int32)
     last = _add(graph, first, "Shape", [mask], start=3, end=4)
     total = _add(graph, first, "Cast", [_add(graph, first, "Squeeze", [last])], to=ir.DataType.INT32)
-    batch = _add(graph, first, "Shape", [query], start=0, end=1)
+    batch = _add(graph, first, "Shape", [mask], start=0, end=1)
     seqlens = _add(graph, first, "Expand", [_add(graph, first, "Sub", [total, one]), batch])
     return seqlens, total
 

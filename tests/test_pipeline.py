@@ -103,6 +103,24 @@ def test_compare_reports_relative_error_and_top1():
     assert compare({"y": logits}, {"y": logits[:1]}).max_abs == float("inf")
 
 
+def test_compare_leaves_out_padded_positions_only():
+    rng = np.random.default_rng(1)
+    logits, present = rng.standard_normal((2, 3, 50)), rng.standard_normal((2, 2, 5, 4))  # past 2 + 3 new
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # row 1: its last two positions are padding
+    padded_changed = {"logits": logits.copy(), "present.0.key": present.copy()}
+    padded_changed["logits"][1, 1:] += 7  # the new tokens at mask positions 3 and 4
+    padded_changed["present.0.key"][1, :, 3:] += 7
+    reference = {"logits": logits, "present.0.key": present}
+    assert compare(reference, padded_changed, mask).max_abs == 0
+    assert compare(reference, padded_changed).max_abs == pytest.approx(7)  # without the mask: compared
+    real_changed = {"logits": logits.copy(), "present.0.key": present.copy()}
+    real_changed["present.0.key"][1, :, 2] += 7  # a real position
+    assert compare(reference, real_changed, mask).max_abs == pytest.approx(7)
+    real_changed = {"logits": logits.copy(), "present.0.key": present}
+    real_changed["logits"][1, 0] += 7
+    assert compare(reference, real_changed, mask).max_abs == pytest.approx(7)
+
+
 def test_reference_outputs_match_numpy():
     model = model_from_text(LINEAR_MODEL)
     x = np.arange(8, dtype=np.float32).reshape(2, 4)

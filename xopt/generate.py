@@ -144,6 +144,10 @@ class Decoder:
             raise XoptError(f"--max-new-tokens {max_new_tokens}: need at least 1")
         if temperature < 0:
             raise XoptError(f"--temperature {temperature}: must not be negative")
+        limit = kv_cache.position_limit(self.runnable.model)
+        if limit is not None and len(prompt_ids) + max_new_tokens > limit:
+            asked = f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones"
+            raise XoptError(f"{asked}: the model's rotary tables hold {limit} positions")
         rng = np.random.default_rng(seed)
         result = Generation(prompt_tokens=len(prompt_ids))
         model = self.runnable.model

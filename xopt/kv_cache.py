@@ -77,3 +77,18 @@ def cache_shape(value: ir.Value, batch: int, past: int) -> tuple[int, ...]:
     """[batch, kv_heads, past, head_size] with the fixed dims read from the graph input."""
     _, heads, _, head_size = value.shape
     return batch, int(heads), past, int(head_size)
+
+
+def position_limit(model: ir.Model) -> int | None:
+    """How many positions the graph can rotate, where it fixes it: the rows of the tables a
+    `GroupQueryAttention` rotates Q and K with (`do_rotary`); None where no node does."""
+    rows = [
+        node.inputs[7].shape[0]
+        for node in model.graph
+        if node.op_type == "GroupQueryAttention"
+        and node.attributes.get_int("do_rotary", 0)
+        and node.inputs[7] is not None
+        and node.inputs[7].shape is not None
+        and isinstance(node.inputs[7].shape[0], int)
+    ]
+    return min(rows, default=None)

@@ -6,7 +6,9 @@ output pair (r, c) we report
     max_abs = max |c − r|,        max_rel = max_abs / max(max |r|, 1)
 
 and, for outputs named `logits` (last axis = vocabulary), the top-1 agreement of argmax over that
-axis. An exact
+axis. Entries at positions the inputs' `attention_mask` marks as padding are left out: nothing
+reads them (every later position masks them out), and fused attention kernels leave different
+values there. An exact
 
 pass must keep `max_rel ≤ EXACT_TOLERANCE` on every output: float32 rounding of a reordered
 computation stays orders of magnitude below it, while any real change of the function exceeds it.
@@ -102,11 +104,14 @@ def reference_outputs(model: ir.Model, inputs: Mapping[str, np.ndarray]) -> dict
     return references_over(model, [inputs])[0]
 
 
-def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> Parity:
+def compare(
+    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], padding: np.ndarray | None = None
+) -> Parity:
     """Worst-case parity over the outputs, matched by name. When the output sets differ (a pruned
     decoder has fewer cache outputs, renumbered, or narrower ones), only the first outputs are
     compared: the task's logits or hidden state. Logits of the last position only (the
-    `last-token-logits` pass) are compared with the reference's last position."""
+    `last-token-logits` pass) are compared with the reference's last position. `padding` is the
+    inputs' attention mask [batch, total]: positions where it is 0 are not compared."""
     reference = {name: _last_positions(array, candidate.get(name)) for name, array in reference.items()}
     if set(reference) != set(candidate) or any(reference[k].shape != candidate[k].shape for k in reference):
         pairs = [(next(iter(reference.items())), next(iter(candidate.values())))]
@@ -116,6 +121,9 @@ def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
     for (name, expected), actual in pairs:
         if expected.shape != actual.shape:
             return Parity(float("inf"), float("inf"))
+        real = _real_positions(expected, padding)
+        if real is not None:
+            expected, actual = np.where(real, expected, 0), np.where(real, actual, 0)
         if not np.issubdtype(expected.dtype, np.floating):
             mismatch = float(np.any(expected != actual))
             max_abs, max_rel = max(max_abs, mismatch), max(max_rel, mismatch)
@@ -127,8 +135,24 @@ def compare(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndar
         scale = max(float(np.max(np.abs(expected64))) if expected.size else 0.0, 1.0)
         max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / scale)
         if "logits" in name.lower() and expected.ndim >= 2:  # (batch, sequence, vocabulary)
-            agreements.append(float(np.mean(expected.argmax(-1) == actual.argmax(-1))))
+            agree = expected.argmax(-1) == actual.argmax(-1)
+            agreements.append(float(np.mean(agree if real is None else agree[real[..., 0]])))
     return Parity(max_abs, max_rel, min(agreements) if agreements else None)
+
+
+def _real_positions(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """Where `array` holds values of unpadded tokens, broadcastable to it (None: everywhere).
+    Outputs along the sequence are recognised by shape: [batch, heads, total, d] (a KV cache, every
+    position of the mask) and [batch, s, …] (logits, hidden states: the mask's last s positions)."""
+    if mask is None or mask.ndim != 2 or array.ndim < 3 or array.shape[0] != mask.shape[0] or mask.all():
+        return None
+    batch, total = mask.shape
+    real = mask.astype(bool)
+    if array.ndim == 4 and array.shape[2] == total:
+        return real[:, None, :, None]
+    if array.shape[1] <= total:
+        return real[:, total - array.shape[1] :].reshape(batch, array.shape[1], *[1] * (array.ndim - 2))
+    return None
 
 
 def _last_positions(expected: np.ndarray, actual: np.ndarray | None) -> np.ndarray:
@@ -154,7 +178,10 @@ def parity_over(
     """The worst parity of `model` over several input sets and their references (one session)."""
     try:
         session = create_session(model, optimization="disable")
-        results = [compare(ref, run(session, inputs)) for inputs, ref in zip(input_sets, references, strict=True)]
+        results = [
+            compare(ref, run(session, inputs), inputs.get("attention_mask"))
+            for inputs, ref in zip(input_sets, references, strict=True)
+        ]
     except Exception as error:
         reason = first_line(error)
         raise VerificationError(f"ONNX Runtime cannot run the model: {reason}") from error

@@ -1,0 +1,101 @@
+"""fuse(positions=contiguous): RoPE moved into GroupQueryAttention, at parity wherever positions
+are contiguous (unpadded and right-padded rows), and the contract's limits stated by tests."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from conftest import build_folder
+
+import xopt
+from xopt.backends.onnxruntime import create_session
+from xopt.errors import XoptError
+from xopt.generate import Decoder
+from xopt.inputs import sample_inputs
+from xopt.kv_cache import position_limit
+from xopt.passes import CleanupPass, FusePass
+from xopt.runnable import Runnable
+from xopt.verify import compare, reference_outputs
+
+LLAMA_HEAD_16 = dict(  # head size 16: the rotating kernel's smallest
+    vocab_size=211,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XOPT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def llama16(tmp_path_factory):
+    folder = build_folder("LlamaConfig", LLAMA_HEAD_16, "LlamaForCausalLM", tmp_path_factory.mktemp("llama16"))
+    return CleanupPass()(xopt.load(folder)).model
+
+
+@pytest.fixture(scope="module")
+def rotating(llama16):
+    return FusePass(lowering="all", positions="contiguous")(llama16.clone())
+
+
+def test_rotation_moves_into_group_query_attention_on_packed_qkv(rotating):
+    ops = Counter(node.op_type for node in rotating.model.graph)
+    attentions = [node for node in rotating.model.graph if node.op_type == "GroupQueryAttention"]
+    assert rotating.stats["rotary-attention"] == 2 and len(attentions) == 2
+    assert ops["RotaryEmbedding"] == 0 and ops["Split"] == 2  # the gate/up Splits stay, Q/K/V's go
+    for node in attentions:
+        assert node.attributes.get_int("do_rotary") == 1
+        assert node.inputs[1] is None and node.inputs[2] is None  # packed QKV
+        assert node.inputs[7].shape == node.inputs[8].shape == (256, 8)  # [context length, head size / 2]
+
+
+@pytest.mark.parametrize(
+    ("batch", "sequence", "past", "padded"),
+    [(1, 23, 0, False), (3, 9, 0, True), (2, 1, 7, True), (1, 4, 6, False)],
+)
+def test_parity_wherever_positions_are_contiguous(llama16, rotating, batch, sequence, past, padded):
+    feeds = sample_inputs(llama16, batch=batch, sequence=sequence, past=past, padded=padded, seed=batch)
+    parity = compare(
+        reference_outputs(llama16, feeds), reference_outputs(rotating.model, feeds), feeds["attention_mask"]
+    )
+    assert parity.max_rel <= 1e-5, parity
+
+
+def test_left_padding_is_outside_the_contract(llama16, rotating):
+    # the kernel rotates the token at column s at position s, the graph at s − (padding before it)
+    feeds = sample_inputs(llama16, batch=2, sequence=8, seed=5)
+    feeds["attention_mask"][1, :3] = 0
+    parity = compare(
+        reference_outputs(llama16, feeds), reference_outputs(rotating.model, feeds), feeds["attention_mask"]
+    )
+    assert parity.max_rel > 1e-3
+
+
+def test_generation_past_the_rotary_tables_is_refused(rotating):
+    session = create_session(rotating.model, threads=1)
+    decoder = Decoder(Runnable("tiny", rotating.model, session, "causal-lm", tokenizer_source=None))
+    assert position_limit(rotating.model) == 256
+    assert len(decoder.generate([3, 1, 4], 253).tokens) == 253
+    with pytest.raises(XoptError, match="rotary tables hold 256 positions"):
+        decoder.generate([3, 1, 4], 254)
+
+
+def test_off_unless_positions_are_declared_contiguous(llama16):
+    result = FusePass(lowering="all")(llama16.clone())
+    assert "rotary-attention" not in result.stats
+    assert any(line.startswith("rotary-attention: off (positions=mask") for line in result.explain)
+    with pytest.raises(XoptError, match="unknown positions 'left'"):
+        FusePass(positions="left")(llama16.clone())
+
+
+def test_a_head_size_the_kernel_cannot_rotate_is_named(tiny_model):
+    result = FusePass(lowering="all", positions="contiguous")(CleanupPass()(tiny_model("llama").clone()).model)
+    assert "rotary-attention" not in result.stats
+    assert any("head size 8: the rotating kernel needs a multiple of 16" in line for line in result.explain)
