@@ -81,6 +81,13 @@ FAMILIES = (
 )
 LOWERINGS = ("measure", "all")
 POSITIONS = ("mask", "contiguous")
+# A family that rewrites what others make matches only once they are kept; when they were not
+# (each too small a win alone), it is timed together with them: GroupQueryAttention with RoPE
+# inside pays in decode where GroupQueryAttention alone sits below the threshold.
+PREREQUISITES = {
+    "group-query-attention": ("cached-attention",),
+    "rotary-attention": ("rotary", "cached-attention", "group-query-attention"),
+}
 
 
 @register
@@ -126,7 +133,15 @@ class FusePass(Pass):
             explain += [f"{family}: {note}" for note in notes]
             if count == 0:
                 explain.append(f"{family}: no match")
-                unmatched.append(family)
+                chained = None
+                if self.lowering == "measure" and any(p not in stats for p in PREREQUISITES.get(family, ())):
+                    chained = _with_prerequisites(family, model, stats, chooser, signature, explain)
+                if chained is None:
+                    unmatched.append(family)
+                    continue
+                model, counts = chained
+                modified = True
+                stats.update(counts)
                 continue
             broken = _breakage(model, candidate)
             if broken:
@@ -190,6 +205,33 @@ def _together(
     source = "cached" if verdict.cached else "measured"
     outcome = "kept" if verdict.keep else "not kept"
     explain.append(f"{label} together: {source} speedup {verdict.speedup:.3f}× over the families kept alone: {outcome}")
+    return (candidate, counts) if verdict.keep else None
+
+
+def _with_prerequisites(
+    family: str, current: ir.Model, kept: Counter[str], chooser: LoweringChooser, signature: dict, explain: list[str]
+) -> tuple[ir.Model, dict[str, int]] | None:
+    """`family` applied after those of its prerequisites not kept yet, timed against `current`.
+    Returns the model and counts if it wins."""
+    candidate, counts = current.clone(), {}
+    for name in [*(p for p in PREREQUISITES[family] if p not in kept), family]:
+        count, _ = _APPLY[name](candidate)
+        if count == 0:
+            return None
+        counts[name] = count
+    label = f"{family} with {', '.join(name for name in counts if name != family)}"
+    broken = _breakage(current, candidate)
+    if broken:
+        explain.append(f"{label}: reverted: {broken}")
+        return None
+    try:
+        verdict = chooser.choose("+".join(counts), {**signature, "count": counts}, current, candidate)
+    except Exception as error:
+        explain.append(f"{label}: reverted: timing failed ({first_line(error)})")
+        return None
+    source = "cached" if verdict.cached else "measured"
+    outcome = "kept" if verdict.keep else "not kept"
+    explain.append(f"{label}: {source} speedup {verdict.speedup:.3f}×: {outcome}")
     return (candidate, counts) if verdict.keep else None
 
 

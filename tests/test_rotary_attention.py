@@ -9,6 +9,7 @@ import pytest
 from conftest import build_folder
 
 import xopt
+from xopt.backends.lowering import LoweringChooser
 from xopt.backends.onnxruntime import create_session
 from xopt.errors import XoptError
 from xopt.generate import Decoder
@@ -99,3 +100,17 @@ def test_a_head_size_the_kernel_cannot_rotate_is_named(tiny_model):
     result = FusePass(lowering="all", positions="contiguous")(CleanupPass()(tiny_model("llama").clone()).model)
     assert "rotary-attention" not in result.stats
     assert any("head size 8: the rotating kernel needs a multiple of 16" in line for line in result.explain)
+
+
+def test_timed_with_group_query_attention_when_that_was_not_faster_alone(llama16, monkeypatch):
+    def speedup(self, current, candidate):  # only GroupQueryAttention with the rotation inside pays
+        attentions = [n for n in candidate.graph if n.op_type == "GroupQueryAttention"]
+        return (1.5, 1.0) if any(n.attributes.get_int("do_rotary", 0) for n in attentions) else (1.0, 1.0)
+
+    monkeypatch.setattr(LoweringChooser, "_measure", speedup)
+    result = FusePass(positions="contiguous")(llama16.clone())
+    assert "cached-attention: 2 matched, measured speedup 1.000×: reverted (not faster)" in result.explain
+    chained = "rotary-attention with rotary, cached-attention, group-query-attention: measured speedup 1.500×: kept"
+    assert chained in result.explain
+    assert result.stats["group-query-attention"] == result.stats["rotary-attention"] == 2
+    assert result.stats["rotary"] == 4 and "merge-qkv" not in result.stats  # Q and K rotated; unpacked

@@ -20,7 +20,9 @@ Variants:
 - transformers `generate` (fp32, default SDPA attention, torch threads fixed);
 - onnxruntime-genai: its model builder on the same fp32 weights, `-p fp32` and `-p int4`;
 - llama.cpp (`llama-cpp-python`) on the original Q4_1 GGUF file, fed the same token ids;
-- xopt: the captured KV-cache model, and each recipe's output, run by `xopt.generate.Decoder`.
+- xopt: the captured KV-cache model, and each recipe's output, run by `xopt.generate.Decoder`;
+  `exact` and `int4` also with `fuse(positions=contiguous)` (RoPE inside GroupQueryAttention: the
+  model then assumes no left padding, as onnxruntime-genai's models do).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from xopt.text import bundled_text
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ANCHOR_PACKAGES = ("onnxruntime-genai", "llama-cpp-python")
+CONTIGUOUS_RECIPES = ("exact", "int4")  # also built with fuse(positions=contiguous)
 logger = logging.getLogger("benchmark_decode")
 
 
@@ -226,18 +229,23 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
     quality = {}  # label → a function computing its perplexity
 
     captured = xopt.load(folder)
-    for recipe in ["captured", *RECIPES]:
+    builds = {"captured": None, **RECIPES}
+    for recipe in CONTIGUOUS_RECIPES:  # the same with fuse(positions=contiguous), genai's contract
+        builds[f"{recipe}, positions=contiguous"] = [
+            "fuse(positions=contiguous)" if spec == "fuse" else spec for spec in RECIPES[recipe]
+        ]
+    for index, (name, passes) in enumerate(builds.items()):
         start = time.perf_counter()
         model = captured
-        if recipe != "captured":
-            model, report = xopt.optimize(captured, recipe=recipe, verify=False)
+        if passes is not None:
+            model, report = xopt.optimize(captured, passes=passes, verify=False)
             for record in report.passes:
-                logger.info("%s / %s: %s", recipe, record.name, "; ".join(record.explain) or "no notes")
-        out = scratch / f"xopt-{recipe}"
+                logger.info("%s / %s: %s", name, record.name, "; ".join(record.explain) or "no notes")
+        out = scratch / f"xopt-{index}"
         xopt.save(model, out)
-        seconds[f"xopt {recipe}"] = time.perf_counter() - start
-        variants[f"xopt {recipe}"] = xopt_variant(out, prompt, args.new_tokens, args.threads)
-        quality[f"xopt {recipe}"] = lambda out=out: onnx_perplexity(out, out, text, threads)
+        seconds[f"xopt {name}"] = time.perf_counter() - start
+        variants[f"xopt {name}"] = xopt_variant(out, prompt, args.new_tokens, args.threads)
+        quality[f"xopt {name}"] = lambda out=out: onnx_perplexity(out, out, text, threads)
 
     for precision in ("fp32", "int4"):
         label = f"onnxruntime-genai {precision}"

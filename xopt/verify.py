@@ -8,10 +8,9 @@ output pair (r, c) we report
 and, for outputs named `logits` (last axis = vocabulary), the top-1 agreement of argmax over that
 axis. Entries at positions the inputs' `attention_mask` marks as padding are left out: nothing
 reads them (every later position masks them out), and fused attention kernels leave different
-values there. An exact
-
-pass must keep `max_rel ≤ EXACT_TOLERANCE` on every output: float32 rounding of a reordered
-computation stays orders of magnitude below it, while any real change of the function exceeds it.
+values there. An exact pass must keep `max_rel ≤ EXACT_TOLERANCE` on every output: float32
+rounding of a reordered computation stays orders of magnitude below it, while any real change of
+the function exceeds it.
 """
 
 from __future__ import annotations
