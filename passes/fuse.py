@@ -193,19 +193,9 @@ def _together(
             if count:
                 counts[family] = count
     label = "+".join(counts)
-    broken = _breakage(original, candidate)
-    if broken:
-        explain.append(f"{label} together: reverted: {broken}")
-        return None
-    try:
-        verdict = chooser.choose(label, {**signature, "count": counts}, current, candidate)
-    except Exception as error:
-        explain.append(f"{label} together: reverted: timing failed ({first_line(error)})")
-        return None
-    source = "cached" if verdict.cached else "measured"
-    outcome = "kept" if verdict.keep else "not kept"
-    explain.append(f"{label} together: {source} speedup {verdict.speedup:.3f}× over the families kept alone: {outcome}")
-    return (candidate, counts) if verdict.keep else None
+    if _wins(f"{label} together", counts, original, current, candidate, chooser, signature, explain, against=True):
+        return candidate, counts
+    return None
 
 
 def _with_prerequisites(
@@ -220,19 +210,39 @@ def _with_prerequisites(
             return None
         counts[name] = count
     label = f"{family} with {', '.join(name for name in counts if name != family)}"
-    broken = _breakage(current, candidate)
+    if _wins(label, counts, current, current, candidate, chooser, signature, explain):
+        return candidate, counts
+    return None
+
+
+def _wins(
+    label: str,
+    counts: dict[str, int],
+    reference: ir.Model,
+    current: ir.Model,
+    candidate: ir.Model,
+    chooser: LoweringChooser,
+    signature: dict,
+    explain: list[str],
+    against: bool = False,
+) -> bool:
+    """Whether `candidate` (several families applied, `counts`) keeps `reference`'s outputs and
+    times faster than `current`; explains the verdict under `label` (`against`: says it was timed
+    against the families kept alone)."""
+    broken = _breakage(reference, candidate)
     if broken:
         explain.append(f"{label}: reverted: {broken}")
-        return None
+        return False
     try:
         verdict = chooser.choose("+".join(counts), {**signature, "count": counts}, current, candidate)
     except Exception as error:
         explain.append(f"{label}: reverted: timing failed ({first_line(error)})")
-        return None
+        return False
     source = "cached" if verdict.cached else "measured"
+    baseline = " over the families kept alone" if against else ""
     outcome = "kept" if verdict.keep else "not kept"
-    explain.append(f"{label}: {source} speedup {verdict.speedup:.3f}×: {outcome}")
-    return (candidate, counts) if verdict.keep else None
+    explain.append(f"{label}: {source} speedup {verdict.speedup:.3f}×{baseline}: {outcome}")
+    return verdict.keep
 
 
 def _breakage(model: ir.Model, candidate: ir.Model) -> str | None:
