@@ -35,9 +35,10 @@ from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.convenience
 import onnx_ir.passes.common as common_passes
 
-from xopt.analysis.graph_view import const_array, is_constant
+from xopt.analysis.graph_view import is_constant
 from xopt.backends.onnxruntime import create_session
 from xopt.capture.huggingface import source_context_length
 from xopt.rewrite import new_initializer, replace_value
@@ -111,12 +112,9 @@ def _position_tables(model: ir.Model, cos: ir.Value, sin: ir.Value, length: int)
     for walk in walks:
         if isinstance(walk, str):
             return walk
-    (cos_nodes, positions), (sin_nodes, sin_positions) = walks
-    if positions is not sin_positions:
+    if walks[0] is not walks[1]:
         return "cos and sin are computed from different positions"
-    order = {node: index for index, node in enumerate(model.graph)}
-    nodes = sorted(set(cos_nodes) | set(sin_nodes), key=order.__getitem__)
-    cos_cache, sin_cache = _evaluate(model, nodes, positions, [cos, sin], length)
+    cos_cache, sin_cache = _evaluate(model, walks[0], [cos, sin], length)
     if cos_cache.shape != sin_cache.shape or cos_cache.shape[:2] != (1, length):
         return f"the tables are not [1, positions, h] on one row of positions (got {cos_cache.shape})"
     graph = model.graph
@@ -126,10 +124,10 @@ def _position_tables(model: ir.Model, cos: ir.Value, sin: ir.Value, length: int)
     )
 
 
-def _walk_to_positions(table: ir.Value) -> tuple[list[ir.Node], ir.Value] | str:
-    """The nodes from the position tensor (int64, [batch, sequence]) to `table`, each with one
-    non-constant input."""
-    nodes, value = [], table
+def _walk_to_positions(table: ir.Value) -> ir.Value | str:
+    """The position tensor (int64, [batch, sequence]) `table` is computed from by nodes with one
+    non-constant input each."""
+    value = table
     while not (value.dtype == ir.DataType.INT64 and value.shape is not None and len(value.shape) == 2):
         node = value.producer()
         if node is None or node.op_type not in _TABLE_OPS or node.domain != "":
@@ -137,42 +135,16 @@ def _walk_to_positions(table: ir.Value) -> tuple[list[ir.Node], ir.Value] | str:
         sources = {v for v in node.inputs if v is not None and not is_constant(v)}
         if len(sources) != 1:
             return f"{node.name} computes the rotary table from more than the positions"
-        nodes.append(node)
         value = sources.pop()
-    return nodes, value
+    return value
 
 
-def _evaluate(
-    model: ir.Model, nodes: list[ir.Node], positions: ir.Value, tables: list[ir.Value], length: int
-) -> list[np.ndarray]:
-    """The tables computed by `nodes` (in graph order) alone, on positions [[0, 1, …, length − 1]]."""
-    copies: dict[ir.Value, ir.Value] = {positions: ir.Value(name="positions", type=positions.type)}
-    constants, copied_nodes = [], []
-    for node in nodes:
-        for value in node.inputs:
-            if value is not None and value not in copies:
-                copies[value] = ir.Value(name=f"constant_{len(constants)}", const_value=ir.tensor(const_array(value)))
-                constants.append(copies[value])
-        copy = ir.Node(
-            node.domain,
-            node.op_type,
-            [copies.get(value) for value in node.inputs],
-            attributes=list(node.attributes.values()),
-            num_outputs=len(node.outputs),
-        )
-        for old, new in zip(node.outputs, copy.outputs, strict=True):
-            new.name, new.type = old.name, old.type
-            copies[old] = new
-        copied_nodes.append(copy)
-    graph = ir.Graph(
-        [copies[positions]],
-        [copies[table] for table in tables],
-        nodes=copied_nodes,
-        initializers=constants,
-        opset_imports=dict(model.opset_imports),
-    )
+def _evaluate(model: ir.Model, positions: ir.Value, tables: list[ir.Value], length: int) -> list[np.ndarray]:
+    """The tables, computed by the subgraph between `positions` and them alone, on positions
+    [[0, 1, …, length − 1]]."""
+    graph = ir.convenience.extract(model.graph, inputs=[positions], outputs=tables)
     session = create_session(ir.Model(graph, ir_version=model.ir_version), threads=1)
-    return session.run(None, {"positions": np.arange(length, dtype=np.int64)[None]})
+    return session.run(None, {graph.inputs[0].name: np.arange(length, dtype=np.int64)[None]})
 
 
 def _rewrite(graph: ir.Graph, node: ir.Node, cos_cache: ir.Value, sin_cache: ir.Value) -> None:

@@ -126,6 +126,7 @@ class Decoder:
         if unknown:
             raise XoptError(f"{runnable.label}: cannot feed input {sorted(unknown)[0]!r} when generating")
         self.in_place = kv_cache.shares_buffers(runnable.model)
+        self.position_limit = kv_cache.position_limit(runnable.model)
 
     def generate(
         self,
@@ -144,7 +145,7 @@ class Decoder:
             raise XoptError(f"--max-new-tokens {max_new_tokens}: need at least 1")
         if temperature < 0:
             raise XoptError(f"--temperature {temperature}: must not be negative")
-        limit = kv_cache.position_limit(self.runnable.model)
+        limit = self.position_limit
         if limit is not None and len(prompt_ids) + max_new_tokens > limit:
             asked = f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones"
             raise XoptError(f"{asked}: the model's rotary tables hold {limit} positions")
