@@ -8,7 +8,8 @@ calibration tokens. For W [K, N] (y = x·W):
 
 1. Scale search. For α ∈ {0, 0.1, …, 1}: s_j = (H_jj / mean_j H_jj)^(α/2) (the RMS of input
    channel j, relative), normalised so that √(max s · min s) = 1; quantize diag(s)·W on the
-   min/max grid (`weight_grid`), Ŵ = diag(1/s)·Q(diag(s)·W), keep the α with the smallest E.
+   min/max grid (`weight_grid`; the signed-max one if symmetric), Ŵ = diag(1/s)·Q(diag(s)·W),
+   keep the α with the smallest E.
    α = 0 is plain round-to-nearest, so the search is never worse than it on calibration data.
 2. Clip search. For each group b of output column n, shrink the min/max range by
    r ∈ {1, 0.95, …, 0.55} and keep the r with the smallest error of that group's rows on its own
@@ -47,7 +48,7 @@ class AwqWeights:
         return w if self.input_scale is None else w / self.input_scale[:, None]
 
 
-def awq(w_in_out: np.ndarray, hessian: np.ndarray, *, bits: int, group: int) -> AwqWeights:
+def awq(w_in_out: np.ndarray, hessian: np.ndarray, *, bits: int, group: int, symmetric: bool = False) -> AwqWeights:
     """The AWQ form of W [K, N] against the input second moment H [K, K]."""
     energy = np.diag(hessian).astype(np.float64)
     live = energy > 0
@@ -58,13 +59,15 @@ def awq(w_in_out: np.ndarray, hessian: np.ndarray, *, bits: int, group: int) -> 
         if alpha:
             s = np.where(live, relative ** (alpha / 2), 1.0)
             s = s / np.sqrt(s.max() * s.min())
-        candidate = _clipped(w_in_out if s is None else w_in_out * s[:, None], hessian, s, bits, group, clip=False)
+        candidate = _clipped(
+            w_in_out if s is None else w_in_out * s[:, None], hessian, s, bits, group, symmetric, clip=False
+        )
         error = output_error(w_in_out, candidate.restored(group), hessian)
         if best is None or error < best[0]:
             best = (error, float(alpha), s)
     _, alpha, s = best
     scaled = w_in_out if s is None else w_in_out * s[:, None]
-    result = _clipped(scaled, hessian, s, bits, group, clip=True)
+    result = _clipped(scaled, hessian, s, bits, group, symmetric, clip=True)
     result.alpha = alpha
     return result
 
@@ -75,7 +78,9 @@ def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float
     return float(np.sum(delta * (hessian @ delta)))
 
 
-def _clipped(scaled: np.ndarray, hessian: np.ndarray, s, bits: int, group: int, clip: bool) -> AwqWeights:
+def _clipped(
+    scaled: np.ndarray, hessian: np.ndarray, s, bits: int, group: int, symmetric: bool, clip: bool
+) -> AwqWeights:
     """diag(s)·W [K, N] on a min/max grid per group, each group's range clipped by the ratio that
     minimises its error on H's diagonal block (when `clip`)."""
     blocks = as_blocks(scaled.T, group)  # [N, groups, g]
@@ -86,7 +91,7 @@ def _clipped(scaled: np.ndarray, hessian: np.ndarray, s, bits: int, group: int, 
     scale = np.zeros(blocks.shape[:2])
     zero = np.zeros(blocks.shape[:2])
     for ratio in ratios:
-        candidate_scale, candidate_zero = fit_blocks(blocks * ratio, bits, "minmax")
+        candidate_scale, candidate_zero = fit_blocks(blocks * ratio, bits, "minmax", symmetric)
         residual = blocks - dequantize(
             codes_of(blocks, candidate_scale, candidate_zero, bits), candidate_scale, candidate_zero
         )

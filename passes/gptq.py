@@ -10,9 +10,9 @@ of the layer's inputs on calibration data, GPTQ minimises ‖(W − Ŵ)·X‖² 
     for k = 0 … K−1:  ŵ_k = grid(w_k);  e = (w_k − ŵ_k)/U_kk;  W[:, k+1:] −= e · U[k, k+1:]
 
 done lazily over blocks of B columns (in-block updates immediately, the rest once per block).
-The grid of each group of g columns (scale and integer zero point per output channel, see
-`weight_grid`) is fitted when the loop enters the group, on the group's columns as updated so
-far, so it sees the compensation of earlier groups.
+The grid of each group of g columns (scale and integer zero point per output channel, or a
+fixed zero point when `symmetric`, see `weight_grid`) is fitted when the loop enters the group,
+on the group's columns as updated so far, so it sees the compensation of earlier groups.
 
 `act_order`: columns are quantized in order of decreasing H_kk (the inputs with the most energy
 first, while the most columns remain to absorb their error). Groups must stay contiguous in the
@@ -37,6 +37,7 @@ def gptq(
     bits: int,
     group: int,
     fit: str,
+    symmetric: bool = False,
     damp: float = 0.01,
     act_order: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,7 +54,7 @@ def gptq(
     if act_order:
         for g in range(groups):
             scale[:, g], zero[:, g] = (
-                a[:, 0] for a in fit_blocks(weight[:, None, g * group : (g + 1) * group], bits, fit)
+                a[:, 0] for a in fit_blocks(weight[:, None, g * group : (g + 1) * group], bits, fit, symmetric)
             )
         order = np.argsort(-np.diag(h), kind="stable")
     else:
@@ -72,7 +73,7 @@ def gptq(
             g = order[start + i] // group
             if not act_order and (start + i) % group == 0:
                 members = current[:, None, i : i + group]
-                scale[:, g], zero[:, g] = (a[:, 0] for a in fit_blocks(members, bits, fit))
+                scale[:, g], zero[:, g] = (a[:, 0] for a in fit_blocks(members, bits, fit, symmetric))
             q = codes_of(current[:, i : i + 1], scale[:, g], zero[:, g], bits)[:, 0]
             codes[:, order[start + i]] = q
             error = (current[:, i] - scale[:, g] * (q - zero[:, g])) / inverse[i, i]

@@ -15,7 +15,7 @@ from xopt.passes import QuantizeWeightsPass
 from xopt.passes.awq import awq, output_error
 from xopt.passes.gptq import gptq
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks
-from xopt.pipeline import PassManager
+from xopt.pipeline import PassManager, parse_spec
 from xopt.verify import check_structure
 
 
@@ -30,28 +30,33 @@ def _single_matmul(weight: np.ndarray) -> ir.Model:
     return ir.Model(graph, ir_version=10)
 
 
-def _restored(weight: np.ndarray, bits: int, group: int, fit: str) -> np.ndarray:
+def _restored(weight: np.ndarray, bits: int, group: int, fit: str, symmetric: bool = False) -> np.ndarray:
     """Ŵ [K, N] as the grid defines it, computed without the packing."""
     blocks = as_blocks(weight.T.astype(np.float64), group)
-    scale, zero = fit_blocks(blocks, bits, fit)
+    scale, zero = fit_blocks(blocks, bits, fit, symmetric)
     restored = dequantize(codes_of(blocks, scale, zero, bits), scale, zero)
     return restored.reshape(weight.shape[1], -1)[:, : weight.shape[0]].T
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("in_features", "group"), [(96, 32), (80, 32), (200, 128), (64, 16)])
-def test_matmulnbits_computes_x_times_the_dequantized_weight(bits, in_features, group):
+def test_matmulnbits_computes_x_times_the_dequantized_weight(bits, in_features, group, symmetric):
     """ONNX Runtime reads the packed codes, scales and zero points as the grid defines them
-    (K not a multiple of the group included): a wrong nibble order or zero-point layout fails."""
+    (K not a multiple of the group included): a wrong nibble order or zero-point layout fails.
+    The symmetric grid stores no zero points: MatMulNBits' default 2^(bits−1) is the grid's."""
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((in_features, 24)).astype(np.float32)
     model = _single_matmul(weight)
-    result = QuantizeWeightsPass(bits=bits, group=group, method="rtn", accuracy="0", head_bits=bits)(model)
-    assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
+    quantize = QuantizeWeightsPass(
+        bits=bits, group=group, method="rtn", accuracy="0", head_bits=bits, symmetric=symmetric
+    )
+    result = quantize(model)
+    assert [(n.op_type, len(n.inputs)) for n in result.model.graph] == [("MatMulNBits", 3 if symmetric else 4)]
     check_structure(result.model)
     x = rng.standard_normal((5, in_features)).astype(np.float32)
     (actual,) = create_session(result.model).run(None, {"x": x})
-    expected = x.astype(np.float64) @ _restored(weight, bits, group, "minmax")
+    expected = x.astype(np.float64) @ _restored(weight, bits, group, "minmax", symmetric)
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     assert not np.allclose(actual, x @ weight, atol=1e-6)  # it did quantize
 
@@ -68,17 +73,43 @@ def test_hqq_fit_is_never_worse_than_round_to_nearest():
     assert errors["hqq"].mean() < 0.97 * errors["minmax"].mean()  # measured 0.95
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_grid_keeps_each_blocks_largest_value_and_hqq_only_improves_it(bits):
+    """z = 2^(bits−1) everywhere; the value of largest magnitude is on the grid (code 0) whatever
+    its sign; HQQ's scale-only fit is never worse than that grid and better on heavy tails."""
+    blocks = np.random.default_rng(4).standard_t(df=3, size=(64, 8, 32))
+    errors = {}
+    for fit in ("minmax", "hqq"):
+        scale, zero = fit_blocks(blocks, bits, fit, symmetric=True)
+        assert np.all(zero == 1 << (bits - 1))
+        codes = codes_of(blocks, scale, zero, bits)
+        assert codes.min() >= 0 and codes.max() <= (1 << bits) - 1
+        restored = dequantize(codes, scale, zero)
+        errors[fit] = np.square(blocks - restored).sum(-1)
+        if fit == "minmax":
+            largest = np.abs(blocks).argmax(-1)[..., None]
+            np.testing.assert_allclose(
+                np.take_along_axis(restored, largest, -1), np.take_along_axis(blocks, largest, -1)
+            )
+            assert (scale < 0).any() and (scale > 0).any()  # the sign follows the largest value
+    assert np.all(errors["hqq"] <= errors["minmax"] * (1 + 1e-12))
+    assert errors["hqq"].mean() < 0.985 * errors["minmax"].mean()  # measured 0.957 (4-bit), 0.972 (8-bit)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("fit", ["minmax", "hqq"])
-def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(fit, act_order):
+def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(fit, act_order, symmetric):
     """GPTQ's objective ‖X·(W − Ŵ)‖ is lower than the same grid rounded to nearest."""
     rng = np.random.default_rng(2)
     inputs = rng.standard_normal((2048, 96)) @ rng.standard_normal((96, 96))  # correlated channels
     inputs *= rng.uniform(0.2, 3.0, size=96)  # uneven channel energy, which act-order exploits
     weight = rng.standard_normal((96, 40))
-    codes, scale, zero = gptq(weight.T, inputs.T @ inputs, bits=4, group=32, fit=fit, act_order=act_order)
+    moment = inputs.T @ inputs
+    codes, scale, zero = gptq(weight.T, moment, bits=4, group=32, fit=fit, symmetric=symmetric, act_order=act_order)
+    assert not symmetric or np.all(zero == 8)
     ours = dequantize(as_blocks(codes, 32), scale, zero).reshape(40, -1)[:, :96].T
-    nearest = _restored(weight, 4, 32, fit)
+    nearest = _restored(weight, 4, 32, fit, symmetric)
     error = np.linalg.norm(inputs @ (weight - ours))
     ratio = error / np.linalg.norm(inputs @ (weight - nearest))
     assert ratio < (0.7 if act_order else 0.85)  # measured 0.58–0.60 with act-order, 0.75–0.76 without
@@ -163,12 +194,30 @@ def test_head_bits_sets_the_lm_head_apart(tiny_model):
         assert bits == ({4: linears} if head_bits == 4 else {4: linears - 1, 8: 1})
 
 
-def test_gptq_calibrates_on_text_with_the_models_tokenizer(tiny_model):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_calibrates_on_text_with_the_models_tokenizer(tiny_model, symmetric):
     model = tiny_model("llama")
-    optimized, report = PassManager([QuantizeWeightsPass(method="gptq", group=16, windows=2, accuracy="0")])(model)
+    quantize = QuantizeWeightsPass(method="gptq", group=16, windows=2, accuracy="0", symmetric=symmetric)
+    optimized, report = PassManager([quantize])(model)
     assert report.passes[-1].stats["linears_quantized"] == _linear_count(model)
     assert _linear_count(optimized) == 0
+    inputs = {len(n.inputs) for n in optimized.graph if n.op_type == "MatMulNBits"}
+    assert inputs == {3 if symmetric else 4}
     assert report.passes[-1].parity.max_rel < 0.5
+
+
+def test_symmetric_measure_times_both_grids_and_lowers_the_one_chosen(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("XOPT_CACHE_DIR", str(tmp_path))
+    (quantize,) = parse_spec("quantize(method=rtn,group=16,accuracy=0,symmetric=measure)")
+    assert quantize.symmetric == "measure"
+    result = quantize(tiny_model("llama").clone())
+    (line,) = [line for line in result.explain if "symmetric measured" in line]
+    symmetric = result.stats["symmetric"]
+    assert line.startswith("symmetric grids" if symmetric else "zero points kept") and "×" in line
+    inputs = {len(n.inputs) for n in result.model.graph if n.op_type == "MatMulNBits"}
+    assert inputs == {3 if symmetric else 4}
+    again = quantize(tiny_model("llama").clone())
+    assert any("symmetric cached" in line for line in again.explain) and again.stats["symmetric"] == symmetric
 
 
 def test_measured_accuracy_level_is_applied_to_every_matmulnbits(tiny_model):
@@ -186,6 +235,7 @@ def test_measured_accuracy_level_is_applied_to_every_matmulnbits(tiny_model):
         (dict(group=48), "group=48"),
         (dict(method="spqr"), "unknown method"),
         (dict(accuracy="2"), "accuracy="),
+        (dict(scheme="dynamic", bits=8, symmetric=True), "symmetric=true"),
         (dict(scheme="static", bits=4), "the static scheme 8"),
         (dict(scheme="static", bits=8, budget=0.1), "the static scheme takes no budget"),
         (dict(scheme="static", bits=8, activation_range="entropy"), "activation_range="),
