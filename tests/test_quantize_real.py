@@ -1,6 +1,7 @@
 """int4 on real weights: SmolLM2-135M quantized by xopt's GPTQ against ONNX Runtime's own
-MatMulNBitsQuantizer (round to nearest, same bits and group size, LM head left in float as ORT
-leaves it), measured on evaluation text disjoint from the calibration text."""
+MatMulNBitsQuantizer (round to nearest, same bits, group size and grid — with zero points or
+symmetric — LM head left in float as ORT leaves it), measured on evaluation text disjoint from the
+calibration text."""
 
 from __future__ import annotations
 
@@ -20,23 +21,27 @@ GROUP = 128
 WINDOWS = 6  # of 512 evaluation tokens
 
 
-def _onnxruntime_rtn(model: ir.Model) -> ir.Model:
+def _onnxruntime_rtn(model: ir.Model, symmetric: bool) -> ir.Model:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(ir.to_proto(model), bits=4, block_size=GROUP, is_symmetric=False)
+    quantizer = MatMulNBitsQuantizer(ir.to_proto(model), bits=4, block_size=GROUP, is_symmetric=symmetric)
     quantizer.process()
     quantized = ir.from_proto(quantizer.model.model)
     quantized.metadata_props.update(model.metadata_props)  # the tokenizer's whereabouts
     return quantized
 
 
-def test_smollm2_int4_gptq_is_closer_to_fp32_than_onnxruntime_rtn(smollm2, tmp_path):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_smollm2_int4_gptq_is_closer_to_fp32_than_onnxruntime_rtn(smollm2, tmp_path, symmetric):
     # cleanup folds the exporter's weight Transposes: ORT's quantizer only sees initializer weights
     captured, _ = PassManager([CleanupPass()], verify=False)(smollm2)
-    ours, report = PassManager([QuantizeWeightsPass(group=GROUP, head_bits=0, accuracy="0")], verify=False)(captured)
+    quantize = QuantizeWeightsPass(group=GROUP, head_bits=0, accuracy="0", symmetric=symmetric)
+    ours, report = PassManager([quantize], verify=False)(captured)
     assert report.passes[-1].stats["linears_quantized"] == 210  # 30 blocks × 7, the tied LM head kept
-    theirs = _onnxruntime_rtn(captured)
-    assert sum(node.op_type == "MatMulNBits" for node in theirs.graph) == 210
+    theirs = _onnxruntime_rtn(captured, symmetric)
+    for model in (ours, theirs):
+        inputs = [len(node.inputs) for node in model.graph if node.op_type == "MatMulNBits"]
+        assert inputs == [3 if symmetric else 4] * 210  # a symmetric grid stores no zero points
     folders = {}
     for label, model in (("fp32", captured), ("xopt", ours), ("onnxruntime", theirs)):
         folders[label] = tmp_path / label
