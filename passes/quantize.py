@@ -150,7 +150,8 @@ class QuantizeWeightsPass(Pass):
         if self.embedding_bits:
             self._quantize_embedding(model.graph, structure.token_embedding, stats, explain)
         stats["linears_protected"] = sum(bits != precision[name] for name, (bits, _) in plan.items())
-        stats["symmetric"] = symmetric
+        if self.scheme == "weight-only":
+            stats["symmetric"] = symmetric
         if any(node.op_type == "MatMulNBits" for node in model.graph):
             level, note = self._accuracy_level(model, sequence)
             explain.append(note)
