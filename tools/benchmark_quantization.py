@@ -2,6 +2,7 @@
 
     python tools/benchmark_quantization.py                  # writes benchmarks/QUANTIZATION.md
     python tools/benchmark_quantization.py --models minilm --groups 128 --output DIR
+    python tools/benchmark_quantization.py --symmetric ...  # writes benchmarks/QUANTIZATION_SYMMETRIC.md
 
 Every variant quantizes the same captured model (after `cleanup`) and is measured with
 `xopt.evaluate` on the bundled evaluation text (disjoint from the calibration text GPTQ reads):
@@ -13,6 +14,8 @@ MiniLM); its LM head stays in float here (`head_bits=0`), as ORT's quantizer lea
 head (a Transpose of the embedding, not an initializer) in float.
 ONNX Runtime: `MatMulNBitsQuantizer` with round to nearest (asymmetric, uint4 zero points) and with
 HQQ (its zero points are float, a layout its CPU kernel runs by dequantizing every call).
+`--symmetric`: every variant on symmetric grids instead (xopt `symmetric=true`, ORT's round to
+nearest with `is_symmetric`; ORT's HQQ has no symmetric form and is left out).
 """
 
 from __future__ import annotations
@@ -52,11 +55,13 @@ def source_folder(name: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def onnxruntime_quantized(model: ir.Model, algorithm: str, group: int) -> ir.Model:
+def onnxruntime_quantized(model: ir.Model, algorithm: str, group: int, symmetric: bool) -> ir.Model:
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     config = HQQWeightOnlyQuantConfig(block_size=group, bits=4) if algorithm == "hqq" else None
-    quantizer = MatMulNBitsQuantizer(ir.to_proto(model), bits=4, block_size=group, algo_config=config)
+    quantizer = MatMulNBitsQuantizer(
+        ir.to_proto(model), bits=4, block_size=group, is_symmetric=symmetric, algo_config=config
+    )
     quantizer.process()
     quantized = ir.from_proto(quantizer.model.model)
     quantized.metadata_props.update(model.metadata_props)
@@ -68,7 +73,9 @@ def measure(model: ir.Model, folder: Path, reference, text: str, threads: int) -
     return evaluate(open_runnable(folder, threads=threads), text, reference)
 
 
-def rows_for(name: str, groups: list[int], scratch: Path, threads: int) -> tuple[list, list[str]]:
+def rows_for(
+    name: str, groups: list[int], methods: list[str], symmetric: bool, scratch: Path, threads: int
+) -> tuple[list, list[str]]:
     """The table's rows (label, group, quality, seconds) and notes (e.g. why rotation was refused)."""
     captured, _ = PassManager(parse_spec("cleanup"), verify=False)(xopt.load(source_folder(name)))
     xopt.save(captured, scratch / f"{name}-fp32")
@@ -83,17 +90,18 @@ def rows_for(name: str, groups: list[int], scratch: Path, threads: int) -> tuple
         notes.append(f"Rotation is not measured: {first_line(error)}")
     for group in groups:
         for suffix, prefix in rotations.items():
-            for method in METHODS:
+            for method in methods:
                 start = time.perf_counter()
-                spec = f"{prefix}quantize(method={method},group={group},head_bits=0,accuracy=0)"
+                options = f"method={method},group={group},head_bits=0,accuracy=0,symmetric={str(symmetric).lower()}"
+                spec = f"{prefix}quantize({options})"
                 quantized, _ = PassManager(parse_spec(spec), verify=False)(captured)
                 seconds = time.perf_counter() - start
                 quality = measure(quantized, scratch / f"{name}-{method}-{group}", reference, text, threads)
                 rows.append((f"xopt {method}{suffix}", group, quality, seconds))
                 logger.info("%s %s%s g%d: %s", name, method, suffix, group, quality.to_dict())
-        for algorithm in ("rtn", "hqq"):
+        for algorithm in ("rtn",) if symmetric else ("rtn", "hqq"):
             start = time.perf_counter()
-            quantized = onnxruntime_quantized(captured, algorithm, group)
+            quantized = onnxruntime_quantized(captured, algorithm, group, symmetric)
             seconds = time.perf_counter() - start
             quality = measure(quantized, scratch / f"{name}-ort-{algorithm}-{group}", reference, text, threads)
             rows.append((f"ONNX Runtime {algorithm}", group, quality, seconds))
@@ -127,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
     parser.add_argument("--groups", nargs="+", type=int, default=[32, 128])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--symmetric", action="store_true", help="symmetric grids (no zero points) everywhere")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
@@ -135,10 +145,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    grids = "symmetric grids (no zero points)" if args.symmetric else "grids with zero points"
+    command = " ".join(["python tools/benchmark_quantization.py", *sys.argv[1:]])
     lines = [
-        "# Weight-only int4 quality: xopt against ONNX Runtime's quantizer",
+        f"# Weight-only int4 quality: xopt against ONNX Runtime's quantizer, {grids}",
         "",
-        "Method: `python tools/benchmark_quantization.py`. Each variant quantizes the same captured model "
+        f"Method: `{command}`. Each variant quantizes the same captured model "
         "(after `cleanup`), 4-bit weights in groups along the input dimension, the LM head left in float; "
         "measured by `xopt eval` on the bundled evaluation text (GPTQ calibrates on the bundled calibration "
         "text, a different novel). KL and top-1 are against the fp32 model's next-token distributions; "
@@ -148,11 +160,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xopt-quantization-") as scratch:
         for name in args.models:
             title = "SmolLM2-135M" if name == "smollm2" else "MiniLM-L6"
-            rows, notes = rows_for(name, args.groups, Path(scratch), args.threads)
+            rows, notes = rows_for(name, args.groups, args.methods, args.symmetric, Path(scratch), args.threads)
             lines += [f"## {title}", "", *table(name, rows), "", *notes, *([""] if notes else [])]
     lines.append(f"The run took {(time.perf_counter() - started) / 60:.0f} minutes.")
-    (args.output / "QUANTIZATION.md").write_text("\n".join(lines) + "\n")
-    print((args.output / "QUANTIZATION.md").read_text())
+    path = args.output / ("QUANTIZATION_SYMMETRIC.md" if args.symmetric else "QUANTIZATION.md")
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
 
 
 if __name__ == "__main__":
