@@ -193,7 +193,8 @@ class QuantizeWeightsPass(Pass):
             raise XoptError("quantize: the static scheme takes no budget= or embedding_bits= (weight-only, dynamic do)")
         if self.symmetric and self.scheme != "weight-only":
             raise XoptError(
-                "quantize: symmetric=true is for the weight-only scheme (the int8 schemes' weight grids are already)"
+                f"quantize: symmetric={str(self.symmetric).lower()} is for the weight-only scheme "
+                "(the int8 schemes' weight grids are symmetric already)"
             )
         if self.activation_range not in CALIBRATIONS:
             raise XoptError(f"quantize: activation_range={self.activation_range!r}: one of {', '.join(CALIBRATIONS)}")

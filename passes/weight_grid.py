@@ -10,7 +10,7 @@ zero point falls back to dequantizing the whole weight on every call, ~30× slow
 step on the machines measured). Given (s, z) the codes are q = clip(round(w/s + z), 0, L).
 
 A symmetric grid fixes z = 2^(bits−1) (MatMulNBits' default when it has no zero-point input, which
-takes a faster kernel path: SmolLM2 int4 decode 1.10× on an AVX2 EPYC) and leaves one degree of
+takes a faster kernel path: SmolLM2 int4 decode 1.14× on an AVX2 EPYC) and leaves one degree of
 freedom per block, the scale, which may be negative: as in llama.cpp's Q4_0 the value of largest
 magnitude m maps to the lowest code, s = −m / 2^(bits−1), so the grid spans [−|m|, |m|·(1 − 2^(1−bits))]
 on the side of m's sign. HQQ's fit then updates only s.

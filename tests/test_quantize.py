@@ -93,7 +93,8 @@ def test_symmetric_grid_keeps_each_blocks_largest_value_and_hqq_only_improves_it
             )
             assert (scale < 0).any() and (scale > 0).any()  # the sign follows the largest value
     assert np.all(errors["hqq"] <= errors["minmax"] * (1 + 1e-12))
-    assert errors["hqq"].mean() < 0.985 * errors["minmax"].mean()  # measured 0.957 (4-bit), 0.972 (8-bit)
+    bar = 0.97 if bits == 4 else 0.98  # measured 0.957 (4-bit), 0.972 (8-bit)
+    assert errors["hqq"].mean() < bar * errors["minmax"].mean()
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -236,6 +237,7 @@ def test_measured_accuracy_level_is_applied_to_every_matmulnbits(tiny_model):
         (dict(method="spqr"), "unknown method"),
         (dict(accuracy="2"), "accuracy="),
         (dict(scheme="dynamic", bits=8, symmetric=True), "symmetric=true"),
+        (dict(scheme="dynamic", bits=8, symmetric="measure"), "symmetric=measure"),
         (dict(scheme="static", bits=4), "the static scheme 8"),
         (dict(scheme="static", bits=8, budget=0.1), "the static scheme takes no budget"),
         (dict(scheme="static", bits=8, activation_range="entropy"), "activation_range="),
