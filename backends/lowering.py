@@ -41,6 +41,7 @@ import onnxruntime as ort
 
 from xopt.analysis.structure import TransformerStructure
 from xopt.backends.onnxruntime import create_session, run
+from xopt.cache import cache_dir as default_cache_dir
 from xopt.kv_cache import has_kv_cache, past_inputs, shares_buffers
 
 CACHE_FILE = "lowering.json"
@@ -133,11 +134,7 @@ class LoweringChooser:
 
     @property
     def cache_path(self) -> Path:
-        folder = self.cache_dir or Path(
-            os.environ.get("XOPT_CACHE_DIR")
-            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xopt"
-        )
-        return Path(folder) / CACHE_FILE
+        return Path(self.cache_dir or default_cache_dir()) / CACHE_FILE
 
     def _read_cache(self) -> dict[str, list[float]]:
         try:

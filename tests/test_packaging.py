@@ -28,6 +28,9 @@ def test_wheel_contains_core_passes_and_backends(tmp_path):
         "xopt/passes/cleanup.py",
         "xopt/backends/__init__.py",
         "xopt/backends/onnxruntime.py",
+        "xopt/backends/cuda/executor.py",
+        "xopt/backends/cuda/kernels/common.cuh",
+        "xopt/backends/cuda/kernels/decode_attention.cu",
     ):
         assert module in names, module
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

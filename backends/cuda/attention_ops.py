@@ -1,0 +1,237 @@
+"""Attention operators in torch, with ONNX Runtime's semantics, and their CUDA fast paths.
+
+- RotaryEmbedding (ONNX opset 23): x₁' = x₁·cos − x₂·sin, x₂' = x₂·cos + x₁·sin on the first
+  rotary_dim dimensions of each head (halves, or neighbour pairs when interleaved).
+- Attention (ONNX opset 23): softmax(softcap(Q·Kᵀ·scale) + mask)·V with K, V the past cache
+  concatenated with the new keys (the present outputs), KV heads repeated for grouped queries,
+  causality aligned bottom-right (a query at row i of S sees keys ≤ i + T − S).
+- GroupQueryAttention (com.microsoft): the same over packed or separate Q/K/V, causal, with the
+  query of row s of sequence b at position p = seqlens_k[b] + 1 − S + s (rotated there when
+  do_rotary), keys t ≤ p and t ≤ seqlens_k[b] visible, plus the optional additive bias.
+- Attention (com.microsoft, encoders): QKV = X·W + b, bidirectional, plus the additive bias.
+
+On CUDA tensors with the kernels loaded: RoPE runs in place on the packed rows, a decode step
+(one query token) of GroupQueryAttention runs the split-KV kernel, and encoder attention whose
+bias is a key-padding mask [B, 1, 1, T] packs the real tokens and runs the padding-free kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+import torch
+
+from xopt.backends.cuda import kernels
+from xopt.backends.cuda.standard_ops import Inputs
+from xopt.errors import XoptError
+
+MASKED = -1e4  # an additive bias at or below this hides the key (the models use the dtype's minimum)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """RoPE of x [..., D] with cos/sin [..., R/2] broadcast over x's leading axes; dims ≥ R unchanged."""
+    rotary = 2 * cos.shape[-1]
+    part, rest = x[..., :rotary].float(), x[..., rotary:]
+    if interleaved:
+        x1, x2 = part[..., 0::2], part[..., 1::2]
+    else:
+        x1, x2 = part[..., : rotary // 2], part[..., rotary // 2 :]
+    cos, sin = cos.float(), sin.float()
+    first, second = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    rotated = torch.stack((first, second), dim=-1).flatten(-2) if interleaved else torch.cat((first, second), dim=-1)
+    return torch.cat((rotated.to(x.dtype), rest), dim=-1)
+
+
+def _rotary_embedding(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+    x, cos_cache, sin_cache = inputs[:3]
+    positions = inputs[3] if len(inputs) > 3 else None
+    interleaved = bool(node.attributes.get_int("interleaved", 0))
+    if node.attributes.get_int("rotary_embedding_dim", 0):
+        raise XoptError("the CUDA backend's RotaryEmbedding rotates whole heads (rotary_embedding_dim=0)")
+    if positions is not None:  # caches [max position, R/2] indexed by position ids [B, S]
+        positions = positions.to(cos_cache.device).long()
+        cos, sin = cos_cache[positions], sin_cache[positions]
+    else:  # caches already [B, S, R/2]
+        cos, sin = cos_cache, sin_cache
+    if x.dim() == 4:  # [B, H, S, D]
+        return [rotate(x, cos.unsqueeze(1), sin.unsqueeze(1), interleaved)]
+    heads = node.attributes.get_int("num_heads", 0)
+    batch, sequence, width = x.shape
+    split = x.reshape(batch, sequence, heads, width // heads)
+    return [rotate(split, cos.unsqueeze(2), sin.unsqueeze(2), interleaved).reshape(batch, sequence, width)]
+
+
+def _heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, S, H·D] → [B, H, S, D]; 4-D input is already heads-first."""
+    if x.dim() == 4:
+        return x
+    batch, sequence, width = x.shape
+    return x.reshape(batch, sequence, heads, width // heads).transpose(1, 2)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float = 0.0
+) -> torch.Tensor:
+    """softmax(softcap(q·kᵀ·scale) + bias)·v over [B, H, S, D] (KV heads repeated to H), in float32;
+    a query row with every key masked gives zeros."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias.float()
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.matmul(weights, v.float()).to(q.dtype)
+
+
+def _onnx_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+    q, k, v = inputs[:3]
+    mask, past_key, past_value = (inputs + [None] * 6)[3:6]
+    if node.attributes.get_int("qk_matmul_output_mode", 0):
+        raise XoptError("the CUDA backend's Attention gives no QK output (qk_matmul_output_mode=0 only)")
+    three_d = q.dim() == 3
+    q_heads = node.attributes.get_int("q_num_heads", 0) or q.shape[1]
+    kv_heads = node.attributes.get_int("kv_num_heads", 0) or k.shape[1]
+    q, k, v = _heads_first(q, q_heads), _heads_first(k, kv_heads), _heads_first(v, kv_heads)
+    past = 0
+    if past_key is not None:
+        past = past_key.shape[2]
+        k, v = torch.cat((past_key, k), dim=2), torch.cat((past_value, v), dim=2)
+    sequence, total = q.shape[2], k.shape[2]
+    bias = None
+    if mask is not None:
+        if mask.shape[-1] < total:  # a mask shorter than the keys hides the rest
+            pad = torch.zeros((*mask.shape[:-1], total - mask.shape[-1]), dtype=mask.dtype, device=mask.device)
+            mask = torch.cat((mask, pad if mask.dtype == torch.bool else pad - math.inf), dim=-1)
+        bias = torch.where(mask, 0.0, -math.inf) if mask.dtype == torch.bool else mask
+    if node.attributes.get_int("is_causal", 0):
+        rows = torch.arange(sequence, device=q.device).unsqueeze(1) + past
+        causal = torch.where(torch.arange(total, device=q.device) <= rows, 0.0, -math.inf)
+        bias = causal if bias is None else bias + causal
+    scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(q.shape[-1])
+    out = attend(q, k, v, bias, scale, node.attributes.get_float("softcap", 0.0))
+    if three_d:
+        out = out.transpose(1, 2).reshape(out.shape[0], sequence, -1)
+    return [out, k, v]
+
+
+def _group_query_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+    query, key, value, past_key, past_value, seqlens_k, _total, cos_cache, sin_cache = (inputs + [None] * 11)[:9]
+    position_ids, bias = (inputs + [None] * 11)[9:11]
+    heads = node.attributes.get_int("num_heads")
+    kv_heads = node.attributes.get_int("kv_num_heads")
+    if position_ids is not None or node.attributes.get_int("local_window_size", -1) > 0:
+        raise XoptError("the CUDA backend's GroupQueryAttention takes no position_ids and no local window")
+    batch, sequence, width = query.shape
+    if key is None:  # packed QKV
+        head_dim = width // (heads + 2 * kv_heads)
+        q_width, kv_width = heads * head_dim, kv_heads * head_dim
+        packed = query.clone() if node.attributes.get_int("do_rotary", 0) else query
+        q, k, v = packed[..., :q_width], packed[..., q_width : q_width + kv_width], packed[..., q_width + kv_width :]
+    else:
+        head_dim = width // heads
+        q, k, v = query.clone(), key.clone(), value
+    lengths = seqlens_k.to(query.device).long() + 1  # keys visible to the last query of each row
+    positions = lengths.unsqueeze(1) - sequence + torch.arange(sequence, device=query.device)  # [B, S]
+    if node.attributes.get_int("do_rotary", 0):
+        interleaved = bool(node.attributes.get_int("rotary_interleaved", 0))
+        if use_kernels and query.is_cuda:
+            for part, part_heads in ((q, heads), (k, kv_heads)):
+                kernels.rope_(
+                    part.reshape(-1, part.shape[-1]) if key is not None else _rows(part),
+                    positions.reshape(-1),
+                    cos_cache,
+                    sin_cache,
+                    part_heads,
+                    head_dim,
+                    interleaved,
+                )
+        else:
+            cos, sin = cos_cache[positions].unsqueeze(2), sin_cache[positions].unsqueeze(2)
+            q = rotate(q.reshape(batch, sequence, heads, head_dim), cos, sin, interleaved).reshape(q.shape)
+            k = rotate(k.reshape(batch, sequence, kv_heads, head_dim), cos, sin, interleaved).reshape(k.shape)
+    k_new, v_new = _heads_first(k, kv_heads), _heads_first(v, kv_heads)
+    present_key = torch.cat((past_key, k_new), dim=2) if past_key is not None else k_new.contiguous()
+    present_value = torch.cat((past_value, v_new), dim=2) if past_value is not None else v_new.contiguous()
+    total = present_key.shape[2]
+    scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
+    softcap = node.attributes.get_float("softcap", 0.0)
+    key_bias = _key_bias(bias, batch, total)
+    if use_kernels and query.is_cuda and sequence == 1 and softcap == 0 and key_bias is not False:
+        q_rows = q.reshape(batch, heads, head_dim) if key is not None else _rows(q).reshape(batch, heads, head_dim)
+        key_bias = None if key_bias is None else key_bias.to(query.dtype)
+        out = kernels.decode_attention(q_rows, present_key, present_value, lengths, scale, key_bias)
+        return [out.reshape(batch, 1, heads * head_dim), present_key, present_value]
+    keys = torch.arange(total, device=query.device)
+    visible = (keys <= positions.unsqueeze(-1)) & (keys < lengths.view(batch, 1, 1))  # [B, S, T]
+    mask = torch.where(visible, 0.0, -math.inf).unsqueeze(1)
+    if bias is not None:
+        mask = mask + bias.float()
+    out = attend(_heads_first(q, heads), present_key, present_value, mask, scale, softcap)
+    return [out.transpose(1, 2).reshape(batch, sequence, heads * head_dim), present_key, present_value]
+
+
+def _rows(part: torch.Tensor) -> torch.Tensor:
+    """A [B, S, W] slice of packed QKV as [B·S, W] rows that keep the packed row stride."""
+    return part.reshape(-1, part.shape[-1]) if part.is_contiguous() else part.flatten(0, 1)
+
+
+def _key_bias(bias: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | bool | None:
+    """An additive bias as one row per sequence [B, T] for the decode kernel: None when there is
+    none, False when it varies by head or query row."""
+    if bias is None:
+        return None
+    if bias.dim() != 4 or bias.shape[1] != 1 or bias.shape[2] != 1 or bias.shape[-1] != total:
+        return False
+    return bias.reshape(bias.shape[0], total).expand(batch, total)
+
+
+def _contrib_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+    x, weight, bias_qkv, mask_index, past, bias = (inputs + [None] * 6)[:6]
+    if mask_index is not None or past is not None or node.attributes.get_int("unidirectional", 0):
+        raise XoptError("the CUDA backend's com.microsoft.Attention takes no mask_index, past or unidirectional")
+    heads = node.attributes.get_int("num_heads")
+    sizes = node.attributes.get_ints("qkv_hidden_sizes") or [weight.shape[1] // 3] * 3
+    qkv = torch.matmul(x, weight)
+    if bias_qkv is not None:
+        qkv = qkv + bias_qkv
+    q, k, v = torch.split(qkv, list(sizes), dim=-1)
+    batch, sequence, _ = x.shape
+    head_dim = sizes[0] // heads
+    scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
+    key_bias = _key_bias(bias, batch, sequence)
+    if use_kernels and x.is_cuda and sizes[0] == sizes[2] and isinstance(key_bias, torch.Tensor):
+        return [_packed_encoder_attention(q, k, v, key_bias, heads, scale)]
+    out = attend(_heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), bias, scale)
+    return [out.transpose(1, 2).reshape(batch, sequence, heads * (sizes[2] // heads))]
+
+
+def _packed_encoder_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, heads: int, scale: float
+) -> torch.Tensor:
+    """Attention over the real tokens only: keep the tokens whose key is not masked, pack them,
+    run the padding-free kernel, scatter back (padded positions get zeros)."""
+    batch, sequence, width = q.shape
+    real = key_bias > MASKED  # [B, T]
+    counts = real.sum(dim=1)
+    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
+    cu_seqlens[1:] = torch.cumsum(counts, 0)
+    index = real.reshape(-1).nonzero().squeeze(1)
+    stacked = torch.stack((q, k, v), dim=2).reshape(batch * sequence, 3, width)[index]  # [tokens, 3, W]
+    out = kernels.packed_attention(
+        stacked[:, 0], stacked[:, 1], stacked[:, 2], cu_seqlens, int(counts.max()), heads, scale
+    )
+    full = torch.zeros((batch * sequence, width), dtype=q.dtype, device=q.device)
+    full[index] = out.reshape(-1, width)
+    return full.reshape(batch, sequence, width)
+
+
+ATTENTION_OPS = {
+    ("", "RotaryEmbedding"): _rotary_embedding,
+    ("", "Attention"): _onnx_attention,
+    ("com.microsoft", "GroupQueryAttention"): _group_query_attention,
+    ("com.microsoft", "Attention"): _contrib_attention,
+}

@@ -1,0 +1,65 @@
+// Elementwise activations with their neighbours fused in.
+//
+//   bias + GELU:  y = gelu(x + b), exact  gelu(v) = v · ½(1 + erf(v/√2)),
+//                 or the tanh form         gelu(v) ≈ v · ½(1 + tanh(√(2/π)(v + 0.044715 v³)))
+//                 (ONNX Runtime's BiasGelu and FastGelu);
+//   SwiGLU:       y = silu(g) · u = g·σ(g) · u, with g and u the two halves of each row of the merged
+//                 gate/up projection [rows, 2·I] → y [rows, I].
+#include "common.cuh"
+
+namespace {
+
+template <typename T>
+__global__ void bias_gelu_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
+                                 int64_t count, int cols, bool tanh_form) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = xopt::to_float(x[i]);
+    if (bias != nullptr) v += xopt::to_float(bias[i % cols]);
+    const float g = tanh_form ? 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)))
+                              : 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+    y[i] = xopt::from_float<T>(g);
+  }
+}
+
+template <typename T>
+__global__ void swiglu_kernel(const T* __restrict__ gate_up, T* __restrict__ y, int64_t count, int width) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / width;
+    const int64_t col = i - row * width;
+    const float g = xopt::to_float(gate_up[row * 2 * width + col]);
+    const float u = xopt::to_float(gate_up[row * 2 * width + width + col]);
+    y[i] = xopt::from_float<T>(g / (1.0f + __expf(-g)) * u);
+  }
+}
+
+int grid_for(int64_t count, int threads) {
+  const int64_t blocks = (count + threads - 1) / threads;
+  return static_cast<int>(blocks < 65535 * 8 ? blocks : 65535 * 8);
+}
+
+}  // namespace
+
+extern "C" int xopt_bias_gelu(int dtype, const void* x, const void* bias, void* y, int64_t count, int cols,
+                              int tanh_form, cudaStream_t stream) {
+  if (count <= 0 || cols <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    bias_gelu_kernel<T><<<grid_for(count, 256), 256, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(y), count, cols, tanh_form != 0);
+  };
+  XOPT_DISPATCH_DTYPE(dtype, launch)
+}
+
+// gate_up: [rows, 2·width] (gate first); y: [rows, width].
+extern "C" int xopt_swiglu(int dtype, const void* gate_up, void* y, int64_t rows, int width, cudaStream_t stream) {
+  if (rows <= 0 || width <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  const int64_t count = rows * width;
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    swiglu_kernel<T><<<grid_for(count, 256), 256, 0, stream>>>(static_cast<const T*>(gate_up), static_cast<T*>(y),
+                                                                 count, width);
+  };
+  XOPT_DISPATCH_DTYPE(dtype, launch)
+}

@@ -1,0 +1,93 @@
+"""The CUDA backend's graph executor, run on the CPU with its torch reference operators, agrees
+with ONNX Runtime on the optimized models (exact and int4 recipes, fused GroupQueryAttention with
+rotary), prefill of a padded batch and decode steps; the same operator semantics are what the GPU
+kernels are tested against (test_cuda_kernels.py)."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+import torch
+from conftest import build_folder
+
+import xopt
+from xopt.backends.cuda import GraphExecutor
+from xopt.errors import XoptError
+from xopt.inputs import sample_inputs
+from xopt.passes import CleanupPass, FusePass
+from xopt.verify import compare, reference_outputs
+
+WORKLOADS = [
+    dict(batch=2, sequence=9, padded=True),  # prefill of a right-padded batch
+    dict(batch=2, sequence=1, past=6, padded=True),  # one decode step
+    dict(batch=1, sequence=4, past=5),  # several new tokens on a past
+]
+
+
+def exact_accumulation(model: ir.Model) -> ir.Model:
+    """MatMulNBits at accuracy level 0: ONNX Runtime then multiplies in float as the reference
+    does (level 4 quantizes the activations to int8 first)."""
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
+    return model
+
+
+def assert_parity(model: ir.Model, workloads: list[dict]) -> None:
+    executor = GraphExecutor(model, "cpu")
+    for workload in workloads:
+        feeds = sample_inputs(model, seed=3, **workload)
+        got = {name: tensor.numpy() for name, tensor in executor.run(feeds).items()}
+        parity = compare(reference_outputs(model, feeds), got, feeds["attention_mask"])
+        assert parity.max_rel <= 2e-5 and parity.top1_agreement in (None, 1.0), (workload, parity)
+
+
+@pytest.mark.parametrize(
+    ("name", "recipe"),
+    [
+        ("bert", "exact"),
+        ("gpt2", "exact"),
+        ("llama", "exact"),
+        ("qwen2", "exact"),
+        ("gemma", "exact"),
+        ("llama", "int4"),
+        ("gpt2", "int4"),
+    ],
+)
+def test_reference_operators_match_onnx_runtime(tiny_model, name, recipe):
+    optimized, _ = xopt.optimize(tiny_model(name), recipe=recipe, verify=False)
+    assert_parity(exact_accumulation(optimized), WORKLOADS[:1] if name == "bert" else WORKLOADS)
+
+
+def test_group_query_attention_with_rotary_matches_onnx_runtime(tmp_path_factory):
+    config = dict(
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    folder = build_folder("LlamaConfig", config, "LlamaForCausalLM", tmp_path_factory.mktemp("llama-gqa"))
+    model = FusePass(lowering="all", positions="contiguous")(CleanupPass()(xopt.load(folder)).model).model
+    assert any(node.op_type == "GroupQueryAttention" for node in model.graph)
+    assert_parity(model, WORKLOADS)
+
+
+def test_an_operator_it_cannot_run_is_named(tiny_model):
+    int8, _ = xopt.optimize(tiny_model("llama"), recipe="int8", verify=False)
+    with pytest.raises(XoptError, match=r"cannot run com\.microsoft\.DynamicQuantizeMatMul"):
+        GraphExecutor(int8, "cpu")
+
+
+def test_feeds_that_do_not_match_the_inputs_are_refused(tiny_model):
+    executor = GraphExecutor(tiny_model("bert"), "cpu")
+    with pytest.raises(XoptError, match="missing"):
+        executor.run({"input_ids": sample_inputs(tiny_model("bert"))["input_ids"]})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_without_a_gpu_the_cuda_device_is_refused_in_one_line(tiny_model):
+    with pytest.raises(XoptError, match="needs a CUDA GPU"):
+        GraphExecutor(tiny_model("bert"), "cuda")
