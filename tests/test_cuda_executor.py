@@ -91,3 +91,40 @@ def test_feeds_that_do_not_match_the_inputs_are_refused(tiny_model):
 def test_without_a_gpu_the_cuda_device_is_refused_in_one_line(tiny_model):
     with pytest.raises(XoptError, match="needs a CUDA GPU"):
         GraphExecutor(tiny_model("bert"), "cuda")
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_the_decoder_on_the_executor_generates_the_transformers_tokens(tiny_folder, tiny_model, tmp_path, name):
+    import transformers
+    from helpers import transformers_greedy
+
+    from xopt.generate import Decoder
+    from xopt.runnable import Runnable
+
+    prompt = [5, 17, 42, 9, 3]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder(name), attn_implementation="eager")
+    expected = transformers_greedy(reference.eval(), prompt, 16)
+    optimized, _ = xopt.optimize(tiny_model(name))
+    runnable = Runnable("tiny", optimized, GraphExecutor(optimized, "cpu"), "causal-lm", tokenizer_source=None)
+    generation = Decoder(runnable).generate(prompt, 16)
+    assert generation.tokens == expected and generation.decode_tokens_per_s > 0
+
+
+def test_bench_times_the_executor(tiny_model):
+    from xopt import bench
+
+    model = tiny_model("bert")
+    runner = bench.executor_runner(GraphExecutor(model, "cpu"), sample_inputs(model, batch=2, sequence=8))
+    (timing,) = bench.time_interleaved({"executor": runner}, rounds=3, warmup=1)
+    assert timing.runs == 3 and timing.median_ms > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.parametrize("command", [["generate", "--prompt", "she was"], ["bench", "--rounds", "1"]])
+def test_cli_backend_cuda_without_a_gpu_is_one_line(tiny_model, tmp_path, capsys, command):
+    from xopt.cli import main
+
+    xopt.save(tiny_model("llama"), tmp_path / "m")
+    verb, *options = command
+    assert main([verb, str(tmp_path / "m"), *options, "--backend", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "xopt: error: the CUDA backend needs a CUDA GPU: torch sees none"

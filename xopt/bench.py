@@ -5,7 +5,9 @@ inputs (batch B × sequence S, no padding). After warm-up runs, the models are r
 rounds — model 1, model 2, …, then again — so that drift in the machine's speed hits all of them
 alike. Reported per model: median, p10 and p90 latency, the median's ratio to the first model's,
 size on disk, and peak resident memory of a separate process that loads the model and runs it
-once (so one model's allocations do not count against another's).
+once (so one model's allocations do not count against another's). With `--backend cuda` the
+models run on xopt's CUDA backend instead, each timed call ending when the GPU is done, and
+the peak-memory column (a CPU process's resident memory) is left empty.
 """
 
 from __future__ import annotations
@@ -65,6 +67,21 @@ def time_interleaved(
 def session_runner(session, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
     """A no-argument call that runs `session` on `feeds` (for `time_interleaved`)."""
     return lambda: run(session, feeds)
+
+
+def executor_runner(executor, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """A no-argument call that runs xopt's CUDA `GraphExecutor` on `feeds` and waits for the GPU
+    to finish (kernels launch asynchronously; the time is the whole forward pass)."""
+    import torch
+
+    device_feeds = {name: executor.to_device(array) for name, array in feeds.items()}
+
+    def run_once() -> None:
+        executor.run(device_feeds)
+        if executor.device.type == "cuda":
+            torch.cuda.synchronize(executor.device)
+
+    return run_once
 
 
 def size_on_disk_mb(onnx_file: Path) -> float:

@@ -6,8 +6,8 @@
     xopt blocks INPUT [--greedy N] [--calibration TEXT] [--plot FILE.png] [--json]
     xopt passes
     xopt eval MODEL [--reference MODEL] [--text FILE] [--json]
-    xopt bench MODEL [MODEL ...] [--batch B] [--seq S] [--threads N]
-    xopt generate MODEL --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S]
+    xopt bench MODEL [MODEL ...] [--batch B] [--seq S] [--threads N] [--backend onnxruntime|cuda]
+    xopt generate MODEL --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S] [--backend onnxruntime|cuda]
     xopt demo [--output FOLDER]
 
 User errors print one line on stderr and exit 2; nothing is written and the input is untouched.
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from xopt.runnable import BACKENDS
+
     parser = argparse.ArgumentParser(prog="xopt", description="Graph optimizer for transformer models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds")
     bench.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    bench.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="runtime (cuda: xopt's CUDA backend)")
     bench.add_argument("--json", action="store_true", help="print JSON")
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart")
     bench.set_defaults(run=_bench)
@@ -111,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for a bare .onnx file")
     generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     generate.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+    generate.add_argument(
+        "--backend", choices=BACKENDS, default="onnxruntime", help="runtime (cuda: xopt's CUDA backend)"
+    )
     generate.add_argument("--json", action="store_true", help="print the timings as JSON after the text")
     generate.set_defaults(run=_generate)
 
@@ -267,9 +273,10 @@ def _bench(args: argparse.Namespace) -> int:
     runnables = {}
     for path in args.models:
         with _step(f"loading {path}"):
-            runnables[str(path)] = open_runnable(path, threads=threads, spinning=False)
+            runnables[str(path)] = open_runnable(path, threads=threads, spinning=False, backend=args.backend)
+    make_runner = bench.executor_runner if args.backend == "cuda" else bench.session_runner
     runners = {
-        label: bench.session_runner(r.session, sample_inputs(r.model, batch=args.batch, sequence=args.seq))
+        label: make_runner(r.session, sample_inputs(r.model, batch=args.batch, sequence=args.seq))
         for label, r in runnables.items()
     }
     timings = bench.time_interleaved(
@@ -284,7 +291,7 @@ def _bench(args: argparse.Namespace) -> int:
             if onnx_file is None:  # captured from a Hugging Face folder: measure the export
                 onnx_file = xopt.save(runnable.model, Path(scratch) / f"{len(os.listdir(scratch))}.onnx")
             timing.size_mb = bench.size_on_disk_mb(onnx_file)
-            if not args.no_memory:
+            if not args.no_memory and args.backend == "onnxruntime":
                 with _step(f"peak memory of {label}"):
                     timing.peak_memory_mb = bench.peak_memory_mb(onnx_file, args.batch, args.seq, threads)
     if args.plot is not None:
@@ -302,7 +309,7 @@ def _generate(args: argparse.Namespace) -> int:
     from xopt.runnable import open_runnable
 
     with _step(f"loading {args.model}"):
-        runnable = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads)
+        runnable = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads, backend=args.backend)
     decoder = Decoder(runnable)
     tokenizer = runnable.tokenizer()
     prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]

@@ -1,4 +1,4 @@
-"""Text generation with a KV-cache decoder in ONNX Runtime: what `xopt generate` runs.
+"""Text generation with a KV-cache decoder in ONNX Runtime (or xopt's CUDA backend): what `xopt generate` runs.
 
 Prefill runs the whole prompt on an empty cache (past length 0) and yields the first new token;
 each decode step feeds that token alone, the attention mask grown by one, and the cache: the
@@ -108,6 +108,22 @@ class InPlaceCache:
         return logits
 
 
+class ExecutorCache:
+    """Each step's presents fed back as the next step's pasts, kept as torch tensors on the
+    device of xopt's CUDA backend (`GraphExecutor`); only the last position's logits come back."""
+
+    def __init__(self, executor, model, batch: int = 1):
+        self.executor = executor
+        self.pasts = [v.name for v in kv_cache.past_inputs(model)]
+        self.values = {name: executor.to_device(array) for name, array in kv_cache.empty_cache(model, batch).items()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits [batch, 1, vocab] of the last position of one step on `feeds` (the inputs other than the cache)."""
+        outputs = self.executor.run({**feeds, **self.values})
+        self.values = {past: outputs[kv_cache.present_for(past)] for past in self.pasts}
+        return outputs["logits"][:, -1:].float().cpu().numpy()
+
+
 def _ort(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(array)
 
@@ -121,7 +137,8 @@ class Decoder:
             raise XoptError(f"{runnable.label}: not a decoder with a KV cache (no past_key_values.* inputs)")
         self.runnable = runnable
         self.session = runnable.session
-        declared = {i.name for i in self.session.get_inputs()}
+        self.on_executor = not isinstance(self.session, ort.InferenceSession)
+        declared = set(self.session.input_names) if self.on_executor else {i.name for i in self.session.get_inputs()}
         unknown = declared - {"input_ids", "attention_mask"} - {v.name for v in kv_cache.past_inputs(runnable.model)}
         if unknown:
             raise XoptError(f"{runnable.label}: cannot feed input {sorted(unknown)[0]!r} when generating")
@@ -152,11 +169,12 @@ class Decoder:
         rng = np.random.default_rng(seed)
         result = Generation(prompt_tokens=len(prompt_ids))
         model = self.runnable.model
-        cache = (
-            InPlaceCache(self.session, model, capacity=len(prompt_ids) + max_new_tokens)
-            if self.in_place
-            else CopiedCache(self.session, model)
-        )
+        if self.on_executor:
+            cache = ExecutorCache(self.session, model)
+        elif self.in_place:
+            cache = InPlaceCache(self.session, model, capacity=len(prompt_ids) + max_new_tokens)
+        else:
+            cache = CopiedCache(self.session, model)
         new_ids = prompt_ids
         decode_start = None
         for step in range(max_new_tokens):

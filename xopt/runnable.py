@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 class Runnable:
     label: str
     model: ir.Model
-    session: Any  # onnxruntime.InferenceSession
+    session: Any  # onnxruntime.InferenceSession, or xopt.backends.cuda.GraphExecutor
     task: str
     tokenizer_source: Path | None
     onnx_file: Path | None = None  # the file it was loaded from (None: captured from a folder)
@@ -39,13 +39,24 @@ class Runnable:
         return load_tokenizer(self.tokenizer_source, self.gguf_file)
 
 
+BACKENDS = ("onnxruntime", "cuda")
+
+
 def open_runnable(
-    path: Path, *, tokenizer: Path | None = None, threads: int | None = None, spinning: bool = True
+    path: Path,
+    *,
+    tokenizer: Path | None = None,
+    threads: int | None = None,
+    spinning: bool = True,
+    backend: str = "onnxruntime",
 ) -> Runnable:
     """Load `path` for running: capture it if it is not ONNX yet, and find its tokenizer.
-    `spinning=False` for sessions timed side by side (see `session_options`)."""
+    `spinning=False` for sessions timed side by side (see `session_options`). With
+    `backend="cuda"` the session is xopt's CUDA `GraphExecutor` instead of ONNX Runtime."""
     import xopt
 
+    if backend not in BACKENDS:
+        raise XoptError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     if not path.exists():
         raise XoptError(f"{path}: no such file or folder")
     onnx_file = path / MODEL_FILE if path.is_dir() and (path / MODEL_FILE).is_file() else path
@@ -60,12 +71,20 @@ def open_runnable(
     return Runnable(
         label=str(path),
         model=model,
-        session=create_session(model, threads=threads, spinning=spinning),
+        session=_cuda_executor(model)
+        if backend == "cuda"
+        else create_session(model, threads=threads, spinning=spinning),
         task=model_task(model),
         tokenizer_source=tokenizer,
         onnx_file=onnx_file,
         gguf_file=gguf_file,
     )
+
+
+def _cuda_executor(model: ir.Model):
+    from xopt.backends.cuda import GraphExecutor
+
+    return GraphExecutor(model, "cuda")
 
 
 def model_task(model: ir.Model) -> str:

@@ -100,12 +100,7 @@ class GraphExecutor:
         absent = [name for name in self.input_names if name not in feeds]
         if unknown or absent:
             raise XoptError(f"feeds do not match the model's inputs (missing {absent}, unknown {sorted(unknown)})")
-        values: dict[str, torch.Tensor] = {
-            name: (torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array).to(
-                self.device
-            )
-            for name, array in feeds.items()
-        }
+        values = {name: self.to_device(array) for name, array in feeds.items()}
         with torch.inference_mode():
             for step in self.steps:
                 inputs = [
@@ -123,6 +118,10 @@ class GraphExecutor:
                 for name in step.release:
                     values.pop(name, None)
         return {name: values[name] for name in self.output_names}
+
+    def to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+        return tensor.to(self.device)
 
     def _input(self, values: dict[str, torch.Tensor], name: str | None, host: bool) -> torch.Tensor | None:
         if not name:

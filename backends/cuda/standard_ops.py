@@ -253,7 +253,18 @@ def _constant_of_shape(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
 
 
 def _constant(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
-    return [torch.from_numpy(node.attributes.get_tensor("value").numpy().copy())]
+    tensor = node.attributes.get_tensor("value")
+    if tensor is not None:
+        return [torch.from_numpy(tensor.numpy().copy())]
+    for name, dtype in (
+        ("value_int", torch.int64),
+        ("value_ints", torch.int64),
+        ("value_float", torch.float32),
+        ("value_floats", torch.float32),
+    ):
+        if name in node.attributes:
+            return [torch.tensor(node.attributes[name].value, dtype=dtype)]
+    raise XoptError(f"Constant {node.name!r}: the CUDA backend reads value, value_int(s) and value_float(s) only")
 
 
 def _trilu(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
