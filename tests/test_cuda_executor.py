@@ -5,6 +5,7 @@ kernels are tested against (test_cuda_kernels.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
@@ -59,7 +60,9 @@ def test_reference_operators_match_onnx_runtime(tiny_model, name, recipe):
     assert_parity(exact_accumulation(optimized), WORKLOADS[:1] if name == "bert" else WORKLOADS)
 
 
-def test_group_query_attention_with_rotary_matches_onnx_runtime(tmp_path_factory):
+@pytest.fixture(scope="module")
+def gqa_llama(tmp_path_factory):
+    """(HF folder, model fused with RoPE inside GroupQueryAttention): the static cache's form."""
     config = dict(
         vocab_size=211,
         hidden_size=64,
@@ -70,9 +73,42 @@ def test_group_query_attention_with_rotary_matches_onnx_runtime(tmp_path_factory
         max_position_embeddings=256,
     )
     folder = build_folder("LlamaConfig", config, "LlamaForCausalLM", tmp_path_factory.mktemp("llama-gqa"))
-    model = FusePass(lowering="all", positions="contiguous")(CleanupPass()(xopt.load(folder)).model).model
+    return folder, FusePass(lowering="all", positions="contiguous")(CleanupPass()(xopt.load(folder)).model).model
+
+
+def test_group_query_attention_with_rotary_matches_onnx_runtime(gqa_llama):
+    _, model = gqa_llama
     assert any(node.op_type == "GroupQueryAttention" for node in model.graph)
     assert_parity(model, WORKLOADS)
+
+
+def test_the_static_cache_generates_the_transformers_tokens(gqa_llama):
+    import transformers
+    from helpers import transformers_greedy
+
+    from xopt.backends.cuda.static_decode import StaticDecodeCache
+    from xopt.generate import Decoder
+    from xopt.runnable import Runnable
+
+    folder, model = gqa_llama
+    prompt = [5, 17, 42, 9, 3]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    expected = transformers_greedy(reference, prompt, 20)
+    executor = GraphExecutor(model, "cpu", static_cache=True)
+    assert "attention_mask" not in executor.inputs_read  # the mask prologue is left out of the plan
+    assert len(executor.steps) < len(GraphExecutor(model, "cpu").steps)
+    runnable = Runnable("tiny", model, executor, "causal-lm", tokenizer_source=None)
+    assert Decoder(runnable).generate(prompt, 20).tokens == expected
+    cache = StaticDecodeCache(executor, model, capacity=4)
+    with pytest.raises(XoptError, match="holds 4 positions, 5 asked for"):
+        cache.run({"input_ids": np.array([prompt]), "attention_mask": np.ones((1, 5), np.int64)})
+    with pytest.raises(XoptError, match="without padding"):
+        cache.run({"input_ids": np.array([[1, 2]]), "attention_mask": np.array([[1, 0]])})
+
+
+def test_the_static_cache_needs_group_query_attention_on_the_past(tiny_model):
+    with pytest.raises(XoptError, match=r"needs GroupQueryAttention to read past_key_values\.0\.key"):
+        GraphExecutor(tiny_model("llama"), "cpu", static_cache=True)
 
 
 def test_an_operator_it_cannot_run_is_named(tiny_model):

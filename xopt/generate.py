@@ -169,7 +169,11 @@ class Decoder:
         rng = np.random.default_rng(seed)
         result = Generation(prompt_tokens=len(prompt_ids))
         model = self.runnable.model
-        if self.on_executor:
+        if self.on_executor and self.session.static_cache:
+            from xopt.backends.cuda.static_decode import StaticDecodeCache
+
+            cache = StaticDecodeCache(self.session, model, capacity=len(prompt_ids) + max_new_tokens)
+        elif self.on_executor:
             cache = ExecutorCache(self.session, model)
         elif self.in_place:
             cache = InPlaceCache(self.session, model, capacity=len(prompt_ids) + max_new_tokens)

@@ -83,8 +83,9 @@ def open_runnable(
 
 def _cuda_executor(model: ir.Model):
     from xopt.backends.cuda import GraphExecutor
+    from xopt.backends.cuda.executor import static_cache_refusal
 
-    return GraphExecutor(model, "cuda")
+    return GraphExecutor(model, "cuda", static_cache=static_cache_refusal(model) is None)
 
 
 def model_task(model: ir.Model) -> str:

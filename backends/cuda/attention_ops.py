@@ -7,7 +7,9 @@
   causality aligned bottom-right (a query at row i of S sees keys ≤ i + T − S).
 - GroupQueryAttention (com.microsoft): the same over packed or separate Q/K/V, causal, with the
   query of row s of sequence b at position p = seqlens_k[b] + 1 − S + s (rotated there when
-  do_rotary), keys t ≤ p and t ≤ seqlens_k[b] visible, plus the optional additive bias.
+  do_rotary), keys t ≤ p and t ≤ seqlens_k[b] visible, plus the optional additive bias. On a
+  `StaticCache` (op_context.py) the lengths come from the cache instead, the new keys and values
+  are written into its buffers, and the bias is not read (rows without padding).
 - Attention (com.microsoft, encoders): QKV = X·W + b, bidirectional, plus the additive bias.
 
 On CUDA tensors with the kernels loaded: RoPE runs in place on the packed rows, a decode step
@@ -23,6 +25,7 @@ import onnx_ir as ir
 import torch
 
 from xopt.backends.cuda import kernels
+from xopt.backends.cuda.op_context import OpContext
 from xopt.backends.cuda.standard_ops import Inputs
 from xopt.errors import XoptError
 
@@ -43,7 +46,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return torch.cat((rotated.to(x.dtype), rest), dim=-1)
 
 
-def _rotary_embedding(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+def _rotary_embedding(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
     x, cos_cache, sin_cache = inputs[:3]
     positions = inputs[3] if len(inputs) > 3 else None
     interleaved = bool(node.attributes.get_int("interleaved", 0))
@@ -87,7 +90,7 @@ def attend(
     return torch.matmul(weights, v.float()).to(q.dtype)
 
 
-def _onnx_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+def _onnx_attention(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
     q, k, v = inputs[:3]
     mask, past_key, past_value = (inputs + [None] * 6)[3:6]
     if node.attributes.get_int("qk_matmul_output_mode", 0):
@@ -118,7 +121,7 @@ def _onnx_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[to
     return [out, k, v]
 
 
-def _group_query_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+def _group_query_attention(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
     query, key, value, past_key, past_value, seqlens_k, _total, cos_cache, sin_cache = (inputs + [None] * 11)[:9]
     position_ids, bias = (inputs + [None] * 11)[9:11]
     heads = node.attributes.get_int("num_heads")
@@ -134,11 +137,15 @@ def _group_query_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> 
     else:
         head_dim = width // heads
         q, k, v = query.clone(), key.clone(), value
-    lengths = seqlens_k.to(query.device).long() + 1  # keys visible to the last query of each row
+    static = context.static_cache
+    if static is not None:  # fixed buffers: lengths come from the cache, the graph's mask inputs are not read
+        lengths, bias = static.lengths, None
+    else:
+        lengths = seqlens_k.to(query.device).long() + 1  # keys visible to the last query of each row
     positions = lengths.unsqueeze(1) - sequence + torch.arange(sequence, device=query.device)  # [B, S]
     if node.attributes.get_int("do_rotary", 0):
         interleaved = bool(node.attributes.get_int("rotary_interleaved", 0))
-        if use_kernels and query.is_cuda:
+        if context.use_kernels and query.is_cuda:
             for part, part_heads in ((q, heads), (k, kv_heads)):
                 kernels.rope_(
                     part.reshape(-1, part.shape[-1]) if key is not None else _rows(part),
@@ -154,13 +161,18 @@ def _group_query_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> 
             q = rotate(q.reshape(batch, sequence, heads, head_dim), cos, sin, interleaved).reshape(q.shape)
             k = rotate(k.reshape(batch, sequence, kv_heads, head_dim), cos, sin, interleaved).reshape(k.shape)
     k_new, v_new = _heads_first(k, kv_heads), _heads_first(v, kv_heads)
-    present_key = torch.cat((past_key, k_new), dim=2) if past_key is not None else k_new.contiguous()
-    present_value = torch.cat((past_value, v_new), dim=2) if past_value is not None else v_new.contiguous()
+    if static is not None:  # every row holds the same length: write the new positions in place
+        present_key, present_value = static.keys[node.inputs[3].name], static.values[node.inputs[4].name]
+        present_key.index_copy_(2, positions[0], k_new.to(present_key.dtype))
+        present_value.index_copy_(2, positions[0], v_new.to(present_value.dtype))
+    else:
+        present_key = torch.cat((past_key, k_new), dim=2) if past_key is not None else k_new.contiguous()
+        present_value = torch.cat((past_value, v_new), dim=2) if past_value is not None else v_new.contiguous()
     total = present_key.shape[2]
     scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
     softcap = node.attributes.get_float("softcap", 0.0)
     key_bias = _key_bias(bias, batch, total)
-    if use_kernels and query.is_cuda and sequence == 1 and softcap == 0 and key_bias is not False:
+    if context.use_kernels and query.is_cuda and sequence == 1 and softcap == 0 and key_bias is not False:
         q_rows = q.reshape(batch, heads, head_dim) if key is not None else _rows(q).reshape(batch, heads, head_dim)
         key_bias = None if key_bias is None else key_bias.to(query.dtype)
         out = kernels.decode_attention(q_rows, present_key, present_value, lengths, scale, key_bias)
@@ -189,7 +201,7 @@ def _key_bias(bias: torch.Tensor | None, batch: int, total: int) -> torch.Tensor
     return bias.reshape(bias.shape[0], total).expand(batch, total)
 
 
-def _contrib_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+def _contrib_attention(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
     x, weight, bias_qkv, mask_index, past, bias = (inputs + [None] * 6)[:6]
     if mask_index is not None or past is not None or node.attributes.get_int("unidirectional", 0):
         raise XoptError("the CUDA backend's com.microsoft.Attention takes no mask_index, past or unidirectional")
@@ -203,7 +215,7 @@ def _contrib_attention(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list
     head_dim = sizes[0] // heads
     scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
     key_bias = _key_bias(bias, batch, sequence)
-    if use_kernels and x.is_cuda and sizes[0] == sizes[2] and isinstance(key_bias, torch.Tensor):
+    if context.use_kernels and x.is_cuda and sizes[0] == sizes[2] and isinstance(key_bias, torch.Tensor):
         return [_packed_encoder_attention(q, k, v, key_bias, heads, scale)]
     out = attend(_heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), bias, scale)
     return [out.transpose(1, 2).reshape(batch, sequence, heads * (sizes[2] // heads))]

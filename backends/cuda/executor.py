@@ -9,6 +9,12 @@ semantics are tested against ONNX Runtime where there is no GPU.
 
 Weights are moved to the device once. Each value is dropped after its last reader. Small int64
 constants and every `Shape` stay on the CPU, so shape arithmetic never waits on the GPU.
+
+`static_cache=True` plans the model for a fixed-buffer KV cache (op_context.StaticCache): every
+attention must be GroupQueryAttention reading the past cache inputs, whose mask-derived inputs
+(seqlens_k, total_sequence_length, attention_bias) are then not read, and the nodes that only
+computed them are left out. `run(..., host_memo=dict)` keeps the device copies of host-computed
+values between calls of one shape, so a run replayed as a CUDA graph copies nothing to the GPU.
 """
 
 from __future__ import annotations
@@ -20,18 +26,25 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from xopt import kv_cache
 from xopt.backends.cuda.attention_ops import ATTENTION_OPS
 from xopt.backends.cuda.fused_ops import FUSED_OPS
+from xopt.backends.cuda.op_context import OpContext, StaticCache
 from xopt.backends.cuda.standard_ops import HOST_INPUTS, STANDARD_OPS
 from xopt.errors import XoptError
 
 HOST_CONSTANT_LIMIT = 64  # int64 constants up to this many elements are shape arithmetic: kept on the CPU
 FUSED_TABLE = {**FUSED_OPS, **ATTENTION_OPS}
+MASK_INPUTS_OF_GQA = (5, 6, 10)  # seqlens_k, total_sequence_length, attention_bias
+
+
+def _key(node: ir.Node) -> tuple[str, str]:
+    return ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
 
 
 def supported(node: ir.Node) -> bool:
-    domain = "" if node.domain in ("", "ai.onnx") else node.domain
-    return (domain, node.op_type) in FUSED_TABLE or (domain == "" and node.op_type in STANDARD_OPS)
+    domain, op_type = _key(node)
+    return (domain, op_type) in FUSED_TABLE or (domain == "" and op_type in STANDARD_OPS)
 
 
 @dataclass
@@ -47,7 +60,13 @@ class _Step:
 class GraphExecutor:
     """`GraphExecutor(model, device)` then `run(feeds)` → {output name: torch tensor}."""
 
-    def __init__(self, model: ir.Model, device: str | torch.device = "cuda", use_kernels: bool | None = None):
+    def __init__(
+        self,
+        model: ir.Model,
+        device: str | torch.device = "cuda",
+        use_kernels: bool | None = None,
+        static_cache: bool = False,
+    ):
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise XoptError("the CUDA backend needs a CUDA GPU: torch sees none")
@@ -56,12 +75,18 @@ class GraphExecutor:
         missing = sorted({f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in graph if not supported(n)})
         if missing:
             raise XoptError(f"the CUDA backend cannot run {', '.join(missing)}")
-        self.input_names = [value.name for value in graph.inputs]
+        self.static_cache = static_cache
+        self.past_names = [value.name for value in kv_cache.past_inputs(model)] if static_cache else []
+        if static_cache:
+            _check_static_cache(model)
+        self.input_names = [value.name for value in graph.inputs if value.name not in self.past_names]
         self.output_names = [value.name for value in graph.outputs]
         self.constants = {
             name: self._constant(value) for name, value in graph.initializers.items() if value.const_value is not None
         }
+        self.device_constants: dict[str, torch.Tensor] = {}
         self.steps = self._plan(graph)
+        self.inputs_read = {name for step in self.steps for name in step.inputs if name in self.input_names}
 
     def _constant(self, value: ir.Value) -> torch.Tensor:
         array = value.const_value.numpy()
@@ -73,18 +98,21 @@ class GraphExecutor:
     def _plan(self, graph: ir.Graph) -> list[_Step]:
         steps = []
         for node in graph:
-            domain = "" if node.domain in ("", "ai.onnx") else node.domain
-            fused = (domain, node.op_type) in FUSED_TABLE
-            steps.append(
-                _Step(
-                    node,
-                    [value.name if value is not None else None for value in node.inputs],
-                    [value.name for value in node.outputs],
-                    HOST_INPUTS.get(node.op_type, frozenset()) if not fused else frozenset(),
-                    fused,
-                    [],
-                )
-            )
+            fused = _key(node) in FUSED_TABLE
+            names = [value.name if value is not None else None for value in node.inputs]
+            if self.static_cache and node.op_type == "GroupQueryAttention":
+                names = [
+                    None if i in MASK_INPUTS_OF_GQA or names[i] in self.past_names else n for i, n in enumerate(names)
+                ]
+            host = frozenset() if fused else HOST_INPUTS.get(node.op_type, frozenset())
+            steps.append(_Step(node, names, [value.name for value in node.outputs], host, fused, []))
+        needed = set(self.output_names)
+        kept = []
+        for step in reversed(steps):  # leave out the nodes nothing needed reads
+            if any(name in needed for name in step.outputs):
+                kept.append(step)
+                needed.update(name for name in step.inputs if name)
+        steps = kept[::-1]
         last_reader: dict[str, int] = {}
         for index, step in enumerate(steps):
             for name in step.inputs:
@@ -95,21 +123,32 @@ class GraphExecutor:
                 steps[index].release.append(name)
         return steps
 
-    def run(self, feeds: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+    def to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
+        return tensor.to(self.device)
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray | torch.Tensor],
+        cache: StaticCache | None = None,
+        host_memo: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The model's outputs on `feeds` (numpy arrays or tensors). A model planned with
+        `static_cache` takes its KV cache as `cache` instead of past inputs."""
         unknown = set(feeds) - set(self.input_names)
         absent = [name for name in self.input_names if name not in feeds]
         if unknown or absent:
             raise XoptError(f"feeds do not match the model's inputs (missing {absent}, unknown {sorted(unknown)})")
+        if self.static_cache != (cache is not None):
+            raise XoptError("a static-cache plan runs with a StaticCache, any other without one")
         values = {name: self.to_device(array) for name, array in feeds.items()}
+        context = OpContext(self.use_kernels, cache)
         with torch.inference_mode():
             for step in self.steps:
-                inputs = [
-                    self._input(values, name, position in step.host_inputs) for position, name in enumerate(step.inputs)
-                ]
+                inputs = self._inputs(step, values, host_memo)
                 node = step.node
                 if step.fused:
-                    domain = "" if node.domain in ("", "ai.onnx") else node.domain
-                    outputs = FUSED_TABLE[(domain, node.op_type)](node, inputs, self.use_kernels)
+                    outputs = FUSED_TABLE[_key(node)](node, inputs, context)
                 else:
                     outputs = STANDARD_OPS[node.op_type](node, inputs)
                 for name, tensor in zip(step.outputs, outputs, strict=False):
@@ -119,14 +158,60 @@ class GraphExecutor:
                     values.pop(name, None)
         return {name: values[name] for name in self.output_names}
 
-    def to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array)) if isinstance(array, np.ndarray) else array
-        return tensor.to(self.device)
+    def _inputs(
+        self, step: _Step, values: dict[str, torch.Tensor], host_memo: dict[str, torch.Tensor] | None
+    ) -> list[torch.Tensor | None]:
+        """The step's inputs: host inputs on the CPU; the others on the device when any of them is
+        there (a step fed by shape arithmetic alone stays on the CPU, so its result can feed a
+        host input later without a copy back)."""
+        inputs = [
+            None if not name else values[name] if name in values else self.constants[name] for name in step.inputs
+        ]
+        on_device = any(
+            tensor is not None and tensor.device == self.device and position not in step.host_inputs
+            for position, tensor in enumerate(inputs)
+        )
+        for position, (name, tensor) in enumerate(zip(step.inputs, inputs, strict=True)):
+            if tensor is None:
+                continue
+            if position in step.host_inputs:
+                inputs[position] = tensor.cpu()
+            elif on_device and tensor.device != self.device:
+                inputs[position] = self._moved(name, tensor, values, host_memo)
+        return inputs
 
-    def _input(self, values: dict[str, torch.Tensor], name: str | None, host: bool) -> torch.Tensor | None:
-        if not name:
-            return None
-        tensor = values[name] if name in values else self.constants[name]
-        if host:
-            return tensor.cpu()
-        return tensor.to(self.device) if tensor.device != self.device else tensor
+    def _moved(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        values: dict[str, torch.Tensor],
+        host_memo: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """`tensor` on the device: constants copied once, host-computed values once per memo."""
+        memo = host_memo if name in values else self.device_constants
+        if memo is None:
+            return tensor.to(self.device)
+        if name not in memo:
+            memo[name] = tensor.to(self.device)
+        return memo[name]
+
+
+def static_cache_refusal(model: ir.Model) -> str | None:
+    """Why `model` cannot run on a fixed-buffer KV cache, or None when it can: every past input
+    must be read by GroupQueryAttention alone (the `fuse(positions=contiguous)` form)."""
+    pasts = kv_cache.past_inputs(model)
+    if not pasts:
+        return "a static KV cache needs a decoder with past_key_values.* inputs"
+    for past in pasts:
+        readers = {use.node.op_type for use in past.uses()}
+        if readers != {"GroupQueryAttention"}:
+            found = ", ".join(sorted(readers)) or "nothing"
+            needed = f"a static KV cache needs GroupQueryAttention to read {past.name}"
+            return f"{needed} (fuse with positions=contiguous), not {found}"
+    return None
+
+
+def _check_static_cache(model: ir.Model) -> None:
+    refusal = static_cache_refusal(model)
+    if refusal is not None:
+        raise XoptError(refusal)

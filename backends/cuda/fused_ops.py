@@ -18,6 +18,7 @@ import onnx_ir as ir
 import torch
 
 from xopt.backends.cuda import kernels
+from xopt.backends.cuda.op_context import OpContext
 from xopt.backends.cuda.standard_ops import Inputs
 from xopt.errors import XoptError
 
@@ -30,28 +31,28 @@ def _norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: 
     return (y + beta.float() if beta is not None else y).to(x.dtype)
 
 
-def _fast(use_kernels: bool, x: torch.Tensor) -> bool:
-    return use_kernels and x.is_cuda and x.dtype in kernels.DTYPE_CODES
+def _fast(context: OpContext, x: torch.Tensor) -> bool:
+    return context.use_kernels and x.is_cuda and x.dtype in kernels.DTYPE_CODES
 
 
-def _simplified_layer_norm(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+def _simplified_layer_norm(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
     x, gamma = inputs[:2]
     if node.attributes.get_int("axis", -1) not in (-1, x.dim() - 1):
         raise XoptError("the CUDA backend normalizes the last axis only")
     eps = node.attributes.get_float("epsilon", 1e-5)
-    if _fast(use_kernels, x):
+    if _fast(context, x):
         return [kernels.norm_residual(x, gamma, eps)[0]]
     return [_norm(x, gamma, None, eps, centred=False)]
 
 
 def _skip_norm(centred: bool):
-    def run(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+    def run(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
         x, skip, gamma = inputs[:3]
         beta = inputs[3] if centred and len(inputs) > 3 else None
         bias = inputs[4 if centred else 3] if len(inputs) > (4 if centred else 3) else None
         eps = node.attributes.get_float("epsilon", 1e-5)
         want_sum = len(node.outputs) > 3 and node.outputs[3].name != ""
-        if _fast(use_kernels, x):
+        if _fast(context, x):
             y, total = kernels.norm_residual(
                 x, gamma, eps, skip=skip, bias=bias, beta=beta, centred=centred, want_sum=want_sum
             )
@@ -64,10 +65,10 @@ def _skip_norm(centred: bool):
 
 
 def _bias_gelu(tanh_form: bool):
-    def run(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+    def run(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
         x = inputs[0]
         bias = inputs[1] if len(inputs) > 1 else None
-        if _fast(use_kernels, x):
+        if _fast(context, x):
             return [kernels.bias_gelu(x, bias, tanh_form)]
         shifted = x + bias if bias is not None else x
         return [torch.nn.functional.gelu(shifted, approximate="tanh" if tanh_form else "none")]
@@ -97,7 +98,7 @@ def dequantize_blocks(
     return values.reshape(rows, -1)[:, :width].to(scales.dtype)
 
 
-def _matmul_nbits(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+def _matmul_nbits(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
     a, b, scales = inputs[:3]
     zeros, g_idx, bias = (inputs + [None] * 6)[3:6]
     if g_idx is not None:
@@ -106,7 +107,7 @@ def _matmul_nbits(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torc
         raise XoptError("the CUDA backend's MatMulNBits reads packed uint8 zero points only")
     k, n = node.attributes.get_int("K"), node.attributes.get_int("N")
     bits, block = node.attributes.get_int("bits", 4), node.attributes.get_int("block_size")
-    if _fast(use_kernels, a):
+    if _fast(context, a):
         return [kernels.nbits_matmul(a, b, scales, zeros, bias, k, n, bits, block)]
     codes = unpack_codes(b, bits)  # [N, blocks, g]
     weight = dequantize_blocks(codes, scales.reshape(n, -1), zeros, bits, k)  # [N, K]
@@ -114,7 +115,7 @@ def _matmul_nbits(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torc
     return [y + bias if bias is not None else y]
 
 
-def _gather_block_quantized(node: ir.Node, inputs: Inputs, use_kernels: bool) -> list[torch.Tensor]:
+def _gather_block_quantized(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
     data, indices, scales = inputs[:3]
     zeros = inputs[3] if len(inputs) > 3 else None
     if node.attributes.get_int("gather_axis", 0) != 0 or node.attributes.get_int("quantize_axis", 1) != 1:
