@@ -143,6 +143,7 @@ class Decoder:
         if unknown:
             raise XoptError(f"{runnable.label}: cannot feed input {sorted(unknown)[0]!r} when generating")
         self.in_place = kv_cache.shares_buffers(runnable.model)
+        self.static = None  # the CUDA backend's fixed-buffer cache, kept for generations of the same length
         self.position_limit = kv_cache.position_limit(runnable.model)
 
     def generate(
@@ -170,9 +171,7 @@ class Decoder:
         result = Generation(prompt_tokens=len(prompt_ids))
         model = self.runnable.model
         if self.on_executor and self.session.static_cache:
-            from xopt.backends.cuda.static_decode import StaticDecodeCache
-
-            cache = StaticDecodeCache(self.session, model, capacity=len(prompt_ids) + max_new_tokens)
+            cache = self._static_cache(len(prompt_ids) + max_new_tokens)
         elif self.on_executor:
             cache = ExecutorCache(self.session, model)
         elif self.in_place:
@@ -198,6 +197,16 @@ class Decoder:
             new_ids = [token]
         result.decode_seconds = time.perf_counter() - decode_start
         return result
+
+    def _static_cache(self, capacity: int):
+        """The CUDA backend's fixed-buffer cache of `capacity` positions: reused while the capacity
+        is the same (positions past the filled length are never read), so its CUDA graph is
+        captured once, not per generation."""
+        from xopt.backends.cuda.static_decode import StaticDecodeCache
+
+        if self.static is None or self.static.capacity != capacity:
+            self.static = StaticDecodeCache(self.session, self.runnable.model, capacity)
+        return self.static
 
 
 def _next_token(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
