@@ -1,7 +1,7 @@
 """The CUDA backend's graph executor, run on the CPU with its torch reference operators, agrees
-with ONNX Runtime on the optimized models (exact and int4 recipes, fused GroupQueryAttention with
-rotary), prefill of a padded batch and decode steps; the same operator semantics are what the GPU
-kernels are tested against (test_cuda_kernels.py)."""
+with ONNX Runtime on the optimized models (every fused form, int4 with and without zero points,
+GroupQueryAttention with rotary), prefill of a padded batch and decode steps; the same operator
+semantics are what the GPU kernels are tested against (test_cuda_kernels.py)."""
 
 from __future__ import annotations
 
@@ -25,15 +25,6 @@ WORKLOADS = [
 ]
 
 
-def exact_accumulation(model: ir.Model) -> ir.Model:
-    """MatMulNBits at accuracy level 0: ONNX Runtime then multiplies in float as the reference
-    does (level 4 quantizes the activations to int8 first)."""
-    for node in model.graph:
-        if node.op_type == "MatMulNBits":
-            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
-    return model
-
-
 def assert_parity(model: ir.Model, workloads: list[dict]) -> None:
     executor = GraphExecutor(model, "cpu")
     for workload in workloads:
@@ -43,8 +34,13 @@ def assert_parity(model: ir.Model, workloads: list[dict]) -> None:
         assert parity.max_rel <= 2e-5 and parity.top1_agreement in (None, 1.0), (workload, parity)
 
 
+FUSED = "cleanup,fold-norms,fuse(lowering=all)"  # every fused form, none left out by a timing
+INT4 = "quantize(method=rtn,head_bits=4,embedding_bits=8,accuracy=0"  # level 0: ORT multiplies in float too
+PASSES = {"exact": FUSED, "int4": f"{FUSED},{INT4})", "int4-symmetric": f"{FUSED},{INT4},symmetric=true)"}
+
+
 @pytest.mark.parametrize(
-    ("name", "recipe"),
+    ("name", "form"),
     [
         ("bert", "exact"),
         ("gpt2", "exact"),
@@ -52,12 +48,12 @@ def assert_parity(model: ir.Model, workloads: list[dict]) -> None:
         ("qwen2", "exact"),
         ("gemma", "exact"),
         ("llama", "int4"),
-        ("gpt2", "int4"),
+        ("gpt2", "int4-symmetric"),
     ],
 )
-def test_reference_operators_match_onnx_runtime(tiny_model, name, recipe):
-    optimized, _ = xopt.optimize(tiny_model(name), recipe=recipe, verify=False)
-    assert_parity(exact_accumulation(optimized), WORKLOADS[:1] if name == "bert" else WORKLOADS)
+def test_reference_operators_match_onnx_runtime(tiny_model, name, form):
+    optimized, _ = xopt.optimize(tiny_model(name), passes=PASSES[form], verify=False)
+    assert_parity(optimized, WORKLOADS[:1] if name == "bert" else WORKLOADS)
 
 
 @pytest.fixture(scope="module")

@@ -152,16 +152,16 @@ def test_padding_free_encoder_attention(kernels, dtype):
     close(got * real.unsqueeze(-1), expected, dtype)
 
 
-@pytest.mark.parametrize(("name", "recipe"), [("bert", "exact"), ("llama", "exact"), ("llama", "int4")])
-def test_whole_models_on_the_gpu_match_onnx_runtime_on_the_cpu(tiny_model, name, recipe):
-    from test_cuda_executor import WORKLOADS, exact_accumulation
+@pytest.mark.parametrize(("name", "form"), [("bert", "exact"), ("llama", "exact"), ("llama", "int4")])
+def test_whole_models_on_the_gpu_match_onnx_runtime_on_the_cpu(tiny_model, name, form):
+    from test_cuda_executor import PASSES, WORKLOADS
 
     import xopt
     from xopt.backends.cuda import GraphExecutor
     from xopt.inputs import sample_inputs
     from xopt.verify import compare, reference_outputs
 
-    model = exact_accumulation(xopt.optimize(tiny_model(name), recipe=recipe, verify=False)[0])
+    model = xopt.optimize(tiny_model(name), passes=PASSES[form], verify=False)[0]
     executor = GraphExecutor(model, "cuda")
     for workload in WORKLOADS[:1] if name == "bert" else WORKLOADS:
         feeds = sample_inputs(model, seed=4, **workload)
