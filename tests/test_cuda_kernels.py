@@ -69,12 +69,13 @@ def test_swiglu_of_the_merged_gate_up(kernels, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_rope_in_place_on_packed_qkv(kernels, dtype, interleaved):
+@pytest.mark.parametrize("rotary", [64, 32])  # whole heads, and the first half of each (partial rotary)
+def test_rope_in_place_on_packed_qkv(kernels, dtype, interleaved, rotary):
     from xopt.backends.cuda.attention_ops import rotate
 
     tokens, heads, kv_heads, head_dim = 11, 9, 3, 64
     packed = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device="cuda").to(dtype)
-    angles = torch.rand(128, head_dim // 2, device="cuda") * 6
+    angles = torch.rand(128, rotary // 2, device="cuda") * 6
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     positions = torch.randint(0, 128, (tokens,), device="cuda")
     expected = packed.clone()
@@ -133,23 +134,32 @@ def test_split_kv_decode_attention(kernels, dtype, batch, capacity):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_padding_free_encoder_attention(kernels, dtype):
-    from xopt.backends.cuda.attention_ops import _packed_encoder_attention, attend
+@pytest.mark.parametrize("left_padded", [False, True])
+def test_padding_free_encoder_attention(kernels, dtype, left_padded):
+    from xopt.backends.cuda.attention_ops import _packed_encoder_attention, _packing, attend
+    from xopt.backends.cuda.op_context import OpContext
 
     batch, sequence, heads, head_dim = 4, 128, 12, 32
-    q, k, v = (torch.randn(batch, sequence, heads * head_dim, device="cuda").to(dtype) for _ in range(3))
+    qkv = torch.randn(batch, sequence, 3 * heads * head_dim, device="cuda").to(dtype)
     lengths = torch.tensor([128, 5, 77, 1], device="cuda")
-    real = torch.arange(sequence, device="cuda") < lengths.unsqueeze(1)
-    key_bias = torch.where(real, 0.0, torch.finfo(torch.float32).min)
+    positions = torch.arange(sequence, device="cuda")
+    real = positions >= sequence - lengths.unsqueeze(1) if left_padded else positions < lengths.unsqueeze(1)
+    bias = torch.where(real, 0.0, torch.finfo(torch.float32).min).view(batch, 1, 1, sequence)
+    bias = bias.expand(batch, 1, sequence, sequence).contiguous()  # as the exported graphs give it
     scale = 1 / math.sqrt(head_dim)
-    got = _packed_encoder_attention(q, k, v, key_bias, heads, scale)
+    packing = _packing(bias, batch, sequence, OpContext(use_kernels=True))
+    assert packing is not None and packing[2] == 128 and packing[1].tolist() == [0, 128, 133, 210, 211]
+    got = _packed_encoder_attention(qkv, packing, heads, scale)
 
     def split(x):
         return x.reshape(batch, sequence, heads, head_dim).transpose(1, 2)
 
-    expected = attend(split(q), split(k), split(v), key_bias.view(batch, 1, 1, sequence), scale)
-    expected = expected.transpose(1, 2).reshape(batch, sequence, -1) * real.unsqueeze(-1)
-    close(got * real.unsqueeze(-1), expected, dtype)
+    q, k, v = qkv.chunk(3, dim=-1)
+    expected = attend(split(q), split(k), split(v), bias, scale).transpose(1, 2).reshape(batch, sequence, -1)
+    keep = real.unsqueeze(-1)
+    close(got * keep, expected * keep, dtype)
+    causal = torch.triu(torch.full((sequence, sequence), -math.inf, device="cuda"), 1).expand(batch, 1, -1, -1)
+    assert _packing(causal.contiguous(), batch, sequence, OpContext(use_kernels=True)) is None  # not key padding
 
 
 @pytest.mark.parametrize(("name", "form"), [("bert", "exact"), ("llama", "exact"), ("llama", "int4")])

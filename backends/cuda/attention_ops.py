@@ -132,11 +132,17 @@ def _group_query_attention(node: ir.Node, inputs: Inputs, context: OpContext) ->
     if key is None:  # packed QKV
         head_dim = width // (heads + 2 * kv_heads)
         q_width, kv_width = heads * head_dim, kv_heads * head_dim
-        packed = query.clone() if node.attributes.get_int("do_rotary", 0) else query
+        packed = (
+            query.clone(memory_format=torch.contiguous_format) if node.attributes.get_int("do_rotary", 0) else query
+        )
         q, k, v = packed[..., :q_width], packed[..., q_width : q_width + kv_width], packed[..., q_width + kv_width :]
     else:
         head_dim = width // heads
-        q, k, v = query.clone(), key.clone(), value
+        q, k, v = (
+            query.clone(memory_format=torch.contiguous_format),
+            key.clone(memory_format=torch.contiguous_format),
+            value,
+        )
     static = context.static_cache
     if static is not None:  # fixed buffers: lengths come from the cache, the graph's mask inputs are not read
         lengths, bias = static.lengths, None
@@ -172,7 +178,8 @@ def _group_query_attention(node: ir.Node, inputs: Inputs, context: OpContext) ->
     scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
     softcap = node.attributes.get_float("softcap", 0.0)
     key_bias = _key_bias(bias, batch, total)
-    if context.use_kernels and query.is_cuda and sequence == 1 and softcap == 0 and key_bias is not False:
+    decode_kernel = sequence == 1 and softcap == 0 and head_dim <= kernels.MAX_HEAD_DIM and batch <= 65535
+    if context.use_kernels and query.is_cuda and decode_kernel and key_bias is not False:
         q_rows = q.reshape(batch, heads, head_dim) if key is not None else _rows(q).reshape(batch, heads, head_dim)
         key_bias = None if key_bias is None else key_bias.to(query.dtype)
         out = kernels.decode_attention(q_rows, present_key, present_value, lengths, scale, key_bias)
@@ -210,33 +217,55 @@ def _contrib_attention(node: ir.Node, inputs: Inputs, context: OpContext) -> lis
     qkv = torch.matmul(x, weight)
     if bias_qkv is not None:
         qkv = qkv + bias_qkv
-    q, k, v = torch.split(qkv, list(sizes), dim=-1)
     batch, sequence, _ = x.shape
     head_dim = sizes[0] // heads
     scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
-    key_bias = _key_bias(bias, batch, sequence)
-    if context.use_kernels and x.is_cuda and sizes[0] == sizes[2] and isinstance(key_bias, torch.Tensor):
-        return [_packed_encoder_attention(q, k, v, key_bias, heads, scale)]
+    if context.use_kernels and x.is_cuda and len(set(sizes)) == 1 and head_dim <= kernels.MAX_HEAD_DIM:
+        packing = _packing(bias, batch, sequence, context)
+        if packing is not None:
+            return [_packed_encoder_attention(qkv, packing, heads, scale)]
+    q, k, v = torch.split(qkv, list(sizes), dim=-1)
     out = attend(_heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), bias, scale)
     return [out.transpose(1, 2).reshape(batch, sequence, heads * (sizes[2] // heads))]
 
 
+def _packing(
+    bias: torch.Tensor | None, batch: int, sequence: int, context: OpContext
+) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(indices of the real tokens in the flattened batch, cu_seqlens, longest) when `bias` is a
+    key-padding mask (0 or at most MASKED; [B, 1, 1, T], or [B, 1, S, T] with every query row alike; padding anywhere:
+    each row's real tokens stay together when packed); None otherwise. Computed once per run for
+    the bias tensor every layer shares."""
+    if bias is None or bias.dim() != 4 or bias.shape[1] != 1 or bias.shape[-1] != sequence:
+        return None
+    key = ("packing", bias.data_ptr(), tuple(bias.shape))
+    if key not in context.memo:
+        rows = bias[:, 0, :1, :]  # [B, 1, T]
+        real = rows[:, 0] > MASKED
+        counts = real.sum(dim=1)
+        alike = torch.equal(bias[:, 0], rows.expand(batch, bias.shape[2], sequence))
+        if not alike or bool(rows[:, 0][real].any()) or int(counts.max()) == 0 or batch > 65535:
+            context.memo[key] = None  # not a pure key-padding mask (or nothing real): the reference path
+        else:
+            cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=bias.device)
+            cu_seqlens[1:] = torch.cumsum(counts, 0)
+            context.memo[key] = (real.reshape(-1).nonzero().squeeze(1), cu_seqlens, int(counts.max()))
+    return context.memo[key]
+
+
 def _packed_encoder_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, heads: int, scale: float
+    qkv: torch.Tensor, packing: tuple[torch.Tensor, torch.Tensor, int], heads: int, scale: float
 ) -> torch.Tensor:
-    """Attention over the real tokens only: keep the tokens whose key is not masked, pack them,
-    run the padding-free kernel, scatter back (padded positions get zeros)."""
-    batch, sequence, width = q.shape
-    real = key_bias > MASKED  # [B, T]
-    counts = real.sum(dim=1)
-    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
-    cu_seqlens[1:] = torch.cumsum(counts, 0)
-    index = real.reshape(-1).nonzero().squeeze(1)
-    stacked = torch.stack((q, k, v), dim=2).reshape(batch * sequence, 3, width)[index]  # [tokens, 3, W]
+    """Attention over the real tokens only: pack their QKV rows, run the padding-free kernel,
+    scatter back (padded positions get zeros, which nothing downstream reads)."""
+    index, cu_seqlens, longest = packing
+    batch, sequence, three_width = qkv.shape
+    width = three_width // 3
+    packed = qkv.reshape(batch * sequence, three_width)[index]  # [tokens, 3W]
     out = kernels.packed_attention(
-        stacked[:, 0], stacked[:, 1], stacked[:, 2], cu_seqlens, int(counts.max()), heads, scale
+        packed[:, :width], packed[:, width : 2 * width], packed[:, 2 * width :], cu_seqlens, longest, heads, scale
     )
-    full = torch.zeros((batch * sequence, width), dtype=q.dtype, device=q.device)
+    full = torch.zeros((batch * sequence, width), dtype=qkv.dtype, device=qkv.device)
     full[index] = out.reshape(-1, width)
     return full.reshape(batch, sequence, width)
 

@@ -32,7 +32,7 @@ def _norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, eps: 
 
 
 def _fast(context: OpContext, x: torch.Tensor) -> bool:
-    return context.use_kernels and x.is_cuda and x.dtype in kernels.DTYPE_CODES
+    return context.use_kernels and x.is_cuda and x.dtype in kernels.DTYPE_CODES and x.numel() > 0
 
 
 def _simplified_layer_norm(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
@@ -40,7 +40,7 @@ def _simplified_layer_norm(node: ir.Node, inputs: Inputs, context: OpContext) ->
     if node.attributes.get_int("axis", -1) not in (-1, x.dim() - 1):
         raise XoptError("the CUDA backend normalizes the last axis only")
     eps = node.attributes.get_float("epsilon", 1e-5)
-    if _fast(context, x):
+    if _fast(context, x) and x.shape[-1] <= kernels.NORM_MAX_COLS:
         return [kernels.norm_residual(x, gamma, eps)[0]]
     return [_norm(x, gamma, None, eps, centred=False)]
 
@@ -52,7 +52,7 @@ def _skip_norm(centred: bool):
         bias = inputs[4 if centred else 3] if len(inputs) > (4 if centred else 3) else None
         eps = node.attributes.get_float("epsilon", 1e-5)
         want_sum = len(node.outputs) > 3 and node.outputs[3].name != ""
-        if _fast(context, x):
+        if _fast(context, x) and x.shape[-1] <= kernels.NORM_MAX_COLS:
             y, total = kernels.norm_residual(
                 x, gamma, eps, skip=skip, bias=bias, beta=beta, centred=centred, want_sum=want_sum
             )

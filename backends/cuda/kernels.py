@@ -19,6 +19,8 @@ from xopt.errors import XoptError
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GEMV_MAX_ROWS = 16  # up to this many rows the weight is dequantized in registers; beyond, once for cuBLAS
 DECODE_KEYS_PER_SPLIT = 256
+NORM_MAX_COLS = 12 * 1024 - 32  # norm_residual.cu keeps a row in 48 KiB of shared memory
+MAX_HEAD_DIM = 256  # warp_attention.cuh: 8 dimensions a lane
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int
@@ -28,7 +30,7 @@ SIGNATURES = {
     "xopt_norm_residual": [_I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _F, _I, _P],
     "xopt_bias_gelu": [_I, _P, _P, _P, _L, _I, _I, _P],
     "xopt_swiglu": [_I, _P, _P, _L, _I, _P],
-    "xopt_rope": [_I, _P, _P, _P, _P, _L, _I, _I, _L, _I, _P],
+    "xopt_rope": [_I, _P, _P, _P, _P, _L, _I, _I, _I, _L, _I, _P],
     "xopt_nbits_gemv": [_I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P],
     "xopt_dequantize_nbits": [_I, _P, _P, _P, _P, _I, _I, _I, _I, _P],
     "xopt_decode_attention": [_I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _L, _L, _F, _P],
@@ -87,7 +89,11 @@ def norm_residual(
     centred: bool = False,
     want_sum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(norm(x + skip + bias), x + skip + bias or None) over the last axis; RMSNorm unless centred."""
+    """(norm(x + skip + bias), x + skip + bias or None) over the last axis; RMSNorm unless centred.
+    A skip that broadcasts to x (e.g. [1, S, H]) is expanded; parameters are cast to x's dtype."""
+    if skip is not None and skip.shape != x.shape:
+        skip = skip.expand_as(x)
+    gamma, beta, bias = (None if t is None else t.to(x.dtype) for t in (gamma, beta, bias))
     x, skip, bias, gamma, beta = _contiguous(x, skip, bias, gamma, beta)
     cols = x.shape[-1]
     y = torch.empty_like(x)
@@ -105,7 +111,7 @@ def norm_residual(
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, tanh_form: bool = False) -> torch.Tensor:
-    x, bias = _contiguous(x, bias)
+    x, bias = _contiguous(x, None if bias is None else bias.to(x.dtype))
     y = torch.empty_like(x)
     _launch(
         "xopt_bias_gelu",
@@ -141,10 +147,11 @@ def rope_(
     interleaved: bool,
 ) -> None:
     """Rotate, in place, the first `heads` heads of each row of `rows` (a [tokens, width] view
-    whose rows may be strided, e.g. the Q or K part of packed QKV)."""
+    whose rows may be strided, e.g. the Q or K part of packed QKV); cos/sin [positions, R/2]
+    rotate the first R dimensions of each head."""
     if rows.stride(-1) != 1:
         raise XoptError("rope_ needs rows with unit stride along the last axis")
-    cos, sin = _contiguous(cos, sin)
+    cos, sin = _contiguous(cos.to(rows.dtype), sin.to(rows.dtype))
     positions = positions.to(device=rows.device, dtype=torch.int64).contiguous()
     _launch(
         "xopt_rope",
@@ -156,6 +163,7 @@ def rope_(
         rows.shape[0],
         heads,
         head_dim,
+        cos.shape[-1],
         rows.stride(0),
         int(interleaved),
     )
@@ -173,7 +181,7 @@ def nbits_matmul(
     block_size: int,
 ) -> torch.Tensor:
     """A [..., K] times the MatMulNBits weight: a GEMV kernel for few rows, else Wᵀ once and cuBLAS."""
-    (a,) = _contiguous(a)
+    a, scales, bias = _contiguous(a, scales.to(a.dtype), None if bias is None else bias.to(a.dtype))
     rows = a.numel() // k
     code = _dtype_code(a)
     if rows <= GEMV_MAX_ROWS:

@@ -1,5 +1,5 @@
 """What an operator of the CUDA backend is told besides its inputs: whether to use xopt's kernels,
-and the fixed-buffer KV cache when the decoder runs on one.
+the fixed-buffer KV cache when the decoder runs on one, and a memo of facts computed once per run.
 
 A `StaticCache` holds each layer's keys and values in buffers of a fixed `capacity` positions,
 [batch, kv_heads, capacity, head_size], and `lengths`, the filled positions of each row after the
@@ -27,3 +27,4 @@ class StaticCache:
 class OpContext:
     use_kernels: bool
     static_cache: StaticCache | None = None
+    memo: dict = field(default_factory=dict)  # facts computed once per run (e.g. the packing of a padded batch)

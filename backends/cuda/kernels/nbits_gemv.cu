@@ -54,7 +54,7 @@ __global__ void nbits_gemv_kernel(const T* __restrict__ a, const uint8_t* __rest
       const int block = k0 / block_size;
       const float scale = xopt::to_float(scales[column * blocks + block]);
       const float zero = zero_point<Bits>(zeros, column, blocks, block);
-      uint8_t codes[kCodesPerLane * Bits / 8];
+      alignas(8) uint8_t codes[kCodesPerLane * Bits / 8];
       if constexpr (Bits == 4) {
         *reinterpret_cast<uint32_t*>(codes) = *reinterpret_cast<const uint32_t*>(column_codes + k0 / 2);
       } else {

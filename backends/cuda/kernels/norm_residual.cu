@@ -8,6 +8,9 @@
 // shared memory as float32 between the statistics and the scaling, so x and skip are read once.
 #include "common.cuh"
 
+// the row in dynamic shared memory plus block_sum's 32 floats within the default 48 KiB
+#define XOPT_NORM_MAX_COLS (12 * 1024 - 32)
+
 namespace {
 
 template <typename T>
@@ -45,7 +48,7 @@ __global__ void norm_residual_kernel(const T* __restrict__ x, const T* __restric
 extern "C" int xopt_norm_residual(int dtype, const void* x, const void* skip, const void* bias, const void* gamma,
                                   const void* beta, void* y, void* sum, int rows, int cols, float eps, int centred,
                                   cudaStream_t stream) {
-  if (rows <= 0 || cols <= 0 || cols > 12 * 1024) return static_cast<int>(cudaErrorInvalidValue);
+  if (rows <= 0 || cols <= 0 || cols > XOPT_NORM_MAX_COLS) return static_cast<int>(cudaErrorInvalidValue);
   const int threads = cols >= 1024 ? 1024 : ((cols + 31) / 32) * 32;
   const size_t shared = static_cast<size_t>(cols) * sizeof(float);
   auto launch = [&](auto tag) {
