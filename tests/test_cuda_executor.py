@@ -56,6 +56,19 @@ def test_reference_operators_match_onnx_runtime(tiny_model, name, form):
     assert_parity(optimized, WORKLOADS[:1] if name == "bert" else WORKLOADS)
 
 
+@pytest.mark.parametrize(("name", "activation"), [("llama", "silu"), ("qwen2", "silu"), ("gemma", "gelu_tanh")])
+def test_the_gated_mlp_activation_is_one_step(tiny_model, name, activation):
+    from xopt.backends.cuda.glu_fusion import find_gated_activations
+
+    optimized, _ = xopt.optimize(tiny_model(name), passes=FUSED, verify=False)
+    matches = find_gated_activations(optimized.graph)
+    layers = sum(node.op_type in ("Attention", "GroupQueryAttention") for node in optimized.graph)
+    assert len(matches) == layers and {match.activation for match in matches} == {activation}
+    planned = {step.node for step in GraphExecutor(optimized, "cpu").steps}
+    folded = {node for match in matches for node in (match.split, *match.inner)}
+    assert not planned & folded and {match.product for match in matches} <= planned
+
+
 @pytest.fixture(scope="module")
 def gqa_llama(tmp_path_factory):
     """(HF folder, model fused with RoPE inside GroupQueryAttention): the static cache's form."""

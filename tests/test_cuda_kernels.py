@@ -61,10 +61,16 @@ def test_bias_gelu(kernels, dtype, tanh_form):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_of_the_merged_gate_up(kernels, dtype):
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_gated_activation_of_the_merged_gate_up(kernels, dtype, activation):
     gate_up = torch.randn(3, 7, 2 * 1536, device="cuda").to(dtype)
     gate, up = gate_up.float().chunk(2, dim=-1)
-    close(kernels.swiglu(gate_up), torch.nn.functional.silu(gate) * up, dtype)
+    act = {
+        "silu": torch.nn.functional.silu(gate),
+        "gelu": torch.nn.functional.gelu(gate),
+        "gelu_tanh": torch.nn.functional.gelu(gate, approximate="tanh"),
+    }[activation]
+    close(kernels.glu(gate_up, activation), act * up, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -2,7 +2,8 @@
 
 The executor walks the graph in its (topological) order with a table of operator functions:
 ONNX's standard operators (`standard_ops.py`), ONNX Runtime's fused ones (`fused_ops.py`) and
-the attention family (`attention_ops.py`). On a CUDA device with `use_kernels` the fused ones
+the attention family (`attention_ops.py`); a gated MLP activation (Split → SiLU/GELU → Mul,
+`glu_fusion.py`) becomes one step. On a CUDA device with `use_kernels` the fused ones
 take xopt's CUDA kernels (`kernels/`) and the large products go to cuBLAS through torch; on the
 CPU, or without kernels, every operator runs its torch reference, which is how the operator
 semantics are tested against ONNX Runtime where there is no GPU.
@@ -19,7 +20,7 @@ values between calls of one shape, so a run replayed as a CUDA graph copies noth
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,8 @@ import torch
 
 from xopt import kv_cache
 from xopt.backends.cuda.attention_ops import ATTENTION_OPS
-from xopt.backends.cuda.fused_ops import FUSED_OPS
+from xopt.backends.cuda.fused_ops import FUSED_OPS, gated_activation
+from xopt.backends.cuda.glu_fusion import find_gated_activations
 from xopt.backends.cuda.op_context import OpContext, StaticCache
 from xopt.backends.cuda.standard_ops import HOST_INPUTS, STANDARD_OPS
 from xopt.errors import XoptError
@@ -50,10 +52,10 @@ def supported(node: ir.Node) -> bool:
 @dataclass
 class _Step:
     node: ir.Node
+    op: Callable[[ir.Node, list, OpContext], list[torch.Tensor]]
     inputs: list[str | None]
     outputs: list[str]
     host_inputs: frozenset[int]
-    fused: bool
     release: list[str]  # values whose last reader is this step
 
 
@@ -96,16 +98,31 @@ class GraphExecutor:
         return tensor.to(self.device)
 
     def _plan(self, graph: ir.Graph) -> list[_Step]:
+        gated = {match.product: match for match in find_gated_activations(graph)}
+        folded = {node for match in gated.values() for node in (match.split, *match.inner)}
         steps = []
         for node in graph:
-            fused = _key(node) in FUSED_TABLE
+            if node in folded:
+                continue
             names = [value.name if value is not None else None for value in node.inputs]
+            outputs = [value.name for value in node.outputs]
+            if node in gated:  # Split → activation → Mul as one step on the merged gate/up
+                match = gated[node]
+                steps.append(
+                    _Step(
+                        node, gated_activation(match.activation), [match.split.inputs[0].name], outputs, frozenset(), []
+                    )
+                )
+                continue
             if self.static_cache and node.op_type == "GroupQueryAttention":
                 names = [
                     None if i in MASK_INPUTS_OF_GQA or names[i] in self.past_names else n for i, n in enumerate(names)
                 ]
-            host = frozenset() if fused else HOST_INPUTS.get(node.op_type, frozenset())
-            steps.append(_Step(node, names, [value.name for value in node.outputs], host, fused, []))
+            if _key(node) in FUSED_TABLE:
+                steps.append(_Step(node, FUSED_TABLE[_key(node)], names, outputs, frozenset(), []))
+            else:
+                host = HOST_INPUTS.get(node.op_type, frozenset())
+                steps.append(_Step(node, _standard(STANDARD_OPS[node.op_type]), names, outputs, host, []))
         needed = set(self.output_names)
         kept = []
         for step in reversed(steps):  # leave out the nodes nothing needed reads
@@ -146,11 +163,7 @@ class GraphExecutor:
         with torch.inference_mode():
             for step in self.steps:
                 inputs = self._inputs(step, values, host_memo)
-                node = step.node
-                if step.fused:
-                    outputs = FUSED_TABLE[_key(node)](node, inputs, context)
-                else:
-                    outputs = STANDARD_OPS[node.op_type](node, inputs)
+                outputs = step.op(step.node, inputs, context)
                 for name, tensor in zip(step.outputs, outputs, strict=False):
                     if name and tensor is not None:
                         values[name] = tensor
@@ -194,6 +207,10 @@ class GraphExecutor:
         if name not in memo:
             memo[name] = tensor.to(self.device)
         return memo[name]
+
+
+def _standard(op: Callable[[ir.Node, list], list[torch.Tensor]]):
+    return lambda node, inputs, context: op(node, inputs)
 
 
 def static_cache_refusal(model: ir.Model) -> str | None:

@@ -3,7 +3,8 @@
 - (Skip)SimplifiedLayerNormalization: h = x + skip (+ bias), y = h / sqrt(mean(h²) + eps) · γ;
   SkipLayerNormalization: y = (h − mean h) / sqrt(var h + eps) · γ + β; the skip forms also
   output h (input_skip_bias_sum, their fourth output).
-- BiasGelu: gelu(x + b) (erf form); FastGelu: the tanh form, bias optional.
+- BiasGelu: gelu(x + b) (erf form); FastGelu: the tanh form, bias optional; ONNX's Gelu.
+- A gated activation act(g)·u over the halves of the merged gate/up projection (glu_fusion.py).
 - MatMulNBits: Y = A·W (+ bias), W[k, n] = (q[k, n] − z)·s per block of `block_size` rows,
   4- or 8-bit codes (layout in kernels/nbits_gemv.cu; zero point 2^(bits−1) when absent).
 - GatherBlockQuantized: rows of a table quantized the same way along its columns, gathered then
@@ -76,6 +77,32 @@ def _bias_gelu(tanh_form: bool):
     return run
 
 
+def gated_activation(activation: str):
+    """act(first half) · second half of the last axis: the CUDA executor's step for a matched
+    Split → activation → Mul (glu_fusion.py)."""
+    torch_activation = {
+        "silu": torch.nn.functional.silu,
+        "gelu": torch.nn.functional.gelu,
+        "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
+    }[activation]
+
+    def run(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
+        (gate_up,) = inputs
+        if _fast(context, gate_up):
+            return [kernels.glu(gate_up, activation)]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return [torch_activation(gate) * up]
+
+    return run
+
+
+def _gelu(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
+    tanh_form = node.attributes.get_string("approximate", "none") == "tanh"
+    if _fast(context, inputs[0]):
+        return [kernels.bias_gelu(inputs[0], None, tanh_form)]
+    return [torch.nn.functional.gelu(inputs[0], approximate="tanh" if tanh_form else "none")]
+
+
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 bytes → codes along the last axis (4 bits: low nibble first)."""
     if bits == 8:
@@ -133,6 +160,7 @@ def _gather_block_quantized(node: ir.Node, inputs: Inputs, context: OpContext) -
 
 
 FUSED_OPS = {
+    ("", "Gelu"): _gelu,
     ("", "SimplifiedLayerNormalization"): _simplified_layer_norm,
     ("com.microsoft", "SimplifiedLayerNormalization"): _simplified_layer_norm,
     ("com.microsoft", "SkipSimplifiedLayerNormalization"): _skip_norm(centred=False),

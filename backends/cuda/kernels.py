@@ -29,7 +29,7 @@ _F = ctypes.c_float
 SIGNATURES = {
     "xopt_norm_residual": [_I, _P, _P, _P, _P, _P, _P, _P, _I, _I, _F, _I, _P],
     "xopt_bias_gelu": [_I, _P, _P, _P, _L, _I, _I, _P],
-    "xopt_swiglu": [_I, _P, _P, _L, _I, _P],
+    "xopt_glu": [_I, _P, _P, _L, _I, _I, _P],
     "xopt_rope": [_I, _P, _P, _P, _P, _L, _I, _I, _I, _L, _I, _P],
     "xopt_nbits_gemv": [_I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _P],
     "xopt_dequantize_nbits": [_I, _P, _P, _P, _P, _I, _I, _I, _I, _P],
@@ -126,13 +126,17 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, tanh_form: bool
     return y
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(first half) · second half of the last axis."""
+GLU_ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # activations.cu's XOPT_GLU_* codes
+
+
+def glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(first half) · second half of the last axis (SwiGLU with silu, GeGLU with a GELU)."""
     (gate_up,) = _contiguous(gate_up)
     width = gate_up.shape[-1] // 2
     y = torch.empty((*gate_up.shape[:-1], width), dtype=gate_up.dtype, device=gate_up.device)
+    rows = gate_up.numel() // (2 * width)
     _launch(
-        "xopt_swiglu", _dtype_code(gate_up), gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * width), width
+        "xopt_glu", _dtype_code(gate_up), gate_up.data_ptr(), y.data_ptr(), rows, width, GLU_ACTIVATIONS[activation]
     )
     return y
 

@@ -233,10 +233,6 @@ def _reduce_mean(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
     return [data.mean(dim=tuple(axes) if axes else tuple(range(data.dim())), keepdim=keep)]
 
 
-def _gelu(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
-    return [torch.nn.functional.gelu(inputs[0], approximate=node.attributes.get_string("approximate", "none"))]
-
-
 def _layer_norm(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
     data, scale = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
@@ -345,7 +341,6 @@ STANDARD_OPS: dict[str, Op] = {
     "Gemm": _gemm,
     "Softmax": _softmax,
     "ReduceMean": _reduce_mean,
-    "Gelu": _gelu,
     "LayerNormalization": _layer_norm,
     "ConstantOfShape": _constant_of_shape,
     "Constant": _constant,
