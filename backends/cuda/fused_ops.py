@@ -1,7 +1,7 @@
 """ONNX Runtime's fused norm, activation and quantized operators in torch, and their CUDA fast paths.
 
 - (Skip)SimplifiedLayerNormalization: h = x + skip (+ bias), y = h / sqrt(mean(h²) + eps) · γ;
-  SkipLayerNormalization: y = (h − mean h) / sqrt(var h + eps) · γ + β; the skip forms also
+  (Skip)LayerNormalization: y = (h − mean h) / sqrt(var h + eps) · γ + β; the skip forms also
   output h (input_skip_bias_sum, their fourth output).
 - BiasGelu: gelu(x + b) (erf form); FastGelu: the tanh form, bias optional; ONNX's Gelu.
 - A gated activation act(g)·u over the halves of the merged gate/up projection (glu_fusion.py).
@@ -44,6 +44,17 @@ def _simplified_layer_norm(node: ir.Node, inputs: Inputs, context: OpContext) ->
     if _fast(context, x) and x.shape[-1] <= kernels.NORM_MAX_COLS:
         return [kernels.norm_residual(x, gamma, eps)[0]]
     return [_norm(x, gamma, None, eps, centred=False)]
+
+
+def _layer_norm(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
+    x, gamma = inputs[:2]
+    beta = inputs[2] if len(inputs) > 2 else None
+    eps = node.attributes.get_float("epsilon", 1e-5)
+    if node.attributes.get_int("axis", -1) not in (-1, x.dim() - 1):
+        raise XoptError("the CUDA backend normalizes the last axis only")
+    if _fast(context, x) and x.shape[-1] <= kernels.NORM_MAX_COLS:
+        return [kernels.norm_residual(x, gamma, eps, beta=beta, centred=True)[0]]
+    return [torch.nn.functional.layer_norm(x, x.shape[-1:], gamma, beta, eps)]
 
 
 def _skip_norm(centred: bool):
@@ -161,6 +172,7 @@ def _gather_block_quantized(node: ir.Node, inputs: Inputs, context: OpContext) -
 
 FUSED_OPS = {
     ("", "Gelu"): _gelu,
+    ("", "LayerNormalization"): _layer_norm,
     ("", "SimplifiedLayerNormalization"): _simplified_layer_norm,
     ("com.microsoft", "SimplifiedLayerNormalization"): _simplified_layer_norm,
     ("com.microsoft", "SkipSimplifiedLayerNormalization"): _skip_norm(centred=False),

@@ -233,15 +233,6 @@ def _reduce_mean(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
     return [data.mean(dim=tuple(axes) if axes else tuple(range(data.dim())), keepdim=keep)]
 
 
-def _layer_norm(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
-    data, scale = inputs[0], inputs[1]
-    bias = inputs[2] if len(inputs) > 2 else None
-    axis = node.attributes.get_int("axis", -1) % data.dim()
-    shape = data.shape[axis:]
-    eps = node.attributes.get_float("epsilon", 1e-5)
-    return [torch.nn.functional.layer_norm(data, shape, scale, bias, eps)]
-
-
 def _constant_of_shape(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
     value = node.attributes.get_tensor("value")
     fill = torch.from_numpy(value.numpy().copy()).reshape(()) if value is not None else torch.tensor(0.0)
@@ -341,7 +332,6 @@ STANDARD_OPS: dict[str, Op] = {
     "Gemm": _gemm,
     "Softmax": _softmax,
     "ReduceMean": _reduce_mean,
-    "LayerNormalization": _layer_norm,
     "ConstantOfShape": _constant_of_shape,
     "Constant": _constant,
     "Trilu": _trilu,
