@@ -38,6 +38,7 @@ from xopt.errors import XoptError
 HOST_CONSTANT_LIMIT = 64  # int64 constants up to this many elements are shape arithmetic: kept on the CPU
 FUSED_TABLE = {**FUSED_OPS, **ATTENTION_OPS}
 MASK_INPUTS_OF_GQA = (5, 6, 10)  # seqlens_k, total_sequence_length, attention_bias
+FUSED_HOST_INPUTS = {("com.microsoft", "GroupQueryAttention"): frozenset({6})}  # total length: a host scalar
 
 
 def _key(node: ir.Node) -> tuple[str, str]:
@@ -72,6 +73,8 @@ class GraphExecutor:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise XoptError("the CUDA backend needs a CUDA GPU: torch sees none")
+        if self.device.type == "cuda" and self.device.index is None:  # tensors report cuda:N, never bare cuda
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.use_kernels = self.device.type == "cuda" if use_kernels is None else use_kernels
         graph = model.graph
         missing = sorted({f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in graph if not supported(n)})
@@ -119,7 +122,8 @@ class GraphExecutor:
                     None if i in MASK_INPUTS_OF_GQA or names[i] in self.past_names else n for i, n in enumerate(names)
                 ]
             if _key(node) in FUSED_TABLE:
-                steps.append(_Step(node, FUSED_TABLE[_key(node)], names, outputs, frozenset(), []))
+                host = FUSED_HOST_INPUTS.get(_key(node), frozenset())
+                steps.append(_Step(node, FUSED_TABLE[_key(node)], names, outputs, host, []))
             else:
                 host = HOST_INPUTS.get(node.op_type, frozenset())
                 steps.append(_Step(node, _standard(STANDARD_OPS[node.op_type]), names, outputs, host, []))

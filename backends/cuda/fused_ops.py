@@ -50,11 +50,10 @@ def _layer_norm(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch
     x, gamma = inputs[:2]
     beta = inputs[2] if len(inputs) > 2 else None
     eps = node.attributes.get_float("epsilon", 1e-5)
-    if node.attributes.get_int("axis", -1) not in (-1, x.dim() - 1):
-        raise XoptError("the CUDA backend normalizes the last axis only")
-    if _fast(context, x) and x.shape[-1] <= kernels.NORM_MAX_COLS:
+    axis = node.attributes.get_int("axis", -1) % x.dim()
+    if axis == x.dim() - 1 and _fast(context, x) and x.shape[-1] <= kernels.NORM_MAX_COLS:
         return [kernels.norm_residual(x, gamma, eps, beta=beta, centred=True)[0]]
-    return [torch.nn.functional.layer_norm(x, x.shape[-1:], gamma, beta, eps)]
+    return [torch.nn.functional.layer_norm(x, x.shape[axis:], gamma, beta, eps)]
 
 
 def _skip_norm(centred: bool):
@@ -63,7 +62,7 @@ def _skip_norm(centred: bool):
         beta = inputs[3] if centred and len(inputs) > 3 else None
         bias = inputs[4 if centred else 3] if len(inputs) > (4 if centred else 3) else None
         eps = node.attributes.get_float("epsilon", 1e-5)
-        want_sum = len(node.outputs) > 3 and node.outputs[3].name != ""
+        want_sum = len(node.outputs) > 3 and (bool(node.outputs[3].uses()) or node.outputs[3].is_graph_output())
         if _fast(context, x) and x.shape[-1] <= kernels.NORM_MAX_COLS:
             y, total = kernels.norm_residual(
                 x, gamma, eps, skip=skip, bias=bias, beta=beta, centred=centred, want_sum=want_sum
@@ -99,10 +98,11 @@ def gated_activation(activation: str):
 
     def run(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
         (gate_up,) = inputs
-        if _fast(context, gate_up):
+        width = gate_up.shape[-1]
+        if _fast(context, gate_up) and width % 2 == 0:
             return [kernels.glu(gate_up, activation)]
-        gate, up = gate_up.chunk(2, dim=-1)
-        return [torch_activation(gate) * up]
+        first = -(-width // 2)  # Split's halves: the first one larger when the width is odd
+        return [torch_activation(gate_up[..., :first]) * gate_up[..., first:]]
 
     return run
 

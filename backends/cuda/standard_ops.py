@@ -116,6 +116,8 @@ def _split(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
     data, axis = inputs[0], node.attributes.get_int("axis", 0)
     if len(inputs) > 1 and inputs[1] is not None:
         sizes = _ints(inputs[1])
+    elif "split" in node.attributes:  # sizes as an attribute before opset 13
+        sizes = list(node.attributes.get_ints("split"))
     else:
         parts = node.attributes.get_int("num_outputs", len(node.outputs))
         chunk = -(-data.shape[axis] // parts)

@@ -41,6 +41,7 @@ class StaticDecodeCache:
         self.step_ids = torch.zeros((batch, 1), dtype=torch.int64, device=device)
         self.step_mask = torch.ones((batch, 1), dtype=torch.int64, device=device)  # not read: shape only
         self.graph_logits: torch.Tensor | None = None
+        self.host_memo: dict[str, torch.Tensor] = {}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Logits [batch, 1, vocab] of the last position of one step on `feeds` (input_ids and
@@ -64,7 +65,7 @@ class StaticDecodeCache:
 
     def _capture(self) -> None:
         feeds = {"input_ids": self.step_ids, "attention_mask": self.step_mask}
-        memo: dict[str, torch.Tensor] = {}
+        memo = self.host_memo  # kept alive with the graph: replays read these device copies
         side = torch.cuda.Stream(self.executor.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: allocations settle, host values reach the memo
