@@ -173,3 +173,28 @@ def test_cli_backend_cuda_without_a_gpu_is_one_line(tiny_model, tmp_path, capsys
     verb, *options = command
     assert main([verb, str(tmp_path / "m"), *options, "--backend", "cuda"]) == 2
     assert capsys.readouterr().err.strip() == "xopt: error: the CUDA backend needs a CUDA GPU: torch sees none"
+
+
+def test_inputs_move_to_the_device_only_where_device_data_is_read(tiny_model):
+    """The placement rule, with torch's meta device standing in for a GPU: host inputs stay on the
+    CPU, a step fed only by host arithmetic stays there, and a CPU value joining device data is
+    copied once per memo (constants once per executor)."""
+    from xopt.backends.cuda.executor import _Step
+
+    executor = GraphExecutor(tiny_model("bert"), "cpu")
+    executor.device = torch.device("meta")
+    executor.constants["small"] = torch.tensor([1, 2])
+
+    def step(inputs: list[str], host: frozenset[int] = frozenset()) -> _Step:
+        return _Step(None, None, inputs, [], host, [])
+
+    values = {"device": torch.ones(2, device="meta"), "host": torch.tensor([3, 4])}
+    on_device, shape = executor._inputs(step(["device", "host"], frozenset({1})), values, None)
+    assert on_device.device.type == "meta" and shape.device.type == "cpu"  # a host input stays
+    assert all(t.device.type == "cpu" for t in executor._inputs(step(["host", "small"]), values, None))
+    memo: dict[str, torch.Tensor] = {}
+    first = executor._inputs(step(["device", "host", "small"]), values, memo)
+    again = executor._inputs(step(["device", "host", "small"]), values, memo)
+    assert all(t.device.type == "meta" for t in first)
+    assert first[1] is again[1] and first[2] is again[2] and set(memo) == {"host"}
+    assert set(executor.device_constants) == {"small"}
