@@ -57,6 +57,19 @@ TINY_CONFIGS = {
         ),
         "Qwen2ForCausalLM",
     ),
+    "llama-head16": (  # head size 16: the smallest GroupQueryAttention rotates (fuse positions=contiguous)
+        "LlamaConfig",
+        dict(
+            vocab_size=211,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        ),
+        "LlamaForCausalLM",
+    ),
     "gemma": (  # (1 + γ) RMSNorm, embeddings scaled by √d, GeGLU MLP, head size ≠ hidden / heads
         "GemmaConfig",
         dict(
@@ -126,6 +139,18 @@ def tiny_folder(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gqa_llama(tiny_folder):
+    """(HF folder, model) of the head-16 Llama fused with RoPE inside GroupQueryAttention
+    (`fuse(lowering=all, positions=contiguous)`): the form xopt deploys decoders in."""
+    import xopt
+    from xopt.passes import CleanupPass, FusePass
+
+    folder = tiny_folder("llama-head16")
+    cleaned = CleanupPass()(xopt.load(folder)).model
+    return folder, FusePass(lowering="all", positions="contiguous")(cleaned).model
 
 
 @pytest.fixture(scope="session")

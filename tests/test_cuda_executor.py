@@ -9,13 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from conftest import build_folder
 
 import xopt
 from xopt.backends.cuda import GraphExecutor
 from xopt.errors import XoptError
 from xopt.inputs import sample_inputs
-from xopt.passes import CleanupPass, FusePass
 from xopt.verify import compare, reference_outputs
 
 WORKLOADS = [
@@ -67,22 +65,6 @@ def test_the_gated_mlp_activation_is_one_step(tiny_model, name, activation):
     planned = {step.node for step in GraphExecutor(optimized, "cpu").steps}
     folded = {node for match in matches for node in (match.split, *match.inner)}
     assert not planned & folded and {match.product for match in matches} <= planned
-
-
-@pytest.fixture(scope="module")
-def gqa_llama(tmp_path_factory):
-    """(HF folder, model fused with RoPE inside GroupQueryAttention): the static cache's form."""
-    config = dict(
-        vocab_size=211,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    folder = build_folder("LlamaConfig", config, "LlamaForCausalLM", tmp_path_factory.mktemp("llama-gqa"))
-    return folder, FusePass(lowering="all", positions="contiguous")(CleanupPass()(xopt.load(folder)).model).model
 
 
 def test_group_query_attention_with_rotary_matches_onnx_runtime(gqa_llama):

@@ -186,31 +186,19 @@ def test_whole_models_on_the_gpu_match_onnx_runtime_on_the_cpu(tiny_model, name,
         assert parity.max_rel <= 1e-4, (workload, parity)
 
 
-def test_decode_steps_replayed_as_a_cuda_graph_generate_the_transformers_tokens(tmp_path_factory):
+def test_decode_steps_replayed_as_a_cuda_graph_generate_the_transformers_tokens(gqa_llama):
     import transformers
-    from conftest import build_folder
     from helpers import transformers_greedy
 
-    import xopt
     from xopt.backends.cuda import GraphExecutor
     from xopt.generate import Decoder
-    from xopt.passes import CleanupPass, FusePass
     from xopt.runnable import Runnable
 
-    config = dict(
-        vocab_size=211,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    folder = build_folder("LlamaConfig", config, "LlamaForCausalLM", tmp_path_factory.mktemp("llama-graph"))
-    model = FusePass(lowering="all", positions="contiguous")(CleanupPass()(xopt.load(folder)).model).model
+    folder, model = gqa_llama
     prompt = [5, 17, 42, 9, 3]
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     expected = transformers_greedy(reference, prompt, 24)
     executor = GraphExecutor(model, "cuda", static_cache=True)
     decoder = Decoder(Runnable("tiny", model, executor, "causal-lm", tokenizer_source=None))
     assert decoder.generate(prompt, 24).tokens == expected
+    assert decoder.static.graph is not None  # the decode steps ran as a replayed CUDA graph

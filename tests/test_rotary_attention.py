@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import build_folder
 
 import xopt
 from xopt.backends.lowering import LoweringChooser
@@ -19,16 +18,6 @@ from xopt.passes import CleanupPass, FusePass
 from xopt.runnable import Runnable
 from xopt.verify import compare, reference_outputs
 
-LLAMA_HEAD_16 = dict(  # head size 16: the rotating kernel's smallest
-    vocab_size=211,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
@@ -36,9 +25,8 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def llama16(tmp_path_factory):
-    folder = build_folder("LlamaConfig", LLAMA_HEAD_16, "LlamaForCausalLM", tmp_path_factory.mktemp("llama16"))
-    return CleanupPass()(xopt.load(folder)).model
+def llama16(tiny_folder):
+    return CleanupPass()(xopt.load(tiny_folder("llama-head16"))).model
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def _group_query_attention(node: ir.Node, inputs: Inputs, context: OpContext) ->
         if context.use_kernels and query.is_cuda:
             for part, part_heads in ((q, heads), (k, kv_heads)):
                 kernels.rope_(
-                    part.reshape(-1, part.shape[-1]) if key is not None else _rows(part),
+                    _rows(part),
                     positions.reshape(-1),
                     cos_cache,
                     sin_cache,
@@ -177,12 +177,12 @@ def _group_query_attention(node: ir.Node, inputs: Inputs, context: OpContext) ->
     total = present_key.shape[2]
     scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
     softcap = node.attributes.get_float("softcap", 0.0)
-    key_bias = _key_bias(bias, batch, total)
     decode_kernel = sequence == 1 and softcap == 0 and head_dim <= kernels.MAX_HEAD_DIM and batch <= 65535
-    if context.use_kernels and query.is_cuda and decode_kernel and key_bias is not False:
-        q_rows = q.reshape(batch, heads, head_dim) if key is not None else _rows(q).reshape(batch, heads, head_dim)
-        key_bias = None if key_bias is None else key_bias.to(query.dtype)
-        out = kernels.decode_attention(q_rows, present_key, present_value, lengths, scale, key_bias)
+    if context.use_kernels and query.is_cuda and decode_kernel and (bias is None or _is_key_bias(bias, total)):
+        key_bias = None if bias is None else bias.reshape(bias.shape[0], total).expand(batch, total).to(query.dtype)
+        out = kernels.decode_attention(
+            q.reshape(batch, heads, head_dim), present_key, present_value, lengths, scale, key_bias
+        )
         return [out.reshape(batch, 1, heads * head_dim), present_key, present_value]
     keys = torch.arange(total, device=query.device)
     visible = (keys <= positions.unsqueeze(-1)) & (keys < lengths.view(batch, 1, 1))  # [B, S, T]
@@ -194,18 +194,17 @@ def _group_query_attention(node: ir.Node, inputs: Inputs, context: OpContext) ->
 
 
 def _rows(part: torch.Tensor) -> torch.Tensor:
-    """A [B, S, W] slice of packed QKV as [B·S, W] rows that keep the packed row stride."""
-    return part.reshape(-1, part.shape[-1]) if part.is_contiguous() else part.flatten(0, 1)
+    """A [B, S, W] part of Q/K/V as [B·S, W] rows viewing the same memory (the RoPE kernel rotates
+    in place), the packed row stride kept."""
+    rows = part.flatten(0, 1)
+    if rows.data_ptr() != part.data_ptr() or rows.stride(-1) != 1:
+        raise XoptError("rotary rows must be a view of the query (a copy would not be rotated)")
+    return rows
 
 
-def _key_bias(bias: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | bool | None:
-    """An additive bias as one row per sequence [B, T] for the decode kernel: None when there is
-    none, False when it varies by head or query row."""
-    if bias is None:
-        return None
-    if bias.dim() != 4 or bias.shape[1] != 1 or bias.shape[2] != 1 or bias.shape[-1] != total:
-        return False
-    return bias.reshape(bias.shape[0], total).expand(batch, total)
+def _is_key_bias(bias: torch.Tensor, total: int) -> bool:
+    """A bias of one row per sequence ([B or 1, 1, 1, T]), what the decode kernel adds per key."""
+    return bias.dim() == 4 and bias.shape[1] == 1 and bias.shape[2] == 1 and bias.shape[-1] == total
 
 
 def _contrib_attention(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:

@@ -82,8 +82,8 @@ class GraphExecutor:
             raise XoptError(f"the CUDA backend cannot run {', '.join(missing)}")
         self.static_cache = static_cache
         self.past_names = [value.name for value in kv_cache.past_inputs(model)] if static_cache else []
-        if static_cache:
-            _check_static_cache(model)
+        if static_cache and (refusal := static_cache_refusal(model)):
+            raise XoptError(refusal)
         self.input_names = [value.name for value in graph.inputs if value.name not in self.past_names]
         self.output_names = [value.name for value in graph.outputs]
         self.constants = {
@@ -230,9 +230,3 @@ def static_cache_refusal(model: ir.Model) -> str | None:
             needed = f"a static KV cache needs GroupQueryAttention to read {past.name}"
             return f"{needed} (fuse with positions=contiguous), not {found}"
     return None
-
-
-def _check_static_cache(model: ir.Model) -> None:
-    refusal = static_cache_refusal(model)
-    if refusal is not None:
-        raise XoptError(refusal)
