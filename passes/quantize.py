@@ -16,9 +16,10 @@ the grid and its fits), 4 or 8 bits. The codes q come from:
 `symmetric=true` fixes every zero point at 2^(bits−1) (`weight_grid`) and leaves MatMulNBits without
 its zero-point input, which ONNX Runtime runs on a faster path on some CPUs (SmolLM2 int4 decode
 1.14× on an AVX2 EPYC) for a coarser grid (perplexity 42.14 against 41.30 with zero points).
-`symmetric=measure` decides on this machine: the model is timed with both grids (round to nearest
-stands in for the method: the kernels' time does not depend on the codes) and the symmetric one is
-taken only at `SYMMETRIC_MIN_SPEEDUP` or more, a clear gain for the quality it costs.
+`symmetric=measure` decides on this machine: the model is timed with both grids, each at its own
+best accuracy level (round to nearest stands in for the method: the kernels' time does not depend
+on the codes), and the symmetric one is taken only at `SYMMETRIC_MIN_SPEEDUP` or more, a clear
+gain for the quality it costs.
 MatMulNBits' `accuracy_level` picks its kernel: 0 computes in float, 4 quantizes the activations
 to int8 per block and uses integer dot products (faster for decode on CPUs with VNNI, often slower
 for long prefill). `accuracy=measure` times the whole model with each (prefill plus decode steps,
@@ -136,9 +137,9 @@ class QuantizeWeightsPass(Pass):
         if self.scheme == "static":
             return self._static(model, precision, explain)
         model.opset_imports.setdefault(CONTRIB, 1)
-        symmetric = self.symmetric
+        symmetric, level = self.symmetric, None  # level: the accuracy level the grid was chosen at
         if symmetric == "measure":
-            symmetric = self._measured_symmetry(model, precision, sequence, explain)
+            symmetric, level = self._measured_symmetry(model, precision, sequence, explain)
         forms = _Forms(self, model, symmetric)
         smoothing = self.smoothing if self.scheme == "dynamic" else None
         if forms.unsigned:
@@ -152,7 +153,10 @@ class QuantizeWeightsPass(Pass):
         stats["linears_protected"] = sum(bits != precision[name] for name, (bits, _) in plan.items())
         if self.scheme == "weight-only":
             stats["symmetric"] = symmetric
-        if any(node.op_type == "MatMulNBits" for node in model.graph):
+        if level is not None:
+            _set_accuracy(model, level)
+            stats["accuracy_level"] = level
+        elif any(node.op_type == "MatMulNBits" for node in model.graph):
             level, note = self._accuracy_level(model, sequence)
             explain.append(note)
             stats["accuracy_level"] = level
@@ -282,30 +286,37 @@ class QuantizeWeightsPass(Pass):
         build = forms.quantized_copy
         return protect_by_sensitivity(candidates, fallback, build, error, self.budget, explain, error.unit)
 
-    def _measured_symmetry(self, model: ir.Model, precision: dict[str, int], sequence: int, explain: list[str]) -> bool:
-        """Whether this machine runs the model ≥ SYMMETRIC_MIN_SPEEDUP faster with symmetric grids:
-        both forms rounded to nearest, at the forced accuracy level, else 4 (int8 dot products)."""
-        level = 4 if self.accuracy == "measure" else int(self.accuracy)
+    def _measured_symmetry(
+        self, model: ir.Model, precision: dict[str, int], sequence: int, explain: list[str]
+    ) -> tuple[bool, int]:
+        """Whether this machine runs the model ≥ SYMMETRIC_MIN_SPEEDUP faster with symmetric grids,
+        each grid at its own accuracy level (`_accuracy_level`, on copies rounded to nearest: the
+        kernels' time does not depend on the codes), and the accuracy level of the grid taken."""
         rounded = replace(self, method="rtn")
         plan = {name: (bits, None) for name, bits in precision.items()}
-        forms = []
+        forms, levels = [], []
         for symmetric in (False, True):
             copy = model.clone()
             _Forms(rounded, copy, symmetric).lower_all(copy.graph, plan, [])
-            _set_accuracy(copy, level)
+            level, note = self._accuracy_level(copy, sequence)
+            explain.append(f"{'symmetric' if symmetric else 'zero points'}: {note}")
             forms.append(copy)
+            levels.append(level)
         chooser = LoweringChooser(
             threads=self.threads, batch=self.batch, sequence=sequence, min_speedup=SYMMETRIC_MIN_SPEEDUP
         )
-        verdict = chooser.choose("matmulnbits-symmetric", _signature(forms[0]), *forms)
+        signature = {**_signature(forms[0]), "accuracy_levels": levels}
+        verdict = chooser.choose("matmulnbits-symmetric", signature, *forms)
         source = "cached" if verdict.cached else "measured"
         explain.append(
-            f"{'symmetric grids' if verdict.keep else 'zero points kept'}: symmetric {source} {verdict.speedup:.3f}× "
-            f"against zero points at accuracy_level {level} (taken at {SYMMETRIC_MIN_SPEEDUP}× or more)"
+            f"{'symmetric grids' if verdict.keep else 'zero points kept'}: symmetric at accuracy_level {levels[1]} "
+            f"{source} {verdict.speedup:.3f}× against zero points at accuracy_level {levels[0]} "
+            f"(taken at {SYMMETRIC_MIN_SPEEDUP}× or more)"
         )
-        return verdict.keep
+        return verdict.keep, levels[verdict.keep]
 
     def _accuracy_level(self, model: ir.Model, sequence: int) -> tuple[int, str]:
+        """Sets every MatMulNBits' accuracy_level: the option, or (measure) 4 where it times faster than 0."""
         if self.accuracy != "measure":
             _set_accuracy(model, int(self.accuracy))
             return int(self.accuracy), f"accuracy_level {self.accuracy} (option)"

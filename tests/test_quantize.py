@@ -3,6 +3,7 @@ and whole tiny models quantized and still running (decoders with their KV cache)
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -212,13 +213,26 @@ def test_symmetric_measure_times_both_grids_and_lowers_the_one_chosen(tiny_model
     (quantize,) = parse_spec("quantize(method=rtn,group=16,accuracy=0,symmetric=measure)")
     assert quantize.symmetric == "measure"
     result = quantize(tiny_model("llama").clone())
-    (line,) = [line for line in result.explain if "symmetric measured" in line]
+    (line,) = [line for line in result.explain if "against zero points" in line]
     symmetric = result.stats["symmetric"]
-    assert line.startswith("symmetric grids" if symmetric else "zero points kept") and "×" in line
+    assert line.startswith("symmetric grids" if symmetric else "zero points kept") and " measured " in line
     inputs = {len(n.inputs) for n in result.model.graph if n.op_type == "MatMulNBits"}
     assert inputs == {3 if symmetric else 4}
     again = quantize(tiny_model("llama").clone())
-    assert any("symmetric cached" in line for line in again.explain) and again.stats["symmetric"] == symmetric
+    (line,) = [line for line in again.explain if "against zero points" in line]
+    assert " cached " in line and again.stats["symmetric"] == symmetric
+
+
+def test_symmetric_measure_compares_each_grid_at_its_own_accuracy_level(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("XOPT_CACHE_DIR", str(tmp_path))
+    result = QuantizeWeightsPass(method="rtn", group=16, symmetric="measure")(tiny_model("llama").clone())
+    (line,) = [line for line in result.explain if "against zero points" in line]
+    symmetric_level, zero_point_level = map(int, re.findall(r"accuracy_level (\d)", line))
+    level = result.stats["accuracy_level"]
+    assert level == (symmetric_level if result.stats["symmetric"] else zero_point_level)
+    notes = [line for line in result.explain if "accuracy_level" in line and "against level 0" in line]
+    assert [note.split(":")[0] for note in notes] == ["zero points", "symmetric"]  # each grid timed once
+    assert not any(line.startswith("accuracy_level") for line in result.explain)  # not a second time
 
 
 def test_measured_accuracy_level_is_applied_to_every_matmulnbits(tiny_model):
