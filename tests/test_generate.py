@@ -10,7 +10,7 @@ from helpers import transformers_greedy
 import xopt
 from xopt.cli import main
 from xopt.errors import XoptError
-from xopt.generate import Decoder
+from xopt.generate import Decoder, _logits_row
 from xopt.kv_cache import shares_buffers
 from xopt.passes import CleanupPass, FusePass
 from xopt.runnable import open_runnable
@@ -77,3 +77,18 @@ def test_generate_errors_are_one_line(tiny_model, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "xopt: error: --max-new-tokens 0: need at least 1"
     with pytest.raises(XoptError, match="prompt is empty"):
         Decoder(open_runnable(tmp_path / "m")).generate([], 4)
+
+
+def test_in_place_decoding_reads_logits_whose_vocabulary_is_symbolic(tiny_folder, tiny_model, tmp_path):
+    """Decode steps write logits into a bound buffer sized from the model's stated vocabulary;
+    a model that leaves it symbolic is read through ONNX Runtime's own output instead."""
+    import onnx_ir as ir
+
+    expected = _transformers_greedy(tiny_folder("llama"), PROMPT, 8)
+    lowered = FusePass(lowering="all")(CleanupPass()(tiny_model("llama").clone()).model).model
+    logits = next(v for v in lowered.graph.outputs if v.name == "logits")
+    logits.shape = ir.Shape([*logits.shape[:-1], "vocab"])
+    xopt.save(lowered, tmp_path / "m")
+    decoder = Decoder(open_runnable(tmp_path / "m"))
+    assert _logits_row(decoder.runnable.model) is None
+    assert decoder.in_place and decoder.generate(PROMPT, 8).tokens == expected

@@ -75,7 +75,7 @@ class InPlaceCache:
 
     def __init__(self, session: ort.InferenceSession, model, capacity: int, batch: int = 1):
         self.session, self.capacity = session, capacity
-        self.logits_row: tuple[int, np.dtype] | None = None  # (vocab, dtype), known after the first run
+        self.logits_row = _logits_row(model)  # (vocab, dtype) where the model states its vocabulary
         self.binding = session.io_binding()
         self.binding.bind_output("logits")  # first, so it is get_outputs()[0]
         self.buffers = []
@@ -103,9 +103,14 @@ class InPlaceCache:
             return logits
         self.binding.bind_output("logits")
         self.session.run_with_iobinding(self.binding)
-        logits = self.binding.get_outputs()[0].numpy()
-        self.logits_row = logits.shape[-1], logits.dtype
-        return logits
+        return self.binding.get_outputs()[0].numpy()
+
+
+def _logits_row(model) -> tuple[int, np.dtype] | None:
+    """The vocabulary size and dtype of the `logits` output, or None where its last dim is symbolic."""
+    logits = next(value for value in model.graph.outputs if value.name == "logits")
+    vocab = logits.shape[-1] if logits.shape is not None else None
+    return (vocab, logits.dtype.numpy()) if isinstance(vocab, int) else None
 
 
 class ExecutorCache:
