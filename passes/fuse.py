@@ -135,7 +135,7 @@ class FusePass(Pass):
                 explain.append(f"{family}: no match")
                 chained = None
                 if self.lowering == "measure" and any(p not in stats for p in PREREQUISITES.get(family, ())):
-                    chained = _with_prerequisites(family, model, stats, chooser, signature, explain)
+                    chained = _with_prerequisites(family, model, stats, skipped, chooser, signature, explain)
                 if chained is None:
                     unmatched.append(family)
                     continue
@@ -199,14 +199,25 @@ def _together(
 
 
 def _with_prerequisites(
-    family: str, current: ir.Model, kept: Counter[str], chooser: LoweringChooser, signature: dict, explain: list[str]
+    family: str,
+    current: ir.Model,
+    kept: Counter[str],
+    skipped: set[str],
+    chooser: LoweringChooser,
+    signature: dict,
+    explain: list[str],
 ) -> tuple[ir.Model, dict[str, int]] | None:
     """`family` applied after those of its prerequisites not kept yet, timed against `current`.
     Returns the model and counts if it wins."""
+    chain = [*(p for p in PREREQUISITES[family] if p not in kept), family]
+    if skipped.intersection(chain):
+        explain.append(f"{family}: needs {', '.join(sorted(skipped.intersection(chain)))}, skipped (option)")
+        return None
     candidate, counts = current.clone(), {}
-    for name in [*(p for p in PREREQUISITES[family] if p not in kept), family]:
+    for name in chain:
         count, _ = _APPLY[name](candidate)
         if count == 0:
+            explain.append(f"{family} after {', '.join(chain[:-1])}: {name} matched nothing there, not timed")
             return None
         counts[name] = count
     label = f"{family} with {', '.join(name for name in counts if name != family)}"

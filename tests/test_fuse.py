@@ -224,3 +224,13 @@ def test_families_too_small_alone_are_kept_together(tiny_model, monkeypatch):
     families = "norm+rotary+merge-qkv+merge-gate-up+cached-attention+group-query-attention+skip-norm"
     assert together and together[0].startswith(families + " together") and together[0].endswith(": kept")
     assert result.modified and result.stats["norm"] == 7 and result.stats["merge-gate-up"] == 3
+
+
+def test_a_family_chained_after_its_prerequisites_says_why_it_was_not_timed(tiny_model, monkeypatch):
+    monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: (1.0, 1.0))
+    gpt2 = FusePass(positions="contiguous")(CleanupPass()(tiny_model("gpt2").clone()).model)
+    chain = "rotary-attention after rotary, cached-attention, group-query-attention"
+    assert f"{chain}: rotary matched nothing there, not timed" in gpt2.explain
+    llama = FusePass(positions="contiguous", skip="rotary")(CleanupPass()(tiny_model("llama").clone()).model)
+    assert "rotary-attention: needs rotary, skipped (option)" in llama.explain
+    assert "rotary-attention" not in llama.stats and "rotary" not in llama.stats
