@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -70,11 +71,30 @@ def create_session(
 
 
 def _serialized(model: ir.Model) -> bytes:
-    """The model as protobuf bytes with every weight inline (ORT cannot follow external data
-    references from bytes); external tensors are read into a clone, the model is unchanged."""
+    return inline_proto(model).SerializeToString()
+
+
+def inline_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as a protobuf with every weight inline (neither ORT nor the checker can follow
+    external data references from memory); external tensors are read into a clone, the model is
+    unchanged."""
+    return ir.to_proto(with_weights_in_memory(model))
+
+
+def with_weights_in_memory(model: ir.Model) -> ir.Model:
+    """`model`, or a clone of it with its external tensors read into memory."""
     if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
-        model = ir.external_data.load_to_model(model.clone())
-    return ir.to_proto(model).SerializeToString()
+        return ir.external_data.load_to_model(model.clone())
+    return model
+
+
+# What ONNX Runtime raises when a run fails on its inputs (out of memory, an index past a table)
+RUN_ERRORS = (
+    ort.capi.onnxruntime_pybind11_state.Fail,
+    ort.capi.onnxruntime_pybind11_state.RuntimeException,
+    ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+    MemoryError,
+)
 
 
 def run(

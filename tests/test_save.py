@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -29,13 +32,73 @@ def test_external_data_on_request(tmp_path):
     assert isinstance(reloaded.graph.initializers["w"].const_value, ir.ExternalTensor)
 
 
-def test_folder_output_replaces_an_old_folder_whole(tmp_path):
+def test_folder_output_replaces_an_old_model_folder_whole(tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
+    xopt.save(model_from_text(LINEAR_MODEL), target)
     (target / "stale.txt").write_text("old")
     xopt.save(model_from_text(LINEAR_MODEL), target)
     assert sorted(p.name for p in target.iterdir()) == ["model.onnx"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask  # as mkdir makes it, not 0700
+
+
+def test_a_folder_that_holds_no_model_is_never_replaced(tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("precious")
+    with pytest.raises(XoptError, match=r"holds no model\.onnx"):
+        xopt.save(model_from_text(LINEAR_MODEL), busy)
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert xopt.save(model_from_text(LINEAR_MODEL), empty) == empty / "model.onnx"
+
+
+def test_the_current_folder_is_not_an_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in (".", "..", ""):
+        with pytest.raises(XoptError, match="current folder"):
+            xopt.save(model_from_text(LINEAR_MODEL), name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_symlinked_output_folder_is_replaced_where_it_points(tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    xopt.save(model_from_text(LINEAR_MODEL), real)
+    link.symlink_to(real)
+    xopt.save(model_from_text(LINEAR_MODEL), link)
+    assert link.is_symlink() and link.resolve() == real and (real / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_folder_holding_the_source_folder_is_refused(tmp_path):
+    source = tmp_path / "holder" / "source"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    model = model_from_text(LINEAR_MODEL)
+    model.metadata_props["xopt.hf_folder"] = str(source)
+    for target in (tmp_path / "holder", source):
+        with pytest.raises(XoptError, match="would replace the folder the model was read from"):
+            xopt.save(model, target)
+    assert (source / "config.json").read_text() == "{}"
+
+
+def test_weights_kept_in_an_external_file_are_copied_into_the_output(tmp_path):
+    source = tmp_path / "in" / "in.onnx"
+    source.parent.mkdir()
+    ir.save(model_from_text(LINEAR_MODEL), source, external_data="in.onnx.data", size_threshold_bytes=0)
+    model = xopt.load(source)
+    optimized, _ = xopt.optimize(model, passes="cleanup")  # verified: checker and parity on the external weights
+    inline = xopt.save(optimized, tmp_path / "inline.onnx")
+    external = xopt.save(optimized, tmp_path / "external.onnx", external_data=True)
+    x = {"x": np.ones((2, 4), np.float32)}
+    expected = run(create_session(model), x)["y"]
+    (tmp_path / "in" / "in.onnx.data").unlink()  # the outputs must not read the input's weights
+    for written in (inline, external):
+        np.testing.assert_array_equal(run(create_session(written), x)["y"], expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["external.onnx", "external.onnx.data", "in", "inline.onnx"]
 
 
 def test_failed_load_back_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -3,8 +3,10 @@
 OUTPUT is an `.onnx` file or a folder (`model.onnx` inside; for a Hugging Face source also the
 tokenizer and config, so `eval` and `generate` work on it). Everything is written into a
 temporary sibling folder first, loaded back in ONNX Runtime, and only then moved into place:
-a failure at any step leaves no partial output. Weights go to external data when they would
-not fit in one protobuf (2 GB) or on request.
+a failure at any step leaves no partial output. An existing folder is replaced whole, so only
+an empty one or a model folder (one holding `model.onnx`) is; never one the model was read from.
+Weights go to external data when they would not fit in one protobuf (2 GB) or on request;
+weights the input kept in external data are copied, not referenced.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from xopt.backends.onnxruntime import PROTOBUF_LIMIT_BYTES, check_loads, model_bytes
+from xopt.backends.onnxruntime import PROTOBUF_LIMIT_BYTES, check_loads, model_bytes, with_weights_in_memory
 from xopt.capture.huggingface import save_tokenizer_and_config
 from xopt.errors import XoptError, first_line
 
@@ -33,14 +35,18 @@ _SOURCE_METADATA = ("xopt.hf_folder", "xopt.gguf_file")
 def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> Path:
     """Write `model` to `path` (file or folder) atomically; returns the .onnx file written."""
     path = Path(path)
-    as_folder = path.suffix != ".onnx"
+    if path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents:
+        raise XoptError(f"{path}: is the current folder or holds it; give the output a name of its own")
+    as_folder = path.suffix.lower() != ".onnx"
     onnx_name = MODEL_FILE if as_folder else path.name
     parent = check_writable(path)
-    _refuse_overwriting_own_weights(model, path, as_folder)
+    _refuse_overwriting_sources(model, path, as_folder)
+    if as_folder:
+        _check_replaceable_folder(path)
     if external_data is None:
         external_data = model_bytes(model) >= PROTOBUF_LIMIT_BYTES - (64 << 20)
 
-    artifact = model.clone()
+    artifact = model.clone() if external_data else with_weights_in_memory(model.clone())
     for key in _SOURCE_METADATA:
         artifact.metadata_props.pop(key, None)
     try:
@@ -57,7 +63,8 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
         check_loads(staging / onnx_name)
         if as_folder:
             save_tokenizer_and_config(model, staging)
-            _replace(staging, path)
+            os.chmod(staging, 0o777 & ~_umask())  # a folder as `mkdir` makes it, not mkdtemp's 0700
+            _replace(staging, path.resolve())
             return path / onnx_name
         for produced in sorted(staging.iterdir(), key=lambda p: p.suffix == ".onnx"):  # .onnx last
             os.replace(produced, parent / produced.name)
@@ -71,6 +78,8 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
 def check_writable(path: Path) -> Path:
     """The folder `path` will be written in, after proving a file can be created there."""
     parent = path.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise XoptError(f"{path}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise XoptError(f"{path}: folder {parent} does not exist")
     try:
@@ -81,10 +90,27 @@ def check_writable(path: Path) -> Path:
     return parent
 
 
+def _check_replaceable_folder(path: Path) -> None:
+    """Refuse a folder output that would delete something other than a previous model folder."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise XoptError(f"{path}: exists and is not a folder")
+    if any(path.iterdir()) and not (path / MODEL_FILE).is_file():
+        raise XoptError(
+            f"{path}: folder exists and holds no {MODEL_FILE}; an output folder is replaced whole, "
+            "so give a new or empty folder"
+        )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace(staging: Path, target: Path) -> None:
     """Move the finished folder into place; an existing target is swapped out, then deleted."""
-    if target.exists() and not target.is_dir():
-        raise XoptError(f"{target}: exists and is not a folder")
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -94,8 +120,9 @@ def _replace(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _refuse_overwriting_own_weights(model: ir.Model, path: Path, as_folder: bool) -> None:
-    """Refuse an output that would replace a file the model still reads its weights from."""
+def _refuse_overwriting_sources(model: ir.Model, path: Path, as_folder: bool) -> None:
+    """Refuse an output that would replace a file the model still reads its weights from, or
+    (a folder) the Hugging Face folder it was captured from."""
     target = path.resolve()
     for value in model.graph.initializers.values():
         tensor = value.const_value
@@ -105,3 +132,6 @@ def _refuse_overwriting_own_weights(model: ir.Model, path: Path, as_folder: bool
         inside = target in source.parents if as_folder else source in (target, Path(f"{target}.data"))
         if inside:
             raise XoptError(f"{path}: output would overwrite the input model's weights ({source.name})")
+    folder = model.metadata_props.get("xopt.hf_folder")
+    if as_folder and folder and (target == Path(folder) or target in Path(folder).parents):
+        raise XoptError(f"{path}: output would replace the folder the model was read from ({folder})")

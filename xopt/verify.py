@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from xopt.backends.onnxruntime import PROTOBUF_LIMIT_BYTES, create_session, model_bytes, run
+from xopt.backends.onnxruntime import PROTOBUF_LIMIT_BYTES, create_session, inline_proto, model_bytes, run
 from xopt.errors import XoptError, first_line
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _ort_ops_as_custom(model: ir.Model):
 def _check(model: ir.Model) -> None:
     try:
         if model_bytes(model) < PROTOBUF_LIMIT_BYTES - (64 << 20):
-            onnx.checker.check_model(ir.to_proto(model), full_check=True)
+            onnx.checker.check_model(inline_proto(model), full_check=True)
         else:  # over the protobuf limit: the checker reads the model from a file with external data
             with tempfile.TemporaryDirectory(prefix="xopt-check-") as folder:
                 path = Path(folder) / "model.onnx"
