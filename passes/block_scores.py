@@ -33,7 +33,6 @@ from xopt.analysis.block_boundaries import block_input, block_output
 from xopt.analysis.structure import TransformerStructure
 from xopt.backends.onnxruntime import create_session
 from xopt.calibration import probe_values
-from xopt.errors import XoptError
 from xopt.passes.block_gates import CalibrationLoss, gate_name, gated_model
 
 logger = logging.getLogger(__name__)
@@ -76,13 +75,9 @@ class BlockScores:
 
 def plot_block_scores(scores: BlockScores, path, title: str) -> None:
     """A PNG: Block Influence and one-block angular distance per block; greedy's loss per removal."""
-    try:
-        import matplotlib
+    from xopt.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise XoptError("--plot needs matplotlib: pip install 'xopt[bench]'") from None
+    plt = pyplot()
     panels = 2 if scores.greedy_order else 1
     figure, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.6), squeeze=False)
     blocks = np.arange(scores.blocks)

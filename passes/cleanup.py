@@ -30,6 +30,7 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
 
+from xopt.errors import XoptError
 from xopt.pipeline import Pass, PassResult, register
 
 _QUADRATIC_RULES = frozenset({"SlicesSplit"})
@@ -49,6 +50,8 @@ class CleanupPass(Pass):
     fold_input_limit: int = 8192  # elements: larger constant inputs are not folded (weights' layout ops are)
 
     def __call__(self, model: ir.Model) -> PassResult:
+        if self.iterations < 1 or self.fold_input_limit < 0:
+            raise XoptError("cleanup: iterations must be at least 1 and fold_input_limit not negative")
         ops_before = Counter(node.op_type for node in model.graph)
         initializers_before = len(model.graph.initializers)
         common_passes.InlinePass()(model)

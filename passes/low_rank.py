@@ -100,10 +100,12 @@ class LowRankPass(Pass):
     sequence: int = 128
 
     def __call__(self, model: ir.Model) -> PassResult:
-        if (self.ratio > 0) == (self.energy > 0):
-            raise XoptError("give exactly one of ratio=R (parameters removed) or energy=E (spectrum kept)")
         if not 0 <= self.ratio < 1 or not 0 <= self.energy <= 1:
-            raise XoptError("ratio must lie in [0, 1) and energy in (0, 1]")
+            raise XoptError("ratio must lie in (0, 1) and energy in (0, 1]")
+        if (self.ratio > 0) == (self.energy > 0):
+            raise XoptError(
+                "give exactly one of ratio=R in (0, 1) (parameters removed) or energy=E in (0, 1] (spectrum kept)"
+            )
         if self.allocation == "sensitivity" and not self.ratio:
             raise XoptError("allocation=sensitivity spends a ratio=R budget; energy=E sets every rank itself")
         linears, explain = self._targets(model)

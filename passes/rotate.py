@@ -48,6 +48,7 @@ from xopt.rewrite import (
     set_weight,
     weight_in_out,
 )
+from xopt.verify import ORT_OPS_IN_ONNX_DOMAIN
 
 
 @register
@@ -102,10 +103,14 @@ class RotatePass(Pass):
         return PassResult(model, True, dict(stats), explain)
 
 
+# operators `fuse` writes in the ONNX domain, which the structure analysis does not look into
+_FUSED_FORMS = frozenset({"Attention", "RotaryEmbedding", *ORT_OPS_IN_ONNX_DOMAIN})
+
+
 def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
     """Why the stream cannot be rotated exactly, or None."""
-    if any(node.domain == "com.microsoft" for node in graph):
-        return "the graph has fused com.microsoft ops (run it before `fuse`)"
+    if any(node.domain == "com.microsoft" or node.op_type in _FUSED_FORMS for node in graph):
+        return "the graph has fused attention or norm operators (run it before `fuse`)"
     if not structure.blocks:
         return "no transformer blocks found"
     if structure.norm_position != "pre" or structure.embedding_norm is not None:

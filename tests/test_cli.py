@@ -92,6 +92,14 @@ def _bad_inputs(tmp_path, redundant_onnx):
     (empty_folder / "weights.bin").write_bytes(b"0")
     linear = tmp_path / "linear.onnx"
     ir.save(model_from_text(LINEAR_MODEL), linear)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    configs = {"bad-json": "{not json", "json-list": "[]"}
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+    pt2 = tmp_path / "broken.pt2"
+    pt2.write_text("not a zip archive")
     good, out = str(redundant_onnx), str(tmp_path / "out.onnx")
     return {
         "missing file": (["optimize", str(tmp_path / "absent.onnx"), "-o", out], "no such file"),
@@ -112,6 +120,20 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "quantize bits": (["optimize", good, "-o", out, "--passes", "quantize(bits=3)"], "bits=3"),
         "nothing to quantize": (["optimize", good, "-o", out, "--passes", "quantize"], "no MatMul with a constant"),
         "gptq without tokenizer": (["optimize", str(linear), "-o", out, "--passes", "quantize"], "no tokenizer"),
+        "output under a file": (["optimize", good, "-o", str(text / "x.onnx")], "is a file, not a folder"),
+        "option twice": (["optimize", good, "-o", out, "--passes", "cleanup(iterations=1,iterations=1)"], "twice"),
+        "empty recipe": (["optimize", good, "-o", out, "--recipe", ""], "unknown recipe ''"),
+        "cleanup iterations": (["optimize", good, "-o", out, "--passes", "cleanup(iterations=0)"], "at least 1"),
+        "report is the input": (["optimize", good, "-o", out, "--report", good], "would overwrite the input"),
+        "report is the output": (["optimize", good, "-o", out, "--report", out], "would overwrite the output"),
+        "report is a folder": (["optimize", good, "-o", out, "--report", str(empty_folder)], "is a folder"),
+        "unsupported file": (["inspect", str(weights)], "xopt reads .onnx and .pt2 files"),
+        "config not json": (["inspect", str(tmp_path / "bad-json")], "not a readable JSON config"),
+        "config not an object": (["inspect", str(tmp_path / "json-list")], "not a model config"),
+        "broken pt2": (["inspect", str(pt2)], "not a readable torch.export program"),
+        "bench threads": (["bench", good, "--threads", "0"], "--threads 0"),
+        "bench plot suffix": (["bench", good, "--plot", str(tmp_path / "plot.txt")], "image suffix"),
+        "bench out of range": (["bench", good, "--batch", "4000000000", "--no-memory"], "the run failed"),
     }
 
 
@@ -136,6 +158,20 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "quantize bits",
         "nothing to quantize",
         "gptq without tokenizer",
+        "output under a file",
+        "option twice",
+        "empty recipe",
+        "cleanup iterations",
+        "report is the input",
+        "report is the output",
+        "report is a folder",
+        "unsupported file",
+        "config not json",
+        "config not an object",
+        "broken pt2",
+        "bench threads",
+        "bench plot suffix",
+        "bench out of range",
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, redundant_onnx, capsys):
@@ -150,6 +186,16 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, redundant_
     assert "Traceback" not in captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == listing_before
     assert _digest(redundant_onnx) == digest_before
+
+
+def test_an_output_folder_holding_the_input_is_refused(tmp_path, redundant_onnx, capsys):
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    source = holder / "in.onnx"
+    shutil.copy(redundant_onnx, source)
+    assert main(["optimize", str(source), "-o", str(holder)]) == EXIT_USER_ERROR
+    assert "the input lies inside this output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in holder.iterdir()) == ["in.onnx"] and _digest(source) == _digest(redundant_onnx)
 
 
 def test_console_script_prints_one_line_and_exits_2(tmp_path):

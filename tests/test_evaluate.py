@@ -55,6 +55,8 @@ def test_encoder_cosine_and_cli_json(tiny_folder, tmp_path, capsys):
     assert result["sentences"] == 40 and result["tokens"] > 40
     assert 0.99999 < result["cosine_min"] <= result["cosine_mean"] <= 1.0 + 1e-12
     assert result["perplexity"] is None
+    assert main(["eval", str(output), "--max-sentences", "40"]) == 2  # no reference: nothing to measure
+    assert "measured against a reference model" in capsys.readouterr().err
 
 
 def test_eval_errors_are_one_line(tiny_folder, optimized_llama, tmp_path, capsys):

@@ -75,6 +75,17 @@ def test_generate_errors_are_one_line(tiny_model, tmp_path, capsys):
     xopt.save(tiny_model("llama"), tmp_path / "m")
     assert main(["generate", str(tmp_path / "m"), "--prompt", "she", "--max-new-tokens", "0"]) == 2
     assert capsys.readouterr().err.strip() == "xopt: error: --max-new-tokens 0: need at least 1"
+    cases = {
+        ("--max-new-tokens", "1000000000000"): "the model's config allows",
+        ("--temperature", "nan"): "must be a finite number",
+        ("--temperature", "inf"): "must be a finite number",
+        ("--seed", "-1", "--temperature", "1"): "--seed -1: must not be negative",
+        ("--threads", "0"): "--threads 0",
+    }
+    for options, message in cases.items():
+        assert main(["generate", str(tmp_path / "m"), "--prompt", "she", *options]) == 2
+        errors = capsys.readouterr().err.splitlines()
+        assert len(errors) == 1 and message in errors[0], (options, errors)
     with pytest.raises(XoptError, match="prompt is empty"):
         Decoder(open_runnable(tmp_path / "m")).generate([], 4)
 

@@ -81,3 +81,15 @@ def test_refusals_name_the_reason(tiny_model, name, passes, reason):
 def test_a_model_without_blocks_is_refused():
     with pytest.raises(XoptError, match="no transformer blocks"):
         RotatePass()(wide_linear_model())
+
+
+@pytest.mark.parametrize("family", ["norm", "rotary"])
+def test_rotate_after_fuse_names_the_order(tiny_model, family):
+    """Fused ONNX-domain operators hide the norms and the attention from the structure analysis."""
+    from xopt.passes import FusePass
+    from xopt.passes.fuse import FAMILIES
+
+    only = "+".join(f for f in FAMILIES if f != family)
+    fused = FusePass(lowering="all", skip=only)(CleanupPass()(tiny_model("llama").clone()).model).model
+    with pytest.raises(XoptError, match="run it before `fuse`"):
+        RotatePass()(fused)

@@ -42,6 +42,8 @@ def optimize(
     verify: bool = True,
 ) -> tuple[ir.Model, Report]:
     """Run a recipe (or `passes`, which replaces it) on a copy of `model`; the input is untouched."""
+    if not isinstance(model, ir.Model):
+        raise XoptError(f"optimize takes an onnx_ir Model (from xopt.load), not a {type(model).__name__}")
     return PassManager(resolve_passes(recipe, passes), verify=verify)(model)
 
 

@@ -135,15 +135,9 @@ def to_json(timings: list[Timing], batch: int, sequence: int, threads: int) -> s
 
 def plot_latency(timings: list[Timing], path: Path, title: str) -> None:
     """A bar chart of median latency with p10–p90 whiskers."""
-    from xopt.errors import XoptError
+    from xopt.plots import pyplot
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise XoptError("--plot needs matplotlib: pip install 'xopt[bench]'") from None
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(5, 1.4 * len(timings)), 4))
     medians = [t.median_ms for t in timings]
     errors = [[t.median_ms - t.p10_ms for t in timings], [t.p90_ms - t.median_ms for t in timings]]

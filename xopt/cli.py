@@ -133,10 +133,10 @@ def _optimize(args: argparse.Namespace) -> int:
 
     _check_output(args.input, args.output)
     calibration = read_text(args.calibration, "calibration") if args.calibration is not None else None
-    if args.recipe and args.passes:
+    if args.recipe is not None and args.passes is not None:
         raise XoptError("give --recipe or --passes, not both")
     if args.report is not None:
-        _check_writable_parent(args.report)
+        _check_report(args.report, args.input, args.output)
     passes = resolve_passes(args.recipe, args.passes)
     if args.calibration is not None:  # passes that calibrate read the user's text unless told otherwise
         for step in passes:
@@ -154,7 +154,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.explain:
         _print_explain(report, optimized)
     if args.report is not None:
-        args.report.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        _write_atomically(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
     print(f"wrote {written}")
     return 0
 
@@ -192,7 +192,7 @@ def _blocks(args: argparse.Namespace) -> int:
     if args.calibration is not None and not args.calibration.is_file():
         raise XoptError(f"{args.calibration}: no such file")
     if args.plot is not None:
-        _check_writable_parent(args.plot)
+        _check_plot(args.plot)
     with _step(f"capturing {args.input}"):
         model = CleanupPass()(xopt.load(args.input)).model
     feeds = calibration_feeds(model, args.calibration)
@@ -234,6 +234,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.window < 2 or args.max_sentences < 1:
         raise XoptError("--window must be at least 2 and --max-sentences at least 1")
+    _check_threads(args.threads)
     text = read_text(args.text, "evaluation")
     with _step(f"loading {args.model}"):
         model = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads)
@@ -259,13 +260,16 @@ def _bench(args: argparse.Namespace) -> int:
 
     import xopt
     from xopt import bench
+    from xopt.backends.onnxruntime import RUN_ERRORS
+    from xopt.errors import first_line
     from xopt.inputs import sample_inputs
     from xopt.runnable import open_runnable
 
     if args.batch < 1 or args.seq < 1 or args.rounds < 1 or args.warmup < 0:
         raise XoptError("--batch, --seq and --rounds must be positive, --warmup not negative")
+    _check_threads(args.threads)
     if args.plot is not None:
-        _check_writable_parent(args.plot)
+        _check_plot(args.plot)
     threads = args.threads or len(os.sched_getaffinity(0))
     labels = [str(path) for path in args.models]
     if len(set(labels)) != len(labels):
@@ -275,16 +279,14 @@ def _bench(args: argparse.Namespace) -> int:
         with _step(f"loading {path}"):
             runnables[str(path)] = open_runnable(path, threads=threads, spinning=False, backend=args.backend)
     make_runner = bench.executor_runner if args.backend == "cuda" else bench.session_runner
-    runners = {
-        label: make_runner(r.session, sample_inputs(r.model, batch=args.batch, sequence=args.seq))
-        for label, r in runnables.items()
-    }
-    timings = bench.time_interleaved(
-        runners,
-        rounds=args.rounds,
-        warmup=args.warmup,
-        progress=_iterate,
-    )
+    try:
+        runners = {
+            label: make_runner(r.session, sample_inputs(r.model, batch=args.batch, sequence=args.seq))
+            for label, r in runnables.items()
+        }
+        timings = bench.time_interleaved(runners, rounds=args.rounds, warmup=args.warmup, progress=_iterate)
+    except RUN_ERRORS as error:
+        raise XoptError(f"batch {args.batch} × sequence {args.seq}: the run failed ({first_line(error)})") from None
     with tempfile.TemporaryDirectory(prefix="xopt-bench-") as scratch:
         for timing, (label, runnable) in zip(timings, runnables.items(), strict=True):
             onnx_file = runnable.onnx_file
@@ -308,6 +310,7 @@ def _generate(args: argparse.Namespace) -> int:
     from xopt.generate import Decoder
     from xopt.runnable import open_runnable
 
+    _check_threads(args.threads)
     with _step(f"loading {args.model}"):
         runnable = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads, backend=args.backend)
     decoder = Decoder(runnable)
@@ -361,13 +364,52 @@ def _check_output(source: Path, output: Path) -> None:
         raise XoptError(f"{output}: output is the input; choose another path")
     if source.is_dir() and source.resolve() in output.resolve().parents:
         raise XoptError(f"{output}: output lies inside the input folder; choose another path")
+    if output.resolve() in source.resolve().parents:
+        raise XoptError(f"{output}: the input lies inside this output folder, which is replaced whole")
     _check_writable_parent(output)
+
+
+def _check_report(report: Path, source: Path, output: Path) -> None:
+    """The report is a new file beside the model, never the input, the output or inside them."""
+    _check_writable_parent(report)
+    if report.is_dir():
+        raise XoptError(f"--report {report}: is a folder; give a .json file")
+    target = report.resolve()
+    for path, what in ((source, "the input"), (output, "the output")):
+        if target == path.resolve() or path.resolve() in target.parents:
+            raise XoptError(f"--report {report}: would overwrite {what}; give another path")
+        if path.suffix == ".onnx" and target == Path(f"{path.resolve()}.data"):
+            raise XoptError(f"--report {report}: would overwrite {what}'s weights; give another path")
+
+
+def _check_plot(path: Path) -> None:
+    from xopt.plots import check_plot_path
+
+    check_plot_path(path)
+    _check_writable_parent(path)
+
+
+def _check_threads(threads: int | None) -> None:
+    import os
+
+    most = 8 * (os.cpu_count() or 1)
+    if threads is not None and not 1 <= threads <= most:
+        raise XoptError(f"--threads {threads}: give 1 to {most} (this machine has {os.cpu_count()} CPUs)")
 
 
 def _check_writable_parent(path: Path) -> None:
     from xopt.saving import check_writable
 
     check_writable(path)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, delete=False, suffix=".tmp") as file:
+        file.write(text)
+    os.replace(file.name, path)
 
 
 def _print_explain(report, model) -> None:

@@ -45,12 +45,12 @@ def run_demo(output: Path, *, step, progress_bar, recipe: str = "exact") -> str:
     folder = minilm_folder()
     if output.exists() and not output.is_dir():
         raise XoptError(f"{output}: exists and is not a folder")
-    output.mkdir(parents=True, exist_ok=True)
     with step(f"capturing MiniLM from {folder}"):
         model = xopt.load(folder)
     passes = resolve_passes(recipe)
     with progress_bar(len(passes), "pass") as advance:
         optimized, report = PassManager(passes, verify=True, on_pass=advance)(model)
+    output.mkdir(parents=True, exist_ok=True)  # only now: a failure above leaves nothing behind
     with step(f"saving {output / 'model'}"):
         xopt.save(optimized, output / "model")
     (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

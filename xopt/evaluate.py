@@ -66,6 +66,11 @@ def evaluate(
         raise XoptError(f"{model.label} is a {model.task} model but the reference is a {reference.task} model")
     if model.task == TASK_CAUSAL_LM:
         return _causal_lm_quality(model, text, reference, window, progress)
+    if reference is None:
+        raise XoptError(
+            f"{model.label}: an embedding model is measured against a reference model: give --reference "
+            "(a model without a `logits` output is taken for one)"
+        )
     return _encoder_quality(model, text, reference, max_sentences, progress)
 
 
@@ -125,13 +130,10 @@ def _encoder_quality(model, text, reference, max_sentences, progress) -> Quality
     cosines, tokens = [], 0
     for feeds in progress(iter(batches), len(batches)):
         tokens += int(feeds["attention_mask"].sum())
-        if reference is None:
-            continue
         cosines.append(cosine(_embed(model, feeds), _embed(reference, feeds)))
     quality = Quality(model.task, tokens, sentences=sum(len(feeds["input_ids"]) for feeds in batches))
-    if cosines:
-        all_cosines = np.concatenate(cosines)
-        quality.cosine_min, quality.cosine_mean = float(all_cosines.min()), float(all_cosines.mean())
+    all_cosines = np.concatenate(cosines)
+    quality.cosine_min, quality.cosine_mean = float(all_cosines.min()), float(all_cosines.mean())
     return quality
 
 

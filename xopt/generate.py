@@ -80,7 +80,10 @@ class InPlaceCache:
         self.binding.bind_output("logits")  # first, so it is get_outputs()[0]
         self.buffers = []
         for past in kv_cache.past_inputs(model):
-            zeros = np.zeros(kv_cache.cache_shape(past, batch, capacity), past.dtype.numpy())
+            try:
+                zeros = np.zeros(kv_cache.cache_shape(past, batch, capacity), past.dtype.numpy())
+            except MemoryError:
+                raise XoptError(f"a cache of {capacity} positions does not fit in memory") from None
             self.buffers.append(buffer := _ort(zeros))
             self.binding.bind_ortvalue_input(past.name, buffer)
             self.binding.bind_ortvalue_output(kv_cache.present_for(past.name), buffer)
@@ -129,6 +132,17 @@ class ExecutorCache:
         return outputs["logits"][:, -1:].float().cpu().numpy()
 
 
+def _position_limit(model) -> tuple[int | None, str]:
+    """The most positions the model can run, and what fixes it: the rows of the rotary tables
+    inside its GroupQueryAttention, else the source config's `max_position_embeddings`."""
+    from xopt.capture.huggingface import source_context_length
+
+    rows = kv_cache.position_limit(model)
+    if rows is not None:
+        return rows, "the model's rotary tables hold"
+    return source_context_length(model), "the model's config allows"
+
+
 def _ort(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(array)
 
@@ -149,7 +163,7 @@ class Decoder:
             raise XoptError(f"{runnable.label}: cannot feed input {sorted(unknown)[0]!r} when generating")
         self.in_place = kv_cache.shares_buffers(runnable.model)
         self.static = None  # the CUDA backend's fixed-buffer cache, kept for generations of the same length
-        self.position_limit = kv_cache.position_limit(runnable.model)
+        self.position_limit, self.limit_source = _position_limit(runnable.model)
 
     def generate(
         self,
@@ -166,12 +180,14 @@ class Decoder:
             raise XoptError("the prompt is empty")
         if max_new_tokens < 1:
             raise XoptError(f"--max-new-tokens {max_new_tokens}: need at least 1")
-        if temperature < 0:
-            raise XoptError(f"--temperature {temperature}: must not be negative")
+        if not 0 <= temperature < float("inf"):
+            raise XoptError(f"--temperature {temperature}: must be a finite number, not negative")
+        if seed < 0:
+            raise XoptError(f"--seed {seed}: must not be negative")
         limit = self.position_limit
         if limit is not None and len(prompt_ids) + max_new_tokens > limit:
             asked = f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones"
-            raise XoptError(f"{asked}: the model's rotary tables hold {limit} positions")
+            raise XoptError(f"{asked}: {self.limit_source} {limit} positions")
         rng = np.random.default_rng(seed)
         result = Generation(prompt_tokens=len(prompt_ids))
         model = self.runnable.model

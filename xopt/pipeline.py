@@ -135,6 +135,8 @@ def parse_spec(spec: str) -> list[Pass]:
             key, sep, value = argument.partition("=")
             if not sep or not key.strip():
                 raise XoptError(f"cannot parse option {argument.strip()!r} of pass {name!r}: write key=value")
+            if key.strip() in options:
+                raise XoptError(f"option {key.strip()!r} of pass {name!r} is given twice")
             options[key.strip()] = value.strip()
         passes.append(make_pass(name, options))
     if not passes:
@@ -147,11 +149,25 @@ def resolve_passes(recipe: str | None = None, passes: str | Iterable[str | Pass]
     if passes is not None:
         if isinstance(passes, str):
             return parse_spec(passes)
-        return [p if isinstance(p, Pass) else parse_spec(p)[0] for p in passes]
-    recipe = recipe or DEFAULT_RECIPE
+        resolved = [_one_pass(p) for p in passes]
+        if not resolved:
+            raise XoptError("empty pass list")
+        return resolved
+    recipe = DEFAULT_RECIPE if recipe is None else recipe
     if recipe not in RECIPES:
         raise XoptError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
     return [step for spec in RECIPES[recipe] for step in parse_spec(spec)]
+
+
+def _one_pass(item: str | Pass) -> Pass:
+    if isinstance(item, Pass):
+        return item
+    if not isinstance(item, str):
+        raise XoptError(f"cannot use a {type(item).__name__} as a pass: give a Pass or a spec such as 'cleanup'")
+    steps = parse_spec(item)
+    if len(steps) != 1:
+        raise XoptError(f"{item!r}: one pass per list item (give a whole spec string as `passes=` itself)")
+    return steps[0]
 
 
 class PassManager:

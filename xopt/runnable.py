@@ -60,10 +60,12 @@ def open_runnable(
     if not path.exists():
         raise XoptError(f"{path}: no such file or folder")
     onnx_file = path / MODEL_FILE if path.is_dir() and (path / MODEL_FILE).is_file() else path
-    model = xopt.load(onnx_file)
+    model = xopt.load(path)  # an output folder: its config travels in the metadata
     if onnx_file.is_dir():
         onnx_file = None
     gguf_file = model.metadata_props.get("xopt.gguf_file")
+    if tokenizer is not None and not tokenizer.is_dir():
+        raise XoptError(f"--tokenizer {tokenizer}: no such folder")
     if tokenizer is None:
         tokenizer = path if path.is_dir() else path.parent
         if not gguf_file and not _has_tokenizer(tokenizer):

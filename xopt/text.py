@@ -29,6 +29,8 @@ def bundled_text(kind: str) -> Path:
 def read_text(path: Path | None, kind: str) -> str:
     """The text of `path`, or of the bundled `kind` text when `path` is None."""
     path = path or bundled_text(kind)
+    if path.is_dir():
+        raise XoptError(f"{path}: is a folder; give a {kind} text file")
     if not path.is_file():
         raise XoptError(f"{path}: no such {kind} text file")
     try:

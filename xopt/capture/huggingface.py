@@ -44,11 +44,23 @@ def find_gguf_file(folder: Path) -> str | None:
     return ggufs[0] if len(ggufs) == 1 else None
 
 
+def read_config(folder: Path) -> dict:
+    """The folder's config.json as a dict, or a one-line error naming what is wrong with it."""
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise XoptError(f"{path}: not a readable JSON config ({first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise XoptError(f"{path}: not a model config (a JSON object is expected)")
+    return config
+
+
 def hf_task(folder: Path, gguf_file: str | None = None) -> str:
     """`causal-lm` for architectures with a language-model head, else `feature-extraction`."""
     if gguf_file is not None:
         return TASK_CAUSAL_LM  # GGUF files hold decoder LLMs
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     architectures = config.get("architectures") or []
     is_lm = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     return TASK_CAUSAL_LM if is_lm else TASK_FEATURE_EXTRACTION

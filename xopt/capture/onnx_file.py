@@ -26,7 +26,8 @@ def load_onnx_file(path: Path) -> ir.Model:
         model = ir.load(path)
     except Exception as error:  # protobuf raises DecodeError, RuntimeError, ValueError...
         reason = first_line(error)
-        raise XoptError(f"{path}: not a readable ONNX model ({reason})") from None
+        hint = "" if path.suffix == ".onnx" else "; xopt reads .onnx and .pt2 files and Hugging Face folders"
+        raise XoptError(f"{path}: not a readable ONNX model ({reason}){hint}") from None
     if model.ir_version < 3 or (len(model.graph) == 0 and not model.graph.outputs):
         raise XoptError(f"{path}: not an ONNX model (no graph in the file)")
     _check_external_data(model, path)

@@ -78,7 +78,8 @@ def load_exported_program(path: Path) -> ir.Model:
     if not path.is_file():
         raise XoptError(f"{path}: no such file")
     try:
-        exported = torch.export.load(path)
+        with _quiet_loggers():  # torch logs the whole traceback of a file it cannot read
+            exported = torch.export.load(path)
     except Exception as error:
         raise XoptError(f"{path}: not a readable torch.export program ({type(error).__name__})") from None
     return export_to_ir(exported)
