@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -38,6 +39,7 @@ def test_optimize_writes_model_report_and_explains(redundant_onnx, tmp_path, cap
     assert "cleanup" in out and "12→2" in out and "nodes_removed: 10" in out
     data = json.loads(report.read_text())
     assert data["input"]["nodes"] == 12 and data["output"]["nodes"] == 2
+    assert stat.S_IMODE(report.stat().st_mode) == stat.S_IMODE(output.stat().st_mode)  # as open() makes files
     assert data["passes"][0]["parity"]["max_abs"] == 0.0
     assert [n.op_type for n in ir.load(output).graph] == ["Mul", "Add"]
     assert _digest(redundant_onnx) == before

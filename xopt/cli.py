@@ -129,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 def _optimize(args: argparse.Namespace) -> int:
     import xopt
     from xopt.pipeline import PassManager, resolve_passes
+    from xopt.saving import write_text_atomically
     from xopt.text import CALIBRATION_DIGEST_KEY, read_text, text_digest
 
     _check_output(args.input, args.output)
@@ -154,7 +155,7 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.explain:
         _print_explain(report, optimized)
     if args.report is not None:
-        _write_atomically(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
+        write_text_atomically(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
     print(f"wrote {written}")
     return 0
 
@@ -401,15 +402,6 @@ def _check_writable_parent(path: Path) -> None:
     from xopt.saving import check_writable
 
     check_writable(path)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, delete=False, suffix=".tmp") as file:
-        file.write(text)
-    os.replace(file.name, path)
 
 
 def _print_explain(report, model) -> None:

@@ -90,6 +90,14 @@ def check_writable(path: Path) -> Path:
     return parent
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """A small text file (a report) written whole or not at all, with the mode `open` would give it."""
+    with tempfile.NamedTemporaryFile("w", dir=path.resolve().parent, delete=False, suffix=".tmp") as file:
+        file.write(text)
+    os.chmod(file.name, 0o666 & ~_umask())
+    os.replace(file.name, path)
+
+
 def _check_replaceable_folder(path: Path) -> None:
     """Refuse a folder output that would delete something other than a previous model folder."""
     if not path.exists():
