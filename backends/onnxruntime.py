@@ -63,15 +63,11 @@ def create_session(
     if isinstance(model, str | Path):
         return ort.InferenceSession(str(model), options, providers=list(providers))
     if model_bytes(model) < PROTOBUF_LIMIT_BYTES - (64 << 20):
-        return ort.InferenceSession(_serialized(model), options, providers=list(providers))
+        return ort.InferenceSession(inline_proto(model).SerializeToString(), options, providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="xopt-session-") as folder:
         path = Path(folder) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=list(providers))
-
-
-def _serialized(model: ir.Model) -> bytes:
-    return inline_proto(model).SerializeToString()
 
 
 def inline_proto(model: ir.Model) -> onnx.ModelProto:

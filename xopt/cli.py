@@ -379,7 +379,7 @@ def _check_report(report: Path, source: Path, output: Path) -> None:
     for path, what in ((source, "the input"), (output, "the output")):
         if target == path.resolve() or path.resolve() in target.parents:
             raise XoptError(f"--report {report}: would overwrite {what}; give another path")
-        if path.suffix == ".onnx" and target == Path(f"{path.resolve()}.data"):
+        if path.suffix.lower() == ".onnx" and target == Path(f"{path.resolve()}.data"):
             raise XoptError(f"--report {report}: would overwrite {what}'s weights; give another path")
 
 
