@@ -2,6 +2,12 @@
 
     python tools/benchmark_decode.py                         # writes benchmarks/DECODE.md
     python tools/benchmark_decode.py --repeats 1 --new-tokens 16 --output DIR   # smoke run
+    python tools/benchmark_decode.py --keep /tmp/decode-models --only "xopt int4" "onnxruntime-genai int4"
+
+`--keep DIR` builds the models into DIR and reuses a build made by the same passes (or model
+builder precision) from the same xopt source files, so repeated runs skip the builds (~25 min
+for all of them); `--only` times the named variants alone (the table then has the columns of the
+anchors among them, and 'agree' only where transformers ran).
 
 Task: batch 1, a 128-token prompt (the bundled evaluation text), 128 new tokens, greedy, end of
 sequence ignored, fixed intra-op threads. Reported per variant: prefill latency (prompt → first
@@ -29,15 +35,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +64,13 @@ from xopt.runnable import open_runnable
 from xopt.text import bundled_text
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from benchmark import machine_description, versions  # noqa: E402
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ANCHOR_PACKAGES = ("onnxruntime-genai", "llama-cpp-python")
 CONTIGUOUS_RECIPES = ("exact", "int4")  # also built with fuse(positions=contiguous)
+BUILD_STAMP = "benchmark-build.json"  # in a kept build's folder: what made it, in how many seconds
 logger = logging.getLogger("benchmark_decode")
 
 
@@ -108,17 +123,15 @@ def transformers_variant(model, prompt: list[int], new_tokens: int):
     return generate
 
 
-def genai_build(hf_folder: Path, precision: str, threads: int, scratch: Path) -> Path:
-    """onnxruntime-genai's model builder output, with the intra-op thread count fixed."""
-    output = scratch / f"genai-{precision}"
+def genai_build(hf_folder: Path, precision: str, threads: int, output: Path, cache: Path) -> None:
+    """onnxruntime-genai's model builder output in `output`, with the intra-op thread count fixed."""
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf_folder), "-i", str(hf_folder)]
-    command += ["-o", str(output), "-p", precision, "-e", "cpu", "-c", str(scratch / "genai-cache")]
+    command += ["-o", str(output), "-p", precision, "-e", "cpu", "-c", str(cache)]
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     config_file = output / "genai_config.json"
     config = json.loads(config_file.read_text())
     config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     config_file.write_text(json.dumps(config, indent=2))
-    return output
 
 
 def genai_variant(folder: Path, prompt: list[int], new_tokens: int):
@@ -216,59 +229,119 @@ def llama_cpp_perplexity(gguf: Path, ids: list[int], threads: int) -> float:
     return float(np.exp(nll / count))
 
 
-def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[dict, dict, dict]:
-    from xopt.capture.huggingface import load_hf_model
+GENAI_PRECISIONS = ("fp32", "int4")
 
-    folder = smollm2_folder()
-    reference = load_hf_model(folder, GGUF_FILE)
-    hf_folder = scratch / "smollm2-hf"  # a plain fp32 checkpoint: what the model builder reads
-    reference.save_pretrained(hf_folder)
-    tokenizer.save_pretrained(hf_folder)
-    variants, seconds = {"transformers generate": transformers_variant(reference, prompt, args.new_tokens)}, {}
-    text, threads = perplexity_text(tokenizer, args.perplexity_windows), args.threads
-    quality = {}  # label → a function computing its perplexity
 
-    captured = xopt.load(folder)
-    builds = {"captured": None, **RECIPES}
+def xopt_builds() -> dict[str, list[str] | None]:
+    """Each xopt variant's label and passes (None: the captured model as it is)."""
+    builds = {"xopt captured": None, **{f"xopt {name}": passes for name, passes in RECIPES.items()}}
     for recipe in CONTIGUOUS_RECIPES:  # the same with fuse(positions=contiguous), genai's contract
-        builds[f"{recipe}, positions=contiguous"] = [
+        builds[f"xopt {recipe}, positions=contiguous"] = [
             "fuse(positions=contiguous)" if spec == "fuse" else spec for spec in RECIPES[recipe]
         ]
-    for index, (name, passes) in enumerate(builds.items()):
-        start = time.perf_counter()
-        model = captured
-        if passes is not None:
-            model, report = xopt.optimize(captured, passes=passes, verify=False)
-            for record in report.passes:
-                logger.info("%s / %s: %s", name, record.name, "; ".join(record.explain) or "no notes")
-        out = scratch / f"xopt-{index}"
-        xopt.save(model, out)
-        seconds[f"xopt {name}"] = time.perf_counter() - start
-        variants[f"xopt {name}"] = xopt_variant(out, prompt, args.new_tokens, args.threads)
-        quality[f"xopt {name}"] = lambda out=out: onnx_perplexity(out, out, text, threads)
+    return builds
 
-    for precision in ("fp32", "int4"):
+
+def variant_labels() -> list[str]:
+    genai = [f"onnxruntime-genai {precision}" for precision in GENAI_PRECISIONS]
+    return ["transformers generate", *xopt_builds(), *genai, "llama.cpp Q4_1"]
+
+
+def source_digest() -> str:
+    """A digest of xopt's Python sources: a kept build made from other sources is rebuilt."""
+    digest = hashlib.sha256()
+    for path in sorted(p for package in ("xopt", "passes", "backends") for p in (ROOT / package).rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def kept_build(folder: Path, key: dict, build: Callable[[Path], None]) -> float:
+    """Build into `folder` unless a build with the same key is there already (`--keep`); the
+    build's seconds, as recorded when it was made."""
+    stamp = folder / BUILD_STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
+        logger.info("%s: the kept build is reused", folder.name)
+        return json.loads(stamp.read_text())["seconds"]
+    if folder.exists():
+        shutil.rmtree(folder)
+    start = time.perf_counter()
+    build(folder)
+    seconds = time.perf_counter() - start
+    stamp.write_text(json.dumps({"key": key, "seconds": seconds}))
+    return seconds
+
+
+def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[dict, dict, dict]:
+    """The selected variants' generate functions, build seconds and perplexity functions."""
+    from xopt.capture.huggingface import load_hf_model
+
+    folder, selected, source = smollm2_folder(), set(args.only or variant_labels()), source_digest()
+    variants, seconds = {}, {}
+    text, threads = perplexity_text(tokenizer, args.perplexity_windows), args.threads
+    quality = {}  # label → a function computing its perplexity
+    reference = None
+
+    def reference_model():
+        nonlocal reference
+        reference = reference if reference is not None else load_hf_model(folder, GGUF_FILE)
+        return reference
+
+    def save_checkpoint(out: Path) -> None:
+        reference_model().save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    if "transformers generate" in selected:
+        variants["transformers generate"] = transformers_variant(reference_model(), prompt, args.new_tokens)
+
+    captured = None
+    for label, passes in xopt_builds().items():
+        if label not in selected:
+            continue
+
+        def build(out: Path, label=label, passes=passes) -> None:
+            nonlocal captured
+            captured = captured if captured is not None else xopt.load(folder)
+            model = captured
+            if passes is not None:
+                model, report = xopt.optimize(captured, passes=passes, verify=False)
+                for record in report.passes:
+                    logger.info("%s / %s: %s", label, record.name, "; ".join(record.explain) or "no notes")
+            xopt.save(model, out)
+
+        out = scratch / re.sub(r"[^a-z0-9]+", "-", label).strip("-")
+        seconds[label] = kept_build(out, {"passes": passes, "source": source}, build)
+        variants[label] = xopt_variant(out, prompt, args.new_tokens, args.threads)
+        quality[label] = lambda out=out: onnx_perplexity(out, out, text, threads)
+
+    genai = [precision for precision in GENAI_PRECISIONS if f"onnxruntime-genai {precision}" in selected]
+    hf_folder = scratch / "smollm2-hf"  # a plain fp32 checkpoint: what the model builder reads
+    if genai:
+        kept_build(hf_folder, {"checkpoint": GGUF_FILE, "source": source}, save_checkpoint)
+    for precision in genai:
         label = f"onnxruntime-genai {precision}"
-        start = time.perf_counter()
+        built = scratch / f"genai-{precision}"
+        key = {"precision": precision, "threads": threads, "source": source, "anchor": versions(ANCHOR_PACKAGES)}
         try:
-            built = genai_build(hf_folder, precision, args.threads, scratch)
+            seconds[label] = kept_build(
+                built, key, partial(genai_build, hf_folder, precision, threads, cache=scratch / "genai-cache")
+            )
+            variants[label] = genai_variant(built, prompt, args.new_tokens)
         except (subprocess.CalledProcessError, ImportError) as error:  # an anchor that fails is reported
             logger.warning("%s failed: %s", label, error)
             continue
-        seconds[label] = time.perf_counter() - start
-        variants[label] = genai_variant(built, prompt, args.new_tokens)
         head_size = json.loads((built / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
         quality[label] = lambda built=built, size=head_size: onnx_perplexity(
             built / "model.onnx", hf_folder, text, threads, size
         )
 
-    try:
-        variants["llama.cpp Q4_1"] = llama_cpp_variant(folder / GGUF_FILE, prompt, args.new_tokens, args.threads)
-    except ImportError as error:
-        logger.warning("llama.cpp Q4_1 left out: %s", error)
-    else:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        quality["llama.cpp Q4_1"] = lambda: llama_cpp_perplexity(folder / GGUF_FILE, ids, threads)
+    if "llama.cpp Q4_1" in selected:
+        try:
+            variants["llama.cpp Q4_1"] = llama_cpp_variant(folder / GGUF_FILE, prompt, args.new_tokens, threads)
+        except ImportError as error:
+            logger.warning("llama.cpp Q4_1 left out: %s", error)
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            quality["llama.cpp Q4_1"] = lambda: llama_cpp_perplexity(folder / GGUF_FILE, ids, threads)
     return variants, seconds, quality
 
 
@@ -295,18 +368,18 @@ def run(variants: dict, repeats: int) -> dict[str, Samples]:
 def write_markdown(
     samples: dict[str, Samples], seconds: dict, perplexity: dict, args, path: Path, elapsed: float
 ) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    from benchmark import machine_description, versions
-
-    reference = samples["transformers generate"].tokens
-    anchors = [label for label in ("onnxruntime-genai fp32", "onnxruntime-genai int4") if label in samples]
+    reference = samples["transformers generate"].tokens if "transformers generate" in samples else None
+    anchors = [label for label in (f"onnxruntime-genai {p}" for p in GENAI_PRECISIONS) if label in samples]
+    command = "python tools/benchmark_decode.py"
+    if args.only:
+        command += " --only " + " ".join(f'"{label}"' for label in args.only)
     lines = [
         "# Decode benchmark: SmolLM2-135M",
         "",
         f"Machine: {machine_description()}. Threads: {args.threads}.",
         f"Versions: {versions()}; anchors: {versions(ANCHOR_PACKAGES)}.",
         "",
-        f"Method: `python tools/benchmark_decode.py`. Batch 1, {args.prompt_tokens}-token prompt, "
+        f"Method: `{command}`. Batch 1, {args.prompt_tokens}-token prompt, "
         f"{args.new_tokens} new tokens, greedy, end of sequence ignored. Each variant generates the whole "
         f"sequence in turn, interleaved over {args.repeats} rounds after one warm-up round; median (p10–p90). "
         "Prefill = prompt to first new token; decode = the other new tokens over their time. "
@@ -325,13 +398,17 @@ def write_markdown(
     for label, s in samples.items():
         p10, median, p90 = np.percentile(s.tokens_per_s, [10, 50, 90])
         q10, prefill, q90 = np.percentile(s.prefill_ms, [10, 50, 90])
-        agree = sum(a == b for a, b in zip(s.tokens, reference, strict=True))
+        agree = (
+            "—"
+            if reference is None
+            else f"{sum(a == b for a, b in zip(s.tokens, reference, strict=True))}/{len(reference)}"
+        )
         ratios = "".join(f"{_paired_ratio(s, samples[a]):.2f}× | " for a in anchors)
         build = f"{seconds[label]:.0f}" if label in seconds else ""
         quality = f"{perplexity[label]:.2f}" if label in perplexity else "—"
         lines.append(
             f"| {label} | {prefill:.0f} ({q10:.0f}–{q90:.0f}) | {median:.1f} ({p10:.1f}–{p90:.1f}) | {ratios}"
-            f"{agree}/{len(reference)} | {quality} | {build} |"
+            f"{agree} | {quality} | {build} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -349,7 +426,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--perplexity-windows", type=int, default=8, help="windows of 512 tokens; 0 skips")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks")
+    parser.add_argument("--keep", type=Path, help="build the models into this folder and reuse them on later runs")
+    parser.add_argument(
+        "--only", nargs="+", metavar="VARIANT", help="time these variants alone (labels as in the table)"
+    )
     args = parser.parse_args()
+    unknown = sorted(set(args.only or ()) - set(variant_labels()))
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; the variants: {', '.join(map(repr, variant_labels()))}")
+    if args.keep is not None and args.keep.exists() and not args.keep.is_dir():
+        parser.error(f"--keep {args.keep}: not a folder")
+    table = args.output / ("DECODE-partial.md" if args.only else "DECODE.md")  # a partial run keeps DECODE.md
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -363,10 +450,15 @@ def main() -> None:
     prompt = tokenizer(bundled_text("evaluation").read_text(), add_special_tokens=False)["input_ids"]
     prompt = prompt[: args.prompt_tokens]
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="xopt-decode-") as scratch:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    scratch_folder = (
+        contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="xopt-decode-")
+    )
+    with scratch_folder as scratch:
         variants, seconds, quality = build_variants(args, Path(scratch), tokenizer, prompt)
         samples = run(variants, args.repeats)
-        write_markdown(samples, seconds, {}, args, args.output / "DECODE.md", time.perf_counter() - started)
+        write_markdown(samples, seconds, {}, args, table, time.perf_counter() - started)
         perplexity = {}
         for label, measure in quality.items() if args.perplexity_windows else ():
             try:
@@ -375,8 +467,8 @@ def main() -> None:
                 logger.warning("%s: perplexity failed: %s", label, error)
                 continue
             logger.info("%s: perplexity %.3f", label, perplexity[label])
-    write_markdown(samples, seconds, perplexity, args, args.output / "DECODE.md", time.perf_counter() - started)
-    print((args.output / "DECODE.md").read_text())
+    write_markdown(samples, seconds, perplexity, args, table, time.perf_counter() - started)
+    print(table.read_text())
 
 
 if __name__ == "__main__":
