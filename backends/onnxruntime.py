@@ -36,12 +36,15 @@ def session_options(threads: int | None = None, optimization: str = "all", spinn
     `spinning=False` makes idle intra-op threads sleep instead of busy-waiting. Benchmarks that
     interleave several sessions in one process need it: each session owns a thread pool, and a
     pool left spinning after its run takes cores from the next session (measured here: a 3.5 ms
-    attention block timed at 12 ms when four spinning sessions alternate on two cores)."""
+    attention block timed at 12 ms when four spinning sessions alternate on two cores).
+
+    ONNX Runtime's logger is kept to fatal messages: each failure of a session comes back as an
+    exception, which xopt reports in one line; the logger would print the same message before it."""
     if optimization not in OPTIMIZATION_LEVELS:
         raise XoptError(f"unknown ORT optimization level {optimization!r}: one of {', '.join(OPTIMIZATION_LEVELS)}")
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -18,6 +18,14 @@ from helpers import LINEAR_MODEL, REDUNDANT_MODEL, model_from_text
 
 from xopt.cli import EXIT_USER_ERROR, main
 
+UNRUNNABLE_MODEL = """
+<ir_version: 10, opset_import: ["" : 20]>
+unrunnable (float[N, S] x) => (float[3] y) {
+    shape = Constant <value = int64[1] {3}> ()
+    y = Reshape (x, shape)
+}
+"""
+
 
 def _digest(path):
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -102,6 +110,8 @@ def _bad_inputs(tmp_path, redundant_onnx):
         (tmp_path / name / "config.json").write_text(config)
     pt2 = tmp_path / "broken.pt2"
     pt2.write_text("not a zip archive")
+    unrunnable = tmp_path / "unrunnable.onnx"  # fails inside ONNX Runtime's run: [B, S] to [3]
+    ir.save(model_from_text(UNRUNNABLE_MODEL), unrunnable)
     good, out = str(redundant_onnx), str(tmp_path / "out.onnx")
     return {
         "missing file": (["optimize", str(tmp_path / "absent.onnx"), "-o", out], "no such file"),
@@ -117,6 +127,7 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "unwritable output": (["optimize", good, "-o", "/proc/xopt-out.onnx"], "cannot write"),
         "output folder missing": (["optimize", good, "-o", str(tmp_path / "a" / "b.onnx")], "does not exist"),
         "output equal to input": (["optimize", good, "-o", good], "output is the input"),
+        "onnx name as a folder": (["optimize", good, "-o", out + "/"], "drop the slash"),
         "missing calibration": (["optimize", good, "-o", out, "--calibration", str(tmp_path / "x.txt")], "calibration"),
         "inspect missing": (["inspect", str(tmp_path / "absent.onnx")], "no such file"),
         "quantize bits": (["optimize", good, "-o", out, "--passes", "quantize(bits=3)"], "bits=3"),
@@ -136,6 +147,7 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "bench threads": (["bench", good, "--threads", "0"], "--threads 0"),
         "bench plot suffix": (["bench", good, "--plot", str(tmp_path / "plot.txt")], "image suffix"),
         "bench out of range": (["bench", good, "--batch", "4000000000", "--no-memory"], "the run failed"),
+        "bench run error": (["bench", str(unrunnable), "--no-memory"], "cannot be reshaped"),
     }
 
 
@@ -155,6 +167,7 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "unwritable output",
         "output folder missing",
         "output equal to input",
+        "onnx name as a folder",
         "missing calibration",
         "inspect missing",
         "quantize bits",
@@ -174,14 +187,15 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "bench threads",
         "bench plot suffix",
         "bench out of range",
+        "bench run error",
     ],
 )
-def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, redundant_onnx, capsys):
+def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, redundant_onnx, capfd):
     argv, message = _bad_inputs(tmp_path, redundant_onnx)[case]
     listing_before = sorted(p.name for p in tmp_path.iterdir())
     digest_before = _digest(redundant_onnx)
     assert main(argv) == EXIT_USER_ERROR
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()  # file descriptors: ONNX Runtime's logger writes there
     errors = captured.err.splitlines()
     assert len(errors) == 1 and errors[0].startswith("xopt: error:") and message in errors[0], captured.err
 

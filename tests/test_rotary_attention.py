@@ -10,6 +10,7 @@ import pytest
 import xopt
 from xopt.backends.lowering import LoweringChooser
 from xopt.backends.onnxruntime import create_session
+from xopt.cli import EXIT_USER_ERROR, main
 from xopt.errors import XoptError
 from xopt.generate import Decoder
 from xopt.inputs import sample_inputs
@@ -74,6 +75,13 @@ def test_generation_past_the_rotary_tables_is_refused(rotating):
     assert len(decoder.generate([3, 1, 4], 253).tokens) == 253
     with pytest.raises(XoptError, match="rotary tables hold 256 positions"):
         decoder.generate([3, 1, 4], 254)
+
+
+def test_bench_past_the_rotary_tables_is_refused(rotating, tmp_path, capfd):
+    model = tmp_path / "rotating.onnx"
+    xopt.save(rotating.model, model)
+    assert main(["bench", str(model), "--seq", "257", "--no-memory"]) == EXIT_USER_ERROR
+    assert capfd.readouterr().err.strip() == f"xopt: error: --seq 257: {model}'s rotary tables hold 256 positions"
 
 
 def test_off_unless_positions_are_declared_contiguous(llama16):

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
     optimize = commands.add_parser("optimize", help="optimize a model and write deployable ONNX")
     optimize.add_argument("input", type=Path, help=".onnx file, .pt2 ExportedProgram, or Hugging Face folder")
-    optimize.add_argument("-o", "--output", type=Path, required=True, help=".onnx file or folder")
+    optimize.add_argument("-o", "--output", required=True, help=".onnx file or folder")
     optimize.add_argument("--recipe", default=None, help="named pass list (default: exact)")
     optimize.add_argument("--passes", default=None, help="pass spec replacing the recipe, e.g. 'cleanup'")
     optimize.add_argument(
@@ -132,12 +132,13 @@ def _optimize(args: argparse.Namespace) -> int:
     from xopt.saving import write_text_atomically
     from xopt.text import CALIBRATION_DIGEST_KEY, read_text, text_digest
 
-    _check_output(args.input, args.output)
+    output = _output_path(args.output)
+    _check_output(args.input, output)
     calibration = read_text(args.calibration, "calibration") if args.calibration is not None else None
     if args.recipe is not None and args.passes is not None:
         raise XoptError("give --recipe or --passes, not both")
     if args.report is not None:
-        _check_report(args.report, args.input, args.output)
+        _check_report(args.report, args.input, output)
     passes = resolve_passes(args.recipe, args.passes)
     if args.calibration is not None:  # passes that calibrate read the user's text unless told otherwise
         for step in passes:
@@ -149,8 +150,8 @@ def _optimize(args: argparse.Namespace) -> int:
         optimized, report = PassManager(passes, verify=not args.no_verify, on_pass=advance)(model)
     if calibration is not None:  # `xopt eval` refuses to measure the model on this text
         optimized.metadata_props[CALIBRATION_DIGEST_KEY] = text_digest(calibration)
-    with _step(f"saving {args.output}"):
-        written = xopt.save(optimized, args.output)
+    with _step(f"saving {output}"):
+        written = xopt.save(optimized, output)
     print(report.format_table())
     if args.explain:
         _print_explain(report, optimized)
@@ -264,6 +265,7 @@ def _bench(args: argparse.Namespace) -> int:
     from xopt.backends.onnxruntime import RUN_ERRORS
     from xopt.errors import first_line
     from xopt.inputs import sample_inputs
+    from xopt.kv_cache import position_limit
     from xopt.runnable import open_runnable
 
     if args.batch < 1 or args.seq < 1 or args.rounds < 1 or args.warmup < 0:
@@ -279,6 +281,9 @@ def _bench(args: argparse.Namespace) -> int:
     for path in args.models:
         with _step(f"loading {path}"):
             runnables[str(path)] = open_runnable(path, threads=threads, spinning=False, backend=args.backend)
+        rows = position_limit(runnables[str(path)].model)
+        if rows is not None and args.seq > rows:
+            raise XoptError(f"--seq {args.seq}: {path}'s rotary tables hold {rows} positions")
     make_runner = bench.executor_runner if args.backend == "cuda" else bench.session_runner
     try:
         runners = {
@@ -356,6 +361,14 @@ def _demo(args: argparse.Namespace) -> int:
 
     print(run_demo(args.output, step=_step, progress_bar=_progress_bar))
     return 0
+
+
+def _output_path(text: str) -> Path:
+    """`-o`: an .onnx name is a file, so a trailing slash after one is a contradiction, not a folder."""
+    path = Path(text)
+    if text.endswith("/") and path.suffix.lower() == ".onnx":
+        raise XoptError(f"-o {text}: an .onnx name is written as a file; drop the slash, or name a folder")
+    return path
 
 
 def _check_output(source: Path, output: Path) -> None:
