@@ -59,6 +59,53 @@ def test_nn_module_capture_matches_torch():
     assert any(n.metadata_props.get("pkg.torch.onnx.name_scopes") for n in model.graph)
 
 
+def test_a_failed_export_names_torch_s_own_reason(capfd):
+    with pytest.raises(XoptError) as raised:
+        xopt.load(TinyNet(), (torch.randn(3, 5),))  # 5 features into Linear(8, 6)
+    assert str(raised.value).startswith("torch.export could not capture the model: ")
+    assert "[3, 5]" in str(raised.value) and "\x1b" not in str(raised.value) and "step 1/3" not in str(raised.value)
+    assert capfd.readouterr().err == ""  # torch's fake-tensor logger prints no traceback
+
+
+@pytest.mark.parametrize(
+    ("config", "model", "kwargs", "message"),
+    [
+        (
+            "ViTConfig",
+            "ViTModel",
+            {
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "intermediate_size": 64,
+                "image_size": 16,
+                "patch_size": 8,
+            },
+            "vit takes no token ids",
+        ),
+        (
+            "T5Config",
+            "T5Model",
+            {"vocab_size": 64, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4},
+            "t5 is an encoder-decoder model",
+        ),
+        (
+            "MambaConfig",
+            "MambaForCausalLM",
+            {"vocab_size": 64, "hidden_size": 32, "state_size": 4, "num_hidden_layers": 1, "intermediate_size": 64},
+            "mamba has no key/value cache",
+        ),
+    ],
+)
+def test_an_unsupported_architecture_is_a_one_line_error(tmp_path, config, model, kwargs, message):
+    import transformers
+
+    torch.manual_seed(0)
+    getattr(transformers, model)(getattr(transformers, config)(**kwargs)).save_pretrained(tmp_path)
+    with pytest.raises(XoptError, match=f"^{tmp_path}: {message}"):
+        xopt.load(tmp_path)
+
+
 def test_nn_module_without_example_inputs_is_refused():
     with pytest.raises(XoptError, match="needs example_inputs"):
         xopt.load(TinyNet())

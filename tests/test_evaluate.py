@@ -74,6 +74,41 @@ def test_eval_errors_are_one_line(tiny_folder, optimized_llama, tmp_path, capsys
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
 
 
+def test_eval_checks_positions_vocabulary_and_reference_before_running(tiny_folder, tmp_path, capfd):
+    from conftest import build_folder
+
+    def error(argv):
+        assert main(argv) == 2
+        lines = capfd.readouterr().err.splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    gpt2 = tmp_path / "gpt2"  # n_positions 64; its model file alone still finds its config beside it
+    assert main(["optimize", str(tiny_folder("gpt2")), "-o", str(gpt2), "--passes", "cleanup"]) == 0
+    capfd.readouterr()
+    assert "the model's config allows 64 positions" in error(["eval", str(gpt2)])
+    assert "the model's config allows 64 positions" in error(["eval", str(gpt2 / "model.onnx"), "--window", "65"])
+    small = build_folder(  # a vocabulary of 150 against the other tiny models' 211
+        "GPT2Config",
+        dict(vocab_size=150, n_embd=48, n_layer=1, n_head=4, n_positions=64),
+        "GPT2LMHeadModel",
+        tmp_path / "small",
+    )
+    llama = str(tiny_folder("llama"))
+    message = error(["eval", str(small), "--tokenizer", llama, "--window", "32"])
+    assert message.startswith("xopt: error: the tokenizer gives id ") and message.endswith("vocabulary of 150")
+    message = error(["eval", str(small), "--reference", llama, "--window", "32"])
+    assert message.endswith(f"the reference {llama}'s vocabulary (211) differs from {small}'s (150)")
+    narrow = build_folder(
+        "BertConfig",
+        dict(vocab_size=211, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64),
+        "BertModel",
+        tmp_path / "narrow",
+    )
+    message = error(["eval", str(tiny_folder("bert")), "--reference", str(narrow), "--max-sentences", "8"])
+    assert message.endswith(f"hidden size (32) differs from {tiny_folder('bert')}'s (48)")
+
+
 def test_eval_refuses_the_text_the_model_was_calibrated_on(tiny_folder, tmp_path, capsys):
     text = tmp_path / "calibration.txt"
     evaluation = read_text(None, "evaluation")

@@ -10,7 +10,7 @@ from helpers import transformers_greedy
 import xopt
 from xopt.cli import main
 from xopt.errors import XoptError
-from xopt.generate import Decoder, _logits_row
+from xopt.generate import Decoder, logits_row
 from xopt.kv_cache import shares_buffers
 from xopt.passes import CleanupPass, FusePass
 from xopt.runnable import open_runnable
@@ -88,6 +88,8 @@ def test_generate_errors_are_one_line(tiny_model, tmp_path, capsys):
         assert len(errors) == 1 and message in errors[0], (options, errors)
     with pytest.raises(XoptError, match="prompt is empty"):
         Decoder(open_runnable(tmp_path / "m")).generate([], 4)
+    with pytest.raises(XoptError, match=r"prompt token id 211 is outside .*'s vocabulary of 211"):
+        Decoder(open_runnable(tmp_path / "m")).generate([5, 211], 4)
 
 
 def test_in_place_decoding_reads_logits_whose_vocabulary_is_symbolic(tiny_folder, tiny_model, tmp_path):
@@ -101,5 +103,5 @@ def test_in_place_decoding_reads_logits_whose_vocabulary_is_symbolic(tiny_folder
     logits.shape = ir.Shape([*logits.shape[:-1], "vocab"])
     xopt.save(lowered, tmp_path / "m")
     decoder = Decoder(open_runnable(tmp_path / "m"))
-    assert _logits_row(decoder.runnable.model) is None
+    assert logits_row(decoder.runnable.model) is None
     assert decoder.in_place and decoder.generate(PROMPT, 8).tokens == expected

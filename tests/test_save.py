@@ -125,6 +125,26 @@ def test_output_over_the_models_own_weights_is_refused(tmp_path):
     assert (tmp_path / "in.onnx.data").read_bytes() == data_before
 
 
+def test_output_over_the_model_file_it_was_read_from_is_refused(tmp_path):
+    source = tmp_path / "in.onnx"
+    ir.save(model_from_text(LINEAR_MODEL), source)
+    before = source.read_bytes()
+    optimized, _ = xopt.optimize(xopt.load(str(source)), passes="cleanup")
+    with pytest.raises(XoptError, match="would overwrite the input model"):
+        xopt.save(optimized, source)
+    with pytest.raises(XoptError, match="would overwrite the input model"):
+        xopt.save(optimized, tmp_path)  # the folder holding it would be replaced whole
+    assert source.read_bytes() == before
+    assert "xopt.source_file" not in ir.load(xopt.save(optimized, tmp_path / "out.onnx")).metadata_props
+
+
+def test_a_folder_named_like_an_onnx_file_is_refused_before_writing(tmp_path):
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(XoptError, match=r"dir\.onnx: is a folder"):
+        xopt.save(model_from_text(LINEAR_MODEL), tmp_path / "dir.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx"]
+
+
 def test_missing_parent_folder_is_a_one_line_error(tmp_path):
     with pytest.raises(XoptError, match="does not exist"):
         xopt.save(model_from_text(LINEAR_MODEL), tmp_path / "no" / "out.onnx")

@@ -246,7 +246,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.reference is not None:
         with _step(f"loading {args.reference}"):
             reference = open_runnable(args.reference, tokenizer=args.tokenizer, threads=args.threads)
-    quality = evaluate(model, text, reference, window=args.window, max_sentences=args.max_sentences, progress=_iterate)
+    with _run_failures(f"evaluating {args.model}"):
+        quality = evaluate(
+            model, text, reference, window=args.window, max_sentences=args.max_sentences, progress=_iterate
+        )
     if args.json:
         print(json.dumps(quality.to_dict(), indent=2))
     else:
@@ -334,15 +337,19 @@ def _generate(args: argparse.Namespace) -> int:
         print(text[len(shown) :], end="", flush=True)
         shown = text
 
-    result = decoder.generate(
-        prompt_ids,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
-        on_token=stream,
-    )
-    print()
+    try:
+        with _run_failures(f"generating with {args.model}"):
+            result = decoder.generate(
+                prompt_ids,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
+                on_token=stream,
+            )
+    finally:
+        if generated:  # end the streamed line before anything else is printed
+            print()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -354,6 +361,18 @@ def _generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+@contextlib.contextmanager
+def _run_failures(what: str) -> Iterator[None]:
+    """A run that fails inside ONNX Runtime (an input the graph cannot take) is the user's error."""
+    from xopt.backends.onnxruntime import RUN_ERRORS
+    from xopt.errors import first_line
+
+    try:
+        yield
+    except RUN_ERRORS as error:
+        raise XoptError(f"{what}: the run failed ({first_line(error)})") from None
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 from xopt.backends.onnxruntime import run
 from xopt.capture.huggingface import TASK_CAUSAL_LM
 from xopt.errors import XoptError
+from xopt.generate import context_limit, logits_row
 from xopt.inputs import text_feeds
 from xopt.runnable import Runnable
 from xopt.text import split_sentences
@@ -81,6 +82,8 @@ def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
     count = len(ids) // window
     if count == 0:
         raise XoptError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
+    for runnable in (model, reference) if reference is not None else (model,):
+        _check_runs_on(runnable, ids, window)
     nll_sum, kl_sum, agree, predicted = 0.0, 0.0, 0, 0
     for start in progress(range(0, count * window, window), count):
         tokens = ids[start : start + window][None, :]
@@ -91,12 +94,29 @@ def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
         predicted += len(targets)
         if reference is not None:
             ref_log_probs = log_softmax(_logits(reference, feeds)[0, :-1])
+            if ref_log_probs.shape != log_probs.shape:
+                raise XoptError(_differs(reference, "vocabulary", ref_log_probs.shape[-1], model, log_probs.shape[-1]))
             kl_sum += float(np.sum(np.exp(ref_log_probs) * (ref_log_probs - log_probs)))
             agree += int(np.sum(ref_log_probs.argmax(-1) == log_probs.argmax(-1)))
     quality = Quality(TASK_CAUSAL_LM, predicted, perplexity=float(np.exp(nll_sum / predicted)), windows=count)
     if reference is not None:
         quality.kl, quality.top1_agreement = kl_sum / predicted, agree / predicted
     return quality
+
+
+def _check_runs_on(model: Runnable, ids: np.ndarray, window: int) -> None:
+    """Windows within the model's positions, token ids within its vocabulary (ONNX Runtime would
+    fail on an out-of-range Gather index, or read past a rotary table)."""
+    limit, source = context_limit(model.model)
+    if limit is not None and window > limit:
+        raise XoptError(f"a window of {window} tokens: {model.label}: {source} {limit} positions; give a smaller one")
+    row = logits_row(model.model)
+    if row is not None and int(ids.max()) >= row[0]:
+        raise XoptError(f"the tokenizer gives id {int(ids.max())}, outside {model.label}'s vocabulary of {row[0]}")
+
+
+def _differs(reference: Runnable, what: str, theirs: int, model: Runnable, ours: int) -> str:
+    return f"the reference {reference.label}'s {what} ({theirs}) differs from {model.label}'s ({ours})"
 
 
 def _logits(model: Runnable, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -130,7 +150,10 @@ def _encoder_quality(model, text, reference, max_sentences, progress) -> Quality
     cosines, tokens = [], 0
     for feeds in progress(iter(batches), len(batches)):
         tokens += int(feeds["attention_mask"].sum())
-        cosines.append(cosine(_embed(model, feeds), _embed(reference, feeds)))
+        ours, theirs = _embed(model, feeds), _embed(reference, feeds)
+        if ours.shape != theirs.shape:
+            raise XoptError(_differs(reference, "hidden size", theirs.shape[-1], model, ours.shape[-1]))
+        cosines.append(cosine(ours, theirs))
     quality = Quality(model.task, tokens, sentences=sum(len(feeds["input_ids"]) for feeds in batches))
     all_cosines = np.concatenate(cosines)
     quality.cosine_min, quality.cosine_mean = float(all_cosines.min()), float(all_cosines.mean())

@@ -75,7 +75,7 @@ class InPlaceCache:
 
     def __init__(self, session: ort.InferenceSession, model, capacity: int, batch: int = 1):
         self.session, self.capacity = session, capacity
-        self.logits_row = _logits_row(model)  # (vocab, dtype) where the model states its vocabulary
+        self.logits_row = logits_row(model)  # (vocab, dtype) where the model states its vocabulary
         self.binding = session.io_binding()
         self.binding.bind_output("logits")  # first, so it is get_outputs()[0]
         self.buffers = []
@@ -109,10 +109,10 @@ class InPlaceCache:
         return self.binding.get_outputs()[0].numpy()
 
 
-def _logits_row(model) -> tuple[int, np.dtype] | None:
+def logits_row(model) -> tuple[int, np.dtype] | None:
     """The vocabulary size and dtype of the `logits` output, or None where its last dim is symbolic."""
-    logits = next(value for value in model.graph.outputs if value.name == "logits")
-    vocab = logits.shape[-1] if logits.shape is not None else None
+    logits = next((value for value in model.graph.outputs if value.name == "logits"), None)
+    vocab = logits.shape[-1] if logits is not None and logits.shape is not None else None
     return (vocab, logits.dtype.numpy()) if isinstance(vocab, int) else None
 
 
@@ -132,7 +132,7 @@ class ExecutorCache:
         return outputs["logits"][:, -1:].float().cpu().numpy()
 
 
-def _position_limit(model) -> tuple[int | None, str]:
+def context_limit(model) -> tuple[int | None, str]:
     """The most positions the model can run, and what fixes it: the rows of the rotary tables
     inside its GroupQueryAttention, else the source config's `max_position_embeddings`."""
     from xopt.capture.huggingface import source_context_length
@@ -163,7 +163,9 @@ class Decoder:
             raise XoptError(f"{runnable.label}: cannot feed input {sorted(unknown)[0]!r} when generating")
         self.in_place = kv_cache.shares_buffers(runnable.model)
         self.static = None  # the CUDA backend's fixed-buffer cache, kept for generations of the same length
-        self.position_limit, self.limit_source = _position_limit(runnable.model)
+        self.position_limit, self.limit_source = context_limit(runnable.model)
+        row = logits_row(runnable.model)
+        self.vocab = row[0] if row is not None else None
 
     def generate(
         self,
@@ -188,6 +190,10 @@ class Decoder:
         if limit is not None and len(prompt_ids) + max_new_tokens > limit:
             asked = f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones"
             raise XoptError(f"{asked}: {self.limit_source} {limit} positions")
+        vocab = self.vocab
+        if vocab is not None and not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab:
+            outside = next(i for i in prompt_ids if not 0 <= i < vocab)
+            raise XoptError(f"prompt token id {outside} is outside {self.runnable.label}'s vocabulary of {vocab}")
         rng = np.random.default_rng(seed)
         result = Generation(prompt_tokens=len(prompt_ids))
         model = self.runnable.model

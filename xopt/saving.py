@@ -29,7 +29,7 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_THRESHOLD_BYTES = 1024  # tensors smaller than this stay inline (ONNX's convention)
 
 # Paths of the source model, used while capturing; they do not belong in a deployed artifact.
-_SOURCE_METADATA = ("xopt.hf_folder", "xopt.gguf_file")
+_SOURCE_METADATA = ("xopt.hf_folder", "xopt.gguf_file", "xopt.source_file")
 
 
 def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> Path:
@@ -38,6 +38,8 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
     if path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents:
         raise XoptError(f"{path}: is the current folder or holds it; give the output a name of its own")
     as_folder = path.suffix.lower() != ".onnx"
+    if not as_folder and path.is_dir():
+        raise XoptError(f"{path}: is a folder; an .onnx output is a file")
     onnx_name = MODEL_FILE if as_folder else path.name
     parent = check_writable(path)
     _refuse_overwriting_sources(model, path, as_folder)
@@ -129,8 +131,8 @@ def _replace(staging: Path, target: Path) -> None:
 
 
 def _refuse_overwriting_sources(model: ir.Model, path: Path, as_folder: bool) -> None:
-    """Refuse an output that would replace a file the model still reads its weights from, or
-    (a folder) the Hugging Face folder it was captured from."""
+    """Refuse an output that would replace the file the model was read from or one it still reads
+    its weights from, or (a folder) the Hugging Face folder it was captured from."""
     target = path.resolve()
     for value in model.graph.initializers.values():
         tensor = value.const_value
@@ -140,6 +142,9 @@ def _refuse_overwriting_sources(model: ir.Model, path: Path, as_folder: bool) ->
         inside = target in source.parents if as_folder else source in (target, Path(f"{target}.data"))
         if inside:
             raise XoptError(f"{path}: output would overwrite the input model's weights ({source.name})")
+    source_file = model.metadata_props.get("xopt.source_file")
+    if source_file and (target in Path(source_file).parents if as_folder else target == Path(source_file)):
+        raise XoptError(f"{path}: output would overwrite the input model ({source_file})")
     folder = model.metadata_props.get("xopt.hf_folder")
     if as_folder and folder and (target == Path(folder) or target in Path(folder).parents):
         raise XoptError(f"{path}: output would replace the folder the model was read from ({folder})")

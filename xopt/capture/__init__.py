@@ -50,15 +50,21 @@ def _load_path(path: Path) -> ir.Model:
     if not path.exists():
         raise XoptError(f"{path}: no such file or folder")
     if path.is_dir() and (path / MODEL_FILE).is_file():  # an `xopt optimize` output folder
-        model = load_onnx_file(path / MODEL_FILE)
-        if (path / "config.json").is_file():  # its tokenizer and config travel on to the next output
-            model.metadata_props["xopt.hf_folder"] = str(path.resolve())
-        return model
+        return _read_from(load_onnx_file(path / MODEL_FILE), path / MODEL_FILE)
     if path.is_dir():
         return load_hf_folder(path)
     if path.suffix == ".pt2":
         return load_exported_program(path)
-    return load_onnx_file(path)
+    return _read_from(load_onnx_file(path), path)
+
+
+def _read_from(model: ir.Model, file: Path) -> ir.Model:
+    """Record where an ONNX model was read from (saving refuses to overwrite it); for xopt's own
+    output (its metadata says its task), the config beside it travels on to the next output."""
+    model.metadata_props["xopt.source_file"] = str(file.resolve())
+    if "xopt.task" in model.metadata_props and (file.parent / "config.json").is_file():
+        model.metadata_props["xopt.hf_folder"] = str(file.parent.resolve())
+    return model
 
 
 def _torch_if_loaded():

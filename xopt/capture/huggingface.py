@@ -102,7 +102,17 @@ def load_hf_folder(folder: Path) -> ir.Model:
             raise XoptError(f"{folder}: no config.json (not a Hugging Face model folder)")
     task = hf_task(folder, gguf_file)
     model = load_hf_model(folder, gguf_file)
-    captured = _export_causal_lm(model) if task == TASK_CAUSAL_LM else _export_encoder(model)
+    kind = model.config.model_type
+    if getattr(model.config.get_text_config(decoder=task == TASK_CAUSAL_LM), "vocab_size", None) is None:
+        raise XoptError(f"{folder}: {kind} takes no token ids (no vocab_size in its config); xopt captures text models")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise XoptError(f"{folder}: {kind} is an encoder-decoder model; xopt captures encoders and decoders")
+    try:
+        captured = _export_causal_lm(model) if task == TASK_CAUSAL_LM else _export_encoder(model)
+    except XoptError as error:
+        raise XoptError(f"{folder}: {error}") from None
+    except (AttributeError, TypeError, KeyError, ValueError) as error:  # an architecture the wrappers do not fit
+        raise XoptError(f"{folder}: {kind} is not supported ({first_line(error)})") from None
     captured.metadata_props["xopt.task"] = task
     captured.metadata_props["xopt.hf_folder"] = str(folder.resolve())
     captured.metadata_props["xopt.model_type"] = str(model.config.model_type)
@@ -235,7 +245,9 @@ def _export_causal_lm(model) -> ir.Model:
     input_ids = _example_ids(model)
     attention_mask = torch.ones(_EXAMPLE_BATCH, _EXAMPLE_PAST + _EXAMPLE_SEQUENCE, dtype=torch.int64)
     with torch.no_grad():  # the cache's shape per layer: run one step on an empty cache
-        empty = model(input_ids=input_ids[:, :1], use_cache=True).past_key_values
+        empty = getattr(model(input_ids=input_ids[:, :1], use_cache=True), "past_key_values", None)
+    if not hasattr(empty, "layers"):
+        raise XoptError(f"{model.config.model_type} has no key/value cache (not an attention decoder)")
     past = tuple(
         torch.randn(_EXAMPLE_BATCH, t.shape[1], _EXAMPLE_PAST, t.shape[3])
         for layer in empty.layers

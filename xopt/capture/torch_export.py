@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,8 +51,7 @@ def export_to_ir(
                 verbose=False,
             )
     except Exception as error:
-        reason = first_line(error)
-        raise XoptError(f"torch.export could not capture the model: {reason}") from error
+        raise XoptError(f"torch.export could not capture the model: {_export_reason(error)}") from error
     logger.debug("torch.onnx.export said:\n%s", output.getvalue())
     return onnx_program.model
 
@@ -85,14 +85,24 @@ def load_exported_program(path: Path) -> ir.Model:
     return export_to_ir(exported)
 
 
+def _export_reason(error: BaseException) -> str:
+    """The first line of the innermost cause: torch.onnx wraps the real failure in a banner
+    ("Failed to export the model with torch.export. This is step 1/3…"), with colour codes."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return re.sub(r"\x1b\[[0-9;]*m", "", first_line(error))
+
+
 @contextlib.contextmanager
 def _quiet_loggers():
-    """The exporter logs every optional op library it skips; keep its warnings out of xopt's output."""
+    """The exporter logs every optional op library it skips, and tracebacks of what fails: keep
+    them out of xopt's output (a failure comes back as the exception, which xopt reports)."""
     names = ("torch.onnx._internal.exporter._registration", "torch.onnx", "torch.export", "torch._dynamo")
+    names += ("torch._subclasses.fake_tensor",)  # logs the traceback of an op that fails on fake tensors
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
