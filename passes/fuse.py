@@ -109,6 +109,8 @@ class FusePass(Pass):
             raise XoptError(f"fuse: unknown lowering {self.lowering!r}: one of {', '.join(LOWERINGS)}")
         if self.positions not in POSITIONS:
             raise XoptError(f"fuse: unknown positions {self.positions!r}: one of {', '.join(POSITIONS)}")
+        if min(self.threads, self.batch, self.sequence) < 1:
+            raise XoptError("fuse: threads, batch and sequence (the timed shape) must be at least 1")
         skipped = {name.strip() for name in re.split(r"[+,]", self.skip) if name.strip()}
         unknown = skipped - set(FAMILIES)
         if unknown:

@@ -79,8 +79,9 @@ class PruneLayersPass(Pass):
     threads: int = 2
 
     def __call__(self, model: ir.Model) -> PassResult:
-        if any(node.domain == "com.microsoft" for node in model.graph):
-            raise XoptError("the graph has fused com.microsoft ops (run prune-layers before fuse)")
+        fused = next((node.op_type for node in model.graph if node.domain == "com.microsoft"), None)
+        if fused is not None:
+            raise XoptError(f"the graph has {fused} nodes (fused or quantized): run prune-layers before fuse, quantize")
         structure = find_transformer_structure(model)
         reason = boundaries_known(structure)
         if reason:

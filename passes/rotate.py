@@ -109,8 +109,9 @@ _FUSED_FORMS = frozenset({"Attention", "RotaryEmbedding", *ORT_OPS_IN_ONNX_DOMAI
 
 def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
     """Why the stream cannot be rotated exactly, or None."""
-    if any(node.domain == "com.microsoft" or node.op_type in _FUSED_FORMS for node in graph):
-        return "the graph has fused attention or norm operators (run it before `fuse`)"
+    fused = next((n.op_type for n in graph if n.domain == "com.microsoft" or n.op_type in _FUSED_FORMS), None)
+    if fused is not None:
+        return f"the graph has {fused} nodes (fused or quantized): rotate runs before `fuse` and `quantize`"
     if not structure.blocks:
         return "no transformer blocks found"
     if structure.norm_position != "pre" or structure.embedding_norm is not None:

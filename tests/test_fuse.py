@@ -193,6 +193,9 @@ def test_bad_options_are_named(tiny_model):
         parse_spec("fuse(lowering=all,skip=norm+bogus)")[0](tiny_model("bert").clone())
     with pytest.raises(XoptError, match="unknown lowering 'sometimes'"):
         FusePass(lowering="sometimes")(tiny_model("bert").clone())
+    for option in ({"batch": -1}, {"sequence": 0}, {"threads": 0}):
+        with pytest.raises(XoptError, match="threads, batch and sequence"):
+            FusePass(**option)(tiny_model("bert").clone())
 
 
 def test_a_learned_position_table_bounds_the_timed_sequence(tiny_model):

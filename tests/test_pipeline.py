@@ -44,6 +44,46 @@ def test_bad_specs_name_the_problem(spec, message):
         parse_spec(spec)
 
 
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        (CleanupPass(iterations="3"), "option iterations='3' is not a valid int"),
+        (CleanupPass(iterations=2.7), "option iterations=2.7 is not a valid int"),
+        (CleanupPass(iterations=True), "option iterations=True is not a valid int"),
+    ],
+)
+def test_options_of_passes_built_in_python_are_checked_before_any_work(step, message):
+    with pytest.raises(XoptError, match=message):
+        xopt.optimize(model_from_text(LINEAR_MODEL), passes=[step])
+
+
+def test_a_boolean_option_given_a_string_is_refused():
+    from xopt.passes import FoldNormsPass
+
+    with pytest.raises(XoptError, match="option to_rmsnorm='no' is not a valid bool"):
+        PassManager([FoldNormsPass(to_rmsnorm="no")])
+
+
+def test_the_api_names_arguments_of_the_wrong_kind():
+    model = model_from_text(LINEAR_MODEL)
+    _, report = xopt.optimize(model, passes=CleanupPass())  # one pass, not in a list
+    assert [record.name for record in report.passes] == ["cleanup"]
+    with pytest.raises(XoptError, match="runs Pass objects, not a str"):
+        PassManager(["cleanup"])
+    with pytest.raises(XoptError, match="not a str"):
+        PassManager([CleanupPass()])("model.onnx")
+    with pytest.raises(XoptError, match="at least one set of feeds"):
+        PassManager([CleanupPass()], inputs=[])
+    with pytest.raises(XoptError, match="save takes an onnx_ir Model"):
+        xopt.save("model", "out.onnx")
+    with pytest.raises(XoptError, match="analyze takes an onnx_ir Model"):
+        xopt.analyze(None)
+    with pytest.raises(XoptError, match="empty path"):
+        xopt.load("")
+    with pytest.raises(TypeError, match="register takes a Pass subclass"):
+        xopt.register(int)
+
+
 def test_resolve_passes_recipe_and_replacement():
     assert [p.name for p in resolve_passes("exact")] == xopt.RECIPES["exact"]
     assert [p.name for p in resolve_passes("exact", ["cleanup"])] == ["cleanup"]

@@ -91,5 +91,5 @@ def test_rotate_after_fuse_names_the_order(tiny_model, family):
 
     only = "+".join(f for f in FAMILIES if f != family)
     fused = FusePass(lowering="all", skip=only)(CleanupPass()(tiny_model("llama").clone()).model).model
-    with pytest.raises(XoptError, match="run it before `fuse`"):
+    with pytest.raises(XoptError, match="rotate runs before `fuse` and `quantize`"):
         RotatePass()(fused)

@@ -42,8 +42,7 @@ def optimize(
     verify: bool = True,
 ) -> tuple[ir.Model, Report]:
     """Run a recipe (or `passes`, which replaces it) on a copy of `model`; the input is untouched."""
-    if not isinstance(model, ir.Model):
-        raise XoptError(f"optimize takes an onnx_ir Model (from xopt.load), not a {type(model).__name__}")
+    _check_model("optimize", model)
     return PassManager(resolve_passes(recipe, passes), verify=verify)(model)
 
 
@@ -51,4 +50,10 @@ def analyze(model: ir.Model):
     """The transformer structure of `model` (see `xopt.analysis.find_transformer_structure`)."""
     from xopt.analysis import find_transformer_structure
 
+    _check_model("analyze", model)
     return find_transformer_structure(model)
+
+
+def _check_model(function: str, model) -> None:
+    if not isinstance(model, ir.Model):
+        raise XoptError(f"{function} takes an onnx_ir Model (from xopt.load), not a {type(model).__name__}")

@@ -234,8 +234,10 @@ def _eval(args: argparse.Namespace) -> int:
     from xopt.runnable import open_runnable
     from xopt.text import CALIBRATION_DIGEST_KEY, read_text, text_digest
 
-    if args.window < 2 or args.max_sentences < 1:
-        raise XoptError("--window must be at least 2 and --max-sentences at least 1")
+    if args.window < 2:
+        raise XoptError(f"--window {args.window}: must be at least 2")
+    if args.max_sentences < 1:
+        raise XoptError(f"--max-sentences {args.max_sentences}: must be at least 1")
     _check_threads(args.threads)
     text = read_text(args.text, "evaluation")
     with _step(f"loading {args.model}"):

@@ -93,6 +93,8 @@ _REGISTRY: dict[str, type[Pass]] = {}
 
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available by its name (`--passes`, recipes, `xopt passes`)."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register takes a Pass subclass that is a dataclass, not {cls!r}")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"two passes named {cls.name!r}: {_REGISTRY[cls.name].__name__}, {cls.__name__}")
     _REGISTRY[cls.name] = cls
@@ -149,6 +151,8 @@ def resolve_passes(recipe: str | None = None, passes: str | Iterable[str | Pass]
     if passes is not None:
         if isinstance(passes, str):
             return parse_spec(passes)
+        if isinstance(passes, Pass):
+            return [passes]
         resolved = [_one_pass(p) for p in passes]
         if not resolved:
             raise XoptError("empty pass list")
@@ -157,6 +161,32 @@ def resolve_passes(recipe: str | None = None, passes: str | Iterable[str | Pass]
     if recipe not in RECIPES:
         raise XoptError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
     return [step for spec in RECIPES[recipe] for step in parse_spec(spec)]
+
+
+def check_options(step: Pass) -> None:
+    """Each option of a pass built in Python has its declared type (a spec's strings are converted
+    by `make_pass`): a wrong type would fail deep inside the pass, or silently act as another value."""
+    hints = typing.get_type_hints(type(step))
+    for option in dataclasses.fields(step):
+        value = getattr(step, option.name)
+        if not _fits(value, hints[option.name]):
+            raise XoptError(
+                f"pass {step.name!r}: option {option.name}={value!r} is not a valid {_type_name(hints[option.name])}"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    if typing.get_args(hint):  # X | None
+        return any(_fits(value, member) for member in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 def _one_pass(item: str | Pass) -> Pass:
@@ -182,11 +212,20 @@ class PassManager:
         on_pass: Callable[[Pass], None] | None = None,
     ):
         self.passes = list(passes)
+        for step in self.passes:
+            if not isinstance(step, Pass):
+                kind = type(step).__name__
+                raise XoptError(f"PassManager runs Pass objects, not a {kind} (resolve_passes turns specs into passes)")
+            check_options(step)
+        if inputs is not None and not isinstance(inputs, Mapping) and not list(inputs):
+            raise XoptError("inputs: give at least one set of feeds (or None for xopt's own)")
         self.verify = verify
         self.inputs = inputs
         self.on_pass = on_pass
 
     def __call__(self, model: ir.Model) -> tuple[ir.Model, Report]:
+        if not isinstance(model, ir.Model):
+            raise XoptError(f"passes run on an onnx_ir Model (from xopt.load), not a {type(model).__name__}")
         working = model.clone()
         report = Report(input=ModelStats.of(model), output=ModelStats.of(model), verified=self.verify)
         report.structure = input_structure(model)
@@ -202,8 +241,9 @@ class PassManager:
             start = time.perf_counter()
             try:
                 result = step(working)
-            except XoptError as error:
-                raise type(error)(f"pass {step.name!r}: {error}") from error
+            except XoptError as error:  # named once: many passes start their messages with their name
+                reason = str(error).removeprefix(f"{step.name}: ")
+                raise type(error)(f"pass {step.name!r}: {reason}") from error
             seconds = time.perf_counter() - start
             working = result.model
             record = PassRecord(

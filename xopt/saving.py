@@ -34,6 +34,8 @@ _SOURCE_METADATA = ("xopt.hf_folder", "xopt.gguf_file", "xopt.source_file")
 
 def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> Path:
     """Write `model` to `path` (file or folder) atomically; returns the .onnx file written."""
+    if not isinstance(model, ir.Model):
+        raise XoptError(f"save takes an onnx_ir Model (from xopt.load or xopt.optimize), not a {type(model).__name__}")
     path = Path(path)
     if path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents:
         raise XoptError(f"{path}: is the current folder or holds it; give the output a name of its own")

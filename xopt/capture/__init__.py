@@ -37,6 +37,8 @@ def load(
     if isinstance(source, onnx.ModelProto):
         return ir.serde.deserialize_model(source)
     if isinstance(source, str | Path):
+        if not str(source).strip():
+            raise XoptError("empty path: give a file or folder to load")
         return _load_path(Path(source))
     torch = _torch_if_loaded()
     if torch is not None and isinstance(source, torch.export.ExportedProgram):
