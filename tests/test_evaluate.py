@@ -109,16 +109,29 @@ def test_eval_checks_positions_vocabulary_and_reference_before_running(tiny_fold
     assert message.endswith(f"hidden size (32) differs from {tiny_folder('bert')}'s (48)")
 
 
-def test_eval_refuses_the_text_the_model_was_calibrated_on(tiny_folder, tmp_path, capsys):
+def test_eval_refuses_the_texts_the_model_was_calibrated_on(tiny_folder, tmp_path, capsys):
+    """What the passes read is recorded: a text given but never read is fair to measure on, the
+    bundled calibration text read by default is not."""
     text = tmp_path / "calibration.txt"
     evaluation = read_text(None, "evaluation")
     text.write_text(evaluation[: len(evaluation) // 2])
-    output = tmp_path / "out"
-    assert main(["optimize", str(tiny_folder("llama")), "-o", str(output), "--calibration", str(text)]) == 0
+    llama, gptq = str(tiny_folder("llama")), "cleanup,quantize(method=gptq,windows=1)"
+    given = tmp_path / "given"
+    assert main(["optimize", llama, "-o", str(given), "--calibration", str(text), "--passes", gptq]) == 0
     capsys.readouterr()
-    assert main(["eval", str(output), "--text", str(text)]) == 2
+    assert main(["eval", str(given), "--text", str(text)]) == 2
     assert "was calibrated on this text" in capsys.readouterr().err
-    assert main(["eval", str(output), "--window", "64"]) == 0
+    assert main(["eval", str(given), "--window", "64"]) == 0
+    bundled = tmp_path / "bundled"
+    assert main(["optimize", llama, "-o", str(bundled), "--passes", gptq]) == 0
+    emma = tmp_path / "emma.txt"
+    emma.write_text(read_text(None, "calibration"))
+    capsys.readouterr()
+    assert main(["eval", str(bundled), "--text", str(emma), "--window", "64"]) == 2
+    assert "was calibrated on this text" in capsys.readouterr().err
+    exact = tmp_path / "exact"  # the exact recipe calibrates nothing
+    assert main(["optimize", llama, "-o", str(exact), "--calibration", str(text)]) == 0
+    assert main(["eval", str(exact), "--text", str(text), "--window", "64"]) == 0
 
 
 def test_bundled_texts_are_disjoint_and_split_into_sentences():

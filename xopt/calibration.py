@@ -35,7 +35,7 @@ from xopt.errors import XoptError
 from xopt.evaluate import SENTENCE_BATCH, sentence_batches
 from xopt.inputs import text_feeds
 from xopt.runnable import model_task
-from xopt.text import read_text
+from xopt.text import note_calibration_text, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def calibration_feeds(
     """Model inputs for the first `windows` windows of the calibration text (fewer if it is short);
     for an encoder, the first `windows` padded batches of its sentences."""
     text = read_text(Path(text_file) if text_file else None, "calibration")
+    note_calibration_text(text)
     tokenizer = source_tokenizer(model)
     if model_task(model) != TASK_CAUSAL_LM:
         return [text_feeds(model, batch) for batch in sentence_batches(tokenizer, text, windows * SENTENCE_BATCH)]

@@ -130,11 +130,12 @@ def _optimize(args: argparse.Namespace) -> int:
     import xopt
     from xopt.pipeline import PassManager, resolve_passes
     from xopt.saving import write_text_atomically
-    from xopt.text import CALIBRATION_DIGEST_KEY, read_text, text_digest
+    from xopt.text import read_text
 
     output = _output_path(args.output)
     _check_output(args.input, output)
-    calibration = read_text(args.calibration, "calibration") if args.calibration is not None else None
+    if args.calibration is not None:
+        read_text(args.calibration, "calibration")  # a missing or empty file is refused before any work
     if args.recipe is not None and args.passes is not None:
         raise XoptError("give --recipe or --passes, not both")
     if args.report is not None:
@@ -148,8 +149,6 @@ def _optimize(args: argparse.Namespace) -> int:
         model = xopt.load(args.input)
     with _progress_bar(len(passes), "pass") as advance:
         optimized, report = PassManager(passes, verify=not args.no_verify, on_pass=advance)(model)
-    if calibration is not None:  # `xopt eval` refuses to measure the model on this text
-        optimized.metadata_props[CALIBRATION_DIGEST_KEY] = text_digest(calibration)
     with _step(f"saving {output}"):
         written = xopt.save(optimized, output)
     print(report.format_table())
@@ -232,7 +231,7 @@ def _passes(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from xopt.evaluate import evaluate
     from xopt.runnable import open_runnable
-    from xopt.text import CALIBRATION_DIGEST_KEY, read_text, text_digest
+    from xopt.text import calibrated_on, read_text
 
     if args.window < 2:
         raise XoptError(f"--window {args.window}: must be at least 2")
@@ -242,7 +241,7 @@ def _eval(args: argparse.Namespace) -> int:
     text = read_text(args.text, "evaluation")
     with _step(f"loading {args.model}"):
         model = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads)
-    if model.model.metadata_props.get(CALIBRATION_DIGEST_KEY) == text_digest(text):
+    if calibrated_on(model.model.metadata_props, text):
         raise XoptError(f"{args.model} was calibrated on this text; evaluate on text it was not tuned on")
     reference = None
     if args.reference is not None:

@@ -30,6 +30,7 @@ import onnx_ir as ir
 from xopt.errors import XoptError
 from xopt.inputs import fit_inputs, verification_inputs
 from xopt.report import ModelStats, PassRecord, Report
+from xopt.text import CALIBRATION_DIGEST_KEY, calibration_texts_read
 from xopt.verify import EXACT_TOLERANCE, VerificationError, check_structure, parity_over, references_over
 
 logger = logging.getLogger(__name__)
@@ -234,34 +235,42 @@ class PassManager:
             inputs = verification_inputs(model) if self.inputs is None else self.inputs
             inputs = [inputs] if isinstance(inputs, Mapping) else list(inputs)
             reference = references_over(model, inputs)
-        for step in self.passes:
-            if self.on_pass is not None:
-                self.on_pass(step)
-            before = report.output
-            start = time.perf_counter()
-            try:
-                result = step(working)
-            except XoptError as error:  # named once: many passes start their messages with their name
-                reason = str(error).removeprefix(f"{step.name}: ")
-                raise type(error)(f"pass {step.name!r}: {reason}") from error
-            seconds = time.perf_counter() - start
-            working = result.model
-            record = PassRecord(
-                name=step.name,
-                exact=step.exact,
-                modified=result.modified,
-                seconds=seconds,
-                before=before,
-                after=ModelStats.of(working),
-                stats=result.stats,
-                explain=result.explain,
-            )
-            if self.verify:
-                record.parity = self._verify(step, working, inputs, reference)
-            report.passes.append(record)
-            report.output = record.after
-            logger.info("%s: %d → %d nodes in %.2f s", step.name, before.nodes, record.after.nodes, seconds)
+        with calibration_texts_read() as calibration_digests:
+            for step in self.passes:
+                working = self._run(step, working, report, inputs, reference)
+        if calibration_digests:  # `xopt eval` refuses to measure the model on these texts
+            recorded = set(working.metadata_props.get(CALIBRATION_DIGEST_KEY, "").split())
+            working.metadata_props[CALIBRATION_DIGEST_KEY] = " ".join(sorted(recorded | calibration_digests))
         return working, report
+
+    def _run(self, step: Pass, working: ir.Model, report: Report, inputs, reference) -> ir.Model:
+        """One pass on `working`, verified; its record goes into `report`."""
+        if self.on_pass is not None:
+            self.on_pass(step)
+        before = report.output
+        start = time.perf_counter()
+        try:
+            result = step(working)
+        except XoptError as error:  # named once: many passes start their messages with their name
+            reason = str(error).removeprefix(f"{step.name}: ")
+            raise type(error)(f"pass {step.name!r}: {reason}") from error
+        seconds = time.perf_counter() - start
+        record = PassRecord(
+            name=step.name,
+            exact=step.exact,
+            modified=result.modified,
+            seconds=seconds,
+            before=before,
+            after=ModelStats.of(result.model),
+            stats=result.stats,
+            explain=result.explain,
+        )
+        if self.verify:
+            record.parity = self._verify(step, result.model, inputs, reference)
+        report.passes.append(record)
+        report.output = record.after
+        logger.info("%s: %d → %d nodes in %.2f s", step.name, before.nodes, record.after.nodes, seconds)
+        return result.model
 
     @staticmethod
     def _verify(step: Pass, model: ir.Model, inputs, reference):

@@ -2,20 +2,26 @@
 
 Defaults are bundled and disjoint: calibration reads the opening of *Emma*, evaluation the
 opening of *Persuasion*. Any UTF-8 text file can replace either; giving the same file for both
-is refused, since a quality figure measured on calibration text flatters the lossy pass.
+is refused, since a quality figure measured on calibration text flatters the lossy pass: every
+calibration text a pass reads is noted (`calibration_texts_read`), `PassManager` records their
+SHA-256 digests in the output's metadata, and `xopt eval` refuses to measure on any of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
 
 from xopt.errors import XoptError
 
-# Metadata key under which `xopt optimize --calibration` records the SHA-256 of its text.
+# Metadata key holding the SHA-256 digests (space-separated) of the texts a model was calibrated on.
 CALIBRATION_DIGEST_KEY = "xopt.calibration_sha256"
+_TEXTS_READ: ContextVar[set[str] | None] = ContextVar("xopt_calibration_texts_read", default=None)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+")
 
 
@@ -44,6 +50,29 @@ def read_text(path: Path | None, kind: str) -> str:
 
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def calibration_texts_read() -> Iterator[set[str]]:
+    """The digests of the calibration texts read (`note_calibration_text`) inside the block."""
+    digests: set[str] = set()
+    token = _TEXTS_READ.set(digests)
+    try:
+        yield digests
+    finally:
+        _TEXTS_READ.reset(token)
+
+
+def note_calibration_text(text: str) -> None:
+    """Called by whatever feeds calibration text to a model."""
+    digests = _TEXTS_READ.get()
+    if digests is not None:
+        digests.add(text_digest(text))
+
+
+def calibrated_on(metadata: dict[str, str], text: str) -> bool:
+    """Whether a model's metadata records `text` among its calibration texts."""
+    return text_digest(text) in metadata.get(CALIBRATION_DIGEST_KEY, "").split()
 
 
 def split_sentences(text: str, min_words: int = 4) -> list[str]:
