@@ -74,6 +74,17 @@ def test_inspect_table(tiny_folder, capsys):
     assert "norm_position      post" in out and "block 1" in out
 
 
+def test_inspect_says_when_fused_operators_hide_the_structure(tiny_folder, tmp_path, capsys):
+    output = tmp_path / "out"
+    fused = "cleanup,fuse(lowering=all)"
+    assert main(["optimize", str(tiny_folder("llama")), "-o", str(output), "--passes", fused]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(output), "--json"]) == 0
+    assert "the structure below may be partial" in json.loads(capsys.readouterr().out)["note"]
+    assert main(["inspect", str(tiny_folder("llama")), "--json"]) == 0
+    assert "note" not in json.loads(capsys.readouterr().out)
+
+
 def test_passes_lists_every_pass_and_recipe(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out

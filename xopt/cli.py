@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xopt: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout stopped early (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -162,10 +166,16 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     import xopt
+    from xopt.verify import ORT_OPS_IN_ONNX_DOMAIN
 
     with _step(f"capturing {args.input}"):
         model = xopt.load(args.input)
     summary = xopt.analyze(model).summary()
+    fused_forms = {"Attention", "RotaryEmbedding", "RMSNormalization", *ORT_OPS_IN_ONNX_DOMAIN}
+    fused = sorted({n.op_type for n in model.graph if n.domain == "com.microsoft" or n.op_type in fused_forms})
+    if fused:  # the analysis reads unfused graphs: what it finds in these can be partial
+        note = f"fused or quantized operators ({', '.join(fused)}): the structure below may be partial"
+        summary = {"note": note, **summary}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -261,7 +271,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import os
     import tempfile
 
     import xopt
@@ -424,7 +433,6 @@ def _check_plot(path: Path) -> None:
 
 
 def _check_threads(threads: int | None) -> None:
-    import os
 
     most = 8 * (os.cpu_count() or 1)
     if threads is not None and not 1 <= threads <= most:
@@ -501,7 +509,6 @@ def _quiet_third_party() -> None:
     """torch and transformers log and print progress for their own steps; xopt reports its own."""
     for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
