@@ -48,7 +48,7 @@ from xopt.rewrite import (
     set_weight,
     weight_in_out,
 )
-from xopt.verify import ORT_OPS_IN_ONNX_DOMAIN
+from xopt.verify import fused_operators
 
 
 @register
@@ -103,15 +103,11 @@ class RotatePass(Pass):
         return PassResult(model, True, dict(stats), explain)
 
 
-# operators `fuse` writes in the ONNX domain, which the structure analysis does not look into
-_FUSED_FORMS = frozenset({"Attention", "RotaryEmbedding", *ORT_OPS_IN_ONNX_DOMAIN})
-
-
 def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
     """Why the stream cannot be rotated exactly, or None."""
-    fused = next((n.op_type for n in graph if n.domain == "com.microsoft" or n.op_type in _FUSED_FORMS), None)
-    if fused is not None:
-        return f"the graph has {fused} nodes (fused or quantized): rotate runs before `fuse` and `quantize`"
+    fused = fused_operators(graph)
+    if fused:
+        return f"the graph has {', '.join(fused)} nodes (fused or quantized): rotate runs before `fuse` and `quantize`"
     if not structure.blocks:
         return "no transformer blocks found"
     if structure.norm_position != "pre" or structure.embedding_norm is not None:

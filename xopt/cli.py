@@ -166,13 +166,12 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     import xopt
-    from xopt.verify import ORT_OPS_IN_ONNX_DOMAIN
+    from xopt.verify import fused_operators
 
     with _step(f"capturing {args.input}"):
         model = xopt.load(args.input)
     summary = xopt.analyze(model).summary()
-    fused_forms = {"Attention", "RotaryEmbedding", "RMSNormalization", *ORT_OPS_IN_ONNX_DOMAIN}
-    fused = sorted({n.op_type for n in model.graph if n.domain == "com.microsoft" or n.op_type in fused_forms})
+    fused = fused_operators(model.graph)
     if fused:  # the analysis reads unfused graphs: what it finds in these can be partial
         note = f"fused or quantized operators ({', '.join(fused)}): the structure below may be partial"
         summary = {"note": note, **summary}

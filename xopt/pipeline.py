@@ -218,8 +218,10 @@ class PassManager:
                 kind = type(step).__name__
                 raise XoptError(f"PassManager runs Pass objects, not a {kind} (resolve_passes turns specs into passes)")
             check_options(step)
-        if inputs is not None and not isinstance(inputs, Mapping) and not list(inputs):
-            raise XoptError("inputs: give at least one set of feeds (or None for xopt's own)")
+        if inputs is not None and not isinstance(inputs, Mapping):
+            inputs = list(inputs)
+            if not inputs:
+                raise XoptError("inputs: give at least one set of feeds (or None for xopt's own)")
         self.verify = verify
         self.inputs = inputs
         self.on_pass = on_pass

@@ -59,6 +59,13 @@ class Parity:
 # ONNX Runtime contrib ops that ORT registers in the ONNX domain; the onnx checker does not know
 # them, so they are checked as custom-domain ops (ORT itself validates them when it loads the model).
 ORT_OPS_IN_ONNX_DOMAIN = frozenset({"SimplifiedLayerNormalization"})
+# what `fuse` writes in the ONNX domain besides them; the structure analysis does not look into these
+_FUSED_ONNX_OPS = frozenset({"Attention", "RotaryEmbedding", "RMSNormalization", *ORT_OPS_IN_ONNX_DOMAIN})
+
+
+def fused_operators(graph: ir.Graph) -> list[str]:
+    """The fused or quantized operator types in `graph`: com.microsoft ones and `fuse`'s ONNX forms."""
+    return sorted({n.op_type for n in graph if n.domain == "com.microsoft" or n.op_type in _FUSED_ONNX_OPS})
 
 
 def check_structure(model: ir.Model) -> None:
