@@ -127,6 +127,10 @@ def has_affine(norm: Norm) -> bool:
     return (gamma is not None and not np.all(gamma == 1)) or (beta is not None and bool(np.any(beta)))
 
 
+# readers a fresh export can put between a norm and its linears that change nothing (a full-range Slice)
+_NO_OP_KINDS = frozenset({"Slice", "Identity"})
+
+
 def linear_readers(value: ir.Value) -> list[Linear] | str:
     readers = []
     for user in consumers(value):
@@ -138,7 +142,8 @@ def linear_readers(value: ir.Value) -> list[Linear] | str:
             continue
         linear = match_linear(user)
         if linear is None or user.inputs[0] is not value:
-            return f"read by a {user.op_type} ({user.name}), not only by linears"
+            hint = " (if it changes nothing, `cleanup` removes it)" if user.op_type in _NO_OP_KINDS else ""
+            return f"read by a {user.op_type} ({user.name}), not only by linears{hint}"
         readers.append(linear)
     return readers or "no readers"
 
