@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import onnx_ir as ir
 
 from xopt.capture import load
-from xopt.errors import XoptError
+from xopt.errors import XoptError, require_model
 from xopt.pipeline import RECIPES, Pass, PassManager, PassResult, register, registered_passes, resolve_passes
 from xopt.report import Report
 from xopt.saving import save
@@ -42,7 +42,7 @@ def optimize(
     verify: bool = True,
 ) -> tuple[ir.Model, Report]:
     """Run a recipe (or `passes`, which replaces it) on a copy of `model`; the input is untouched."""
-    _check_model("optimize", model)
+    require_model("optimize", model)
     return PassManager(resolve_passes(recipe, passes), verify=verify)(model)
 
 
@@ -50,10 +50,5 @@ def analyze(model: ir.Model):
     """The transformer structure of `model` (see `xopt.analysis.find_transformer_structure`)."""
     from xopt.analysis import find_transformer_structure
 
-    _check_model("analyze", model)
+    require_model("analyze", model)
     return find_transformer_structure(model)
-
-
-def _check_model(function: str, model) -> None:
-    if not isinstance(model, ir.Model):
-        raise XoptError(f"{function} takes an onnx_ir Model (from xopt.load), not a {type(model).__name__}")

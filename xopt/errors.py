@@ -16,3 +16,11 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def require_model(function: str, model: object) -> None:
+    """Raise unless `model` is an onnx_ir Model: what every API function after `xopt.load` takes."""
+    import onnx_ir as ir
+
+    if not isinstance(model, ir.Model):
+        raise XoptError(f"{function} takes an onnx_ir Model (from xopt.load), not a {type(model).__name__}")

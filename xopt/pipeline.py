@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from xopt.errors import XoptError
+from xopt.errors import XoptError, require_model
 from xopt.inputs import fit_inputs, verification_inputs
 from xopt.report import ModelStats, PassRecord, Report
-from xopt.text import CALIBRATION_DIGEST_KEY, calibration_texts_read
+from xopt.text import calibration_texts_read, record_calibration_texts
 from xopt.verify import EXACT_TOLERANCE, VerificationError, check_structure, parity_over, references_over
 
 logger = logging.getLogger(__name__)
@@ -227,8 +227,7 @@ class PassManager:
         self.on_pass = on_pass
 
     def __call__(self, model: ir.Model) -> tuple[ir.Model, Report]:
-        if not isinstance(model, ir.Model):
-            raise XoptError(f"passes run on an onnx_ir Model (from xopt.load), not a {type(model).__name__}")
+        require_model("PassManager", model)
         working = model.clone()
         report = Report(input=ModelStats.of(model), output=ModelStats.of(model), verified=self.verify)
         report.structure = input_structure(model)
@@ -241,8 +240,7 @@ class PassManager:
             for step in self.passes:
                 working = self._run(step, working, report, inputs, reference)
         if calibration_digests:  # `xopt eval` refuses to measure the model on these texts
-            recorded = set(working.metadata_props.get(CALIBRATION_DIGEST_KEY, "").split())
-            working.metadata_props[CALIBRATION_DIGEST_KEY] = " ".join(sorted(recorded | calibration_digests))
+            record_calibration_texts(working.metadata_props, calibration_digests)
         return working, report
 
     def _run(self, step: Pass, working: ir.Model, report: Report, inputs, reference) -> ir.Model:

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from xopt.backends.onnxruntime import PROTOBUF_LIMIT_BYTES, check_loads, model_bytes, with_weights_in_memory
 from xopt.capture.huggingface import save_tokenizer_and_config
-from xopt.errors import XoptError, first_line
+from xopt.errors import XoptError, first_line, require_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ _SOURCE_METADATA = ("xopt.hf_folder", "xopt.gguf_file", "xopt.source_file")
 
 def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> Path:
     """Write `model` to `path` (file or folder) atomically; returns the .onnx file written."""
-    if not isinstance(model, ir.Model):
-        raise XoptError(f"save takes an onnx_ir Model (from xopt.load or xopt.optimize), not a {type(model).__name__}")
+    require_model("save", model)
     path = Path(path)
     if path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents:
         raise XoptError(f"{path}: is the current folder or holds it; give the output a name of its own")

@@ -70,6 +70,12 @@ def note_calibration_text(text: str) -> None:
         digests.add(text_digest(text))
 
 
+def record_calibration_texts(metadata: dict[str, str], digests: set[str]) -> None:
+    """Add `digests` to those a model's metadata records (space-separated, sorted)."""
+    recorded = set(metadata.get(CALIBRATION_DIGEST_KEY, "").split())
+    metadata[CALIBRATION_DIGEST_KEY] = " ".join(sorted(recorded | digests))
+
+
 def calibrated_on(metadata: dict[str, str], text: str) -> bool:
     """Whether a model's metadata records `text` among its calibration texts."""
     return text_digest(text) in metadata.get(CALIBRATION_DIGEST_KEY, "").split()
