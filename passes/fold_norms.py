@@ -5,7 +5,9 @@
        z = n·W' + b',   W' = diag(γ)·W,   b' = b + β·W,
    and the norm keeps γ = 1, β = 0 (its Mul γ / Add β nodes are removed when decomposed).
    Preconditions: all readers are linears that own their weights (a weight tied to the embedding
-   table, or shared with another node, is left alone, with the reason).
+   table, or shared with another node, is left alone, with the reason), none of them on a block
+   quantization grid (a model converted from a quantized file: `source_grid`; diag(γ)·W is off it,
+   and `quantize` would round it again).
 
 2. Pre-LN LayerNorm → RMSNorm ("Pre-RMSNorm and Pre-CRMSNorm Transformers", Jiang et al. 2023).
    If every write into the residual stream has zero mean over the hidden axis, then
@@ -39,6 +41,7 @@ from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import const_array, consumers, sole_reader
 from xopt.analysis.patterns import Linear, Norm, match_linear
 from xopt.analysis.structure import Attention, TransformerStructure, sublayer_output
+from xopt.passes.source_grid import ON_GRID, lies_on_grid
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import (
     bias_or_zeros,
@@ -73,13 +76,17 @@ class FoldNormsPass(Pass):
         if not structure.blocks:
             explain.append("no transformer blocks found: nothing to fold")
         norms += [n for n in (structure.final_norm, structure.embedding_norm) if n is not None]
+        kept: dict[str, list[str]] = {}  # reason → the norms kept for it
         for norm in norms if self.affine else []:
             reason = fold_affine(graph, norm)
             if reason is None:
                 stats["norms_folded"] += 1
                 explain.append(f"folded γ/β of {norm.kind} {norm.output.name} into its readers")
             elif reason:
-                explain.append(f"kept γ/β of {norm.kind} {norm.output.name}: {reason}")
+                kept.setdefault(reason, []).append(f"{norm.kind} {norm.output.name}")
+        for reason, names in kept.items():
+            which = names[0] if len(names) == 1 else f"{len(names)} norms ({names[0]}, …)"
+            explain.append(f"kept γ/β of {which}: {reason}")
         if self.fold_scales:
             for block in find_transformer_structure(model).blocks:  # the linears changed above
                 if block.attention is not None:
@@ -98,8 +105,9 @@ class FoldNormsPass(Pass):
         return PassResult(model, bool(stats), dict(stats), explain)
 
 
-def fold_affine(graph: ir.Graph, norm: Norm) -> str | None:
-    """Fold γ, β of `norm` into the linears reading it; a reason when it cannot ('' if nothing to do)."""
+def fold_affine(graph: ir.Graph, norm: Norm, keep_grids: bool = True) -> str | None:
+    """Fold γ, β of `norm` into the linears reading it; a reason when it cannot ('' if nothing to do).
+    `keep_grids`: not into weights that lie on a quantization grid (`source_grid`)."""
     if not has_affine(norm):
         return ""
     gamma = const_array(norm.scale) if norm.scale is not None else None
@@ -109,6 +117,8 @@ def fold_affine(graph: ir.Graph, norm: Norm) -> str | None:
         return readers
     if not all(owns_weight(linear) for linear in readers):
         return "a reader's weight is shared (tied to the embedding table or another node)"
+    if keep_grids and any(lies_on_grid(weight_in_out(linear)) for linear in readers):
+        return f"a reader's weight {ON_GRID}: γ·W would not be, and `quantize` keeps the grid"
     width = readers[0].in_features
     gamma64 = np.ones(width) if gamma is None else np.broadcast_to(gamma.astype(np.float64).reshape(-1), (width,))
     beta64 = np.zeros(width) if beta is None else np.broadcast_to(beta.astype(np.float64).reshape(-1), (width,))

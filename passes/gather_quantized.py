@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from xopt.analysis.graph_view import const_array
 from xopt.analysis.patterns import Embedding
+from xopt.passes.source_grid import SOURCE_BLOCK, source_grid
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks, pack_matmul_nbits
 from xopt.rewrite import drop_if_unused, new_initializer, replace_node
 
@@ -37,13 +38,22 @@ def table_group(embedding: Embedding, group: int) -> int | str:
     return block if table.shape[1] % block == 0 else f"width {table.shape[1]} is not a multiple of 16"
 
 
-def lower_gather(graph: ir.Graph, embedding: Embedding, bits: int, group: int, fit: str) -> tuple[int, int, float]:
-    """Replace the Gather by GatherBlockQuantized; returns (bytes before, bytes after, ‖E − Ê‖/‖E‖)."""
+def lower_gather(
+    graph: ir.Graph, embedding: Embedding, bits: int, group: int, fit: str, keep_source: bool = True
+) -> tuple[int, int, float, str]:
+    """Replace the Gather by GatherBlockQuantized; returns (bytes before, bytes after, ‖E − Ê‖/‖E‖,
+    the grid's origin). With `keep_source` a table on a symmetric grid of its own (a GGUF Q8_0
+    table: `source_grid`) keeps it; the kernel takes integer zero points, so an offset grid does not."""
     stored = const_array(embedding.table)
     table = stored.astype(np.float64)
     blocks = as_blocks(table, group)
-    scale, zero = fit_blocks(blocks, bits, fit)
-    codes = codes_of(blocks, scale, zero, bits)
+    grid = source_grid(stored.T, bits) if keep_source and group == SOURCE_BLOCK else None
+    if grid is not None and grid.offset is None:
+        codes, scale = as_blocks(grid.codes.astype(np.float64), group), grid.scale
+        zero, origin = np.full(scale.shape, float(1 << (bits - 1))), f"its own {grid.form} grid"
+    else:
+        scale, zero = fit_blocks(blocks, bits, fit)
+        codes, origin = codes_of(blocks, scale, zero, bits), f"{fit} fit"
     error = float(np.linalg.norm(dequantize(codes, scale, zero).reshape(table.shape) - table) / np.linalg.norm(table))
     packed, packed_zero = pack_matmul_nbits(codes, zero, bits)
     rows = table.shape[0]
@@ -63,4 +73,4 @@ def lower_gather(graph: ir.Graph, embedding: Embedding, bits: int, group: int, f
     )
     replace_node(graph, embedding.node, node)
     drop_if_unused(graph, embedding.table)
-    return stored.nbytes, sum(inputs[i].const_value.nbytes for i in (0, 2, 3)), error
+    return stored.nbytes, sum(inputs[i].const_value.nbytes for i in (0, 2, 3)), error, origin

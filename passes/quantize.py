@@ -16,6 +16,10 @@ the grid and its fits), 4 or 8 bits. The codes q come from:
 `symmetric=true` fixes every zero point at 2^(bits−1) (`weight_grid`) and leaves MatMulNBits without
 its zero-point input, which ONNX Runtime runs on a faster path on some CPUs (SmolLM2 int4 decode
 1.14× on an AVX2 EPYC) for a coarser grid (perplexity 42.14 against 41.30 with zero points).
+`source_grid=true` (the default) keeps the grid of a weight that already lies on one of its bit
+width, in blocks of 32 (a model converted from a llama.cpp Q4_0, Q4_1 or Q8_0 file): no second
+rounding, whatever the method (`source_grid.py`); a Q4_1 block's float offset m adds to the
+MatMulNBits output the term (x·B)·cᵀ, the input's block sums times the per-block offsets.
 `symmetric=measure` decides on this machine: the model is timed with both grids, each at its own
 best accuracy level (round to nearest stands in for the method: the kernels' time does not depend
 on the codes), and the symmetric one is taken only at `SYMMETRIC_MIN_SPEEDUP` or more, a clear
@@ -81,6 +85,7 @@ from xopt.passes.input_scaling import divide_input
 from xopt.passes.int8_dynamic import is_smoothing, lower_dynamic, quantize_dynamic
 from xopt.passes.int8_static import CALIBRATIONS, quantize_static_qdq
 from xopt.passes.mixed_precision import protect_by_sensitivity
+from xopt.passes.source_grid import source_grid
 from xopt.passes.weight_grid import as_blocks, codes_of, fit_blocks, pack_matmul_nbits, restored_in_out
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import new_initializer, replace_linear, set_weight, weight_dtype, weight_in_out
@@ -112,6 +117,7 @@ class QuantizeWeightsPass(Pass):
     scheme: str = "weight-only"
     smoothing: str = "outliers"  # int8 schemes: outliers, alpha, none, or a SmoothQuant α in [0, 1]
     head_bits: int = 8
+    source_grid: bool = True  # weight-only: a weight already on a grid of its bits keeps it (exact)
     symmetric: bool | Literal["measure"] = False  # weight-only: zero points fixed at 2^(bits−1), none stored
     embedding_bits: int = 0  # token embedding table: 4 or 8 → GatherBlockQuantized; 0 keeps it float
     budget: float = 0.0  # mixed precision: task error allowed (0: every linear quantized)
@@ -138,7 +144,10 @@ class QuantizeWeightsPass(Pass):
             return self._static(model, precision, explain)
         model.opset_imports.setdefault(CONTRIB, 1)
         symmetric, level = self.symmetric, None  # level: the accuracy level the grid was chosen at
-        if symmetric == "measure":
+        if symmetric == "measure" and self._all_on_source_grids(model, precision):
+            symmetric = False
+            explain.append("symmetric=measure: nothing to choose, every linear keeps its own grid (a quantized source)")
+        elif symmetric == "measure":
             symmetric, level = self._measured_symmetry(model, precision, sequence, explain)
         forms = _Forms(self, model, symmetric)
         smoothing = self.smoothing if self.scheme == "dynamic" else None
@@ -232,12 +241,14 @@ class QuantizeWeightsPass(Pass):
             explain.append(f"embedding {shape}: not quantized: {group}")
             return
         fit = "minmax" if self.method == "rtn" else "hqq"
-        before, after, error = lower_gather(graph, embedding, self.embedding_bits, group, fit)
+        before, after, error, origin = lower_gather(
+            graph, embedding, self.embedding_bits, group, fit, keep_source=self.source_grid
+        )
         stats["bytes_before"] += before
         stats["bytes_after"] += after
         stats["embeddings_quantized"] += 1
         bits = self.embedding_bits
-        explain.append(f"embedding {shape} → {bits}-bit in groups of {group}, relative error {error:.4f}")
+        explain.append(f"embedding {shape} → {bits}-bit in groups of {group} on {origin}, relative error {error:.4f}")
 
     def _static(self, model: ir.Model, precision: dict[str, int], explain: list[str]) -> PassResult:
         """Static int8 QDQ of the chosen linears by ONNX Runtime's quantizer (`int8_static.py`), after
@@ -285,6 +296,13 @@ class QuantizeWeightsPass(Pass):
         error = TaskError(model, self.calibration or None, threads=self.threads)
         build = forms.quantized_copy
         return protect_by_sensitivity(candidates, fallback, build, error, self.budget, explain, error.unit)
+
+    def _all_on_source_grids(self, model: ir.Model, precision: dict[str, int]) -> bool:
+        """Whether every linear to quantize keeps its own grid (`source_grid`)."""
+        if not self.source_grid:
+            return False
+        linears = {linear.name: linear for linear in find_linears(model.graph)}
+        return all(source_grid(weight_in_out(linears[name]), bits) is not None for name, bits in precision.items())
 
     def _measured_symmetry(
         self, model: ir.Model, precision: dict[str, int], sequence: int, explain: list[str]
@@ -366,11 +384,10 @@ class _Forms:
         """Lower every linear of `graph` named in `plan` in its form (bits, smoothing); 0 bits: left in float."""
         stats: Counter = Counter()
         errors, smoothings = [], Counter()
-        for linear in find_linears(graph):
-            bits, _ = key = plan.get(linear.name, (0, None))
-            if not bits:
-                continue
-            form = self.form(linear.name, key)
+        planned = [(linear, plan[linear.name]) for linear in find_linears(graph) if plan.get(linear.name, (0,))[0]]
+        # every form first: the calibration a form may need runs the model before anything is lowered
+        forms = [(linear, self.form(linear.name, key)) for linear, key in planned]
+        for linear, form in forms:
             stats["bytes_before"] += _float_bytes(linear)
             stats["bytes_after"] += form.lower(graph, linear)
             stats["linears_quantized"] += 1
@@ -392,16 +409,20 @@ class _Forms:
             linear, options = self.linears[name], self.options
             bits, smoothing = form
             w = weight_in_out(linear)
-            statistic = self._statistic(linear)
-            if options.scheme == "dynamic":
-                int8 = quantize_dynamic(w, statistic, smoothing)
+            grid = source_grid(w, bits) if options.scheme == "weight-only" and options.source_grid else None
+            if grid is not None:
+                nbits = _MatMulNBits.pack(grid.codes, grid.scale, None, bits, grid.group, grid.offset)
+                restored, lower = grid.restored(), partial(_lower, nbits=nbits, input_scale=None)
+                detail = f"{bits}-bit on its own {grid.form} grid (a quantized source)"
+            elif options.scheme == "dynamic":
+                int8 = quantize_dynamic(w, self._statistic(linear), smoothing)
                 restored, lower = int8.restored(), partial(lower_dynamic, int8=int8, unsigned=self.unsigned)
                 detail = f"{'uint8' if self.unsigned else 'int8'} dynamic, smoothing {int8.label}"
                 if int8.simulated_error is not None:
                     detail += f" (simulated output error {int8.simulated_error:.2e})"
                 smoothing = int8.label
             else:
-                restored, lower, detail = self._weight_only(w, statistic, bits)
+                restored, lower, detail = self._weight_only(w, self._statistic(linear), bits)
             error = float(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
             self.forms[key] = _Form(lower, error, detail, smoothing)
         return self.forms[key]
@@ -448,7 +469,8 @@ class _Forms:
 @dataclass
 class _MatMulNBits:
     """MatMulNBits' initializers for a linear: packed codes [N, blocks, g·bits/8], scales, zero points
-    (None: the symmetric grid's 2^(bits−1), MatMulNBits' default)."""
+    (None: the symmetric grid's 2^(bits−1), MatMulNBits' default), and a source grid's per-block
+    offsets c [N, blocks] (`source_grid`), added as a term of the input's block sums."""
 
     packed: np.ndarray
     scale: np.ndarray
@@ -457,14 +479,15 @@ class _MatMulNBits:
     n: int
     bits: int
     group: int
+    offset: np.ndarray | None = None
 
     @classmethod
-    def pack(cls, codes, scale, zero, bits: int, group: int) -> _MatMulNBits:
+    def pack(cls, codes, scale, zero, bits: int, group: int, offset=None) -> _MatMulNBits:
         n, k = codes.shape
         padded = np.zeros((n, scale.shape[1] * group))
         padded[:, :k] = codes
         packed, packed_zero = pack_matmul_nbits(padded.reshape(n, -1, group), zero, bits)
-        return cls(packed, scale.reshape(-1), packed_zero, k, n, bits, group)
+        return cls(packed, scale.reshape(-1), packed_zero, k, n, bits, group, offset)
 
 
 def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np.ndarray | None) -> int:
@@ -485,8 +508,39 @@ def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np
         domain=CONTRIB,
         name=f"{linear.node.name or base}_q{bits}",
     )
+    added = sum(v.const_value.nbytes for v in inputs[1:])
+    if nbits.offset is not None:
+        node, offset_bytes = _with_offset_term(graph, linear, node, nbits)
+        added += offset_bytes
     replace_linear(graph, linear, node)
-    return sum(v.const_value.nbytes for v in inputs[1:])
+    return added
+
+
+def _with_offset_term(graph: ir.Graph, linear: Linear, matmul: ir.Node, nbits: _MatMulNBits) -> tuple[ir.Node, int]:
+    """The node adding Σ_β c[n, β]·Σ_{k∈β} x_k to MatMulNBits' output: the input's block sums (x
+    reshaped to [..., blocks, g] and summed over g; x·B with B the 0/1 block indicator where the
+    input's rank is unknown or K is not whole blocks), then times cᵀ [blocks, N]. The nodes
+    before it go in ahead of the linear's MatMul; returns it and the new bytes."""
+    blocks, dtype, name = nbits.offset.shape[1], weight_dtype(linear.weight), f"{matmul.name}_block_sums"
+    rank = None if linear.input.shape is None else len(linear.input.shape)
+    if rank is not None and nbits.k == blocks * nbits.group:
+        shape = new_initializer(
+            graph, f"{linear.name}_blocks_shape", np.array([0] * (rank - 1) + [blocks, nbits.group]), np.int64
+        )
+        axes = new_initializer(graph, f"{linear.name}_block_axis", np.array([-1]), np.int64)
+        split = ir.node("Reshape", [linear.input, shape], name=f"{matmul.name}_blocks")
+        sums = [split, ir.node("ReduceSum", [split.outputs[0], axes], attributes={"keepdims": 0}, name=name)]
+    else:
+        rows = np.arange(nbits.k)[:, None] // nbits.group == np.arange(blocks)[None, :]
+        indicator = new_initializer(graph, f"{linear.name}_block_indicator", rows, dtype)
+        sums = [ir.node("MatMul", [linear.input, indicator], name=name)]
+    offsets = new_initializer(graph, f"{linear.name}_offsets", nbits.offset.T, dtype)
+    term = ir.node("MatMul", [sums[-1].outputs[0], offsets], name=f"{matmul.name}_offset_term")
+    for node in (matmul, *sums, term):
+        graph.insert_before(linear.node, node)
+    total = ir.node("Add", [matmul.outputs[0], term.outputs[0]], name=f"{matmul.name}_with_offsets")
+    added = sum(v.const_value.nbytes for node in sums for v in node.inputs[1:])
+    return total, added + offsets.const_value.nbytes
 
 
 def _float_bytes(linear: Linear) -> int:

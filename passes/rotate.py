@@ -17,6 +17,9 @@ every rotated channel is ±1/√d times all the original ones, so an outlier cha
 rows of every reader's W with large activations behind them, or large weights — is spread over
 all d, which lowers the error of a per-group weight grid and of a per-tensor activation range.
 
+With `optional` (recipes) a model whose weights lie on a quantization grid (`source_grid`) is
+left unrotated: `quantize` keeps that grid exactly, which beats any re-quantization.
+
 Refused, with the reason: post-LN or LayerNorm models (LayerNorm subtracts the mean, which Q
 does not preserve; `fold-norms` turns Pre-LN LayerNorm into RMSNorm first), a stream read by
 anything but norms and residual adds (a hidden-state output), or a norm read by other than linears.
@@ -33,11 +36,12 @@ import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import const_array, consumers
-from xopt.analysis.patterns import Embedding, Linear
+from xopt.analysis.patterns import Embedding, Linear, find_linears
 from xopt.analysis.structure import TransformerStructure
 from xopt.errors import XoptError
 from xopt.passes.fold_norms import fold_affine, has_affine, linear_readers, stream_writers_known, untie_lm_head
 from xopt.passes.hadamard import random_rotation
+from xopt.passes.source_grid import ON_GRID, lies_on_grid
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import (
     bias_or_zeros,
@@ -63,7 +67,7 @@ class RotatePass(Pass):
 
     def __call__(self, model: ir.Model) -> PassResult:
         structure = find_transformer_structure(model)
-        reason = _refusal(model.graph, structure)
+        reason = _refusal(model.graph, structure) or (self.optional and _source_grid_reason(model.graph))
         if reason and self.optional:
             return PassResult(model, False, {}, [f"not rotated: {reason}"])
         if reason:
@@ -76,7 +80,7 @@ class RotatePass(Pass):
             stats["lm_head_untied"] += 1
             explain.append("untied the LM head: the final norm's γ goes into it")
         for norm in _stream_norms(structure):
-            reason = fold_affine(graph, norm)
+            reason = fold_affine(graph, norm, keep_grids=False)
             if reason:  # _refusal checked every reader, so this is a bug, not bad input
                 raise RuntimeError(f"rotate: γ of {norm.output.name} could not be folded: {reason}")
             if reason is None:
@@ -133,6 +137,14 @@ def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
         if any(not owns_weight(r) and not _reads_rotated_table(r, structure) for r in readers):
             return f"a reader of norm {norm.output.name} shares its weight"
     return _stream_readers_unknown(structure, norms)
+
+
+def _source_grid_reason(graph: ir.Graph) -> str | None:
+    """Why a recipe should not rotate: the weights came on a quantization grid the rotation leaves."""
+    for linear in find_linears(graph):
+        if lies_on_grid(weight_in_out(linear)):
+            return f"{linear.name} {ON_GRID}: a rotation moves the weights off it, and `quantize` keeps it"
+    return None
 
 
 def _stream_readers_unknown(structure: TransformerStructure, norms) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from xopt.pipeline import Pass, PassResult
@@ -108,3 +109,30 @@ def next_token_nll(model: ir.Model, feeds) -> float:
         total -= np.take_along_axis(logp, feed["input_ids"][:, 1:, None], axis=-1).sum()
         count += feed["input_ids"].size - 1
     return total / count
+
+
+def single_matmul(weight: np.ndarray, leading: tuple[str, ...] = ("batch",)) -> ir.Model:
+    """y = x·W, x [*leading, K], W a constant [K, N]."""
+    x = ir.Value(name="x", shape=ir.Shape([*leading, weight.shape[0]]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name="w", const_value=ir.tensor(weight, name="w"))
+    w.shape, w.dtype = ir.Shape(weight.shape), ir.DataType.FLOAT
+    node = ir.node("MatMul", inputs=[x, w], name="linear")
+    node.outputs[0].name = "y"
+    node.outputs[0].shape, node.outputs[0].dtype = ir.Shape([*leading, weight.shape[1]]), ir.DataType.FLOAT
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 21}, name="single_matmul")
+    return ir.Model(graph, ir_version=10)
+
+
+def single_gather(table: np.ndarray) -> ir.Model:
+    """hidden = E[ids], E a constant [V, d]."""
+    ids = ir.Value(name="ids", shape=ir.Shape(["batch", "sequence"]), type=ir.TensorType(ir.DataType.INT64))
+    e = ir.Value(name="table", const_value=ir.tensor(table, name="table"))
+    e.shape, e.dtype = ir.Shape(table.shape), ir.DataType.FLOAT
+    node = ir.node("Gather", inputs=[e, ids], attributes={"axis": 0}, name="embed")
+    node.outputs[0].name = "hidden"
+    node.outputs[0].shape = ir.Shape(["batch", "sequence", table.shape[1]])
+    node.outputs[0].dtype = ir.DataType.FLOAT
+    graph = ir.Graph([ids], node.outputs, nodes=[node], initializers=[e], opset_imports={"": 21}, name="gather")
+    model = ir.Model(graph, ir_version=10)
+    model.opset_imports["com.microsoft"] = 1
+    return model

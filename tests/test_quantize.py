@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 import pytest
+from helpers import single_gather, single_matmul
 
 from xopt.backends.onnxruntime import create_session
 from xopt.errors import XoptError
@@ -18,17 +19,6 @@ from xopt.passes.gptq import gptq
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks
 from xopt.pipeline import PassManager, parse_spec
 from xopt.verify import check_structure
-
-
-def _single_matmul(weight: np.ndarray) -> ir.Model:
-    x = ir.Value(name="x", shape=ir.Shape(["batch", weight.shape[0]]), type=ir.TensorType(ir.DataType.FLOAT))
-    w = ir.Value(name="w", const_value=ir.tensor(weight, name="w"))
-    w.shape, w.dtype = ir.Shape(weight.shape), ir.DataType.FLOAT
-    node = ir.node("MatMul", inputs=[x, w], name="linear")
-    node.outputs[0].name = "y"
-    node.outputs[0].shape, node.outputs[0].dtype = ir.Shape(["batch", weight.shape[1]]), ir.DataType.FLOAT
-    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 21}, name="single_matmul")
-    return ir.Model(graph, ir_version=10)
 
 
 def _restored(weight: np.ndarray, bits: int, group: int, fit: str, symmetric: bool = False) -> np.ndarray:
@@ -48,7 +38,7 @@ def test_matmulnbits_computes_x_times_the_dequantized_weight(bits, in_features, 
     The symmetric grid stores no zero points: MatMulNBits' default 2^(bits−1) is the grid's."""
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((in_features, 24)).astype(np.float32)
-    model = _single_matmul(weight)
+    model = single_matmul(weight)
     quantize = QuantizeWeightsPass(
         bits=bits, group=group, method="rtn", accuracy="0", head_bits=bits, symmetric=symmetric
     )
@@ -288,20 +278,6 @@ def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tm
             assert tokens == expected
 
 
-def _single_gather(table: np.ndarray) -> ir.Model:
-    ids = ir.Value(name="ids", shape=ir.Shape(["batch", "sequence"]), type=ir.TensorType(ir.DataType.INT64))
-    e = ir.Value(name="table", const_value=ir.tensor(table, name="table"))
-    e.shape, e.dtype = ir.Shape(table.shape), ir.DataType.FLOAT
-    node = ir.node("Gather", inputs=[e, ids], attributes={"axis": 0}, name="embed")
-    node.outputs[0].name = "hidden"
-    node.outputs[0].shape = ir.Shape(["batch", "sequence", table.shape[1]])
-    node.outputs[0].dtype = ir.DataType.FLOAT
-    graph = ir.Graph([ids], node.outputs, nodes=[node], initializers=[e], opset_imports={"": 21}, name="gather")
-    model = ir.Model(graph, ir_version=10)
-    model.opset_imports["com.microsoft"] = 1
-    return model
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [16, 32])
 def test_gatherblockquantized_returns_the_dequantized_rows(bits, group):
@@ -310,9 +286,10 @@ def test_gatherblockquantized_returns_the_dequantized_rows(bits, group):
     from xopt.passes.gather_quantized import lower_gather
 
     table = np.random.default_rng(4).standard_normal((50, 64)).astype(np.float32)
-    model = _single_gather(table)
+    model = single_gather(table)
     embedding = match_embedding(next(iter(model.graph)))
-    before, after, error = lower_gather(model.graph, embedding, bits, group, "minmax")
+    before, after, error, origin = lower_gather(model.graph, embedding, bits, group, "minmax")
+    assert origin == "minmax fit"
     assert [n.op_type for n in model.graph] == ["GatherBlockQuantized"] and "table" not in model.graph.initializers
     check_structure(model)
     ids = np.array([[3, 49, 0, 3], [7, 7, 12, 1]], dtype=np.int64)

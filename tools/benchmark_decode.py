@@ -28,7 +28,9 @@ Variants:
 - llama.cpp (`llama-cpp-python`) on the original Q4_1 GGUF file, fed the same token ids;
 - xopt: the captured KV-cache model, and each recipe's output, run by `xopt.generate.Decoder`;
   `exact` and `int4` also with `fuse(positions=contiguous)` (RoPE inside GroupQueryAttention: the
-  model then assumes no left padding, as onnxruntime-genai's models do).
+  model then assumes no left padding, as onnxruntime-genai's models do), and `int4` with an 8-bit
+  LM head: SmolLM2's file stores its tied head/embedding table as Q8_0, which `quantize` keeps
+  exactly at 8 bits (`source_grid`), as llama.cpp runs it.
 """
 
 from __future__ import annotations
@@ -159,6 +161,23 @@ def genai_variant(folder: Path, prompt: list[int], new_tokens: int):
     return generate
 
 
+def llama_cpp_runs(gguf: Path, threads: int) -> None:
+    """Raise unless llama.cpp evaluates a few tokens, tried in a child process: a build whose CPU
+    kernels this machine cannot run (its AMX kernels crash in some VMs) would end this one."""
+    import llama_cpp  # noqa: F401 (ImportError: not installed)
+
+    trial = (
+        "import sys, llama_cpp\n"
+        "model = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), verbose=False)\n"
+        "model.eval([1, 2, 3])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", trial, str(gguf), str(threads)], capture_output=True, text=True)
+    if run.returncode:
+        died = f"signal {-run.returncode}" if run.returncode < 0 else f"exit status {run.returncode}"
+        hint = " (rebuild llama-cpp-python without AMX: see README)" if run.returncode == -11 else ""
+        raise RuntimeError(f"llama.cpp crashed on this machine ({died}){hint}")
+
+
 def llama_cpp_variant(gguf: Path, prompt: list[int], new_tokens: int, threads: int):
     """llama.cpp on the GGUF file: the prompt in one batch, then one token per call, greedy."""
     import llama_cpp
@@ -239,6 +258,7 @@ def xopt_builds() -> dict[str, list[str] | None]:
         builds[f"xopt {recipe}, positions=contiguous"] = [
             "fuse(positions=contiguous)" if spec == "fuse" else spec for spec in RECIPES[recipe]
         ]
+    builds["xopt int4, 8-bit head"] = [re.sub(r"head_bits=\d", "head_bits=8", spec) for spec in RECIPES["int4"]]
     return builds
 
 
@@ -336,8 +356,9 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
 
     if "llama.cpp Q4_1" in selected:
         try:
+            llama_cpp_runs(folder / GGUF_FILE, threads)
             variants["llama.cpp Q4_1"] = llama_cpp_variant(folder / GGUF_FILE, prompt, args.new_tokens, threads)
-        except ImportError as error:
+        except (ImportError, RuntimeError) as error:
             logger.warning("llama.cpp Q4_1 left out: %s", error)
         else:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -47,6 +47,8 @@ RECIPES: dict[str, list[str]] = {
     # 39.70 against 40.79 unrotated (KL to fp32 0.091 against 0.140, on the whole evaluation text).
     # Symmetric grids (no zero points) where they time ≥ 1.05× faster on this machine: SmolLM2 on an
     # AVX2 EPYC decodes 1.14× faster with them, at perplexity 42.14 against 41.30.
+    # Weights that came on a grid (a model converted from a GGUF file) keep it exactly (`source_grid`):
+    # fold-norms leaves γ in the norms, the rotation steps aside, quantize lowers that grid as it is.
     "int4": [
         "cleanup",
         "fold-norms",
