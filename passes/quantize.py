@@ -19,7 +19,8 @@ its zero-point input, which ONNX Runtime runs on a faster path on some CPUs (Smo
 `source_grid=true` (the default) keeps the grid of a weight that already lies on one of its bit
 width, in blocks of 32 (a model converted from a llama.cpp Q4_0, Q4_1 or Q8_0 file): no second
 rounding, whatever the method (`source_grid.py`); a Q4_1 block's float offset m adds to the
-MatMulNBits output the term (x·B)·cᵀ, the input's block sums times the per-block offsets.
+MatMulNBits output the input's block sums times the per-block offsets c (Reshape, ReduceSum,
+MatMul, Add: integer zero points cannot hold m, and ORT's float ones dequantize every call).
 `symmetric=measure` decides on this machine: the model is timed with both grids, each at its own
 best accuracy level (round to nearest stands in for the method: the kernels' time does not depend
 on the codes), and the symmetric one is taken only at `SYMMETRIC_MIN_SPEEDUP` or more, a clear
