@@ -90,6 +90,8 @@ def test_resolve_passes_recipe_and_replacement():
     assert [p.name for p in resolve_passes(None, [CleanupPass(iterations=1)])] == ["cleanup"]
     with pytest.raises(XoptError, match="unknown recipe"):
         resolve_passes("fastest")
+    with pytest.raises(XoptError, match="a list of passes goes in passes="):
+        resolve_passes(["cleanup"])
     with pytest.raises(XoptError, match="not a valid int"):
         make_pass("cleanup", {"iterations": "x"})
 

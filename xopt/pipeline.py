@@ -161,8 +161,9 @@ def resolve_passes(recipe: str | None = None, passes: str | Iterable[str | Pass]
             raise XoptError("empty pass list")
         return resolved
     recipe = DEFAULT_RECIPE if recipe is None else recipe
-    if recipe not in RECIPES:
-        raise XoptError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
+    if not isinstance(recipe, str) or recipe not in RECIPES:  # a list here is the passes, misplaced
+        hint = " (a list of passes goes in passes=)" if not isinstance(recipe, str) else ""
+        raise XoptError(f"unknown recipe {recipe!r}{hint} (known: {', '.join(RECIPES)})")
     return [step for spec in RECIPES[recipe] for step in parse_spec(spec)]
 
 
