@@ -175,7 +175,7 @@ def llama_cpp_runs(gguf: Path, threads: int) -> None:
     if run.returncode:
         died = f"signal {-run.returncode}" if run.returncode < 0 else f"exit status {run.returncode}"
         hint = " (rebuild llama-cpp-python without AMX: see README)" if run.returncode == -11 else ""
-        raise RuntimeError(f"llama.cpp crashed on this machine ({died}){hint}")
+        raise RuntimeError(f"llama.cpp did not run on this machine ({died}){hint}")
 
 
 def llama_cpp_variant(gguf: Path, prompt: list[int], new_tokens: int, threads: int):
