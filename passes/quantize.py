@@ -86,7 +86,7 @@ from xopt.passes.input_scaling import divide_input
 from xopt.passes.int8_dynamic import is_smoothing, lower_dynamic, quantize_dynamic
 from xopt.passes.int8_static import CALIBRATIONS, quantize_static_qdq
 from xopt.passes.mixed_precision import protect_by_sensitivity
-from xopt.passes.source_grid import source_grid
+from xopt.passes.source_grid import SourceGrid, source_grid
 from xopt.passes.weight_grid import as_blocks, codes_of, fit_blocks, pack_matmul_nbits, restored_in_out
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import new_initializer, replace_linear, set_weight, weight_dtype, weight_in_out
@@ -145,12 +145,13 @@ class QuantizeWeightsPass(Pass):
             return self._static(model, precision, explain)
         model.opset_imports.setdefault(CONTRIB, 1)
         symmetric, level = self.symmetric, None  # level: the accuracy level the grid was chosen at
-        if symmetric == "measure" and self._all_on_source_grids(model, precision):
+        forms = _Forms(self, model)
+        if symmetric == "measure" and all(forms.source_grid(name, bits) for name, bits in precision.items()):
             symmetric = False
             explain.append("symmetric=measure: nothing to choose, every linear keeps its own grid (a quantized source)")
         elif symmetric == "measure":
-            symmetric, level = self._measured_symmetry(model, precision, sequence, explain)
-        forms = _Forms(self, model, symmetric)
+            symmetric, level = self._measured_symmetry(model, precision, sequence, explain, forms.grids)
+        forms.symmetric = symmetric
         smoothing = self.smoothing if self.scheme == "dynamic" else None
         if forms.unsigned:
             explain.append(self._codes_note())
@@ -298,15 +299,8 @@ class QuantizeWeightsPass(Pass):
         build = forms.quantized_copy
         return protect_by_sensitivity(candidates, fallback, build, error, self.budget, explain, error.unit)
 
-    def _all_on_source_grids(self, model: ir.Model, precision: dict[str, int]) -> bool:
-        """Whether every linear to quantize keeps its own grid (`source_grid`)."""
-        if not self.source_grid:
-            return False
-        linears = {linear.name: linear for linear in find_linears(model.graph)}
-        return all(source_grid(weight_in_out(linears[name]), bits) is not None for name, bits in precision.items())
-
     def _measured_symmetry(
-        self, model: ir.Model, precision: dict[str, int], sequence: int, explain: list[str]
+        self, model: ir.Model, precision: dict[str, int], sequence: int, explain: list[str], grids: dict
     ) -> tuple[bool, int]:
         """Whether this machine runs the model ≥ SYMMETRIC_MIN_SPEEDUP faster with symmetric grids,
         each grid at its own accuracy level (`_accuracy_level`, on copies rounded to nearest: the
@@ -316,7 +310,7 @@ class QuantizeWeightsPass(Pass):
         forms, levels = [], []
         for symmetric in (False, True):
             copy = model.clone()
-            _Forms(rounded, copy, symmetric).lower_all(copy.graph, plan, [])
+            _Forms(rounded, copy, symmetric, grids).lower_all(copy.graph, plan, [])
             level, note = self._accuracy_level(copy, sequence)
             explain.append(f"{'symmetric' if symmetric else 'zero points'}: {note}")
             forms.append(copy)
@@ -367,12 +361,13 @@ class _Forms:
     """Each linear's quantized forms (bits, smoothing), computed once, calibration statistics
     included: the mixed-precision sweep lowers them into many copies of the model."""
 
-    def __init__(self, options: QuantizeWeightsPass, model: ir.Model, symmetric: bool = False):
+    def __init__(self, options: QuantizeWeightsPass, model: ir.Model, symmetric: bool = False, grids=None):
         self.options = options
         self.symmetric = symmetric  # weight-only grids without zero points
         self.model = model
         self.linears = {linear.name: linear for linear in find_linears(model.graph)}
         self.forms: dict[tuple, _Form] = {}
+        self.grids: dict[tuple[str, int], SourceGrid | None] = {} if grids is None else grids  # shared by copies
         self._statistics = None
         self.unsigned = options.scheme == "dynamic" and options.unsigned_codes()
 
@@ -403,6 +398,14 @@ class _Forms:
             explain.append(_smoothing_summary(smoothings))
         return stats
 
+    def source_grid(self, name: str, bits: int) -> SourceGrid | None:
+        """The linear's own `bits`-bit grid (`source_grid`) where the options keep one, found once."""
+        if self.options.scheme != "weight-only" or not self.options.source_grid:
+            return None
+        if (name, bits) not in self.grids:
+            self.grids[name, bits] = source_grid(weight_in_out(self.linears[name]), bits)
+        return self.grids[name, bits]
+
     def form(self, name: str, form: tuple[int, str | None]) -> _Form:
         """The linear quantized in `form` (bits, smoothing)."""
         key = (name, *form)
@@ -410,7 +413,7 @@ class _Forms:
             linear, options = self.linears[name], self.options
             bits, smoothing = form
             w = weight_in_out(linear)
-            grid = source_grid(w, bits) if options.scheme == "weight-only" and options.source_grid else None
+            grid = self.source_grid(name, bits)
             if grid is not None:
                 nbits = _MatMulNBits.pack(grid.codes, grid.scale, None, bits, grid.group, grid.offset)
                 restored, lower = grid.restored(), partial(_lower, nbits=nbits, input_scale=None)
@@ -520,27 +523,34 @@ def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np
 def _with_offset_term(graph: ir.Graph, linear: Linear, matmul: ir.Node, nbits: _MatMulNBits) -> tuple[ir.Node, int]:
     """The node adding Σ_β c[n, β]·Σ_{k∈β} x_k to MatMulNBits' output: the input's block sums (x
     reshaped to [..., blocks, g] and summed over g; x·B with B the 0/1 block indicator where the
-    input's rank is unknown or K is not whole blocks), then times cᵀ [blocks, N]. The nodes
-    before it go in ahead of the linear's MatMul; returns it and the new bytes."""
+    input's rank is unknown, 1.04× slower for SmolLM2's decode), then times cᵀ [blocks, N]. The
+    nodes before it go in ahead of the linear's MatMul; returns it and the new bytes. Constants
+    that depend only on the shape are shared between linears."""
     blocks, dtype, name = nbits.offset.shape[1], weight_dtype(linear.weight), f"{matmul.name}_block_sums"
-    rank = None if linear.input.shape is None else len(linear.input.shape)
-    if rank is not None and nbits.k == blocks * nbits.group:
-        shape = new_initializer(
-            graph, f"{linear.name}_blocks_shape", np.array([0] * (rank - 1) + [blocks, nbits.group]), np.int64
-        )
-        axes = new_initializer(graph, f"{linear.name}_block_axis", np.array([-1]), np.int64)
+    added = 0
+
+    def shared(key: str, array: np.ndarray, kind) -> ir.Value:
+        nonlocal added
+        if key not in graph.initializers:
+            added += new_initializer(graph, key, array, kind).const_value.nbytes
+        return graph.initializers[key]
+
+    if linear.input.shape is not None:
+        rank = len(linear.input.shape)
+        target = np.array([0] * (rank - 1) + [blocks, nbits.group])
+        shape = shared(f"blocks_shape_{rank}x{blocks}x{nbits.group}", target, np.int64)
         split = ir.node("Reshape", [linear.input, shape], name=f"{matmul.name}_blocks")
-        sums = [split, ir.node("ReduceSum", [split.outputs[0], axes], attributes={"keepdims": 0}, name=name)]
+        axis = shared("block_sum_axis", np.array([-1]), np.int64)
+        sums = [split, ir.node("ReduceSum", [split.outputs[0], axis], attributes={"keepdims": 0}, name=name)]
     else:
         rows = np.arange(nbits.k)[:, None] // nbits.group == np.arange(blocks)[None, :]
-        indicator = new_initializer(graph, f"{linear.name}_block_indicator", rows, dtype)
+        indicator = shared(f"block_indicator_{nbits.k}x{nbits.group}_{dtype.name}", rows, dtype)
         sums = [ir.node("MatMul", [linear.input, indicator], name=name)]
     offsets = new_initializer(graph, f"{linear.name}_offsets", nbits.offset.T, dtype)
     term = ir.node("MatMul", [sums[-1].outputs[0], offsets], name=f"{matmul.name}_offset_term")
     for node in (matmul, *sums, term):
         graph.insert_before(linear.node, node)
     total = ir.node("Add", [matmul.outputs[0], term.outputs[0]], name=f"{matmul.name}_with_offsets")
-    added = sum(v.const_value.nbytes for node in sums for v in node.inputs[1:])
     return total, added + offsets.const_value.nbytes
 
 

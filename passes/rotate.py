@@ -67,7 +67,9 @@ class RotatePass(Pass):
 
     def __call__(self, model: ir.Model) -> PassResult:
         structure = find_transformer_structure(model)
-        reason = _refusal(model.graph, structure) or (self.optional and _source_grid_reason(model.graph))
+        reason = _refusal(model.graph, structure)
+        if self.optional and not reason:  # a recipe leaves a quantized source's grid to `quantize`
+            reason = _source_grid_reason(model.graph)
         if reason and self.optional:
             return PassResult(model, False, {}, [f"not rotated: {reason}"])
         if reason:

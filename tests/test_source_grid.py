@@ -92,6 +92,13 @@ def test_a_q4_1_weight_is_lowered_with_its_offsets_and_computes_x_times_w(method
     expected = x.astype(np.float64) @ weight
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
+    unknown_rank = single_matmul(weight, leading=("batch", "sequence"))
+    unknown_rank.graph.inputs[0].shape = None  # the block sums then come from x·B, B the block indicator
+    result = QuantizeWeightsPass(method=method, accuracy="0", head_bits=4)(unknown_rank)
+    assert sorted(n.op_type for n in result.model.graph) == ["Add", "MatMul", "MatMul", "MatMulNBits"]
+    (actual,) = create_session(result.model).run(None, {"x": x})
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
     requantized = QuantizeWeightsPass(method=method, accuracy="0", head_bits=4, source_grid=False)
     result = requantized(model)
     assert [n.op_type for n in result.model.graph] == ["MatMulNBits"]
