@@ -27,6 +27,13 @@ alone, once on positions 0..L−1, with L the source model's context length
 projection X, X goes in whole as the packed query (key and value omitted). Per layer that is one
 Split and two rotary nodes less, which matters in decode, where each node's fixed cost is a
 sizeable part of a step. The kernel needs a head size that is a multiple of 16.
+
+Within the same contract the attention bias M goes too, where it is only a visibility mask: the
+kernel's own causal mask C shows key j to query i iff j ≤ P₀ + i, and M adds 0 where
+j ≤ P₀ + i and attention_mask[j] = 1, and at most −10⁴ elsewhere (checked by running M's subgraph
+alone on unpadded and right-padded masks, with and without a past). With no left padding, every
+key a real query's C shows is a real token, so softmax(s·QKᵀ + C + M) = softmax(s·QKᵀ + C) on
+every real token. An M that carries anything else (ALiBi, a relative position bias) stays.
 """
 
 from __future__ import annotations
@@ -76,8 +83,75 @@ def lower_rotary_attention(model: ir.Model) -> tuple[int, list[str]]:
             continue
         _rewrite(model.graph, node, *found)
         count += 1
+    notes += _drop_visibility_masks(model)
     common_passes.RemoveUnusedNodesPass()(model)
     return count, notes
+
+
+# (batch, new tokens S, past P₀, right-padded rows) on which a bias is checked to be a visibility mask
+_MASK_CASES = ((1, 3, 0, False), (2, 4, 0, True), (2, 1, 5, False), (3, 2, 4, True))
+MASKED = -1e4  # a masked logit at or below this weighs < e⁻⁹⁰⁰⁰ against a visible one
+
+
+def _drop_visibility_masks(model: ir.Model) -> list[str]:
+    """Remove the attention bias of each rotating GroupQueryAttention whose bias is a visibility
+    mask (see the module docstring); returns why a bias stays."""
+    readers: dict[ir.Value, list[ir.Node]] = {}
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention" and node.attributes.get_int("do_rotary", 0):
+            bias = node.inputs[10] if len(node.inputs) > 10 else None
+            if bias is not None:
+                readers.setdefault(bias, []).append(node)
+    notes = []
+    for bias, nodes in readers.items():
+        refusal = _visibility_refusal(model, bias)
+        if refusal:
+            notes.append(f"{len(nodes)} GroupQueryAttention keep their attention bias: {refusal}")
+            continue
+        for node in nodes:
+            node.replace_input_with(10, None)
+        _shapes_from_attention_mask(model.graph, bias)
+    return notes
+
+
+def _shapes_from_attention_mask(graph: ir.Graph, bias: ir.Value) -> None:
+    """Make the Shape readers of the bias [B, 1, S, T] (the kernel's lengths: B and T) read
+    attention_mask [B, T] instead, so nothing computes the bias any more."""
+    mask = next(value for value in graph.inputs if value.name == "attention_mask")
+    for node, _ in list(bias.uses()):
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", None)
+        if node.op_type == "Shape" and (start, end) in ((0, 1), (3, 4), (-1, None)):
+            dim = 0 if start == 0 else 1  # the batch, or the total length T
+            node.replace_input_with(0, mask)
+            node.attributes["start"], node.attributes["end"] = ir.AttrInt64("start", dim), ir.AttrInt64("end", dim + 1)
+
+
+def _visibility_refusal(model: ir.Model, bias: ir.Value) -> str | None:
+    """Why `bias` [B, 1, S, P₀ + S] is not causal ∧ attention_mask as 0 / ≤ −10⁴ on real queries."""
+    inputs = {value.name: value for value in model.graph.inputs}
+    if "attention_mask" not in inputs or "input_ids" not in inputs:
+        return "there is no attention_mask and input_ids to compute it from"
+    sources = [inputs["input_ids"], inputs["attention_mask"]]
+    try:
+        graph = ir.convenience.extract(model.graph, inputs=sources, outputs=[bias])
+    except ValueError:
+        return "it is computed from more than input_ids and attention_mask"
+    session = create_session(ir.Model(graph, ir_version=model.ir_version), threads=1)
+    ids_type, mask_type = (inputs[name].dtype.numpy() for name in ("input_ids", "attention_mask"))
+    for batch, sequence, past, padded in _MASK_CASES:
+        mask = np.ones((batch, past + sequence), np.int64)
+        if padded:
+            mask[1:, -1] = 0
+        feeds = {"input_ids": np.zeros((batch, sequence), ids_type), "attention_mask": mask.astype(mask_type)}
+        (values,) = session.run(None, feeds)
+        causal = np.arange(past + sequence)[None, :] <= past + np.arange(sequence)[:, None]  # [S, T]
+        visible = causal[None] & mask[:, None, :].astype(bool)  # [B, S, T]
+        real = mask[:, past:].astype(bool)  # the queries whose outputs are read
+        values = np.broadcast_to(values, (batch, 1, sequence, past + sequence))[:, 0]
+        shown, hidden = (visible & real[..., None]), (~visible & real[..., None])
+        if np.any(values[shown] != 0) or np.any(values[hidden] > MASKED):
+            return "it is not only the causal and padding mask"
+    return None
 
 
 def _match(node: ir.Node) -> tuple[ir.Node, ir.Value, ir.Value] | str | None:

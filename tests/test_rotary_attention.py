@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+import onnx_ir as ir
 import pytest
 
 import xopt
@@ -16,6 +18,7 @@ from xopt.generate import Decoder
 from xopt.inputs import sample_inputs
 from xopt.kv_cache import position_limit
 from xopt.passes import CleanupPass, FusePass
+from xopt.passes.rotary_attention import lower_rotary_attention
 from xopt.runnable import Runnable
 from xopt.verify import compare, reference_outputs
 
@@ -44,6 +47,23 @@ def test_rotation_moves_into_group_query_attention_on_packed_qkv(rotating):
         assert node.attributes.get_int("do_rotary") == 1
         assert node.inputs[1] is None and node.inputs[2] is None  # packed QKV
         assert node.inputs[7].shape == node.inputs[8].shape == (256, 8)  # [context length, head size / 2]
+        assert len(node.inputs) <= 10 or node.inputs[10] is None  # the causal/padding bias is the kernel's own
+    assert ops["Where"] == 0  # nor is the bias computed any more
+
+
+def test_a_bias_that_is_more_than_a_visibility_mask_stays(llama16):
+    model = FusePass(lowering="all")(llama16.clone()).model  # RoPE before GroupQueryAttention, bias in
+    attentions = [node for node in model.graph if node.op_type == "GroupQueryAttention"]
+    (bias,) = {node.inputs[10] for node in attentions}
+    shifted = ir.node("Add", [bias, ir.Value(name="shift", const_value=ir.tensor(np.float32(0.25)))])
+    model.graph.register_initializer(shifted.inputs[1])
+    model.graph.insert_after(bias.producer(), shifted)
+    for node in attentions:
+        node.replace_input_with(10, shifted.outputs[0])
+    count, notes = lower_rotary_attention(model)
+    assert count == 2
+    assert "2 GroupQueryAttention keep their attention bias: it is not only the causal and padding mask" in notes
+    assert all(node.inputs[10] is shifted.outputs[0] for node in model.graph if node.op_type == "GroupQueryAttention")
 
 
 @pytest.mark.parametrize(
