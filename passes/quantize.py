@@ -355,6 +355,7 @@ class _Form:
     relative_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
     detail: str
     smoothing: str | None = None  # the smoothing chosen (dynamic scheme)
+    on_source_grid: bool = False  # the weight's own grid, kept (explained once per grid form)
 
 
 class _Forms:
@@ -379,7 +380,7 @@ class _Forms:
     def lower_all(self, graph: ir.Graph, plan: dict, explain: list[str]) -> Counter:
         """Lower every linear of `graph` named in `plan` in its form (bits, smoothing); 0 bits: left in float."""
         stats: Counter = Counter()
-        errors, smoothings = [], Counter()
+        errors, smoothings, on_source = [], Counter(), {}  # on_source: detail → (count, worst error)
         planned = [(linear, plan[linear.name]) for linear in find_linears(graph) if plan.get(linear.name, (0,))[0]]
         # every form first: the calibration a form may need runs the model before anything is lowered
         forms = [(linear, self.form(linear.name, key)) for linear, key in planned]
@@ -390,8 +391,14 @@ class _Forms:
             errors.append(form.relative_error)
             if form.smoothing is not None:
                 smoothings[form.smoothing] += 1
+            if form.on_source_grid:
+                count, worst = on_source.get(form.detail, (0, 0.0))
+                on_source[form.detail] = (count + 1, max(worst, form.relative_error))
+                continue
             shape = f"{linear.in_features}×{linear.out_features}"
             explain.append(f"{linear.name}: {shape} → {form.detail}, relative error {form.relative_error:.4f}")
+        for detail, (count, worst) in on_source.items():
+            explain.append(f"{count} linear{'s' * (count > 1)} → {detail}, relative error ≤ {worst:.4f}")
         if errors:
             stats["mean_relative_error"] = float(np.mean(errors))
         if smoothings:
@@ -428,7 +435,7 @@ class _Forms:
             else:
                 restored, lower, detail = self._weight_only(w, self._statistic(linear), bits)
             error = float(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
-            self.forms[key] = _Form(lower, error, detail, smoothing)
+            self.forms[key] = _Form(lower, error, detail, smoothing, on_source_grid=grid is not None)
         return self.forms[key]
 
     def _weight_only(self, w: np.ndarray, statistic, bits: int) -> tuple[np.ndarray, Callable, str]:
