@@ -147,7 +147,10 @@ def _visibility_refusal(model: ir.Model, bias: ir.Value) -> str | None:
         causal = np.arange(past + sequence)[None, :] <= past + np.arange(sequence)[:, None]  # [S, T]
         visible = causal[None] & mask[:, None, :].astype(bool)  # [B, S, T]
         real = mask[:, past:].astype(bool)  # the queries whose outputs are read
-        values = np.broadcast_to(values, (batch, 1, sequence, past + sequence))[:, 0]
+        try:
+            values = np.broadcast_to(values, (batch, 1, sequence, past + sequence))[:, 0]
+        except ValueError:
+            return f"its shape {values.shape} is not [batch, 1, new tokens, total tokens]"
         shown, hidden = (visible & real[..., None]), (~visible & real[..., None])
         if np.any(values[shown] != 0) or np.any(values[hidden] > MASKED):
             return "it is not only the causal and padding mask"
