@@ -22,8 +22,9 @@ Every rewrite computes the same values up to float rounding:
   (`group_query_attention.py`; any mask).
 - `rotary-attention`, only with `positions=contiguous`: the RotaryEmbedding of Q and K before a
   `GroupQueryAttention` → its own rotation (`do_rotary`), on packed QKV where Q, K and V are split
-  from one projection (`rotary_attention.py`). ONNX Runtime's kernel rotates at positions P..P+S−1,
-  so the model then assumes inputs without left padding, as onnxruntime-genai's models do.
+  from one projection, and its attention bias dropped where that is only the causal/padding mask
+  its kernel applies itself (`rotary_attention.py`). ONNX Runtime's kernel rotates at positions
+  P..P+S−1, so the model then assumes inputs without left padding, as onnxruntime-genai's models do.
 - `attention`: softmax(Q·Kᵀ·s + mask)·V with its head reshapes → `Attention` (projections packed),
   `MultiHeadAttention` or `GroupQueryAttention`.
 - `gelu`: the erf/tanh GELU expansions (+ bias) → `Gelu`, `FastGelu`, `BiasGelu`.
