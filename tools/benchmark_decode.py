@@ -79,9 +79,6 @@ REQUANTIZED_GROUPS = (64, 128)  # the int4 recipe with its source grids re-quant
 REQUANTIZED_SPECS = {  # int4 recipe pass → its re-quantized variant's (rotated: no grid is kept)
     "rotate(optional=true)": "rotate",
     "fuse": "fuse(positions=contiguous)",
-    "quantize(head_bits=4,embedding_bits=8,symmetric=measure)": (
-        "quantize(head_bits=4,embedding_bits=8,symmetric=measure,source_grid=false,group={group})"
-    ),
 }
 BUILD_STAMP = "benchmark-build.json"  # in a kept build's folder: what made it, in how many seconds
 logger = logging.getLogger("benchmark_decode")
@@ -275,7 +272,10 @@ def xopt_builds() -> dict[str, list[str] | None]:
         raise SystemExit(f"benchmark_decode: REQUANTIZED_SPECS names {sorted(missing)[0]!r}, not in the int4 recipe")
     for group in REQUANTIZED_GROUPS:  # the speed end: one rounding more, fewer bytes per weight
         builds[f"xopt int4, re-quantized in groups of {group}, positions=contiguous"] = [
-            REQUANTIZED_SPECS.get(spec, spec).format(group=group) for spec in RECIPES["int4"]
+            spec.replace(")", f",source_grid=false,group={group})")
+            if spec.startswith("quantize(")
+            else REQUANTIZED_SPECS.get(spec, spec)
+            for spec in RECIPES["int4"]
         ]
     return builds
 
