@@ -39,6 +39,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from xopt.analysis.graph_view import const_array, skip_back
+from xopt.analysis.patterns import Embedding
 from xopt.analysis.structure import TransformerStructure
 from xopt.backends.onnxruntime import create_session, run
 from xopt.cache import cache_dir as default_cache_dir
@@ -63,9 +65,24 @@ class Verdict:
 
 def timed_sequence(structure: TransformerStructure, wanted: int) -> int:
     """The timing sequence length S, capped so that a learned position table (GPT-2, BERT) has a
-    row for every position timed: prefill of S tokens and a decode step at position S."""
-    tables = [e.rows for e in structure.embeddings if e is not structure.token_embedding]
+    row for every position timed: prefill of S tokens and a decode step at position S. A table
+    read at one row whatever the position (BERT's token types) caps nothing."""
+    tables = [e.rows for e in structure.embeddings if e is not structure.token_embedding and not _one_row(e)]
     return min([wanted, *(rows - 1 for rows in tables)])
+
+
+# Ops that select or reshape their first input's values without computing new ones
+_SELECTIONS = frozenset({"Slice", "Expand", "Gather", "GatherElements", "Unsqueeze", "Squeeze", "Reshape", "Cast"})
+
+
+def _one_row(embedding: Embedding) -> bool:
+    """Whether the table is read at one row only: its indices select from a constant holding one
+    value (a zeros buffer), or are a token-type input (the samples feed zeros there)."""
+    value = skip_back(embedding.node.inputs[1], _SELECTIONS)
+    if value.is_graph_input():
+        return "token_type" in value.name.lower()
+    array = const_array(value)
+    return array is not None and array.size > 0 and bool(np.all(array == array.flat[0]))
 
 
 @dataclass

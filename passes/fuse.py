@@ -13,6 +13,9 @@ Every rewrite computes the same values up to float rounding:
   (com.microsoft) computing the sum and its norm in one pass; its fourth output is a + b for the
   other readers of the residual stream (ONNX Runtime does not fuse these itself when the shapes
   are symbolic, as in every KV-cache export).
+- `residual-sum`: the residual Add under a norm becomes a Sum of the same two operands, which
+  ONNX Runtime's session optimizer does not fuse into SkipLayerNormalization (slower on some CPUs)
+  behind the measurement's back (`residual_sum.py`); `skip-norm` then fuses Sum or Add alike.
 - `rotary`: x·cos + rotate_half(x)·sin → ONNX `RotaryEmbedding` (opset 23) on the graph's own
   cos/sin tables (`rotary.py`; any positions).
 - `cached-attention`: a KV-cache decoder's Concat(past, K/V) → head repeats → softmax(s·Q·Kᵀ + M)·V
@@ -59,6 +62,7 @@ from xopt.inputs import verification_inputs
 from xopt.kv_cache import has_kv_cache
 from xopt.passes.cached_attention import lower_cached_attention
 from xopt.passes.group_query_attention import lower_group_query_attention
+from xopt.passes.residual_sum import pin_residual_sums
 from xopt.passes.rotary import lower_rotary
 from xopt.passes.rotary_attention import lower_rotary_attention
 from xopt.pipeline import Pass, PassResult, register
@@ -67,7 +71,7 @@ from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_va
 # Order: each family runs while the graph still has the forms it matches: onnxscript's encoder
 # attention rules want separate Q/K/V; the merges need xopt's structure analysis, which no longer
 # sees Q/K/V once a cached attention is one operator; skip-norm absorbs the residual Adds that
-# the analysis finds blocks by, so it comes last.
+# the analysis finds blocks by, so it comes last, after residual-sum (the form it is weighed against).
 FAMILIES = (
     "norm",
     "rotary",
@@ -78,6 +82,7 @@ FAMILIES = (
     "cached-attention",
     "group-query-attention",
     "rotary-attention",
+    "residual-sum",
     "skip-norm",
 )
 LOWERINGS = ("measure", "all")
@@ -89,6 +94,9 @@ PREREQUISITES = {
     "group-query-attention": ("cached-attention",),
     "rotary-attention": ("rotary", "cached-attention", "group-query-attention"),
 }
+# A family timed against another's form of the same subgraph, which it replaces: one that lost to
+# its alternative kept alone stays out of the families tried together (it would undo the winner).
+ALTERNATIVES = {"skip-norm": "residual-sum"}
 
 
 @register
@@ -138,7 +146,8 @@ class FusePass(Pass):
                 explain.append(f"{family}: no match")
                 chained = None
                 if self.lowering == "measure" and any(p not in stats for p in PREREQUISITES.get(family, ())):
-                    chained = _with_prerequisites(family, model, stats, skipped, chooser, signature, explain)
+                    after = _after(signature, stats)
+                    chained = _with_prerequisites(family, model, stats, skipped, chooser, after, explain)
                 if chained is None:
                     unmatched.append(family)
                     continue
@@ -153,7 +162,7 @@ class FusePass(Pass):
             sound[family] = count
             if self.lowering == "measure":
                 try:
-                    verdict = chooser.choose(family, {**signature, "count": count}, model, candidate)
+                    verdict = chooser.choose(family, {**_after(signature, stats), "count": count}, model, candidate)
                 except Exception as error:  # a form ORT cannot time at this shape is not kept
                     explain.append(f"{family}: {count} matched, reverted: timing failed ({first_line(error)})")
                     continue
@@ -169,7 +178,9 @@ class FusePass(Pass):
             model, modified = candidate, True
         kept_alone = [family for family in sound if family in stats]
         if self.lowering == "measure" and len(sound) > 1 and len(kept_alone) < len(sound):
-            together = _together(original, model, sound, unmatched, chooser, signature, explain)
+            lost = {f for f, alternative in ALTERNATIVES.items() if alternative in stats and f not in stats}
+            tried = [f for f in FAMILIES if (f in sound or f in unmatched) and f not in lost]
+            together = _together(original, model, tried, chooser, _after(signature, stats), explain)
             if together is not None:
                 model, counts = together
                 modified = True
@@ -177,24 +188,29 @@ class FusePass(Pass):
         return PassResult(model, modified, dict(stats), explain)
 
 
+def _after(signature: dict, kept: Counter[str]) -> dict:
+    """The signature of a verdict timed against the model with the families `kept` so far: the same
+    candidate is weighed against another current form once another family is kept before it."""
+    return {**signature, "after": [family for family in FAMILIES if family in kept]}
+
+
 def _together(
     original: ir.Model,
     current: ir.Model,
-    sound: dict[str, int],
-    unmatched: list[str],
+    families: list[str],
     chooser: LoweringChooser,
     signature: dict,
     explain: list[str],
 ) -> tuple[ir.Model, dict[str, int]] | None:
-    """Every sound family at once, timed against the kept ones: families too small to win one at a
-    time (a norm, a rotary embedding) can win together, and a family that builds on another
-    (skip-norm on the lowered norms) matches only then. Returns the model and counts if it wins."""
+    """`families` (the sound ones, and those that matched nothing alone) at once, timed against the
+    kept ones: families too small to win one at a time (a norm, a rotary embedding) can win
+    together, and a family that builds on another (skip-norm on the lowered norms) matches only
+    then. Returns the model and counts if it wins."""
     candidate, counts = original.clone(), {}
-    for family in FAMILIES:
-        if family in sound or family in unmatched:
-            count, _ = _APPLY[family](candidate)
-            if count:
-                counts[family] = count
+    for family in families:
+        count, _ = _APPLY[family](candidate)
+        if count:
+            counts[family] = count
     label = "+".join(counts)
     if _wins(f"{label} together", counts, original, current, candidate, chooser, signature, explain, against=True):
         return candidate, counts
@@ -406,7 +422,7 @@ def _fuse_skip_norms(model: ir.Model) -> tuple[int, list[str]]:
     count, notes = 0, []
     for norm in [n for n in model.graph if n.op_type in _SKIP_NORMS and n.domain == ""]:
         add = norm.inputs[0].producer()
-        if add is None or add.op_type != "Add" or add.domain != "":
+        if add is None or add.op_type not in ("Add", "Sum") or add.domain != "" or len(add.inputs) != 2:
             continue
         reason = _skip_norm_refusal(norm, add)
         if reason:
@@ -503,6 +519,7 @@ def _drop_unused(model: ir.Model) -> None:
 
 _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
     "norm": _lower_norms,
+    "residual-sum": pin_residual_sums,
     "skip-norm": _fuse_skip_norms,
     "rotary": lower_rotary,
     "cached-attention": lower_cached_attention,

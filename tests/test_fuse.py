@@ -6,10 +6,12 @@ from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
-from xopt.backends.lowering import LoweringChooser
-from xopt.backends.onnxruntime import create_session
+from xopt.analysis import find_transformer_structure
+from xopt.backends.lowering import LoweringChooser, timed_sequence
+from xopt.backends.onnxruntime import create_session, inline_proto, session_options
 from xopt.errors import XoptError
 from xopt.generate import CopiedCache, InPlaceCache
 from xopt.inputs import sample_inputs
@@ -131,19 +133,66 @@ def test_cached_attention_leaves_an_encoder_alone(tiny_model):
     assert "cached-attention: no match" in result.explain and "cached-attention" not in result.stats
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_norms_of_residual_sums_absorb_the_add(tiny_model, name):
+@pytest.mark.parametrize("name, pinned", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_norms_of_residual_sums_absorb_the_add(tiny_model, name, pinned):
+    """skip-norm fuses the residual Add, or the Sum that residual-sum made of it (`pinned`)."""
     folded = FoldNormsPass()(CleanupPass()(tiny_model(name).clone()).model).model
-    lowered = FusePass(lowering="all", skip=only("norm"))
+    lowered = FusePass(lowering="all", skip=only("norm", *(["residual-sum"] if pinned else [])))
     normed = lowered(folded.clone()).model
     result = FusePass(lowering="all", skip=only("skip-norm"))(normed)
     ops = Counter(n.op_type for n in result.model.graph)
     residual_sums = 2 * LAYERS[name]  # before each block's second norm, the next block's first, the final norm
     assert result.stats == {"skip-norm": residual_sums} and ops["SkipSimplifiedLayerNormalization"] == residual_sums
-    assert ops["Add"] == Counter(n.op_type for n in normed.graph)["Add"] - residual_sums
+    before = Counter(n.op_type for n in normed.graph)
+    assert before["Sum"] == (residual_sums if pinned else 0) and ops["Sum"] == 0
+    assert ops["Add"] == before["Add"] - (0 if pinned else residual_sums)
     feeds = sample_inputs(folded, batch=2, sequence=5, past=4, padded=True, seed=4)
     parity = compare(reference_outputs(folded, feeds), reference_outputs(result.model, feeds))
     assert parity.max_rel <= 1e-5, parity
+
+
+def _session_ops(model: ir.Model, tmp_path) -> Counter:
+    """The operators of the graph ONNX Runtime runs once its session optimizer has rewritten it."""
+    path = tmp_path / "session-optimized.onnx"
+    options = session_options(threads=1)
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(inline_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return Counter(node.op_type for node in ir.load(path).graph)
+
+
+def test_residual_sums_keep_onnx_runtime_from_fusing_the_norms(tiny_model, tmp_path):
+    cleaned = CleanupPass()(tiny_model("bert").clone()).model
+    under_norms = sum(
+        n.op_type == "LayerNormalization" and n.inputs[0].producer().op_type == "Add" for n in cleaned.graph
+    )
+    result = FusePass(lowering="all", skip=only("residual-sum"))(cleaned.clone())
+    ops = Counter(n.op_type for n in result.model.graph)
+    assert result.stats == {"residual-sum": under_norms} and ops["Sum"] == under_norms == 5  # embeddings, 2 per block
+    feeds = sample_inputs(cleaned, batch=2, sequence=7, padded=True, seed=3)
+    parity = compare(reference_outputs(cleaned, feeds), reference_outputs(result.model, feeds))
+    assert parity.max_rel <= 1e-5, parity
+    assert _session_ops(cleaned, tmp_path)["SkipLayerNormalization"] > 0  # what the Sum is there to prevent
+    pinned = _session_ops(result.model, tmp_path)
+    assert pinned["SkipLayerNormalization"] == 0 and pinned["LayerNormalization"] == under_norms
+
+
+def test_skip_norm_that_lost_to_residual_sums_is_not_tried_with_them(tiny_model, monkeypatch):
+    def speedup(self, current, candidate):  # only the pinned Sums are faster than what they replace
+        gains = "Sum" in {n.op_type for n in candidate.graph} - {n.op_type for n in current.graph}
+        return (1.2, 1.0) if gains else (1.0, 1.0)
+
+    monkeypatch.setattr(LoweringChooser, "_measure", speedup)
+    result = FusePass()(CleanupPass()(tiny_model("bert").clone()).model)
+    assert result.stats["residual-sum"] == 5 and "skip-norm" not in result.stats
+    together = [line for line in result.explain if " together: " in line]
+    assert together and together[0].startswith("attention+gelu+residual-sum together"), together
+
+
+def test_a_token_type_table_does_not_bound_the_timed_sequence(tiny_model):
+    structure = find_transformer_structure(tiny_model("bert"))
+    positions = [e.rows for e in structure.embeddings if e is not structure.token_embedding and e.rows > 2]
+    assert len(structure.embeddings) == 3 and len(positions) == 1  # tokens, token types (2 rows), positions
+    assert timed_sequence(structure, 10_000) == positions[0] - 1 and timed_sequence(structure, 16) == 16
 
 
 def test_merges_stack_the_projections(tiny_model):
@@ -224,7 +273,7 @@ def test_families_too_small_alone_are_kept_together(tiny_model, monkeypatch):
     monkeypatch.setattr(LoweringChooser, "_measure", speedup)
     result = FusePass()(CleanupPass()(tiny_model("qwen2").clone()).model)
     together = [line for line in result.explain if " together: " in line]
-    families = "norm+rotary+merge-qkv+merge-gate-up+cached-attention+group-query-attention+skip-norm"
+    families = "norm+rotary+merge-qkv+merge-gate-up+cached-attention+group-query-attention+residual-sum+skip-norm"
     assert together and together[0].startswith(families + " together") and together[0].endswith(": kept")
     assert result.modified and result.stats["norm"] == 7 and result.stats["merge-gate-up"] == 3
 
