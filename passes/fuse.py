@@ -146,8 +146,7 @@ class FusePass(Pass):
                 explain.append(f"{family}: no match")
                 chained = None
                 if self.lowering == "measure" and any(p not in stats for p in PREREQUISITES.get(family, ())):
-                    after = _after(signature, stats)
-                    chained = _with_prerequisites(family, model, stats, skipped, chooser, after, explain)
+                    chained = _with_prerequisites(family, model, stats, skipped, chooser, signature, explain)
                 if chained is None:
                     unmatched.append(family)
                     continue
@@ -162,7 +161,7 @@ class FusePass(Pass):
             sound[family] = count
             if self.lowering == "measure":
                 try:
-                    verdict = chooser.choose(family, {**_after(signature, stats), "count": count}, model, candidate)
+                    verdict = chooser.choose(family, {**signature, "count": count}, model, candidate)
                 except Exception as error:  # a form ORT cannot time at this shape is not kept
                     explain.append(f"{family}: {count} matched, reverted: timing failed ({first_line(error)})")
                     continue
@@ -180,18 +179,12 @@ class FusePass(Pass):
         if self.lowering == "measure" and len(sound) > 1 and len(kept_alone) < len(sound):
             lost = {f for f, alternative in ALTERNATIVES.items() if alternative in stats and f not in stats}
             tried = [f for f in FAMILIES if (f in sound or f in unmatched) and f not in lost]
-            together = _together(original, model, tried, chooser, _after(signature, stats), explain)
+            together = _together(original, model, tried, chooser, signature, explain)
             if together is not None:
                 model, counts = together
                 modified = True
                 stats.update(counts)
         return PassResult(model, modified, dict(stats), explain)
-
-
-def _after(signature: dict, kept: Counter[str]) -> dict:
-    """The signature of a verdict timed against the model with the families `kept` so far: the same
-    candidate is weighed against another current form once another family is kept before it."""
-    return {**signature, "after": [family for family in FAMILIES if family in kept]}
 
 
 def _together(
