@@ -310,6 +310,7 @@ STANDARD_OPS: dict[str, Op] = {
     "LessOrEqual": _elementwise(torch.le),
     "Greater": _elementwise(torch.gt),
     "GreaterOrEqual": _elementwise(torch.ge),
+    "Sum": _variadic(torch.add),
     "Max": _variadic(torch.maximum),
     "Min": _variadic(torch.minimum),
     "Cast": _cast,
