@@ -16,10 +16,15 @@ ratio within `NEAR_TIE` of the threshold is measured again over twice the rounds
 two medians are averaged, weighted by rounds, so that a verdict rests on more samples where noise
 could flip it.
 
+A `context` times both forms as a later pass will leave them (`fuse(weights=int4)`: the linears
+quantized to int4 as the int4 recipe runs them): a lowering's share of the time depends on what
+the rest of the model costs (SmolLM2's GroupQueryAttention, measured 1.02× on fp32 linears, matters
+more next to int4 ones).
+
 Verdicts are cached in a JSON file keyed by the family, the model's shape signature, the operator
 counts of both forms (so a changed lowering, or a different set of families kept before it, is
-timed anew), the sample shape, the thread count, the ORT version and the CPU, so a model is timed
-once per machine.
+timed anew), the context's name, the sample shape, the thread count, the ORT version and the CPU,
+so a model is timed once per machine.
 `XOPT_CACHE_DIR` (else `$XDG_CACHE_HOME/xopt`, else `~/.cache/xopt`) holds the file.
 """
 
@@ -96,9 +101,12 @@ class LoweringChooser:
     warmup: int = 2
     min_speedup: float = 1.03
     cache_dir: Path | None = None
+    context: Callable[[ir.Model], ir.Model] | None = None  # applied to a copy of each form before timing
+    context_name: str = ""  # what `context` does (part of the cache key)
 
     def choose(self, family: str, signature: dict, current: ir.Model, candidate: ir.Model) -> Verdict:
-        key = self._key(family, {**signature, "current": _op_counts(current), "candidate": _op_counts(candidate)})
+        counts = {"current": _op_counts(current), "candidate": _op_counts(candidate)}
+        key = self._key(family, {**signature, **counts, **({"context": self.context_name} if self.context else {})})
         cache = self._read_cache()
         cached = key in cache
         if not cached:
@@ -112,6 +120,8 @@ class LoweringChooser:
         from xopt.bench import time_interleaved
         from xopt.inputs import sample_inputs
 
+        if self.context is not None:
+            current, candidate = self.context(current.clone()), self.context(candidate.clone())
         workloads = {"prefill": (sample_inputs(current, batch=self.batch, sequence=self.sequence), 1)}
         if has_kv_cache(current):
             step = sample_inputs(current, batch=self.batch, sequence=1, past=self.sequence)

@@ -38,7 +38,11 @@ GELU patterns by onnxscript's ORT fusion rules.
 Lowering (`lowering` option): "measure" times each family that matched, applied on top of what
 was kept so far, against the model without it (`backends/lowering.py`, cached per machine), and
 keeps it only if faster; "all" keeps every family that matched (used by parity tests); a family
-can also be switched off by listing it in `skip`.
+can also be switched off by listing it in `skip`. `weights=int4` (the int4 recipe) times both
+forms with their linears quantized as that recipe runs them (round to nearest stands in for the
+method: the kernels' time does not depend on the codes), since a family's share of the time
+depends on what the linears cost: SmolLM2's GroupQueryAttention measured 1.02× next to fp32
+linears, under the 1.03× a family must win by, and is what int4 decode wants.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ FAMILIES = (
 )
 LOWERINGS = ("measure", "all")
 POSITIONS = ("mask", "contiguous")
+WEIGHTS = ("float", "int4")  # the linears each family is timed next to
 # A family that rewrites what others make matches only once they are kept; when they were not
 # (each too small a win alone), it is timed together with them: GroupQueryAttention with RoPE
 # inside pays in decode where GroupQueryAttention alone sits below the threshold.
@@ -109,6 +114,7 @@ class FusePass(Pass):
     lowering: str = "measure"
     skip: str = ""  # families to leave alone, separated by "+" (or "," from Python)
     positions: str = "mask"  # "contiguous": positions P..P+S−1 in every row (no left padding)
+    weights: str = "float"  # "int4": timed with the linears quantized as the int4 recipe runs them
     threads: int = 2
     batch: int = 1
     sequence: int = 128
@@ -118,6 +124,8 @@ class FusePass(Pass):
             raise XoptError(f"fuse: unknown lowering {self.lowering!r}: one of {', '.join(LOWERINGS)}")
         if self.positions not in POSITIONS:
             raise XoptError(f"fuse: unknown positions {self.positions!r}: one of {', '.join(POSITIONS)}")
+        if self.weights not in WEIGHTS:
+            raise XoptError(f"fuse: unknown weights {self.weights!r}: one of {', '.join(WEIGHTS)}")
         if min(self.threads, self.batch, self.sequence) < 1:
             raise XoptError("fuse: threads, batch and sequence (the timed shape) must be at least 1")
         skipped = {name.strip() for name in re.split(r"[+,]", self.skip) if name.strip()}
@@ -127,6 +135,8 @@ class FusePass(Pass):
         structure = find_transformer_structure(model)
         sequence = timed_sequence(structure, self.sequence)
         chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
+        if self.weights == "int4":
+            chooser.context, chooser.context_name = _as_int4, "int4 rtn, head 4, embedding 8, level 4"
         signature = _signature(structure)
         stats: Counter[str] = Counter()
         explain: list[str] = []
@@ -525,3 +535,11 @@ _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
     "merge-qkv": _merge_qkv,
     "merge-gate-up": _merge_gate_up,
 }
+
+
+def _as_int4(model: ir.Model) -> ir.Model:
+    """The model with its linears as the int4 recipe lowers them (round to nearest in its stead,
+    accuracy level 4), to time a family next to them."""
+    from xopt.passes.quantize import QuantizeWeightsPass
+
+    return QuantizeWeightsPass(method="rtn", head_bits=4, embedding_bits=8, accuracy="4")(model).model

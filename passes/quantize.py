@@ -18,9 +18,10 @@ its zero-point input, which ONNX Runtime runs on a faster path on some CPUs (Smo
 1.14× on an AVX2 EPYC) for a coarser grid (perplexity 42.14 against 41.30 with zero points).
 `source_grid=true` (the default) keeps the grid of a weight that already lies on one of its bit
 width, in blocks of 32 (a model converted from a llama.cpp Q4_0, Q4_1 or Q8_0 file): no second
-rounding, whatever the method (`source_grid.py`); a Q4_1 block's float offset m adds to the
-MatMulNBits output the input's block sums times the per-block offsets c (Reshape, ReduceSum,
-MatMul, Add: integer zero points cannot hold m, and ORT's float ones dequantize every call).
+rounding of the codes and scales, whatever the method (`source_grid.py`). A Q4_1 block's float
+offset cannot be an integer zero point; it is folded into one (the rest on extra rows that read
+the input's block sums, `grid_offsets.py`), or with `source_grid=exact` kept exactly as a float
+term of the block sums, 1.17× slower for SmolLM2's decode. `false` re-quantizes such weights.
 `symmetric=measure` decides on this machine: the model is timed with both grids, each at its own
 best accuracy level (round to nearest stands in for the method: the kernels' time does not depend
 on the codes), and the symmetric one is taken only at `SYMMETRIC_MIN_SPEEDUP` or more, a clear
@@ -82,6 +83,7 @@ from xopt.errors import XoptError, first_line
 from xopt.passes.awq import awq
 from xopt.passes.gather_quantized import lower_gather, table_group
 from xopt.passes.gptq import gptq
+from xopt.passes.grid_offsets import fold_offsets, with_block_sums, with_offset_term
 from xopt.passes.input_scaling import divide_input
 from xopt.passes.int8_dynamic import is_smoothing, lower_dynamic, quantize_dynamic
 from xopt.passes.int8_static import CALIBRATIONS, quantize_static_qdq
@@ -118,7 +120,7 @@ class QuantizeWeightsPass(Pass):
     scheme: str = "weight-only"
     smoothing: str = "outliers"  # int8 schemes: outliers, alpha, none, or a SmoothQuant α in [0, 1]
     head_bits: int = 8
-    source_grid: bool = True  # weight-only: a weight already on a grid of its bits keeps it (exact)
+    source_grid: bool | Literal["exact"] = True  # weight-only: a weight already on a grid of its bits keeps it
     symmetric: bool | Literal["measure"] = False  # weight-only: zero points fixed at 2^(bits−1), none stored
     embedding_bits: int = 0  # token embedding table: 4 or 8 → GatherBlockQuantized; 0 keeps it float
     budget: float = 0.0  # mixed precision: task error allowed (0: every linear quantized)
@@ -244,7 +246,7 @@ class QuantizeWeightsPass(Pass):
             return
         fit = "minmax" if self.method == "rtn" else "hqq"
         before, after, error, origin = lower_gather(
-            graph, embedding, self.embedding_bits, group, fit, keep_source=self.source_grid
+            graph, embedding, self.embedding_bits, group, fit, keep_source=bool(self.source_grid)
         )
         stats["bytes_before"] += before
         stats["bytes_after"] += after
@@ -422,9 +424,11 @@ class _Forms:
             w = weight_in_out(linear)
             grid = self.source_grid(name, bits)
             if grid is not None:
-                nbits = _MatMulNBits.pack(grid.codes, grid.scale, None, bits, grid.group, grid.offset)
+                nbits, grid = _source_grid_form(grid, exact=options.source_grid == "exact")
                 restored, lower = grid.restored(), partial(_lower, nbits=nbits, input_scale=None)
                 detail = f"{bits}-bit on its own {grid.form} grid (a quantized source)"
+                if nbits.offsets is not None or nbits.block_sums:
+                    detail += ", offsets exact" if nbits.offsets is not None else ", offsets folded into zero points"
             elif options.scheme == "dynamic":
                 int8 = quantize_dynamic(w, self._statistic(linear), smoothing)
                 restored, lower = int8.restored(), partial(lower_dynamic, int8=int8, unsigned=self.unsigned)
@@ -480,8 +484,9 @@ class _Forms:
 @dataclass
 class _MatMulNBits:
     """MatMulNBits' initializers for a linear: packed codes [N, blocks, g·bits/8], scales, zero points
-    (None: the symmetric grid's 2^(bits−1), MatMulNBits' default), and a source grid's per-block
-    offsets c [N, blocks] (`source_grid`), added as a term of the input's block sums."""
+    (None: the symmetric grid's 2^(bits−1), MatMulNBits' default); for an offset grid
+    (`grid_offsets`), either the grid whose offsets are added as a float term of the input's block
+    sums (exact) or `block_sums`: the input gets its block sums appended, read by the last rows."""
 
     packed: np.ndarray
     scale: np.ndarray
@@ -490,23 +495,39 @@ class _MatMulNBits:
     n: int
     bits: int
     group: int
-    offset: np.ndarray | None = None
+    offsets: SourceGrid | None = None
+    block_sums: bool = False
 
     @classmethod
-    def pack(cls, codes, scale, zero, bits: int, group: int, offset=None) -> _MatMulNBits:
+    def pack(cls, codes, scale, zero, bits: int, group: int, **offset_form) -> _MatMulNBits:
         n, k = codes.shape
         padded = np.zeros((n, scale.shape[1] * group))
         padded[:, :k] = codes
         packed, packed_zero = pack_matmul_nbits(padded.reshape(n, -1, group), zero, bits)
-        return cls(packed, scale.reshape(-1), packed_zero, k, n, bits, group, offset)
+        return cls(packed, scale.reshape(-1), packed_zero, k, n, bits, group, **offset_form)
+
+
+def _source_grid_form(grid: SourceGrid, exact: bool) -> tuple[_MatMulNBits, SourceGrid]:
+    """The MatMulNBits form of a weight kept on its own grid, and the grid it computes."""
+    if grid.offset is None:
+        return _MatMulNBits.pack(grid.codes, grid.scale, None, grid.bits, grid.group), grid
+    if exact:
+        return _MatMulNBits.pack(grid.codes, grid.scale, None, grid.bits, grid.group, offsets=grid), grid
+    codes, scale, zero, computed = fold_offsets(grid)
+    return _MatMulNBits.pack(codes, scale, zero, grid.bits, grid.group, block_sums=True), computed
 
 
 def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np.ndarray | None) -> int:
     """Replace the linear's MatMul by MatMulNBits (its input divided by `input_scale` first, if
     any); returns the bytes of its new initializers."""
-    base, bits = linear.name, nbits.bits
+    base, bits, added = linear.name, nbits.bits, 0
+    name = f"{linear.node.name or base}_q{bits}"
+    if nbits.block_sums:
+        source, added = with_block_sums(graph, linear, nbits.group, name)
+    else:
+        source = linear.input if input_scale is None else divide_input(graph, linear, input_scale)
     inputs = [
-        linear.input if input_scale is None else divide_input(graph, linear, input_scale),
+        source,
         new_initializer(graph, f"{base}_q{bits}", nbits.packed, np.uint8),
         new_initializer(graph, f"{base}_scales", nbits.scale, weight_dtype(linear.weight)),
     ]
@@ -517,48 +538,14 @@ def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np
         inputs=inputs,
         attributes={"K": nbits.k, "N": nbits.n, "bits": bits, "block_size": nbits.group, "accuracy_level": 0},
         domain=CONTRIB,
-        name=f"{linear.node.name or base}_q{bits}",
+        name=name,
     )
-    added = sum(v.const_value.nbytes for v in inputs[1:])
-    if nbits.offset is not None:
-        node, offset_bytes = _with_offset_term(graph, linear, node, nbits)
+    added += sum(v.const_value.nbytes for v in inputs[1:])
+    if nbits.offsets is not None:
+        node, offset_bytes = with_offset_term(graph, linear, node, nbits.offsets)
         added += offset_bytes
     replace_linear(graph, linear, node)
     return added
-
-
-def _with_offset_term(graph: ir.Graph, linear: Linear, matmul: ir.Node, nbits: _MatMulNBits) -> tuple[ir.Node, int]:
-    """The node adding Σ_β c[n, β]·Σ_{k∈β} x_k to MatMulNBits' output: the input's block sums (x
-    reshaped to [..., blocks, g] and summed over g; x·B with B the 0/1 block indicator where the
-    input's rank is unknown, 1.04× slower for SmolLM2's decode), then times cᵀ [blocks, N]. The
-    nodes before it go in ahead of the linear's MatMul; returns it and the new bytes. Constants
-    that depend only on the shape are shared between linears."""
-    blocks, dtype, name = nbits.offset.shape[1], weight_dtype(linear.weight), f"{matmul.name}_block_sums"
-    added = 0
-
-    def shared(key: str, array: np.ndarray, kind) -> ir.Value:
-        nonlocal added
-        if key not in graph.initializers:
-            added += new_initializer(graph, key, array, kind).const_value.nbytes
-        return graph.initializers[key]
-
-    if linear.input.shape is not None:
-        rank = len(linear.input.shape)
-        target = np.array([0] * (rank - 1) + [blocks, nbits.group])
-        shape = shared(f"blocks_shape_{rank}x{blocks}x{nbits.group}", target, np.int64)
-        split = ir.node("Reshape", [linear.input, shape], name=f"{matmul.name}_blocks")
-        axis = shared("block_sum_axis", np.array([-1]), np.int64)
-        sums = [split, ir.node("ReduceSum", [split.outputs[0], axis], attributes={"keepdims": 0}, name=name)]
-    else:
-        rows = np.arange(nbits.k)[:, None] // nbits.group == np.arange(blocks)[None, :]
-        indicator = shared(f"block_indicator_{nbits.k}x{nbits.group}_{dtype.name}", rows, dtype)
-        sums = [ir.node("MatMul", [linear.input, indicator], name=name)]
-    offsets = new_initializer(graph, f"{linear.name}_offsets", nbits.offset.T, dtype)
-    term = ir.node("MatMul", [sums[-1].outputs[0], offsets], name=f"{matmul.name}_offset_term")
-    for node in (matmul, *sums, term):
-        graph.insert_before(linear.node, node)
-    total = ir.node("Add", [matmul.outputs[0], term.outputs[0]], name=f"{matmul.name}_with_offsets")
-    return total, added + offsets.const_value.nbytes
 
 
 def _float_bytes(linear: Linear) -> int:

@@ -136,3 +136,27 @@ def single_gather(table: np.ndarray) -> ir.Model:
     model = ir.Model(graph, ir_version=10)
     model.opset_imports["com.microsoft"] = 1
     return model
+
+
+def _as_stored(values: np.ndarray) -> np.ndarray:
+    """GGUF stores each block's scale and minimum as float16."""
+    return values.astype(np.float16).astype(np.float32)
+
+
+def gguf_like(w_in_out: np.ndarray, kind: str) -> np.ndarray:
+    """W [K, N] quantized and dequantized as llama.cpp does: Q4_1 (d·q + m), Q4_0 (d·(q − 8), the
+    value of largest magnitude at −8) or Q8_0 (d·q, |q| ≤ 127), blocks of 32 input rows."""
+    k, n = w_in_out.shape
+    x = w_in_out.T.reshape(n, k // 32, 32).astype(np.float64)
+    if kind == "Q4_1":
+        low, high = x.min(-1), x.max(-1)
+        d, m = _as_stored((high - low) / 15), _as_stored(low)
+        restored = d[..., None] * np.clip(np.rint((x - m[..., None]) / d[..., None]), 0, 15) + m[..., None]
+    elif kind == "Q4_0":
+        largest = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+        d = _as_stored(largest / -8)
+        restored = d[..., None] * np.clip(np.rint(x / d[..., None]), -8, 7)
+    else:
+        d = _as_stored(np.abs(x).max(-1) / 127)
+        restored = d[..., None] * np.clip(np.rint(x / d[..., None]), -127, 127)
+    return restored.astype(np.float32).reshape(n, k).T

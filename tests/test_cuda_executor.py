@@ -54,6 +54,27 @@ def test_reference_operators_match_onnx_runtime(tiny_model, name, form):
     assert_parity(optimized, WORKLOADS[:1] if name == "bert" else WORKLOADS)
 
 
+@pytest.mark.parametrize("offsets", ["true", "exact"])
+def test_a_model_on_its_gguf_grids_matches_onnx_runtime(tiny_model, offsets):
+    """Q4_1 linears kept on their grids: the offsets folded into zero points and rows read by the
+    input's block sums (Concat, K not a multiple of the block), or added as a float term (ReduceSum,
+    MatMul, Add)."""
+    from helpers import gguf_like
+
+    from xopt.analysis.patterns import find_linears
+    from xopt.rewrite import set_weight, weight_in_out
+
+    model = tiny_model("qwen2").clone()  # every linear's input width a multiple of GGUF's 32
+    for linear in find_linears(model.graph):
+        set_weight(model.graph, linear, gguf_like(weight_in_out(linear).astype(np.float32), "Q4_1"))
+    passes = f"{FUSED},quantize(head_bits=4,accuracy=0,source_grid={offsets})"
+    optimized, _ = xopt.optimize(model, passes=passes, verify=False)
+    nbits = [node for node in optimized.graph if node.op_type == "MatMulNBits"]
+    widened = [node.inputs[0].producer().op_type == "Concat" for node in nbits]
+    assert widened == [offsets == "true"] * len(nbits)
+    assert_parity(optimized, WORKLOADS)
+
+
 @pytest.mark.parametrize(("name", "activation"), [("llama", "silu"), ("qwen2", "silu"), ("gemma", "gelu_tanh")])
 def test_the_gated_mlp_activation_is_one_step(tiny_model, name, activation):
     from xopt.backends.cuda.glu_fusion import find_gated_activations

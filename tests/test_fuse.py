@@ -235,6 +235,57 @@ def test_real_timing_runs_both_forms(tiny_model):
     assert current_ms > 0 and candidate_ms > 0 and 0.2 < current_ms / candidate_ms < 5
 
 
+def test_int4_weights_time_each_family_next_to_int4_linears(tiny_model, monkeypatch):
+    """fuse(weights=int4) times copies of both forms with their linears quantized (the models it
+    keeps stay float), and its verdicts are cached apart from the float ones."""
+    timed = []
+    measure = LoweringChooser._measure
+
+    def spy(self, current, candidate):
+        timed.append((self.context_name, current, self.context(current.clone())))
+        return measure(self, current, candidate)
+
+    monkeypatch.setattr(LoweringChooser, "_measure", spy)
+    monkeypatch.setattr(LoweringChooser, "rounds", 1)
+    monkeypatch.setattr(LoweringChooser, "warmup", 0)
+    model = tiny_model("llama").clone()
+    result = FusePass(weights="int4", sequence=8)(model.clone())
+    assert timed and all(name.startswith("int4") for name, _, _ in timed)
+
+    def linears(graph):
+        from xopt.analysis.patterns import find_linears
+
+        return len(find_linears(graph))
+
+    for _, current, as_timed in timed:
+        assert linears(current.graph) > 0 and not any(n.op_type == "MatMulNBits" for n in current.graph)
+        assert linears(as_timed.graph) == 0 and any(n.op_type == "MatMulNBits" for n in as_timed.graph)
+    assert not any(n.op_type == "MatMulNBits" for n in result.model.graph)
+    inside = []
+    monkeypatch.setattr(
+        LoweringChooser, "_measure", lambda self, current, candidate: inside.append(self.context_name) or (1.0, 1.0)
+    )
+    FusePass(sequence=8)(model.clone())
+    assert inside and set(inside) == {""}  # float verdicts are not the int4 ones
+
+
+def test_a_context_is_timed_on_copies(tiny_model):
+    seen = []
+
+    def quantized(model):
+        from xopt.passes.fuse import _as_int4
+
+        seen.append(sum(n.op_type == "MatMul" for n in model.graph))
+        return _as_int4(model)
+
+    chooser = LoweringChooser(threads=1, batch=1, sequence=8, rounds=2, warmup=1, context=quantized)
+    model = tiny_model("llama")
+    before = [n.op_type for n in model.graph]
+    current_ms, candidate_ms = chooser._measure(model, model.clone())
+    assert current_ms > 0 and candidate_ms > 0 and len(seen) == 2 and seen[0] > 0
+    assert [n.op_type for n in model.graph] == before
+
+
 def test_bad_options_are_named(tiny_model):
     with pytest.raises(XoptError, match="unknown family 'bogus'"):
         FusePass(skip="bogus")(tiny_model("bert").clone())

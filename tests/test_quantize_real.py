@@ -61,3 +61,25 @@ def test_smollm2_int4_gptq_is_closer_to_fp32_than_onnxruntime_rtn(smollm2, tmp_p
     assert quality["xopt"].kl < 0.7 * quality["onnxruntime"].kl
     assert quality["xopt"].perplexity < quality["onnxruntime"].perplexity
     assert quality["xopt"].top1_agreement > quality["onnxruntime"].top1_agreement
+
+
+def test_smollm2_keeps_its_q4_1_grids_exactly_or_with_folded_offsets(smollm2, tmp_path):
+    """This SmolLM2 came from a Q4_1 file: every linear keeps its grid. With exact offsets the int4
+    model computes the float one (float activations, accuracy level 0); folded into zero points
+    (the default) the offsets' residual is rounded on a 4-bit grid, a small cost measured here."""
+    captured, _ = PassManager([CleanupPass()], verify=False)(smollm2)
+    folders = {"fp32": tmp_path / "fp32"}
+    xopt.save(captured, folders["fp32"])
+    for offsets in ("exact", True):
+        quantize = QuantizeWeightsPass(head_bits=0, accuracy="0", source_grid=offsets)
+        model, report = PassManager([quantize], verify=False)(captured.clone())
+        kept = next(line for line in report.passes[-1].explain if "on its own offset grid" in line)
+        assert kept.startswith("210 linears → 4-bit on its own offset grid"), kept
+        folders[offsets] = tmp_path / str(offsets)
+        xopt.save(model, folders[offsets])
+    text = read_text(None, "evaluation")[:12000]
+    reference = open_runnable(folders["fp32"], threads=2)
+    exact = evaluate(open_runnable(folders["exact"], threads=2), text, reference)
+    folded = evaluate(open_runnable(folders[True], threads=2), text, reference)
+    assert exact.kl < 1e-6 and exact.top1_agreement == 1.0, exact
+    assert folded.kl < 5e-3 and folded.perplexity < 1.01 * exact.perplexity, folded

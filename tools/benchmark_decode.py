@@ -28,12 +28,13 @@ Variants:
 - llama.cpp (`llama-cpp-python`) on the original Q4_1 GGUF file, fed the same token ids;
 - xopt: the captured KV-cache model, and each recipe's output, run by `xopt.generate.Decoder`;
   `exact` and `int4` also with `fuse(positions=contiguous)` (RoPE inside GroupQueryAttention: the
-  model then assumes no left padding, as onnxruntime-genai's models do), and `int4` with an 8-bit
-  LM head: SmolLM2's file stores its tied head/embedding table as Q8_0, which `quantize` keeps
-  exactly at 8 bits (`source_grid`), as llama.cpp runs it; and `int4` with those grids re-quantized
-  (`source_grid=false`) in groups of 64 and 128 with positions=contiguous: a second rounding (worse
-  perplexity) for fewer bytes per weight (4 + 32/g bits of codes and scales, against the source
-  grid's 4 + 64/32: its float offsets are a second 32-bit number per block), hence faster decode.
+  model then assumes no left padding, as onnxruntime-genai's models do); `int4` with an 8-bit LM
+  head and exact offsets: SmolLM2's file stores its tied head/embedding table as Q8_0, which
+  `quantize` keeps exactly at 8 bits, and its linears as Q4_1, whose float offsets
+  `source_grid=exact` keeps exactly (the recipe folds them into zero points: `grid_offsets`), so
+  the model computes what llama.cpp computes from the file; and `int4` with those grids
+  re-quantized (`source_grid=false`) in groups of 64 and 128 with positions=contiguous: a second
+  rounding (worse perplexity) for fewer bytes per weight (4 + 32/g bits of codes and scales).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ CONTIGUOUS_RECIPES = ("exact", "int4")  # also built with fuse(positions=contigu
 REQUANTIZED_GROUPS = (64, 128)  # the int4 recipe with its source grids re-quantized in these groups
 REQUANTIZED_SPECS = {  # int4 recipe pass → its re-quantized variant's (rotated: no grid is kept)
     "rotate(optional=true)": "rotate",
-    "fuse": "fuse(positions=contiguous)",
+    "fuse(weights=int4)": "fuse(weights=int4,positions=contiguous)",
 }
 BUILD_STAMP = "benchmark-build.json"  # in a kept build's folder: what made it, in how many seconds
 logger = logging.getLogger("benchmark_decode")
@@ -263,10 +264,13 @@ def xopt_builds() -> dict[str, list[str] | None]:
     """Each xopt variant's label and passes (None: the captured model as it is)."""
     builds = {"xopt captured": None, **{f"xopt {name}": passes for name, passes in RECIPES.items()}}
     for recipe in CONTIGUOUS_RECIPES:  # the same with fuse(positions=contiguous), genai's contract
-        builds[f"xopt {recipe}, positions=contiguous"] = [
-            "fuse(positions=contiguous)" if spec == "fuse" else spec for spec in RECIPES[recipe]
-        ]
-    builds["xopt int4, 8-bit head"] = [re.sub(r"head_bits=\d", "head_bits=8", spec) for spec in RECIPES["int4"]]
+        builds[f"xopt {recipe}, positions=contiguous"] = [_contiguous(spec) for spec in RECIPES[recipe]]
+    builds["xopt int4, 8-bit head, exact offsets"] = [  # the file's grids as llama.cpp computes them
+        re.sub(r"head_bits=\d", "head_bits=8", spec).replace(")", ",source_grid=exact)")
+        if spec.startswith("quantize(")
+        else spec
+        for spec in RECIPES["int4"]
+    ]
     missing = set(REQUANTIZED_SPECS) - set(RECIPES["int4"])
     if missing:  # the recipe changed: the re-quantized variants would silently be the recipe
         raise SystemExit(f"benchmark_decode: REQUANTIZED_SPECS names {sorted(missing)[0]!r}, not in the int4 recipe")
@@ -278,6 +282,13 @@ def xopt_builds() -> dict[str, list[str] | None]:
             for spec in RECIPES["int4"]
         ]
     return builds
+
+
+def _contiguous(spec: str) -> str:
+    """A recipe's pass with `fuse` given positions=contiguous."""
+    if spec == "fuse":
+        return "fuse(positions=contiguous)"
+    return spec.replace(")", ",positions=contiguous)") if spec.startswith("fuse(") else spec
 
 
 def variant_labels() -> list[str]:

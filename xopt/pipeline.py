@@ -47,15 +47,16 @@ RECIPES: dict[str, list[str]] = {
     # 39.70 against 40.79 unrotated (KL to fp32 0.091 against 0.140, on the whole evaluation text).
     # Symmetric grids (no zero points) where they time ≥ 1.05× faster on this machine: SmolLM2 on an
     # AVX2 EPYC decodes 1.14× faster with them, at perplexity 42.14 against 41.30.
-    # Weights that came on a grid (a model converted from a GGUF file) keep it exactly (`source_grid`):
-    # fold-norms leaves γ in the norms, the rotation steps aside, quantize lowers that grid as it is.
-    # SmolLM2 from its Q4_1 file: perplexity 39.24 against 42.14 re-quantized, at about 0.8× that
-    # model's decode speed (the offsets' block-sum term); `quantize(source_grid=false)` re-quantizes.
+    # Weights that came on a grid (a model converted from a GGUF file) keep it (`source_grid`):
+    # fold-norms leaves γ in the norms, the rotation steps aside, quantize keeps the codes and
+    # scales and folds Q4_1's float offsets into zero points (`grid_offsets`). SmolLM2 from its
+    # Q4_1 file: perplexity 39.29 against 42.14 re-quantized; decode 1.17× the exact offsets' form
+    # (39.25) in a scratch A/B. `quantize(source_grid=exact)` keeps the offsets exactly, `false` re-quantizes.
     "int4": [
         "cleanup",
         "fold-norms",
         "rotate(optional=true)",
-        "fuse",
+        "fuse(weights=int4)",  # each fusion timed next to int4 linears, as this recipe runs them
         "quantize(head_bits=4,embedding_bits=8,symmetric=measure)",
     ],
     # The exact recipe, then dynamic int8 (per-channel weights, run-time activations, smoothing α

@@ -228,11 +228,15 @@ def _softmax(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
     return [torch.softmax(inputs[0], dim=node.attributes.get_int("axis", -1))]
 
 
-def _reduce_mean(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
-    axes = _axes(node, inputs)
-    keep = bool(node.attributes.get_int("keepdims", 1))
-    data = inputs[0]
-    return [data.mean(dim=tuple(axes) if axes else tuple(range(data.dim())), keepdim=keep)]
+def _reduce(reduction: Callable[..., torch.Tensor]) -> Op:
+    def run(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
+        axes, data = _axes(node, inputs), inputs[0]
+        if not axes and node.attributes.get_int("noop_with_empty_axes", 0):
+            return [data]
+        keep = bool(node.attributes.get_int("keepdims", 1))
+        return [reduction(data, dim=tuple(axes) if axes else tuple(range(data.dim())), keepdim=keep).to(data.dtype)]
+
+    return run
 
 
 def _constant_of_shape(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
@@ -283,6 +287,7 @@ HOST_INPUTS: dict[str, frozenset[int]] = {
     "ConstantOfShape": frozenset({0}),
     "Trilu": frozenset({1}),
     "ReduceMean": frozenset({1}),
+    "ReduceSum": frozenset({1}),
 }
 
 STANDARD_OPS: dict[str, Op] = {
@@ -334,7 +339,8 @@ STANDARD_OPS: dict[str, Op] = {
     "MatMul": _matmul,
     "Gemm": _gemm,
     "Softmax": _softmax,
-    "ReduceMean": _reduce_mean,
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceSum": _reduce(torch.sum),
     "ConstantOfShape": _constant_of_shape,
     "Constant": _constant,
     "Trilu": _trilu,
