@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from xopt.analysis.patterns import Linear
 from xopt.passes.source_grid import SourceGrid
-from xopt.passes.weight_grid import as_blocks, codes_of, levels
+from xopt.passes.weight_grid import as_blocks, codes_of, fit_blocks, levels
 from xopt.rewrite import new_initializer, weight_dtype
 
 
@@ -44,9 +44,7 @@ def fold_offsets(grid: SourceGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     zero = np.clip(np.rint(middle - grid.offset / grid.scale), 0, levels(bits))
     residual = grid.offset - grid.scale * (middle - zero)  # ρ [N, K/g]
     rows = as_blocks(residual, group)  # [N, ⌈(K/g)/g⌉, g]
-    low, high = np.minimum(rows.min(axis=-1), 0), np.maximum(rows.max(axis=-1), 0)
-    row_scale = np.where(high > low, (high - low) / levels(bits), 1.0)
-    row_zero = np.clip(np.rint(-low / row_scale), 0, levels(bits))
+    row_scale, row_zero = fit_blocks(rows, bits, "minmax")
     row_codes = codes_of(rows, row_scale, row_zero, bits)
     kept = row_scale[..., None] * (row_codes - row_zero[..., None])  # ρ̂
     offsets = grid.scale * (middle - zero) + kept.reshape(n, -1)[:, : residual.shape[1]]

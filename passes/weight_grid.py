@@ -16,7 +16,9 @@ magnitude m maps to the lowest code, s = −m / 2^(bits−1), so the grid spans 
 on the side of m's sign. HQQ's fit then updates only s.
 
 Fits of (s, z) per block, on the block's values w:
-- `minmax` (round to nearest, RTN): s = (max w − min w)/L, z = round(−min w / s).
+- `minmax` (round to nearest, RTN): over the block's range widened to hold 0, [lo, hi] =
+  [min(min w, 0), max(max w, 0)], s = (hi − lo)/L, z = round(−lo / s) (a block of one sign would
+  otherwise need a zero point outside 0…L).
 - `hqq`: Half-Quadratic Quantization (Badri & Shaji, 2023) minimises ‖w − Ŵ‖_p^p with p < 1
   (robust to outliers) by alternating a proximal step on the error, e = shrink_p(w − Ŵ, β) with
   shrink_p(x) = sign(x)·relu(|x| − |x|^(p−1)/β), and closed-form updates of the grid on the
@@ -72,7 +74,7 @@ def restored_in_out(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, grou
 
 
 def _fit_minmax(blocks: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    low, high = blocks.min(axis=-1), blocks.max(axis=-1)
+    low, high = np.minimum(blocks.min(axis=-1), 0), np.maximum(blocks.max(axis=-1), 0)
     scale = (high - low) / top
     scale = np.where(scale > 0, scale, np.maximum(np.abs(high), 1e-12))  # a constant block: any s, q − z = w/s
     zero = np.clip(np.rint(-low / scale), 0, top)

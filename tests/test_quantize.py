@@ -52,6 +52,16 @@ def test_matmulnbits_computes_x_times_the_dequantized_weight(bits, in_features, 
     assert not np.allclose(actual, x @ weight, atol=1e-6)  # it did quantize
 
 
+def test_round_to_nearest_holds_blocks_of_one_sign_within_half_a_step():
+    """A block whose values share a sign still gets an integer zero point in 0…L: its range is
+    widened to hold 0, and every value lands within half a grid step."""
+    rng = np.random.default_rng(6)
+    blocks = np.concatenate([rng.uniform(2, 3, (4, 2, 32)), -rng.uniform(2, 3, (4, 2, 32))], axis=1)
+    scale, zero = fit_blocks(blocks, 4, "minmax")
+    error = np.abs(blocks - dequantize(codes_of(blocks, scale, zero, 4), scale, zero))
+    assert zero.min() >= 0 and zero.max() <= 15 and np.all(error <= scale[..., None] / 2 * (1 + 1e-9))
+
+
 def test_hqq_fit_is_never_worse_than_round_to_nearest():
     rng = np.random.default_rng(1)
     blocks = rng.standard_t(df=3, size=(64, 8, 32))  # heavy tails: outliers stretch the min/max range

@@ -77,10 +77,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ANCHOR_PACKAGES = ("onnxruntime-genai", "llama-cpp-python")
 CONTIGUOUS_RECIPES = ("exact", "int4")  # also built with fuse(positions=contiguous)
 REQUANTIZED_GROUPS = (64, 128)  # the int4 recipe with its source grids re-quantized in these groups
-REQUANTIZED_SPECS = {  # int4 recipe pass → its re-quantized variant's (rotated: no grid is kept)
-    "rotate(optional=true)": "rotate",
-    "fuse(weights=int4)": "fuse(weights=int4,positions=contiguous)",
-}
+REQUANTIZED_SPECS = {"rotate(optional=true)": "rotate"}  # int4 recipe pass → re-quantized variant's (no grid kept)
 BUILD_STAMP = "benchmark-build.json"  # in a kept build's folder: what made it, in how many seconds
 logger = logging.getLogger("benchmark_decode")
 
@@ -278,7 +275,7 @@ def xopt_builds() -> dict[str, list[str] | None]:
         builds[f"xopt int4, re-quantized in groups of {group}, positions=contiguous"] = [
             spec.replace(")", f",source_grid=false,group={group})")
             if spec.startswith("quantize(")
-            else REQUANTIZED_SPECS.get(spec, spec)
+            else REQUANTIZED_SPECS.get(spec, _contiguous(spec))
             for spec in RECIPES["int4"]
         ]
     return builds
