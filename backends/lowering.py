@@ -23,8 +23,8 @@ more next to int4 ones).
 
 Verdicts are cached in a JSON file keyed by the family, the model's shape signature, the operator
 counts of both forms (so a changed lowering, or a different set of families kept before it, is
-timed anew), the context's name, the sample shape, the thread count, the ORT version and the CPU,
-so a model is timed once per machine.
+timed anew), the context's name, the sample shape, the thread count, the ORT version and the CPU
+(name, model number, cache size, vector flags), so a model is timed once per machine.
 `XOPT_CACHE_DIR` (else `$XDG_CACHE_HOME/xopt`, else `~/.cache/xopt`) holds the file.
 """
 
@@ -198,14 +198,24 @@ def _runner(session: ort.InferenceSession, model: ir.Model, feeds: dict) -> Call
 
 
 def _cpu_name() -> str:
-    """The CPU model and its vector ISA flags (what the timing depends on)."""
+    """This machine's CPU as `cpu_identity` names it."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return cpu_identity(Path("/proc/cpuinfo").read_text())
     except OSError:
         return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return " ".join([name, *sorted(f for f in flags if f.startswith(("avx", "amx")) or f == "fma")])
+
+
+def cpu_identity(cpuinfo: str) -> str:
+    """The CPU of a /proc/cpuinfo text: its model name, family/model/stepping, cache size and vector
+    ISA flags (what the timing depends on). A VM often reports one generic name ("Intel(R) Xeon(R)
+    Processor") for several generations of chips; the model number and cache size tell them apart."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    numbers = "/".join(fields.get(key, "") for key in ("cpu family", "model", "stepping", "cache size"))
+    flags = sorted(f for f in fields.get("flags", "").split() if f.startswith(("avx", "amx")) or f == "fma")
+    return " ".join([fields.get("model name") or platform.machine(), numbers, *flags])
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:

@@ -137,7 +137,7 @@ class QuantizeWeightsPass(Pass):
 
     def __call__(self, model: ir.Model) -> PassResult:
         self._check_options()
-        structure = find_transformer_structure(model)
+        structure = find_transformer_structure(model, heads=False)  # the token table and positions
         sequence = timed_sequence(structure, self.sequence)
         explain: list[str] = []
         precision = self._precision(model, explain)

@@ -146,6 +146,18 @@ def test_structure_of_a_file_xopt_did_not_export(tiny_folder, tmp_path, name):
     _assert_matches(structure.summary(), expected)
 
 
+def test_structure_without_the_head_probe(tiny_folder, tmp_path):
+    """heads=False finds the same structure without running the model: the head counts, which
+    this export's unknown shapes leave to a probe run, stay unset."""
+    model = xopt.load(_torchscript_export(tiny_folder("gpt2"), tmp_path / "gpt2.onnx", causal=True))
+    probed = find_transformer_structure(model).summary()
+    unprobed = find_transformer_structure(model, heads=False).summary()
+    head_facts = ("num_heads", "num_kv_heads", "head_size")
+    assert [probed[k] for k in head_facts] == [EXPECTED["gpt2"][k] for k in head_facts]
+    assert [unprobed[k] for k in head_facts] == [0, 0, 0]
+    differing = {k for k in probed if probed[k] != unprobed[k]} - set(head_facts)
+    assert not differing
+
 def test_block_regions_from_the_networkx_view(tiny_model):
     model = tiny_model("llama")
     structure = find_transformer_structure(model)

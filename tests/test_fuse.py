@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from xopt.analysis import find_transformer_structure
-from xopt.backends.lowering import LoweringChooser, timed_sequence
+from xopt.backends.lowering import LoweringChooser, cpu_identity, timed_sequence
 from xopt.backends.onnxruntime import create_session, inline_proto, session_options
 from xopt.errors import XoptError
 from xopt.generate import CopiedCache, InPlaceCache
@@ -221,6 +221,14 @@ def test_measured_lowering_is_cached_and_a_slower_form_is_reverted(tiny_model, m
     again = FusePass()(model)
     assert len(timed) == first and any("cached speedup 0.500" in line for line in again.explain)
 
+
+def test_cached_verdicts_tell_apart_chips_sold_under_one_name():
+    """A VM's generic CPU name covers several chip generations; their verdicts are kept apart."""
+    xeon = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\ncpu family\t: 6\nmodel\t\t: {}\n"
+    xeon += "stepping\t: 4\ncache size\t: 16384 KB\nflags\t\t: fpu avx avx2 avx512f avx512_vnni fma sse4_2\n"
+    older, newer = cpu_identity(xeon.format(106)), cpu_identity(xeon.format(143))
+    assert older != newer and older.startswith("Intel(R) Xeon(R) Processor 6/106/4/16384 KB")
+    assert older.endswith("avx avx2 avx512_vnni avx512f fma")  # the vector flags, sorted; not sse4_2
 
 def test_measured_faster_form_is_kept(tiny_model, monkeypatch):
     monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: (3.0, 2.0))

@@ -161,8 +161,10 @@ class TransformerStructure:
         }
 
 
-def find_transformer_structure(model: ir.Model) -> TransformerStructure:
-    """Find embeddings, blocks (attention, MLP, norms), final norm and LM head in `model`."""
+def find_transformer_structure(model: ir.Model, *, heads: bool = True) -> TransformerStructure:
+    """Find embeddings, blocks (attention, MLP, norms), final norm and LM head in `model`;
+    `heads=False` leaves the attentions' head counts unset where the graph does not state them
+    (no probe run of the model, seconds for a 100M-parameter one)."""
     graph = model.graph
     order = {node: i for i, node in enumerate(graph)}
     linears = find_linears(graph)
@@ -182,7 +184,8 @@ def find_transformer_structure(model: ir.Model) -> TransformerStructure:
                 near_misses.append(f"attention at {node.name}: {found}")
             else:
                 attentions.append(found)
-    _measure_heads(model, attentions)
+    if heads:
+        _measure_heads(model, attentions)
     in_attention = {id(x) for a in attentions for x in a.linears}
     mlps = [m for x in linears if id(x) not in in_attention and (m := _match_mlp(x, by_output, in_attention))]
 
