@@ -158,6 +158,7 @@ def test_structure_without_the_head_probe(tiny_folder, tmp_path):
     differing = {k for k in probed if probed[k] != unprobed[k]} - set(head_facts)
     assert not differing
 
+
 def test_block_regions_from_the_networkx_view(tiny_model):
     model = tiny_model("llama")
     structure = find_transformer_structure(model)

@@ -230,6 +230,7 @@ def test_cached_verdicts_tell_apart_chips_sold_under_one_name():
     assert older != newer and older.startswith("Intel(R) Xeon(R) Processor 6/106/4/16384 KB")
     assert older.endswith("avx avx2 avx512_vnni avx512f fma")  # the vector flags, sorted; not sse4_2
 
+
 def test_measured_faster_form_is_kept(tiny_model, monkeypatch):
     monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: (3.0, 2.0))
     result = FusePass()(CleanupPass()(tiny_model("bert").clone()).model)
