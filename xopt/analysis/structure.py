@@ -163,8 +163,8 @@ class TransformerStructure:
 
 def find_transformer_structure(model: ir.Model, *, heads: bool = True) -> TransformerStructure:
     """Find embeddings, blocks (attention, MLP, norms), final norm and LM head in `model`;
-    `heads=False` leaves the attentions' head counts unset where the graph does not state them
-    (no probe run of the model, seconds for a 100M-parameter one)."""
+    `heads=False` leaves the attentions' head counts at 0 (finding them where the graph's shapes
+    are unknown takes a probe run of the model, seconds for a 100M-parameter one)."""
     graph = model.graph
     order = {node: i for i, node in enumerate(graph)}
     linears = find_linears(graph)
