@@ -417,9 +417,7 @@ def write_markdown(
 ) -> None:
     reference = samples["transformers generate"].tokens if "transformers generate" in samples else None
     anchors = [label for label in (f"onnxruntime-genai {p}" for p in GENAI_PRECISIONS) if label in samples]
-    command = "python tools/benchmark_decode.py"
-    if args.only:
-        command += " --only " + " ".join(f'"{label}"' for label in args.only)
+    command = " ".join(["python tools/benchmark_decode.py", *args.changed_options])
     lines = [
         "# Decode benchmark: SmolLM2-135M",
         "",
@@ -465,6 +463,18 @@ def _paired_ratio(variant: Samples, anchor: Samples) -> float:
     return float(np.median(np.divide(variant.tokens_per_s, anchor.tokens_per_s)))
 
 
+def timing_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The options given away from their defaults that change what is timed (the Method line's
+    command); --output and --keep only say where files go."""
+    options = []
+    for name in ("threads", "repeats", "prompt_tokens", "new_tokens", "perplexity_windows"):
+        if getattr(args, name) != parser.get_default(name):
+            options.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
+    if args.only:
+        options.append("--only " + " ".join(f'"{label}"' for label in args.only))
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -478,6 +488,7 @@ def main() -> None:
         "--only", nargs="+", metavar="VARIANT", help="time these variants alone (labels as in the table)"
     )
     args = parser.parse_args()
+    args.changed_options = timing_options(parser, args)
     unknown = sorted(set(args.only or ()) - set(variant_labels()))
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; the variants: {', '.join(map(repr, variant_labels()))}")
