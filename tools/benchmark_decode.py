@@ -413,11 +413,10 @@ def run(variants: dict, repeats: int) -> dict[str, Samples]:
 
 
 def write_markdown(
-    samples: dict[str, Samples], seconds: dict, perplexity: dict, args, path: Path, elapsed: float
+    samples: dict[str, Samples], seconds: dict, perplexity: dict, args, command: str, path: Path, elapsed: float
 ) -> None:
     reference = samples["transformers generate"].tokens if "transformers generate" in samples else None
     anchors = [label for label in (f"onnxruntime-genai {p}" for p in GENAI_PRECISIONS) if label in samples]
-    command = " ".join(["python tools/benchmark_decode.py", *args.changed_options])
     lines = [
         "# Decode benchmark: SmolLM2-135M",
         "",
@@ -463,16 +462,16 @@ def _paired_ratio(variant: Samples, anchor: Samples) -> float:
     return float(np.median(np.divide(variant.tokens_per_s, anchor.tokens_per_s)))
 
 
-def timing_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
-    """The options given away from their defaults that change what is timed (the Method line's
-    command); --output and --keep only say where files go."""
-    options = []
+def method_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command line for the Method line: the options given away from their defaults that
+    change what is timed (--output and --keep only say where files go)."""
+    options = ["python tools/benchmark_decode.py"]
     for name in ("threads", "repeats", "prompt_tokens", "new_tokens", "perplexity_windows"):
         if getattr(args, name) != parser.get_default(name):
             options.append(f"--{name.replace('_', '-')} {getattr(args, name)}")
     if args.only:
         options.append("--only " + " ".join(f'"{label}"' for label in args.only))
-    return options
+    return " ".join(options)
 
 
 def main() -> None:
@@ -488,7 +487,7 @@ def main() -> None:
         "--only", nargs="+", metavar="VARIANT", help="time these variants alone (labels as in the table)"
     )
     args = parser.parse_args()
-    args.changed_options = timing_options(parser, args)
+    command = method_command(parser, args)
     unknown = sorted(set(args.only or ()) - set(variant_labels()))
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; the variants: {', '.join(map(repr, variant_labels()))}")
@@ -516,7 +515,7 @@ def main() -> None:
     with scratch_folder as scratch:
         variants, seconds, quality = build_variants(args, Path(scratch), tokenizer, prompt)
         samples = run(variants, args.repeats)
-        write_markdown(samples, seconds, {}, args, table, time.perf_counter() - started)
+        write_markdown(samples, seconds, {}, args, command, table, time.perf_counter() - started)
         perplexity = {}
         for label, measure in quality.items() if args.perplexity_windows else ():
             try:
@@ -525,7 +524,7 @@ def main() -> None:
                 logger.warning("%s: perplexity failed: %s", label, error)
                 continue
             logger.info("%s: perplexity %.3f", label, perplexity[label])
-    write_markdown(samples, seconds, perplexity, args, table, time.perf_counter() - started)
+    write_markdown(samples, seconds, perplexity, args, command, table, time.perf_counter() - started)
     print(table.read_text())
 
 
