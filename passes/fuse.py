@@ -175,9 +175,8 @@ class FusePass(Pass):
                 except Exception as error:  # a form ORT cannot time at this shape is not kept
                     explain.append(f"{family}: {count} matched, reverted: timing failed ({first_line(error)})")
                     continue
-                source = "cached" if verdict.cached else "measured"
                 outcome = "kept" if verdict.keep else "reverted (not faster)"
-                explain.append(f"{family}: {count} matched, {source} speedup {verdict.speedup:.3f}×: {outcome}")
+                explain.append(f"{family}: {count} matched, {verdict.source} speedup {verdict.speedup:.3f}×: {outcome}")
                 stats[f"{family} speedup"] = round(verdict.speedup, 3)
                 if not verdict.keep:
                     continue
@@ -271,10 +270,9 @@ def _wins(
     except Exception as error:
         explain.append(f"{label}: reverted: timing failed ({first_line(error)})")
         return False
-    source = "cached" if verdict.cached else "measured"
     baseline = " over the families kept alone" if against else ""
     outcome = "kept" if verdict.keep else "not kept"
-    explain.append(f"{label}: {source} speedup {verdict.speedup:.3f}×{baseline}: {outcome}")
+    explain.append(f"{label}: {verdict.source} speedup {verdict.speedup:.3f}×{baseline}: {outcome}")
     return verdict.keep
 
 

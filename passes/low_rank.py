@@ -143,7 +143,7 @@ class LowRankPass(Pass):
             timing = ""
             if verdict is not None:
                 timing = (
-                    f", measured {verdict.current_ms:.3f} ms dense → {verdict.candidate_ms:.3f} ms factored "
+                    f", {verdict.source} {verdict.current_ms:.3f} ms dense → {verdict.candidate_ms:.3f} ms factored "
                     f"({verdict.speedup:.2f}×)"
                 )
             if f.saved(f.rank) == 0:

@@ -322,10 +322,9 @@ class QuantizeWeightsPass(Pass):
         )
         signature = {**_signature(forms[0]), "accuracy_levels": levels}
         verdict = chooser.choose("matmulnbits-symmetric", signature, *forms)
-        source = "cached" if verdict.cached else "measured"
         explain.append(
             f"{'symmetric grids' if verdict.keep else 'zero points kept'}: symmetric at accuracy_level {levels[1]} "
-            f"{source} {verdict.speedup:.3f}× against zero points at accuracy_level {levels[0]} "
+            f"{verdict.source} {verdict.speedup:.3f}× against zero points at accuracy_level {levels[0]} "
             f"(taken at {SYMMETRIC_MIN_SPEEDUP}× or more)"
         )
         return verdict.keep, levels[verdict.keep]
@@ -345,8 +344,7 @@ class QuantizeWeightsPass(Pass):
             return 0, f"accuracy_level 0: level 4 could not be timed ({first_line(error)})"
         level = 4 if verdict.keep else 0
         _set_accuracy(model, level)
-        source = "cached" if verdict.cached else "measured"
-        return level, f"accuracy_level {level}: level 4 {source} {verdict.speedup:.3f}× against level 0"
+        return level, f"accuracy_level {level}: level 4 {verdict.source} {verdict.speedup:.3f}× against level 0"
 
 
 @dataclass

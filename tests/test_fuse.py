@@ -346,3 +346,37 @@ def test_a_family_chained_after_its_prerequisites_says_why_it_was_not_timed(tiny
     llama = FusePass(positions="contiguous", skip="rotary")(CleanupPass()(tiny_model("llama").clone()).model)
     assert "rotary-attention: needs rotary, skipped (option)" in llama.explain
     assert "rotary-attention" not in llama.stats and "rotary" not in llama.stats
+
+
+def test_a_verdict_measured_under_load_is_used_but_not_cached(tiny_model, monkeypatch, caplog):
+    """Timings taken while other processes compete for the cores hold for this run only."""
+    from xopt.backends import lowering
+
+    class Busy:
+        def __init__(self, threads):
+            self.contended = True
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def describe(self):
+            return "other processes took 1.6 of 2 CPUs"
+
+    timed = []
+    monkeypatch.setattr(lowering, "OtherLoad", Busy)
+    monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: timed.append(1) or (2.0, 4.0))
+    model = tiny_model("llama").clone()
+    with caplog.at_level("WARNING", logger="xopt.backends.lowering"):
+        first = FusePass()(model)
+    assert len(timed) >= 3 and not first.modified
+    busy = [
+        line for line in first.explain if "measured under load (other processes took 1.6 of 2 CPUs; not cached)" in line
+    ]
+    assert len(busy) == len(timed)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "not cached" in warnings[0].getMessage()
+    FusePass()(model)
+    assert len(timed) == 2 * len(busy)  # measured again, nothing served from the cache

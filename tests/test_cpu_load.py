@@ -1,0 +1,52 @@
+"""Other work's CPU time over a timed span (`xopt.cpu_load`)."""
+
+import multiprocessing
+import os
+import sys
+import time
+
+import pytest
+
+from xopt.cpu_load import CpuCounters, OtherLoad, contended, other_cores, read_counters
+
+
+def test_other_work_is_the_machines_busy_time_less_this_process():
+    before = CpuCounters(busy_s=100.0, self_s=10.0, wall_s=0.0, cpus=2)
+    after = CpuCounters(busy_s=104.0, self_s=12.0, wall_s=2.0, cpus=2)  # 4 s busy, 2 of them ours, in 2 s
+    assert other_cores(before, after) == pytest.approx(1.0)
+    assert contended(1.0, cpus=2, threads=2) and not contended(1.0, cpus=8, threads=2)
+    assert not contended(0.2, cpus=2, threads=2)  # a quiet machine's background work
+    assert other_cores(before, CpuCounters(100.0, 10.0, 0.1, 2)) is None  # too short a span to tell
+    assert other_cores(None, after) is None and not contended(None, cpus=2, threads=2)
+
+
+def test_counters_are_read_from_proc_stat_text(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  300 20 100 5000 40 5 5 70 0 0\ncpu0 1 2 3 4\ncpu1 1 2 3 4\nintr 123\nctxt 9\n")
+    counters = read_counters(stat)
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert counters.cpus == 2 and counters.busy_s == pytest.approx((300 + 20 + 100 + 5 + 5 + 70) / ticks)
+    assert read_counters(tmp_path / "missing") is None
+    stat.write_text("not a stat file\n")
+    assert read_counters(stat) is None
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
+def test_a_competing_process_counts_and_this_ones_own_work_does_not():
+    with OtherLoad(threads=1) as own:
+        _spin(1.0)
+    child = multiprocessing.get_context("spawn").Process(target=_spin, args=(1.5,))
+    child.start()
+    time.sleep(0.3)  # the child is up and spinning
+    with OtherLoad(threads=1) as other:
+        time.sleep(1.0)
+    child.join()
+    assert own.cores is not None and other.cores is not None
+    assert other.cores - own.cores > 0.5, (own.cores, other.cores)  # one core spinning, against ambient load
+    assert other.describe().startswith(f"other processes took {other.cores:.1f} of ")
