@@ -136,11 +136,12 @@ class FusePass(Pass):
         sequence = timed_sequence(structure, self.sequence)
         chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
         if self.weights == "int4":
-            chooser.context, chooser.context_name = _as_int4, "int4 rtn, head 4, embedding 8, level 4"
+            chooser.context, chooser.context_name = _AsInt4(), "int4 rtn, head 4, embedding 8, level 4"
         signature = _signature(structure)
         stats: Counter[str] = Counter()
         explain: list[str] = []
-        modified, original, sound = False, model, {}  # sound: family → matches, for families that check out
+        modified, sound = False, {}  # sound: family → matches, for families that check out
+        faithfulness = _Faithfulness(model)
         unmatched = []  # families that found nothing alone, and may once others are applied
         for family in FAMILIES:
             if family in skipped:
@@ -156,7 +157,9 @@ class FusePass(Pass):
                 explain.append(f"{family}: no match")
                 chained = None
                 if self.lowering == "measure" and any(p not in stats for p in PREREQUISITES.get(family, ())):
-                    chained = _with_prerequisites(family, model, stats, skipped, chooser, signature, explain)
+                    chained = _with_prerequisites(
+                        family, model, stats, skipped, chooser, signature, faithfulness, explain
+                    )
                 if chained is None:
                     unmatched.append(family)
                     continue
@@ -164,7 +167,7 @@ class FusePass(Pass):
                 modified = True
                 stats.update(counts)
                 continue
-            broken = _breakage(model, candidate)
+            broken = faithfulness.breakage(candidate)
             if broken:
                 explain.append(f"{family}: {count} matched, reverted: {broken}")
                 continue
@@ -188,7 +191,7 @@ class FusePass(Pass):
         if self.lowering == "measure" and len(sound) > 1 and len(kept_alone) < len(sound):
             lost = {f for f, alternative in ALTERNATIVES.items() if alternative in stats and f not in stats}
             tried = [f for f in FAMILIES if (f in sound or f in unmatched) and f not in lost]
-            together = _together(original, model, tried, chooser, signature, explain)
+            together = _together(faithfulness, model, tried, chooser, signature, explain)
             if together is not None:
                 model, counts = together
                 modified = True
@@ -197,7 +200,7 @@ class FusePass(Pass):
 
 
 def _together(
-    original: ir.Model,
+    faithfulness: _Faithfulness,
     current: ir.Model,
     families: list[str],
     chooser: LoweringChooser,
@@ -208,13 +211,13 @@ def _together(
     kept ones: families too small to win one at a time (a norm, a rotary embedding) can win
     together, and a family that builds on another (skip-norm on the lowered norms) matches only
     then. Returns the model and counts if it wins."""
-    candidate, counts = original.clone(), {}
+    candidate, counts = faithfulness.original.clone(), {}
     for family in families:
         count, _ = _APPLY[family](candidate)
         if count:
             counts[family] = count
     label = "+".join(counts)
-    if _wins(f"{label} together", counts, original, current, candidate, chooser, signature, explain, against=True):
+    if _wins(f"{label} together", counts, faithfulness, current, candidate, chooser, signature, explain, against=True):
         return candidate, counts
     return None
 
@@ -226,6 +229,7 @@ def _with_prerequisites(
     skipped: set[str],
     chooser: LoweringChooser,
     signature: dict,
+    faithfulness: _Faithfulness,
     explain: list[str],
 ) -> tuple[ir.Model, dict[str, int]] | None:
     """`family` applied after those of its prerequisites not kept yet, timed against `current`.
@@ -242,7 +246,7 @@ def _with_prerequisites(
             return None
         counts[name] = count
     label = f"{family} with {', '.join(name for name in counts if name != family)}"
-    if _wins(label, counts, current, current, candidate, chooser, signature, explain):
+    if _wins(label, counts, faithfulness, current, candidate, chooser, signature, explain):
         return candidate, counts
     return None
 
@@ -250,7 +254,7 @@ def _with_prerequisites(
 def _wins(
     label: str,
     counts: dict[str, int],
-    reference: ir.Model,
+    faithfulness: _Faithfulness,
     current: ir.Model,
     candidate: ir.Model,
     chooser: LoweringChooser,
@@ -258,10 +262,10 @@ def _wins(
     explain: list[str],
     against: bool = False,
 ) -> bool:
-    """Whether `candidate` (several families applied, `counts`) keeps `reference`'s outputs and
+    """Whether `candidate` (several families applied, `counts`) keeps the original's outputs and
     times faster than `current`; explains the verdict under `label` (`against`: says it was timed
     against the families kept alone)."""
-    broken = _breakage(reference, candidate)
+    broken = faithfulness.breakage(candidate)
     if broken:
         explain.append(f"{label}: reverted: {broken}")
         return False
@@ -276,21 +280,30 @@ def _wins(
     return verdict.keep
 
 
-def _breakage(model: ir.Model, candidate: ir.Model) -> str | None:
-    """Why `candidate` is not a faithful rewrite of `model` on small padded inputs, or None.
+class _Faithfulness:
+    """Checks that a candidate computes what the model given to `fuse` computes, on small padded
+    inputs, within the exact tolerance: the pass manager's check of the whole pass, applied to
+    each family (alone, chained or together) before it is timed or kept, since pattern rules from a
+    library can misfire on a graph form they were not written for (a rewrite that runs on one
+    exporter's output can break another's). The given model's outputs are computed once."""
 
-    Pattern rules from a library can misfire on a graph form they were not written for (a
-    rewrite that runs on one exporter's output can break another's), so each family is checked
-    before it is timed or kept; the pass manager's verification then covers the whole pass.
-    """
-    from xopt.verify import EXACT_TOLERANCE, VerificationError, parity_over, references_over
+    def __init__(self, original: ir.Model):
+        self.original = original
+        self._inputs: list | None = None
+        self._references: list | None = None
 
-    inputs = verification_inputs(model)
-    try:
-        result = parity_over(candidate, inputs, references_over(model, inputs))
-    except VerificationError as error:
-        return str(error)
-    return None if result.within(EXACT_TOLERANCE) else f"outputs differ (max rel {result.max_rel:.1e})"
+    def breakage(self, candidate: ir.Model) -> str | None:
+        """Why `candidate` is not a faithful rewrite of the original, or None."""
+        from xopt.verify import EXACT_TOLERANCE, VerificationError, parity_over, references_over
+
+        if self._references is None:
+            self._inputs = verification_inputs(self.original)
+            self._references = references_over(self.original, self._inputs)
+        try:
+            result = parity_over(candidate, self._inputs, self._references)
+        except VerificationError as error:
+            return str(error)
+        return None if result.within(EXACT_TOLERANCE) else f"outputs differ (max rel {result.max_rel:.1e})"
 
 
 def _signature(structure: TransformerStructure) -> dict:
@@ -535,9 +548,16 @@ _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
 }
 
 
-def _as_int4(model: ir.Model) -> ir.Model:
-    """The model with its linears as the int4 recipe lowers them (round to nearest in its stead,
-    accuracy level 4), to time a family next to them."""
-    from xopt.passes.quantize import QuantizeWeightsPass
+class _AsInt4:
+    """Quantizes a model's linears as the int4 recipe lowers them (round to nearest in its stead,
+    accuracy level 4), to time a family next to them. Every form timed is a copy of one model, so
+    each weight tensor is quantized once (`SharedForms`), not once per form timed."""
 
-    return QuantizeWeightsPass(method="rtn", head_bits=4, embedding_bits=8, accuracy="4")(model).model
+    def __init__(self):
+        from xopt.passes.quantize import QuantizeWeightsPass, SharedForms
+
+        self.quantizer = QuantizeWeightsPass(method="rtn", head_bits=4, embedding_bits=8, accuracy="4")
+        self.shared = SharedForms()
+
+    def __call__(self, model: ir.Model) -> ir.Model:
+        return self.quantizer.quantize(model, self.shared).model

@@ -14,6 +14,8 @@ The kernel reads whole blocks: when the width is not a multiple of g, g is halve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
@@ -38,13 +40,23 @@ def table_group(embedding: Embedding, group: int) -> int | str:
     return block if table.shape[1] % block == 0 else f"width {table.shape[1]} is not a multiple of 16"
 
 
-def lower_gather(
-    graph: ir.Graph, embedding: Embedding, bits: int, group: int, fit: str, keep_source: bool = True
-) -> tuple[int, int, float, str]:
-    """Replace the Gather by GatherBlockQuantized; returns (bytes before, bytes after, ‖E − Ê‖/‖E‖,
-    the grid's origin). With `keep_source` a table on a symmetric grid of its own (a GGUF Q8_0
-    table: `source_grid`) keeps it; the kernel takes integer zero points, so an offset grid does not."""
-    stored = const_array(embedding.table)
+@dataclass
+class QuantizedTable:
+    """A table's GatherBlockQuantized initializers and what the rounding cost."""
+
+    packed: np.ndarray  # [V, d·bits/8]
+    scale: np.ndarray  # [V, d/g]
+    packed_zero: np.ndarray  # [V, ⌈(d/g)·bits/8⌉]
+    bits: int
+    group: int
+    error: float  # ‖E − Ê‖ / ‖E‖
+    origin: str  # the grid: the table's own, or the fit's
+
+
+def quantize_table(stored: np.ndarray, bits: int, group: int, fit: str, keep_source: bool = True) -> QuantizedTable:
+    """E [V, d] on a `bits`-bit grid in blocks of `group` along each row. With `keep_source` a table
+    on a symmetric grid of its own (a GGUF Q8_0 table: `source_grid`) keeps it; the kernel takes
+    integer zero points, so an offset grid does not."""
     table = stored.astype(np.float64)
     blocks = as_blocks(table, group)
     grid = source_grid(stored.T, bits) if keep_source and group == SOURCE_BLOCK else None
@@ -57,20 +69,26 @@ def lower_gather(
     error = float(np.linalg.norm(dequantize(codes, scale, zero).reshape(table.shape) - table) / np.linalg.norm(table))
     packed, packed_zero = pack_matmul_nbits(codes, zero, bits)
     rows = table.shape[0]
-    name = embedding.table.name or "embedding"
+    return QuantizedTable(packed.reshape(rows, -1), scale, packed_zero.reshape(rows, -1), bits, group, error, origin)
+
+
+def lower_gather(graph: ir.Graph, embedding: Embedding, table: QuantizedTable) -> tuple[int, int]:
+    """Replace the Gather by GatherBlockQuantized reading `table`; returns (bytes before, bytes after)."""
+    name, bits = embedding.table.name or "embedding", table.bits
+    stored_bytes = const_array(embedding.table).nbytes
     inputs = [
-        new_initializer(graph, f"{name}_q{bits}", packed.reshape(rows, -1), np.uint8),
+        new_initializer(graph, f"{name}_q{bits}", table.packed, np.uint8),
         embedding.node.inputs[1],
-        new_initializer(graph, f"{name}_scales", scale, np.float32),
-        new_initializer(graph, f"{name}_zero_points", packed_zero.reshape(rows, -1), np.uint8),
+        new_initializer(graph, f"{name}_scales", table.scale, np.float32),
+        new_initializer(graph, f"{name}_zero_points", table.packed_zero, np.uint8),
     ]
     node = ir.node(
         "GatherBlockQuantized",
         inputs,
-        attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": group, "bits": bits},
+        attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": table.group, "bits": bits},
         domain=CONTRIB,
         name=f"{embedding.node.name or name}_q{bits}",
     )
     replace_node(graph, embedding.node, node)
     drop_if_unused(graph, embedding.table)
-    return stored.nbytes, sum(inputs[i].const_value.nbytes for i in (0, 2, 3)), error, origin
+    return stored_bytes, sum(inputs[i].const_value.nbytes for i in (0, 2, 3))

@@ -66,7 +66,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
 
@@ -74,14 +74,14 @@ import numpy as np
 import onnx_ir as ir
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import TRANSPARENT_OPS, skip_forward
+from xopt.analysis.graph_view import TRANSPARENT_OPS, const_array, skip_back, skip_forward
 from xopt.analysis.patterns import Embedding, Linear, find_linears
 from xopt.backends.integer_gemm import u8s8_saturates
 from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import activation_samples, calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
 from xopt.passes.awq import awq
-from xopt.passes.gather_quantized import lower_gather, table_group
+from xopt.passes.gather_quantized import lower_gather, quantize_table, table_group
 from xopt.passes.gptq import gptq
 from xopt.passes.grid_offsets import fold_offsets, with_block_sums, with_offset_term
 from xopt.passes.input_scaling import divide_input
@@ -136,6 +136,10 @@ class QuantizeWeightsPass(Pass):
     sequence: int = 128
 
     def __call__(self, model: ir.Model) -> PassResult:
+        return self.quantize(model)
+
+    def quantize(self, model: ir.Model, shared: SharedForms | None = None) -> PassResult:
+        """The pass, reusing (and adding to) `shared`'s forms for the weight tensors it has seen."""
         self._check_options()
         structure = find_transformer_structure(model, heads=False)  # the token table and positions
         sequence = timed_sequence(structure, self.sequence)
@@ -147,12 +151,12 @@ class QuantizeWeightsPass(Pass):
             return self._static(model, precision, explain)
         model.opset_imports.setdefault(CONTRIB, 1)
         symmetric, level = self.symmetric, None  # level: the accuracy level the grid was chosen at
-        forms = _Forms(self, model)
+        forms = _Forms(self, model, shared=shared)
         if symmetric == "measure" and all(forms.source_grid(name, bits) for name, bits in precision.items()):
             symmetric = False
             explain.append("symmetric=measure: nothing to choose, every linear keeps its own grid (a quantized source)")
         elif symmetric == "measure":
-            symmetric, level = self._measured_symmetry(model, precision, sequence, explain, forms.grids)
+            symmetric, level = self._measured_symmetry(model, precision, sequence, explain, forms.shared)
         forms.symmetric = symmetric
         smoothing = self.smoothing if self.scheme == "dynamic" else None
         if forms.unsigned:
@@ -162,7 +166,7 @@ class QuantizeWeightsPass(Pass):
             plan = self._mixed_precision(model, forms, plan, explain)
         stats = forms.lower_all(model.graph, plan, explain)
         if self.embedding_bits:
-            self._quantize_embedding(model.graph, structure.token_embedding, stats, explain)
+            self._quantize_embedding(model.graph, structure.token_embedding, stats, explain, forms.shared)
         stats["linears_protected"] = sum(bits != precision[name] for name, (bits, _) in plan.items())
         if self.scheme == "weight-only":
             stats["symmetric"] = symmetric
@@ -233,7 +237,9 @@ class QuantizeWeightsPass(Pass):
                 explain.append(f"{linear.name}: not quantized: LM head (head_bits=0)")
         return precision
 
-    def _quantize_embedding(self, graph: ir.Graph, embedding: Embedding | None, stats: Counter, explain: list[str]):
+    def _quantize_embedding(
+        self, graph: ir.Graph, embedding: Embedding | None, stats: Counter, explain: list[str], shared: SharedForms
+    ):
         """The token embedding table → GatherBlockQuantized at `embedding_bits` (HQQ's fit; min/max
         for method=rtn). Position tables stay in float (small, and read at every position)."""
         if embedding is None:
@@ -244,15 +250,18 @@ class QuantizeWeightsPass(Pass):
         if isinstance(group, str):
             explain.append(f"embedding {shape}: not quantized: {group}")
             return
-        fit = "minmax" if self.method == "rtn" else "hqq"
-        before, after, error, origin = lower_gather(
-            graph, embedding, self.embedding_bits, group, fit, keep_source=bool(self.source_grid)
-        )
+        fit, bits, keep = "minmax" if self.method == "rtn" else "hqq", self.embedding_bits, bool(self.source_grid)
+        table = shared.remembered(
+            "tables", embedding.table, (bits, group, fit, keep),
+            lambda: quantize_table(const_array(embedding.table), bits, group, fit, keep_source=keep),
+        )  # fmt: skip
+        before, after = lower_gather(graph, embedding, table)
         stats["bytes_before"] += before
         stats["bytes_after"] += after
         stats["embeddings_quantized"] += 1
-        bits = self.embedding_bits
-        explain.append(f"embedding {shape} → {bits}-bit in groups of {group} on {origin}, relative error {error:.4f}")
+        explain.append(
+            f"embedding {shape} → {bits}-bit in groups of {group} on {table.origin}, relative error {table.error:.4f}"
+        )
 
     def _static(self, model: ir.Model, precision: dict[str, int], explain: list[str]) -> PassResult:
         """Static int8 QDQ of the chosen linears by ONNX Runtime's quantizer (`int8_static.py`), after
@@ -302,7 +311,7 @@ class QuantizeWeightsPass(Pass):
         return protect_by_sensitivity(candidates, fallback, build, error, self.budget, explain, error.unit)
 
     def _measured_symmetry(
-        self, model: ir.Model, precision: dict[str, int], sequence: int, explain: list[str], grids: dict
+        self, model: ir.Model, precision: dict[str, int], sequence: int, explain: list[str], shared: SharedForms
     ) -> tuple[bool, int]:
         """Whether this machine runs the model ≥ SYMMETRIC_MIN_SPEEDUP faster with symmetric grids,
         each grid at its own accuracy level (`_accuracy_level`, on copies rounded to nearest: the
@@ -312,7 +321,7 @@ class QuantizeWeightsPass(Pass):
         forms, levels = [], []
         for symmetric in (False, True):
             copy = model.clone()
-            _Forms(rounded, copy, symmetric, grids).lower_all(copy.graph, plan, [])
+            _Forms(rounded, copy, symmetric, SharedForms(grids=shared.grids)).lower_all(copy.graph, plan, [])
             level, note = self._accuracy_level(copy, sequence)
             explain.append(f"{'symmetric' if symmetric else 'zero points'}: {note}")
             forms.append(copy)
@@ -358,17 +367,57 @@ class _Form:
     on_source_grid: bool = False  # the weight's own grid, kept (explained once per grid form)
 
 
-class _Forms:
-    """Each linear's quantized forms (bits, smoothing), computed once, calibration statistics
-    included: the mixed-precision sweep lowers them into many copies of the model."""
+@dataclass
+class SharedForms:
+    """Quantized forms kept for the models that read the same weight tensors under the same options
+    (copies of one model: fuse times every lowering with its linears quantized, the mixed-precision
+    sweep lowers into many copies), so each tensor is quantized once. Keyed by the tensor object
+    (copies share it; a rewritten weight is a new one), which is kept alive here so that its id
+    cannot come to name another. Source grids do not depend on the options: the symmetry sweep
+    shares them between its two grids."""
 
-    def __init__(self, options: QuantizeWeightsPass, model: ir.Model, symmetric: bool = False, grids=None):
+    forms: dict = field(default_factory=dict)  # (tensor, read transposed, symmetric, bits, smoothing) → _Form
+    grids: dict = field(default_factory=dict)  # (tensor, read transposed, bits) → SourceGrid | None
+    tables: dict = field(default_factory=dict)  # (table tensor, bits, group, fit, keep source) → QuantizedTable
+
+    def remembered(self, kind: str, weight: ir.Value | Linear, key: tuple, compute: Callable):
+        """`compute()` for this weight and key, computed the first time only."""
+        tensor, transposed = _weight_tensor(weight)
+        memo = getattr(self, kind)
+        full = (id(tensor), transposed, *key)
+        if full not in memo:
+            memo[full] = (tensor, compute())
+        return memo[full][1]
+
+
+def _weight_tensor(weight: ir.Value | Linear) -> tuple[object, bool]:
+    """The tensor object holding a table or a linear's W (through Identity and a Transpose, as
+    `weight_in_out` reads it), and whether W is read transposed."""
+    if isinstance(weight, ir.Value):
+        value, transposed = skip_back(weight, ("Identity",)), False
+    else:
+        value = skip_back(weight.weight, ("Identity",))
+        transposed = weight.node.op_type == "Gemm" and bool(weight.node.attributes.get_int("transB", 0))
+        producer = value.producer()
+        if value.const_value is None and producer is not None and producer.op_type == "Transpose":
+            value, transposed = skip_back(producer.inputs[0], ("Identity",)), True
+    if value.const_value is not None:
+        return value.const_value, transposed
+    return value.producer().attributes["value"].value, transposed  # a Constant node's
+
+
+class _Forms:
+    """Each linear's quantized forms (bits, smoothing), computed once (`SharedForms`), calibration
+    statistics included."""
+
+    def __init__(
+        self, options: QuantizeWeightsPass, model: ir.Model, symmetric: bool = False, shared: SharedForms | None = None
+    ):
         self.options = options
         self.symmetric = symmetric  # weight-only grids without zero points
         self.model = model
         self.linears = {linear.name: linear for linear in find_linears(model.graph)}
-        self.forms: dict[tuple, _Form] = {}
-        self.grids: dict[tuple[str, int], SourceGrid | None] = {} if grids is None else grids  # shared by copies
+        self.shared = shared if shared is not None else SharedForms()
         self._statistics = None
         self.unsigned = options.scheme == "dynamic" and options.unsigned_codes()
 
@@ -409,36 +458,35 @@ class _Forms:
         """The linear's own `bits`-bit grid (`source_grid`) where the options keep one, found once."""
         if self.options.scheme != "weight-only" or not self.options.source_grid:
             return None
-        if (name, bits) not in self.grids:
-            self.grids[name, bits] = source_grid(weight_in_out(self.linears[name]), bits)
-        return self.grids[name, bits]
+        linear = self.linears[name]
+        return self.shared.remembered("grids", linear, (bits,), lambda: source_grid(weight_in_out(linear), bits))
 
     def form(self, name: str, form: tuple[int, str | None]) -> _Form:
         """The linear quantized in `form` (bits, smoothing)."""
-        key = (name, *form)
-        if key not in self.forms:
-            linear, options = self.linears[name], self.options
-            bits, smoothing = form
-            w = weight_in_out(linear)
-            grid = self.source_grid(name, bits)
-            if grid is not None:
-                nbits, grid = _source_grid_form(grid, exact=options.source_grid == "exact")
-                restored, lower = grid.restored(), partial(_lower, nbits=nbits, input_scale=None)
-                detail = f"{bits}-bit on its own {grid.form} grid (a quantized source)"
-                if nbits.offsets is not None or nbits.block_sums:
-                    detail += ", offsets exact" if nbits.offsets is not None else ", offsets folded into zero points"
-            elif options.scheme == "dynamic":
-                int8 = quantize_dynamic(w, self._statistic(linear), smoothing)
-                restored, lower = int8.restored(), partial(lower_dynamic, int8=int8, unsigned=self.unsigned)
-                detail = f"{'uint8' if self.unsigned else 'int8'} dynamic, smoothing {int8.label}"
-                if int8.simulated_error is not None:
-                    detail += f" (simulated output error {int8.simulated_error:.2e})"
-                smoothing = int8.label
-            else:
-                restored, lower, detail = self._weight_only(w, self._statistic(linear), bits)
-            error = float(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
-            self.forms[key] = _Form(lower, error, detail, smoothing, on_source_grid=grid is not None)
-        return self.forms[key]
+        linear = self.linears[name]
+        return self.shared.remembered("forms", linear, (self.symmetric, *form), lambda: self._form(linear, *form))
+
+    def _form(self, linear: Linear, bits: int, smoothing: str | None) -> _Form:
+        options, name = self.options, linear.name
+        w = weight_in_out(linear)
+        grid = self.source_grid(name, bits)
+        if grid is not None:
+            nbits, grid = _source_grid_form(grid, exact=options.source_grid == "exact")
+            restored, lower = grid.restored(), partial(_lower, nbits=nbits, input_scale=None)
+            detail = f"{bits}-bit on its own {grid.form} grid (a quantized source)"
+            if nbits.offsets is not None or nbits.block_sums:
+                detail += ", offsets exact" if nbits.offsets is not None else ", offsets folded into zero points"
+        elif options.scheme == "dynamic":
+            int8 = quantize_dynamic(w, self._statistic(linear), smoothing)
+            restored, lower = int8.restored(), partial(lower_dynamic, int8=int8, unsigned=self.unsigned)
+            detail = f"{'uint8' if self.unsigned else 'int8'} dynamic, smoothing {int8.label}"
+            if int8.simulated_error is not None:
+                detail += f" (simulated output error {int8.simulated_error:.2e})"
+            smoothing = int8.label
+        else:
+            restored, lower, detail = self._weight_only(w, self._statistic(linear), bits)
+        error = float(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
+        return _Form(lower, error, detail, smoothing, on_source_grid=grid is not None)
 
     def _weight_only(self, w: np.ndarray, statistic, bits: int) -> tuple[np.ndarray, Callable, str]:
         """Ŵ [K, N], the lowering to MatMulNBits, and a description, by the pass's method."""

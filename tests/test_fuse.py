@@ -282,10 +282,10 @@ def test_a_context_is_timed_on_copies(tiny_model):
     seen = []
 
     def quantized(model):
-        from xopt.passes.fuse import _as_int4
+        from xopt.passes.fuse import _AsInt4
 
         seen.append(sum(n.op_type == "MatMul" for n in model.graph))
-        return _as_int4(model)
+        return _AsInt4()(model)
 
     chooser = LoweringChooser(threads=1, batch=1, sequence=8, rounds=2, warmup=1, context=quantized)
     model = tiny_model("llama")

@@ -293,13 +293,15 @@ def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tm
 def test_gatherblockquantized_returns_the_dequantized_rows(bits, group):
     """ONNX Runtime reads the packed table, scales and zero points as the grid defines them."""
     from xopt.analysis.patterns import match_embedding
-    from xopt.passes.gather_quantized import lower_gather
+    from xopt.passes.gather_quantized import lower_gather, quantize_table
 
     table = np.random.default_rng(4).standard_normal((50, 64)).astype(np.float32)
     model = single_gather(table)
     embedding = match_embedding(next(iter(model.graph)))
-    before, after, error, origin = lower_gather(model.graph, embedding, bits, group, "minmax")
-    assert origin == "minmax fit"
+    quantized = quantize_table(table, bits, group, "minmax")
+    before, after = lower_gather(model.graph, embedding, quantized)
+    error = quantized.error
+    assert quantized.origin == "minmax fit"
     assert [n.op_type for n in model.graph] == ["GatherBlockQuantized"] and "table" not in model.graph.initializers
     check_structure(model)
     ids = np.array([[3, 49, 0, 3], [7, 7, 12, 1]], dtype=np.int64)
@@ -319,3 +321,42 @@ def test_embedding_bits_quantizes_the_tables_of_a_tiny_model(tiny_model):
     assert record.stats["embeddings_quantized"] == gathers == 1
     assert not any(n.op_type == "Gather" and n.inputs[0].const_value is not None for n in optimized.graph)
     assert record.parity.max_rel <= 0.05, record.parity.describe()
+
+
+def test_shared_forms_quantize_each_weight_tensor_once(tiny_model, monkeypatch):
+    """Copies of a model share their weight tensors: quantized with one `SharedForms`, each tensor
+    is quantized once and every copy gets the same model; a rewritten weight is a new tensor."""
+    from xopt.analysis.patterns import find_linears
+    from xopt.inputs import sample_inputs
+    from xopt.passes import quantize
+    from xopt.rewrite import set_weight, weight_in_out
+    from xopt.verify import reference_outputs
+
+    computed, form = [], quantize._Forms._form
+
+    def counted(self, linear, *key):
+        computed.append(linear.name)
+        return form(self, linear, *key)
+
+    monkeypatch.setattr(quantize._Forms, "_form", counted)
+    model, shared = tiny_model("llama"), quantize.SharedForms()
+    quantizer = QuantizeWeightsPass(method="rtn", accuracy="0", embedding_bits=8)
+    first = quantizer.quantize(model.clone(), shared).model
+    once = len(computed)
+    second = quantizer.quantize(model.clone(), shared).model
+    assert once == len(find_linears(model.graph)) and len(computed) == once and len(shared.tables) == 1
+    feeds = sample_inputs(model, batch=1, sequence=6)
+    for name, array in reference_outputs(first, feeds).items():
+        np.testing.assert_array_equal(reference_outputs(second, feeds)[name], array)
+    changed = model.clone()
+    linear = find_linears(changed.graph)[0]
+    set_weight(changed.graph, linear, 2 * weight_in_out(linear))
+    third = quantizer.quantize(changed, shared).model
+    assert len(computed) == once + 1  # the doubled weight only
+
+    def scales(quantized):
+        return {n.name: n.inputs[2].const_value.numpy() for n in quantized.graph if n.op_type == "MatMulNBits"}
+
+    before, after = scales(first), scales(third)
+    doubled = [name for name in before if not np.allclose(after[name], before[name])]
+    assert len(doubled) == 1 and np.allclose(after[doubled[0]], 2 * before[doubled[0]], rtol=1e-6)

@@ -42,13 +42,14 @@ def test_weights_off_any_grid_are_not_taken_for_one():
 
 def test_a_q8_0_embedding_table_keeps_its_grid():
     from xopt.analysis.patterns import match_embedding
-    from xopt.passes.gather_quantized import lower_gather
+    from xopt.passes.gather_quantized import lower_gather, quantize_table
 
     table = gguf_like(np.random.default_rng(5).standard_normal((64, 50)).astype(np.float32), "Q8_0").T  # [V, d]
     model = single_gather(table)
     embedding = match_embedding(next(iter(model.graph)))
-    _, _, error, origin = lower_gather(model.graph, embedding, 8, 32, "hqq")
-    assert origin == "its own restricted symmetric grid" and error < 1e-7
+    quantized = quantize_table(table, 8, 32, "hqq")
+    lower_gather(model.graph, embedding, quantized)
+    assert quantized.origin == "its own restricted symmetric grid" and quantized.error < 1e-7
     ids = np.array([[3, 49, 0, 3]], dtype=np.int64)
     (actual,) = create_session(model).run(None, {"ids": ids})
     np.testing.assert_allclose(actual, table[ids], rtol=0, atol=1e-7)
