@@ -403,7 +403,10 @@ def _weight_tensor(weight: ir.Value | Linear) -> tuple[object, bool]:
             value, transposed = skip_back(producer.inputs[0], ("Identity",)), True
     if value.const_value is not None:
         return value.const_value, transposed
-    return value.producer().attributes["value"].value, transposed  # a Constant node's
+    producer = value.producer()
+    if producer is not None and "value" in producer.attributes:  # a Constant node's tensor
+        return producer.attributes["value"].value, transposed
+    return value, transposed  # this model's own value: shared with no copy, still one weight
 
 
 class _Forms:

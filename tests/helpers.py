@@ -160,3 +160,20 @@ def gguf_like(w_in_out: np.ndarray, kind: str) -> np.ndarray:
         d = _as_stored(np.abs(x).max(-1) / 127)
         restored = d[..., None] * np.clip(np.rint(x / d[..., None]), -127, 127)
     return restored.astype(np.float32).reshape(n, k).T
+
+
+def spinning_process(seconds: float):
+    """A started process that keeps one core busy for `seconds` (join it when done)."""
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(target=_spin, args=(seconds,))
+    process.start()
+    return process
+
+
+def _spin(seconds: float) -> None:
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 import numpy as np
 import pytest
+from helpers import spinning_process
 
 from xopt import bench
 from xopt.cli import main
@@ -32,6 +35,17 @@ def test_interleaved_timing_orders_and_ratios():
     assert (slow.label, slow.runs, slow.ratio) == ("slow", 8, 1.0)
     assert slow.p10_ms <= slow.median_ms <= slow.p90_ms
     assert fast.ratio < 0.6 and slow.median_ms >= 4.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
+def test_timings_say_what_cpu_other_processes_took_meanwhile():
+    child = spinning_process(1.5)
+    time.sleep(0.3)  # the child is up and spinning
+    timings = bench.time_interleaved({"sleeper": lambda: time.sleep(0.05)}, rounds=16, warmup=0)
+    child.join()
+    other = timings[0].other_cores
+    assert other is not None and other > 0.5  # one core spinning in another process
+    assert f"other processes took {other:.1f} CPUs meanwhile" in bench.format_table(timings, 1, 16, 1)
 
 
 def test_bench_cli_json_plot_size_and_memory(tiny_folder, tmp_path, capsys):

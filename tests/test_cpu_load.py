@@ -1,11 +1,11 @@
 """Other work's CPU time over a timed span (`xopt.cpu_load`)."""
 
-import multiprocessing
 import os
 import sys
 import time
 
 import pytest
+from helpers import _spin, spinning_process
 
 from xopt.cpu_load import CpuCounters, OtherLoad, contended, other_cores, read_counters
 
@@ -31,18 +31,11 @@ def test_counters_are_read_from_proc_stat_text(tmp_path):
     assert read_counters(stat) is None
 
 
-def _spin(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
 def test_a_competing_process_counts_and_this_ones_own_work_does_not():
     with OtherLoad(threads=1) as own:
         _spin(1.0)
-    child = multiprocessing.get_context("spawn").Process(target=_spin, args=(1.5,))
-    child.start()
+    child = spinning_process(1.5)
     time.sleep(0.3)  # the child is up and spinning
     with OtherLoad(threads=1) as other:
         time.sleep(1.0)

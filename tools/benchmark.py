@@ -317,10 +317,16 @@ def write_markdown(results: Results, path: Path, threads: int, rounds: int, warm
         plain = next((r.timing.median_ms for r in rows if r.variant.startswith("plain ORT")), None)
         eager = next(r.timing.median_ms for r in rows if r.variant == "PyTorch eager")
         agreement = "top-1 agreement" if "SmolLM2" in scenario else "cosine min"
+        other = rows[0].timing.other_cores
         lines += [
             "",
             f"## {scenario}",
             "",
+            *(
+                [f"While timed, other processes took {other:.1f} of {os.cpu_count()} CPUs.", ""]
+                if other is not None
+                else []
+            ),
             f"| variant | median ms (p10–p90) | vs plain ORT | vs PyTorch eager | max abs diff | {agreement} "
             "| build s | note |",
             "|---|---|---|---|---|---|---|---|",

@@ -62,6 +62,7 @@ import onnx_ir as ir
 import torch
 
 import xopt
+from xopt.cpu_load import OtherLoad
 from xopt.evaluate import evaluate, log_softmax
 from xopt.generate import Decoder
 from xopt.kv_cache import past_inputs
@@ -413,7 +414,14 @@ def run(variants: dict, repeats: int) -> dict[str, Samples]:
 
 
 def write_markdown(
-    samples: dict[str, Samples], seconds: dict, perplexity: dict, args, command: str, path: Path, elapsed: float
+    samples: dict[str, Samples],
+    seconds: dict,
+    perplexity: dict,
+    args,
+    command: str,
+    other: OtherLoad,
+    path: Path,
+    elapsed: float,
 ) -> None:
     reference = samples["transformers generate"].tokens if "transformers generate" in samples else None
     anchors = [label for label in (f"onnxruntime-genai {p}" for p in GENAI_PRECISIONS) if label in samples]
@@ -432,7 +440,8 @@ def write_markdown(
         "evaluation text (the same token ids for every variant; transformers' weights are xopt captured's). "
         "'vs X': the median over rounds of the decode speed over X's in the same round (paired, so load "
         "on the shared machine that slows a whole round cancels out). "
-        f"The run took {elapsed / 60:.0f} minutes.",
+        + (f"While the variants ran, {other.describe()}. " if other.cores is not None else "")
+        + f"The run took {elapsed / 60:.0f} minutes.",
         "",
         "| variant | prefill ms | decode tokens/s | "
         + "".join(f"vs {a} | " for a in anchors)
@@ -514,8 +523,9 @@ def main() -> None:
     )
     with scratch_folder as scratch:
         variants, seconds, quality = build_variants(args, Path(scratch), tokenizer, prompt)
-        samples = run(variants, args.repeats)
-        write_markdown(samples, seconds, {}, args, command, table, time.perf_counter() - started)
+        with OtherLoad(args.threads) as other:
+            samples = run(variants, args.repeats)
+        write_markdown(samples, seconds, {}, args, command, other, table, time.perf_counter() - started)
         perplexity = {}
         for label, measure in quality.items() if args.perplexity_windows else ():
             try:
@@ -524,7 +534,7 @@ def main() -> None:
                 logger.warning("%s: perplexity failed: %s", label, error)
                 continue
             logger.info("%s: perplexity %.3f", label, perplexity[label])
-    write_markdown(samples, seconds, perplexity, args, command, table, time.perf_counter() - started)
+    write_markdown(samples, seconds, perplexity, args, command, other, table, time.perf_counter() - started)
     print(table.read_text())
 
 

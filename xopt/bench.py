@@ -5,7 +5,9 @@ inputs (batch B × sequence S, no padding). After warm-up runs, the models are r
 rounds — model 1, model 2, …, then again — so that drift in the machine's speed hits all of them
 alike. Reported per model: median, p10 and p90 latency, the median's ratio to the first model's,
 size on disk, and peak resident memory of a separate process that loads the model and runs it
-once (so one model's allocations do not count against another's). With `--backend cuda` the
+once (so one model's allocations do not count against another's); per run, the CPU other
+processes took while the models were timed (`xopt.cpu_load`), which a shared machine's figures
+should be read with. With `--backend cuda` the
 models run on xopt's CUDA backend instead, each timed call ending when the GPU is done, and
 the peak-memory column (a CPU process's resident memory) is left empty.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from xopt.backends.onnxruntime import create_session, run
+from xopt.cpu_load import OtherLoad
 from xopt.inputs import sample_inputs
 
 DEFAULT_ROUNDS, DEFAULT_WARMUP = 30, 3
@@ -38,6 +41,7 @@ class Timing:
     ratio: float = 1.0  # median relative to the first model's (below 1: faster)
     size_mb: float | None = None
     peak_memory_mb: float | None = None
+    other_cores: float | None = None  # CPU other processes took while the runs were timed (None: unknown)
 
 
 def time_interleaved(
@@ -49,16 +53,17 @@ def time_interleaved(
 ) -> list[Timing]:
     """Median/p10/p90 of `rounds` interleaved calls of each runner after `warmup` rounds."""
     samples: dict[str, list[float]] = {label: [] for label in runners}
-    for index in progress(range(warmup + rounds), warmup + rounds):
-        for label, runner in runners.items():
-            start = time.perf_counter()
-            runner()
-            if index >= warmup:
-                samples[label].append(1000 * (time.perf_counter() - start))
+    with OtherLoad() as load:
+        for index in progress(range(warmup + rounds), warmup + rounds):
+            for label, runner in runners.items():
+                start = time.perf_counter()
+                runner()
+                if index >= warmup:
+                    samples[label].append(1000 * (time.perf_counter() - start))
     timings = []
     for label, values in samples.items():
         p10, median, p90 = np.percentile(values, [10, 50, 90])
-        timings.append(Timing(label, float(median), float(p10), float(p90), len(values)))
+        timings.append(Timing(label, float(median), float(p10), float(p90), len(values), other_cores=load.cores))
     for timing in timings:
         timing.ratio = timing.median_ms / timings[0].median_ms
     return timings
@@ -113,8 +118,11 @@ def _load_and_run_once(onnx_file: str, batch: int, sequence: int, threads: int) 
 
 def format_table(timings: list[Timing], batch: int, sequence: int, threads: int) -> str:
     header = f"{'model':<40}{'median ms':>11}{'p10':>9}{'p90':>9}{'ratio':>8}{'MB disk':>9}{'peak MB':>9}"
+    other = timings[0].other_cores
+    meanwhile = "" if other is None else f"; other processes took {other:.1f} CPUs meanwhile"
+    runs = f"median of {timings[0].runs} interleaved runs{meanwhile}"
     lines = [
-        f"batch {batch} × sequence {sequence}, {threads} threads, median of {timings[0].runs} interleaved runs",
+        f"batch {batch} × sequence {sequence}, {threads} threads, {runs}",
         header,
         "-" * len(header),
     ]

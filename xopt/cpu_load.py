@@ -77,7 +77,7 @@ class OtherLoad:
     if load.contended: ...
     """
 
-    def __init__(self, threads: int, reader=read_counters):
+    def __init__(self, threads: int = 0, reader=read_counters):  # threads: the timed runs', for `contended`
         self.threads = threads
         self._reader = reader
         self._before: CpuCounters | None = None
