@@ -70,8 +70,8 @@ class FoldNormsPass(Pass):
         explain: list[str] = []
         graph = model.graph
         if self.to_rmsnorm:
-            _layernorm_to_rmsnorm(model, find_transformer_structure(model), stats, explain)
-        structure = find_transformer_structure(model)
+            _layernorm_to_rmsnorm(model, find_transformer_structure(model, heads=False), stats, explain)
+        structure = find_transformer_structure(model, heads=False)  # head counts unused: no probe run
         norms = [n for b in structure.blocks for n in b.norms]
         if not structure.blocks:
             explain.append("no transformer blocks found: nothing to fold")
@@ -88,7 +88,7 @@ class FoldNormsPass(Pass):
             which = names[0] if len(names) == 1 else f"{len(names)} norms ({names[0]}, …)"
             explain.append(f"kept γ/β of {which}: {reason}")
         if self.fold_scales:
-            for block in find_transformer_structure(model).blocks:  # the linears changed above
+            for block in find_transformer_structure(model, heads=False).blocks:  # the linears changed above
                 if block.attention is not None:
                     reason = _fold_score_scale(graph, block.attention)
                     if reason is None:

@@ -317,13 +317,13 @@ def _signature(structure: TransformerStructure) -> dict:
 
 
 def _merge_qkv(model: ir.Model) -> tuple[int, list[str]]:
-    structure = find_transformer_structure(model)
+    structure = find_transformer_structure(model, heads=False)  # no head counts needed: no probe run
     groups = [(b.index, [b.attention.q, b.attention.k, b.attention.v]) for b in structure.blocks if b.attention]
     return _merge_groups(model, groups, "Q/K/V")
 
 
 def _merge_gate_up(model: ir.Model) -> tuple[int, list[str]]:
-    structure = find_transformer_structure(model)
+    structure = find_transformer_structure(model, heads=False)  # no head counts needed: no probe run
     groups = [(b.index, [b.mlp.gate, b.mlp.up]) for b in structure.blocks if b.mlp and b.mlp.gate is not None]
     return _merge_groups(model, groups, "gate/up")
 
@@ -377,7 +377,7 @@ def _merge(graph: ir.Graph, linears: list[Linear]) -> None:
 
 
 def _lower_norms(model: ir.Model) -> tuple[int, list[str]]:
-    structure = find_transformer_structure(model)
+    structure = find_transformer_structure(model, heads=False)  # no head counts needed: no probe run
     norms = [n for b in structure.blocks for n in b.norms]
     norms += [n for n in (structure.embedding_norm, structure.final_norm) if n is not None]
     count, notes = 0, []

@@ -66,7 +66,7 @@ class RotatePass(Pass):
     optional: bool = False  # a model it cannot rotate passes through unchanged, with the reason (recipes)
 
     def __call__(self, model: ir.Model) -> PassResult:
-        structure = find_transformer_structure(model)
+        structure = find_transformer_structure(model, heads=False)  # head counts unused: no probe run
         reason = _refusal(model.graph, structure)
         if self.optional and not reason:  # a recipe leaves a quantized source's grid to `quantize`
             reason = _source_grid_reason(model.graph)
@@ -87,7 +87,7 @@ class RotatePass(Pass):
                 raise RuntimeError(f"rotate: γ of {norm.output.name} could not be folded: {reason}")
             if reason is None:
                 stats["norms_folded"] += 1
-        structure = find_transformer_structure(model)  # the folds replaced weights
+        structure = find_transformer_structure(model, heads=False)  # the folds replaced weights
         width = structure.token_embedding.width
         rotation, kind = random_rotation(width, self.seed)
         for embedding in structure.embeddings:

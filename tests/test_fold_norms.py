@@ -133,3 +133,21 @@ def test_batchnorm_and_constant_output_scales_fold_into_linears():
         assert not {"BatchNormalization", "Mul"} & {n.op_type for n in folded.graph}
         actual = next(iter(run(create_session(folded), {folded.graph.inputs[0].name: x.numpy()}).values()))
         assert np.max(np.abs(actual - expected)) / np.max(np.abs(expected)) <= 1e-10
+
+
+def test_fold_norms_rotate_and_the_merges_run_no_probe(tiny_model, monkeypatch):
+    """Head counts take a run of the model where the graph's shapes are symbolic (a KV-cache export);
+    the passes that do not read them skip it."""
+    from xopt.analysis import structure as analysis
+    from xopt.passes import RotatePass
+    from xopt.passes.fuse import _lower_norms, _merge_gate_up, _merge_qkv
+
+    probes, probe = [], analysis.probe_shapes
+    monkeypatch.setattr(analysis, "probe_shapes", lambda *args: probes.append(1) or probe(*args))
+    model = CleanupPass()(tiny_model("llama").clone()).model
+    assert find_transformer_structure(model).blocks[0].attention.num_heads > 0 and len(probes) == 1
+    model = FoldNormsPass()(model).model
+    model = RotatePass()(model).model
+    for family in (_lower_norms, _merge_qkv, _merge_gate_up):
+        assert family(model)[0] > 0
+    assert len(probes) == 1
