@@ -132,19 +132,24 @@ class LoweringChooser:
             return Verdict(current_ms / candidate_ms >= self.min_speedup, current_ms, candidate_ms, cached=True)
         with OtherLoad(self.threads) as load:
             current_ms, candidate_ms = self._measure(current, candidate)
-        under_load = load.describe() if load.contended else ""
-        if under_load and not self._warned:
+        if load.contended:
+            self._warn_once(load.describe())
+        else:
+            cache[key] = [current_ms, candidate_ms]
+            self._write_cache(cache)
+        keep = current_ms / candidate_ms >= self.min_speedup
+        return Verdict(
+            keep, current_ms, candidate_ms, cached=False, under_load=load.describe() if load.contended else ""
+        )
+
+    def _warn_once(self, load: str) -> None:
+        if not self._warned:
             self._warned = True
             logger.warning(
                 "timing the lowerings while %s: these choices hold for this run only (not cached); "
                 "run again on a quiet machine for choices that last",
-                load.describe(),
+                load,
             )
-        elif not under_load:
-            cache[key] = [current_ms, candidate_ms]
-            self._write_cache(cache)
-        keep = current_ms / candidate_ms >= self.min_speedup
-        return Verdict(keep, current_ms, candidate_ms, cached=False, under_load=under_load)
 
     def _measure(self, current: ir.Model, candidate: ir.Model) -> tuple[float, float]:
         """Median times (ms) of the current and the candidate form."""

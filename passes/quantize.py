@@ -251,8 +251,8 @@ class QuantizeWeightsPass(Pass):
             explain.append(f"embedding {shape}: not quantized: {group}")
             return
         fit, bits, keep = "minmax" if self.method == "rtn" else "hqq", self.embedding_bits, bool(self.source_grid)
-        table = shared.remembered(
-            "tables", embedding.table, (bits, group, fit, keep),
+        table = _remembered(
+            shared.tables, embedding.table, (bits, group, fit, keep),
             lambda: quantize_table(const_array(embedding.table), bits, group, fit, keep_source=keep),
         )  # fmt: skip
         before, after = lower_gather(graph, embedding, table)
@@ -380,14 +380,14 @@ class SharedForms:
     grids: dict = field(default_factory=dict)  # (tensor, read transposed, bits) → SourceGrid | None
     tables: dict = field(default_factory=dict)  # (table tensor, bits, group, fit, keep source) → QuantizedTable
 
-    def remembered(self, kind: str, weight: ir.Value | Linear, key: tuple, compute: Callable):
-        """`compute()` for this weight and key, computed the first time only."""
-        tensor, transposed = _weight_tensor(weight)
-        memo = getattr(self, kind)
-        full = (id(tensor), transposed, *key)
-        if full not in memo:
-            memo[full] = (tensor, compute())
-        return memo[full][1]
+
+def _remembered(memo: dict, weight: ir.Value | Linear, key: tuple, compute: Callable):
+    """`compute()` for this weight and key, computed the first time only (a `SharedForms` memo)."""
+    tensor, transposed = _weight_tensor(weight)
+    full = (id(tensor), transposed, *key)
+    if full not in memo:
+        memo[full] = (tensor, compute())
+    return memo[full][1]
 
 
 def _weight_tensor(weight: ir.Value | Linear) -> tuple[object, bool]:
@@ -462,12 +462,12 @@ class _Forms:
         if self.options.scheme != "weight-only" or not self.options.source_grid:
             return None
         linear = self.linears[name]
-        return self.shared.remembered("grids", linear, (bits,), lambda: source_grid(weight_in_out(linear), bits))
+        return _remembered(self.shared.grids, linear, (bits,), lambda: source_grid(weight_in_out(linear), bits))
 
     def form(self, name: str, form: tuple[int, str | None]) -> _Form:
         """The linear quantized in `form` (bits, smoothing)."""
         linear = self.linears[name]
-        return self.shared.remembered("forms", linear, (self.symmetric, *form), lambda: self._form(linear, *form))
+        return _remembered(self.shared.forms, linear, (self.symmetric, *form), lambda: self._form(linear, *form))
 
     def _form(self, linear: Linear, bits: int, smoothing: str | None) -> _Form:
         options, name = self.options, linear.name

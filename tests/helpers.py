@@ -166,12 +166,13 @@ def spinning_process(seconds: float):
     """A started process that keeps one core busy for `seconds` (join it when done)."""
     import multiprocessing
 
-    process = multiprocessing.get_context("spawn").Process(target=_spin, args=(seconds,))
+    process = multiprocessing.get_context("spawn").Process(target=spin, args=(seconds,))
     process.start()
     return process
 
 
-def _spin(seconds: float) -> None:
+def spin(seconds: float) -> None:
+    """Keep this thread busy for `seconds`."""
     import time
 
     end = time.perf_counter() + seconds

@@ -5,7 +5,7 @@ import sys
 import time
 
 import pytest
-from helpers import _spin, spinning_process
+from helpers import spin, spinning_process
 
 from xopt.cpu_load import CpuCounters, OtherLoad, contended, other_cores, read_counters
 
@@ -34,7 +34,7 @@ def test_counters_are_read_from_proc_stat_text(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat is Linux's")
 def test_a_competing_process_counts_and_this_ones_own_work_does_not():
     with OtherLoad(threads=1) as own:
-        _spin(1.0)
+        spin(1.0)
     child = spinning_process(1.5)
     time.sleep(0.3)  # the child is up and spinning
     with OtherLoad(threads=1) as other:
