@@ -11,7 +11,7 @@ from xopt.errors import XoptError
 from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass
 from xopt.pipeline import PassManager, make_pass, parse_spec, registered_passes, resolve_passes
-from xopt.verify import VerificationError, bisect_passes, compare, reference_outputs
+from xopt.verify import VerificationError, bisect_passes, compare, parity_over, reference_outputs
 
 
 def test_registry_lists_cleanup_with_its_options():
@@ -143,6 +143,27 @@ def test_compare_reports_relative_error_and_top1():
     assert result.top1_agreement == pytest.approx(9 / 10)
     assert not result.within(1e-4)
     assert compare({"y": logits}, {"y": logits[:1]}).max_abs == float("inf")
+
+
+def test_top1_agreement_is_pooled_over_the_positions_of_every_input_set():
+    model = model_from_text(
+        """
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[b, s, 50] x) => (float[b, s, 50] logits) {
+            logits = Identity (x)
+        }
+        """
+    )
+    rng = np.random.default_rng(2)
+    prompt, step = (
+        rng.standard_normal((2, 10, 50)).astype(np.float32),
+        rng.standard_normal((2, 1, 50)).astype(np.float32),
+    )
+    flipped = step.copy()
+    flipped[..., 0] = step.max() + 1  # every argmax of the 2-position set moves
+    result = parity_over(model, [{"x": prompt}, {"x": step}], [{"logits": prompt}, {"logits": flipped}])
+    assert (result.top1_agreement, result.top1_positions) == (pytest.approx(20 / 22), 22)
+    assert "top-1 agreement 90.91% of 22 positions" in result.describe()
 
 
 def test_compare_leaves_out_padded_positions_only():

@@ -6,11 +6,12 @@ output pair (r, c) we report
     max_abs = max |c − r|,        max_rel = max_abs / max(max |r|, 1)
 
 and, for outputs named `logits` (last axis = vocabulary), the top-1 agreement of argmax over that
-axis. Entries at positions the inputs' `attention_mask` marks as padding are left out: nothing
-reads them (every later position masks them out), and fused attention kernels leave different
-values there. An exact pass must keep `max_rel ≤ EXACT_TOLERANCE` on every output: float32
-rounding of a reordered computation stays orders of magnitude below it, while any real change of
-the function exceeds it.
+axis: the share of all compared positions, pooled over the outputs and input sets (a decode step
+of two rows weighs two positions, not as much as a whole prompt). Entries at positions the
+inputs' `attention_mask` marks as padding are left out: nothing reads them (every later position
+masks them out), and fused attention kernels leave different values there. An exact pass must
+keep `max_rel ≤ EXACT_TOLERANCE` on every output: float32 rounding of a reordered computation
+stays orders of magnitude below it, while any real change of the function exceeds it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Parity:
     max_abs: float
     max_rel: float
     top1_agreement: float | None = None
+    top1_positions: int = 0  # how many positions the agreement is over
 
     def within(self, tolerance: float) -> bool:
         return bool(np.isfinite(self.max_rel)) and self.max_rel <= tolerance
@@ -52,7 +54,7 @@ class Parity:
     def describe(self) -> str:
         text = f"max abs diff {self.max_abs:.3g} (relative {self.max_rel:.3g})"
         if self.top1_agreement is not None:
-            text += f", top-1 agreement {100 * self.top1_agreement:.2f}%"
+            text += f", top-1 agreement {100 * self.top1_agreement:.2f}% of {self.top1_positions} positions"
         return text
 
 
@@ -142,8 +144,16 @@ def compare(
         max_abs, max_rel = max(max_abs, diff), max(max_rel, diff / scale)
         if "logits" in name.lower() and expected.ndim >= 2:  # (batch, sequence, vocabulary)
             agree = expected.argmax(-1) == actual.argmax(-1)
-            agreements.append(float(np.mean(agree if real is None else agree[real[..., 0]])))
-    return Parity(max_abs, max_rel, min(agreements) if agreements else None)
+            agreements.append(agree if real is None else agree[real[..., 0]])
+    return _pooled(max_abs, max_rel, [(int(a.sum()), a.size) for a in agreements])
+
+
+def _pooled(max_abs: float, max_rel: float, agreed_of: Sequence[tuple[int, int]]) -> Parity:
+    """Parity with the top-1 agreement pooled over (agreed, compared) position counts."""
+    positions = sum(count for _, count in agreed_of)
+    if positions == 0:
+        return Parity(max_abs, max_rel)
+    return Parity(max_abs, max_rel, sum(agreed for agreed, _ in agreed_of) / positions, positions)
 
 
 def _real_positions(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
@@ -181,7 +191,8 @@ def references_over(model: ir.Model, input_sets: Sequence[Mapping[str, np.ndarra
 def parity_over(
     model: ir.Model, input_sets: Sequence[Mapping[str, np.ndarray]], references: Sequence[Mapping[str, np.ndarray]]
 ) -> Parity:
-    """The worst parity of `model` over several input sets and their references (one session)."""
+    """Parity of `model` over several input sets and their references (one session): the largest
+    differences, the top-1 agreement over all their positions."""
     try:
         session = create_session(model, optimization="disable")
         results = [
@@ -191,10 +202,10 @@ def parity_over(
     except Exception as error:
         reason = first_line(error)
         raise VerificationError(f"ONNX Runtime cannot run the model: {reason}") from error
-    agreements = [r.top1_agreement for r in results if r.top1_agreement is not None]
-    return Parity(
-        max(r.max_abs for r in results), max(r.max_rel for r in results), min(agreements) if agreements else None
-    )
+    agreed_of = [
+        (round(r.top1_agreement * r.top1_positions), r.top1_positions) for r in results if r.top1_agreement is not None
+    ]
+    return _pooled(max(r.max_abs for r in results), max(r.max_rel for r in results), agreed_of)
 
 
 def bisect_passes(
