@@ -244,6 +244,26 @@ def test_real_timing_runs_both_forms(tiny_model):
     assert current_ms > 0 and candidate_ms > 0 and 0.2 < current_ms / candidate_ms < 5
 
 
+def test_a_form_timed_again_reuses_its_session(tiny_model, monkeypatch):
+    """fuse times each family against the previous verdict's form: that form's session is kept,
+    the other one is released, and a form not among the last verdict's is loaded anew."""
+    import xopt.backends.lowering as lowering
+
+    loaded = []
+    create = lowering.create_session
+    monkeypatch.setattr(
+        lowering, "create_session", lambda model, **options: loaded.append(model) or create(model, **options)
+    )
+    chooser = LoweringChooser(threads=1, batch=1, sequence=8, rounds=1, warmup=0)
+    first, second, third = (tiny_model("bert").clone() for _ in range(3))
+    chooser._measure(first, second)
+    chooser._measure(second, third)
+    assert loaded == [first, second, third]
+    chooser._measure(first, third)
+    assert loaded == [first, second, third, first]
+    assert [kept for kept, _ in chooser._sessions.values()] == [third, first]
+
+
 def test_int4_weights_time_each_family_next_to_int4_linears(tiny_model, monkeypatch):
     """fuse(weights=int4) times copies of both forms with their linears quantized (the models it
     keeps stay float), and its verdicts are cached apart from the float ones."""
