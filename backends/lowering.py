@@ -5,7 +5,7 @@ Which form of a subgraph runs fastest depends on the operator, the shapes, the O
 CPU (a fused contrib op can be several times slower than the standard ops it replaces on one
 machine and faster on another), so it is measured, not assumed. Both models run in sessions of
 this process with the same thread count, spinning off, on the same sample inputs, in interleaved
-rounds (median of `rounds` after `warmup`); the candidate is kept only when
+rounds (median of `rounds` after `warmup`, split over two halves: see below); the candidate is kept only when
 `median(current) / median(candidate) ≥ min_speedup`: a tie keeps the standard form. The two
 medians are kept with the verdict (a report shows the time before and after). For a decoder
 with a KV cache the time compared is that of a generation: prefill of S tokens plus S decode
@@ -26,6 +26,12 @@ over the span above what the cores the timing leaves free can absorb) holds for 
 is not cached, the verdict says so, and a warning tells the user once per chooser; the next
 run on a quieter machine times it again. (A test suite running beside `xopt optimize` on two
 cores made every fused form measure 0.83–0.97× and would have kept that for good.)
+
+Of two sessions of one model created one after the other, the first runs slower: SmolLM2 int4
+timed against itself read 1.026× (sd 0.014, 5 pairs) with the first session as the current form
+and 0.965× (sd 0.019) with the order swapped, about the 1.03× a family must win by. So each
+measurement has two halves: the second times a new session of the form whose session is the
+older, and each form's time is the mean of its two medians, weighted by rounds.
 
 A chooser keeps the sessions of its last verdict's two forms, and a form passed to the next
 verdict unchanged (the same object) is not serialized and loaded again: `fuse` times each family
@@ -170,18 +176,24 @@ class LoweringChooser:
         self._sessions = {
             key: kept for key, kept in self._sessions.items() if any(kept[0] is form for form in (current, candidate))
         }
-        sessions = {"current": self._session(current), "candidate": self._session(candidate)}
-        timed_current = sessions["current"][0]
+        timed_current = self._session(current)[0]
         workloads = {"prefill": (sample_inputs(timed_current, batch=self.batch, sequence=self.sequence), 1)}
         if has_kv_cache(timed_current):
             step = sample_inputs(timed_current, batch=self.batch, sequence=1, past=self.sequence)
             workloads["step"] = (step, self.sequence)
-        runners = {}
-        for label, (model, session) in sessions.items():
-            for workload, (feeds, _) in workloads.items():
-                runners[f"{label} {workload}"] = _runner(session, model, feeds)
 
-        def times(rounds: int) -> np.ndarray:
+        def times(rounds: int, renew_older: bool) -> np.ndarray:
+            """Each form's time over `rounds`; `renew_older`: the form whose session is the older
+            gets a new one first (sessions are kept in the order they were created)."""
+            if renew_older:
+                older = next(iter(self._sessions))
+                model, (timed, _) = self._sessions.pop(older)
+                self._sessions[older] = model, (timed, None)
+            sessions = {"current": self._session(current), "candidate": self._session(candidate)}
+            runners = {}
+            for label, (model, session) in sessions.items():
+                for workload, (feeds, _) in workloads.items():
+                    runners[f"{label} {workload}"] = _runner(session, model, feeds)
             medians = {t.label: t.median_ms for t in time_interleaved(runners, rounds=rounds, warmup=self.warmup)}
             return np.array(
                 [
@@ -190,9 +202,16 @@ class LoweringChooser:
                 ]
             )
 
-        medians = times(self.rounds)
+        def both_orders(rounds: int, renew_first: bool) -> np.ndarray:
+            if rounds < 2:
+                return times(rounds, renew_first)
+            first = (rounds + 1) // 2
+            halves = first * times(first, renew_first) + (rounds - first) * times(rounds - first, True)
+            return halves / rounds
+
+        medians = both_orders(self.rounds, renew_first=False)
         if abs(medians[0] / medians[1] - self.min_speedup) < NEAR_TIE:  # a verdict that noise could flip: look longer
-            medians = (medians + 2 * times(2 * self.rounds)) / 3  # weighted by rounds
+            medians = (medians + 2 * both_orders(2 * self.rounds, renew_first=True)) / 3  # weighted by rounds
         return float(medians[0]), float(medians[1])
 
     def _session(self, model: ir.Model) -> tuple[ir.Model, ort.InferenceSession]:
@@ -200,10 +219,13 @@ class LoweringChooser:
         verdict when `model` was one of its forms."""
         kept = self._sessions.get(id(model))
         if kept is None or kept[0] is not model:
-            timed = self.context(model.clone()) if self.context is not None else model
-            kept = model, (timed, create_session(timed, threads=self.threads, spinning=False))
-            self._sessions[id(model)] = kept
-        return kept[1]
+            kept = model, (self.context(model.clone()) if self.context is not None else model, None)
+        timed, session = kept[1]
+        if session is None:
+            session = create_session(timed, threads=self.threads, spinning=False)
+            self._sessions.pop(id(model), None)
+            self._sessions[id(model)] = model, (timed, session)
+        return timed, session
 
     def _key(self, family: str, signature: dict) -> str:
         facts = {

@@ -244,9 +244,10 @@ def test_real_timing_runs_both_forms(tiny_model):
     assert current_ms > 0 and candidate_ms > 0 and 0.2 < current_ms / candidate_ms < 5
 
 
-def test_a_form_timed_again_reuses_its_session(tiny_model, monkeypatch):
+def test_a_form_timed_again_reuses_its_session_and_each_form_is_timed_as_the_newer(tiny_model, monkeypatch):
     """fuse times each family against the previous verdict's form: that form's session is kept,
-    the other one is released, and a form not among the last verdict's is loaded anew."""
+    the other one released. Of two sessions of one model the one created first runs slower, so
+    the second half of each measurement times a new session of the form whose session is older."""
     import xopt.backends.lowering as lowering
 
     loaded = []
@@ -254,14 +255,15 @@ def test_a_form_timed_again_reuses_its_session(tiny_model, monkeypatch):
     monkeypatch.setattr(
         lowering, "create_session", lambda model, **options: loaded.append(model) or create(model, **options)
     )
-    chooser = LoweringChooser(threads=1, batch=1, sequence=8, rounds=1, warmup=0)
+    chooser = LoweringChooser(threads=1, batch=1, sequence=8, rounds=2, warmup=0, min_speedup=100)  # no near tie
     first, second, third = (tiny_model("bert").clone() for _ in range(3))
     chooser._measure(first, second)
+    assert loaded == [first, second, first]
     chooser._measure(second, third)
-    assert loaded == [first, second, third]
+    assert loaded[3:] == [third, second]
     chooser._measure(first, third)
-    assert loaded == [first, second, third, first]
-    assert [kept for kept, _ in chooser._sessions.values()] == [third, first]
+    assert loaded[5:] == [first, third]
+    assert [kept for kept, _ in chooser._sessions.values()] == [first, third]
 
 
 def test_int4_weights_time_each_family_next_to_int4_linears(tiny_model, monkeypatch):
