@@ -42,7 +42,9 @@ can also be switched off by listing it in `skip`. `weights=int4` (the int4 recip
 forms with their linears quantized as that recipe runs them (round to nearest stands in for the
 method: the kernels' time does not depend on the codes), since a family's share of the time
 depends on what the linears cost: SmolLM2's GroupQueryAttention measured 1.02× next to fp32
-linears, under the 1.03× a family must win by, and is what int4 decode wants.
+linears, under the 1.03× a family must win by, and is what int4 decode wants. `weights=int8`
+(the int8 recipe) does the same with dynamic int8 linears (no smoothing: the kernels' time does
+not depend on it, and its search would run the model on calibration text for every form timed).
 """
 
 from __future__ import annotations
@@ -91,7 +93,16 @@ FAMILIES = (
 )
 LOWERINGS = ("measure", "all")
 POSITIONS = ("mask", "contiguous")
-WEIGHTS = ("float", "int4")  # the linears each family is timed next to
+# The linears each family is timed next to: `quantize`'s options for the copies timed (round to
+# nearest in place of the recipe's method) and their name in the lowering cache's key.
+WEIGHTS = {
+    "float": None,
+    "int4": (
+        {"method": "rtn", "head_bits": 4, "embedding_bits": 8, "accuracy": "4"},
+        "int4 rtn, head 4, embedding 8, level 4",
+    ),
+    "int8": ({"scheme": "dynamic", "bits": 8, "smoothing": "none"}, "int8 dynamic, no smoothing"),
+}
 # A family that rewrites what others make matches only once they are kept; when they were not
 # (each too small a win alone), it is timed together with them: GroupQueryAttention with RoPE
 # inside pays in decode where GroupQueryAttention alone sits below the threshold.
@@ -114,7 +125,7 @@ class FusePass(Pass):
     lowering: str = "measure"
     skip: str = ""  # families to leave alone, separated by "+" (or "," from Python)
     positions: str = "mask"  # "contiguous": positions P..P+S−1 in every row (no left padding)
-    weights: str = "float"  # "int4": timed with the linears quantized as the int4 recipe runs them
+    weights: str = "float"  # "int4", "int8": timed with the linears quantized as that recipe runs them
     threads: int = 2
     batch: int = 1
     sequence: int = 128
@@ -135,8 +146,9 @@ class FusePass(Pass):
         structure = find_transformer_structure(model)
         sequence = timed_sequence(structure, self.sequence)
         chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
-        if self.weights == "int4":
-            chooser.context, chooser.context_name = _AsInt4(), "int4 rtn, head 4, embedding 8, level 4"
+        if WEIGHTS[self.weights] is not None:
+            options, chooser.context_name = WEIGHTS[self.weights]
+            chooser.context = _Quantized(options)
         signature = _signature(structure)
         stats: Counter[str] = Counter()
         explain: list[str] = []
@@ -548,15 +560,15 @@ _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
 }
 
 
-class _AsInt4:
-    """Quantizes a model's linears as the int4 recipe lowers them (round to nearest in its stead,
-    accuracy level 4), to time a family next to them. Every form timed is a copy of one model, so
-    each weight tensor is quantized once (`SharedForms`), not once per form timed."""
+class _Quantized:
+    """Quantizes a model's linears with `quantize`'s `options`, to time a family next to them as a
+    recipe lowers them. Every form timed is a copy of one model, so each weight tensor is quantized
+    once (`SharedForms`), not once per form timed."""
 
-    def __init__(self):
+    def __init__(self, options: dict):
         from xopt.passes.quantize import QuantizeWeightsPass, SharedForms
 
-        self.quantizer = QuantizeWeightsPass(method="rtn", head_bits=4, embedding_bits=8, accuracy="4")
+        self.quantizer = QuantizeWeightsPass(**options)
         self.shared = SharedForms()
 
     def __call__(self, model: ir.Model) -> ir.Model:

@@ -517,7 +517,7 @@ class _Forms:
     def _statistic(self, linear: Linear):
         """The calibration statistic of the linear's input its form needs (None: none)."""
         options = self.options
-        needs = "samples" if options.scheme == "dynamic" else None
+        needs = "samples" if options.scheme == "dynamic" and options.smoothing != "none" else None
         if options.scheme == "weight-only" and options.method in ("gptq", "awq"):
             needs = "moments"
         if needs is None:

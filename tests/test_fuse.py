@@ -266,9 +266,10 @@ def test_a_form_timed_again_reuses_its_session_and_each_form_is_timed_as_the_new
     assert [kept for kept, _ in chooser._sessions.values()] == [first, third]
 
 
-def test_int4_weights_time_each_family_next_to_int4_linears(tiny_model, monkeypatch):
-    """fuse(weights=int4) times copies of both forms with their linears quantized (the models it
-    keeps stay float), and its verdicts are cached apart from the float ones."""
+@pytest.mark.parametrize(("weights", "kernel"), [("int4", "MatMulNBits"), ("int8", "DynamicQuantizeMatMul")])
+def test_quantized_weights_time_each_family_next_to_quantized_linears(tiny_model, monkeypatch, weights, kernel):
+    """fuse(weights=int4|int8) times copies of both forms with their linears quantized (the models
+    it keeps stay float), and its verdicts are cached apart from the float ones."""
     timed = []
     measure = LoweringChooser._measure
 
@@ -280,8 +281,8 @@ def test_int4_weights_time_each_family_next_to_int4_linears(tiny_model, monkeypa
     monkeypatch.setattr(LoweringChooser, "rounds", 1)
     monkeypatch.setattr(LoweringChooser, "warmup", 0)
     model = tiny_model("llama").clone()
-    result = FusePass(weights="int4", sequence=8)(model.clone())
-    assert timed and all(name.startswith("int4") for name, _, _ in timed)
+    result = FusePass(weights=weights, sequence=8)(model.clone())
+    assert timed and all(name.startswith(weights) for name, _, _ in timed)
 
     def linears(graph):
         from xopt.analysis.patterns import find_linears
@@ -289,25 +290,25 @@ def test_int4_weights_time_each_family_next_to_int4_linears(tiny_model, monkeypa
         return len(find_linears(graph))
 
     for _, current, as_timed in timed:
-        assert linears(current.graph) > 0 and not any(n.op_type == "MatMulNBits" for n in current.graph)
-        assert linears(as_timed.graph) == 0 and any(n.op_type == "MatMulNBits" for n in as_timed.graph)
-    assert not any(n.op_type == "MatMulNBits" for n in result.model.graph)
+        assert linears(current.graph) > 0 and not any(n.op_type == kernel for n in current.graph)
+        assert linears(as_timed.graph) == 0 and any(n.op_type == kernel for n in as_timed.graph)
+    assert not any(n.op_type == kernel for n in result.model.graph)
     inside = []
     monkeypatch.setattr(
         LoweringChooser, "_measure", lambda self, current, candidate: inside.append(self.context_name) or (1.0, 1.0)
     )
     FusePass(sequence=8)(model.clone())
-    assert inside and set(inside) == {""}  # float verdicts are not the int4 ones
+    assert inside and set(inside) == {""}  # float verdicts are not the quantized ones
 
 
 def test_a_context_is_timed_on_copies(tiny_model):
     seen = []
 
     def quantized(model):
-        from xopt.passes.fuse import _AsInt4
+        from xopt.passes.fuse import WEIGHTS, _Quantized
 
         seen.append(sum(n.op_type == "MatMul" for n in model.graph))
-        return _AsInt4()(model)
+        return _Quantized(WEIGHTS["int4"][0])(model)
 
     chooser = LoweringChooser(threads=1, batch=1, sequence=8, rounds=2, warmup=1, context=quantized)
     model = tiny_model("llama")

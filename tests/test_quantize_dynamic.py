@@ -165,6 +165,17 @@ def test_every_linear_becomes_dynamic_int8_and_the_model_still_runs(tiny_model, 
     assert record.parity.max_rel < 0.5, record.parity.describe()
 
 
+def test_no_smoothing_runs_no_calibration(tiny_model, monkeypatch):
+    import xopt.passes.quantize as quantize
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration ran")
+
+    monkeypatch.setattr(quantize, "calibration_feeds", refuse)
+    optimized = QuantizeWeightsPass(scheme="dynamic", bits=8, smoothing="none")(tiny_model("llama").clone()).model
+    assert _dynamic_linears(optimized) > 0 and not find_linears(optimized.graph)
+
+
 @pytest.mark.parametrize("codes", ["int8", "uint8", "auto"])
 def test_weight_codes_are_stored_as_asked_or_where_this_cpu_computes_them_exactly(tiny_model, codes):
     optimized, report = PassManager([QuantizeWeightsPass(scheme="dynamic", bits=8, windows=2, codes=codes)])(

@@ -59,10 +59,10 @@ RECIPES: dict[str, list[str]] = {
         "fuse(weights=int4)",  # each fusion timed next to int4 linears, as this recipe runs them
         "quantize(head_bits=4,embedding_bits=8,symmetric=measure)",
     ],
-    # The exact recipe, then dynamic int8 (per-channel weights, run-time activations, smoothing α
-    # chosen per linear on calibration activations); mixed precision is opt-in (`budget=`): its
-    # sweep is one candidate model per linear.
-    "int8": ["cleanup", "fold-norms", "fuse", "quantize(scheme=dynamic,bits=8)"],
+    # The exact recipe, its fusions timed next to dynamic int8 linears, then dynamic int8
+    # (per-channel weights, run-time activations, smoothing chosen per linear on calibration
+    # activations); mixed precision is opt-in (`budget=`): its sweep is one candidate model per linear.
+    "int8": ["cleanup", "fold-norms", "fuse(weights=int8)", "quantize(scheme=dynamic,bits=8)"],
 }
 DEFAULT_RECIPE = "exact"
 
