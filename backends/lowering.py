@@ -5,8 +5,8 @@ Which form of a subgraph runs fastest depends on the operator, the shapes, the O
 CPU (a fused contrib op can be several times slower than the standard ops it replaces on one
 machine and faster on another), so it is measured, not assumed. Both models run in sessions of
 this process with the same thread count, spinning off, on the same sample inputs, in interleaved
-rounds (median of `rounds` after `warmup`, split over two halves: see below); the candidate is kept only when
-`median(current) / median(candidate) ≥ min_speedup`: a tie keeps the standard form. The two
+rounds (median of `rounds` after `warmup`, in two halves: see below); the candidate is kept only
+when `median(current) / median(candidate) ≥ min_speedup`: a tie keeps the standard form. The two
 medians are kept with the verdict (a report shows the time before and after). For a decoder
 with a KV cache the time compared is that of a generation: prefill of S tokens plus S decode
 steps of one token on a past of S (`t_prefill + S · t_step`), since a lowering can speed one
@@ -134,9 +134,9 @@ class LoweringChooser:
     context: Callable[[ir.Model], ir.Model] | None = None  # applied to a copy of each form before timing
     context_name: str = ""  # what `context` does (part of the cache key)
     _warned: bool = field(default=False, init=False, repr=False)  # about timings under load
-    # the last verdict's forms: id(model) → (model, (the form as timed, its session)); holding the
-    # model keeps its id from being reused
-    _sessions: dict[int, tuple[ir.Model, tuple[ir.Model, ort.InferenceSession]]] = field(
+    # the last verdict's forms, in the order their sessions were made: id(model) → (model, (the
+    # form as timed, its session; None: to be made anew)); holding the model keeps its id its own
+    _sessions: dict[int, tuple[ir.Model, tuple[ir.Model, ort.InferenceSession | None]]] = field(
         default_factory=dict, init=False, repr=False
     )
 
