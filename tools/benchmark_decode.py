@@ -14,7 +14,11 @@ sequence ignored, fixed intra-op threads. Reported per variant: prefill latency 
 new token) and decode throughput (the other new tokens over their time), median and p10–p90 over
 the repeats, and how many generated tokens agree with transformers' greedy output. Variants run
 one whole generation at a time, interleaved (A, B, C, A, B, C, …) after one warm-up generation
-each; each keeps its runtime's default thread spinning, as a user would run it.
+each; each keeps its runtime's default thread spinning, as a user would run it. The runtimes are
+loaded in the table's order for the first half of the rounds and loaded again in reverse order
+(C, B, A) for the second: of two loaded models the first ran slower here (xopt exact against
+onnxruntime-genai fp32, 12 rounds, four processes: 0.973× and 0.968× with xopt loaded first,
+1.015× and 0.996× with genai first), so each pair is timed in both orders.
 
 The anchors are optional: `pip install -e '.[anchors]'` (llama-cpp-python builds llama.cpp from
 source, about ten minutes); a missing one is reported and left out.
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -319,11 +324,12 @@ def kept_build(folder: Path, key: dict, build: Callable[[Path], None]) -> float:
 
 
 def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[dict, dict, dict]:
-    """The selected variants' generate functions, build seconds and perplexity functions."""
+    """The selected variants' loaders (each returns a generate function), build seconds and
+    perplexity functions."""
     from xopt.capture.huggingface import load_hf_model
 
     folder, selected, source = smollm2_folder(), set(args.only or variant_labels()), source_digest()
-    variants, seconds = {}, {}
+    loaders, seconds = {}, {}
     text, threads = perplexity_text(tokenizer, args.perplexity_windows), args.threads
     quality = {}  # label → a function computing its perplexity
     reference = None
@@ -338,7 +344,7 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
         tokenizer.save_pretrained(out)
 
     if "transformers generate" in selected:
-        variants["transformers generate"] = transformers_variant(reference_model(), prompt, args.new_tokens)
+        loaders["transformers generate"] = partial(transformers_variant, reference_model(), prompt, args.new_tokens)
 
     captured = None
     for label, passes in xopt_builds().items():
@@ -357,7 +363,7 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
 
         out = scratch / re.sub(r"[^a-z0-9]+", "-", label).strip("-")
         seconds[label] = kept_build(out, {"passes": passes, "source": source}, build)
-        variants[label] = xopt_variant(out, prompt, args.new_tokens, args.threads)
+        loaders[label] = partial(xopt_variant, out, prompt, args.new_tokens, args.threads)
         quality[label] = lambda out=out: onnx_perplexity(out, out, text, threads)
 
     genai = [precision for precision in GENAI_PRECISIONS if f"onnxruntime-genai {precision}" in selected]
@@ -372,7 +378,7 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
             seconds[label] = kept_build(
                 built, key, partial(genai_build, hf_folder, precision, threads, cache=scratch / "genai-cache")
             )
-            variants[label] = genai_variant(built, prompt, args.new_tokens)
+            loaders[label] = partial(genai_variant, built, prompt, args.new_tokens)
         except (subprocess.CalledProcessError, ImportError) as error:  # an anchor that fails is reported
             logger.warning("%s failed: %s", label, error)
             continue
@@ -384,13 +390,14 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
     if "llama.cpp Q4_1" in selected:
         try:
             llama_cpp_runs(folder / GGUF_FILE, threads)
-            variants["llama.cpp Q4_1"] = llama_cpp_variant(folder / GGUF_FILE, prompt, args.new_tokens, threads)
+            gguf = folder / GGUF_FILE
+            loaders["llama.cpp Q4_1"] = partial(llama_cpp_variant, gguf, prompt, args.new_tokens, threads)
         except (ImportError, RuntimeError) as error:
             logger.warning("llama.cpp Q4_1 left out: %s", error)
         else:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             quality["llama.cpp Q4_1"] = lambda: llama_cpp_perplexity(folder / GGUF_FILE, ids, threads)
-    return variants, seconds, quality
+    return loaders, seconds, quality
 
 
 def perplexity_text(tokenizer, windows: int) -> str:
@@ -400,16 +407,25 @@ def perplexity_text(tokenizer, windows: int) -> str:
     return text[: len(text) * (windows * PERPLEXITY_WINDOW + 64) // tokens]
 
 
-def run(variants: dict, repeats: int) -> dict[str, Samples]:
-    samples = {label: Samples() for label in variants}
-    for round_index in range(repeats + 1):  # round 0 is the warm-up
-        for label, generate in variants.items():
-            tokens, prefill_ms, tokens_per_s = generate()
-            logger.info("%s: prefill %.1f ms, decode %.1f tokens/s", label, prefill_ms, tokens_per_s)
-            if round_index > 0:
-                samples[label].prefill_ms.append(prefill_ms)
-                samples[label].tokens_per_s.append(tokens_per_s)
-            samples[label].tokens = tokens
+def run(loaders: dict[str, Callable[[], Callable]], repeats: int) -> dict[str, Samples]:
+    """`repeats` interleaved rounds in two halves: the variants loaded and run in the table's order,
+    then loaded again and run in reverse order; each half starts with a warm-up round."""
+    samples = {label: Samples() for label in loaders}
+    first_half = (repeats + 1) // 2
+    for order, rounds in ((list(loaders), first_half), (list(loaders)[::-1], repeats - first_half)):
+        if rounds == 0:
+            continue
+        variants = {label: loaders[label]() for label in order}
+        for round_index in range(rounds + 1):  # round 0 is the warm-up
+            for label, generate in variants.items():
+                tokens, prefill_ms, tokens_per_s = generate()
+                logger.info("%s: prefill %.1f ms, decode %.1f tokens/s", label, prefill_ms, tokens_per_s)
+                if round_index > 0:
+                    samples[label].prefill_ms.append(prefill_ms)
+                    samples[label].tokens_per_s.append(tokens_per_s)
+                samples[label].tokens = tokens
+        del variants
+        gc.collect()  # the first half's sessions go before the second half's are made
     return samples
 
 
@@ -433,7 +449,9 @@ def write_markdown(
         "",
         f"Method: `{command}`. Batch 1, {args.prompt_tokens}-token prompt, "
         f"{args.new_tokens} new tokens, greedy, end of sequence ignored. Each variant generates the whole "
-        f"sequence in turn, interleaved over {args.repeats} rounds after one warm-up round; median (p10–p90). "
+        f"sequence in turn, interleaved over {args.repeats} rounds in two halves, the variants loaded in the "
+        "table's order for the first and again in reverse order for the second, each half after one warm-up "
+        "round; median (p10–p90). "
         "Prefill = prompt to first new token; decode = the other new tokens over their time. "
         "'agree' = generated tokens equal to transformers' greedy output. "
         f"Perplexity: the first {args.perplexity_windows} windows of {PERPLEXITY_WINDOW} tokens of the bundled "
@@ -522,9 +540,9 @@ def main() -> None:
         contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="xopt-decode-")
     )
     with scratch_folder as scratch:
-        variants, seconds, quality = build_variants(args, Path(scratch), tokenizer, prompt)
+        loaders, seconds, quality = build_variants(args, Path(scratch), tokenizer, prompt)
         with OtherLoad(args.threads) as other:
-            samples = run(variants, args.repeats)
+            samples = run(loaders, args.repeats)
         write_markdown(samples, seconds, {}, args, command, other, table, time.perf_counter() - started)
         perplexity = {}
         for label, measure in quality.items() if args.perplexity_windows else ():
