@@ -58,6 +58,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -120,6 +121,15 @@ def _one_row(embedding: Embedding) -> bool:
     return array is not None and array.size > 0 and bool(np.all(array == array.flat[0]))
 
 
+class _TimedForm(NamedTuple):
+    """A form a chooser timed: the model given, the copy timed (`context` applied), its session
+    (None: to be made anew)."""
+
+    model: ir.Model
+    timed: ir.Model
+    session: ort.InferenceSession | None
+
+
 @dataclass
 class LoweringChooser:
     """Decides, by timing on this machine, whether a candidate lowering replaces the current form."""
@@ -134,11 +144,9 @@ class LoweringChooser:
     context: Callable[[ir.Model], ir.Model] | None = None  # applied to a copy of each form before timing
     context_name: str = ""  # what `context` does (part of the cache key)
     _warned: bool = field(default=False, init=False, repr=False)  # about timings under load
-    # the last verdict's forms, in the order their sessions were made: id(model) → (model, (the
-    # form as timed, its session; None: to be made anew)); holding the model keeps its id its own
-    _sessions: dict[int, tuple[ir.Model, tuple[ir.Model, ort.InferenceSession | None]]] = field(
-        default_factory=dict, init=False, repr=False
-    )
+    # the last verdict's forms, in the order their sessions were made, by id(model); holding the
+    # model keeps its id its own
+    _sessions: dict[int, _TimedForm] = field(default_factory=dict, init=False, repr=False)
 
     def choose(self, family: str, signature: dict, current: ir.Model, candidate: ir.Model) -> Verdict:
         counts = {"current": _op_counts(current), "candidate": _op_counts(candidate)}
@@ -174,7 +182,7 @@ class LoweringChooser:
         from xopt.inputs import sample_inputs
 
         self._sessions = {
-            key: kept for key, kept in self._sessions.items() if any(kept[0] is form for form in (current, candidate))
+            key: kept for key, kept in self._sessions.items() if kept.model is current or kept.model is candidate
         }
         timed_current = self._session(current)[0]
         workloads = {"prefill": (sample_inputs(timed_current, batch=self.batch, sequence=self.sequence), 1)}
@@ -187,8 +195,7 @@ class LoweringChooser:
             gets a new one first (sessions are kept in the order they were created)."""
             if renew_older:
                 older = next(iter(self._sessions))
-                model, (timed, _) = self._sessions.pop(older)
-                self._sessions[older] = model, (timed, None)
+                self._sessions[older] = self._sessions.pop(older)._replace(session=None)
             sessions = {"current": self._session(current), "candidate": self._session(candidate)}
             runners = {}
             for label, (model, session) in sessions.items():
@@ -218,14 +225,13 @@ class LoweringChooser:
         """The form as timed (`context` applied to a copy) and its session, kept from the last
         verdict when `model` was one of its forms."""
         kept = self._sessions.get(id(model))
-        if kept is None or kept[0] is not model:
-            kept = model, (self.context(model.clone()) if self.context is not None else model, None)
-        timed, session = kept[1]
-        if session is None:
-            session = create_session(timed, threads=self.threads, spinning=False)
+        if kept is None:
+            kept = _TimedForm(model, self.context(model.clone()) if self.context is not None else model, None)
+        if kept.session is None:
+            kept = kept._replace(session=create_session(kept.timed, threads=self.threads, spinning=False))
             self._sessions.pop(id(model), None)
-            self._sessions[id(model)] = model, (timed, session)
-        return timed, session
+            self._sessions[id(model)] = kept
+        return kept.timed, kept.session
 
     def _key(self, family: str, signature: dict) -> str:
         facts = {

@@ -265,7 +265,7 @@ def test_a_form_timed_again_reuses_its_session_and_each_form_is_timed_as_the_new
     assert loaded[3:] == [third, second]
     chooser._measure(first, third)
     assert loaded[5:] == [first, third]
-    assert [kept for kept, _ in chooser._sessions.values()] == [first, third]
+    assert [kept.model for kept in chooser._sessions.values()] == [first, third]
 
 
 @pytest.mark.parametrize(("weights", "kernel"), [("int4", "MatMulNBits"), ("int8", "DynamicQuantizeMatMul")])
