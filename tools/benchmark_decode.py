@@ -375,6 +375,8 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
         built = scratch / f"genai-{precision}"
         key = {"precision": precision, "threads": threads, "source": source, "anchor": versions(ANCHOR_PACKAGES)}
         try:
+            import onnxruntime_genai  # noqa: F401 (loaded at timing: a missing package is told here)
+
             seconds[label] = kept_build(
                 built, key, partial(genai_build, hf_folder, precision, threads, cache=scratch / "genai-cache")
             )
