@@ -46,7 +46,8 @@ so the model computes what the smoothing search simulated; `codes=int8` there is
 accurate (SmolLM2 on an AVX2 EPYC: 1.19× at 1×128, perplexity 41.62 against 40.42, fp32 38.68).
 
 `embedding_bits` 4 or 8 also quantizes the token embedding table (Gather on a constant table)
-in blocks of `group` along each row, lowered to GatherBlockQuantized (`gather_quantized.py`).
+in blocks of `group` along each row, gathered then dequantized (`gather_quantized.py`: standard
+operators at 8 bits, GatherBlockQuantized at 4).
 
 A bias Add after the MatMul stays as it is. The LM head (the linear that writes a graph output)
 takes `head_bits` (8 by default: it is the widest matrix of a small LM and the most sensitive;
@@ -122,7 +123,7 @@ class QuantizeWeightsPass(Pass):
     head_bits: int = 8
     source_grid: bool | Literal["exact"] = True  # weight-only: a weight already on a grid of its bits keeps it
     symmetric: bool | Literal["measure"] = False  # weight-only: zero points fixed at 2^(bits−1), none stored
-    embedding_bits: int = 0  # token embedding table: 4 or 8 → GatherBlockQuantized; 0 keeps it float
+    embedding_bits: int = 0  # token embedding table: 4 or 8 bits (gather_quantized.py); 0 keeps it float
     budget: float = 0.0  # mixed precision: task error allowed (0: every linear quantized)
     accuracy: str = "measure"
     activation_range: str = "minmax"  # static scheme: minmax or percentile over the calibration runs
@@ -240,7 +241,7 @@ class QuantizeWeightsPass(Pass):
     def _quantize_embedding(
         self, graph: ir.Graph, embedding: Embedding | None, stats: Counter, explain: list[str], shared: SharedForms
     ):
-        """The token embedding table → GatherBlockQuantized at `embedding_bits` (HQQ's fit; min/max
+        """The token embedding table → a quantized gather at `embedding_bits` (HQQ's fit; min/max
         for method=rtn). Position tables stay in float (small, and read at every position)."""
         if embedding is None:
             explain.append("embedding: not quantized: no token embedding table found")

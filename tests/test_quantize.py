@@ -278,7 +278,7 @@ def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tm
     assert report.passes[2].modified == (name == "llama")  # GPT-2's Conv1D reshape: not rotated, said why
     assert report.passes[-1].stats["linears_quantized"] == sum(n.op_type == "MatMulNBits" for n in int4.graph)
     assert {n.attributes.get_int("bits") for n in int4.graph if n.op_type == "MatMulNBits"} == {4}  # the head too
-    assert [n.attributes.get_int("bits") for n in int4.graph if n.op_type == "GatherBlockQuantized"] == [8]
+    assert sum(n.op_type == "Gather" and n.inputs[0].name.endswith("_q8") for n in int4.graph) == 1  # 8-bit table
     int8, _ = xopt.optimize(tiny_model(name), passes=[QuantizeWeightsPass(bits=8, group=16, windows=2)])
     for label, model in (("int4", int4), ("int8", int8)):
         xopt.save(model, tmp_path / label)
@@ -288,10 +288,14 @@ def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tm
             assert tokens == expected
 
 
+DEQUANTIZING_GATHER = ["Gather", "Cast", "Gather", "Cast", "Sub", "Gather", "Mul", "Reshape"]
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [16, 32])
-def test_gatherblockquantized_returns_the_dequantized_rows(bits, group):
-    """ONNX Runtime reads the packed table, scales and zero points as the grid defines them."""
+def test_a_quantized_table_returns_the_dequantized_rows(bits, group):
+    """ONNX Runtime reads the table's codes, scales and zero points as the grid defines them:
+    8-bit through standard operators, 4-bit packed for GatherBlockQuantized."""
     from xopt.analysis.patterns import match_embedding
     from xopt.passes.gather_quantized import lower_gather, quantize_table
 
@@ -302,7 +306,8 @@ def test_gatherblockquantized_returns_the_dequantized_rows(bits, group):
     before, after = lower_gather(model.graph, embedding, quantized)
     error = quantized.error
     assert quantized.origin == "minmax fit"
-    assert [n.op_type for n in model.graph] == ["GatherBlockQuantized"] and "table" not in model.graph.initializers
+    lowered = DEQUANTIZING_GATHER if bits == 8 else ["GatherBlockQuantized"]
+    assert [n.op_type for n in model.graph] == lowered and "table" not in model.graph.initializers
     check_structure(model)
     ids = np.array([[3, 49, 0, 3], [7, 7, 12, 1]], dtype=np.int64)
     (actual,) = create_session(model).run(None, {"ids": ids})
@@ -311,15 +316,34 @@ def test_gatherblockquantized_returns_the_dequantized_rows(bits, group):
     assert after < before * (0.2 if bits == 4 else 0.35) and 0 < error < (0.1 if bits == 4 else 0.01)
 
 
+@pytest.mark.parametrize("ids_shape", [["sequence"], ["batch", "sequence", "choice"]])
+def test_the_8_bit_lowering_restores_the_ids_shape_and_falls_back_where_the_rank_is_unknown(ids_shape):
+    from xopt.analysis.patterns import match_embedding
+    from xopt.passes.gather_quantized import lower_gather, quantize_table
+
+    table = np.random.default_rng(5).standard_normal((40, 32)).astype(np.float32)
+    quantized = quantize_table(table, 8, 16, "minmax")
+    ids = np.arange(np.prod([3] * len(ids_shape))).reshape([3] * len(ids_shape)) % 40
+    restored = _restored(table.T, 8, 16, "minmax").T
+    for shape, lowered in ((ids_shape, DEQUANTIZING_GATHER), (None, ["GatherBlockQuantized"])):
+        model = single_gather(table)
+        model.graph.inputs[0].shape = None if shape is None else ir.Shape(shape)
+        lower_gather(model.graph, match_embedding(next(iter(model.graph))), quantized)
+        assert [n.op_type for n in model.graph] == lowered
+        (actual,) = create_session(model).run(None, {"ids": ids})
+        np.testing.assert_allclose(actual, restored[ids], rtol=1e-5, atol=1e-6)
+
+
 def test_embedding_bits_quantizes_the_tables_of_a_tiny_model(tiny_model):
     model = tiny_model("llama")
     optimized, report = PassManager(
         [QuantizeWeightsPass(method="rtn", group=16, accuracy="0", embedding_bits=8, head_bits=8, bits=8)]
     )(model)
     record = report.passes[-1]
-    gathers = sum(n.op_type == "GatherBlockQuantized" for n in optimized.graph)
-    assert record.stats["embeddings_quantized"] == gathers == 1
-    assert not any(n.op_type == "Gather" and n.inputs[0].const_value is not None for n in optimized.graph)
+    gathered = {n.inputs[0].name: n.inputs[0].const_value.dtype for n in optimized.graph if n.op_type == "Gather"}
+    float_tables = [name for name, dtype in gathered.items() if dtype == ir.DataType.FLOAT and "scales" not in name]
+    assert record.stats["embeddings_quantized"] == 1 and not float_tables
+    assert sorted(gathered.values()) == sorted([ir.DataType.UINT8, ir.DataType.UINT8, ir.DataType.FLOAT])
     assert record.parity.max_rel <= 0.05, record.parity.describe()
 
 

@@ -4,6 +4,7 @@ and scales exactly, a Q4_1 grid's offsets exactly or folded into zero points (`g
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from helpers import gguf_like, single_gather, single_matmul
 
@@ -50,6 +51,8 @@ def test_a_q8_0_embedding_table_keeps_its_grid():
     quantized = quantize_table(table, 8, 32, "hqq")
     lower_gather(model.graph, embedding, quantized)
     assert quantized.origin == "its own restricted symmetric grid" and quantized.error < 1e-7
+    assert [n.op_type for n in model.graph] == ["Gather", "Cast", "Gather", "Mul", "Reshape"]  # no zero points
+    assert model.graph.node(0).inputs[0].const_value.dtype == ir.DataType.INT8
     ids = np.array([[3, 49, 0, 3]], dtype=np.int64)
     (actual,) = create_session(model).run(None, {"ids": ids})
     np.testing.assert_allclose(actual, table[ids], rtol=0, atol=1e-7)
