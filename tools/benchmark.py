@@ -290,6 +290,12 @@ def versions(names: tuple[str, ...] = CORE_PACKAGES) -> str:
     return ", ".join(f"{n} {_version(n)}" for n in names)
 
 
+def run_length(seconds: float) -> str:
+    """'The run took N minutes.' (whole minutes, at least one) for a report's method line."""
+    minutes = max(1, round(seconds / 60))
+    return f"The run took {minutes} minute{'s' if minutes > 1 else ''}."
+
+
 def _version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -309,7 +315,7 @@ def write_markdown(results: Results, path: Path, threads: int, rounds: int, warm
         f"(p10–p90 in brackets). Ratios are against plain ONNX Runtime on the torch.onnx export (>1: slower) and "
         f"against PyTorch eager. Accuracy is against PyTorch eager fp32 on the same input: max abs difference of "
         f"the output, and min cosine of mean-pooled embeddings (MiniLM) or top-1 agreement (SmolLM2). "
-        f"The full run took {seconds / 60:.0f} minutes.",
+        + run_length(seconds),
         "",
         "![latency against accuracy](RESULTS.png)",
     ]

@@ -77,7 +77,7 @@ from xopt.text import bundled_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from benchmark import machine_description, versions  # noqa: E402
+from benchmark import machine_description, run_length, versions  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ANCHOR_PACKAGES = ("onnxruntime-genai", "llama-cpp-python")
@@ -461,7 +461,7 @@ def write_markdown(
         "'vs X': the median over rounds of the decode speed over X's in the same round (paired, so load "
         "on the shared machine that slows a whole round cancels out). "
         + (f"While the variants ran, {other.describe()}. " if other.cores is not None else "")
-        + f"The run took {elapsed / 60:.0f} minutes.",
+        + run_length(elapsed),
         "",
         "| variant | prefill ms | decode tokens/s | "
         + "".join(f"vs {a} | " for a in anchors)

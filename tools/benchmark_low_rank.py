@@ -35,7 +35,7 @@ from xopt.text import read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from benchmark import machine_description, versions  # noqa: E402
+from benchmark import machine_description, run_length, versions  # noqa: E402
 from benchmark_pruning import first_windows, measured, parameters, quality_table  # noqa: E402
 from benchmark_quantization import source_folder  # noqa: E402
 
@@ -151,7 +151,7 @@ def main() -> None:
             for label, ms, speedup in latency_rows(name, specs, scratch, args.threads, args.rounds):
                 lines.append(f"| {label} | {ms:.2f} | {speedup:.2f}× |")
             lines.append("")
-    lines.append(f"The run took {(time.perf_counter() - started) / 60:.0f} minutes.")
+    lines.append(run_length(time.perf_counter() - started))
     (args.output / "LOW_RANK.md").write_text("\n".join(lines) + "\n")
     print((args.output / "LOW_RANK.md").read_text())
 

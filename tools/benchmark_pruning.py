@@ -43,7 +43,7 @@ from xopt.text import read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from benchmark import machine_description, versions  # noqa: E402
+from benchmark import machine_description, run_length, versions  # noqa: E402
 from benchmark_decode import xopt_variant  # noqa: E402
 from benchmark_quantization import quality_cells, quality_columns, source_folder  # noqa: E402
 
@@ -280,7 +280,7 @@ def main() -> None:
             minilm_heads = [0.25, 0.5] if args.heads else []
             rows, _, _ = quality_rows("minilm", [], minilm_heads, scratch, args.threads, depth=not args.no_depth)
             lines += ["## MiniLM-L6: quality (post-norm: drop only)", "", *quality_table(rows, False), ""]
-    lines.append(f"The run took {(time.perf_counter() - started) / 60:.0f} minutes.")
+    lines.append(run_length(time.perf_counter() - started))
     (args.output / "PRUNING.md").write_text("\n".join(lines) + "\n")
     print((args.output / "PRUNING.md").read_text())
 

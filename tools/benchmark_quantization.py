@@ -38,6 +38,9 @@ from xopt.runnable import open_runnable
 from xopt.text import read_text
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from benchmark import run_length  # noqa: E402
+
 METHODS = ("rtn", "hqq", "gptq", "awq")
 logger = logging.getLogger("benchmark_quantization")
 
@@ -163,7 +166,7 @@ def main() -> None:
             title = "SmolLM2-135M" if name == "smollm2" else "MiniLM-L6"
             rows, notes = rows_for(name, args.groups, args.methods, args.symmetric, Path(scratch), args.threads)
             lines += [f"## {title}", "", *table(name, rows), "", *notes, *([""] if notes else [])]
-    lines.append(f"The run took {(time.perf_counter() - started) / 60:.0f} minutes.")
+    lines.append(run_length(time.perf_counter() - started))
     path = args.output / ("QUANTIZATION_SYMMETRIC.md" if args.symmetric else "QUANTIZATION.md")
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())
