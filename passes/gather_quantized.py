@@ -10,9 +10,10 @@ Two lowerings, both gathering the rows first:
   as [V, d/g, 1]: Gather the codes, Cast to float, Sub the gathered zero points, Mul the gathered
   scales, Reshape to [..., d]. A symmetric grid (z = 128 everywhere: a GGUF Q8_0 table kept as it
   came) stores int8 codes q − 128 and drops the zero points. ONNX Runtime's GatherBlockQuantized
-  computes the same rows but ran MiniLM 3–4% slower (0.3 ms a run at 1×128, in both orders of
-  interleaved timing on an AVX-512 Xeon) although its profile shows 54 µs; these five operators
-  ran as fast as the float table's Gather.
+  computes the same rows, but MiniLM's int8 model with it ran 1.017–1.032× the time of the same
+  model with these operators (six interleaved runs of 100 rounds at 1×128, both orders, an
+  AVX-512 Xeon), though ORT's profile gives the op only 54 µs; with these operators the model is
+  within about 1% of the float table's (SmolLM2 int4, prefill and decode: a tie).
 - 4 bits, or ids of unknown rank: com.microsoft.GatherBlockQuantized (ONNX Runtime's CPU kernel,
   uint8 data): gather axis 0, quantize axis 1, data [V, d·bits/8] with two 4-bit codes to a byte,
   the first in the low nibble; scales [V, d/g]; zero points [V, ⌈(d/g)·bits/8⌉] packed the same
