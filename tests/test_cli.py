@@ -54,10 +54,13 @@ def test_optimize_writes_model_report_and_explains(redundant_onnx, tmp_path, cap
 
 
 def test_optimize_hugging_face_folder_to_folder(tiny_folder, tmp_path, capsys):
-    output = tmp_path / "out"
-    assert main(["optimize", str(tiny_folder("llama")), "-o", str(output), "--passes", "cleanup(iterations=1)"]) == 0
+    output, report = tmp_path / "out", tmp_path / "report.json"
+    command = ["optimize", str(tiny_folder("llama")), "-o", str(output), "--passes", "cleanup(iterations=1)"]
+    assert main([*command, "--report", str(report)]) == 0
     assert {"model.onnx", "config.json"} <= {p.name for p in output.iterdir()}
     assert "max abs diff" in capsys.readouterr().out
+    parity = json.loads(report.read_text())["passes"][0]["parity"]
+    assert parity["top1_agreement"] == 1.0 and parity["top1_agreed"] == parity["top1_positions"] > 0
 
 
 def test_inspect_json_has_the_contract_keys(tiny_folder, capsys):

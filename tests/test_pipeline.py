@@ -162,7 +162,7 @@ def test_top1_agreement_is_pooled_over_the_positions_of_every_input_set():
     flipped = step.copy()
     flipped[..., 0] = step.max() + 1  # every argmax of the 2-position set moves
     result = parity_over(model, [{"x": prompt}, {"x": step}], [{"logits": prompt}, {"logits": flipped}])
-    assert (result.top1_agreement, result.top1_positions) == (pytest.approx(20 / 22), 22)
+    assert (result.top1_agreed, result.top1_positions, result.top1_agreement) == (20, 22, pytest.approx(20 / 22))
     assert "top-1 agreement 90.91% of 22 positions" in result.describe()
 
 

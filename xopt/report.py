@@ -77,6 +77,8 @@ class Report:
         data = asdict(self)
         for record, raw in zip(self.passes, data["passes"], strict=True):
             raw["op_changes"] = record.op_changes()
+            if record.parity is not None:
+                raw["parity"]["top1_agreement"] = record.parity.top1_agreement
         return data
 
     def format_table(self) -> str:

@@ -45,8 +45,12 @@ class Parity:
 
     max_abs: float
     max_rel: float
-    top1_agreement: float | None = None
-    top1_positions: int = 0  # how many positions the agreement is over
+    top1_agreed: int = 0  # compared positions whose top-1 token is the reference's
+    top1_positions: int = 0  # positions compared (0: no logits among the outputs)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.top1_agreed / self.top1_positions if self.top1_positions else None
 
     def within(self, tolerance: float) -> bool:
         return bool(np.isfinite(self.max_rel)) and self.max_rel <= tolerance
@@ -145,15 +149,7 @@ def compare(
         if "logits" in name.lower() and expected.ndim >= 2:  # (batch, sequence, vocabulary)
             agree = expected.argmax(-1) == actual.argmax(-1)
             agreements.append(agree if real is None else agree[real[..., 0]])
-    return _pooled(max_abs, max_rel, [(int(a.sum()), a.size) for a in agreements])
-
-
-def _pooled(max_abs: float, max_rel: float, agreed_of: Sequence[tuple[int, int]]) -> Parity:
-    """Parity with the top-1 agreement pooled over (agreed, compared) position counts."""
-    positions = sum(count for _, count in agreed_of)
-    if positions == 0:
-        return Parity(max_abs, max_rel)
-    return Parity(max_abs, max_rel, sum(agreed for agreed, _ in agreed_of) / positions, positions)
+    return Parity(max_abs, max_rel, sum(int(a.sum()) for a in agreements), sum(a.size for a in agreements))
 
 
 def _real_positions(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
@@ -202,10 +198,12 @@ def parity_over(
     except Exception as error:
         reason = first_line(error)
         raise VerificationError(f"ONNX Runtime cannot run the model: {reason}") from error
-    agreed_of = [
-        (round(r.top1_agreement * r.top1_positions), r.top1_positions) for r in results if r.top1_agreement is not None
-    ]
-    return _pooled(max(r.max_abs for r in results), max(r.max_rel for r in results), agreed_of)
+    return Parity(
+        max(r.max_abs for r in results),
+        max(r.max_rel for r in results),
+        sum(r.top1_agreed for r in results),
+        sum(r.top1_positions for r in results),
+    )
 
 
 def bisect_passes(
