@@ -9,6 +9,7 @@ Every pass is callable alone on an `ir.Model`:
 from xopt.passes.cleanup import CleanupPass
 from xopt.passes.fold_norms import FoldNormsPass
 from xopt.passes.fuse import FusePass
+from xopt.passes.keep_grids import KeepGridsPass
 from xopt.passes.last_token_logits import LastTokenLogitsPass
 from xopt.passes.low_rank import LowRankPass
 from xopt.passes.prune_layers import PruneLayersPass
@@ -20,6 +21,7 @@ __all__ = [
     "CleanupPass",
     "FoldNormsPass",
     "FusePass",
+    "KeepGridsPass",
     "LastTokenLogitsPass",
     "LowRankPass",
     "PruneLayersPass",

@@ -16,8 +16,13 @@ every call). Two lowerings, both reading the input's block sums σ_β = Σ_{k∈
   ρ̂ − ρ ≤ range/(2L). One MatMulNBits and its block sums (Reshape, ReduceSum, Concat); at
   accuracy level 4 σ is quantized to int8 in blocks of its own, like every input block.
   SmolLM2 (Q4_1) int4 decode 1.17× faster than the exact form, perplexity 39.28 against 39.25.
-- exact (`source_grid=exact`): x·Ŵ = MatMulNBits(x) + σ·cᵀ, a float MatMul of the block sums
-  and an Add after it (Reshape, ReduceSum, MatMul, Add).
+- exact (`source_grid=exact`, and the `keep-grids` pass): the same integer zero points z in
+  MatMulNBits and the residual ρ kept in float, x·Ŵ = MatMulNBits(x) + σ·ρᵀ, a float MatMul of
+  the block sums and an Add after it (Reshape, ReduceSum, MatMul, Add). Ŵ is W to the bit (s and
+  m are float16 values in a GGUF file, so s·(q − z) and ρ are exact in float32); only the sum's
+  order changes. Taking z out of the float term keeps that term small: with c there in place of ρ
+  SmolLM2's logits moved 2.7e-3 at accuracy level 0, with ρ 1.2e-3 (the fused model's own
+  reordering: 5e-4).
 
 Where the input's rank is unknown, σ = x·B with B the 0/1 block indicator [K, K/g] (a MatMul,
 1.04× slower for SmolLM2's decode than Reshape + ReduceSum).
@@ -36,13 +41,20 @@ from xopt.passes.weight_grid import as_blocks, codes_of, fit_blocks, levels
 from xopt.rewrite import new_initializer, weight_dtype
 
 
+def integer_zero_points(grid: SourceGrid) -> tuple[np.ndarray, np.ndarray]:
+    """An offset grid's per-block offsets as the nearest integer zero points z and what they leave,
+    ρ = c − s·(2^(b−1) − z), both [N, K/g]; |ρ| ≤ s/2 unless z is clipped to [0, L]."""
+    middle = 1 << (grid.bits - 1)
+    zero = np.clip(np.rint(middle - grid.offset / grid.scale), 0, levels(grid.bits))
+    return zero, grid.offset - grid.scale * (middle - zero)
+
+
 def fold_offsets(grid: SourceGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray, SourceGrid]:
     """The folded lowering of an offset grid: codes [N, K + K/g], scale and zero [N, blocks of K'],
     and the grid with the offsets it computes, s·(2^(b−1) − z) + ρ̂ (its `restored()` is Ŵ)."""
     n = len(grid.codes)
     bits, group, middle = grid.bits, grid.group, 1 << (grid.bits - 1)
-    zero = np.clip(np.rint(middle - grid.offset / grid.scale), 0, levels(bits))
-    residual = grid.offset - grid.scale * (middle - zero)  # ρ [N, K/g]
+    zero, residual = integer_zero_points(grid)
     rows = as_blocks(residual, group)  # [N, ⌈(K/g)/g⌉, g]
     row_scale, row_zero = fit_blocks(rows, bits, "minmax")
     row_codes = codes_of(rows, row_scale, row_zero, bits)
@@ -64,8 +76,9 @@ def with_block_sums(graph: ir.Graph, linear: Linear, group: int, name: str) -> t
 
 
 def with_offset_term(graph: ir.Graph, linear: Linear, matmul: ir.Node, grid: SourceGrid) -> tuple[ir.Node, int]:
-    """The exact lowering: the node adding σ·cᵀ to MatMulNBits' output; the nodes before it go in
-    ahead of the linear's MatMul. Returns it and the bytes of new initializers."""
+    """The exact lowering: the node adding σ·ρᵀ (`grid.offset`: what MatMulNBits' zero points
+    leave) to its output; the nodes before it go in ahead of the linear's MatMul. Returns it and
+    the bytes of new initializers."""
     sums, added = _block_sums(graph, linear, grid.group, matmul.name)
     offsets = new_initializer(graph, f"{linear.name}_offsets", grid.offset.T, weight_dtype(linear.weight))
     term = ir.node("MatMul", [sums[-1].outputs[0], offsets], name=f"{matmul.name}_offset_term")

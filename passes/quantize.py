@@ -84,7 +84,7 @@ from xopt.errors import XoptError, first_line
 from xopt.passes.awq import awq
 from xopt.passes.gather_quantized import lower_gather, quantize_table, table_group
 from xopt.passes.gptq import gptq
-from xopt.passes.grid_offsets import fold_offsets, with_block_sums, with_offset_term
+from xopt.passes.grid_offsets import fold_offsets, integer_zero_points, with_block_sums, with_offset_term
 from xopt.passes.input_scaling import divide_input
 from xopt.passes.int8_dynamic import is_smoothing, lower_dynamic, quantize_dynamic
 from xopt.passes.int8_static import CALIBRATIONS, quantize_static_qdq
@@ -269,7 +269,7 @@ class QuantizeWeightsPass(Pass):
         the same per-linear smoothing as the dynamic scheme, applied in float."""
         linears = [x for x in find_linears(model.graph) if x.name in precision]
         feeds = calibration_feeds(model, self.calibration or None, windows=self.windows)
-        before = sum(map(_float_bytes, linears))
+        before = sum(map(float_bytes, linears))
         if self.smoothing != "none":
             samples = activation_samples(model, [x.input for x in linears], feeds, threads=self.threads)
             labels: Counter = Counter()
@@ -438,7 +438,7 @@ class _Forms:
         # every form first: the calibration a form may need runs the model before anything is lowered
         forms = [(linear, self.form(linear.name, key)) for linear, key in planned]
         for linear, form in forms:
-            stats["bytes_before"] += _float_bytes(linear)
+            stats["bytes_before"] += float_bytes(linear)
             stats["bytes_after"] += form.lower(graph, linear)
             stats["linears_quantized"] += 1
             errors.append(form.relative_error)
@@ -562,9 +562,18 @@ def _source_grid_form(grid: SourceGrid, exact: bool) -> tuple[_MatMulNBits, Sour
     if grid.offset is None:
         return _MatMulNBits.pack(grid.codes, grid.scale, None, grid.bits, grid.group), grid
     if exact:
-        return _MatMulNBits.pack(grid.codes, grid.scale, None, grid.bits, grid.group, offsets=grid), grid
+        zero, residual = integer_zero_points(grid)
+        rest = replace(grid, offset=residual)
+        return _MatMulNBits.pack(grid.codes, grid.scale, zero, grid.bits, grid.group, offsets=rest), grid
     codes, scale, zero, computed = fold_offsets(grid)
     return _MatMulNBits.pack(codes, scale, zero, grid.bits, grid.group, block_sums=True), computed
+
+
+def lower_on_source_grid(graph: ir.Graph, linear: Linear, grid: SourceGrid) -> int:
+    """The linear on its own grid, exactly: MatMulNBits at accuracy level 0 (float arithmetic),
+    offsets exact (`keep-grids`); returns the bytes of its new initializers."""
+    nbits, _ = _source_grid_form(grid, exact=True)
+    return _lower(graph, linear, nbits, None)
 
 
 def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np.ndarray | None) -> int:
@@ -598,7 +607,7 @@ def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np
     return added
 
 
-def _float_bytes(linear: Linear) -> int:
+def float_bytes(linear: Linear) -> int:
     return linear.in_features * linear.out_features * weight_dtype(linear.weight).itemsize
 
 

@@ -26,9 +26,9 @@ TEXT = [
 ]
 
 
-def _optimize(source, folder):
+def _optimize(source, folder, *options):
     report = folder.parent / f"{folder.name}-report.json"
-    assert main(["optimize", str(source), "-o", str(folder), "--report", str(report)]) == 0
+    assert main(["optimize", str(source), "-o", str(folder), "--report", str(report), *options]) == 0
     return folder, json.loads(report.read_text())
 
 
@@ -40,6 +40,31 @@ def minilm_optimized(minilm_folder, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_optimized(smollm2_folder, tmp_path_factory):
     return _optimize(smollm2_folder, tmp_path_factory.mktemp("smollm2") / "out")
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_folder):
+    """transformers' SmolLM2 in float32 (from its GGUF file: ~20 s, so once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(smollm2_folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_greedy(smollm2_optimized, smollm2_reference):
+    """The first text's token ids and transformers' 64 greedy tokens after them."""
+    import torch
+
+    prompt = [int(t) for t in _tokenize(smollm2_optimized[0], TEXT[:1])["input_ids"][0]]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        expected = smollm2_reference.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64, do_sample=False
+        )
+    return prompt, expected[0, len(prompt) :].tolist()
 
 
 def _tokenize(folder, texts):
@@ -85,9 +110,7 @@ def test_minilm_structure_parity_and_agreement_with_pytorch(minilm_folder, minil
     assert np.max(np.abs(hidden[valid] - expected_hidden[valid])) <= 1e-4
 
 
-def test_smollm2_structure_parity_and_agreement_with_pytorch(smollm2_folder, smollm2_optimized):
-    import torch
-
+def test_smollm2_structure_parity_and_agreement_with_pytorch(smollm2_optimized, smollm2_reference):
     folder, report = smollm2_optimized
     assert [p["name"] for p in report["passes"]] == ["cleanup", "fold-norms", "fuse"]
     # verification inputs carry a random past cache, which inflates logits: relative error here,
@@ -116,41 +139,47 @@ def test_smollm2_structure_parity_and_agreement_with_pytorch(smollm2_folder, smo
     )
     assert {k: summary[k] for k in expected} == expected
 
+    _assert_logits_agree(folder, smollm2_reference)
+
+
+def test_smollm2_greedy_generation_matches_transformers(smollm2_optimized, smollm2_greedy):
+    """64 greedy tokens from the optimized KV-cache model equal transformers' greedy output."""
+    _assert_greedy_tokens(smollm2_optimized[0], *smollm2_greedy)
+
+
+def test_smollm2_kept_on_its_grids_computes_and_generates_what_pytorch_does(
+    smollm2_optimized, smollm2_reference, smollm2_greedy, tmp_path
+):
+    """keep-grids on the exact recipe's output: every linear but the Q8_0 head stored on its Q4_1
+    grid (a file under 40% of the float one), logits within 1e-3 of PyTorch's, the same 64 greedy tokens."""
+    source, _ = smollm2_optimized
+    folder, report = _optimize(source, tmp_path / "kept", "--passes", "keep-grids")
+    (keep,) = report["passes"]
+    nbits = [n for n in ir.load(folder / "model.onnx").graph if n.op_type == "MatMulNBits"]
+    assert keep["stats"]["linears_kept"] == len(nbits) >= 4 * 30
+    assert (folder / "model.onnx").stat().st_size < 0.4 * (source / "model.onnx").stat().st_size
+    _assert_logits_agree(folder, smollm2_reference)
+    _assert_greedy_tokens(folder, *smollm2_greedy)
+
+
+def _assert_logits_agree(folder, reference):
+    """The first text's logits within 1e-3 of PyTorch's, the same top-1 at every position."""
+    import torch
+
     feeds = _tokenize(folder, TEXT[:1])
     session = create_session(folder / "model.onnx")
     logits = run(session, {**feeds, **empty_cache(ir.load(folder / "model.onnx"), batch=1)})["logits"]
-    reference = _smollm2_reference(smollm2_folder)
     with torch.no_grad():
         expected_logits = reference(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     assert np.max(np.abs(logits - expected_logits)) <= 1e-3
     assert np.mean(logits.argmax(-1) == expected_logits.argmax(-1)) == 1.0
 
 
-def test_smollm2_greedy_generation_matches_transformers(smollm2_folder, smollm2_optimized):
-    """64 greedy tokens from the optimized KV-cache model equal transformers' greedy output."""
-    import torch
-
+def _assert_greedy_tokens(folder, prompt, expected):
     from xopt.generate import Decoder
     from xopt.runnable import open_runnable
 
-    folder, _ = smollm2_optimized
-    prompt = [int(t) for t in _tokenize(folder, TEXT[:1])["input_ids"][0]]
-    generation = Decoder(open_runnable(folder)).generate(prompt, 64)
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        expected = _smollm2_reference(smollm2_folder).generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64, do_sample=False
-        )
-    assert generation.tokens == expected[0, len(prompt) :].tolist()
-
-
-def _smollm2_reference(folder):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-    ).eval()
+    assert Decoder(open_runnable(folder)).generate(prompt, 64).tokens == expected
 
 
 def test_demo_runs_offline_and_writes_results(tmp_path, capsys):

@@ -32,7 +32,9 @@ Variants:
 - llama.cpp (`llama-cpp-python`) on the original Q4_1 GGUF file, fed the same token ids;
 - xopt: the captured KV-cache model, and each recipe's output, run by `xopt.generate.Decoder`;
   `exact` and `int4` also with `fuse(positions=contiguous)` (RoPE inside GroupQueryAttention: the
-  model then assumes no left padding, as onnxruntime-genai's models do); `int4` with an 8-bit LM
+  model then assumes no left padding, as onnxruntime-genai's models do); the contiguous `exact`
+  then `keep-grids` (the file's Q4_1 linears stored on their grids, computed in float: outputs
+  unchanged beyond float rounding, an eighth of the weight bytes); `int4` with an 8-bit LM
   head and exact offsets: SmolLM2's file stores its tied head/embedding table as Q8_0, which
   `quantize` keeps exactly at 8 bits, and its linears as Q4_1, whose float offsets
   `source_grid=exact` keeps exactly (the recipe folds them into zero points: `grid_offsets`), so
@@ -268,6 +270,8 @@ def xopt_builds() -> dict[str, list[str] | None]:
     builds = {"xopt captured": None, **{f"xopt {name}": passes for name, passes in RECIPES.items()}}
     for recipe in CONTIGUOUS_RECIPES:  # the same with fuse(positions=contiguous), genai's contract
         builds[f"xopt {recipe}, positions=contiguous"] = [_contiguous(spec) for spec in RECIPES[recipe]]
+    contiguous_exact = builds["xopt exact, positions=contiguous"]
+    builds["xopt exact, positions=contiguous, keep-grids"] = [*contiguous_exact, "keep-grids"]  # Q4_1 stored as such
     builds["xopt int4, 8-bit head, exact offsets"] = [  # the file's grids as llama.cpp computes them
         re.sub(r"head_bits=\d", "head_bits=8", spec).replace(")", ",source_grid=exact)")
         if spec.startswith("quantize(")
