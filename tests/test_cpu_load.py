@@ -7,7 +7,7 @@ import time
 import pytest
 from helpers import spin, spinning_process
 
-from xopt.cpu_load import CpuCounters, OtherLoad, contended, other_cores, read_counters
+from xopt.cpu_load import CpuCounters, OtherLoad, contended, other_cores, read_counters, wait_until_quiet
 
 
 def test_other_work_is_the_machines_busy_time_less_this_process():
@@ -43,3 +43,25 @@ def test_a_competing_process_counts_and_this_ones_own_work_does_not():
     assert own.cores is not None and other.cores is not None
     assert other.cores - own.cores > 0.5, (own.cores, other.cores)  # one core spinning, against ambient load
     assert other.describe().startswith(f"other processes took {other.cores:.1f} of ")
+
+
+def test_waiting_for_quiet_polls_until_other_work_leaves_the_cores_free_or_patience_runs_out():
+    """Readings 1 s apart: other work takes 1.5 of 2 cores for two spans, then 0.1."""
+
+    def machine(others):
+        clock = {"busy": 0.0, "wall": 0.0, "spans": iter(others)}
+
+        def reader():
+            return CpuCounters(clock["busy"], 0.0, clock["wall"], 2)
+
+        def sleep(seconds):
+            clock["busy"] += next(clock["spans"]) * seconds
+            clock["wall"] += seconds
+
+        return reader, sleep
+
+    reader, sleep = machine([1.5, 1.5, 0.1])
+    assert wait_until_quiet(2, patience_s=10, reader=reader, sleep=sleep) == (True, 3.0)
+    reader, sleep = machine([1.5] * 10)
+    assert wait_until_quiet(2, patience_s=2.5, reader=reader, sleep=sleep) == (False, 3.0)
+    assert wait_until_quiet(2, patience_s=5, reader=lambda: None, sleep=lambda s: None) == (True, 0.0)

@@ -13,6 +13,9 @@ on `threads` threads of a machine with C cores are undisturbed while the others 
 C − threads cores left over, so the span counts as contended when other > C − threads + SLACK
 (SLACK: the bit of background work a quiet machine has anyway). A span too short to tell
 (under MIN_SPAN_S) or a system without /proc/stat is reported as not contended.
+
+`wait_until_quiet` polls in spans of QUIET_POLL_S until one is not contended, for a timing worth
+taking again once a passing job (a build, a test run) has finished.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 SLACK = 0.25  # cores of background work a quiet machine has anyway
 MIN_SPAN_S = 0.2  # a shorter span's tick counts are too coarse to tell
+QUIET_POLL_S = 1.0  # the span `wait_until_quiet` measures at a time
 BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (idle and iowait left out)
 
 
@@ -99,3 +103,20 @@ class OtherLoad:
 
     def describe(self) -> str:
         return f"other processes took {self.cores:.1f} of {self.cpus} CPUs"
+
+
+def wait_until_quiet(threads: int, patience_s: float, reader=read_counters, sleep=time.sleep) -> tuple[bool, float]:
+    """Waits until a span of QUIET_POLL_S in which other work leaves `threads` cores free, or until
+    `patience_s` has passed; returns whether the machine went quiet and the seconds waited. A
+    system that keeps no counters counts as quiet at once."""
+    waited = 0.0
+    while waited < patience_s:
+        before = reader()
+        sleep(QUIET_POLL_S)
+        after = reader()
+        if before is None or after is None:
+            return True, waited
+        waited += after.wall_s - before.wall_s
+        if not contended(other_cores(before, after), after.cpus, threads):
+            return True, waited
+    return False, waited
