@@ -23,10 +23,10 @@ more next to int4 ones).
 
 A measurement taken while other processes competed for the cores (`xopt.cpu_load`: their CPU
 time over the span above what the cores the timing leaves free can absorb) is taken again once
-they have gone quiet, the chooser waiting up to `patience_s` in all (a passing job: a build, a
-test run). A verdict still measured under load holds for this run only: it is not cached, the
-verdict says so, and a warning tells the user once per chooser; the next run on a quieter
-machine times it again. (A test suite running beside `xopt optimize` on two cores made every
+they have gone quiet (a passing job: a build, a test run), a process waiting up to
+`WAIT_BUDGET.seconds` in all, whatever number of choosers it makes. A verdict still measured
+under load holds for this run only: it is not cached, the verdict says so, and a warning tells
+the user once per chooser; the next run on a quieter machine times it again. (A test suite running beside `xopt optimize` on two cores made every
 fused form measure 0.83–0.97× and would have kept that for good.)
 
 Of two sessions of one model created one after the other, the first runs slower: SmolLM2 int4
@@ -78,6 +78,17 @@ logger = logging.getLogger(__name__)
 
 CACHE_FILE = "lowering.json"
 NEAR_TIE = 0.03  # a first speedup within this of the threshold is re-measured with twice the rounds
+
+
+@dataclass
+class WaitBudget:
+    """How long a process may wait, in all, for other processes to go quiet before timing again."""
+
+    seconds: float = 60.0
+    spent: float = 0.0
+
+
+WAIT_BUDGET = WaitBudget()
 
 
 @dataclass
@@ -145,8 +156,6 @@ class LoweringChooser:
     cache_dir: Path | None = None
     context: Callable[[ir.Model], ir.Model] | None = None  # applied to a copy of each form before timing
     context_name: str = ""  # what `context` does (part of the cache key)
-    patience_s: float = 60.0  # the longest this chooser waits, in all, for other processes to go quiet
-    _waited_s: float = field(default=0.0, init=False, repr=False)
     _warned: bool = field(default=False, init=False, repr=False)  # about timings under load
     # the last verdict's forms, in the order their sessions were made, by id(model); holding the
     # model keeps its id its own
@@ -175,13 +184,13 @@ class LoweringChooser:
         )
 
     def _quiet_again(self, load: str) -> bool:
-        """Whether other processes went quiet within what is left of `patience_s`."""
-        if self._waited_s >= self.patience_s:
+        """Whether other processes went quiet within what is left of this process's wait budget."""
+        left = WAIT_BUDGET.seconds - WAIT_BUDGET.spent
+        if left <= 0:
             return False
-        left = self.patience_s - self._waited_s
         logger.warning("timing the lowerings while %s: waiting up to %.0f s for them to finish", load, left)
         quiet, waited = wait_until_quiet(self.threads, left)
-        self._waited_s += waited
+        WAIT_BUDGET.spent += waited
         return quiet
 
     def _warn_once(self, load: str) -> None:

@@ -392,6 +392,7 @@ def test_a_verdict_measured_under_load_is_used_but_not_cached(tiny_model, monkey
 
     timed, waits = [], []
     monkeypatch.setattr(lowering, "OtherLoad", Busy)
+    monkeypatch.setattr(lowering, "WAIT_BUDGET", lowering.WaitBudget(seconds=60.0))
     monkeypatch.setattr(lowering, "wait_until_quiet", lambda threads, patience: waits.append(patience) or (True, 25.0))
     monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: timed.append(1) or (2.0, 4.0))
     model = tiny_model("llama").clone()
@@ -401,13 +402,13 @@ def test_a_verdict_measured_under_load_is_used_but_not_cached(tiny_model, monkey
     busy = [
         line for line in first.explain if "measured under load (other processes took 1.6 of 2 CPUs; not cached)" in line
     ]
-    assert len(busy) >= 3 and waits == [60.0, 35.0, 10.0]  # the chooser's 60 s of patience, spent
+    assert len(busy) >= 3 and waits == [60.0, 35.0, 10.0]  # the process's 60 s, spent
     assert len(timed) == len(busy) + len(waits)  # timed again after each wait, then as it was
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sum("not cached" in w for w in warnings) == 1
     assert sum("waiting up to" in w for w in warnings) == len(waits)
     FusePass()(model)
-    assert len(timed) == 2 * (len(busy) + 3)  # measured again, nothing served from the cache
+    assert len(timed) == 2 * len(busy) + 3  # measured again, nothing cached; no wait left
 
 
 def test_a_measurement_under_load_is_taken_again_once_the_machine_is_quiet(tiny_model, monkeypatch):
@@ -432,6 +433,7 @@ def test_a_measurement_under_load_is_taken_again_once_the_machine_is_quiet(tiny_
 
     times = iter([(4.0, 2.0)] + [(2.0, 4.0)] * 100)  # under load the candidate looked faster
     monkeypatch.setattr(lowering, "OtherLoad", Passing)
+    monkeypatch.setattr(lowering, "WAIT_BUDGET", lowering.WaitBudget(seconds=60.0))
     monkeypatch.setattr(lowering, "wait_until_quiet", lambda threads, patience: (True, 3.0))
     monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: next(times))
     chooser = LoweringChooser()
