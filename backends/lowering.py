@@ -26,8 +26,9 @@ time over the span above what the cores the timing leaves free can absorb) is ta
 they have gone quiet (a passing job: a build, a test run), a process waiting up to
 `WAIT_BUDGET.seconds` in all, whatever number of choosers it makes. A verdict still measured
 under load holds for this run only: it is not cached, the verdict says so, and a warning tells
-the user once per chooser; the next run on a quieter machine times it again. (A test suite running beside `xopt optimize` on two cores made every
-fused form measure 0.83–0.97× and would have kept that for good.)
+the user once per chooser; the next run on a quieter machine times it again. (A test suite
+running beside `xopt optimize` on two cores made every fused form measure 0.83–0.97× and would
+have kept that for good.)
 
 Of two sessions of one model created one after the other, the first runs slower: SmolLM2 int4
 timed against itself read 1.026× (sd 0.014, 5 pairs) with the first session as the current form
