@@ -162,6 +162,21 @@ def gguf_like(w_in_out: np.ndarray, kind: str) -> np.ndarray:
     return restored.astype(np.float32).reshape(n, k).T
 
 
+def as_if_from_gguf(model: ir.Model, head_features: int, seed: int = 3) -> list:
+    """Puts every linear of `model` on the grid a GGUF conversion leaves (perturbed by N(0, 0.01)
+    first): Q4_1, the LM head (`head_features` outputs) Q8_0; returns the linears."""
+    from xopt.analysis.patterns import find_linears
+    from xopt.rewrite import set_weight, weight_in_out
+
+    rng = np.random.default_rng(seed)
+    linears = find_linears(model.graph)
+    for linear in linears:
+        head = linear.out_features == head_features
+        w = weight_in_out(linear) + rng.standard_normal((linear.in_features, linear.out_features)) * 0.01
+        set_weight(model.graph, linear, gguf_like(w.astype(np.float32), "Q8_0" if head else "Q4_1"))
+    return linears
+
+
 def spinning_process(seconds: float):
     """A started process that keeps one core busy for `seconds` (join it when done)."""
     import multiprocessing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import numpy as np
@@ -373,13 +374,12 @@ def test_a_family_chained_after_its_prerequisites_says_why_it_was_not_timed(tiny
     assert "rotary-attention" not in llama.stats and "rotary" not in llama.stats
 
 
-def test_a_verdict_measured_under_load_is_used_but_not_cached(tiny_model, monkeypatch, caplog):
-    """Timings taken while other processes compete for the cores hold for this run only."""
-    from xopt.backends import lowering
+def _fake_load(contended, cores: str):
+    """An `OtherLoad` stand-in whose successive spans are contended as `contended` says."""
 
-    class Busy:
+    class FakeLoad:
         def __init__(self, threads):
-            self.contended = True
+            self.contended = next(contended)
 
         def __enter__(self):
             return self
@@ -388,10 +388,17 @@ def test_a_verdict_measured_under_load_is_used_but_not_cached(tiny_model, monkey
             pass
 
         def describe(self):
-            return "other processes took 1.6 of 2 CPUs"
+            return f"other processes took {cores} of 2 CPUs"
+
+    return FakeLoad
+
+
+def test_a_verdict_measured_under_load_is_used_but_not_cached(tiny_model, monkeypatch, caplog):
+    """Timings taken while other processes compete for the cores hold for this run only."""
+    from xopt.backends import lowering
 
     timed, waits = [], []
-    monkeypatch.setattr(lowering, "OtherLoad", Busy)
+    monkeypatch.setattr(lowering, "OtherLoad", _fake_load(itertools.repeat(True), "1.6"))
     monkeypatch.setattr(lowering, "WAIT_BUDGET", lowering.WaitBudget(seconds=60.0))
     monkeypatch.setattr(lowering, "wait_until_quiet", lambda threads, patience: waits.append(patience) or (True, 25.0))
     monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: timed.append(1) or (2.0, 4.0))
@@ -416,23 +423,8 @@ def test_a_measurement_under_load_is_taken_again_once_the_machine_is_quiet(tiny_
     cached like any quiet one."""
     from xopt.backends import lowering
 
-    loads = iter([True] + [False] * 100)
-
-    class Passing:
-        def __init__(self, threads):
-            self.contended = next(loads)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def describe(self):
-            return "other processes took 1.2 of 2 CPUs"
-
     times = iter([(4.0, 2.0)] + [(2.0, 4.0)] * 100)  # under load the candidate looked faster
-    monkeypatch.setattr(lowering, "OtherLoad", Passing)
+    monkeypatch.setattr(lowering, "OtherLoad", _fake_load(itertools.chain([True], itertools.repeat(False)), "1.2"))
     monkeypatch.setattr(lowering, "WAIT_BUDGET", lowering.WaitBudget(seconds=60.0))
     monkeypatch.setattr(lowering, "wait_until_quiet", lambda threads, patience: (True, 3.0))
     monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: next(times))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import gguf_like, single_matmul
+from helpers import as_if_from_gguf, gguf_like, single_matmul
 
 from xopt.analysis.patterns import find_linears
 from xopt.backends.onnxruntime import create_session
@@ -14,7 +14,6 @@ from xopt.inputs import sample_inputs
 from xopt.passes import KeepGridsPass
 from xopt.passes.source_grid import source_grid
 from xopt.pipeline import PassManager, resolve_passes
-from xopt.rewrite import set_weight, weight_in_out
 
 
 @pytest.mark.parametrize(
@@ -52,12 +51,7 @@ def test_a_model_converted_from_gguf_keeps_its_grids_after_the_exact_recipe(tiny
     (fold-norms leaves γ where the grids are), every 4-bit linear is stored on its grid, the head
     stays float, and the outputs are the float model's to float rounding."""
     model = tiny_model("qwen2").clone()
-    rng = np.random.default_rng(3)
-    linears = find_linears(model.graph)
-    for linear in linears:
-        head = linear.out_features == 211
-        w = weight_in_out(linear) + rng.standard_normal((linear.in_features, linear.out_features)) * 0.01
-        set_weight(model.graph, linear, gguf_like(w.astype(np.float32), "Q8_0" if head else "Q4_1"))
+    as_if_from_gguf(model, head_features=211)
     feeds = sample_inputs(model, batch=2, sequence=7)
     (expected, *_) = create_session(model).run(None, feeds)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from helpers import gguf_like, single_gather, single_matmul
+from helpers import as_if_from_gguf, gguf_like, single_gather, single_matmul
 
 from xopt.analysis.patterns import find_linears
 from xopt.backends.onnxruntime import create_session
@@ -124,12 +124,7 @@ def test_a_model_converted_from_gguf_keeps_its_grids_through_the_int4_passes(tin
     fold-norms keeps γ in the norms, the recipe's optional rotation steps aside, and quantize keeps
     every grid, so the int4 model computes what the float one does."""
     model = tiny_model("qwen2").clone()
-    rng = np.random.default_rng(3)
-    linears = find_linears(model.graph)
-    for linear in linears:
-        head = linear.out_features == 211
-        w = weight_in_out(linear) + rng.standard_normal((linear.in_features, linear.out_features)) * 0.01
-        set_weight(model.graph, linear, gguf_like(w.astype(np.float32), "Q8_0" if head else "Q4_1"))
+    linears = as_if_from_gguf(model, head_features=211)
     passes = ["cleanup", "fold-norms", "rotate(optional=true)", "quantize(head_bits=8,symmetric=measure,accuracy=0)"]
     _, report = PassManager(resolve_passes(passes=passes))(model.clone())
     _, fold, rotate, quantize = report.passes
