@@ -75,17 +75,18 @@ def with_block_sums(graph: ir.Graph, linear: Linear, group: int, name: str) -> t
     return joined.outputs[0], added
 
 
-def with_offset_term(graph: ir.Graph, linear: Linear, matmul: ir.Node, grid: SourceGrid) -> tuple[ir.Node, int]:
-    """The exact lowering: the node adding σ·ρᵀ (`grid.offset`: what MatMulNBits' zero points
-    leave) to its output; the nodes before it go in ahead of the linear's MatMul. Returns it and
-    the bytes of new initializers."""
-    sums, added = _block_sums(graph, linear, grid.group, matmul.name)
-    offsets = new_initializer(graph, f"{linear.name}_offsets", grid.offset.T, weight_dtype(linear.weight))
+def with_offset_term(
+    graph: ir.Graph, linear: Linear, matmul: ir.Node, offsets: ir.Value, group: int
+) -> tuple[ir.Node, int]:
+    """The exact lowering: the node adding σ·ρᵀ (`offsets`: ρᵀ [K/g, N], what MatMulNBits' zero
+    points leave) to its output; the nodes before it go in ahead of the linear's MatMul. Returns it
+    and the bytes of new initializers (the block sums' shape constants, shared between linears)."""
+    sums, added = _block_sums(graph, linear, group, matmul.name)
     term = ir.node("MatMul", [sums[-1].outputs[0], offsets], name=f"{matmul.name}_offset_term")
     for node in (matmul, *sums, term):
         graph.insert_before(linear.node, node)
     total = ir.node("Add", [matmul.outputs[0], term.outputs[0]], name=f"{matmul.name}_with_offsets")
-    return total, added + offsets.const_value.nbytes
+    return total, added
 
 
 def _block_sums(graph: ir.Graph, linear: Linear, group: int, name: str) -> tuple[list[ir.Node], int]:

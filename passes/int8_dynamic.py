@@ -52,7 +52,7 @@ from xopt.analysis.graph_view import const_array
 from xopt.analysis.patterns import Linear
 from xopt.calibration import ActivationSample
 from xopt.passes.input_scaling import divide_input
-from xopt.rewrite import new_initializer, remove_node_keeping_input, replace_linear
+from xopt.rewrite import WrittenOnce, new_initializer, remove_node_keeping_input, replace_linear
 
 CONTRIB = "com.microsoft"
 AUTO_ALPHAS = (0.0, 0.25, 0.5, 0.75)
@@ -135,29 +135,36 @@ def simulated_error(sample: ActivationSample, w: np.ndarray, w_hat: np.ndarray, 
     return error / max(reference, 1e-30)
 
 
-def lower_dynamic(graph: ir.Graph, linear: Linear, int8: DynamicInt8, unsigned: bool = False) -> int:
+def lower_dynamic(
+    graph: ir.Graph, linear: Linear, int8: DynamicInt8, unsigned: bool = False, written: WrittenOnce | None = None
+) -> int:
     """Replace the linear's MatMul by DynamicQuantizeMatMul (smoothing applied before it), its codes
-    stored as int8, or with `unsigned` as uint8 q + 128 with zero point 128; returns the bytes of
-    the new initializers."""
-    x = linear.input
+    stored as int8, or with `unsigned` as uint8 q + 128 with zero point 128, written once per form
+    (`written`, shared by the linears of one graph); returns the bytes of the new initializers."""
+    x, written = linear.input, written or WrittenOnce()
     if int8.smoothing is not None:
         x = divide_input(graph, linear, int8.smoothing)
-    if unsigned:
-        codes = new_initializer(graph, f"{linear.name}_uint8", int8.codes + UNSIGNED_ZERO, np.uint8)
-        zero = new_initializer(graph, f"{linear.name}_uint8_zero", np.asarray(UNSIGNED_ZERO), np.uint8)
-    else:
-        codes, zero = new_initializer(graph, f"{linear.name}_int8", int8.codes, np.int8), None
-    weights = [codes, new_initializer(graph, f"{linear.name}_int8_scale", int8.scale, np.float32)]
+    (codes, scale, *zero), added = written.get(int8, lambda: _stored_codes(graph, linear.name, int8, unsigned))
     bias = const_array(linear.bias) if linear.bias_node is not None else None
     absorbed = bias is not None and bias.ndim == 1  # the kernel adds a 1-D bias itself
-    inputs = [x, *weights, zero, linear.bias if absorbed else None]
+    inputs = [x, codes, scale, zero[0] if zero else None, linear.bias if absorbed else None]
     while inputs[-1] is None:  # optional inputs left off the end
         inputs.pop()
     node = ir.node("DynamicQuantizeMatMul", inputs, domain=CONTRIB, name=f"{linear.node.name or linear.name}_int8")
     replace_linear(graph, linear, node)
     if absorbed:
         remove_node_keeping_input(graph, linear.bias_node, node.outputs[0])
-    return sum(v.const_value.nbytes for v in weights)
+    return added
+
+
+def _stored_codes(graph: ir.Graph, base: str, int8: DynamicInt8, unsigned: bool) -> list[ir.Value]:
+    """Codes, scales and (uint8 codes) the zero point 128."""
+    if unsigned:
+        codes = new_initializer(graph, f"{base}_uint8", int8.codes + UNSIGNED_ZERO, np.uint8)
+        zero = [new_initializer(graph, f"{base}_uint8_zero", np.asarray(UNSIGNED_ZERO), np.uint8)]
+    else:
+        codes, zero = new_initializer(graph, f"{base}_int8", int8.codes, np.int8), []
+    return [codes, new_initializer(graph, f"{base}_int8_scale", int8.scale, np.float32), *zero]
 
 
 def _weight_codes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

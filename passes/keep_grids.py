@@ -38,12 +38,13 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from xopt.analysis.graph_view import skip_back
 from xopt.analysis.patterns import find_linears
 from xopt.errors import XoptError
-from xopt.passes.quantize import CONTRIB, float_bytes, lower_on_source_grid
+from xopt.passes.quantize import CONTRIB, exact_source_grid_form, float_bytes, lower_on_source_grid
 from xopt.passes.source_grid import source_grid
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import weight_in_out
+from xopt.rewrite import WrittenOnce, weight_in_out
 
 GRID_BITS = 4
 
@@ -58,16 +59,21 @@ class KeepGridsPass(Pass):
     def __call__(self, model: ir.Model) -> PassResult:
         graph = model.graph
         kept, forms, bytes_before, bytes_after = [], Counter(), 0, 0
+        lowered, written = {}, WrittenOnce()  # a weight read by several MatMuls: one grid, stored once
         for linear in find_linears(graph):
             if linear.node.op_type != "MatMul":
                 continue
-            grid = source_grid(weight_in_out(linear), GRID_BITS)
-            if grid is None:
+            weight = skip_back(linear.weight, ("Identity",))
+            if weight not in lowered:
+                grid = source_grid(weight_in_out(linear), GRID_BITS)
+                lowered[weight] = None if grid is None else (grid.form, exact_source_grid_form(grid))
+                bytes_before += float_bytes(linear) if grid is not None else 0
+            if lowered[weight] is None:
                 continue
-            bytes_before += float_bytes(linear)
-            bytes_after += lower_on_source_grid(graph, linear, grid)
+            form, nbits = lowered[weight]
+            bytes_after += lower_on_source_grid(graph, linear, nbits, written)
             kept.append(linear.name)
-            forms[grid.form] += 1
+            forms[form] += 1
         if not kept:
             raise XoptError(
                 "keep-grids: no linear's weight lies on a 4-bit grid of 32-row blocks "

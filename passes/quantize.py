@@ -92,7 +92,7 @@ from xopt.passes.mixed_precision import protect_by_sensitivity
 from xopt.passes.source_grid import SourceGrid, source_grid
 from xopt.passes.weight_grid import as_blocks, codes_of, fit_blocks, pack_matmul_nbits, restored_in_out
 from xopt.pipeline import Pass, PassResult, register
-from xopt.rewrite import new_initializer, replace_linear, set_weight, weight_dtype, weight_in_out
+from xopt.rewrite import WrittenOnce, new_initializer, replace_linear, set_weight, weight_dtype, weight_in_out
 from xopt.task_error import TaskError
 
 logger = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ class QuantizeWeightsPass(Pass):
 class _Form:
     """A linear quantized one way, computed once and ready to lower into any copy of the model."""
 
-    lower: Callable[[ir.Graph, Linear], int]  # replaces the linear; returns the new bytes
+    lower: Callable[..., int]  # (graph, linear, written=WrittenOnce) replaces the linear; returns the new bytes
     relative_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
     detail: str
     smoothing: str | None = None  # the smoothing chosen (dynamic scheme)
@@ -434,12 +434,16 @@ class _Forms:
         """Lower every linear of `graph` named in `plan` in its form (bits, smoothing); 0 bits: left in float."""
         stats: Counter = Counter()
         errors, smoothings, on_source = [], Counter(), {}  # on_source: detail → (count, worst error)
+        written, weights_seen = WrittenOnce(), set()  # a weight read by several linears is stored once
         planned = [(linear, plan[linear.name]) for linear in find_linears(graph) if plan.get(linear.name, (0,))[0]]
         # every form first: the calibration a form may need runs the model before anything is lowered
         forms = [(linear, self.form(linear.name, key)) for linear, key in planned]
         for linear, form in forms:
-            stats["bytes_before"] += float_bytes(linear)
-            stats["bytes_after"] += form.lower(graph, linear)
+            tensor = _weight_tensor(linear)[0]
+            if id(tensor) not in weights_seen:
+                weights_seen.add(id(tensor))
+                stats["bytes_before"] += float_bytes(linear)
+            stats["bytes_after"] += form.lower(graph, linear, written=written)
             stats["linears_quantized"] += 1
             errors.append(form.relative_error)
             if form.smoothing is not None:
@@ -569,42 +573,58 @@ def _source_grid_form(grid: SourceGrid, exact: bool) -> tuple[_MatMulNBits, Sour
     return _MatMulNBits.pack(codes, scale, zero, grid.bits, grid.group, block_sums=True), computed
 
 
-def lower_on_source_grid(graph: ir.Graph, linear: Linear, grid: SourceGrid) -> int:
-    """The linear on its own grid, exactly: MatMulNBits at accuracy level 0 (float arithmetic),
-    offsets exact (`keep-grids`); returns the bytes of its new initializers."""
-    nbits, _ = _source_grid_form(grid, exact=True)
-    return _lower(graph, linear, nbits, None)
+def exact_source_grid_form(grid: SourceGrid) -> _MatMulNBits:
+    """A weight on its own grid as MatMulNBits, exactly: integer zero points, offsets kept in float
+    (`keep-grids`)."""
+    return _source_grid_form(grid, exact=True)[0]
 
 
-def _lower(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np.ndarray | None) -> int:
+def lower_on_source_grid(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, written: WrittenOnce) -> int:
+    """The linear in `nbits` (`exact_source_grid_form`) at accuracy level 0 (float arithmetic);
+    returns the bytes of its new initializers (none when `written` holds them already)."""
+    return _lower(graph, linear, nbits, None, written)
+
+
+def _lower(
+    graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np.ndarray | None, written: WrittenOnce
+) -> int:
     """Replace the linear's MatMul by MatMulNBits (its input divided by `input_scale` first, if
-    any); returns the bytes of its new initializers."""
-    base, bits, added = linear.name, nbits.bits, 0
-    name = f"{linear.node.name or base}_q{bits}"
+    any), its initializers written once per form (`written`); returns the bytes of those it added."""
+    bits, name = nbits.bits, f"{linear.node.name or linear.name}_q{nbits.bits}"
+    stored, added = written.get(nbits, lambda: _stored_form(graph, linear, nbits))
     if nbits.block_sums:
-        source, added = with_block_sums(graph, linear, nbits.group, name)
+        source, sums_bytes = with_block_sums(graph, linear, nbits.group, name)
+        added += sums_bytes
     else:
         source = linear.input if input_scale is None else divide_input(graph, linear, input_scale)
-    inputs = [
-        source,
-        new_initializer(graph, f"{base}_q{bits}", nbits.packed, np.uint8),
-        new_initializer(graph, f"{base}_scales", nbits.scale, weight_dtype(linear.weight)),
-    ]
-    if nbits.packed_zero is not None:
-        inputs.append(new_initializer(graph, f"{base}_zero_points", nbits.packed_zero, np.uint8))
+    weights = stored[:-1] if nbits.offsets is not None else stored
     node = ir.node(
         "MatMulNBits",
-        inputs=inputs,
+        inputs=[source, *weights],
         attributes={"K": nbits.k, "N": nbits.n, "bits": bits, "block_size": nbits.group, "accuracy_level": 0},
         domain=CONTRIB,
         name=name,
     )
-    added += sum(v.const_value.nbytes for v in inputs[1:])
     if nbits.offsets is not None:
-        node, offset_bytes = with_offset_term(graph, linear, node, nbits.offsets)
-        added += offset_bytes
+        node, sums_bytes = with_offset_term(graph, linear, node, stored[-1], nbits.group)
+        added += sums_bytes
     replace_linear(graph, linear, node)
     return added
+
+
+def _stored_form(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits) -> list[ir.Value]:
+    """A form's initializers: packed codes, scales, zero points if any, then the exact form's
+    float offsets [K/g, N] if any."""
+    base, dtype = linear.name, weight_dtype(linear.weight)
+    values = [
+        new_initializer(graph, f"{base}_q{nbits.bits}", nbits.packed, np.uint8),
+        new_initializer(graph, f"{base}_scales", nbits.scale, dtype),
+    ]
+    if nbits.packed_zero is not None:
+        values.append(new_initializer(graph, f"{base}_zero_points", nbits.packed_zero, np.uint8))
+    if nbits.offsets is not None:
+        values.append(new_initializer(graph, f"{base}_offsets", nbits.offsets.offset.T, dtype))
+    return values
 
 
 def float_bytes(linear: Linear) -> int:

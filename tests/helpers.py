@@ -123,6 +123,23 @@ def single_matmul(weight: np.ndarray, leading: tuple[str, ...] = ("batch",)) -> 
     return ir.Model(graph, ir_version=10)
 
 
+def weight_chain(weight: np.ndarray, shared: bool = True) -> ir.Model:
+    """y = (x·W)·W: two MatMuls reading one constant W [K, K] (as a model that shares layers does),
+    or with `shared=False` each its own copy."""
+    x = ir.Value(name="x", shape=ir.Shape(["batch", weight.shape[0]]), type=ir.TensorType(ir.DataType.FLOAT))
+    copies = []
+    for name in ("w",) if shared else ("w", "w_copy"):
+        copies.append(ir.Value(name=name, const_value=ir.tensor(weight.copy(), name=name)))
+        copies[-1].shape, copies[-1].dtype = ir.Shape(weight.shape), ir.DataType.FLOAT
+    first = ir.node("MatMul", inputs=[x, copies[0]], name="first")
+    second = ir.node("MatMul", inputs=[first.outputs[0], copies[-1]], name="second")
+    for node, name in ((first, "h"), (second, "y")):
+        node.outputs[0].name, node.outputs[0].dtype = name, ir.DataType.FLOAT
+        node.outputs[0].shape = ir.Shape(["batch", weight.shape[1]])
+    graph = ir.Graph([x], second.outputs, nodes=[first, second], initializers=copies, opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
 def single_gather(table: np.ndarray) -> ir.Model:
     """hidden = E[ids], E a constant [V, d]."""
     ids = ir.Value(name="ids", shape=ir.Shape(["batch", "sequence"]), type=ir.TensorType(ir.DataType.INT64))

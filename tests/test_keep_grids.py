@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import as_if_from_gguf, gguf_like, single_matmul
+from helpers import as_if_from_gguf, gguf_like, single_matmul, weight_chain
 
 from xopt.analysis.patterns import find_linears
 from xopt.backends.onnxruntime import create_session
@@ -72,3 +72,21 @@ def test_a_model_converted_from_gguf_keeps_its_grids_after_the_exact_recipe(tiny
 def test_a_model_with_no_weight_on_a_grid_is_refused(tiny_model):
     with pytest.raises(XoptError, match="keep-grids: no linear's weight lies on a 4-bit grid"):
         KeepGridsPass()(tiny_model("llama").clone())
+
+
+def test_a_weight_read_by_two_matmuls_is_stored_once():
+    """Both MatMuls read one copy of the codes, scales, zero points and offsets; the bytes before
+    and after count each weight once."""
+    weight = gguf_like(np.random.default_rng(4).standard_normal((64, 64)).astype(np.float32) * 0.05, "Q4_1")
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    expected = x.astype(np.float64) @ weight @ weight
+    result = KeepGridsPass()(weight_chain(weight))
+    nbits = [n for n in result.model.graph if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and [v.name for v in nbits[0].inputs[1:]] == [v.name for v in nbits[1].inputs[1:]]
+    offsets = {n.inputs[1].name for n in result.model.graph if n.op_type == "MatMul"}
+    assert offsets == {"w_offsets"} and "w" not in result.model.graph.initializers
+    stored = sum(v.const_value.nbytes for v in result.model.graph.initializers.values())
+    assert result.stats["bytes_before"] == weight.nbytes and result.stats["bytes_after"] <= stored
+    assert result.stats["linears_kept"] == 2
+    (actual,) = create_session(result.model).run(None, {"x": x})
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-6 * np.abs(expected).max())

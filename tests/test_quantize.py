@@ -384,3 +384,29 @@ def test_shared_forms_quantize_each_weight_tensor_once(tiny_model, monkeypatch):
     before, after = scales(first), scales(third)
     doubled = [name for name in before if not np.allclose(after[name], before[name])]
     assert len(doubled) == 1 and np.allclose(after[doubled[0]], 2 * before[doubled[0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("options", "op", "codes"),
+    [
+        ({"method": "rtn", "head_bits": 4, "accuracy": "0"}, "MatMulNBits", "w_q4"),
+        ({"scheme": "dynamic", "bits": 8, "smoothing": "none"}, "DynamicQuantizeMatMul", "w_int8"),
+    ],
+)
+def test_a_weight_read_by_two_matmuls_is_quantized_and_stored_once(options, op, codes):
+    """Both linears read one copy of the codes and scales, and compute what two copies of the
+    weight quantized apart compute; the bytes count each weight once."""
+    from helpers import weight_chain
+
+    weight = np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32) * 0.1
+    x = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+    result = QuantizeWeightsPass(**options)(weight_chain(weight))
+    nodes = [n for n in result.model.graph if n.op_type == op]
+    assert len(nodes) == 2 and [v.name for v in nodes[0].inputs[1:]] == [v.name for v in nodes[1].inputs[1:]]
+    assert nodes[0].inputs[1].name == codes and result.stats["linears_quantized"] == 2
+    stored = sum(v.const_value.nbytes for v in result.model.graph.initializers.values())
+    assert result.stats["bytes_before"] == weight.nbytes and result.stats["bytes_after"] == stored
+    apart = QuantizeWeightsPass(**options)(weight_chain(weight, shared=False))
+    assert apart.stats["bytes_before"] == 2 * weight.nbytes and apart.stats["bytes_after"] == 2 * stored
+    (actual,) = create_session(result.model).run(None, {"x": x})
+    np.testing.assert_array_equal(actual, create_session(apart.model).run(None, {"x": x})[0])

@@ -8,6 +8,7 @@ so a tensor shared with the input model (or with another node) stays as it was.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +152,23 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dty
     value.dtype = ir.DataType.from_numpy(np.dtype(dtype))
     graph.register_initializer(value)
     return value
+
+
+class WrittenOnce:
+    """Initializers written into one graph once per key (a linear's quantized form), so that the
+    linears reading one weight read one copy of its new form: `get` builds them the first time and
+    reports their bytes then only. Keys are held, so that their ids cannot come to name another."""
+
+    def __init__(self):
+        self._written: dict[int, tuple[object, list[ir.Value]]] = {}
+
+    def get(self, key: object, build: Callable[[], list[ir.Value]]) -> tuple[list[ir.Value], int]:
+        """The initializers for `key`, and the bytes they added (0 when they were written before)."""
+        if id(key) in self._written:
+            return self._written[id(key)][1], 0
+        values = build()
+        self._written[id(key)] = (key, values)
+        return values, sum(v.const_value.nbytes for v in values)
 
 
 def weight_dtype(value: ir.Value) -> np.dtype:
