@@ -35,7 +35,7 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
-from xopt.analysis.patterns import Linear
+from xopt.analysis.patterns import PART_OF_QUANTIZED, Linear
 from xopt.passes.source_grid import SourceGrid
 from xopt.passes.weight_grid import as_blocks, codes_of, fit_blocks, levels
 from xopt.rewrite import new_initializer, weight_dtype
@@ -71,6 +71,7 @@ def with_block_sums(graph: ir.Graph, linear: Linear, group: int, name: str) -> t
     sums, added = _block_sums(graph, linear, group, name)
     joined = ir.node("Concat", [linear.input, sums[-1].outputs[0]], attributes={"axis": -1}, name=f"{name}_with_sums")
     for node in (*sums, joined):
+        node.metadata_props[PART_OF_QUANTIZED] = linear.name
         graph.insert_before(linear.node, node)
     return joined.outputs[0], added
 
@@ -83,9 +84,11 @@ def with_offset_term(
     and the bytes of new initializers (the block sums' shape constants, shared between linears)."""
     sums, added = _block_sums(graph, linear, group, matmul.name)
     term = ir.node("MatMul", [sums[-1].outputs[0], offsets], name=f"{matmul.name}_offset_term")
+    total = ir.node("Add", [matmul.outputs[0], term.outputs[0]], name=f"{matmul.name}_with_offsets")
+    for node in (*sums, term, total):
+        node.metadata_props[PART_OF_QUANTIZED] = linear.name  # not linears of the model: `find_linears` skips them
     for node in (matmul, *sums, term):
         graph.insert_before(linear.node, node)
-    total = ir.node("Add", [matmul.outputs[0], term.outputs[0]], name=f"{matmul.name}_with_offsets")
     return total, added
 
 

@@ -28,7 +28,11 @@ verdicts are timed on prefill as well.
 Weights on an 8-bit grid (Q8_0: SmolLM2's tied LM head) stay in float: ORT's MatMulNBits with
 8 bits at accuracy level 0 took 91 ms for SmolLM2's head on one decode step against ~5 ms for the
 float MatMul. Gemm and weights off any 4-bit grid stay as they are; a model with none on a grid is
-refused (nothing to keep).
+refused (nothing to keep). A weight read by several MatMuls is stored once.
+
+The nodes it writes are marked (node metadata) so that a later `quantize` leaves them exact: their
+accuracy level stays 0 and the offset terms' MatMuls are not linears to quantize; `quantize` then
+takes the linears left in float (the Q8_0 head keeps its own 8-bit grid).
 """
 
 from __future__ import annotations

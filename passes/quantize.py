@@ -29,7 +29,10 @@ gain for the quality it costs.
 MatMulNBits' `accuracy_level` picks its kernel: 0 computes in float, 4 quantizes the activations
 to int8 per block and uses integer dot products (faster for decode on CPUs with VNNI, often slower
 for long prefill). `accuracy=measure` times the whole model with each (prefill plus decode steps,
-`backends/lowering.py`, cached per machine) and keeps the faster; 0 or 4 force one.
+`backends/lowering.py`, cached per machine) and keeps the faster; 0 or 4 force one. MatMulNBits
+an exact pass wrote (`keep-grids`) keep level 0, and their offset terms are not linears to
+quantize again (`patterns.PART_OF_QUANTIZED`): after `keep-grids`, `quantize` takes the linears
+it left in float, such as a Q8_0 head.
 
 `scheme=dynamic` (8 bits): int8 weights per output channel and activations quantized per tensor
 at run time, lowered to DynamicQuantizeMatMul, with smoothing of the activations' outlier
@@ -103,6 +106,9 @@ ACCURACY_LEVELS = ("measure", "0", "4")
 CODE_TYPES = ("auto", "int8", "uint8")
 CONTRIB = "com.microsoft"
 SYMMETRIC_MIN_SPEEDUP = 1.05
+# Node metadata of a MatMulNBits that must compute in float (an exact pass's, `keep-grids`): its
+# accuracy_level stays 0 whatever level this pass chooses for its own.
+EXACT_LEVEL = "xopt.exact_accuracy_level"
 
 
 @register
@@ -174,7 +180,7 @@ class QuantizeWeightsPass(Pass):
         if level is not None:
             _set_accuracy(model, level)
             stats["accuracy_level"] = level
-        elif any(node.op_type == "MatMulNBits" for node in model.graph):
+        elif any(node.op_type == "MatMulNBits" and EXACT_LEVEL not in node.metadata_props for node in model.graph):
             level, note = self._accuracy_level(model, sequence)
             explain.append(note)
             stats["accuracy_level"] = level
@@ -580,13 +586,19 @@ def exact_source_grid_form(grid: SourceGrid) -> _MatMulNBits:
 
 
 def lower_on_source_grid(graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, written: WrittenOnce) -> int:
-    """The linear in `nbits` (`exact_source_grid_form`) at accuracy level 0 (float arithmetic);
-    returns the bytes of its new initializers (none when `written` holds them already)."""
-    return _lower(graph, linear, nbits, None, written)
+    """The linear in `nbits` (`exact_source_grid_form`) at accuracy level 0 (float arithmetic), a
+    level that a later `quantize` leaves as it is (`EXACT_LEVEL`); returns the bytes of its new
+    initializers (none when `written` holds them already)."""
+    return _lower(graph, linear, nbits, None, written, exact_level=True)
 
 
 def _lower(
-    graph: ir.Graph, linear: Linear, nbits: _MatMulNBits, input_scale: np.ndarray | None, written: WrittenOnce
+    graph: ir.Graph,
+    linear: Linear,
+    nbits: _MatMulNBits,
+    input_scale: np.ndarray | None,
+    written: WrittenOnce,
+    exact_level: bool = False,
 ) -> int:
     """Replace the linear's MatMul by MatMulNBits (its input divided by `input_scale` first, if
     any), its initializers written once per form (`written`); returns the bytes of those it added."""
@@ -605,6 +617,8 @@ def _lower(
         domain=CONTRIB,
         name=name,
     )
+    if exact_level:
+        node.metadata_props[EXACT_LEVEL] = "0"
     if nbits.offsets is not None:
         node, sums_bytes = with_offset_term(graph, linear, node, stored[-1], nbits.group)
         added += sums_bytes
@@ -637,7 +651,7 @@ def _smoothing_summary(labels: Counter) -> str:
 
 def _set_accuracy(model: ir.Model, level: int) -> None:
     for node in model.graph:
-        if node.op_type == "MatMulNBits" and node.domain == CONTRIB:
+        if node.op_type == "MatMulNBits" and node.domain == CONTRIB and EXACT_LEVEL not in node.metadata_props:
             node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
 
 
@@ -647,6 +661,6 @@ def _signature(model: ir.Model) -> dict:
         f"{n.attributes.get_int('K')}x{n.attributes.get_int('N')}/{n.attributes.get_int('bits')}/"
         f"{n.attributes.get_int('block_size')}{'' if len(n.inputs) > 3 and n.inputs[3] is not None else '/symmetric'}"
         for n in model.graph
-        if n.op_type == "MatMulNBits"
+        if n.op_type == "MatMulNBits" and EXACT_LEVEL not in n.metadata_props
     )
     return dict(sorted(shapes.items()))

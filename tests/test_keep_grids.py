@@ -90,3 +90,31 @@ def test_a_weight_read_by_two_matmuls_is_stored_once():
     assert result.stats["linears_kept"] == 2
     (actual,) = create_session(result.model).run(None, {"x": x})
     np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
+
+
+def test_quantize_after_keep_grids_takes_only_the_float_linears_and_leaves_the_kept_ones_exact(tiny_model, tmp_path):
+    """Saved and loaded between the passes: `quantize` takes the Q8_0 head (on its own grid) and
+    neither re-quantizes the offset terms' float MatMuls nor moves the kept linears off level 0."""
+    import xopt
+
+    model = tiny_model("qwen2").clone()
+    as_if_from_gguf(model, head_features=211)
+    kept, _ = PassManager(resolve_passes(passes="cleanup,keep-grids"))(model)
+    xopt.save(kept, tmp_path / "kept.onnx")
+    offsets = sorted(n.inputs[1].name for n in kept.graph if n.op_type == "MatMul" and n.name.endswith("offset_term"))
+    assert offsets and [linear.out_features for linear in find_linears(kept.graph)] == [211]
+
+    quantized, report = PassManager(resolve_passes(passes="quantize(method=rtn,accuracy=4)"))(
+        xopt.load(tmp_path / "kept.onnx")
+    )
+    assert report.passes[-1].stats["linears_quantized"] == 1
+    levels = {n.name: n.attributes.get_int("accuracy_level") for n in quantized.graph if n.op_type == "MatMulNBits"}
+    head = [name for name, level in levels.items() if level == 4]
+    assert (
+        len(head) == 1
+        and len(levels) == len(offsets) + 1
+        and all(level == 0 for name, level in levels.items() if name not in head)
+    )
+    assert offsets == sorted(
+        n.inputs[1].name for n in quantized.graph if n.op_type == "MatMul" and n.name.endswith("offset_term")
+    )

@@ -77,14 +77,22 @@ class Embedding:
         return int(self.table.shape[1])
 
 
+# Node metadata naming the quantized linear a node computes part of (a Q4_1 grid's offset term,
+# `grid_offsets.py`): such a MatMul on a constant is not a linear of the model to rewrite again.
+PART_OF_QUANTIZED = "xopt.part_of_quantized_linear"
+
+
 def find_linears(graph: ir.Graph) -> list[Linear]:
     """Every linear of the graph, in graph order."""
     return [linear for linear in map(match_linear, graph) if linear is not None]
 
 
 def match_linear(node: ir.Node) -> Linear | None:
-    """The dense layer computed by `node`, or None."""
+    """The dense layer computed by `node`, or None (also for a MatMul that is part of a quantized
+    linear's form, marked `PART_OF_QUANTIZED`)."""
     if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:
+        return None
+    if PART_OF_QUANTIZED in node.metadata_props:
         return None
     if node.op_type == "MatMul":
         weight = node.inputs[1]
