@@ -69,9 +69,14 @@ def with_block_sums(graph: ir.Graph, linear: Linear, group: int, name: str) -> t
     """[x, σ]: the linear's input with its block sums appended on the last axis, the nodes inserted
     before the linear's node; returns the value and the bytes of new initializers."""
     sums, added = _block_sums(graph, linear, group, name)
-    joined = ir.node("Concat", [linear.input, sums[-1].outputs[0]], attributes={"axis": -1}, name=f"{name}_with_sums")
+    joined = ir.node(
+        "Concat",
+        [linear.input, sums[-1].outputs[0]],
+        attributes={"axis": -1},
+        name=f"{name}_with_sums",
+        metadata_props=_part_of(linear),
+    )
     for node in (*sums, joined):
-        node.metadata_props[PART_OF_QUANTIZED] = linear.name
         graph.insert_before(linear.node, node)
     return joined.outputs[0], added
 
@@ -83,18 +88,21 @@ def with_offset_term(
     points leave) to its output; the nodes before it go in ahead of the linear's MatMul. Returns it
     and the bytes of new initializers (the block sums' shape constants, shared between linears)."""
     sums, added = _block_sums(graph, linear, group, matmul.name)
-    term = ir.node("MatMul", [sums[-1].outputs[0], offsets], name=f"{matmul.name}_offset_term")
-    total = ir.node("Add", [matmul.outputs[0], term.outputs[0]], name=f"{matmul.name}_with_offsets")
-    for node in (*sums, term, total):
-        node.metadata_props[PART_OF_QUANTIZED] = linear.name  # not linears of the model: `find_linears` skips them
+    term = ir.node(
+        "MatMul", [sums[-1].outputs[0], offsets], name=f"{matmul.name}_offset_term", metadata_props=_part_of(linear)
+    )
+    total = ir.node(
+        "Add", [matmul.outputs[0], term.outputs[0]], name=f"{matmul.name}_with_offsets", metadata_props=_part_of(linear)
+    )
     for node in (matmul, *sums, term):
         graph.insert_before(linear.node, node)
     return total, added
 
 
 def _block_sums(graph: ir.Graph, linear: Linear, group: int, name: str) -> tuple[list[ir.Node], int]:
-    """The nodes computing σ [..., K/g] from the linear's input (not inserted), and the bytes of
-    new initializers; constants that depend only on the shape are shared between linears."""
+    """The nodes computing σ [..., K/g] from the linear's input (not inserted; marked part of the
+    linear's quantized form, `PART_OF_QUANTIZED`), and the bytes of new initializers; constants that
+    depend only on the shape are shared between linears."""
     k, dtype = linear.in_features, weight_dtype(linear.weight)
     blocks, added = k // group, 0
 
@@ -107,11 +115,24 @@ def _block_sums(graph: ir.Graph, linear: Linear, group: int, name: str) -> tuple
     if linear.input.shape is None:
         rows = np.arange(k)[:, None] // group == np.arange(blocks)[None, :]
         indicator = shared(f"block_indicator_{k}x{group}_{dtype.name}", rows, dtype)
-        return [ir.node("MatMul", [linear.input, indicator], name=f"{name}_block_sums")], added
+        sums = ir.node("MatMul", [linear.input, indicator], name=f"{name}_block_sums", metadata_props=_part_of(linear))
+        return [sums], added
     rank = len(linear.input.shape)
     target = np.array([0] * (rank - 1) + [blocks, group])
     shape = shared(f"blocks_shape_{rank}x{blocks}x{group}", target, np.int64)
-    split = ir.node("Reshape", [linear.input, shape], name=f"{name}_blocks")
+    split = ir.node("Reshape", [linear.input, shape], name=f"{name}_blocks", metadata_props=_part_of(linear))
     axis = shared("block_sum_axis", np.array([-1]), np.int64)
-    total = ir.node("ReduceSum", [split.outputs[0], axis], attributes={"keepdims": 0}, name=f"{name}_block_sums")
+    total = ir.node(
+        "ReduceSum",
+        [split.outputs[0], axis],
+        attributes={"keepdims": 0},
+        name=f"{name}_block_sums",
+        metadata_props=_part_of(linear),
+    )
     return [split, total], added
+
+
+def _part_of(linear: Linear) -> dict[str, str]:
+    """Node metadata: part of the linear's quantized form, not a linear of the model (a MatMul on a
+    constant here is one `find_linears` skips)."""
+    return {PART_OF_QUANTIZED: linear.name}

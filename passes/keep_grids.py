@@ -39,13 +39,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 
 import onnx_ir as ir
 
-from xopt.analysis.graph_view import skip_back
-from xopt.analysis.patterns import find_linears
+from xopt.analysis.patterns import Linear, find_linears
 from xopt.errors import XoptError
-from xopt.passes.quantize import CONTRIB, exact_source_grid_form, float_bytes, lower_on_source_grid
+from xopt.passes.quantize import CONTRIB, exact_source_grid_form, float_bytes, lower_on_source_grid, remembered
 from xopt.passes.source_grid import source_grid
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import WrittenOnce, weight_in_out
@@ -62,23 +62,19 @@ class KeepGridsPass(Pass):
 
     def __call__(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        kept, forms, bytes_before, bytes_after = [], Counter(), 0, 0
-        lowered, written = {}, WrittenOnce()  # a weight read by several MatMuls: one grid, stored once
+        own_forms, written = {}, WrittenOnce()  # a weight read by several MatMuls: one form, stored once
+        forms, bytes_before, bytes_after = Counter(), {}, 0
         for linear in find_linears(graph):
             if linear.node.op_type != "MatMul":
                 continue
-            weight = skip_back(linear.weight, ("Identity",))
-            if weight not in lowered:
-                grid = source_grid(weight_in_out(linear), GRID_BITS)
-                lowered[weight] = None if grid is None else (grid.form, exact_source_grid_form(grid))
-                bytes_before += float_bytes(linear) if grid is not None else 0
-            if lowered[weight] is None:
+            own = remembered(own_forms, linear, (), partial(_own_grid_form, linear))
+            if own is None:
                 continue
-            form, nbits = lowered[weight]
+            form, nbits = own
+            bytes_before[id(nbits)] = float_bytes(linear)
             bytes_after += lower_on_source_grid(graph, linear, nbits, written)
-            kept.append(linear.name)
             forms[form] += 1
-        if not kept:
+        if not forms:
             raise XoptError(
                 "keep-grids: no linear's weight lies on a 4-bit grid of 32-row blocks "
                 "(it is for models converted from a Q4_0 or Q4_1 file)"
@@ -89,5 +85,15 @@ class KeepGridsPass(Pass):
             f"MatMulNBits at accuracy level 0{', offsets exact' if form == 'offset' else ''}"
             for form, count in forms.items()
         ]
-        stats = {"linears_kept": len(kept), "bytes_before": bytes_before, "bytes_after": bytes_after}
+        stats = {
+            "linears_kept": sum(forms.values()),
+            "bytes_before": sum(bytes_before.values()),
+            "bytes_after": bytes_after,
+        }
         return PassResult(model, True, stats, explain)
+
+
+def _own_grid_form(linear: Linear) -> tuple[str, object] | None:
+    """The linear's 4-bit grid form (offset or symmetric) and its exact MatMulNBits form, or None."""
+    grid = source_grid(weight_in_out(linear), GRID_BITS)
+    return None if grid is None else (grid.form, exact_source_grid_form(grid))

@@ -180,7 +180,7 @@ class QuantizeWeightsPass(Pass):
         if level is not None:
             _set_accuracy(model, level)
             stats["accuracy_level"] = level
-        elif any(node.op_type == "MatMulNBits" and EXACT_LEVEL not in node.metadata_props for node in model.graph):
+        elif any(map(_level_is_chosen, model.graph)):
             level, note = self._accuracy_level(model, sequence)
             explain.append(note)
             stats["accuracy_level"] = level
@@ -258,7 +258,7 @@ class QuantizeWeightsPass(Pass):
             explain.append(f"embedding {shape}: not quantized: {group}")
             return
         fit, bits, keep = "minmax" if self.method == "rtn" else "hqq", self.embedding_bits, bool(self.source_grid)
-        table = _remembered(
+        table = remembered(
             shared.tables, embedding.table, (bits, group, fit, keep),
             lambda: quantize_table(const_array(embedding.table), bits, group, fit, keep_source=keep),
         )  # fmt: skip
@@ -388,7 +388,7 @@ class SharedForms:
     tables: dict = field(default_factory=dict)  # (table tensor, bits, group, fit, keep source) → QuantizedTable
 
 
-def _remembered(memo: dict, weight: ir.Value | Linear, key: tuple, compute: Callable):
+def remembered(memo: dict, weight: ir.Value | Linear, key: tuple, compute: Callable):
     """`compute()` for this weight and key, computed the first time only (a `SharedForms` memo)."""
     tensor, transposed = _weight_tensor(weight)
     full = (id(tensor), transposed, *key)
@@ -473,12 +473,12 @@ class _Forms:
         if self.options.scheme != "weight-only" or not self.options.source_grid:
             return None
         linear = self.linears[name]
-        return _remembered(self.shared.grids, linear, (bits,), lambda: source_grid(weight_in_out(linear), bits))
+        return remembered(self.shared.grids, linear, (bits,), lambda: source_grid(weight_in_out(linear), bits))
 
     def form(self, name: str, form: tuple[int, str | None]) -> _Form:
         """The linear quantized in `form` (bits, smoothing)."""
         linear = self.linears[name]
-        return _remembered(self.shared.forms, linear, (self.symmetric, *form), lambda: self._form(linear, *form))
+        return remembered(self.shared.forms, linear, (self.symmetric, *form), lambda: self._form(linear, *form))
 
     def _form(self, linear: Linear, bits: int, smoothing: str | None) -> _Form:
         options, name = self.options, linear.name
@@ -650,9 +650,13 @@ def _smoothing_summary(labels: Counter) -> str:
 
 
 def _set_accuracy(model: ir.Model, level: int) -> None:
-    for node in model.graph:
-        if node.op_type == "MatMulNBits" and node.domain == CONTRIB and EXACT_LEVEL not in node.metadata_props:
-            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+    for node in filter(_level_is_chosen, model.graph):
+        node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+
+
+def _level_is_chosen(node: ir.Node) -> bool:
+    """Whether `node` is a MatMulNBits whose accuracy level this pass chooses (not an exact pass's)."""
+    return node.op_type == "MatMulNBits" and node.domain == CONTRIB and EXACT_LEVEL not in node.metadata_props
 
 
 def _signature(model: ir.Model) -> dict:
@@ -660,7 +664,6 @@ def _signature(model: ir.Model) -> dict:
     shapes = Counter(
         f"{n.attributes.get_int('K')}x{n.attributes.get_int('N')}/{n.attributes.get_int('bits')}/"
         f"{n.attributes.get_int('block_size')}{'' if len(n.inputs) > 3 and n.inputs[3] is not None else '/symmetric'}"
-        for n in model.graph
-        if n.op_type == "MatMulNBits" and EXACT_LEVEL not in n.metadata_props
+        for n in filter(_level_is_chosen, model.graph)
     )
     return dict(sorted(shapes.items()))

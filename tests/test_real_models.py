@@ -12,6 +12,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
+from helpers import transformers_greedy
 
 from xopt.backends.onnxruntime import create_session, run
 from xopt.cli import main
@@ -56,15 +57,8 @@ def smollm2_reference(smollm2_folder):
 @pytest.fixture(scope="session")
 def smollm2_greedy(smollm2_optimized, smollm2_reference):
     """The first text's token ids and transformers' 64 greedy tokens after them."""
-    import torch
-
     prompt = [int(t) for t in _tokenize(smollm2_optimized[0], TEXT[:1])["input_ids"][0]]
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        expected = smollm2_reference.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64, do_sample=False
-        )
-    return prompt, expected[0, len(prompt) :].tolist()
+    return prompt, transformers_greedy(smollm2_reference, prompt, 64)
 
 
 def _tokenize(folder, texts):
