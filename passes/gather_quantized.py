@@ -14,6 +14,11 @@ Two lowerings, both gathering the rows first:
   model with these operators (six interleaved runs of 100 rounds at 1×128, both orders, an
   AVX-512 Xeon), though ORT's profile gives the op only 54 µs; with these operators the model is
   within about 1% of the float table's (SmolLM2 int4, prefill and decode: a tie).
+  A table tied to an LM head that `quantize` made an 8-bit MatMulNBits holding the same codes,
+  scales and zero points (the same grid: a GGUF Q8_0 table kept on its grid, or both rounded
+  to nearest) is not stored again: the gather reads the head's initializers, whose rows are the
+  table's rows ([V, d/g, g] codes; the [V·d/g] scales and zero points reshaped to [V, d/g, 1];
+  absent zero points are MatMulNBits' 128).
 - 4 bits, or ids of unknown rank: com.microsoft.GatherBlockQuantized (ONNX Runtime's CPU kernel,
   uint8 data): gather axis 0, quantize axis 1, data [V, d·bits/8] with two 4-bit codes to a byte,
   the first in the low nibble; scales [V, d/g]; zero points [V, ⌈(d/g)·bits/8⌉] packed the same
@@ -83,13 +88,28 @@ def quantize_table(stored: np.ndarray, bits: int, group: int, fit: str, keep_sou
     return QuantizedTable(codes.astype(np.uint8), scale, zero.astype(np.uint8), bits, error, origin)
 
 
-def lower_gather(graph: ir.Graph, embedding: Embedding, table: QuantizedTable) -> tuple[int, int]:
-    """Replace the Gather by a gather of the quantized table (8-bit: standard operators; 4-bit:
-    GatherBlockQuantized); returns (bytes before, bytes after)."""
+@dataclass
+class HeadCodes:
+    """The initializers of an 8-bit MatMulNBits (a tied LM head) that hold a table's codes on its
+    grid: B [V, d/g, g] uint8, scales [V·d/g], zero points [V·d/g] uint8 (None: 128)."""
+
+    codes: ir.Value
+    scales: ir.Value
+    zero: ir.Value | None
+
+
+def lower_gather(
+    graph: ir.Graph, embedding: Embedding, table: QuantizedTable, head: HeadCodes | None = None
+) -> tuple[int, int]:
+    """Replace the Gather by a gather of the quantized table (8-bit: standard operators, reading
+    `head`'s initializers if given; 4-bit: GatherBlockQuantized); returns (bytes before, bytes
+    after)."""
     ids = embedding.node.inputs[1]
     name = embedding.table.name or "embedding"
+    if head is not None and (table.bits != 8 or ids.shape is None):
+        raise ValueError("a table reads a head's codes only at 8 bits, with ids of known rank")
     if table.bits == 8 and ids.shape is not None:
-        nodes, stored = _dequantizing_gather(graph, name, ids, table)
+        nodes, stored = _dequantizing_gather(graph, name, ids, table, head)
     else:
         nodes, stored = _gather_block_quantized(graph, name, ids, table)
     for index, node in enumerate(nodes):
@@ -102,7 +122,7 @@ def lower_gather(graph: ir.Graph, embedding: Embedding, table: QuantizedTable) -
 
 
 def _dequantizing_gather(
-    graph: ir.Graph, name: str, ids: ir.Value, table: QuantizedTable
+    graph: ir.Graph, name: str, ids: ir.Value, table: QuantizedTable, head: HeadCodes | None
 ) -> tuple[list[ir.Node], list[ir.Value]]:
     """Gather → Cast → (Sub gathered zero points) → Mul gathered scales → Reshape, on [V, d/g, g]."""
     width = table.codes.shape[1] * table.group
@@ -112,21 +132,32 @@ def _dequantizing_gather(
         nodes.append(ir.node(op_type, inputs, attributes=attributes))
         return nodes[-1].outputs[0]
 
-    symmetric = bool(np.all(table.zero == 128))
-    if symmetric:
-        codes = new_initializer(graph, f"{name}_q8", table.codes.astype(np.int16) - 128, np.int8)
-    else:
-        codes = new_initializer(graph, f"{name}_q8", table.codes, np.uint8)
-    scales = new_initializer(graph, f"{name}_scales", table.scale[..., None], np.float32)
-    stored = [codes, scales]
+    middle = None  # the zero point of uint8 codes on a symmetric grid, subtracted as a constant
+    if head is not None:  # the tied head's initializers, its [V·d/g] vectors read as [V, d/g, 1]
+        blocks = new_initializer(graph, f"{name}_block_shape", np.array([*table.scale.shape, 1]), np.int64)
+        codes, scales, stored = head.codes, op("Reshape", [head.scales, blocks]), [blocks]
+        zero = None if head.zero is None else op("Reshape", [head.zero, blocks])
+        if zero is None:
+            middle = new_initializer(graph, f"{name}_zero_point", np.array(128.0), np.float32)
+            stored.append(middle)
+    else:  # a symmetric grid stores int8 q − 128 and no zero points
+        symmetric = bool(np.all(table.zero == 128))
+        codes = new_initializer(
+            graph, f"{name}_q8", table.codes.astype(np.int16) - 128 if symmetric else table.codes,
+            np.int8 if symmetric else np.uint8,
+        )  # fmt: skip
+        scales = new_initializer(graph, f"{name}_scales", table.scale[..., None], np.float32)
+        zero = None if symmetric else new_initializer(graph, f"{name}_zero_points", table.zero[..., None], np.uint8)
+        stored = [value for value in (codes, scales, zero) if value is not None]
     rows_read = op("Cast", [op("Gather", [codes, ids], axis=0)], to=ir.DataType.FLOAT)
-    if not symmetric:
-        zero = new_initializer(graph, f"{name}_zero_points", table.zero[..., None], np.uint8)
-        stored.append(zero)
+    if zero is not None:
         zero_read = op("Cast", [op("Gather", [zero, ids], axis=0)], to=ir.DataType.FLOAT)
         rows_read = op("Sub", [rows_read, zero_read])
+    elif middle is not None:
+        rows_read = op("Sub", [rows_read, middle])
     restored = op("Mul", [rows_read, op("Gather", [scales, ids], axis=0)])
     shape = new_initializer(graph, f"{name}_shape", np.array([0] * len(ids.shape) + [width]), np.int64)
+    stored.append(shape)
     op("Reshape", [restored, shape])
     return nodes, stored
 

@@ -50,7 +50,9 @@ accurate (SmolLM2 on an AVX2 EPYC: 1.19× at 1×128, perplexity 41.62 against 40
 
 `embedding_bits` 4 or 8 also quantizes the token embedding table (Gather on a constant table)
 in blocks of `group` along each row, gathered then dequantized (`gather_quantized.py`: standard
-operators at 8 bits, GatherBlockQuantized at 4).
+operators at 8 bits, GatherBlockQuantized at 4). A table tied to the LM head, whose 8-bit MatMulNBits
+holds the same codes, scales and zero points (a GGUF Q8_0 table kept on its grid by both), is
+gathered from the head's initializers: stored once, and its bytes before counted once.
 
 A bias Add after the MatMul stays as it is. The LM head (the linear that writes a graph output)
 takes `head_bits` (8 by default: it is the widest matrix of a small LM and the most sensitive;
@@ -85,7 +87,7 @@ from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import activation_samples, calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
 from xopt.passes.awq import awq
-from xopt.passes.gather_quantized import lower_gather, quantize_table, table_group
+from xopt.passes.gather_quantized import HeadCodes, QuantizedTable, lower_gather, quantize_table, table_group
 from xopt.passes.gptq import gptq
 from xopt.passes.grid_offsets import fold_offsets, integer_zero_points, with_block_sums, with_offset_term
 from xopt.passes.input_scaling import divide_input
@@ -171,9 +173,12 @@ class QuantizeWeightsPass(Pass):
         plan = {name: (bits, smoothing) for name, bits in precision.items()}
         if self.budget > 0:
             plan = self._mixed_precision(model, forms, plan, explain)
-        stats = forms.lower_all(model.graph, plan, explain)
+        written = WrittenOnce()  # the initializers each form wrote, which a tied table may read
+        tied = forms.reading(structure.token_embedding, plan) if self.embedding_bits else []
+        stats = forms.lower_all(model.graph, plan, explain, written)
         if self.embedding_bits:
-            self._quantize_embedding(model.graph, structure.token_embedding, stats, explain, forms.shared)
+            embedding = structure.token_embedding
+            self._quantize_embedding(model.graph, embedding, stats, explain, forms.shared, tied, written)
         stats["linears_protected"] = sum(bits != precision[name] for name, (bits, _) in plan.items())
         if self.scheme == "weight-only":
             stats["symmetric"] = symmetric
@@ -245,10 +250,19 @@ class QuantizeWeightsPass(Pass):
         return precision
 
     def _quantize_embedding(
-        self, graph: ir.Graph, embedding: Embedding | None, stats: Counter, explain: list[str], shared: SharedForms
+        self,
+        graph: ir.Graph,
+        embedding: Embedding | None,
+        stats: Counter,
+        explain: list[str],
+        shared: SharedForms,
+        tied: list[_Form],
+        written: WrittenOnce,
     ):
         """The token embedding table → a quantized gather at `embedding_bits` (HQQ's fit; min/max
-        for method=rtn). Position tables stay in float (small, and read at every position)."""
+        for method=rtn). Position tables stay in float (small, and read at every position). `tied`:
+        the forms of the linears that read the table (an LM head): its float bytes are counted
+        already, and the gather reads the head's codes where they are the table's."""
         if embedding is None:
             explain.append("embedding: not quantized: no token embedding table found")
             return
@@ -262,12 +276,14 @@ class QuantizeWeightsPass(Pass):
             shared.tables, embedding.table, (bits, group, fit, keep),
             lambda: quantize_table(const_array(embedding.table), bits, group, fit, keep_source=keep),
         )  # fmt: skip
-        before, after = lower_gather(graph, embedding, table)
-        stats["bytes_before"] += before
+        head = _head_codes(tied, table, written)
+        before, after = lower_gather(graph, embedding, table, head)
+        stats["bytes_before"] += 0 if tied else before
         stats["bytes_after"] += after
         stats["embeddings_quantized"] += 1
         explain.append(
             f"embedding {shape} → {bits}-bit in groups of {group} on {table.origin}, relative error {table.error:.4f}"
+            + (", read from the tied LM head's codes (stored once)" if head is not None else "")
         )
 
     def _static(self, model: ir.Model, precision: dict[str, int], explain: list[str]) -> PassResult:
@@ -372,6 +388,7 @@ class _Form:
     detail: str
     smoothing: str | None = None  # the smoothing chosen (dynamic scheme)
     on_source_grid: bool = False  # the weight's own grid, kept (explained once per grid form)
+    nbits: _MatMulNBits | None = None  # the MatMulNBits it writes, when that reads the linear's input itself
 
 
 @dataclass
@@ -436,11 +453,12 @@ class _Forms:
         self.lower_all(copy.graph, plan, [])
         return copy
 
-    def lower_all(self, graph: ir.Graph, plan: dict, explain: list[str]) -> Counter:
-        """Lower every linear of `graph` named in `plan` in its form (bits, smoothing); 0 bits: left in float."""
+    def lower_all(self, graph: ir.Graph, plan: dict, explain: list[str], written: WrittenOnce | None = None) -> Counter:
+        """Lower every linear of `graph` named in `plan` in its form (bits, smoothing); 0 bits: left in
+        float. A weight read by several linears is stored once (`written`: what each form wrote)."""
         stats: Counter = Counter()
         errors, smoothings, on_source = [], Counter(), {}  # on_source: detail → (count, worst error)
-        written, weights_seen = WrittenOnce(), set()  # a weight read by several linears is stored once
+        written, weights_seen = written if written is not None else WrittenOnce(), set()
         planned = [(linear, plan[linear.name]) for linear in find_linears(graph) if plan.get(linear.name, (0,))[0]]
         # every form first: the calibration a form may need runs the model before anything is lowered
         forms = [(linear, self.form(linear.name, key)) for linear, key in planned]
@@ -468,6 +486,14 @@ class _Forms:
             explain.append(_smoothing_summary(smoothings))
         return stats
 
+    def reading(self, embedding: Embedding | None, plan: dict) -> list[_Form]:
+        """The forms of the planned linears whose weight is the token embedding table (a tied LM head)."""
+        if embedding is None:
+            return []
+        table = _weight_tensor(embedding.table)[0]
+        planned = [(name, key) for name, key in plan.items() if key[0]]
+        return [self.form(name, key) for name, key in planned if _weight_tensor(self.linears[name])[0] is table]
+
     def source_grid(self, name: str, bits: int) -> SourceGrid | None:
         """The linear's own `bits`-bit grid (`source_grid`) where the options keep one, found once."""
         if self.options.scheme != "weight-only" or not self.options.source_grid:
@@ -483,7 +509,7 @@ class _Forms:
     def _form(self, linear: Linear, bits: int, smoothing: str | None) -> _Form:
         options, name = self.options, linear.name
         w = weight_in_out(linear)
-        grid = self.source_grid(name, bits)
+        grid, nbits = self.source_grid(name, bits), None
         if grid is not None:
             nbits, grid = _source_grid_form(grid, exact=options.source_grid == "exact")
             restored, lower = grid.restored(), partial(_lower, nbits=nbits, input_scale=None)
@@ -498,12 +524,17 @@ class _Forms:
                 detail += f" (simulated output error {int8.simulated_error:.2e})"
             smoothing = int8.label
         else:
-            restored, lower, detail = self._weight_only(w, self._statistic(linear), bits)
+            restored, nbits, input_scale, detail = self._weight_only(w, self._statistic(linear), bits)
+            lower = partial(_lower, nbits=nbits, input_scale=input_scale)
+            nbits = nbits if input_scale is None else None  # what a tied table may read: x·Ŵ on x itself
         error = float(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
-        return _Form(lower, error, detail, smoothing, on_source_grid=grid is not None)
+        return _Form(lower, error, detail, smoothing, on_source_grid=grid is not None, nbits=nbits)
 
-    def _weight_only(self, w: np.ndarray, statistic, bits: int) -> tuple[np.ndarray, Callable, str]:
-        """Ŵ [K, N], the lowering to MatMulNBits, and a description, by the pass's method."""
+    def _weight_only(
+        self, w: np.ndarray, statistic, bits: int
+    ) -> tuple[np.ndarray, _MatMulNBits, np.ndarray | None, str]:
+        """Ŵ [K, N], its MatMulNBits form, the scale its input is divided by (AWQ) and a description,
+        by the pass's method."""
         options, input_scale, detail = self.options, None, f"{bits}-bit"
         if options.method == "awq":
             form = awq(w, statistic.matrix, bits=bits, group=options.group, symmetric=self.symmetric)
@@ -523,7 +554,7 @@ class _Forms:
         if input_scale is not None:
             restored = restored / input_scale[:, None]
         nbits = _MatMulNBits.pack(codes, scale, None if self.symmetric else zero, bits, options.group)
-        return restored, partial(_lower, nbits=nbits, input_scale=input_scale), detail
+        return restored, nbits, input_scale, detail
 
     def _statistic(self, linear: Linear):
         """The calibration statistic of the linear's input its form needs (None: none)."""
@@ -565,6 +596,24 @@ class _MatMulNBits:
         padded[:, :k] = codes
         packed, packed_zero = pack_matmul_nbits(padded.reshape(n, -1, group), zero, bits)
         return cls(packed, scale.reshape(-1), packed_zero, k, n, bits, group, **offset_form)
+
+    def holds(self, table: QuantizedTable) -> bool:
+        """Whether these 8-bit initializers are the table's codes, scales and zero points (the
+        table's rows are this weight's output columns: a tied LM head on the table's grid)."""
+        if self.bits != 8 or table.bits != 8 or self.offsets is not None or self.block_sums:
+            return False
+        zero = np.full(self.scale.shape, 128, np.uint8) if self.packed_zero is None else self.packed_zero
+        same = (self.packed, table.codes), (self.scale, table.scale.reshape(-1)), (zero, table.zero.reshape(-1))
+        return all(ours.shape == theirs.shape and np.array_equal(ours, theirs) for ours, theirs in same)
+
+
+def _head_codes(tied: list[_Form], table: QuantizedTable, written: WrittenOnce) -> HeadCodes | None:
+    """The initializers of a tied LM head's MatMulNBits when they hold the table's codes, or None."""
+    for form in tied:
+        stored = None if form.nbits is None else written.find(form.nbits)
+        if stored is not None and form.nbits.holds(table):
+            return HeadCodes(stored[0], stored[1], stored[2] if form.nbits.packed_zero is not None else None)
+    return None
 
 
 def _source_grid_form(grid: SourceGrid, exact: bool) -> tuple[_MatMulNBits, SourceGrid]:

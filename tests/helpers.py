@@ -155,6 +155,21 @@ def single_gather(table: np.ndarray) -> ir.Model:
     return model
 
 
+def tied_embedding_lm(table: np.ndarray) -> ir.Model:
+    """logits = E[ids]·Eᵀ: a table E [V, d] that is also the LM head (tied), read through a Transpose."""
+    ids = ir.Value(name="ids", shape=ir.Shape(["batch", "sequence"]), type=ir.TensorType(ir.DataType.INT64))
+    e = ir.Value(name="table", const_value=ir.tensor(table, name="table"))
+    e.shape, e.dtype = ir.Shape(table.shape), ir.DataType.FLOAT
+    gather = ir.node("Gather", inputs=[e, ids], attributes={"axis": 0}, name="embed")
+    transpose = ir.node("Transpose", inputs=[e], attributes={"perm": [1, 0]}, name="tie")
+    head = ir.node("MatMul", inputs=[gather.outputs[0], transpose.outputs[0]], name="lm_head")
+    head.outputs[0].name, head.outputs[0].dtype = "logits", ir.DataType.FLOAT
+    head.outputs[0].shape = ir.Shape(["batch", "sequence", table.shape[0]])
+    opsets = {"": 21, "com.microsoft": 1}
+    graph = ir.Graph([ids], head.outputs, nodes=[gather, transpose, head], initializers=[e], opset_imports=opsets)
+    return ir.Model(graph, ir_version=10)
+
+
 def _as_stored(values: np.ndarray) -> np.ndarray:
     """GGUF stores each block's scale and minimum as float16."""
     return values.astype(np.float16).astype(np.float32)

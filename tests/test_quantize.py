@@ -334,17 +334,35 @@ def test_the_8_bit_lowering_restores_the_ids_shape_and_falls_back_where_the_rank
         np.testing.assert_allclose(actual, restored[ids], rtol=1e-5, atol=1e-6)
 
 
-def test_embedding_bits_quantizes_the_tables_of_a_tiny_model(tiny_model):
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_embedding_bits_quantizes_the_tables_of_a_tiny_model(tiny_model, head_bits):
+    """The tiny Llama's table is tied to its head. With an 8-bit head on the same grid (both rounded
+    to nearest, groups of 16) the gather reads the head's codes, scales and zero points: one copy,
+    counted once; a 4-bit head leaves the table its own 8-bit codes."""
     model = tiny_model("llama")
-    optimized, report = PassManager(
-        [QuantizeWeightsPass(method="rtn", group=16, accuracy="0", embedding_bits=8, head_bits=8, bits=8)]
-    )(model)
-    record = report.passes[-1]
-    gathered = {n.inputs[0].name: n.inputs[0].const_value.dtype for n in optimized.graph if n.op_type == "Gather"}
-    float_tables = [name for name, dtype in gathered.items() if dtype == ir.DataType.FLOAT and "scales" not in name]
-    assert record.stats["embeddings_quantized"] == 1 and not float_tables
-    assert sorted(gathered.values()) == sorted([ir.DataType.UINT8, ir.DataType.UINT8, ir.DataType.FLOAT])
-    assert record.parity.max_rel <= 0.05, record.parity.describe()
+    quantizer = QuantizeWeightsPass(method="rtn", group=16, accuracy="0", embedding_bits=8, head_bits=head_bits, bits=8)
+    optimized, report = PassManager([quantizer])(model)
+    record, graph = report.passes[-1], optimized.graph
+    assert record.stats["embeddings_quantized"] == 1 and record.parity.max_rel <= 0.05, record.parity.describe()
+    table = model.graph.initializers[next(n for n in model.graph if n.op_type == "Gather").inputs[0].name]
+    gathered = [n.inputs[0] for n in graph if n.op_type == "Gather"]
+    assert table.name not in graph.initializers and table.name not in {v.name for v in gathered}
+    (head,) = [n for n in graph if n.op_type == "MatMulNBits" and n.attributes.get_int("N") == table.shape[0]]
+    assert head.attributes.get_int("bits") == head_bits
+    codes_read = [v for v in gathered if v.const_value is not None and v.const_value.dtype == ir.DataType.UINT8]
+    if head_bits == 8:
+        assert [v.name for v in codes_read] == [head.inputs[1].name]
+        producers = {v.producer().inputs[0].name for v in gathered if v.const_value is None}
+        assert producers == {head.inputs[2].name, head.inputs[3].name}  # scales, zero points reshaped
+    else:
+        assert len(codes_read) == 2 and head.inputs[1] not in codes_read  # codes and zero points of its own
+    new_bytes = sum(v.const_value.nbytes for v in graph.initializers.values() if v.name not in model.graph.initializers)
+    float_bytes = sum(
+        v.const_value.nbytes for v in model.graph.initializers.values() if v.name not in graph.initializers
+    )
+    assert record.stats["bytes_after"] == new_bytes and record.stats["bytes_before"] == float_bytes
+    if head_bits == 8:
+        assert head.inputs[1].const_value.nbytes == table.const_value.nbytes // 4  # one byte a weight, once
 
 
 def test_shared_forms_quantize_each_weight_tensor_once(tiny_model, monkeypatch):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-from helpers import as_if_from_gguf, gguf_like, single_gather, single_matmul
+from helpers import as_if_from_gguf, gguf_like, single_gather, single_matmul, tied_embedding_lm
 
 from xopt.analysis.patterns import find_linears
 from xopt.backends.onnxruntime import create_session
@@ -56,6 +56,30 @@ def test_a_q8_0_embedding_table_keeps_its_grid():
     ids = np.array([[3, 49, 0, 3]], dtype=np.int64)
     (actual,) = create_session(model).run(None, {"ids": ids})
     np.testing.assert_allclose(actual, table[ids], rtol=0, atol=1e-7)
+
+
+def test_a_tied_q8_0_table_is_stored_once_with_its_8_bit_head():
+    """SmolLM2's tied table came as Q8_0: the 8-bit head and the table both keep that grid, and the
+    gather reads the head's codes and scales, so the table is stored once, a byte a weight (plus a
+    float scale per 32), and the rows it gathers are the table's own to the bit."""
+    table = gguf_like(np.random.default_rng(6).standard_normal((64, 50)).astype(np.float32), "Q8_0").T  # [V, d]
+    results = [
+        QuantizeWeightsPass(method="hqq", embedding_bits=bits, accuracy="0")(tied_embedding_lm(table))
+        for bits in (8, 0)
+    ]
+    graph, stats = results[0].model.graph, results[0].stats
+    (head,) = [n for n in graph if n.op_type == "MatMulNBits"]
+    codes_gathered = next(n.inputs[0] for n in graph if n.op_type == "Gather")
+    assert codes_gathered is head.inputs[1]  # one initializer, read by both
+    assert stats["bytes_before"] == table.nbytes  # one float tensor, counted once
+    stored = sum(v.const_value.nbytes for v in graph.initializers.values())
+    assert stats["bytes_after"] == stored <= table.size + table.size // 32 * 4 + 64
+    assert any(line.endswith("read from the tied LM head's codes (stored once)") for line in results[0].explain)
+    ids = np.array([[3, 49, 0, 3], [7, 7, 12, 1]], dtype=np.int64)
+    logits = [create_session(result.model).run(None, {"ids": ids})[0] for result in results]
+    np.testing.assert_array_equal(logits[0], logits[1])  # the gathered rows: the float table's exactly
+    expected = table.astype(np.float64)[ids] @ table.T.astype(np.float64)
+    np.testing.assert_allclose(logits[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_folded_offsets_are_integer_zero_points_and_a_residual_within_half_a_step_of_its_grid():

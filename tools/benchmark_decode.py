@@ -35,7 +35,8 @@ Variants:
   model then assumes no left padding, as onnxruntime-genai's models do); the contiguous `exact`
   then `keep-grids` (the file's Q4_1 linears stored on their grids, computed in float: outputs
   unchanged beyond float rounding, an eighth of the weight bytes), and that followed by `quantize`,
-  which takes only the linear left in float, the Q8_0 head, on its own grid; `int4` with an 8-bit LM
+  which takes only the linear left in float, the Q8_0 head, on its own grid, and (`embedding_bits=8`)
+  the tied table, whose gather reads the head's codes (the same grid: one copy); `int4` with an 8-bit LM
   head and exact offsets: SmolLM2's file stores its tied head/embedding table as Q8_0, which
   `quantize` keeps exactly at 8 bits, and its linears as Q4_1, whose float offsets
   `source_grid=exact` keeps exactly (the recipe folds them into zero points: `grid_offsets`), so
@@ -273,8 +274,10 @@ def xopt_builds() -> dict[str, list[str] | None]:
         builds[f"xopt {recipe}, positions=contiguous"] = [_contiguous(spec) for spec in RECIPES[recipe]]
     contiguous_exact = builds["xopt exact, positions=contiguous"]
     builds["xopt exact, positions=contiguous, keep-grids"] = [*contiguous_exact, "keep-grids"]  # Q4_1 stored as such
-    # then the Q8_0 head on its own 8-bit grid, int8 activations (the kept linears stay exact)
-    builds["xopt exact, positions=contiguous, keep-grids, 8-bit head"] = [*contiguous_exact, "keep-grids", "quantize"]
+    # then the Q8_0 head on its own 8-bit grid, int8 activations (the kept linears stay exact), the
+    # tied table gathered from the head's codes
+    head = "quantize(embedding_bits=8)"
+    builds["xopt exact, positions=contiguous, keep-grids, 8-bit head"] = [*contiguous_exact, "keep-grids", head]
     builds["xopt int4, 8-bit head, exact offsets"] = [  # the file's grids as llama.cpp computes them
         re.sub(r"head_bits=\d", "head_bits=8", spec).replace(")", ",source_grid=exact)")
         if spec.startswith("quantize(")

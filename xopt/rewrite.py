@@ -170,6 +170,10 @@ class WrittenOnce:
         self._written[id(key)] = (key, values)
         return values, sum(v.const_value.nbytes for v in values)
 
+    def find(self, key: object) -> list[ir.Value] | None:
+        """The initializers written for `key`, or None."""
+        return self._written[id(key)][1] if id(key) in self._written else None
+
 
 def weight_dtype(value: ir.Value) -> np.dtype:
     """The stored dtype of a weight (read through the Transpose that may sit on it)."""
