@@ -333,13 +333,13 @@ def kept_build(folder: Path, key: dict, build: Callable[[Path], None]) -> float:
     return seconds
 
 
-def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[dict, dict, dict]:
-    """The selected variants' loaders (each returns a generate function), build seconds and
-    perplexity functions."""
+def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[dict, dict, dict, dict]:
+    """The selected variants' loaders (each returns a generate function), build seconds, perplexity
+    functions and model file sizes (MB)."""
     from xopt.capture.huggingface import load_hf_model
 
     folder, selected, source = smollm2_folder(), set(args.only or variant_labels()), source_digest()
-    loaders, seconds = {}, {}
+    loaders, seconds, megabytes = {}, {}, {}
     text, threads = perplexity_text(tokenizer, args.perplexity_windows), args.threads
     quality = {}  # label → a function computing its perplexity
     reference = None
@@ -374,6 +374,7 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
         out = scratch / re.sub(r"[^a-z0-9]+", "-", label).strip("-")
         seconds[label] = kept_build(out, {"passes": passes, "source": source}, build)
         loaders[label] = partial(xopt_variant, out, prompt, args.new_tokens, args.threads)
+        megabytes[label] = onnx_megabytes(out)
         quality[label] = lambda out=out: onnx_perplexity(out, out, text, threads)
 
     genai = [precision for precision in GENAI_PRECISIONS if f"onnxruntime-genai {precision}" in selected]
@@ -391,6 +392,7 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
                 built, key, partial(genai_build, hf_folder, precision, threads, cache=scratch / "genai-cache")
             )
             loaders[label] = partial(genai_variant, built, prompt, args.new_tokens)
+            megabytes[label] = onnx_megabytes(built)
         except (subprocess.CalledProcessError, ImportError) as error:  # an anchor that fails is reported
             logger.warning("%s failed: %s", label, error)
             continue
@@ -404,12 +406,18 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
             llama_cpp_runs(folder / GGUF_FILE, threads)
             gguf = folder / GGUF_FILE
             loaders["llama.cpp Q4_1"] = partial(llama_cpp_variant, gguf, prompt, args.new_tokens, threads)
+            megabytes["llama.cpp Q4_1"] = gguf.stat().st_size / 1e6
         except (ImportError, RuntimeError) as error:
             logger.warning("llama.cpp Q4_1 left out: %s", error)
         else:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             quality["llama.cpp Q4_1"] = lambda: llama_cpp_perplexity(folder / GGUF_FILE, ids, threads)
-    return loaders, seconds, quality
+    return loaders, seconds, quality, megabytes
+
+
+def onnx_megabytes(folder: Path) -> float:
+    """The size of a built model's ONNX files (the graph and any external weights), in MB."""
+    return sum(path.stat().st_size for path in folder.iterdir() if ".onnx" in path.name) / 1e6
 
 
 def perplexity_text(tokenizer, windows: int) -> str:
@@ -445,6 +453,7 @@ def write_markdown(
     samples: dict[str, Samples],
     seconds: dict,
     perplexity: dict,
+    megabytes: dict,
     args,
     command: str,
     other: OtherLoad,
@@ -466,6 +475,7 @@ def write_markdown(
         "round; median (p10–p90). "
         "Prefill = prompt to first new token; decode = the other new tokens over their time. "
         "'agree' = generated tokens equal to transformers' greedy output. "
+        "'file MB' = the model's ONNX files (llama.cpp: the GGUF file). "
         f"Perplexity: the first {args.perplexity_windows} windows of {PERPLEXITY_WINDOW} tokens of the bundled "
         "evaluation text (the same token ids for every variant; transformers' weights are xopt captured's). "
         "'vs X': the median over rounds of the decode speed over X's in the same round (paired, so load "
@@ -475,8 +485,8 @@ def write_markdown(
         "",
         "| variant | prefill ms | decode tokens/s | "
         + "".join(f"vs {a} | " for a in anchors)
-        + "agree | perplexity | build s |",
-        "|---|---|---|" + "---|" * len(anchors) + "---|---|---|",
+        + "agree | perplexity | file MB | build s |",
+        "|---|---|---|" + "---|" * len(anchors) + "---|---|---|---|",
     ]
     for label, s in samples.items():
         p10, median, p90 = np.percentile(s.tokens_per_s, [10, 50, 90])
@@ -489,9 +499,10 @@ def write_markdown(
         ratios = "".join(f"{_paired_ratio(s, samples[a]):.2f}× | " for a in anchors)
         build = f"{seconds[label]:.0f}" if label in seconds else ""
         quality = f"{perplexity[label]:.2f}" if label in perplexity else "—"
+        size = f"{megabytes[label]:.0f}" if label in megabytes else ""
         lines.append(
             f"| {label} | {prefill:.0f} ({q10:.0f}–{q90:.0f}) | {median:.1f} ({p10:.1f}–{p90:.1f}) | {ratios}"
-            f"{agree} | {quality} | {build} |"
+            f"{agree} | {quality} | {size} | {build} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -552,10 +563,10 @@ def main() -> None:
         contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="xopt-decode-")
     )
     with scratch_folder as scratch:
-        loaders, seconds, quality = build_variants(args, Path(scratch), tokenizer, prompt)
+        loaders, seconds, quality, megabytes = build_variants(args, Path(scratch), tokenizer, prompt)
         with OtherLoad(args.threads) as other:
             samples = run(loaders, args.repeats)
-        write_markdown(samples, seconds, {}, args, command, other, table, time.perf_counter() - started)
+        write_markdown(samples, seconds, {}, megabytes, args, command, other, table, time.perf_counter() - started)
         perplexity = {}
         for label, measure in quality.items() if args.perplexity_windows else ():
             try:
@@ -564,7 +575,7 @@ def main() -> None:
                 logger.warning("%s: perplexity failed: %s", label, error)
                 continue
             logger.info("%s: perplexity %.3f", label, perplexity[label])
-    write_markdown(samples, seconds, perplexity, args, command, other, table, time.perf_counter() - started)
+    write_markdown(samples, seconds, perplexity, megabytes, args, command, other, table, time.perf_counter() - started)
     print(table.read_text())
 
 
