@@ -29,10 +29,11 @@ import numpy as np
 import onnx_ir as ir
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.block_boundaries import block_input, block_output
+from xopt.analysis.block_boundaries import block_input, block_output, boundaries_known
 from xopt.analysis.structure import TransformerStructure
 from xopt.backends.onnxruntime import create_session
 from xopt.calibration import probe_values
+from xopt.errors import XoptError
 from xopt.passes.block_gates import CalibrationLoss, gate_name, gated_model
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,19 @@ def plot_block_scores(scores: BlockScores, path, title: str) -> None:
     plt.close(figure)
 
 
+def scorable_structure(model: ir.Model, advice: str) -> TransformerStructure:
+    """The model's transformer blocks, or a one-line error: fused or quantized operators hide them
+    (`advice`: what to run before those passes), or their boundaries are unknown."""
+    fused = next((node.op_type for node in model.graph if node.domain == "com.microsoft"), None)
+    if fused is not None:
+        raise XoptError(f"the graph has {fused} nodes (fused or quantized): {advice}")
+    structure = find_transformer_structure(model)
+    reason = boundaries_known(structure)
+    if reason:
+        raise XoptError(reason)
+    return structure
+
+
 def stream_states(structure: TransformerStructure) -> list[ir.Value]:
     """h_0 … h_L: the stream entering block 0, then the stream leaving each block."""
     return [block_input(structure.blocks[0]), *(block_output(b, structure) for b in structure.blocks)]
@@ -107,7 +121,7 @@ def measure_distances(
     model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], threads: int | None = None
 ) -> BlockScores:
     """Block Influence and angular distances of every pair of stream states, from one calibration pass."""
-    structure = find_transformer_structure(model)
+    structure = scorable_structure(model, "score the blocks of the model before fuse, quantize")
     states = stream_states(structure)
     count = len(states)
     cos_sum, angle_sum, tokens = np.zeros((count, count)), np.zeros((count, count)), 0

@@ -41,8 +41,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from xopt.analysis import find_transformer_structure
-from xopt.analysis.block_boundaries import block_input, block_output, boundaries_known, cache_layers
+from xopt.analysis.block_boundaries import block_input, block_output, cache_layers
 from xopt.analysis.structure import TransformerStructure, sublayer_output
 from xopt.backends.onnxruntime import create_session
 from xopt.calibration import calibration_feeds, probe_values
@@ -50,7 +49,7 @@ from xopt.capture.huggingface import TASK_CAUSAL_LM
 from xopt.errors import XoptError
 from xopt.kv_cache import PAST_PATTERN, PRESENT_PATTERN, past_inputs, past_name, present_name
 from xopt.passes.block_gates import CalibrationLoss, gate_name, gated_model, switch_name
-from xopt.passes.block_scores import BlockScores, greedy_removal, measure_distances
+from xopt.passes.block_scores import BlockScores, greedy_removal, measure_distances, scorable_structure
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import bias_or_zeros, owns_weight, replace_value, set_bias, set_weight, weight_in_out
 from xopt.runnable import model_task
@@ -79,13 +78,7 @@ class PruneLayersPass(Pass):
     threads: int = 2
 
     def __call__(self, model: ir.Model) -> PassResult:
-        fused = next((node.op_type for node in model.graph if node.domain == "com.microsoft"), None)
-        if fused is not None:
-            raise XoptError(f"the graph has {fused} nodes (fused or quantized): run prune-layers before fuse, quantize")
-        structure = find_transformer_structure(model)
-        reason = boundaries_known(structure)
-        if reason:
-            raise XoptError(reason)
+        structure = scorable_structure(model, "run prune-layers before fuse, quantize")
         total = len(structure.blocks)
         if self.method == "replaceme" and structure.norm_position == "post":
             raise XoptError(

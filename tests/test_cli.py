@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import stat
 import subprocess
@@ -77,13 +78,16 @@ def test_inspect_table(tiny_folder, capsys):
     assert "norm_position      post" in out and "block 1" in out
 
 
-def test_inspect_says_when_fused_operators_hide_the_structure(tiny_folder, tmp_path, capsys):
+def test_inspect_and_blocks_say_when_fused_operators_hide_the_structure(tiny_folder, tmp_path, capsys):
     output = tmp_path / "out"
     fused = "cleanup,fuse(lowering=all)"
     assert main(["optimize", str(tiny_folder("llama")), "-o", str(output), "--passes", fused]) == 0
     capsys.readouterr()
     assert main(["inspect", str(output), "--json"]) == 0
     assert "the structure below may be partial" in json.loads(capsys.readouterr().out)["note"]
+    assert main(["blocks", str(output)]) == 2  # no blocks to score: one line, not a traceback
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert re.search(r"the graph has \w+ nodes \(fused or quantized\): score the blocks", line), line
     assert main(["inspect", str(tiny_folder("llama")), "--json"]) == 0
     assert "note" not in json.loads(capsys.readouterr().out)
 
@@ -243,3 +247,24 @@ def test_console_script_prints_one_line_and_exits_2(tmp_path):
 def test_module_entry_point_lists_passes():
     result = subprocess.run([sys.executable, "-m", "xopt.cli", "passes"], capture_output=True, text=True, check=True)
     assert "cleanup" in result.stdout
+
+
+def test_demo_refuses_an_output_it_could_not_write_before_any_work(tmp_path, monkeypatch, capsys):
+    """A file, a missing parent, or a `model` folder holding something else: one line, exit 2, and
+    the model is not even captured."""
+    import xopt
+
+    monkeypatch.setattr(xopt, "load", lambda *args, **kwargs: pytest.fail("captured before the output was checked"))
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "taken" / "model").mkdir(parents=True)
+    (tmp_path / "taken" / "model" / "notes.txt").write_text("mine")
+    refusals = {
+        "a-file": "exists and is not a folder",
+        "missing/demo": "does not exist",
+        "taken": "holds no model.onnx",
+    }
+    for name, reason in refusals.items():
+        assert main(["demo", "--output", str(tmp_path / name)]) == EXIT_USER_ERROR
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert reason in line, line
+    assert (tmp_path / "taken" / "model" / "notes.txt").read_text() == "mine"

@@ -232,4 +232,4 @@ def test_blocks_command_prints_and_plots_the_scores(deep, tmp_path, capsys):
     assert len(scores["influence"]) == 6 and len(scores["greedy_order"]) == 2
     assert (tmp_path / "s.png").stat().st_size > 10_000
     assert main(["blocks", str(folder), "--greedy", "9"]) == 2
-    assert "has 6 blocks" in capsys.readouterr().err
+    assert "between 0 and 6, the model's blocks" in capsys.readouterr().err

@@ -82,7 +82,8 @@ def calibration_feeds(
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     count = min(windows, len(ids) // window)
     if count == 0:
-        raise XoptError(f"the calibration text has {len(ids)} tokens, fewer than one window of {window}")
+        tokens = f"{len(ids)} token{'s' * (len(ids) != 1)}"
+        raise XoptError(f"the calibration text has {tokens}, fewer than one window of {window}")
     feeds = []
     for start in range(0, count * window, window):
         tokens = ids[start : start + window][None, :]

@@ -49,19 +49,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from xopt import __version__
+    from xopt.pipeline import DEFAULT_RECIPE, RECIPES
     from xopt.runnable import BACKENDS
 
     parser = argparse.ArgumentParser(prog="xopt", description="Graph optimizer for transformer models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    parser.add_argument("--version", action="version", version=f"xopt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     optimize = commands.add_parser("optimize", help="optimize a model and write deployable ONNX")
     optimize.add_argument("input", type=Path, help=".onnx file, .pt2 ExportedProgram, or Hugging Face folder")
     optimize.add_argument("-o", "--output", required=True, help=".onnx file or folder")
-    optimize.add_argument("--recipe", default=None, help="named pass list (default: exact)")
+    recipes = ", ".join(RECIPES)
+    optimize.add_argument("--recipe", default=None, help=f"named pass list: {recipes} (default: {DEFAULT_RECIPE})")
     optimize.add_argument("--passes", default=None, help="pass spec replacing the recipe, e.g. 'cleanup'")
     optimize.add_argument(
-        "--calibration", type=Path, default=None, help="text for lossy passes that calibrate (exact ones need none)"
+        "--calibration",
+        type=Path,
+        default=None,
+        help="text for lossy passes that calibrate (default: the bundled opening of Emma; exact ones need none)",
     )
 
     optimize.add_argument("--report", type=Path, default=None, help="write the per-pass report as JSON")
@@ -90,19 +97,23 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference", type=Path, default=None, help="model to compare with (KL, top-1, cosine)")
     evaluate.add_argument("--text", type=Path, default=None, help="UTF-8 text (default: bundled evaluation text)")
     evaluate.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for a bare .onnx file")
-    evaluate.add_argument("--window", type=int, default=512, help="causal LM: tokens per window (non-overlapping)")
-    evaluate.add_argument("--max-sentences", type=int, default=256, help="encoder: sentences to embed")
+    evaluate.add_argument(
+        "--window", type=int, default=512, help="causal LM: tokens per window, non-overlapping (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--max-sentences", type=int, default=256, help="encoder: sentences to embed (default: %(default)s)"
+    )
     evaluate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(run=_eval)
 
     bench = commands.add_parser("bench", help="latency, size and memory of models side by side")
     bench.add_argument("models", type=Path, nargs="+", help="xopt output folders, .onnx files, HF folders")
-    bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--seq", type=int, default=128)
+    bench.add_argument("--batch", type=int, default=1, help="sequences per run (default: %(default)s)")
+    bench.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: %(default)s)")
     bench.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    bench.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    bench.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default: %(default)s)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: %(default)s)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     bench.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="runtime (cuda: xopt's CUDA backend)")
     bench.add_argument("--json", action="store_true", help="print JSON")
@@ -112,9 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text with a KV-cache decoder in ONNX Runtime")
     generate.add_argument("model", type=Path, help="xopt output folder, .onnx file, or Hugging Face folder")
     generate.add_argument("--prompt", required=True, help="text to continue")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling")
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     generate.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for a bare .onnx file")
     generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     generate.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
@@ -125,7 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=_generate)
 
     demo = commands.add_parser("demo", help="optimize MiniLM (bundled, offline) and show before/after")
-    demo.add_argument("--output", type=Path, default=Path("xopt-demo"), help="folder for the results")
+    demo.add_argument(
+        "--output", type=Path, default=Path("xopt-demo"), help="folder for the results (default: %(default)s)"
+    )
     demo.set_defaults(run=_demo)
     return parser
 
@@ -209,7 +222,7 @@ def _blocks(args: argparse.Namespace) -> int:
     with _step("scoring blocks"):
         scores = measure_distances(model, feeds)
     if not 0 <= args.greedy <= scores.blocks:
-        raise XoptError(f"--greedy {args.greedy}: the model has {scores.blocks} blocks")
+        raise XoptError(f"--greedy {args.greedy}: between 0 and {scores.blocks}, the model's blocks")
     if args.greedy:
         causal_lm = model_task(model) == TASK_CAUSAL_LM
         with _step(f"greedy removal of {args.greedy} blocks"):
@@ -226,11 +239,13 @@ def _blocks(args: argparse.Namespace) -> int:
 def _passes(args: argparse.Namespace) -> int:
     from xopt.pipeline import RECIPES, registered_passes
 
-    for name, cls in registered_passes().items():
+    registered = registered_passes()
+    width = max(map(len, registered))
+    for name, cls in registered.items():
         kind = "exact" if cls.exact else "lossy"
-        print(f"{name:<16} {kind:<6} {cls.summary}")
+        print(f"{name:<{width}} {kind:<6} {cls.summary}")
         for option, type_name, default in cls.options():
-            print(f"{'':<23}{option}: {type_name} = {default!r}")
+            print(f"{'':<{width + 8}}{option}: {type_name} = {default!r}")
     print()
     for recipe, names in RECIPES.items():
         print(f"recipe {recipe:<9} {' → '.join(names)}")
@@ -393,6 +408,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _output_path(text: str) -> Path:
     """`-o`: an .onnx name is a file, so a trailing slash after one is a contradiction, not a folder."""
+    if not text.strip():
+        raise XoptError("-o: the output path is empty")
     path = Path(text)
     if text.endswith("/") and path.suffix.lower() == ".onnx":
         raise XoptError(f"-o {text}: an .onnx name is written as a file; drop the slash, or name a folder")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from xopt.errors import XoptError
+from xopt.saving import check_replaceable_folder, check_writable, write_text_atomically
 
 DEMO_SENTENCES = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -42,9 +43,8 @@ def run_demo(output: Path, *, step, progress_bar, recipe: str = "exact") -> str:
     from xopt.evaluate import mean_pool
     from xopt.pipeline import PassManager, resolve_passes
 
+    _check_output(output)
     folder = minilm_folder()
-    if output.exists() and not output.is_dir():
-        raise XoptError(f"{output}: exists and is not a folder")
     with step(f"capturing MiniLM from {folder}"):
         model = xopt.load(folder)
     passes = resolve_passes(recipe)
@@ -53,7 +53,7 @@ def run_demo(output: Path, *, step, progress_bar, recipe: str = "exact") -> str:
     output.mkdir(parents=True, exist_ok=True)  # only now: a failure above leaves nothing behind
     with step(f"saving {output / 'model'}"):
         xopt.save(optimized, output / "model")
-    (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    write_text_atomically(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
 
     feeds = _tokenize(folder, DEMO_SENTENCES)
     sessions = {"captured": create_session(model, threads=None), "optimized": create_session(optimized, threads=None)}
@@ -86,6 +86,18 @@ def run_demo(output: Path, *, step, progress_bar, recipe: str = "exact") -> str:
     lines.append(report.format_table())
     lines.append(f"wrote {output / 'model'} and {output / 'report.json'}")
     return "\n".join(lines)
+
+
+def _check_output(output: Path) -> None:
+    """Refuse, before any work, an output the demo could not write (`output/model/`, a model
+    folder, and `output/report.json`)."""
+    if output.exists() and not output.is_dir():
+        raise XoptError(f"{output}: exists and is not a folder")
+    if output.is_dir():
+        check_writable(output / "model")
+        check_replaceable_folder(output / "model")
+    else:
+        check_writable(output)
 
 
 def _tokenize(folder: Path, sentences: list[str]) -> dict[str, np.ndarray]:

@@ -81,7 +81,7 @@ def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
     ids = np.asarray(model.tokenizer()(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     count = len(ids) // window
     if count == 0:
-        raise XoptError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
+        raise XoptError(f"the text has {len(ids)} token{'s' * (len(ids) != 1)}, fewer than one window of {window}")
     for runnable in (model, reference) if reference is not None else (model,):
         _check_runs_on(runnable, ids, window)
     nll_sum, kl_sum, agree, predicted = 0.0, 0.0, 0, 0

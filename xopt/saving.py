@@ -45,7 +45,7 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
     parent = check_writable(path)
     _refuse_overwriting_sources(model, path, as_folder)
     if as_folder:
-        _check_replaceable_folder(path)
+        check_replaceable_folder(path)
     if external_data is None:
         external_data = model_bytes(model) >= PROTOBUF_LIMIT_BYTES - (64 << 20)
 
@@ -101,7 +101,7 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(file.name, path)
 
 
-def _check_replaceable_folder(path: Path) -> None:
+def check_replaceable_folder(path: Path) -> None:
     """Refuse a folder output that would delete something other than a previous model folder."""
     if not path.exists():
         return

@@ -36,7 +36,7 @@ def read_text(path: Path | None, kind: str) -> str:
     """The text of `path`, or of the bundled `kind` text when `path` is None."""
     path = path or bundled_text(kind)
     if path.is_dir():
-        raise XoptError(f"{path}: is a folder; give a {kind} text file")
+        raise XoptError(f"{path}: is a folder; give a text file ({kind})")
     if not path.is_file():
         raise XoptError(f"{path}: no such {kind} text file")
     try:
