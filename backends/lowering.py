@@ -54,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -278,10 +279,15 @@ class LoweringChooser:
         return Path(self.cache_dir or default_cache_dir()) / CACHE_FILE
 
     def _read_cache(self) -> dict[str, list[float]]:
+        """The cached timings. A file that is not a JSON object, or an entry that is not two positive
+        times (a damaged cache), is ignored: those are measured again and written over."""
         try:
-            return json.loads(self.cache_path.read_text())
+            cache = json.loads(self.cache_path.read_text())
         except (OSError, ValueError):
             return {}
+        if not isinstance(cache, dict):
+            return {}
+        return {key: times for key, times in cache.items() if _are_timings(times)}
 
     def _write_cache(self, cache: dict[str, list[float]]) -> None:
         """Atomic replace; a cache that cannot be written only costs a re-measurement later."""
@@ -293,6 +299,15 @@ class LoweringChooser:
             os.replace(file.name, path)
         except OSError:
             pass
+
+
+def _are_timings(times: object) -> bool:
+    """Whether a cache entry is [current ms, candidate ms], both positive and finite."""
+    return (
+        isinstance(times, list)
+        and len(times) == 2
+        and all(type(t) in (int, float) and math.isfinite(t) and t > 0 for t in times)
+    )
 
 
 def _runner(session: ort.InferenceSession, model: ir.Model, feeds: dict) -> Callable[[], object]:

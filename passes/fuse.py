@@ -515,6 +515,7 @@ def _onnxscript_family(names: tuple[str, ...], produces: frozenset[str]) -> Call
 
 
 def _apply_attention(model: ir.Model) -> tuple[int, list[str]]:
+    from onnxscript.optimizer import fold_constants_ir
     from onnxscript.rewriter import ort_fusions
 
     if has_kv_cache(model):
@@ -532,6 +533,8 @@ def _apply_attention(model: ir.Model) -> tuple[int, list[str]]:
         fusions.fuse_attention(model)
     fusions.replace_sdpa_by_mha(model)
     common_passes.InlinePass()(model)  # an SDPA no rule lowered goes back to standard ops
+    # the Q, K and V biases come concatenated by a Concat of constants: stored as one initializer
+    fold_constants_ir(model, should_fold=lambda node: node.op_type == "Concat" and node.domain == "")
     _drop_unused(model)
     ops = Counter(node.op_type for node in model.graph if node.domain == "com.microsoft")
     notes = [f"lowered to {', '.join(f'{n}× {op}' for op, n in sorted(ops.items()) if 'Attention' in op)}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 
 import numpy as np
@@ -223,6 +224,24 @@ def test_measured_lowering_is_cached_and_a_slower_form_is_reverted(tiny_model, m
     assert len(timed) == first and any("cached speedup 0.500" in line for line in again.explain)
 
 
+@pytest.mark.parametrize("damage", ["[1, 2]", "not json", "entries"])
+def test_a_damaged_lowering_cache_is_measured_again_and_rewritten(tiny_model, monkeypatch, tmp_path, damage):
+    """A cache file that is not a JSON object, or entries that are not two timings, count as not
+    cached: the families are timed (not reverted by an error) and the file is written over."""
+    monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: (3.0, 2.0))
+    model = tiny_model("llama").clone()
+    cache = tmp_path / "cache" / "lowering.json"
+    FusePass()(model)
+    if damage == "entries":
+        cache.write_text(json.dumps({key: "fast" for key in json.loads(cache.read_text())}))
+    else:
+        cache.write_text(damage)
+    result = FusePass()(model)
+    assert result.modified and not any("timing failed" in line for line in result.explain), result.explain
+    assert any("measured speedup 1.500" in line for line in result.explain)
+    assert all(times == [3.0, 2.0] for times in json.loads(cache.read_text()).values())
+
+
 def test_cached_verdicts_tell_apart_chips_sold_under_one_name():
     """A VM's generic CPU name covers several chip generations; their verdicts are kept apart."""
     xeon = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\ncpu family\t: 6\nmodel\t\t: {}\n"
@@ -230,6 +249,18 @@ def test_cached_verdicts_tell_apart_chips_sold_under_one_name():
     older, newer = cpu_identity(xeon.format(106)), cpu_identity(xeon.format(143))
     assert older != newer and older.startswith("Intel(R) Xeon(R) Processor 6/106/4/16384 KB")
     assert older.endswith("avx avx2 avx512_vnni avx512f fma")  # the vector flags, sorted; not sse4_2
+
+
+def test_the_attention_operator_reads_its_qkv_bias_as_one_initializer(tiny_model):
+    """onnxscript's fusion concatenates the Q, K, V biases with a Concat of constants; fuse stores
+    the result (ONNX Runtime would fold it at every session start, and the file held both)."""
+    result = FusePass(lowering="all")(CleanupPass()(tiny_model("bert").clone()).model)
+    attentions = [n for n in result.model.graph if n.op_type == "Attention"]
+    assert len(attentions) == 2 and all(n.inputs[2].const_value is not None for n in attentions)
+    constant_concats = [
+        n for n in result.model.graph if n.op_type == "Concat" and all(v.const_value is not None for v in n.inputs)
+    ]
+    assert not constant_concats
 
 
 def test_measured_faster_form_is_kept(tiny_model, monkeypatch):
