@@ -121,6 +121,10 @@ def test_eval_refuses_the_texts_the_model_was_calibrated_on(tiny_folder, tmp_pat
     capsys.readouterr()
     assert main(["eval", str(given), "--text", str(text)]) == 2
     assert "was calibrated on this text" in capsys.readouterr().err
+    rewrapped = tmp_path / "rewrapped.txt"  # the same words, other whitespace
+    rewrapped.write_text("  " + "\n".join(text.read_text().split(" ")) + "\n\n")
+    assert main(["eval", str(given), "--text", str(rewrapped)]) == 2
+    assert "was calibrated on this text" in capsys.readouterr().err
     assert main(["eval", str(given), "--window", "64"]) == 0
     bundled = tmp_path / "bundled"
     assert main(["optimize", llama, "-o", str(bundled), "--passes", gptq]) == 0

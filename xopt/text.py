@@ -49,7 +49,9 @@ def read_text(path: Path | None, kind: str) -> str:
 
 
 def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    """SHA-256 of the text with its whitespace collapsed: a copy re-wrapped, indented or given a
+    trailing newline is the same text."""
+    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()
 
 
 @contextlib.contextmanager
