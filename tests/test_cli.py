@@ -268,3 +268,14 @@ def test_demo_refuses_an_output_it_could_not_write_before_any_work(tmp_path, mon
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert reason in line, line
     assert (tmp_path / "taken" / "model" / "notes.txt").read_text() == "mine"
+
+
+def test_verbose_is_taken_before_or_after_the_command(capsys):
+    from xopt.cli import _parser
+
+    parser = _parser()
+    assert parser.parse_args(["-v", "passes"]).verbose and parser.parse_args(["passes", "-v"]).verbose
+    assert not parser.parse_args(["passes"]).verbose
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("xopt ")

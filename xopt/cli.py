@@ -56,9 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xopt", description="Graph optimizer for transformer models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     parser.add_argument("--version", action="version", version=f"xopt {__version__}")
+    verbose = argparse.ArgumentParser(add_help=False)  # -v also after the command (kept if given before)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log each step")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    optimize = commands.add_parser("optimize", help="optimize a model and write deployable ONNX")
+    optimize = commands.add_parser("optimize", parents=[verbose], help="optimize a model and write deployable ONNX")
     optimize.add_argument("input", type=Path, help=".onnx file, .pt2 ExportedProgram, or Hugging Face folder")
     optimize.add_argument("-o", "--output", required=True, help=".onnx file or folder")
     recipes = ", ".join(RECIPES)
@@ -76,12 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--explain", action="store_true", help="list what each pass matched and why not")
     optimize.set_defaults(run=_optimize)
 
-    inspect = commands.add_parser("inspect", help="show a model's transformer structure")
+    inspect = commands.add_parser("inspect", parents=[verbose], help="show a model's transformer structure")
     inspect.add_argument("input", type=Path)
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_inspect)
 
-    blocks = commands.add_parser("blocks", help="score every transformer block on calibration text (for pruning)")
+    blocks = commands.add_parser(
+        "blocks", parents=[verbose], help="score every transformer block on calibration text (for pruning)"
+    )
     blocks.add_argument("input", type=Path)
     blocks.add_argument("--greedy", type=int, default=0, help="also rank the first N blocks greedy removal picks")
     blocks.add_argument("--calibration", type=Path, default=None, help="text to score on (default: bundled)")
@@ -89,10 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     blocks.add_argument("--json", action="store_true", help="print JSON")
     blocks.set_defaults(run=_blocks)
 
-    passes = commands.add_parser("passes", help="list every pass with its options")
+    passes = commands.add_parser("passes", parents=[verbose], help="list every pass with its options")
     passes.set_defaults(run=_passes)
 
-    evaluate = commands.add_parser("eval", help="perplexity / KL / embedding cosine on text")
+    evaluate = commands.add_parser("eval", parents=[verbose], help="perplexity / KL / embedding cosine on text")
     evaluate.add_argument("model", type=Path, help="xopt output folder, .onnx file, or Hugging Face folder")
     evaluate.add_argument("--reference", type=Path, default=None, help="model to compare with (KL, top-1, cosine)")
     evaluate.add_argument("--text", type=Path, default=None, help="UTF-8 text (default: bundled evaluation text)")
@@ -107,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON")
     evaluate.set_defaults(run=_eval)
 
-    bench = commands.add_parser("bench", help="latency, size and memory of models side by side")
+    bench = commands.add_parser("bench", parents=[verbose], help="latency, size and memory of models side by side")
     bench.add_argument("models", type=Path, nargs="+", help="xopt output folders, .onnx files, HF folders")
     bench.add_argument("--batch", type=int, default=1, help="sequences per run (default: %(default)s)")
     bench.add_argument("--seq", type=int, default=128, help="tokens per sequence (default: %(default)s)")
@@ -120,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart")
     bench.set_defaults(run=_bench)
 
-    generate = commands.add_parser("generate", help="generate text with a KV-cache decoder in ONNX Runtime")
+    generate = commands.add_parser(
+        "generate", parents=[verbose], help="generate text with a KV-cache decoder in ONNX Runtime"
+    )
     generate.add_argument("model", type=Path, help="xopt output folder, .onnx file, or Hugging Face folder")
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
@@ -135,7 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print the timings as JSON after the text")
     generate.set_defaults(run=_generate)
 
-    demo = commands.add_parser("demo", help="optimize MiniLM (bundled, offline) and show before/after")
+    demo = commands.add_parser(
+        "demo", parents=[verbose], help="optimize MiniLM (bundled, offline) and show before/after"
+    )
     demo.add_argument(
         "--output", type=Path, default=Path("xopt-demo"), help="folder for the results (default: %(default)s)"
     )
