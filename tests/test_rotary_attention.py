@@ -101,7 +101,14 @@ def test_bench_past_the_rotary_tables_is_refused(rotating, tmp_path, capfd):
     model = tmp_path / "rotating.onnx"
     xopt.save(rotating.model, model)
     assert main(["bench", str(model), "--seq", "257", "--no-memory"]) == EXIT_USER_ERROR
-    assert capfd.readouterr().err.strip() == f"xopt: error: --seq 257: {model}'s rotary tables hold 256 positions"
+    expected = f"xopt: error: --seq 257: {model}: the model's rotary tables hold 256 positions"
+    assert capfd.readouterr().err.strip() == expected
+
+
+def test_bench_past_the_configured_positions_is_refused(tiny_folder, capfd):
+    """An encoder with learned positions (BERT) allows its config's max_position_embeddings."""
+    assert main(["bench", str(tiny_folder("bert")), "--seq", "100000", "--no-memory"]) == EXIT_USER_ERROR
+    assert capfd.readouterr().err.strip().endswith("the model's config allows 512 positions")
 
 
 def test_off_unless_positions_are_declared_contiguous(llama16):

@@ -299,8 +299,8 @@ def _bench(args: argparse.Namespace) -> int:
     from xopt import bench
     from xopt.backends.onnxruntime import RUN_ERRORS
     from xopt.errors import first_line
+    from xopt.generate import context_limit
     from xopt.inputs import sample_inputs
-    from xopt.kv_cache import position_limit
     from xopt.runnable import open_runnable
 
     if args.batch < 1 or args.seq < 1 or args.rounds < 1 or args.warmup < 0:
@@ -316,9 +316,9 @@ def _bench(args: argparse.Namespace) -> int:
     for path in args.models:
         with _step(f"loading {path}"):
             runnables[str(path)] = open_runnable(path, threads=threads, spinning=False, backend=args.backend)
-        rows = position_limit(runnables[str(path)].model)
-        if rows is not None and args.seq > rows:
-            raise XoptError(f"--seq {args.seq}: {path}'s rotary tables hold {rows} positions")
+        limit, source = context_limit(runnables[str(path)].model)
+        if limit is not None and args.seq > limit:
+            raise XoptError(f"--seq {args.seq}: {path}: {source} {limit} positions")
     make_runner = bench.executor_runner if args.backend == "cuda" else bench.session_runner
     try:
         runners = {
