@@ -78,6 +78,7 @@ class PruneLayersPass(Pass):
     threads: int = 2
 
     def __call__(self, model: ir.Model) -> PassResult:
+        self._check_options()
         structure = scorable_structure(model, "run prune-layers before fuse, quantize")
         total = len(structure.blocks)
         if self.method == "replaceme" and structure.norm_position == "post":
@@ -144,12 +145,19 @@ class PruneLayersPass(Pass):
         stats["cache_layers_removed"] = len(removed_layers)
         return PassResult(model, True, stats, explain)
 
+    def _check_options(self) -> None:
+        """The options that are wrong whatever the model (checked before the model is)."""
+        if self.blocks and (self.n or self.ratio):
+            raise XoptError("give blocks= or n=/ratio=, not both")
+        if not self.blocks and (self.n > 0) == (self.ratio > 0):
+            raise XoptError("give exactly one of n=K (blocks) or ratio=R (0 < R < 1)")
+        if self.ratio >= 1:
+            raise XoptError(f"ratio={self.ratio:g} must be below 1")
+
     def _explicit_blocks(self, total: int, first: int) -> list[int]:
         """The blocks given by `blocks=20+21+22` (sorted), checked; empty when not given."""
         if not self.blocks:
             return []
-        if self.n or self.ratio:
-            raise XoptError("give blocks= or n=/ratio=, not both")
         try:
             chosen = sorted({int(b) for b in self.blocks.split("+")})
         except ValueError:
@@ -161,10 +169,6 @@ class PruneLayersPass(Pass):
         return chosen
 
     def _count(self, total: int) -> int:
-        if (self.n > 0) == (self.ratio > 0):
-            raise XoptError("give exactly one of n=K (blocks) or ratio=R (0 < R < 1)")
-        if self.ratio >= 1:
-            raise XoptError(f"ratio={self.ratio:g} must be below 1")
         count = self.n or round(self.ratio * total)
         if count < 1:
             raise XoptError(f"ratio={self.ratio:g} of {total} blocks removes none")

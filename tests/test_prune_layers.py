@@ -223,6 +223,21 @@ def test_explicit_blocks_are_removed_and_checked(deep):
             PruneLayersPass(**options)(model.clone())
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(n=1, ratio=0.5), "exactly one of n=K"),
+        (dict(), "exactly one of n=K"),
+        (dict(ratio=1.5), "must be below 1"),
+        (dict(blocks="1", ratio=0.5), "not both"),
+    ],
+)
+def test_options_are_checked_before_the_model(tiny_model, options, message):
+    """A post-norm BERT would be refused for replaceme; the options' own fault is named first."""
+    with pytest.raises(XoptError, match=message):
+        PruneLayersPass(**options)(tiny_model("bert").clone())
+
+
 def test_blocks_command_prints_and_plots_the_scores(deep, tmp_path, capsys):
     from xopt.cli import main
 
