@@ -135,6 +135,7 @@ def test_eval_refuses_the_texts_the_model_was_calibrated_on(tiny_folder, tmp_pat
     assert "was calibrated on this text" in capsys.readouterr().err
     exact = tmp_path / "exact"  # the exact recipe calibrates nothing
     assert main(["optimize", llama, "-o", str(exact), "--calibration", str(text)]) == 0
+    assert f"no pass here calibrates, so --calibration {text} is not read" in capsys.readouterr().err
     assert main(["eval", str(exact), "--text", str(text), "--window", "64"]) == 0
 
 

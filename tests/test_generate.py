@@ -66,6 +66,8 @@ def test_cli_streams_text_and_reports_speed(tiny_model, tmp_path, capsys):
     assert out.startswith("she was")
     timings = json.loads(out[out.index("{") :])
     assert timings["prompt_tokens"] == 2 and 1 <= timings["new_tokens"] <= 6 and timings["prefill_ms"] > 0
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "she was", "--max-new-tokens", "2", "--seed", "3"]) == 0
+    assert "greedy decoding (--temperature 0) draws nothing, so --seed 3 is unused" in capsys.readouterr().err
 
 
 def test_generate_errors_are_one_line(tiny_model, tmp_path, capsys):

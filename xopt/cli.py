@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); >0: sampling")
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    generate.add_argument("--seed", type=int, default=None, help="sampling seed (default: 0)")
     generate.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for a bare .onnx file")
     generate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     generate.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
@@ -167,9 +167,13 @@ def _optimize(args: argparse.Namespace) -> int:
         _check_report(args.report, args.input, output)
     passes = resolve_passes(args.recipe, args.passes)
     if args.calibration is not None:  # passes that calibrate read the user's text unless told otherwise
-        for step in passes:
-            if getattr(step, "calibration", None) == "":
+        calibrating = [step for step in passes if hasattr(step, "calibration")]
+        for step in calibrating:
+            if step.calibration == "":
                 step.calibration = str(args.calibration)
+        if not calibrating:
+            note = f"no pass here calibrates, so --calibration {args.calibration} is not read"
+            print(f"xopt: note: {note}", file=sys.stderr)
     with _step(f"capturing {args.input}"):
         model = xopt.load(args.input)
     with _progress_bar(len(passes), "pass") as advance:
@@ -352,6 +356,11 @@ def _generate(args: argparse.Namespace) -> int:
     from xopt.runnable import open_runnable
 
     _check_threads(args.threads)
+    if args.seed is not None and args.temperature == 0:
+        print(
+            f"xopt: note: greedy decoding (--temperature 0) draws nothing, so --seed {args.seed} is unused",
+            file=sys.stderr,
+        )
     with _step(f"loading {args.model}"):
         runnable = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads, backend=args.backend)
     decoder = Decoder(runnable)
@@ -375,7 +384,7 @@ def _generate(args: argparse.Namespace) -> int:
                 prompt_ids,
                 args.max_new_tokens,
                 temperature=args.temperature,
-                seed=args.seed,
+                seed=0 if args.seed is None else args.seed,
                 eos_token_id=None if args.ignore_eos else tokenizer.eos_token_id,
                 on_token=stream,
             )
