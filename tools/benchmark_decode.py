@@ -40,7 +40,8 @@ Variants:
   head and exact offsets: SmolLM2's file stores its tied head/embedding table as Q8_0, which
   `quantize` keeps exactly at 8 bits, and its linears as Q4_1, whose float offsets
   `source_grid=exact` keeps exactly (the recipe folds them into zero points: `grid_offsets`), so
-  the model computes what llama.cpp computes from the file; and `int4` with those grids
+  the model computes what llama.cpp computes from the file, and the same with the offsets folded
+  as the recipe does; and `int4` with those grids
   re-quantized (`source_grid=false`) in groups of 64 and 128 with positions=contiguous: a second
   rounding (worse perplexity) for fewer bytes per weight (4 + 32/g bits of codes and scales).
 """
@@ -278,11 +279,10 @@ def xopt_builds() -> dict[str, list[str] | None]:
     # tied table gathered from the head's codes
     head = "quantize(embedding_bits=8)"
     builds["xopt exact, positions=contiguous, keep-grids, 8-bit head"] = [*contiguous_exact, "keep-grids", head]
+    eight_bit_head = [re.sub(r"head_bits=\d", "head_bits=8", spec) for spec in RECIPES["int4"]]
+    builds["xopt int4, 8-bit head"] = eight_bit_head  # the file's Q8_0 head kept; Q4_1 offsets folded
     builds["xopt int4, 8-bit head, exact offsets"] = [  # the file's grids as llama.cpp computes them
-        re.sub(r"head_bits=\d", "head_bits=8", spec).replace(")", ",source_grid=exact)")
-        if spec.startswith("quantize(")
-        else spec
-        for spec in RECIPES["int4"]
+        spec.replace(")", ",source_grid=exact)") if spec.startswith("quantize(") else spec for spec in eight_bit_head
     ]
     missing = set(REQUANTIZED_SPECS) - set(RECIPES["int4"])
     if missing:  # the recipe changed: the re-quantized variants would silently be the recipe
