@@ -533,7 +533,7 @@ def _apply_attention(model: ir.Model) -> tuple[int, list[str]]:
         fusions.fuse_attention(model)
     fusions.replace_sdpa_by_mha(model)
     common_passes.InlinePass()(model)  # an SDPA no rule lowered goes back to standard ops
-    # the Q, K and V biases come concatenated by a Concat of constants: stored as one initializer
+    # the Q, K, V weights and biases come stacked by Concats of constants: stored as initializers
     fold_constants_ir(model, should_fold=lambda node: node.op_type == "Concat" and node.domain == "")
     _drop_unused(model)
     ops = Counter(node.op_type for node in model.graph if node.domain == "com.microsoft")

@@ -98,6 +98,12 @@ class HeadCodes:
     zero: ir.Value | None
 
 
+def gathers_with_standard_ops(embedding: Embedding, table: QuantizedTable) -> bool:
+    """Whether the table is lowered to standard operators (8 bits, ids of known rank), the lowering
+    that can read a tied head's initializers; else GatherBlockQuantized."""
+    return table.bits == 8 and embedding.node.inputs[1].shape is not None
+
+
 def lower_gather(
     graph: ir.Graph, embedding: Embedding, table: QuantizedTable, head: HeadCodes | None = None
 ) -> tuple[int, int]:
@@ -106,9 +112,10 @@ def lower_gather(
     after)."""
     ids = embedding.node.inputs[1]
     name = embedding.table.name or "embedding"
-    if head is not None and (table.bits != 8 or ids.shape is None):
+    standard = gathers_with_standard_ops(embedding, table)
+    if head is not None and not standard:
         raise ValueError("a table reads a head's codes only at 8 bits, with ids of known rank")
-    if table.bits == 8 and ids.shape is not None:
+    if standard:
         nodes, stored = _dequantizing_gather(graph, name, ids, table, head)
     else:
         nodes, stored = _gather_block_quantized(graph, name, ids, table)

@@ -87,7 +87,14 @@ from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import activation_samples, calibration_feeds, second_moments
 from xopt.errors import XoptError, first_line
 from xopt.passes.awq import awq
-from xopt.passes.gather_quantized import HeadCodes, QuantizedTable, lower_gather, quantize_table, table_group
+from xopt.passes.gather_quantized import (
+    HeadCodes,
+    QuantizedTable,
+    gathers_with_standard_ops,
+    lower_gather,
+    quantize_table,
+    table_group,
+)
 from xopt.passes.gptq import gptq
 from xopt.passes.grid_offsets import fold_offsets, integer_zero_points, with_block_sums, with_offset_term
 from xopt.passes.input_scaling import divide_input
@@ -276,7 +283,7 @@ class QuantizeWeightsPass(Pass):
             shared.tables, embedding.table, (bits, group, fit, keep),
             lambda: quantize_table(const_array(embedding.table), bits, group, fit, keep_source=keep),
         )  # fmt: skip
-        head = _head_codes(tied, table, written)
+        head = _head_codes(tied, table, written) if gathers_with_standard_ops(embedding, table) else None
         before, after = lower_gather(graph, embedding, table, head)
         stats["bytes_before"] += 0 if tied else before
         stats["bytes_after"] += after

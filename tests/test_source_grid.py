@@ -82,6 +82,24 @@ def test_a_tied_q8_0_table_is_stored_once_with_its_8_bit_head():
     np.testing.assert_allclose(logits[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
+def test_a_tied_table_gathered_by_ids_of_unknown_rank_keeps_codes_of_its_own():
+    """Ids of unknown rank take GatherBlockQuantized, which cannot read the head's layout: the table
+    is stored on its own (no error), and still returns its rows."""
+    table = gguf_like(np.random.default_rng(6).standard_normal((64, 50)).astype(np.float32), "Q8_0").T
+    model = tied_embedding_lm(table)
+    model.graph.inputs[0].shape = None
+    result = QuantizeWeightsPass(method="hqq", embedding_bits=8, accuracy="0")(model)
+    assert [n.op_type for n in result.model.graph if n.domain == "com.microsoft"] == [
+        "GatherBlockQuantized",
+        "MatMulNBits",
+    ]
+    assert not any("read from the tied LM head's codes" in line for line in result.explain)
+    ids = np.array([[3, 49, 0, 3]], dtype=np.int64)
+    (logits,) = create_session(result.model).run(None, {"ids": ids})
+    expected = table.astype(np.float64)[ids] @ table.T.astype(np.float64)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
 def test_folded_offsets_are_integer_zero_points_and_a_residual_within_half_a_step_of_its_grid():
     """c = s·(8 − z) + ρ with z an integer code and |ρ| ≤ s/2; ρ kept on a 4-bit grid of its own per
     column, so each computed offset is within range(ρ)/30 ≤ max s/30 of the exact one, and the
