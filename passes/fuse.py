@@ -203,11 +203,15 @@ class FusePass(Pass):
         kept_alone = [family for family in sound if family in stats]
         if self.lowering == "measure" and len(sound) > 1 and len(kept_alone) < len(sound):
             lost = {f for f, alternative in ALTERNATIVES.items() if alternative in stats and f not in stats}
-            tried = [f for f in FAMILIES if (f in sound or f in unmatched) and f not in lost]
+            # the sound families, those kept only after their prerequisites, and those that matched
+            # nothing alone: the candidate is built from the original, so a family left out is lost
+            tried = [f for f in FAMILIES if (f in sound or f in stats or f in unmatched) and f not in lost]
             together = _together(faithfulness, model, tried, chooser, signature, explain)
             if together is not None:
                 model, counts = together
                 modified = True
+                for family in FAMILIES:  # built from the original, the candidate's counts are all there is
+                    stats.pop(family, None)
                 stats.update(counts)
         return PassResult(model, modified, dict(stats), explain)
 

@@ -125,15 +125,31 @@ def test_a_head_size_the_kernel_cannot_rotate_is_named(tiny_model):
     assert any("head size 8: the rotating kernel needs a multiple of 16" in line for line in result.explain)
 
 
-def test_timed_with_group_query_attention_when_that_was_not_faster_alone(llama16, monkeypatch):
-    def speedup(self, current, candidate):  # only GroupQueryAttention with the rotation inside pays
-        attentions = [n for n in candidate.graph if n.op_type == "GroupQueryAttention"]
-        return (1.5, 1.0) if any(n.attributes.get_int("do_rotary", 0) for n in attentions) else (1.0, 1.0)
+def _rotates_inside(model: ir.Model) -> bool:
+    return any(n.op_type == "GroupQueryAttention" and n.attributes.get_int("do_rotary", 0) for n in model.graph)
 
-    monkeypatch.setattr(LoweringChooser, "_measure", speedup)
+
+def test_timed_with_group_query_attention_when_that_was_not_faster_alone(llama16, monkeypatch):
+    def time(model):  # only GroupQueryAttention with the rotation inside pays
+        return 1.0 if _rotates_inside(model) else 1.5
+
+    monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: (time(current), time(candidate)))
     result = FusePass(positions="contiguous")(llama16.clone())
     assert "cached-attention: 2 matched, measured speedup 1.000×: reverted (not faster)" in result.explain
     chained = "rotary-attention with rotary, cached-attention, group-query-attention: measured speedup 1.500×: kept"
     assert chained in result.explain
     assert result.stats["group-query-attention"] == result.stats["rotary-attention"] == 2
     assert result.stats["rotary"] == 4 and "merge-qkv" not in result.stats  # Q and K rotated; unpacked
+
+
+def test_a_family_kept_after_its_prerequisites_is_in_the_families_tried_together(llama16, monkeypatch):
+    def time(model):  # the rotation inside pays alone; the lowered norms only next to it
+        norms = any(n.op_type == "SimplifiedLayerNormalization" for n in model.graph)
+        return 1.0 - 0.3 * _rotates_inside(model) - 0.05 * (_rotates_inside(model) and norms)
+
+    monkeypatch.setattr(LoweringChooser, "_measure", lambda self, current, candidate: (time(current), time(candidate)))
+    result = FusePass(positions="contiguous")(llama16.clone())
+    together = [line for line in result.explain if " together: " in line]
+    assert together and "+rotary-attention+" in together[0] and together[0].endswith(": kept"), together
+    assert result.stats["rotary-attention"] == result.stats["group-query-attention"] == 2
+    assert time(result.model) == pytest.approx(0.65)
