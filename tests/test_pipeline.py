@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from helpers import LINEAR_MODEL, REDUNDANT_MODEL, AddToSubPass, model_from_text
 
@@ -80,6 +81,8 @@ def test_the_api_names_arguments_of_the_wrong_kind():
         xopt.analyze(None)
     with pytest.raises(XoptError, match="empty path"):
         xopt.load("")
+    with pytest.raises(XoptError, match="optimize: the model's graph has no outputs"):
+        xopt.optimize(ir.Model(ir.Graph([], [], nodes=[]), ir_version=10))
     with pytest.raises(TypeError, match="register takes a Pass subclass"):
         xopt.register(int)
 

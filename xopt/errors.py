@@ -24,3 +24,5 @@ def require_model(function: str, model: object) -> None:
 
     if not isinstance(model, ir.Model):
         raise XoptError(f"{function} takes an onnx_ir Model (from xopt.load), not a {type(model).__name__}")
+    if not model.graph.outputs:
+        raise XoptError(f"{function}: the model's graph has no outputs")
