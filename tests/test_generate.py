@@ -67,7 +67,11 @@ def test_cli_streams_text_and_reports_speed(tiny_model, tmp_path, capsys):
     timings = json.loads(out[out.index("{") :])
     assert timings["prompt_tokens"] == 2 and 1 <= timings["new_tokens"] <= 6 and timings["prefill_ms"] > 0
     assert main(["generate", str(tmp_path / "m"), "--prompt", "she was", "--max-new-tokens", "2", "--seed", "3"]) == 0
-    assert "greedy decoding (--temperature 0) draws nothing, so --seed 3 is unused" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "greedy decoding (--temperature 0) draws nothing, so --seed 3 is unused" in err
+    assert "(2 prompt tokens)" in err and ("(2 new tokens)" in err or "(1 new token)" in err)
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "she was", "--max-new-tokens", "1"]) == 0
+    assert "(2 prompt tokens), decode n/a (1 new token)" in capsys.readouterr().err
 
 
 def test_generate_errors_are_one_line(tiny_model, tmp_path, capsys):

@@ -396,9 +396,10 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         speed = result.decode_tokens_per_s
         decode = f"{speed:.1f} tokens/s" if speed is not None else "n/a"
+        prompt, new = result.prompt_tokens, len(result.tokens)
         print(
-            f"prefill {result.prefill_ms:.1f} ms ({result.prompt_tokens} prompt tokens), "
-            f"decode {decode} ({len(result.tokens)} new tokens)",
+            f"prefill {result.prefill_ms:.1f} ms ({prompt} prompt token{'s' * (prompt != 1)}), "
+            f"decode {decode} ({new} new token{'s' * (new != 1)})",
             file=sys.stderr,
         )
     return 0

@@ -188,7 +188,8 @@ class Decoder:
             raise XoptError(f"--seed {seed}: must not be negative")
         limit = self.position_limit
         if limit is not None and len(prompt_ids) + max_new_tokens > limit:
-            asked = f"{len(prompt_ids)} prompt tokens + {max_new_tokens} new ones"
+            prompt, new = len(prompt_ids), max_new_tokens
+            asked = f"{prompt} prompt token{'s' * (prompt != 1)} + {new} new one{'s' * (new != 1)}"
             raise XoptError(f"{asked}: {self.limit_source} {limit} positions")
         vocab = self.vocab
         if vocab is not None and not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab:
