@@ -85,7 +85,7 @@ from xopt.analysis.patterns import Embedding, Linear, find_linears
 from xopt.backends.integer_gemm import u8s8_saturates
 from xopt.backends.lowering import LoweringChooser, timed_sequence
 from xopt.calibration import activation_samples, calibration_feeds, second_moments
-from xopt.errors import XoptError, first_line
+from xopt.errors import XoptError, counted, first_line
 from xopt.passes.awq import awq
 from xopt.passes.gather_quantized import (
     HeadCodes,
@@ -486,7 +486,7 @@ class _Forms:
             shape = f"{linear.in_features}×{linear.out_features}"
             explain.append(f"{linear.name}: {shape} → {form.detail}, relative error {form.relative_error:.4f}")
         for detail, (count, worst) in on_source.items():
-            explain.append(f"{count} linear{'s' * (count > 1)} → {detail}, relative error ≤ {worst:.4f}")
+            explain.append(f"{counted(count, 'linear')} → {detail}, relative error ≤ {worst:.4f}")
         if errors:
             stats["mean_relative_error"] = float(np.mean(errors))
         if smoothings:

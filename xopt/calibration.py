@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from xopt.backends.onnxruntime import create_session, run
 from xopt.capture.huggingface import TASK_CAUSAL_LM, source_context_length, source_tokenizer
-from xopt.errors import XoptError
+from xopt.errors import XoptError, counted
 from xopt.evaluate import SENTENCE_BATCH, sentence_batches
 from xopt.inputs import text_feeds
 from xopt.runnable import model_task
@@ -82,8 +82,7 @@ def calibration_feeds(
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     count = min(windows, len(ids) // window)
     if count == 0:
-        tokens = f"{len(ids)} token{'s' * (len(ids) != 1)}"
-        raise XoptError(f"the calibration text has {tokens}, fewer than one window of {window}")
+        raise XoptError(f"the calibration text has {counted(len(ids), 'token')}, fewer than one window of {window}")
     feeds = []
     for start in range(0, count * window, window):
         tokens = ids[start : start + window][None, :]

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from xopt.errors import XoptError
+from xopt.errors import XoptError, counted
 
 EXIT_USER_ERROR = 2
 
@@ -396,10 +396,9 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         speed = result.decode_tokens_per_s
         decode = f"{speed:.1f} tokens/s" if speed is not None else "n/a"
-        prompt, new = result.prompt_tokens, len(result.tokens)
         print(
-            f"prefill {result.prefill_ms:.1f} ms ({prompt} prompt token{'s' * (prompt != 1)}), "
-            f"decode {decode} ({new} new token{'s' * (new != 1)})",
+            f"prefill {result.prefill_ms:.1f} ms ({counted(result.prompt_tokens, 'prompt token')}), "
+            f"decode {decode} ({counted(len(result.tokens), 'new token')})",
             file=sys.stderr,
         )
     return 0

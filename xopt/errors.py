@@ -1,4 +1,4 @@
-"""The one exception type that reaches users.
+"""The one exception type that reaches users, and the wording of its one-line messages.
 
 A `XoptError` carries a single actionable line ("input.onnx: not an ONNX model (truncated
 protobuf)"); the CLI prints it on stderr and exits 2. Anything else escaping is a bug in xopt
@@ -26,3 +26,8 @@ def require_model(function: str, model: object) -> None:
         raise XoptError(f"{function} takes an onnx_ir Model (from xopt.load), not a {type(model).__name__}")
     if not model.graph.outputs:
         raise XoptError(f"{function}: the model's graph has no outputs")
+
+
+def counted(count: int, noun: str) -> str:
+    """ "1 token", "2 tokens": a count and its noun, plural unless the count is one."""
+    return f"{count} {noun}{'s' * (count != 1)}"

@@ -22,7 +22,7 @@ import numpy as np
 
 from xopt.backends.onnxruntime import run
 from xopt.capture.huggingface import TASK_CAUSAL_LM
-from xopt.errors import XoptError
+from xopt.errors import XoptError, counted
 from xopt.generate import context_limit, logits_row
 from xopt.inputs import text_feeds
 from xopt.runnable import Runnable
@@ -81,7 +81,7 @@ def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
     ids = np.asarray(model.tokenizer()(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     count = len(ids) // window
     if count == 0:
-        raise XoptError(f"the text has {len(ids)} token{'s' * (len(ids) != 1)}, fewer than one window of {window}")
+        raise XoptError(f"the text has {counted(len(ids), 'token')}, fewer than one window of {window}")
     for runnable in (model, reference) if reference is not None else (model,):
         _check_runs_on(runnable, ids, window)
     nll_sum, kl_sum, agree, predicted = 0.0, 0.0, 0, 0

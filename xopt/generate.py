@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from xopt import kv_cache
-from xopt.errors import XoptError
+from xopt.errors import XoptError, counted
 from xopt.runnable import Runnable
 
 
@@ -188,8 +188,7 @@ class Decoder:
             raise XoptError(f"--seed {seed}: must not be negative")
         limit = self.position_limit
         if limit is not None and len(prompt_ids) + max_new_tokens > limit:
-            prompt, new = len(prompt_ids), max_new_tokens
-            asked = f"{prompt} prompt token{'s' * (prompt != 1)} + {new} new one{'s' * (new != 1)}"
+            asked = f"{counted(len(prompt_ids), 'prompt token')} + {counted(max_new_tokens, 'new one')}"
             raise XoptError(f"{asked}: {self.limit_source} {limit} positions")
         vocab = self.vocab
         if vocab is not None and not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab:
