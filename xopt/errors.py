@@ -29,5 +29,5 @@ def require_model(function: str, model: object) -> None:
 
 
 def counted(count: int, noun: str) -> str:
-    """ "1 token", "2 tokens": a count and its noun, plural unless the count is one."""
+    """A count and its noun, plural unless the count is one: "1 token", "2 tokens"."""
     return f"{count} {noun}{'s' * (count != 1)}"
