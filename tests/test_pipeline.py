@@ -12,6 +12,7 @@ from xopt.errors import XoptError
 from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass
 from xopt.pipeline import PassManager, make_pass, parse_spec, registered_passes, resolve_passes
+from xopt.report import ModelStats
 from xopt.verify import VerificationError, bisect_passes, compare, parity_over, reference_outputs
 
 
@@ -111,6 +112,26 @@ def test_pass_manager_records_stats_and_leaves_input_untouched():
     assert record.parity is not None and record.parity.max_abs <= 1e-6
     assert report.to_dict()["passes"][0]["op_changes"] == record.op_changes()
     assert "cleanup" in report.format_table()
+
+
+def test_parameters_are_weights_and_codes_not_shapes():
+    model = model_from_text(
+        """
+<ir_version: 10, opset_import: ["" : 20]>
+g (float[2, 4] x) => (float[2, 3] y)
+<float[4, 3] w = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, uint8[2] codes = {1, 2}, int64[2] shape = {2, 3}>
+{
+    m = MatMul (x, w)
+    c = Cast <to = 1> (codes)
+    s = ReduceSum (c)
+    t = Add (m, s)
+    y = Reshape (t, shape)
+}
+"""
+    )
+    stats = ModelStats.of(model)
+    assert stats.params == 12 + 2  # the float weight and the 8-bit codes; the int64 shape is structure
+    assert stats.bytes == 12 * 4 + 2 + 2 * 8
 
 
 def test_exact_pass_that_changes_outputs_is_stopped_with_its_name():

@@ -19,8 +19,11 @@ from xopt.verify import Parity
 class ModelStats:
     """Size facts of one model: node count, op-type histogram, parameters and weight bytes.
 
-    Parameters count every constant element, in initializers and in Constant nodes alike, so
-    lifting a constant from one to the other changes nothing.
+    Parameters count the elements of the constants a model learned or quantized: float tensors
+    and integer ones of at most 8 bits (int8 weights, packed 4-bit codes, zero points), in
+    initializers and Constant nodes alike, so lifting a constant from one to the other changes
+    nothing. Shapes, axes and indices (wider integers, booleans) are structure, not parameters:
+    a pass that folds a shape computation leaves the count alone. Bytes count every constant.
     """
 
     nodes: int
@@ -37,7 +40,7 @@ class ModelStats:
         return cls(
             nodes=sum(ops.values()),
             ops=dict(sorted(ops.items())),
-            params=sum(t.size for t in tensors),
+            params=sum(t.size for t in tensors if _is_parameter(t.dtype)),
             bytes=sum(t.nbytes for t in tensors),
         )
 
@@ -104,6 +107,11 @@ class Report:
 
 def _change(before: float, after: float, fmt: str = "d") -> str:
     return f"{before:{fmt}}→{after:{fmt}}" if before != after else f"{after:{fmt}}"
+
+
+def _is_parameter(dtype: ir.DataType) -> bool:
+    """Float values and integer codes of at most 8 bits; not shapes, axes, indices or flags."""
+    return dtype.is_floating_point() or (dtype.is_integer() and dtype.bitwidth <= 8)
 
 
 def _op_name(node: ir.Node) -> str:
