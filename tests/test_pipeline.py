@@ -70,6 +70,8 @@ def test_the_api_names_arguments_of_the_wrong_kind():
     model = model_from_text(LINEAR_MODEL)
     _, report = xopt.optimize(model, passes=CleanupPass())  # one pass, not in a list
     assert [record.name for record in report.passes] == ["cleanup"]
+    with pytest.raises(XoptError, match="give a recipe or passes, not both"):
+        xopt.optimize(model, recipe="int4", passes="cleanup")
     with pytest.raises(XoptError, match="runs Pass objects, not a str"):
         PassManager(["cleanup"])
     with pytest.raises(XoptError, match="not a str"):

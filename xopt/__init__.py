@@ -37,12 +37,14 @@ __version__ = "0.1.0"
 
 def optimize(
     model: ir.Model,
-    recipe: str = "exact",
+    recipe: str | None = None,
     passes: str | Iterable[str | Pass] | None = None,
     verify: bool = True,
 ) -> tuple[ir.Model, Report]:
-    """Run a recipe (or `passes`, which replaces it) on a copy of `model`; the input is untouched."""
+    """Run a recipe (default `exact`) or `passes` on a copy of `model`; the input is untouched."""
     require_model("optimize", model)
+    if recipe is not None and passes is not None:
+        raise XoptError("give a recipe or passes, not both")
     return PassManager(resolve_passes(recipe, passes), verify=verify)(model)
 
 
