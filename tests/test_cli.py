@@ -270,6 +270,22 @@ def test_demo_refuses_an_output_it_could_not_write_before_any_work(tmp_path, mon
     assert (tmp_path / "taken" / "model" / "notes.txt").read_text() == "mine"
 
 
+def test_optimize_refuses_an_output_it_could_not_write_before_any_work(tmp_path, redundant_onnx, monkeypatch, capsys):
+    """A folder holding something else, or a name ending like another kind of file: one line, exit
+    2, before the model is captured (`save` would refuse them only after every pass ran)."""
+    import xopt
+
+    monkeypatch.setattr(xopt, "load", lambda *args, **kwargs: pytest.fail("captured before the output was checked"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    refusals = {"taken": "holds no model.onnx", "out.pt": "names a .pt file"}
+    for name, reason in refusals.items():
+        assert main(["optimize", str(redundant_onnx), "-o", str(tmp_path / name)]) == EXIT_USER_ERROR
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert reason in line, line
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine" and not (tmp_path / "out.pt").exists()
+
+
 def test_verbose_is_taken_before_or_after_the_command(capsys):
     from xopt.cli import _parser
 

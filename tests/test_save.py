@@ -145,6 +145,16 @@ def test_a_folder_named_like_an_onnx_file_is_refused_before_writing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx"]
 
 
+def test_an_output_named_like_another_kind_of_file_is_refused(tmp_path):
+    model = model_from_text(LINEAR_MODEL)
+    with pytest.raises(XoptError, match=r"out\.pt: names a \.pt file; the output is an \.onnx file or a folder"):
+        xopt.save(model, tmp_path / "out.pt")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "v1.txt").mkdir()  # an existing folder so named is the user's choice
+    assert xopt.save(model, tmp_path / "v1.txt") == tmp_path / "v1.txt" / "model.onnx"
+    assert xopt.save(model, tmp_path / "smollm2-1.5") == tmp_path / "smollm2-1.5" / "model.onnx"
+
+
 def test_missing_parent_folder_is_a_one_line_error(tmp_path):
     with pytest.raises(XoptError, match="does not exist"):
         xopt.save(model_from_text(LINEAR_MODEL), tmp_path / "no" / "out.onnx")

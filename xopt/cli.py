@@ -434,6 +434,8 @@ def _output_path(text: str) -> Path:
 
 
 def _check_output(source: Path, output: Path) -> None:
+    from xopt.saving import check_output
+
     if not source.exists():
         raise XoptError(f"{source}: no such file or folder")
     if output.resolve() == source.resolve():
@@ -442,7 +444,7 @@ def _check_output(source: Path, output: Path) -> None:
         raise XoptError(f"{output}: output lies inside the input folder; choose another path")
     if output.resolve() in source.resolve().parents:
         raise XoptError(f"{output}: the input lies inside this output folder, which is replaced whole")
-    _check_writable_parent(output)
+    check_output(output)
 
 
 def _check_report(report: Path, source: Path, output: Path) -> None:

@@ -1,7 +1,8 @@
 """Saving a model, atomically, and checking that ONNX Runtime loads what was written.
 
 OUTPUT is an `.onnx` file or a folder (`model.onnx` inside; for a Hugging Face source also the
-tokenizer and config, so `eval` and `generate` work on it). Everything is written into a
+tokenizer and config, so `eval` and `generate` work on it); a new name ending like another kind of
+file (`out.pt`, `out.txt`) is refused as a mistyped file name. Everything is written into a
 temporary sibling folder first, loaded back in ONNX Runtime, and only then moved into place:
 a failure at any step leaves no partial output. An existing folder is replaced whole, so only
 an empty one or a model folder (one holding `model.onnx`) is; never one the model was read from.
@@ -28,6 +29,11 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_THRESHOLD_BYTES = 1024  # tensors smaller than this stay inline (ONNX's convention)
 
+# Suffixes of files that are not a model folder: an output named so is a mistyped file name.
+_OTHER_FILE_SUFFIXES = frozenset(
+    (".bin", ".data", ".gguf", ".json", ".npy", ".npz", ".ort", ".pb", ".pt", ".pt2", ".pth", ".safetensors", ".txt")
+)
+
 # Paths of the source model, used while capturing; they do not belong in a deployed artifact.
 _SOURCE_METADATA = ("xopt.hf_folder", "xopt.gguf_file", "xopt.source_file")
 
@@ -36,16 +42,11 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
     """Write `model` to `path` (file or folder) atomically; returns the .onnx file written."""
     require_model("save", model)
     path = Path(path)
-    if path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents:
-        raise XoptError(f"{path}: is the current folder or holds it; give the output a name of its own")
     as_folder = path.suffix.lower() != ".onnx"
-    if not as_folder and path.is_dir():
-        raise XoptError(f"{path}: is a folder; an .onnx output is a file")
-    onnx_name = MODEL_FILE if as_folder else path.name
-    parent = check_writable(path)
     _refuse_overwriting_sources(model, path, as_folder)
-    if as_folder:
-        check_replaceable_folder(path)
+    check_output(path)
+    onnx_name = MODEL_FILE if as_folder else path.name
+    parent = path.resolve().parent
     if external_data is None:
         external_data = model_bytes(model) >= PROTOBUF_LIMIT_BYTES - (64 << 20)
 
@@ -76,6 +77,21 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
         raise XoptError(f"{path}: cannot write ({first_line(error)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output(path: Path) -> None:
+    """Refuse, before any work, an output `save` could not write: the current folder, a folder named
+    .onnx, a mistyped file name, a parent that is missing or read-only, a folder holding no model."""
+    if path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents:
+        raise XoptError(f"{path}: is the current folder or holds it; give the output a name of its own")
+    as_folder = path.suffix.lower() != ".onnx"
+    if as_folder and path.suffix.lower() in _OTHER_FILE_SUFFIXES and not path.is_dir():
+        raise XoptError(f"{path}: names a {path.suffix} file; the output is an .onnx file or a folder")
+    if not as_folder and path.is_dir():
+        raise XoptError(f"{path}: is a folder; an .onnx output is a file")
+    check_writable(path)
+    if as_folder:
+        check_replaceable_folder(path)
 
 
 def check_writable(path: Path) -> Path:
