@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 import torch
 
 from xopt.cli import main
 from xopt.evaluate import evaluate
 from xopt.runnable import open_runnable
-from xopt.text import bundled_text, read_text, split_sentences, text_digest
+from xopt.text import (
+    CALIBRATION_FINGERPRINT_KEY,
+    bundled_text,
+    passage_fingerprints,
+    read_text,
+    split_sentences,
+    text_digest,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +133,17 @@ def test_eval_refuses_the_texts_the_model_was_calibrated_on(tiny_folder, tmp_pat
     rewrapped.write_text("  " + "\n".join(text.read_text().split(" ")) + "\n\n")
     assert main(["eval", str(given), "--text", str(rewrapped)]) == 2
     assert "was calibrated on this text" in capsys.readouterr().err
-    assert main(["eval", str(given), "--window", "64"]) == 0
+    # The bundled evaluation text holds the calibration text: a superset is refused, so is a part.
+    assert main(["eval", str(given), "--window", "64"]) == 2
+    assert "was calibrated on text sharing passages with this one" in capsys.readouterr().err
+    part = tmp_path / "part.txt"
+    part.write_text(" ".join(text.read_text().split()[100:160]))
+    assert main(["eval", str(given), "--text", str(part), "--window", "8"]) == 2
+    assert "sharing passages" in capsys.readouterr().err
+    assert main(["eval", str(given), "--text", str(bundled_text("calibration")), "--window", "64"]) == 0
+    metadata = {entry.key: entry.value for entry in onnx.load(given / "model.onnx").metadata_props}
+    recorded = metadata[CALIBRATION_FINGERPRINT_KEY].split()
+    assert 0 < len(recorded) < len(passage_fingerprints(text.read_text())) / 2  # the window read, not the file
     bundled = tmp_path / "bundled"
     assert main(["optimize", llama, "-o", str(bundled), "--passes", gptq]) == 0
     emma = tmp_path / "emma.txt"

@@ -35,7 +35,7 @@ from xopt.errors import XoptError, counted
 from xopt.evaluate import SENTENCE_BATCH, sentence_batches
 from xopt.inputs import text_feeds
 from xopt.runnable import model_task
-from xopt.text import note_calibration_text, read_text
+from xopt.text import note_calibration_text, read_text, split_sentences
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +74,19 @@ def calibration_feeds(
     """Model inputs for the first `windows` windows of the calibration text (fewer if it is short);
     for an encoder, the first `windows` padded batches of its sentences."""
     text = read_text(Path(text_file) if text_file else None, "calibration")
-    note_calibration_text(text)
     tokenizer = source_tokenizer(model)
     if model_task(model) != TASK_CAUSAL_LM:
-        return [text_feeds(model, batch) for batch in sentence_batches(tokenizer, text, windows * SENTENCE_BATCH)]
+        sentences = windows * SENTENCE_BATCH
+        note_calibration_text(text, read=" ".join(split_sentences(text)[:sentences]))
+        return [text_feeds(model, batch) for batch in sentence_batches(tokenizer, text, sentences)]
     window = min(window, source_context_length(model) or window)
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    fast = getattr(tokenizer, "is_fast", False)  # only a fast tokenizer tells where each token came from
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+    ids = np.asarray(encoded["input_ids"], dtype=np.int64)
     count = min(windows, len(ids) // window)
     if count == 0:
         raise XoptError(f"the calibration text has {counted(len(ids), 'token')}, fewer than one window of {window}")
+    note_calibration_text(text, read=text[: encoded["offset_mapping"][count * window - 1][1]] if fast else text)
     feeds = []
     for start in range(0, count * window, window):
         tokens = ids[start : start + window][None, :]

@@ -267,7 +267,7 @@ def _passes(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from xopt.evaluate import evaluate
     from xopt.runnable import open_runnable
-    from xopt.text import calibrated_on, read_text
+    from xopt.text import calibration_overlap, read_text
 
     if args.window < 2:
         raise XoptError(f"--window {args.window}: must be at least 2")
@@ -277,8 +277,9 @@ def _eval(args: argparse.Namespace) -> int:
     text = read_text(args.text, "evaluation")
     with _step(f"loading {args.model}"):
         model = open_runnable(args.model, tokenizer=args.tokenizer, threads=args.threads)
-    if calibrated_on(model.model.metadata_props, text):
-        raise XoptError(f"{args.model} was calibrated on this text; evaluate on text it was not tuned on")
+    overlap = calibration_overlap(model.model.metadata_props, text)
+    if overlap is not None:
+        raise XoptError(f"{args.model} {overlap}; evaluate on text it was not tuned on")
     reference = None
     if args.reference is not None:
         with _step(f"loading {args.reference}"):

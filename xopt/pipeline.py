@@ -245,11 +245,11 @@ class PassManager:
             inputs = verification_inputs(model) if self.inputs is None else self.inputs
             inputs = [inputs] if isinstance(inputs, Mapping) else list(inputs)
             reference = references_over(model, inputs)
-        with calibration_texts_read() as calibration_digests:
+        with calibration_texts_read() as calibration_texts:
             for step in self.passes:
                 working = self._run(step, working, report, inputs, reference)
-        if calibration_digests:  # `xopt eval` refuses to measure the model on these texts
-            record_calibration_texts(working.metadata_props, calibration_digests)
+        if calibration_texts:  # `xopt eval` refuses to measure the model on these texts
+            record_calibration_texts(working.metadata_props, calibration_texts)
         return working, report
 
     def _run(self, step: Pass, working: ir.Model, report: Report, inputs, reference) -> ir.Model:
