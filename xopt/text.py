@@ -8,8 +8,8 @@ the text's SHA-256 digest and the passage fingerprints of the part fed to the mo
 its 13-word runs (whitespace collapsed) whose 64-bit BLAKE2 hash is 0 modulo 8, about one run in
 eight, chosen by content and not by position, so a copy, a part or a superset of the text shares
 the fingerprints of the words it shares. `xopt eval` refuses a text with the digest, or one sharing
-at least 4 fingerprints (~40 words or more in common; no two of the four Austen novels in the
-shared data share one).
+at least 4 fingerprints (on average a passage of ~45 words in common; no two of the four Austen
+novels in the shared data share one).
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def calibration_overlap(metadata: dict[str, str], text: str) -> str | None:
     own = passage_fingerprints(text)
     shared = own & set(metadata.get(CALIBRATION_FINGERPRINT_KEY, "").split())
     if len(shared) >= MIN_SHARED_PASSAGES:
-        return f"was calibrated on text sharing passages with this one ({len(shared)} of its {len(own)} fingerprints)"
+        runs = f"{len(shared)} of its {len(own)} sampled {PASSAGE_WORDS}-word runs"
+        return f"was calibrated on text sharing passages with this one ({runs})"
     return None
 
 
