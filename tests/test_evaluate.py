@@ -43,6 +43,10 @@ def test_perplexity_matches_pytorch_on_the_same_windows(tiny_folder, optimized_l
     assert quality.tokens == windows.shape[0] * 63 and quality.windows == windows.shape[0]
     assert quality.perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-5)
     assert quality.kl is None and quality.cosine_min is None
+    first = evaluate(open_runnable(optimized_llama), text, window=64, max_windows=3)
+    nll = torch.nn.functional.cross_entropy(logits[:3, :-1].reshape(-1, logits.shape[-1]), windows[:3, 1:].reshape(-1))
+    assert first.windows == 3 and first.tokens == 3 * 63
+    assert first.perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-5)
 
 
 def test_kl_and_top1_against_the_captured_model(tiny_folder, optimized_llama):
@@ -80,6 +84,10 @@ def test_eval_errors_are_one_line(tiny_folder, optimized_llama, tmp_path, capsys
     assert "no tokenizer found" in capsys.readouterr().err
     assert main(["eval", str(bare), "--tokenizer", str(optimized_llama), "--window", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+    assert main(["eval", str(optimized_llama), "--max-windows", "0"]) == 2
+    assert "--max-windows 0: must be at least 1" in capsys.readouterr().err
+    assert main(["eval", str(optimized_llama), "--window", "64", "--max-windows", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == 2
 
 
 def test_eval_checks_positions_vocabulary_and_reference_before_running(tiny_folder, tmp_path, capfd):

@@ -5,7 +5,7 @@
     xopt inspect INPUT [--json]
     xopt blocks INPUT [--greedy N] [--calibration TEXT] [--plot FILE.png] [--json]
     xopt passes
-    xopt eval MODEL [--reference MODEL] [--text FILE] [--json]
+    xopt eval MODEL [--reference MODEL] [--text FILE] [--window N] [--max-windows N] [--json]
     xopt bench MODEL [MODEL ...] [--batch B] [--seq S] [--threads N] [--backend onnxruntime|cuda]
     xopt generate MODEL --prompt TEXT [--max-new-tokens N] [--temperature T] [--seed S] [--backend onnxruntime|cuda]
     xopt demo [--output FOLDER]
@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder for a bare .onnx file")
     evaluate.add_argument(
         "--window", type=int, default=512, help="causal LM: tokens per window, non-overlapping (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--max-windows", type=int, default=None, help="causal LM: measure the first N windows (default: all)"
     )
     evaluate.add_argument(
         "--max-sentences", type=int, default=256, help="encoder: sentences to embed (default: %(default)s)"
@@ -271,6 +274,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.window < 2:
         raise XoptError(f"--window {args.window}: must be at least 2")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise XoptError(f"--max-windows {args.max_windows}: must be at least 1")
     if args.max_sentences < 1:
         raise XoptError(f"--max-sentences {args.max_sentences}: must be at least 1")
     _check_threads(args.threads)
@@ -286,7 +291,13 @@ def _eval(args: argparse.Namespace) -> int:
             reference = open_runnable(args.reference, tokenizer=args.tokenizer, threads=args.threads)
     with _run_failures(f"evaluating {args.model}"):
         quality = evaluate(
-            model, text, reference, window=args.window, max_sentences=args.max_sentences, progress=_iterate
+            model,
+            text,
+            reference,
+            window=args.window,
+            max_windows=args.max_windows,
+            max_sentences=args.max_sentences,
+            progress=_iterate,
         )
     if args.json:
         print(json.dumps(quality.to_dict(), indent=2))

@@ -59,14 +59,16 @@ def evaluate(
     reference: Runnable | None = None,
     *,
     window: int = DEFAULT_WINDOW,
+    max_windows: int | None = None,
     max_sentences: int = DEFAULT_MAX_SENTENCES,
     progress: Callable[[Iterator, int], Iterator] = lambda items, total: items,
 ) -> Quality:
-    """Measure `model` on `text`, and against `reference` when given."""
+    """Measure `model` on `text`, and against `reference` when given: a causal LM on the text's
+    first `max_windows` windows (all when None), an encoder on its first `max_sentences` sentences."""
     if reference is not None and reference.task != model.task:
         raise XoptError(f"{model.label} is a {model.task} model but the reference is a {reference.task} model")
     if model.task == TASK_CAUSAL_LM:
-        return _causal_lm_quality(model, text, reference, window, progress)
+        return _causal_lm_quality(model, text, reference, window, max_windows, progress)
     if reference is None:
         raise XoptError(
             f"{model.label}: an embedding model is measured against a reference model: give --reference "
@@ -75,13 +77,17 @@ def evaluate(
     return _encoder_quality(model, text, reference, max_sentences, progress)
 
 
-def _causal_lm_quality(model, text, reference, window, progress) -> Quality:
+def _causal_lm_quality(model, text, reference, window, max_windows, progress) -> Quality:
     if window < 2:
         raise XoptError(f"window of {window} tokens: need at least 2")
+    if max_windows is not None and max_windows < 1:
+        raise XoptError(f"at most {max_windows} windows: need at least 1")
     ids = np.asarray(model.tokenizer()(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     count = len(ids) // window
     if count == 0:
         raise XoptError(f"the text has {counted(len(ids), 'token')}, fewer than one window of {window}")
+    count = count if max_windows is None else min(count, max_windows)
+    ids = ids[: count * window]  # only what is measured is checked against the model's limits
     for runnable in (model, reference) if reference is not None else (model,):
         _check_runs_on(runnable, ids, window)
     nll_sum, kl_sum, agree, predicted = 0.0, 0.0, 0, 0
