@@ -121,19 +121,22 @@ def test_parameters_are_weights_and_codes_not_shapes():
         """
 <ir_version: 10, opset_import: ["" : 20]>
 g (float[2, 4] x) => (float[2, 3] y)
-<float[4, 3] w = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, uint8[2] codes = {1, 2}, int64[2] shape = {2, 3}>
+<float[4, 3] w = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, uint8[2] codes = {1, 2}, int64[2] shape = {2, 3},
+ float half = {0.5}>
 {
     m = MatMul (x, w)
     c = Cast <to = 1> (codes)
     s = ReduceSum (c)
     t = Add (m, s)
-    y = Reshape (t, shape)
+    h = Mul (t, half)
+    y = Reshape (h, shape)
 }
 """
     )
     stats = ModelStats.of(model)
-    assert stats.params == 12 + 2  # the float weight and the 8-bit codes; the int64 shape is structure
-    assert stats.bytes == 12 * 4 + 2 + 2 * 8
+    # The float weight and the 8-bit codes; the int64 shape is structure, the scalar arithmetic.
+    assert stats.params == 12 + 2
+    assert stats.bytes == 12 * 4 + 2 + 2 * 8 + 4
 
 
 def test_exact_pass_that_changes_outputs_is_stopped_with_its_name():

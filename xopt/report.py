@@ -20,10 +20,12 @@ class ModelStats:
     """Size facts of one model: node count, op-type histogram, parameters and weight bytes.
 
     Parameters count the elements of the constants a model learned or quantized: float tensors
-    and integer ones of at most 8 bits (int8 weights, packed 4-bit codes, zero points), in
-    initializers and Constant nodes alike, so lifting a constant from one to the other changes
-    nothing. Shapes, axes and indices (wider integers, booleans) are structure, not parameters:
-    a pass that folds a shape computation leaves the count alone. Bytes count every constant.
+    and integer ones of at most 8 bits (int8 weights, packed 4-bit codes, zero points) with more
+    than one element, in initializers and Constant nodes alike, so lifting a constant from one to
+    the other changes nothing. Shapes, axes and indices (wider integers, booleans) are structure
+    and single numbers (an epsilon, 1/√d) arithmetic, not parameters: passes that fold them leave
+    the count alone (MiniLM: 22,565,376, the BERT model's own count without its pooler). Bytes
+    count every constant.
     """
 
     nodes: int
@@ -40,7 +42,7 @@ class ModelStats:
         return cls(
             nodes=sum(ops.values()),
             ops=dict(sorted(ops.items())),
-            params=sum(t.size for t in tensors if _is_parameter(t.dtype)),
+            params=sum(t.size for t in tensors if t.size > 1 and _is_parameter(t.dtype)),
             bytes=sum(t.nbytes for t in tensors),
         )
 
