@@ -108,8 +108,11 @@ def calibration_overlap(metadata: dict[str, str], text: str) -> str | None:
     text, or at least `MIN_SHARED_PASSAGES` passage fingerprints in common."""
     if text_digest(text) in metadata.get(CALIBRATION_DIGEST_KEY, "").split():
         return "was calibrated on this text"
+    recorded = set(metadata.get(CALIBRATION_FINGERPRINT_KEY, "").split())
+    if not recorded:  # a model calibrated on nothing: no need to hash a whole book
+        return None
     own = passage_fingerprints(text)
-    shared = own & set(metadata.get(CALIBRATION_FINGERPRINT_KEY, "").split())
+    shared = own & recorded
     if len(shared) >= MIN_SHARED_PASSAGES:
         runs = f"{len(shared)} of its {len(own)} sampled {PASSAGE_WORDS}-word runs"
         return f"was calibrated on text sharing passages with this one ({runs})"
