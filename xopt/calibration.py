@@ -76,9 +76,9 @@ def calibration_feeds(
     text = read_text(Path(text_file) if text_file else None, "calibration")
     tokenizer = source_tokenizer(model)
     if model_task(model) != TASK_CAUSAL_LM:
-        sentences = windows * SENTENCE_BATCH
-        note_calibration_text(text, read=" ".join(split_sentences(text)[:sentences]))
-        return [text_feeds(model, batch) for batch in sentence_batches(tokenizer, text, sentences)]
+        sentences = split_sentences(text)[: windows * SENTENCE_BATCH]
+        note_calibration_text(text, read=" ".join(sentences))
+        return [text_feeds(model, batch) for batch in sentence_batches(tokenizer, sentences)]
     window = min(window, source_context_length(model) or window)
     fast = getattr(tokenizer, "is_fast", False)  # only a fast tokenizer tells where each token came from
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)

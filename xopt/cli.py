@@ -439,8 +439,10 @@ def _output_path(text: str) -> Path:
     """`-o`: an .onnx name is a file, so a trailing slash after one is a contradiction, not a folder."""
     if not text.strip():
         raise XoptError("-o: the output path is empty")
+    from xopt.saving import is_folder_output
+
     path = Path(text)
-    if text.endswith("/") and path.suffix.lower() == ".onnx":
+    if text.endswith("/") and not is_folder_output(path):
         raise XoptError(f"-o {text}: an .onnx name is written as a file; drop the slash, or name a folder")
     return path
 

@@ -152,7 +152,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _encoder_quality(model, text, reference, max_sentences, progress) -> Quality:
-    batches = sentence_batches(model.tokenizer(), text, max_sentences)
+    batches = sentence_batches(model.tokenizer(), split_sentences(text)[:max_sentences])
     cosines, tokens = [], 0
     for feeds in progress(iter(batches), len(batches)):
         tokens += int(feeds["attention_mask"].sum())
@@ -166,9 +166,8 @@ def _encoder_quality(model, text, reference, max_sentences, progress) -> Quality
     return quality
 
 
-def sentence_batches(tokenizer, text: str, max_sentences: int) -> list[dict[str, np.ndarray]]:
-    """The first `max_sentences` sentences of `text`, tokenized in padded batches."""
-    sentences = split_sentences(text)[:max_sentences]
+def sentence_batches(tokenizer, sentences: list[str]) -> list[dict[str, np.ndarray]]:
+    """`sentences` (`text.split_sentences`), tokenized in padded batches."""
     if not sentences:
         raise XoptError("the text has no sentence of four words or more")
     batches = []

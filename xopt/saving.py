@@ -38,11 +38,17 @@ _OTHER_FILE_SUFFIXES = frozenset(
 _SOURCE_METADATA = ("xopt.hf_folder", "xopt.gguf_file", "xopt.source_file")
 
 
+def is_folder_output(path: Path) -> bool:
+    """Whether `save` writes `path` as a folder (model.onnx, its weights, tokenizer and config):
+    every name but one ending in .onnx, which is a file."""
+    return path.suffix.lower() != ".onnx"
+
+
 def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> Path:
     """Write `model` to `path` (file or folder) atomically; returns the .onnx file written."""
     require_model("save", model)
     path = Path(path)
-    as_folder = path.suffix.lower() != ".onnx"
+    as_folder = is_folder_output(path)
     _refuse_overwriting_sources(model, path, as_folder)
     check_output(path)
     onnx_name = MODEL_FILE if as_folder else path.name
@@ -84,7 +90,7 @@ def check_output(path: Path) -> None:
     .onnx, a mistyped file name, a parent that is missing or read-only, a folder holding no model."""
     if path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents:
         raise XoptError(f"{path}: is the current folder or holds it; give the output a name of its own")
-    as_folder = path.suffix.lower() != ".onnx"
+    as_folder = is_folder_output(path)
     if as_folder and path.suffix.lower() in _OTHER_FILE_SUFFIXES and not path.is_dir():
         raise XoptError(f"{path}: names a {path.suffix} file; the output is an .onnx file or a folder")
     if not as_folder and path.is_dir():
