@@ -295,3 +295,18 @@ def test_verbose_is_taken_before_or_after_the_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("xopt ")
+
+
+def test_verbose_logs_xopt_steps_not_the_libraries(tmp_path, redundant_onnx):
+    """-v is for xopt's own steps: the libraries under it (onnx-ir logs each node it removes, with a
+    stack dump) stay at warnings, or xopt's lines drown."""
+    executable = shutil.which("xopt") or pytest.fail("the xopt console script is not installed")
+    result = subprocess.run(
+        [executable, "-v", "optimize", str(redundant_onnx), "-o", str(tmp_path / "out.onnx")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any(line.startswith("xopt.pipeline: cleanup:") for line in lines), result.stderr
+    assert all(line.startswith("xopt") for line in lines), result.stderr

@@ -33,7 +33,8 @@ EXIT_USER_ERROR = 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("xopt").setLevel(logging.INFO if args.verbose else logging.WARNING)  # -v: xopt's steps only
     _quiet_third_party()
     try:
         return args.run(args)
