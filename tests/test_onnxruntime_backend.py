@@ -1,0 +1,72 @@
+"""`create_session` on an in-memory model: the weights reach ONNX Runtime as OrtValues on the
+model's own arrays, not serialized into the protobuf, and the session computes what the model says."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from helpers import model_from_text
+
+from xopt.backends import onnxruntime as backend
+
+# y = x·W + Cast(V) reshaped, with W float32 (read by MatMul), V bfloat16 (a type an OrtValue does
+# not wrap), a small shape, and a large initializer nothing reads.
+MIXED_MODEL = """
+<ir_version: 10, opset_import: ["" : 20]>
+mixed (float[2, 64] x) => (float[2, 64] y)
+<int64[2] shape = {2, 64}>
+{
+    m = MatMul (x, w)
+    c = Cast <to = 1> (v)
+    r = Reshape (c, shape)
+    y = Add (m, r)
+}
+"""
+
+
+def _mixed_model(rng) -> tuple[ir.Model, np.ndarray, np.ndarray]:
+    model = model_from_text(MIXED_MODEL)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    v = rng.standard_normal((128,)).astype(ml_dtypes.bfloat16)
+    for name, array in (("w", w), ("v", v), ("unread", np.ones((64, 64), np.float32))):
+        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+        value.type, value.shape = ir.TensorType(value.const_value.dtype), value.const_value.shape
+        model.graph.register_initializer(value)
+    model.graph.node(0).replace_input_with(1, model.graph.initializers["w"])
+    model.graph.node(1).replace_input_with(0, model.graph.initializers["v"])
+    return model, w, v.astype(np.float32)
+
+
+def test_weights_are_handed_over_not_serialized(monkeypatch):
+    rng = np.random.default_rng(0)
+    model, w, v = _mixed_model(rng)
+    tensors = {name: value.const_value for name, value in model.graph.initializers.items()}
+    sizes = []
+    real_session = ort.InferenceSession
+
+    def recording(model_bytes, *args, **kwargs):
+        sizes.append(len(model_bytes))
+        return real_session(model_bytes, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    session = backend.create_session(model)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(backend.run(session, {"x": x})["y"], x @ w + v.reshape(2, 64), rtol=1e-5, atol=1e-5)
+    (size,) = sizes
+    inline = tensors["unread"].nbytes + tensors["v"].nbytes  # the unread weight and bfloat16 V, not W
+    assert inline < size < inline + 1024, (size, inline)
+    assert {name: value.const_value for name, value in model.graph.initializers.items()} == tensors  # untouched
+
+
+def test_weights_read_from_an_external_file_are_released_after_the_session(tmp_path):
+    rng = np.random.default_rng(1)
+    model, w, v = _mixed_model(rng)
+    ir.save(model, tmp_path / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=0)
+    loaded = ir.load(tmp_path / "m.onnx")
+    session = backend.create_session(loaded)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(backend.run(session, {"x": x})["y"], x @ w + v.reshape(2, 64), rtol=1e-5, atol=1e-5)
+    for value in loaded.graph.initializers.values():  # no view of the mapped file outlives create_session
+        value.const_value.release()
