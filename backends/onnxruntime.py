@@ -89,27 +89,29 @@ _SKELETON_LOCATION = "xopt-weights-in-memory"  # never read: ORT replaces every 
 
 
 def _skeleton(model: ir.Model) -> tuple[ir.Model, int, list[str], list[ort.OrtValue]]:
-    """A clone of `model` whose weights of 1 KB or more that a node reads are external-data
-    references (the others in memory), the bytes left inline, and the names of those weights with OrtValues on their
-    arrays (the model's own memory, not copied)."""
+    """A clone of `model` whose main-graph weights of 1 KB or more that a node reads are
+    external-data references, every other weight in memory; the bytes left inline; the names of
+    the referenced weights and OrtValues on their arrays (the model's own memory, not copied)."""
     skeleton = model.clone()
     inline_bytes, names, weights = 0, [], []
-    for name, value in skeleton.graph.initializers.items():
-        tensor = value.const_value
-        if tensor is None:
-            continue
-        large = tensor.nbytes >= 1024 and bool(value.uses())  # ORT drops an unread one before replacing
-        array = tensor.numpy() if large or isinstance(tensor, ir.ExternalTensor) else None
-        if large and array.dtype in _SHARED_DTYPES:
-            names.append(name)
-            weights.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
-            value.const_value = ir.ExternalTensor(
-                _SKELETON_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name
-            )
-            continue
-        inline_bytes += tensor.nbytes
-        if array is not None and isinstance(tensor, ir.ExternalTensor):  # a copy, not a view of its file
-            value.const_value = ir.Tensor(np.array(array), dtype=tensor.dtype, name=name)
+    for graph in skeleton.graphs():
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            # ORT replaces only initializers it keeps: those of the main graph that a node reads
+            large = graph is skeleton.graph and tensor.nbytes >= 1024 and bool(value.uses())
+            array = tensor.numpy() if large or isinstance(tensor, ir.ExternalTensor) else None
+            if large and array.dtype in _SHARED_DTYPES:
+                names.append(name)
+                weights.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
+                value.const_value = ir.ExternalTensor(
+                    _SKELETON_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name
+                )
+                continue
+            inline_bytes += tensor.nbytes
+            if array is not None and isinstance(tensor, ir.ExternalTensor):  # a copy, not a view of its file
+                value.const_value = ir.Tensor(np.array(array), dtype=tensor.dtype, name=name)
     return skeleton, inline_bytes, names, weights
 
 

@@ -70,3 +70,45 @@ def test_weights_read_from_an_external_file_are_released_after_the_session(tmp_p
     np.testing.assert_allclose(backend.run(session, {"x": x})["y"], x @ w + v.reshape(2, 64), rtol=1e-5, atol=1e-5)
     for value in loaded.graph.initializers.values():  # no view of the mapped file outlives create_session
         value.const_value.release()
+
+
+def test_a_subgraph_weight_in_an_external_file_is_read_in(tmp_path):
+    """An If branch's own initializer stays in the skeleton, read from its file into memory (ORT
+    cannot follow a file reference in a model given as bytes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 64])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 64])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)],
+        "choice",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+    )
+    path = tmp_path / "if.onnx"
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]),
+        path,
+        save_as_external_data=True,
+        location="if.onnx.data",
+        size_threshold=0,
+    )
+    session = backend.create_session(ir.load(path))
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x, "c": np.array(True)})[0], x @ w, rtol=1e-6)
