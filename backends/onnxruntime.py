@@ -8,7 +8,8 @@ any optimization). Serializing the weights into the protobuf and parsing them ba
 the session itself: the 18 sessions of SmolLM2-135M's `exact` recipe (verification, probes) took
 64 s, now 21–22 s, and `xopt optimize` 180–184 s, now 136–137 s (this Xeon, 2 threads). Weights
 of a type numpy and ORT do not share (bfloat16, 4-bit, float8) and weights no node reads stay
-inline; a skeleton that would still pass protobuf's 2 GB goes through a temporary file.
+inline; a skeleton that would still pass protobuf's 2 GB goes through a temporary file. A model
+of less than 16 MB of weights is serialized whole, as cloning its graph would cost more.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def create_session(
     options = session_options(threads, optimization, spinning)
     if isinstance(model, str | Path):
         return ort.InferenceSession(str(model), options, providers=list(providers))
+    if model_bytes(model) < SKELETON_MIN_BYTES:
+        return ort.InferenceSession(inline_proto(model).SerializeToString(), options, providers=list(providers))
     skeleton, inline_bytes, names, weights = _skeleton(model)
     if inline_bytes < PROTOBUF_LIMIT_BYTES - (64 << 20):
         options.add_external_initializers(names, weights)
@@ -80,6 +83,10 @@ def create_session(
         ir.save(model, path, external_data="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=list(providers))
 
+
+# Below this the weights are serialized with the graph: cloning a graph of many nodes costs more
+# than serializing a few MB (the unit tests' small models ran 1.16× slower through the skeleton).
+SKELETON_MIN_BYTES = 16 << 20
 
 # numpy dtypes an OrtValue can wrap as they are
 _SHARED_DTYPES = frozenset(

@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 from helpers import model_from_text
 
 from xopt.backends import onnxruntime as backend
@@ -37,6 +38,12 @@ def _mixed_model(rng) -> tuple[ir.Model, np.ndarray, np.ndarray]:
     model.graph.node(0).replace_input_with(1, model.graph.initializers["w"])
     model.graph.node(1).replace_input_with(0, model.graph.initializers["v"])
     return model, w, v.astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def every_model_through_the_skeleton(monkeypatch):
+    """These models are small; the skeleton is what is tested."""
+    monkeypatch.setattr(backend, "SKELETON_MIN_BYTES", 0)
 
 
 def test_weights_are_handed_over_not_serialized(monkeypatch):
