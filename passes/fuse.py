@@ -29,7 +29,10 @@ Every rewrite computes the same values up to float rounding:
   its kernel applies itself (`rotary_attention.py`). ONNX Runtime's kernel rotates at positions
   P..P+S−1, so the model then assumes inputs without left padding, as onnxruntime-genai's models do.
 - `attention`: softmax(Q·Kᵀ·s + mask)·V with its head reshapes → `Attention` (projections packed),
-  `MultiHeadAttention` or `GroupQueryAttention`.
+  `MultiHeadAttention` or `GroupQueryAttention`. With quantized weights (`weights=int4|int8`) the
+  projections are not packed: `Attention` reads its weight in float, where no quantization
+  reaches it (MiniLM's int8 model kept 10.6 MB of them on a machine where it timed faster), so
+  the attention stays a `MultiHeadAttention` after three linears that `quantize` lowers.
 - `gelu`: the erf/tanh GELU expansions (+ bias) → `Gelu`, `FastGelu`, `BiasGelu`.
 The merges, the norm and the cached attention are found by xopt's structure analysis (so
 whatever the exporter), the rotary embedding by xopt's own matcher; the encoder attention and
@@ -54,6 +57,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -151,6 +155,7 @@ class FusePass(Pass):
             options, chooser.context_name = WEIGHTS[self.weights]
             chooser.context = _Quantized(options)
         signature = _signature(structure)
+        apply = _appliers(self.weights)
         stats: Counter[str] = Counter()
         explain: list[str] = []
         modified, sound = False, {}  # sound: family → matches, for families that check out
@@ -164,14 +169,14 @@ class FusePass(Pass):
                 explain.append(f"{family}: off (positions=mask; positions=contiguous allows it, without left padding)")
                 continue
             candidate = model.clone()
-            count, notes = _APPLY[family](candidate)
+            count, notes = apply[family](candidate)
             explain += [f"{family}: {note}" for note in notes]
             if count == 0:
                 explain.append(f"{family}: no match")
                 chained = None
                 if self.lowering == "measure" and any(p not in stats for p in PREREQUISITES.get(family, ())):
                     chained = _with_prerequisites(
-                        family, model, stats, skipped, chooser, signature, faithfulness, explain
+                        family, model, stats, skipped, chooser, signature, faithfulness, explain, apply
                     )
                 if chained is None:
                     unmatched.append(family)
@@ -206,7 +211,7 @@ class FusePass(Pass):
             # the sound families, those kept only after their prerequisites, and those that matched
             # nothing alone: the candidate is built from the original, so a family left out is lost
             tried = [f for f in FAMILIES if (f in sound or f in stats or f in unmatched) and f not in lost]
-            together = _together(faithfulness, model, tried, chooser, signature, explain)
+            together = _together(faithfulness, model, tried, chooser, signature, explain, apply)
             if together is not None:
                 model, counts = together
                 modified = True
@@ -223,6 +228,7 @@ def _together(
     chooser: LoweringChooser,
     signature: dict,
     explain: list[str],
+    apply: dict[str, Applier],
 ) -> tuple[ir.Model, dict[str, int]] | None:
     """`families` (the sound ones, and those that matched nothing alone) at once, timed against the
     kept ones: families too small to win one at a time (a norm, a rotary embedding) can win
@@ -230,7 +236,7 @@ def _together(
     then. Returns the model and counts if it wins."""
     candidate, counts = faithfulness.original.clone(), {}
     for family in families:
-        count, _ = _APPLY[family](candidate)
+        count, _ = apply[family](candidate)
         if count:
             counts[family] = count
     label = "+".join(counts)
@@ -248,6 +254,7 @@ def _with_prerequisites(
     signature: dict,
     faithfulness: _Faithfulness,
     explain: list[str],
+    apply: dict[str, Applier],
 ) -> tuple[ir.Model, dict[str, int]] | None:
     """`family` applied after those of its prerequisites not kept yet, timed against `current`.
     Returns the model and counts if it wins."""
@@ -257,7 +264,7 @@ def _with_prerequisites(
         return None
     candidate, counts = current.clone(), {}
     for name in chain:
-        count, _ = _APPLY[name](candidate)
+        count, _ = apply[name](candidate)
         if count == 0:
             explain.append(f"{family} after {', '.join(chain[:-1])}: {name} matched nothing there, not timed")
             return None
@@ -518,7 +525,9 @@ def _onnxscript_family(names: tuple[str, ...], produces: frozenset[str]) -> Call
     return apply
 
 
-def _apply_attention(model: ir.Model) -> tuple[int, list[str]]:
+def _apply_attention(model: ir.Model, pack_projections: bool = True) -> tuple[int, list[str]]:
+    """The encoder attention → ORT's fused operators; without `pack_projections` the Q, K and V
+    projections stay linears before a MultiHeadAttention instead of packed into an Attention."""
     from onnxscript.optimizer import fold_constants_ir
     from onnxscript.rewriter import ort_fusions
 
@@ -534,7 +543,8 @@ def _apply_attention(model: ir.Model) -> tuple[int, list[str]]:
     if fusions.fuse_mha1(model) + fusions.fuse_mha2(model):
         fusions.fuse_mha_scale(model)
         fusions.fuse_mha_bias(model)
-        fusions.fuse_attention(model)
+        if pack_projections:
+            fusions.fuse_attention(model)
     fusions.replace_sdpa_by_mha(model)
     common_passes.InlinePass()(model)  # an SDPA no rule lowered goes back to standard ops
     # the Q, K, V weights and biases come stacked by Concats of constants: stored as initializers
@@ -551,7 +561,8 @@ def _drop_unused(model: ir.Model) -> None:
     common_passes.RemoveUnusedOpsetsPass()(model)
 
 
-_APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
+Applier = Callable[[ir.Model], tuple[int, list[str]]]  # a family's rewrite: (matches, notes)
+_APPLY: dict[str, Applier] = {
     "norm": _lower_norms,
     "residual-sum": pin_residual_sums,
     "skip-norm": _fuse_skip_norms,
@@ -566,6 +577,14 @@ _APPLY: dict[str, Callable[[ir.Model], tuple[int, list[str]]]] = {
     "merge-qkv": _merge_qkv,
     "merge-gate-up": _merge_gate_up,
 }
+
+
+def _appliers(weights: str) -> dict[str, Applier]:
+    """Each family's rewrite for a recipe whose linears are `weights`: one that quantizes them keeps
+    the encoder's Q, K and V projections as linears (an `Attention` would hold them in float)."""
+    if WEIGHTS[weights] is None:
+        return _APPLY
+    return {**_APPLY, "attention": partial(_apply_attention, pack_projections=False)}
 
 
 class _Quantized:
