@@ -29,6 +29,7 @@ from xopt.errors import XoptError, first_line
 logger = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD_BYTES = 1024  # tensors smaller than this stay inline (ONNX's convention)
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -107,7 +108,7 @@ def _skeleton(model: ir.Model) -> tuple[ir.Model, int, list[str], list[ort.OrtVa
             if tensor is None:
                 continue
             # ORT replaces only initializers it keeps: those of the main graph that a node reads
-            large = graph is skeleton.graph and tensor.nbytes >= 1024 and bool(value.uses())
+            large = graph is skeleton.graph and tensor.nbytes >= EXTERNAL_DATA_THRESHOLD_BYTES and bool(value.uses())
             array = tensor.numpy() if large or isinstance(tensor, ir.ExternalTensor) else None
             if large and array.dtype in _SHARED_DTYPES:
                 names.append(name)

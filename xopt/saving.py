@@ -20,14 +20,19 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from xopt.backends.onnxruntime import PROTOBUF_LIMIT_BYTES, check_loads, model_bytes, with_weights_in_memory
+from xopt.backends.onnxruntime import (
+    EXTERNAL_DATA_THRESHOLD_BYTES,
+    PROTOBUF_LIMIT_BYTES,
+    check_loads,
+    model_bytes,
+    with_weights_in_memory,
+)
 from xopt.capture.huggingface import save_tokenizer_and_config
 from xopt.errors import XoptError, first_line, require_model
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-EXTERNAL_DATA_THRESHOLD_BYTES = 1024  # tensors smaller than this stay inline (ONNX's convention)
 
 # Suffixes of files that are not a model folder: an output named so is a mistyped file name.
 _OTHER_FILE_SUFFIXES = frozenset(
