@@ -268,15 +268,17 @@ def test_the_attention_operator_reads_its_qkv_bias_as_one_initializer(tiny_model
 def test_a_quantizing_recipe_keeps_the_encoder_projections_as_linears(tiny_model, weights):
     """An `Attention` holds Q, K and V's weights itself, where no quantization reaches them (on a CI
     machine MiniLM's int8 model kept them in float: 33.3 MB, not 25.4): with quantized weights the
-    attention becomes a MultiHeadAttention after the three linears."""
+    attention becomes a MultiHeadAttention after the linears, Q, K and V merged into one or not."""
     cleaned = CleanupPass()(tiny_model("bert").clone()).model
     linears = len(find_linears(cleaned.graph))
-    result = FusePass(lowering="all", weights=weights, skip="merge-qkv")(cleaned.clone())
-    ops = Counter(n.op_type for n in result.model.graph)
-    assert ops["MultiHeadAttention"] == 2 and not ops["Attention"] and result.stats["attention"] == 2
-    assert len(find_linears(result.model.graph)) == linears
     feeds = sample_inputs(cleaned, batch=2, sequence=9, padded=True, seed=3)
-    assert compare(reference_outputs(cleaned, feeds), reference_outputs(result.model, feeds)).max_rel <= 1e-5
+    for skip, merged in (("", 2), ("merge-qkv", 0)):
+        result = FusePass(lowering="all", weights=weights, skip=skip)(cleaned.clone())
+        ops = Counter(n.op_type for n in result.model.graph)
+        assert ops["MultiHeadAttention"] == 2 and not ops["Attention"] and result.stats["attention"] == 2
+        assert result.stats.get("merge-qkv", 0) == merged
+        assert len(find_linears(result.model.graph)) == linears - 2 * merged  # three linears become one
+        assert compare(reference_outputs(cleaned, feeds), reference_outputs(result.model, feeds)).max_rel <= 1e-5
 
 
 def test_measured_faster_form_is_kept(tiny_model, monkeypatch):
