@@ -34,7 +34,15 @@ def assert_parity(model: ir.Model, workloads: list[dict]) -> None:
 
 FUSED = "cleanup,fold-norms,fuse(lowering=all)"  # every fused form, none left out by a timing
 INT4 = "quantize(method=rtn,head_bits=4,embedding_bits=8,accuracy=0"  # level 0: ORT multiplies in float too
-PASSES = {"exact": FUSED, "int4": f"{FUSED},{INT4})", "int4-symmetric": f"{FUSED},{INT4},symmetric=true)"}
+PASSES = {
+    "exact": FUSED,
+    "int4": f"{FUSED},{INT4})",
+    "int4-symmetric": f"{FUSED},{INT4},symmetric=true)",
+    # fused as the int4 recipe fuses: an encoder's attention in MultiHeadAttention after its linears
+    "int4-recipe-fusion": f"cleanup,fold-norms,fuse(lowering=all,weights=int4),{INT4})",
+    # the same with Q, K, V apart: their biases go into MultiHeadAttention's bias input
+    "int4-unmerged": f"cleanup,fold-norms,fuse(lowering=all,weights=int4,skip=merge-qkv),{INT4})",
+}
 
 
 @pytest.mark.parametrize(
@@ -47,6 +55,8 @@ PASSES = {"exact": FUSED, "int4": f"{FUSED},{INT4})", "int4-symmetric": f"{FUSED
         ("gemma", "exact"),
         ("llama", "int4"),
         ("gpt2", "int4-symmetric"),
+        ("bert", "int4-recipe-fusion"),
+        ("bert", "int4-unmerged"),
     ],
 )
 def test_reference_operators_match_onnx_runtime(tiny_model, name, form):

@@ -168,7 +168,9 @@ def test_padding_free_encoder_attention(kernels, dtype, left_padded):
     assert _packing(causal.contiguous(), batch, sequence, OpContext(use_kernels=True)) is None  # not key padding
 
 
-@pytest.mark.parametrize(("name", "form"), [("bert", "exact"), ("llama", "exact"), ("llama", "int4")])
+@pytest.mark.parametrize(
+    ("name", "form"), [("bert", "exact"), ("bert", "int4-recipe-fusion"), ("llama", "exact"), ("llama", "int4")]
+)
 def test_whole_models_on_the_gpu_match_onnx_runtime_on_the_cpu(tiny_model, name, form):
     from test_cuda_executor import PASSES, WORKLOADS
 

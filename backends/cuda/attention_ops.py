@@ -11,6 +11,8 @@
   `StaticCache` (op_context.py) the lengths come from the cache instead, the new keys and values
   are written into its buffers, and the bias is not read (rows without padding).
 - Attention (com.microsoft, encoders): QKV = X·W + b, bidirectional, plus the additive bias.
+- MultiHeadAttention (com.microsoft, encoders): the same on separate Q, K, V (the projections
+  left to linears, as `fuse` does when they are quantized), each plus its part of the bias input.
 
 On CUDA tensors with the kernels loaded: RoPE runs in place on the packed rows, a decode step
 (one query token) of GroupQueryAttention runs the split-KV kernel, and encoder attention whose
@@ -211,21 +213,53 @@ def _contrib_attention(node: ir.Node, inputs: Inputs, context: OpContext) -> lis
     x, weight, bias_qkv, mask_index, past, bias = (inputs + [None] * 6)[:6]
     if mask_index is not None or past is not None or node.attributes.get_int("unidirectional", 0):
         raise XoptError("the CUDA backend's com.microsoft.Attention takes no mask_index, past or unidirectional")
-    heads = node.attributes.get_int("num_heads")
     sizes = node.attributes.get_ints("qkv_hidden_sizes") or [weight.shape[1] // 3] * 3
     qkv = torch.matmul(x, weight)
     if bias_qkv is not None:
         qkv = qkv + bias_qkv
-    batch, sequence, _ = x.shape
-    head_dim = sizes[0] // heads
+    q, k, v = torch.split(qkv, list(sizes), dim=-1)
+    return [_bidirectional(q, k, v, node, bias, context, packed=qkv)]
+
+
+def _contrib_multi_head_attention(node: ir.Node, inputs: Inputs, context: OpContext) -> list[torch.Tensor]:
+    query, key, value, bias_qkv, key_padding_mask, bias = (inputs + [None] * 6)[:6]
+    separate = key is not None and value is not None and query.dim() == key.dim() == value.dim() == 3
+    extra = key_padding_mask is not None or any(x is not None for x in inputs[6:])
+    if not separate or extra or node.attributes.get_int("unidirectional", 0):
+        raise XoptError(
+            "the CUDA backend's com.microsoft.MultiHeadAttention takes separate [batch, sequence, hidden] "
+            "query, key and value, and no key_padding_mask, past or unidirectional"
+        )
+    if bias_qkv is not None:  # [bias of Q | of K | of V]
+        q_width, k_width = query.shape[-1], key.shape[-1]
+        query, key = query + bias_qkv[:q_width], key + bias_qkv[q_width : q_width + k_width]
+        value = value + bias_qkv[q_width + k_width :]
+    return [_bidirectional(query, key, value, node, bias, context)]
+
+
+def _bidirectional(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    node: ir.Node,
+    bias: torch.Tensor | None,
+    context: OpContext,
+    packed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """An encoder's softmax(Q·Kᵀ·scale + bias)·V over [B, S, N·D] projections, heads and scale from
+    the node's attributes; on CUDA, with a key-padding bias, over the real tokens only (`packed`:
+    [Q | K | V] as one tensor already, else concatenated)."""
+    heads, (batch, sequence, width) = node.attributes.get_int("num_heads"), q.shape
+    head_dim = width // heads
     scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_dim)
-    if context.use_kernels and x.is_cuda and len(set(sizes)) == 1 and head_dim <= kernels.MAX_HEAD_DIM:
+    alike = q.shape == k.shape == v.shape
+    if context.use_kernels and q.is_cuda and alike and head_dim <= kernels.MAX_HEAD_DIM:
         packing = _packing(bias, batch, sequence, context)
         if packing is not None:
-            return [_packed_encoder_attention(qkv, packing, heads, scale)]
-    q, k, v = torch.split(qkv, list(sizes), dim=-1)
+            qkv = packed if packed is not None else torch.cat([q, k, v], dim=-1)
+            return _packed_encoder_attention(qkv, packing, heads, scale)
     out = attend(_heads_first(q, heads), _heads_first(k, heads), _heads_first(v, heads), bias, scale)
-    return [out.transpose(1, 2).reshape(batch, sequence, heads * (sizes[2] // heads))]
+    return out.transpose(1, 2).reshape(batch, sequence, v.shape[-1])
 
 
 def _packing(
@@ -274,4 +308,5 @@ ATTENTION_OPS = {
     ("", "Attention"): _onnx_attention,
     ("com.microsoft", "GroupQueryAttention"): _group_query_attention,
     ("com.microsoft", "Attention"): _contrib_attention,
+    ("com.microsoft", "MultiHeadAttention"): _contrib_multi_head_attention,
 }
