@@ -66,7 +66,8 @@ def test_smollm2_int4_gptq_is_closer_to_fp32_than_onnxruntime_rtn(smollm2, tmp_p
 def test_smollm2_keeps_its_q4_1_grids_exactly_or_with_folded_offsets(smollm2, tmp_path):
     """This SmolLM2 came from a Q4_1 file: every linear keeps its grid. With exact offsets the int4
     model computes the float one (float activations, accuracy level 0); folded into zero points
-    (the default) the offsets' residual is rounded on a 4-bit grid, a small cost measured here."""
+    (the default) the offsets' residual is rounded on a 4-bit grid and what that leaves on another:
+    KL 5.8e-6 per token from the float model here, top-1 agreement 99.8%."""
     captured, _ = PassManager([CleanupPass()], verify=False)(smollm2)
     folders = {"fp32": tmp_path / "fp32"}
     xopt.save(captured, folders["fp32"])
@@ -82,4 +83,5 @@ def test_smollm2_keeps_its_q4_1_grids_exactly_or_with_folded_offsets(smollm2, tm
     exact = evaluate(open_runnable(folders["exact"], threads=2), text, reference)
     folded = evaluate(open_runnable(folders[True], threads=2), text, reference)
     assert exact.kl < 1e-6 and exact.top1_agreement == 1.0, exact
-    assert folded.kl < 5e-3 and folded.perplexity < 1.01 * exact.perplexity, folded
+    assert folded.kl < 5e-5 and folded.top1_agreement > 0.995, folded  # one set of rows: 1.2e-3, 98.1%
+    assert folded.perplexity < 1.001 * exact.perplexity, folded

@@ -125,6 +125,23 @@ def _split(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
     return list(torch.split(data, sizes, dim=axis))
 
 
+def _pad(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
+    """Pad in constant mode: `pads` holds every padded axis' begins, then their ends (negative:
+    cropped), on all axes or on `axes`."""
+    mode = node.attributes.get_string("mode", "constant")
+    if mode != "constant":
+        raise XoptError(f"Pad {node.name!r}: the CUDA backend pads in constant mode only, not {mode!r}")
+    data, pads = inputs[0], _ints(inputs[1])
+    value = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+    axes = _ints(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else list(range(data.dim()))
+    widths = [0] * (2 * data.dim())  # torch: (begin, end) pairs from the last axis back
+    for axis, begin, end in zip(axes, pads[: len(axes)], pads[len(axes) :], strict=True):
+        position = data.dim() - 1 - axis % data.dim()
+        widths[2 * position : 2 * position + 2] = [begin, end]
+    fill = 0 if value is None else value.reshape(-1)[0].item()
+    return [torch.nn.functional.pad(data, widths, value=fill)]
+
+
 def _slice(node: ir.Node, inputs: Inputs) -> list[torch.Tensor]:
     data = inputs[0]
     starts, ends = _ints(inputs[1]), _ints(inputs[2])
@@ -282,6 +299,7 @@ HOST_INPUTS: dict[str, frozenset[int]] = {
     "Unsqueeze": frozenset({1}),
     "Split": frozenset({1}),
     "Slice": frozenset({1, 2, 3, 4}),
+    "Pad": frozenset({1, 3}),
     "Range": frozenset({0, 1, 2}),
     "CumSum": frozenset({1}),
     "ConstantOfShape": frozenset({0}),
@@ -328,6 +346,7 @@ STANDARD_OPS: dict[str, Op] = {
     "Concat": _concat,
     "Split": _split,
     "Slice": _slice,
+    "Pad": _pad,
     "Transpose": _transpose,
     "Gather": _gather,
     "GatherElements": _gather_elements,
