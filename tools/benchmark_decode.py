@@ -66,6 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnx_ir as ir
@@ -178,31 +179,52 @@ def genai_variant(folder: Path, prompt: list[int], new_tokens: int):
     return generate
 
 
-def llama_cpp_runs(gguf: Path, threads: int) -> None:
-    """Raise unless llama.cpp evaluates a few tokens, tried in a child process: a build whose CPU
-    kernels this machine cannot run (its AMX kernels crash in some VMs) would end this one."""
+def llama_cpp_mode(gguf: Path, threads: int) -> bool:
+    """Whether llama.cpp runs here with its extra buffer types (its repacked weights: AMX kernels
+    on CPUs that have them), else without; raise if it runs neither way. Each way is tried in a
+    child process: kernels this machine cannot run (AMX in some VMs) would end this one."""
     import llama_cpp  # noqa: F401 (ImportError: not installed)
 
     trial = (
-        "import sys, llama_cpp\n"
-        "model = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), verbose=False)\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from benchmark_decode import open_llama\n"
+        "model = open_llama(sys.argv[1], int(sys.argv[2]), sys.argv[3] == 'on', n_ctx=64)\n"
         "model.eval([1, 2, 3])\n"
     )
-    run = subprocess.run([sys.executable, "-c", trial, str(gguf), str(threads)], capture_output=True, text=True)
-    if run.returncode:
+    for extra_buffers in (True, False):
+        command = [sys.executable, "-c", trial, str(gguf), str(threads), "on" if extra_buffers else "off"]
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode == 0:
+            return extra_buffers
         died = f"signal {-run.returncode}" if run.returncode < 0 else f"exit status {run.returncode}"
-        hint = " (rebuild llama-cpp-python without AMX: see README)" if run.returncode == -11 else ""
-        raise RuntimeError(f"llama.cpp did not run on this machine ({died}){hint}")
+        logger.warning("llama.cpp with extra buffer types %s: %s", "on" if extra_buffers else "off", died)
+    raise RuntimeError(f"llama.cpp did not run on this machine, with or without extra buffer types ({died})")
 
 
-def llama_cpp_variant(gguf: Path, prompt: list[int], new_tokens: int, threads: int):
+def open_llama(gguf: Path | str, threads: int, extra_buffers: bool, **options):
+    """llama.cpp on the GGUF file, its extra buffer types (`use_extra_bufts`, which llama-cpp-python
+    does not expose) on or off."""
+    import llama_cpp
+    import llama_cpp.llama as bindings
+
+    defaults = bindings.llama_cpp.llama_model_default_params
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = extra_buffers
+        return params
+
+    with mock.patch.object(bindings.llama_cpp, "llama_model_default_params", model_params):
+        return llama_cpp.Llama(str(gguf), n_threads=threads, n_threads_batch=threads, verbose=False, **options)
+
+
+def llama_cpp_variant(gguf: Path, prompt: list[int], new_tokens: int, threads: int, extra_buffers: bool):
     """llama.cpp on the GGUF file: the prompt in one batch, then one token per call, greedy."""
     import llama_cpp
 
     context = len(prompt) + new_tokens
-    model = llama_cpp.Llama(
-        str(gguf), n_ctx=context, n_batch=context, n_threads=threads, n_threads_batch=threads, verbose=False
-    )
+    model = open_llama(gguf, threads, extra_buffers, n_ctx=context, n_batch=context)
 
     def last_logits() -> np.ndarray:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),))
@@ -247,12 +269,10 @@ def onnx_perplexity(
     return evaluate(runnable, text, window=PERPLEXITY_WINDOW).perplexity
 
 
-def llama_cpp_perplexity(gguf: Path, ids: list[int], threads: int) -> float:
+def llama_cpp_perplexity(gguf: Path, ids: list[int], threads: int, extra_buffers: bool) -> float:
     """The same windows through llama.cpp, all logits kept."""
-    import llama_cpp
-
-    model = llama_cpp.Llama(
-        str(gguf), n_ctx=PERPLEXITY_WINDOW, n_batch=PERPLEXITY_WINDOW, logits_all=True, n_threads=threads, verbose=False
+    model = open_llama(
+        gguf, threads, extra_buffers, n_ctx=PERPLEXITY_WINDOW, n_batch=PERPLEXITY_WINDOW, logits_all=True
     )
     nll, count = 0.0, 0
     for start in range(0, len(ids) - PERPLEXITY_WINDOW + 1, PERPLEXITY_WINDOW):
@@ -333,9 +353,20 @@ def kept_build(folder: Path, key: dict, build: Callable[[Path], None]) -> float:
     return seconds
 
 
-def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[dict, dict, dict, dict]:
+@dataclass
+class Variants:
     """The selected variants' loaders (each returns a generate function), build seconds, perplexity
-    functions and model file sizes (MB)."""
+    functions, model file sizes (MB) and notes for the Method line."""
+
+    loaders: dict[str, Callable[[], Callable]]
+    seconds: dict[str, float]
+    quality: dict[str, Callable[[], float]]
+    megabytes: dict[str, float]
+    notes: list[str]
+
+
+def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> Variants:
+    """The selected variants, built (or found built) in `scratch`."""
     from xopt.capture.huggingface import load_hf_model
 
     folder, selected, source = smollm2_folder(), set(args.only or variant_labels()), source_digest()
@@ -401,18 +432,23 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> tuple[d
             built / "model.onnx", hf_folder, text, threads, size
         )
 
+    notes = []
     if "llama.cpp Q4_1" in selected:
+        gguf = folder / GGUF_FILE
         try:
-            llama_cpp_runs(folder / GGUF_FILE, threads)
-            gguf = folder / GGUF_FILE
-            loaders["llama.cpp Q4_1"] = partial(llama_cpp_variant, gguf, prompt, args.new_tokens, threads)
-            megabytes["llama.cpp Q4_1"] = gguf.stat().st_size / 1e6
+            extra_buffers = llama_cpp_mode(gguf, threads)
         except (ImportError, RuntimeError) as error:
             logger.warning("llama.cpp Q4_1 left out: %s", error)
         else:
+            loaders["llama.cpp Q4_1"] = partial(
+                llama_cpp_variant, gguf, prompt, args.new_tokens, threads, extra_buffers
+            )
+            megabytes["llama.cpp Q4_1"] = gguf.stat().st_size / 1e6
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            quality["llama.cpp Q4_1"] = lambda: llama_cpp_perplexity(folder / GGUF_FILE, ids, threads)
-    return loaders, seconds, quality, megabytes
+            quality["llama.cpp Q4_1"] = lambda: llama_cpp_perplexity(gguf, ids, threads, extra_buffers)
+            if not extra_buffers:
+                notes.append("llama.cpp ran with its extra buffer types off: with them (AMX) it crashed here.")
+    return Variants(loaders, seconds, quality, megabytes, notes)
 
 
 def onnx_megabytes(folder: Path) -> float:
@@ -451,9 +487,8 @@ def run(loaders: dict[str, Callable[[], Callable]], repeats: int) -> dict[str, S
 
 def write_markdown(
     samples: dict[str, Samples],
-    seconds: dict,
+    variants: Variants,
     perplexity: dict,
-    megabytes: dict,
     args,
     command: str,
     other: OtherLoad,
@@ -480,6 +515,7 @@ def write_markdown(
         "evaluation text (the same token ids for every variant; transformers' weights are xopt captured's). "
         "'vs X': the median over rounds of the decode speed over X's in the same round (paired, so load "
         "on the shared machine that slows a whole round cancels out). "
+        + "".join(f"{note} " for note in variants.notes)
         + (f"While the variants ran, {other.describe()}. " if other.cores is not None else "")
         + run_length(elapsed),
         "",
@@ -497,9 +533,9 @@ def write_markdown(
             else f"{sum(a == b for a, b in zip(s.tokens, reference, strict=True))}/{len(reference)}"
         )
         ratios = "".join(f"{_paired_ratio(s, samples[a]):.2f}× | " for a in anchors)
-        build = f"{seconds[label]:.0f}" if label in seconds else ""
+        build = f"{variants.seconds[label]:.0f}" if label in variants.seconds else ""
         quality = f"{perplexity[label]:.2f}" if label in perplexity else "—"
-        size = f"{megabytes[label]:.0f}" if label in megabytes else ""
+        size = f"{variants.megabytes[label]:.0f}" if label in variants.megabytes else ""
         lines.append(
             f"| {label} | {prefill:.0f} ({q10:.0f}–{q90:.0f}) | {median:.1f} ({p10:.1f}–{p90:.1f}) | {ratios}"
             f"{agree} | {quality} | {size} | {build} |"
@@ -563,19 +599,19 @@ def main() -> None:
         contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="xopt-decode-")
     )
     with scratch_folder as scratch:
-        loaders, seconds, quality, megabytes = build_variants(args, Path(scratch), tokenizer, prompt)
+        variants = build_variants(args, Path(scratch), tokenizer, prompt)
         with OtherLoad(args.threads) as other:
-            samples = run(loaders, args.repeats)
-        write_markdown(samples, seconds, {}, megabytes, args, command, other, table, time.perf_counter() - started)
+            samples = run(variants.loaders, args.repeats)
+        write_markdown(samples, variants, {}, args, command, other, table, time.perf_counter() - started)
         perplexity = {}
-        for label, measure in quality.items() if args.perplexity_windows else ():
+        for label, measure in variants.quality.items() if args.perplexity_windows else ():
             try:
                 perplexity[label] = measure()
             except Exception as error:  # a variant we cannot score is reported without a figure
                 logger.warning("%s: perplexity failed: %s", label, error)
                 continue
             logger.info("%s: perplexity %.3f", label, perplexity[label])
-    write_markdown(samples, seconds, perplexity, megabytes, args, command, other, table, time.perf_counter() - started)
+    write_markdown(samples, variants, perplexity, args, command, other, table, time.perf_counter() - started)
     print(table.read_text())
 
 
