@@ -64,8 +64,8 @@ def fold_offsets(grid: SourceGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     (its `restored()` is Ŵ). ρ̂ is the sum of `RESIDUAL_ROW_SETS` sets of K/g rows, each on its own
     grid of what the sets before it leave; every set but the last is padded to whole blocks, rows
     that read the zeros padding σ's copies (`with_block_sums`)."""
-    n, m = len(grid.codes), grid.codes.shape[1] // grid.group
     zero, residual = integer_zero_points(grid)
+    n, m = residual.shape  # m = K/g block sums
     codes, scale, zeros, kept = [grid.codes], [grid.scale], [zero], np.zeros_like(residual)
     for index in range(RESIDUAL_ROW_SETS):
         rows = as_blocks(residual - kept, grid.group)  # [N, ⌈m/g⌉, g]
