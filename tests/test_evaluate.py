@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from xopt.cli import main
-from xopt.evaluate import evaluate
+from xopt.evaluate import WindowScores, evaluate, log_softmax
 from xopt.runnable import open_runnable
 from xopt.text import (
     CALIBRATION_FINGERPRINT_KEY,
@@ -55,6 +55,31 @@ def test_kl_and_top1_against_the_captured_model(tiny_folder, optimized_llama):
     )
     assert 0 <= quality.kl < 1e-9
     assert quality.top1_agreement == 1.0
+
+
+def test_window_scores_match_torch_on_drawn_distributions():
+    """KL is taken from the reference (Σ p_ref·(log p_ref − log p)), averaged over every predicted
+    token of every window; perplexity over the same tokens; top-1 compares the two argmaxes."""
+    generator = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, 50, (17,), generator=generator) for _ in range(3)]
+    logits = [torch.randn(16, 50, generator=generator, dtype=torch.float64) * 3 for _ in windows]
+    ref_logits = [x + torch.randn(16, 50, generator=generator, dtype=torch.float64) for x in logits]
+    scores = WindowScores()
+    for tokens, x, ref in zip(windows, logits, ref_logits, strict=True):
+        scores.add(tokens.numpy(), log_softmax(x.numpy()), log_softmax(ref.numpy()))
+    quality = scores.quality()
+    log_p, log_ref = torch.log_softmax(torch.cat(logits), -1), torch.log_softmax(torch.cat(ref_logits), -1)
+    targets = torch.cat([tokens[1:] for tokens in windows])
+    kl = torch.nn.functional.kl_div(log_p, log_ref, log_target=True, reduction="batchmean")
+    nll = torch.nn.functional.nll_loss(log_p, targets)
+    assert quality.windows == 3 and quality.tokens == 48
+    assert quality.kl == pytest.approx(float(kl), rel=1e-12)
+    assert quality.perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-12)
+    assert quality.top1_agreement == pytest.approx(float((log_p.argmax(-1) == log_ref.argmax(-1)).double().mean()))
+    assert 0.05 < quality.top1_agreement < 1 and quality.kl > 0.01  # the drawn pairs do differ
+    alone = WindowScores()
+    alone.add(windows[0].numpy(), log_softmax(logits[0].numpy()))
+    assert alone.quality().kl is None and alone.quality().top1_agreement is None
 
 
 def test_encoder_cosine_and_cli_json(tiny_folder, tmp_path, capsys):

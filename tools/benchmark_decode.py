@@ -24,7 +24,10 @@ The anchors are optional: `pip install -e '.[anchors]'` (llama-cpp-python builds
 source, about ten minutes); a missing one is reported and left out.
 
 Quality: perplexity of each variant on the first windows of the evaluation text (512 tokens each,
-the same token ids for all), so the int4 variants are compared at their cost in accuracy.
+the same token ids for all), and KL per predicted token from xopt's captured model (the file's
+float weights) on those windows, so the int4 variants are compared at their cost in accuracy. KL
+ranks variants close in quality where perplexity does not: of two roundings of one grid at equal
+KL, perplexity on 8 windows can differ by 0.05 (which way is chance).
 
 Variants:
 - transformers `generate` (fp32, default SDPA attention, torch threads fixed);
@@ -74,7 +77,7 @@ import torch
 
 import xopt
 from xopt.cpu_load import OtherLoad
-from xopt.evaluate import evaluate, log_softmax
+from xopt.evaluate import Quality, WindowScores, causal_log_probs, evaluate, log_softmax
 from xopt.generate import Decoder
 from xopt.kv_cache import past_inputs
 from xopt.pipeline import RECIPES
@@ -257,32 +260,32 @@ def xopt_variant(folder: Path, prompt: list[int], new_tokens: int, threads: int)
 PERPLEXITY_WINDOW = 512
 
 
-def onnx_perplexity(
-    model: Path, tokenizer_folder: Path, text: str, threads: int, head_size: int | None = None
-) -> float:
-    """Perplexity of an ONNX KV-cache model (xopt's or onnxruntime-genai's) in ONNX Runtime;
-    `head_size` fills in a cache whose head dimension the graph leaves symbolic (genai's)."""
+def onnx_quality(
+    model: Path, tokenizer_folder: Path, text: str, threads: int, reference, head_size: int | None = None
+) -> Quality:
+    """Perplexity and KL from `reference` (a Runnable) of an ONNX KV-cache model (xopt's or
+    onnxruntime-genai's) in ONNX Runtime; `head_size` fills in a cache whose head dimension the
+    graph leaves symbolic (genai's)."""
     runnable = open_runnable(model, tokenizer=tokenizer_folder, threads=threads)
     if head_size is not None:
         for value in past_inputs(runnable.model):
             value.shape = ir.Shape([*list(value.shape)[:-1], head_size])
-    return evaluate(runnable, text, window=PERPLEXITY_WINDOW).perplexity
+    return evaluate(runnable, text, reference, window=PERPLEXITY_WINDOW)
 
 
-def llama_cpp_perplexity(gguf: Path, ids: list[int], threads: int, extra_buffers: bool) -> float:
-    """The same windows through llama.cpp, all logits kept."""
+def llama_cpp_quality(gguf: Path, ids: list[int], threads: int, extra_buffers: bool, reference) -> Quality:
+    """The same windows through llama.cpp, all logits kept, against `reference` (a Runnable)."""
     model = open_llama(
         gguf, threads, extra_buffers, n_ctx=PERPLEXITY_WINDOW, n_batch=PERPLEXITY_WINDOW, logits_all=True
     )
-    nll, count = 0.0, 0
+    scores = WindowScores()
     for start in range(0, len(ids) - PERPLEXITY_WINDOW + 1, PERPLEXITY_WINDOW):
-        window = ids[start : start + PERPLEXITY_WINDOW]
+        window = np.asarray(ids[start : start + PERPLEXITY_WINDOW], dtype=np.int64)
         model.reset()
-        model.eval(window)
+        model.eval(window.tolist())
         log_probs = log_softmax(np.asarray(model.scores[: len(window) - 1]))
-        nll -= float(log_probs[np.arange(len(window) - 1), window[1:]].sum())
-        count += len(window) - 1
-    return float(np.exp(nll / count))
+        scores.add(window, log_probs, causal_log_probs(reference, window))
+    return scores.quality()
 
 
 GENAI_PRECISIONS = ("fp32", "int4")
@@ -355,12 +358,12 @@ def kept_build(folder: Path, key: dict, build: Callable[[Path], None]) -> float:
 
 @dataclass
 class Variants:
-    """The selected variants' loaders (each returns a generate function), build seconds, perplexity
-    functions, model file sizes (MB) and notes for the Method line."""
+    """The selected variants' loaders (each returns a generate function), build seconds, quality
+    functions (perplexity, KL from xopt captured), model file sizes (MB) and notes for the Method line."""
 
     loaders: dict[str, Callable[[], Callable]]
     seconds: dict[str, float]
-    quality: dict[str, Callable[[], float]]
+    quality: dict[str, Callable[[], Quality]]
     megabytes: dict[str, float]
     notes: list[str]
 
@@ -372,8 +375,8 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> Variant
     folder, selected, source = smollm2_folder(), set(args.only or variant_labels()), source_digest()
     loaders, seconds, megabytes = {}, {}, {}
     text, threads = perplexity_text(tokenizer, args.perplexity_windows), args.threads
-    quality = {}  # label → a function computing its perplexity
-    reference = None
+    quality = {}  # label → a function computing its perplexity and KL
+    reference, float_runnable = None, None
 
     def reference_model():
         nonlocal reference
@@ -388,11 +391,11 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> Variant
         loaders["transformers generate"] = partial(transformers_variant, reference_model(), prompt, args.new_tokens)
 
     captured = None
-    for label, passes in xopt_builds().items():
-        if label not in selected:
-            continue
 
-        def build(out: Path, label=label, passes=passes) -> None:
+    def build_xopt(label: str, passes: list[str] | None) -> tuple[Path, float]:
+        """The variant's folder, built unless kept, and its build seconds."""
+
+        def build(out: Path) -> None:
             nonlocal captured
             captured = captured if captured is not None else xopt.load(folder)
             model = captured
@@ -403,10 +406,23 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> Variant
             xopt.save(model, out)
 
         out = scratch / re.sub(r"[^a-z0-9]+", "-", label).strip("-")
-        seconds[label] = kept_build(out, {"passes": passes, "source": source}, build)
+        return out, kept_build(out, {"passes": passes, "source": source}, build)
+
+    def float_reference():
+        """xopt's captured model (the file's float weights) in ONNX Runtime: what KL is taken from."""
+        nonlocal float_runnable
+        if float_runnable is None:
+            out, _ = build_xopt("xopt captured", None)
+            float_runnable = open_runnable(out, tokenizer=out, threads=threads)
+        return float_runnable
+
+    for label, passes in xopt_builds().items():
+        if label not in selected:
+            continue
+        out, seconds[label] = build_xopt(label, passes)
         loaders[label] = partial(xopt_variant, out, prompt, args.new_tokens, args.threads)
         megabytes[label] = onnx_megabytes(out)
-        quality[label] = lambda out=out: onnx_perplexity(out, out, text, threads)
+        quality[label] = lambda out=out: onnx_quality(out, out, text, threads, float_reference())
 
     genai = [precision for precision in GENAI_PRECISIONS if f"onnxruntime-genai {precision}" in selected]
     hf_folder = scratch / "smollm2-hf"  # a plain fp32 checkpoint: what the model builder reads
@@ -428,8 +444,8 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> Variant
             logger.warning("%s failed: %s", label, error)
             continue
         head_size = json.loads((built / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
-        quality[label] = lambda built=built, size=head_size: onnx_perplexity(
-            built / "model.onnx", hf_folder, text, threads, size
+        quality[label] = lambda built=built, size=head_size: onnx_quality(
+            built / "model.onnx", hf_folder, text, threads, float_reference(), size
         )
 
     notes = []
@@ -445,7 +461,7 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> Variant
             )
             megabytes["llama.cpp Q4_1"] = gguf.stat().st_size / 1e6
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            quality["llama.cpp Q4_1"] = lambda: llama_cpp_perplexity(gguf, ids, threads, extra_buffers)
+            quality["llama.cpp Q4_1"] = lambda: llama_cpp_quality(gguf, ids, threads, extra_buffers, float_reference())
             if not extra_buffers:
                 notes.append("llama.cpp ran with its extra buffer types off: with them (AMX) it crashed here.")
     return Variants(loaders, seconds, quality, megabytes, notes)
@@ -488,7 +504,7 @@ def run(loaders: dict[str, Callable[[], Callable]], repeats: int) -> dict[str, S
 def write_markdown(
     samples: dict[str, Samples],
     variants: Variants,
-    perplexity: dict,
+    quality: dict[str, Quality],
     args,
     command: str,
     other: OtherLoad,
@@ -512,7 +528,8 @@ def write_markdown(
         "'agree' = generated tokens equal to transformers' greedy output. "
         "'file MB' = the model's ONNX files (llama.cpp: the GGUF file). "
         f"Perplexity: the first {args.perplexity_windows} windows of {PERPLEXITY_WINDOW} tokens of the bundled "
-        "evaluation text (the same token ids for every variant; transformers' weights are xopt captured's). "
+        "evaluation text (the same token ids for every variant; transformers' weights are xopt captured's); "
+        "KL: per predicted token, from xopt captured (the file's float weights) on those windows. "
         "'vs X': the median over rounds of the decode speed over X's in the same round (paired, so load "
         "on the shared machine that slows a whole round cancels out). "
         + "".join(f"{note} " for note in variants.notes)
@@ -521,8 +538,8 @@ def write_markdown(
         "",
         "| variant | prefill ms | decode tokens/s | "
         + "".join(f"vs {a} | " for a in anchors)
-        + "agree | perplexity | file MB | build s |",
-        "|---|---|---|" + "---|" * len(anchors) + "---|---|---|---|",
+        + "agree | perplexity | KL | file MB | build s |",
+        "|---|---|---|" + "---|" * len(anchors) + "---|---|---|---|---|",
     ]
     for label, s in samples.items():
         p10, median, p90 = np.percentile(s.tokens_per_s, [10, 50, 90])
@@ -534,11 +551,13 @@ def write_markdown(
         )
         ratios = "".join(f"{_paired_ratio(s, samples[a]):.2f}× | " for a in anchors)
         build = f"{variants.seconds[label]:.0f}" if label in variants.seconds else ""
-        quality = f"{perplexity[label]:.2f}" if label in perplexity else "—"
+        perplexity, kl = (
+            (f"{quality[label].perplexity:.2f}", f"{quality[label].kl:.3g}") if label in quality else ("—", "—")
+        )
         size = f"{variants.megabytes[label]:.0f}" if label in variants.megabytes else ""
         lines.append(
             f"| {label} | {prefill:.0f} ({q10:.0f}–{q90:.0f}) | {median:.1f} ({p10:.1f}–{p90:.1f}) | {ratios}"
-            f"{agree} | {quality} | {size} | {build} |"
+            f"{agree} | {perplexity} | {kl} | {size} | {build} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
@@ -603,15 +622,15 @@ def main() -> None:
         with OtherLoad(args.threads) as other:
             samples = run(variants.loaders, args.repeats)
         write_markdown(samples, variants, {}, args, command, other, table, time.perf_counter() - started)
-        perplexity = {}
+        quality = {}
         for label, measure in variants.quality.items() if args.perplexity_windows else ():
             try:
-                perplexity[label] = measure()
+                quality[label] = measure()
             except Exception as error:  # a variant we cannot score is reported without a figure
                 logger.warning("%s: perplexity failed: %s", label, error)
                 continue
-            logger.info("%s: perplexity %.3f", label, perplexity[label])
-    write_markdown(samples, variants, perplexity, args, command, other, table, time.perf_counter() - started)
+            logger.info("%s: perplexity %.3f, KL %.5f", label, quality[label].perplexity, quality[label].kl)
+    write_markdown(samples, variants, quality, args, command, other, table, time.perf_counter() - started)
     print(table.read_text())
 
 

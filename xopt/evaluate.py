@@ -90,24 +90,58 @@ def _causal_lm_quality(model, text, reference, window, max_windows, progress) ->
     ids = ids[: count * window]  # only what is measured is checked against the model's limits
     for runnable in (model, reference) if reference is not None else (model,):
         _check_runs_on(runnable, ids, window)
-    nll_sum, kl_sum, agree, predicted = 0.0, 0.0, 0, 0
+    scores = WindowScores()
     for start in progress(range(0, count * window, window), count):
-        tokens = ids[start : start + window][None, :]
-        feeds = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
-        log_probs = log_softmax(_logits(model, feeds)[0, :-1])
-        targets = tokens[0, 1:]
-        nll_sum -= float(log_probs[np.arange(len(targets)), targets].sum())
-        predicted += len(targets)
+        tokens = ids[start : start + window]
+        log_probs, reference_log_probs = causal_log_probs(model, tokens), None
         if reference is not None:
-            ref_log_probs = log_softmax(_logits(reference, feeds)[0, :-1])
-            if ref_log_probs.shape != log_probs.shape:
-                raise XoptError(_differs(reference, "vocabulary", ref_log_probs.shape[-1], model, log_probs.shape[-1]))
-            kl_sum += float(np.sum(np.exp(ref_log_probs) * (ref_log_probs - log_probs)))
-            agree += int(np.sum(ref_log_probs.argmax(-1) == log_probs.argmax(-1)))
-    quality = Quality(TASK_CAUSAL_LM, predicted, perplexity=float(np.exp(nll_sum / predicted)), windows=count)
-    if reference is not None:
-        quality.kl, quality.top1_agreement = kl_sum / predicted, agree / predicted
-    return quality
+            reference_log_probs = causal_log_probs(reference, tokens)
+            if reference_log_probs.shape != log_probs.shape:
+                raise XoptError(
+                    _differs(reference, "vocabulary", reference_log_probs.shape[-1], model, log_probs.shape[-1])
+                )
+        scores.add(tokens, log_probs, reference_log_probs)
+    return scores.quality()
+
+
+@dataclass
+class WindowScores:
+    """The causal-LM metrics' running sums, window by window: also for a model outside ONNX
+    Runtime (the decode benchmark's llama.cpp) scored against an ONNX reference."""
+
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    predicted: int = 0
+    windows: int = 0
+    against_reference: bool = False
+
+    def add(self, tokens: np.ndarray, log_probs: np.ndarray, reference_log_probs: np.ndarray | None = None) -> None:
+        """One window: its token ids [W] and the log-probabilities [W−1, vocabulary] predicting
+        tokens 2..W (and a reference model's, of the same shape, for KL and top-1)."""
+        targets = tokens[1:]
+        self.nll -= float(log_probs[np.arange(len(targets)), targets].sum())
+        self.predicted += len(targets)
+        self.windows += 1
+        if reference_log_probs is None:
+            return
+        self.against_reference = True
+        self.kl += float(np.sum(np.exp(reference_log_probs) * (reference_log_probs - log_probs)))
+        self.agree += int(np.sum(reference_log_probs.argmax(-1) == log_probs.argmax(-1)))
+
+    def quality(self) -> Quality:
+        quality = Quality(
+            TASK_CAUSAL_LM, self.predicted, perplexity=float(np.exp(self.nll / self.predicted)), windows=self.windows
+        )
+        if self.against_reference:
+            quality.kl, quality.top1_agreement = self.kl / self.predicted, self.agree / self.predicted
+        return quality
+
+
+def causal_log_probs(model: Runnable, tokens: np.ndarray) -> np.ndarray:
+    """log p [W−1, vocabulary] of a causal LM on one window of token ids [W], predicting tokens 2..W."""
+    feeds = {"input_ids": tokens[None, :], "attention_mask": np.ones_like(tokens)[None, :]}
+    return log_softmax(_logits(model, feeds)[0, :-1])
 
 
 def _check_runs_on(model: Runnable, ids: np.ndarray, window: int) -> None:
