@@ -21,7 +21,7 @@ width, in blocks of 32 (a model converted from a llama.cpp Q4_0, Q4_1 or Q8_0 fi
 rounding of the codes and scales, whatever the method (`source_grid.py`). A Q4_1 block's float
 offset cannot be an integer zero point; it is folded into one (the rest on extra rows that read
 the input's block sums in two sets of 4-bit rows, `grid_offsets.py`), or with `source_grid=exact`
-kept exactly as a float term of the block sums, 1.05× slower for SmolLM2's decode (8-bit head;
+kept exactly as a float term of the block sums, 1.05–1.10× slower for SmolLM2's decode (8-bit head;
 KL from the float model 0.00317 against 0.00321 folded). `false` re-quantizes such weights.
 `symmetric=measure` decides on this machine: the model is timed with both grids, each at its own
 best accuracy level (round to nearest stands in for the method: the kernels' time does not depend

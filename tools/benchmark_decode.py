@@ -44,7 +44,7 @@ Variants:
   `quantize` keeps exactly at 8 bits, and its linears as Q4_1, whose float offsets
   `source_grid=exact` keeps exactly (the recipe folds them into zero points: `grid_offsets`), so
   the model computes what llama.cpp computes from the file, and the same with the offsets folded
-  as the recipe does; and `int4` with those grids
+  as the recipe does, also with `fuse(positions=contiguous)`; and `int4` with those grids
   re-quantized (`source_grid=false`) in groups of 64 and 128 with positions=contiguous: a second
   rounding (worse perplexity) for fewer bytes per weight (4 + 32/g bits of codes and scales).
 """
@@ -304,6 +304,7 @@ def xopt_builds() -> dict[str, list[str] | None]:
     builds["xopt exact, positions=contiguous, keep-grids, 8-bit head"] = [*contiguous_exact, "keep-grids", head]
     eight_bit_head = [re.sub(r"head_bits=\d", "head_bits=8", spec) for spec in RECIPES["int4"]]
     builds["xopt int4, 8-bit head"] = eight_bit_head  # the file's Q8_0 head kept; Q4_1 offsets folded
+    builds["xopt int4, 8-bit head, positions=contiguous"] = [_contiguous(spec) for spec in eight_bit_head]
     builds["xopt int4, 8-bit head, exact offsets"] = [  # the file's grids as llama.cpp computes them
         spec.replace(")", ",source_grid=exact)") if spec.startswith("quantize(") else spec for spec in eight_bit_head
     ]
@@ -512,7 +513,8 @@ def write_markdown(
     elapsed: float,
 ) -> None:
     reference = samples["transformers generate"].tokens if "transformers generate" in samples else None
-    anchors = [label for label in (f"onnxruntime-genai {p}" for p in GENAI_PRECISIONS) if label in samples]
+    anchor_labels = [*(f"onnxruntime-genai {p}" for p in GENAI_PRECISIONS), "llama.cpp Q4_1"]
+    anchors = [label for label in anchor_labels if label in samples]  # a paired-ratio column each
     lines = [
         "# Decode benchmark: SmolLM2-135M",
         "",
