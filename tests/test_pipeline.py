@@ -13,7 +13,15 @@ from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass
 from xopt.pipeline import PassManager, make_pass, parse_spec, registered_passes, resolve_passes
 from xopt.report import ModelStats
-from xopt.verify import VerificationError, bisect_passes, compare, parity_over, reference_outputs
+from xopt.verify import (
+    CHECKED_INLINE_MAX_BYTES,
+    VerificationError,
+    bisect_passes,
+    check_structure,
+    compare,
+    parity_over,
+    reference_outputs,
+)
 
 
 def test_registry_lists_cleanup_with_its_options():
@@ -150,6 +158,48 @@ def test_without_verification_the_broken_model_comes_back_unchecked():
     broken, report = PassManager([AddToSubPass()], verify=False)(model)
     assert report.passes[0].parity is None and not report.verified
     assert [n.op_type for n in broken.graph] == ["MatMul", "Sub", "Relu"]
+
+
+def _model_reading(weight: np.ndarray, op: str = "MatMul") -> ir.Model:
+    """x [N, 4] → op(x, weight) → Reshape to [N, -1] (its target a small constant)."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["N", 4]))
+    w = ir.Value(name="w", const_value=ir.tensor(weight, name="w"))
+    target = ir.Value(name="target", const_value=ir.tensor(np.array([0, -1], np.int64), name="target"))
+    product = ir.node(op, [x, w])
+    flat = ir.node("Reshape", [product.outputs[0], target])
+    flat.outputs[0].name, flat.outputs[0].type = "y", ir.TensorType(ir.DataType.FLOAT)
+    flat.outputs[0].shape = ir.Shape(["N", 300])
+    graph = ir.Graph(
+        [x], flat.outputs, nodes=[product, flat], initializers=[w, target], opset_imports={"": 20}, name="g"
+    )
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize(
+    ("weight", "op", "message"),
+    [
+        (np.ones((5, 300), np.float32), "MatMul", "invalid ONNX graph: .*Incompatible dimensions"),
+        (np.ones((4, 300), np.int64), "MatMul", "invalid ONNX graph: .*inconsistent type"),
+    ],
+)
+def test_the_structure_check_reads_the_type_and_shape_of_weights_it_does_not_carry(weight, op, message):
+    """Weights of CHECKED_INLINE_MAX_BYTES or more reach the checker as inputs of their type and
+    shape: a shape clash or a type clash with one is still found, and the model is left as it was."""
+    assert weight.nbytes >= CHECKED_INLINE_MAX_BYTES
+    good = _model_reading(np.ones((4, 300), np.float32))
+    check_structure(good)
+    model = _model_reading(weight, op)
+    with pytest.raises(VerificationError, match=message):
+        check_structure(model)
+    assert [v.name for v in model.graph.inputs] == ["x"] and set(model.graph.initializers) == {"w", "target"}
+    assert model.graph.initializers["w"].const_value.numpy() is not None
+
+
+def test_the_structure_check_reads_the_values_of_small_shape_constants():
+    model = _model_reading(np.ones((4, 300), np.float32))
+    model.graph.initializers["target"].const_value = ir.tensor(np.array([0, 7], np.int64), name="target")
+    with pytest.raises(VerificationError, match="invalid ONNX graph: .*300.*7|invalid ONNX graph: .*7.*300"):
+        check_structure(model)
 
 
 def test_bisect_finds_the_first_pass_at_fault():

@@ -16,7 +16,6 @@ stays orders of magnitude below it, while any real change of the function exceed
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -75,40 +74,49 @@ def fused_operators(graph: ir.Graph) -> list[str]:
 
 
 def check_structure(model: ir.Model) -> None:
-    """The onnx checker with strict shape inference; raises VerificationError with the reason."""
-    with _ort_ops_as_custom(model):
-        _check(model)
-
-
-@contextlib.contextmanager
-def _ort_ops_as_custom(model: ir.Model):
-    nodes = [n for n in model.graph if n.domain in ("", "ai.onnx") and n.op_type in ORT_OPS_IN_ONNX_DOMAIN]
-    added = bool(nodes) and "com.microsoft" not in model.opset_imports
-    for node in nodes:
-        node.domain = "com.microsoft"
-    if added:
-        model.opset_imports["com.microsoft"] = 1
+    """The onnx checker with strict shape inference; raises VerificationError with the reason.
+    The model is unchanged: what the checker reads is `_checked_form(model)`."""
+    checked = _checked_form(model)
     try:
-        yield
-    finally:
-        for node in nodes:
-            node.domain = ""
-        if added:
-            del model.opset_imports["com.microsoft"]
-
-
-def _check(model: ir.Model) -> None:
-    try:
-        if model_bytes(model) < PROTOBUF_LIMIT_BYTES - (64 << 20):
-            onnx.checker.check_model(inline_proto(model), full_check=True)
+        if model_bytes(checked) < PROTOBUF_LIMIT_BYTES - (64 << 20):
+            onnx.checker.check_model(inline_proto(checked), full_check=True)
         else:  # over the protobuf limit: the checker reads the model from a file with external data
             with tempfile.TemporaryDirectory(prefix="xopt-check-") as folder:
                 path = Path(folder) / "model.onnx"
-                ir.save(model, path, external_data="model.onnx.data")
+                ir.save(checked, path, external_data="model.onnx.data")
                 onnx.checker.check_model(str(path), full_check=True)
     except Exception as error:
         reason = first_line(error)
         raise VerificationError(f"invalid ONNX graph: {reason}") from error
+
+
+# A main-graph weight of this many bytes or more reaches the checker as a graph input of its type
+# and shape, not as data: the checks and shape inference read a weight's type and shape, and values
+# only of the small constants that carry shapes (a Reshape's target, a Slice's ends), which stay
+# inline. SmolLM2's 551 MB went through the protobuf two or three times per pass (2.3–6.8 s).
+CHECKED_INLINE_MAX_BYTES = 1024
+
+
+def _checked_form(model: ir.Model) -> ir.Model:
+    """A clone of `model` as the checker is given it: its large weights declared as graph inputs
+    (`CHECKED_INLINE_MAX_BYTES`), and ONNX Runtime's contrib ops of the ONNX domain moved to
+    com.microsoft, which the checker takes as custom ops."""
+    checked = model.clone()
+    graph = checked.graph
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < CHECKED_INLINE_MAX_BYTES:
+            continue
+        graph.initializers.pop(name)
+        value.const_value = None
+        value.type, value.shape = ir.TensorType(tensor.dtype), ir.Shape(tensor.shape)
+        graph.inputs.append(value)
+    nodes = [n for n in graph if n.domain in ("", "ai.onnx") and n.op_type in ORT_OPS_IN_ONNX_DOMAIN]
+    for node in nodes:
+        node.domain = "com.microsoft"
+    if nodes:
+        checked.opset_imports.setdefault("com.microsoft", 1)
+    return checked
 
 
 def reference_outputs(model: ir.Model, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
