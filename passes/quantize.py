@@ -255,7 +255,29 @@ class QuantizeWeightsPass(Pass):
                 precision[linear.name] = self.head_bits
             else:
                 explain.append(f"{linear.name}: not quantized: LM head (head_bits=0)")
+        packed = self._packed_attention_weights(model)
+        if packed:
+            explain.append(packed)
+            logger.warning("%s", packed)
         return precision
+
+    def _packed_attention_weights(self, model: ir.Model) -> str | None:
+        """What the ORT `Attention` nodes that read their Q/K/V weights themselves (a plain `fuse`
+        packs them) keep in float, with the way out; None when there are none."""
+        weights = {
+            id(node.inputs[1]): node.inputs[1].const_value.nbytes
+            for node in model.graph
+            if node.op_type == "Attention" and node.domain == CONTRIB and len(node.inputs) > 1
+            if node.inputs[1] is not None and node.inputs[1].const_value is not None
+        }
+        if not weights:
+            return None
+        recipe_weights = "int4" if self.scheme == "weight-only" and self.bits == 4 else "int8"
+        return (
+            f"{counted(len(weights), 'Attention weight')} packed by `fuse` stay in float "
+            f"({sum(weights.values()) / 1e6:.1f} MB), out of quantize's reach: `fuse(weights={recipe_weights})` "
+            "before `quantize` keeps Q/K/V as linears (the int4 and int8 recipes do)"
+        )
 
     def _quantize_embedding(
         self,

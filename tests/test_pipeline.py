@@ -198,7 +198,7 @@ def test_the_structure_check_reads_the_type_and_shape_of_weights_it_does_not_car
 def test_the_structure_check_reads_the_values_of_small_shape_constants():
     model = _model_reading(np.ones((4, 300), np.float32))
     model.graph.initializers["target"].const_value = ir.tensor(np.array([0, 7], np.int64), name="target")
-    with pytest.raises(VerificationError, match="invalid ONNX graph: .*300.*7|invalid ONNX graph: .*7.*300"):
+    with pytest.raises(VerificationError, match=r"invalid ONNX graph: .*differ in dimension 1: \(7\) vs \(300\)"):
         check_structure(model)
 
 

@@ -183,6 +183,27 @@ def test_every_linear_becomes_matmulnbits_and_the_model_still_runs(tiny_model, n
         assert record.parity.max_rel <= tolerance, (bits, record.parity.describe())
 
 
+@pytest.mark.parametrize("weights", ["float", "int8"])
+def test_attention_weights_packed_by_fuse_are_named_as_left_in_float(tiny_model, weights, caplog):
+    """A plain `fuse` packs BERT's Q/K/V into ORT's Attention, whose weight no linear holds:
+    `quantize` says so, with the size and the way out; after `fuse(weights=int8)` there is none."""
+    cleanup, fuse = parse_spec(f"cleanup,fuse(lowering=all,weights={weights})")
+    fused = fuse(cleanup(tiny_model("bert").clone()).model).model
+    packed = [n for n in fused.graph if n.op_type == "Attention" and n.domain == "com.microsoft"]
+    assert bool(packed) == (weights == "float")
+    result = QuantizeWeightsPass(scheme="dynamic", bits=8, accuracy="0")(fused)
+    notes = [line for line in result.explain if "packed by `fuse` stay in float" in line]
+    if weights == "int8":
+        assert not notes and "stay in float" not in caplog.text
+        return
+    megabytes = sum(n.inputs[1].const_value.nbytes for n in packed) / 1e6
+    assert notes == [
+        f"{len(packed)} Attention weights packed by `fuse` stay in float ({megabytes:.1f} MB), out of quantize's "
+        "reach: `fuse(weights=int8)` before `quantize` keeps Q/K/V as linears (the int4 and int8 recipes do)"
+    ]
+    assert notes[0] in caplog.text
+
+
 def test_head_bits_sets_the_lm_head_apart(tiny_model):
     model = tiny_model("qwen2")
     linears = _linear_count(model)
