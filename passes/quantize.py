@@ -57,7 +57,9 @@ gathered from the head's initializers: stored once, and its bytes before counted
 
 A bias Add after the MatMul stays as it is. The LM head (the linear that writes a graph output)
 takes `head_bits` (8 by default: it is the widest matrix of a small LM and the most sensitive;
-0 keeps it in float).
+0 keeps it in float). ORT's `Attention`, which a plain `fuse` gives an encoder, reads its packed
+Q/K/V weight itself: no linear holds it, so it stays in float, and the pass says so (a warning,
+with its size) and names `fuse(weights=int8|int4)`, which keeps Q/K/V as linears.
 
 `budget` > 0 turns on mixed precision (`mixed_precision.py`): the linears whose quantization
 costs the task error most (KL per token for a causal LM, 1 − min sentence cosine for an encoder,
