@@ -8,13 +8,13 @@ import pytest
 from helpers import LINEAR_MODEL, REDUNDANT_MODEL, AddToSubPass, model_from_text
 
 import xopt
+from xopt.backends.onnxruntime import EXTERNAL_DATA_THRESHOLD_BYTES
 from xopt.errors import XoptError
 from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass
 from xopt.pipeline import PassManager, make_pass, parse_spec, registered_passes, resolve_passes
 from xopt.report import ModelStats
 from xopt.verify import (
-    CHECKED_INLINE_MAX_BYTES,
     VerificationError,
     bisect_passes,
     check_structure,
@@ -183,16 +183,16 @@ def _model_reading(weight: np.ndarray, op: str = "MatMul") -> ir.Model:
     ],
 )
 def test_the_structure_check_reads_the_type_and_shape_of_weights_it_does_not_carry(weight, op, message):
-    """Weights of CHECKED_INLINE_MAX_BYTES or more reach the checker as inputs of their type and
+    """Weights of EXTERNAL_DATA_THRESHOLD_BYTES or more reach the checker as inputs of their type and
     shape: a shape clash or a type clash with one is still found, and the model is left as it was."""
-    assert weight.nbytes >= CHECKED_INLINE_MAX_BYTES
+    assert weight.nbytes >= EXTERNAL_DATA_THRESHOLD_BYTES
     good = _model_reading(np.ones((4, 300), np.float32))
     check_structure(good)
     model = _model_reading(weight, op)
     with pytest.raises(VerificationError, match=message):
         check_structure(model)
     assert [v.name for v in model.graph.inputs] == ["x"] and set(model.graph.initializers) == {"w", "target"}
-    assert model.graph.initializers["w"].const_value.numpy() is not None
+    assert np.array_equal(model.graph.initializers["w"].const_value.numpy(), weight)
 
 
 def test_the_structure_check_reads_the_values_of_small_shape_constants():

@@ -26,7 +26,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from xopt.backends.onnxruntime import PROTOBUF_LIMIT_BYTES, create_session, inline_proto, model_bytes, run
+from xopt.backends.onnxruntime import (
+    EXTERNAL_DATA_THRESHOLD_BYTES,
+    PROTOBUF_LIMIT_BYTES,
+    create_session,
+    inline_proto,
+    model_bytes,
+    run,
+)
 from xopt.errors import XoptError, first_line
 
 logger = logging.getLogger(__name__)
@@ -90,22 +97,19 @@ def check_structure(model: ir.Model) -> None:
         raise VerificationError(f"invalid ONNX graph: {reason}") from error
 
 
-# A main-graph weight of this many bytes or more reaches the checker as a graph input of its type
-# and shape, not as data: the checks and shape inference read a weight's type and shape, and values
-# only of the small constants that carry shapes (a Reshape's target, a Slice's ends), which stay
-# inline. SmolLM2's 551 MB went through the protobuf two or three times per pass (2.3–6.8 s).
-CHECKED_INLINE_MAX_BYTES = 1024
-
-
 def _checked_form(model: ir.Model) -> ir.Model:
-    """A clone of `model` as the checker is given it: its large weights declared as graph inputs
-    (`CHECKED_INLINE_MAX_BYTES`), and ONNX Runtime's contrib ops of the ONNX domain moved to
-    com.microsoft, which the checker takes as custom ops."""
+    """A clone of `model` as the checker is given it: its main-graph weights of
+    `EXTERNAL_DATA_THRESHOLD_BYTES` or more declared as graph inputs of their type and shape, not
+    carried as data (the checks and shape inference read a weight's type and shape, and values only
+    of the small constants that carry shapes, a Reshape's target or a Slice's ends, which stay
+    inline; SmolLM2's 551 MB went through the protobuf two or three times per pass, 2.3–6.8 s), and
+    ONNX Runtime's contrib ops of the ONNX domain moved to com.microsoft, which the checker takes as
+    custom ops."""
     checked = model.clone()
     graph = checked.graph
     for name, value in list(graph.initializers.items()):
         tensor = value.const_value
-        if tensor is None or tensor.nbytes < CHECKED_INLINE_MAX_BYTES:
+        if tensor is None or tensor.nbytes < EXTERNAL_DATA_THRESHOLD_BYTES:
             continue
         graph.initializers.pop(name)
         value.const_value = None
