@@ -9,7 +9,10 @@ of the layer's inputs on calibration data, GPTQ minimises ‖(W − Ŵ)·X‖² 
     U = chol(H⁻¹)ᵀ                               (upper triangular)
     for k = 0 … K−1:  ŵ_k = grid(w_k);  e = (w_k − ŵ_k)/U_kk;  W[:, k+1:] −= e · U[k, k+1:]
 
-done lazily over blocks of B columns (in-block updates immediately, the rest once per block).
+done lazily at two levels: within a block of B columns in steps of S (each column updates the rest
+of its step at once, the rest of the block once per step, one matrix product), and the columns
+after the block once per block. The same sums as the column-by-column loop, grouped; W is held as
+[K, N] so that a column is a contiguous row.
 The grid of each group of g columns (scale and integer zero point per output channel, or a
 fixed zero point when `symmetric`, see `weight_grid`) is fitted when the loop enters the group,
 on the group's columns as updated so far, so it sees the compensation of earlier groups.
@@ -23,11 +26,14 @@ Float64 throughout.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from xopt.passes.weight_grid import codes_of, fit_blocks
 
-BLOCK_COLUMNS = 128
+BLOCK_COLUMNS = 128  # B: the columns whose updates to the rest of W wait for one product
+STEP_COLUMNS = 32  # S: the columns whose updates to the rest of the block wait (gcd(g, S) of them)
 
 
 def gptq(
@@ -43,41 +49,44 @@ def gptq(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes [N, K], and scale, zero [N, ⌈K/g⌉] of W [N, K] quantized against input moment H [K, K]."""
     n, k = w_nk.shape
-    weight = np.array(w_nk, dtype=np.float64)
+    weight_nk = np.array(w_nk, dtype=np.float64)
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    weight[:, dead] = 0.0
+    weight_nk[:, dead] = 0.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     groups = -(-k // group)
-    scale, zero = np.zeros((n, groups)), np.zeros((n, groups))
+    scale, zero = np.zeros((groups, n)), np.zeros((groups, n))
     if act_order:
         for g in range(groups):
-            scale[:, g], zero[:, g] = (
-                a[:, 0] for a in fit_blocks(weight[:, None, g * group : (g + 1) * group], bits, fit, symmetric)
+            scale[g], zero[g] = (
+                a[:, 0] for a in fit_blocks(weight_nk[:, None, g * group : (g + 1) * group], bits, fit, symmetric)
             )
         order = np.argsort(-np.diag(h), kind="stable")
     else:
         order = np.arange(k)
-    weight, h = weight[:, order], h[np.ix_(order, order)]
-    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    weight = np.ascontiguousarray(weight_nk[:, order].T)  # [K, N] in the order quantized
+    upper = np.linalg.cholesky(np.linalg.inv(h[np.ix_(order, order)])).T
 
-    codes = np.zeros((n, k))
+    codes = np.zeros((k, n))
     block = max(BLOCK_COLUMNS // group, 1) * group  # whole groups per block
+    step = math.gcd(group, STEP_COLUMNS)  # a group starts at a step: its columns have every earlier update
     for start in range(0, k, block):
         end = min(start + block, k)
-        current = weight[:, start:end]  # a view: updates land in `weight`
-        errors = np.zeros((n, end - start))
-        inverse = upper[start:end, start:end]
-        for i in range(end - start):
-            g = order[start + i] // group
-            if not act_order and (start + i) % group == 0:
-                members = current[:, None, i : i + group]
-                scale[:, g], zero[:, g] = (a[:, 0] for a in fit_blocks(members, bits, fit, symmetric))
-            q = codes_of(current[:, i : i + 1], scale[:, g], zero[:, g], bits)[:, 0]
-            codes[:, order[start + i]] = q
-            error = (current[:, i] - scale[:, g] * (q - zero[:, g])) / inverse[i, i]
-            current[:, i:] -= np.outer(error, inverse[i, i:])
-            errors[:, i] = error
-        weight[:, end:] -= errors @ upper[start:end, end:]
-    return codes, scale, zero
+        errors = np.zeros((end - start, n))
+        for first in range(start, end, step):
+            last = min(first + step, end)
+            for i in range(first, last):
+                g = order[i] // group
+                if not act_order and i % group == 0:
+                    members = weight[i : i + group].T[:, None, :]
+                    scale[g], zero[g] = (a[:, 0] for a in fit_blocks(members, bits, fit, symmetric))
+                codes[i] = codes_of(weight[i][:, None], scale[g], zero[g], bits)[:, 0]
+                error = (weight[i] - scale[g] * (codes[i] - zero[g])) / upper[i, i]
+                weight[i + 1 : last] -= upper[i, i + 1 : last, None] * error
+                errors[i - start] = error
+            weight[last:end] -= upper[first:last, last:end].T @ errors[first - start : last - start]
+        weight[end:] -= upper[start:end, end:].T @ errors
+    codes_nk = np.empty((n, k))
+    codes_nk[:, order] = codes.T
+    return codes_nk, scale.T.copy(), zero.T.copy()

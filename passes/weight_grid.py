@@ -38,6 +38,7 @@ import numpy as np
 
 FITS = ("minmax", "hqq")
 HQQ_ITERATIONS, HQQ_P, HQQ_BETA, HQQ_KAPPA = 20, 0.7, 10.0, 1.01
+HQQ_CHUNK_BLOCKS = 1024
 
 
 def levels(bits: int) -> int:
@@ -89,6 +90,18 @@ def _fit_symmetric(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _fit_hqq(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """HQQ's fit of each block, `HQQ_CHUNK_BLOCKS` blocks at a time: the blocks are independent, and
+    a chunk's temporaries stay in the core's cache through the iterations (twice as fast for
+    SmolLM2's 49152-row head as one pass over all blocks per iteration)."""
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    scale, zero = np.empty(len(flat)), np.empty(len(flat))
+    for start in range(0, len(flat), HQQ_CHUNK_BLOCKS):
+        chunk = slice(start, start + HQQ_CHUNK_BLOCKS)
+        scale[chunk], zero[chunk] = _fit_hqq_blocks(flat[chunk], bits, symmetric)
+    return scale.reshape(blocks.shape[:-1]), zero.reshape(blocks.shape[:-1])
+
+
+def _fit_hqq_blocks(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     top = levels(bits)
     scale, zero = _fit_symmetric(blocks, bits) if symmetric else _fit_minmax(blocks, top)
     best_scale, best_zero = scale.copy(), zero.copy()

@@ -13,7 +13,7 @@ from helpers import single_gather, single_matmul
 
 from xopt.backends.onnxruntime import create_session
 from xopt.errors import XoptError
-from xopt.passes import QuantizeWeightsPass
+from xopt.passes import QuantizeWeightsPass, weight_grid
 from xopt.passes.awq import awq, output_error
 from xopt.passes.gptq import gptq
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks
@@ -74,6 +74,18 @@ def test_hqq_fit_is_never_worse_than_round_to_nearest():
     assert errors["hqq"].mean() < 0.97 * errors["minmax"].mean()  # measured 0.95
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_hqq_fits_each_block_alone_whatever_the_chunk(monkeypatch, symmetric):
+    """The fit runs in chunks of blocks; a block's grid does not depend on which chunk holds it."""
+    blocks = np.random.default_rng(6).standard_t(df=3, size=(50, 7, 32))
+    whole = fit_blocks(blocks, 4, "hqq", symmetric)
+    monkeypatch.setattr(weight_grid, "HQQ_CHUNK_BLOCKS", 33)  # chunks that split rows, and a short last one
+    chunked = fit_blocks(blocks, 4, "hqq", symmetric)
+    for expected, actual in zip(whole, chunked, strict=True):
+        assert actual.shape == (50, 7)
+        np.testing.assert_array_equal(actual, expected)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_symmetric_grid_keeps_each_blocks_largest_value_and_hqq_only_improves_it(bits):
     """z = 2^(bits−1) everywhere; the value of largest magnitude is on the grid (code 0) whatever
@@ -115,6 +127,46 @@ def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(fit, act_order,
     error = np.linalg.norm(inputs @ (weight - ours))
     ratio = error / np.linalg.norm(inputs @ (weight - nearest))
     assert ratio < (0.7 if act_order else 0.85)  # measured 0.58–0.60 with act-order, 0.75–0.76 without
+
+
+def _gptq_column_by_column(w_nk, hessian, *, bits, group, fit, act_order):
+    """The loop of gptq.py's docstring, one column at a time with no deferred update."""
+    n, k = w_nk.shape
+    weight, h = w_nk.astype(np.float64), hessian + 0.01 * np.mean(np.diag(hessian)) * np.eye(k)
+    scale, zero = np.zeros((n, -(-k // group))), np.zeros((n, -(-k // group)))
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    if act_order:  # static groups, fitted on the unquantized weight
+        for g in range(scale.shape[1]):
+            scale[:, g], zero[:, g] = (
+                a[:, 0] for a in fit_blocks(weight[:, None, g * group : (g + 1) * group], bits, fit)
+            )
+    weight, upper = weight[:, order], np.linalg.cholesky(np.linalg.inv(h[np.ix_(order, order)])).T
+    codes = np.zeros((n, k))
+    for i in range(k):
+        g = order[i] // group
+        if not act_order and i % group == 0:
+            scale[:, g], zero[:, g] = (a[:, 0] for a in fit_blocks(weight[:, None, i : i + group], bits, fit))
+        codes[:, order[i]] = codes_of(weight[:, i : i + 1], scale[:, g], zero[:, g], bits)[:, 0]
+        error = (weight[:, i] - scale[:, g] * (codes[:, order[i]] - zero[:, g])) / upper[i, i]
+        weight[:, i:] -= np.outer(error, upper[i, i:])
+    return codes, scale, zero
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(("in_features", "group"), [(200, 32), (300, 128), (96, 16), (200, 48)])
+def test_gptq_deferred_updates_compute_the_column_by_column_loop(in_features, group, act_order):
+    """Updates grouped in steps and blocks (a partial last block and group included) are the same
+    sums as the plain loop: the same codes, grids equal to float rounding."""
+    rng = np.random.default_rng(5)
+    inputs = rng.standard_normal((1024, in_features)) @ rng.standard_normal((in_features, in_features))
+    weight = rng.standard_normal((48, in_features))
+    moment = inputs.T @ inputs
+    options = {"bits": 4, "group": group, "fit": "hqq", "act_order": act_order}
+    codes, scale, zero = gptq(weight, moment, **options)
+    expected_codes, expected_scale, expected_zero = _gptq_column_by_column(weight, moment, **options)
+    np.testing.assert_array_equal(codes, expected_codes)
+    np.testing.assert_array_equal(zero, expected_zero)
+    np.testing.assert_allclose(scale, expected_scale, rtol=1e-9)
 
 
 def test_gptq_on_uncorrelated_inputs_is_round_to_nearest():
