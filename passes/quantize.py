@@ -376,7 +376,8 @@ class QuantizeWeightsPass(Pass):
         forms, levels = [], []
         for symmetric in (False, True):
             copy = model.clone()
-            _Forms(rounded, copy, symmetric, SharedForms(grids=shared.grids)).lower_all(copy.graph, plan, [])
+            kept = SharedForms(grids=shared.grids, source_forms=shared.source_forms)
+            _Forms(rounded, copy, symmetric, kept).lower_all(copy.graph, plan, [])
             level, note = self._accuracy_level(copy, sequence)
             explain.append(f"{'symmetric' if symmetric else 'zero points'}: {note}")
             forms.append(copy)
@@ -429,11 +430,12 @@ class SharedForms:
     (copies of one model: fuse times every lowering with its linears quantized, the mixed-precision
     sweep lowers into many copies), so each tensor is quantized once. Keyed by the tensor object
     (copies share it; a rewritten weight is a new one), which is kept alive here so that its id
-    cannot come to name another. Source grids do not depend on the options: the symmetry sweep
-    shares them between its two grids."""
+    cannot come to name another. Source grids, and the forms that keep them, do not depend on the
+    method or the symmetry: the symmetry sweep shares them between its two grids and the pass."""
 
     forms: dict = field(default_factory=dict)  # (tensor, read transposed, symmetric, bits, smoothing) → _Form
     grids: dict = field(default_factory=dict)  # (tensor, read transposed, bits) → SourceGrid | None
+    source_forms: dict = field(default_factory=dict)  # (tensor, read transposed, bits) → _Form on its grid
     tables: dict = field(default_factory=dict)  # (table tensor, bits, group, fit, keep source) → QuantizedTable
 
 
@@ -477,7 +479,7 @@ class _Forms:
         self.model = model
         self.linears = {linear.name: linear for linear in find_linears(model.graph)}
         self.shared = shared if shared is not None else SharedForms()
-        self._statistics = None
+        self._statistics: dict = {}  # by input name
         self.unsigned = options.scheme == "dynamic" and options.unsigned_codes()
 
     def quantized_copy(self, plan: dict) -> ir.Model:
@@ -536,6 +538,8 @@ class _Forms:
     def form(self, name: str, form: tuple[int, str | None]) -> _Form:
         """The linear quantized in `form` (bits, smoothing)."""
         linear = self.linears[name]
+        if self.source_grid(name, form[0]) is not None:
+            return remembered(self.shared.source_forms, linear, (form[0],), lambda: self._form(linear, *form))
         return remembered(self.shared.forms, linear, (self.symmetric, *form), lambda: self._form(linear, *form))
 
     def _form(self, linear: Linear, bits: int, smoothing: str | None) -> _Form:
@@ -549,14 +553,14 @@ class _Forms:
             if nbits.offsets is not None or nbits.block_sums:
                 detail += ", offsets exact" if nbits.offsets is not None else ", offsets folded into zero points"
         elif options.scheme == "dynamic":
-            int8 = quantize_dynamic(w, self._statistic(linear), smoothing)
+            int8 = quantize_dynamic(w, self._statistic(linear, bits), smoothing)
             restored, lower = int8.restored(), partial(lower_dynamic, int8=int8, unsigned=self.unsigned)
             detail = f"{'uint8' if self.unsigned else 'int8'} dynamic, smoothing {int8.label}"
             if int8.simulated_error is not None:
                 detail += f" (simulated output error {int8.simulated_error:.2e})"
             smoothing = int8.label
         else:
-            restored, nbits, input_scale, detail = self._weight_only(w, self._statistic(linear), bits)
+            restored, nbits, input_scale, detail = self._weight_only(w, self._statistic(linear, bits), bits)
             lower = partial(_lower, nbits=nbits, input_scale=input_scale)
             nbits = nbits if input_scale is None else None  # what a tied table may read: x·Ŵ on x itself
         error = float(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
@@ -588,19 +592,27 @@ class _Forms:
         nbits = _MatMulNBits.pack(codes, scale, None if self.symmetric else zero, bits, options.group)
         return restored, nbits, input_scale, detail
 
-    def _statistic(self, linear: Linear):
-        """The calibration statistic of the linear's input its form needs (None: none)."""
+    def _statistic(self, linear: Linear, bits: int):
+        """The calibration statistic of the linear's input its form needs (None: none). The first
+        linear that needs one collects it, in one calibration run, for every linear without a grid
+        of its own at `bits` (those whose forms at `bits` will need one too): a model on a quantized
+        source runs only for the linears it does not carry on a grid (a GGUF file's Q8_0 head at 4 bits)."""
         options = self.options
         needs = "samples" if options.scheme == "dynamic" and options.smoothing != "none" else None
         if options.scheme == "weight-only" and options.method in ("gptq", "awq"):
             needs = "moments"
         if needs is None:
             return None
-        if self._statistics is None:
+        if linear.input.name not in self._statistics:
             feeds = calibration_feeds(self.model, options.calibration or None, windows=options.windows)
-            inputs = [linear.input for linear in self.linears.values()]
+            wanted = [linear] + [
+                other
+                for other in self.linears.values()
+                if other.input.name not in self._statistics and self.source_grid(other.name, bits) is None
+            ]
+            inputs = list({other.input.name: other.input for other in wanted}.values())
             collect = activation_samples if needs == "samples" else second_moments
-            self._statistics = collect(self.model, inputs, feeds, threads=options.threads)
+            self._statistics.update(collect(self.model, inputs, feeds, threads=options.threads))
         return self._statistics[linear.input.name]
 
 

@@ -3,11 +3,14 @@ and scales exactly, a Q4_1 grid's offsets exactly or folded into zero points (`g
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 from helpers import as_if_from_gguf, gguf_like, single_gather, single_matmul, tied_embedding_lm
 
+import xopt.passes.quantize as quantize_module
 from xopt.analysis.patterns import find_linears
 from xopt.backends.onnxruntime import create_session
 from xopt.passes import QuantizeWeightsPass
@@ -204,15 +207,34 @@ def test_a_model_converted_from_gguf_keeps_its_grids_through_the_int4_passes(tin
     assert quantize.parity.max_rel <= 1e-4, quantize.parity.describe()
 
 
-def test_gptq_calibrates_the_linears_off_a_grid_before_the_others_are_lowered(tiny_model):
+def test_gptq_calibrates_the_linears_off_a_grid_before_the_others_are_lowered(tiny_model, monkeypatch):
     """Only the LM head is off a grid: GPTQ's calibration run reads the float model, whose other
-    linears are lowered to their grids after it (not before, when their inputs are gone)."""
+    linears are lowered to their grids after it (not before, when their inputs are gone), and
+    probes the head's input alone. The forms on a grid are computed once, for the symmetry's two
+    timed copies and the model alike."""
     model = tiny_model("qwen2").clone()
     linears = find_linears(model.graph)
     for linear in linears:
         if linear.out_features != 211:
             set_weight(model.graph, linear, gguf_like(weight_in_out(linear).astype(np.float32), "Q4_1"))
-    result = QuantizeWeightsPass(method="gptq", windows=1, head_bits=4, accuracy="0")(model)
+    (head_input,) = [linear.input.name for linear in linears if linear.out_features == 211]
+    probed, kept_forms = [], Counter()
+    second_moments, source_grid_form = quantize_module.second_moments, quantize_module._source_grid_form
+
+    def probing(model, values, *args, **kwargs):
+        probed.append([value.name for value in values])
+        return second_moments(model, values, *args, **kwargs)
+
+    def counting(grid, exact):
+        kept_forms[grid.codes.tobytes()] += 1
+        return source_grid_form(grid, exact)
+
+    monkeypatch.setattr(quantize_module, "second_moments", probing)
+    monkeypatch.setattr(quantize_module, "_source_grid_form", counting)
+    result = QuantizeWeightsPass(method="gptq", windows=1, head_bits=4, symmetric="measure")(model)
     assert result.stats["linears_quantized"] == len(linears)
     kept = f"{len(linears) - 1} linears → 4-bit on its own offset grid (a quantized source), offsets folded"
     assert any(line.startswith(kept) for line in result.explain)
+    assert probed == [[head_input]]
+    assert any(line.startswith("zero points kept") or line.startswith("symmetric grids") for line in result.explain)
+    assert len(kept_forms) == len(linears) - 1 and set(kept_forms.values()) == {1}
