@@ -64,6 +64,15 @@ def test_optimize_hugging_face_folder_to_folder(tiny_folder, tmp_path, capsys):
     assert parity["top1_agreement"] == 1.0 and parity["top1_agreed"] == parity["top1_positions"] > 0
 
 
+def test_explain_ends_with_the_structure_found_in_the_input(tiny_folder, tmp_path, capsys):
+    """The fused output hides the blocks; the structure --explain reports is the input's."""
+    command = ["optimize", str(tiny_folder("llama")), "-o", str(tmp_path / "out"), "--no-verify", "--explain"]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "fuse: changed the model" in out
+    assert re.search(r"^input structure: 2 blocks found$", out, re.MULTILINE), out
+
+
 def test_inspect_json_has_the_contract_keys(tiny_folder, capsys):
     assert main(["inspect", str(tiny_folder("qwen2")), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -186,7 +186,7 @@ def _optimize(args: argparse.Namespace) -> int:
         written = xopt.save(optimized, output)
     print(report.format_table())
     if args.explain:
-        _print_explain(report, optimized)
+        _print_explain(report, model)
     if args.report is not None:
         write_text_atomically(args.report, json.dumps(report.to_dict(), indent=2) + "\n")
     print(f"wrote {written}")
@@ -496,6 +496,8 @@ def _check_writable_parent(path: Path) -> None:
 
 
 def _print_explain(report, model) -> None:
+    """Each pass's facts and explain lines, then the transformer structure found in the input
+    `model` and its near-misses (what the passes had to work on; fused operators hide it after)."""
     import xopt
 
     for record in report.passes:
@@ -505,7 +507,7 @@ def _print_explain(report, model) -> None:
         for line in record.explain:
             print(f"    {line}")
     structure = xopt.analyze(model)
-    print(f"structure: {len(structure.blocks)} blocks found")
+    print(f"input structure: {counted(len(structure.blocks), 'block')} found")
     for line in structure.near_misses:
         print(f"    not matched: {line}")
 
