@@ -6,7 +6,7 @@ With the weight as rows of output channels, W [N, K], and H = Σ_t x_t x_tᵀ [K
 of the layer's inputs on calibration data, GPTQ minimises ‖(W − Ŵ)·X‖² one input column at a time:
 
     H ← H + λ·mean(diag H)·I                    (dampening; dead inputs, H_kk = 0, get H_kk = 1, W[:, k] = 0)
-    U = chol(H⁻¹)ᵀ                               (upper triangular)
+    U = chol(H⁻¹)ᵀ                               (upper triangular: J·L⁻¹·J with J·H·J = L·Lᵀ, J the reversal)
     for k = 0 … K−1:  ŵ_k = grid(w_k);  e = (w_k − ŵ_k)/U_kk;  W[:, k+1:] −= e · U[k, k+1:]
 
 done lazily at two levels: within a block of B columns in steps of S (each column updates the rest
@@ -27,8 +27,10 @@ Float64 throughout.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg.lapack import dtrtri
 
 from xopt.passes.weight_grid import codes_of, fit_blocks
 
@@ -36,25 +38,42 @@ BLOCK_COLUMNS = 128  # B: the columns whose updates to the rest of W wait for on
 STEP_COLUMNS = 32  # S: the columns whose updates to the rest of the block wait (gcd(g, S) of them)
 
 
-def gptq(
-    w_nk: np.ndarray,
-    hessian: np.ndarray,
-    *,
-    bits: int,
-    group: int,
-    fit: str,
-    symmetric: bool = False,
-    damp: float = 0.01,
-    act_order: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Codes [N, K], and scale, zero [N, ⌈K/g⌉] of W [N, K] quantized against input moment H [K, K]."""
-    n, k = w_nk.shape
-    weight_nk = np.array(w_nk, dtype=np.float64)
+@dataclass(frozen=True)
+class InverseFactor:
+    """What GPTQ takes from an input moment H, computed once per input (the linears that read one
+    input, such as Q, K and V, share it): the order the columns are quantized in, U = chol(H⁻¹)ᵀ of
+    the dampened H in that order, and the dead inputs (H_kk = 0)."""
+
+    order: np.ndarray
+    upper: np.ndarray
+    dead: np.ndarray
+    act_order: bool
+
+
+def inverse_factor(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = False) -> InverseFactor:
+    """The factor of input moment H [K, K] (dampened by λ = `damp`)."""
+    k = len(hessian)
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    weight_nk[:, dead] = 0.0
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    reversed_h = h[np.ix_(order[::-1], order[::-1])]  # J·H·J, J the reversal
+    inverse_lower, info = dtrtri(np.linalg.cholesky(reversed_h), lower=1)  # L⁻¹ of J·H·J = L·Lᵀ
+    if info:
+        raise np.linalg.LinAlgError(f"the Cholesky factor of the input moment is singular (dtrtri info {info})")
+    return InverseFactor(order, np.ascontiguousarray(inverse_lower[::-1, ::-1]), dead, act_order)  # J·L⁻¹·J
+
+
+def gptq(
+    w_nk: np.ndarray, factor: InverseFactor, *, bits: int, group: int, fit: str, symmetric: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes [N, K], and scale, zero [N, ⌈K/g⌉] of W [N, K] quantized against the input moment
+    whose `inverse_factor` is given."""
+    n, k = w_nk.shape
+    order, upper, act_order = factor.order, factor.upper, factor.act_order
+    weight_nk = np.array(w_nk, dtype=np.float64)
+    weight_nk[:, factor.dead] = 0.0
     groups = -(-k // group)
     scale, zero = np.zeros((groups, n)), np.zeros((groups, n))
     if act_order:
@@ -62,11 +81,7 @@ def gptq(
             scale[g], zero[g] = (
                 a[:, 0] for a in fit_blocks(weight_nk[:, None, g * group : (g + 1) * group], bits, fit, symmetric)
             )
-        order = np.argsort(-np.diag(h), kind="stable")
-    else:
-        order = np.arange(k)
     weight = np.ascontiguousarray(weight_nk[:, order].T)  # [K, N] in the order quantized
-    upper = np.linalg.cholesky(np.linalg.inv(h[np.ix_(order, order)])).T
 
     codes = np.zeros((k, n))
     block = max(BLOCK_COLUMNS // group, 1) * group  # whole groups per block

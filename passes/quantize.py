@@ -98,7 +98,7 @@ from xopt.passes.gather_quantized import (
     quantize_table,
     table_group,
 )
-from xopt.passes.gptq import gptq
+from xopt.passes.gptq import InverseFactor, gptq, inverse_factor
 from xopt.passes.grid_offsets import fold_offsets, integer_zero_points, with_block_sums, with_offset_term
 from xopt.passes.input_scaling import divide_input
 from xopt.passes.int8_dynamic import is_smoothing, lower_dynamic, quantize_dynamic
@@ -480,6 +480,7 @@ class _Forms:
         self.linears = {linear.name: linear for linear in find_linears(model.graph)}
         self.shared = shared if shared is not None else SharedForms()
         self._statistics: dict = {}  # by input name
+        self._factors: dict[str, InverseFactor] = {}  # GPTQ's, by input name
         self.unsigned = options.scheme == "dynamic" and options.unsigned_codes()
 
     def quantized_copy(self, plan: dict) -> ir.Model:
@@ -560,27 +561,29 @@ class _Forms:
                 detail += f" (simulated output error {int8.simulated_error:.2e})"
             smoothing = int8.label
         else:
-            restored, nbits, input_scale, detail = self._weight_only(w, self._statistic(linear, bits), bits)
+            restored, nbits, input_scale, detail = self._weight_only(w, linear, bits)
             lower = partial(_lower, nbits=nbits, input_scale=input_scale)
             nbits = nbits if input_scale is None else None  # what a tied table may read: x·Ŵ on x itself
         error = float(np.linalg.norm(restored - w) / max(np.linalg.norm(w), 1e-30))
         return _Form(lower, error, detail, smoothing, on_source_grid=grid is not None, nbits=nbits)
 
     def _weight_only(
-        self, w: np.ndarray, statistic, bits: int
+        self, w: np.ndarray, linear: Linear, bits: int
     ) -> tuple[np.ndarray, _MatMulNBits, np.ndarray | None, str]:
         """Ŵ [K, N], its MatMulNBits form, the scale its input is divided by (AWQ) and a description,
         by the pass's method."""
         options, input_scale, detail = self.options, None, f"{bits}-bit"
+        statistic = self._statistic(linear, bits)
         if options.method == "awq":
             form = awq(w, statistic.matrix, bits=bits, group=options.group, symmetric=self.symmetric)
             codes, scale, zero, input_scale = form.codes, form.scale, form.zero, form.input_scale
             detail += f", AWQ α {form.alpha:.1f}"
         elif options.method == "gptq":
-            codes, scale, zero = gptq(
-                w.T, statistic.matrix, bits=bits, group=options.group, fit="hqq", symmetric=self.symmetric,
-                damp=options.damp, act_order=options.act_order,
-            )  # fmt: skip
+            if linear.input.name not in self._factors:
+                factor = inverse_factor(statistic.matrix, damp=options.damp, act_order=options.act_order)
+                self._factors[linear.input.name] = factor
+            factor = self._factors[linear.input.name]
+            codes, scale, zero = gptq(w.T, factor, bits=bits, group=options.group, fit="hqq", symmetric=self.symmetric)
         else:
             blocks = as_blocks(w.T, options.group)
             fit = "minmax" if options.method == "rtn" else "hqq"

@@ -11,11 +11,14 @@ import onnx_ir as ir
 import pytest
 from helpers import single_gather, single_matmul
 
+import xopt.passes.quantize as quantize_module
+from xopt.analysis.patterns import find_linears
 from xopt.backends.onnxruntime import create_session
+from xopt.calibration import second_moments
 from xopt.errors import XoptError
 from xopt.passes import QuantizeWeightsPass, weight_grid
 from xopt.passes.awq import awq, output_error
-from xopt.passes.gptq import gptq
+from xopt.passes.gptq import gptq, inverse_factor
 from xopt.passes.weight_grid import as_blocks, codes_of, dequantize, fit_blocks
 from xopt.pipeline import PassManager, parse_spec
 from xopt.verify import check_structure
@@ -120,7 +123,8 @@ def test_gptq_lowers_the_layer_output_error_on_correlated_inputs(fit, act_order,
     inputs *= rng.uniform(0.2, 3.0, size=96)  # uneven channel energy, which act-order exploits
     weight = rng.standard_normal((96, 40))
     moment = inputs.T @ inputs
-    codes, scale, zero = gptq(weight.T, moment, bits=4, group=32, fit=fit, symmetric=symmetric, act_order=act_order)
+    factor = inverse_factor(moment, act_order=act_order)
+    codes, scale, zero = gptq(weight.T, factor, bits=4, group=32, fit=fit, symmetric=symmetric)
     assert not symmetric or np.all(zero == 8)
     ours = dequantize(as_blocks(codes, 32), scale, zero).reshape(40, -1)[:, :96].T
     nearest = _restored(weight, 4, 32, fit, symmetric)
@@ -153,6 +157,27 @@ def _gptq_column_by_column(w_nk, hessian, *, bits, group, fit, act_order):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_factor_is_the_upper_cholesky_factor_of_the_dampened_inverse(act_order):
+    """Uᵀ·U = (H + λ·mean(diag H)·I)⁻¹ in the order quantized, U upper triangular with a positive
+    diagonal (the Cholesky factor, unique); a dead input gets H_kk = 1 first."""
+    rng = np.random.default_rng(8)
+    inputs = rng.standard_normal((500, 40)) @ rng.standard_normal((40, 40)) * rng.uniform(0.1, 4.0, 40)
+    inputs[:, 7] = 0.0
+    moment = inputs.T @ inputs
+    factor = inverse_factor(moment, damp=0.01, act_order=act_order)
+    dampened = moment.copy()
+    dampened[7, 7] = 1.0
+    dampened += 0.01 * np.mean(np.diag(dampened)) * np.eye(40)
+    order = factor.order
+    assert list(np.flatnonzero(factor.dead)) == [7]
+    assert list(order) == (list(np.argsort(-np.diag(dampened), kind="stable")) if act_order else list(range(40)))
+    np.testing.assert_array_equal(factor.upper, np.triu(factor.upper))
+    assert np.all(np.diag(factor.upper) > 0)
+    expected = np.linalg.inv(dampened[np.ix_(order, order)])
+    np.testing.assert_allclose(factor.upper.T @ factor.upper, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize(("in_features", "group"), [(200, 32), (300, 128), (96, 16), (200, 48)])
 def test_gptq_deferred_updates_compute_the_column_by_column_loop(in_features, group, act_order):
     """Updates grouped in steps and blocks (a partial last block and group included) are the same
@@ -161,18 +186,31 @@ def test_gptq_deferred_updates_compute_the_column_by_column_loop(in_features, gr
     inputs = rng.standard_normal((1024, in_features)) @ rng.standard_normal((in_features, in_features))
     weight = rng.standard_normal((48, in_features))
     moment = inputs.T @ inputs
-    options = {"bits": 4, "group": group, "fit": "hqq", "act_order": act_order}
-    codes, scale, zero = gptq(weight, moment, **options)
-    expected_codes, expected_scale, expected_zero = _gptq_column_by_column(weight, moment, **options)
+    codes, scale, zero = gptq(weight, inverse_factor(moment, act_order=act_order), bits=4, group=group, fit="hqq")
+    expected = _gptq_column_by_column(weight, moment, bits=4, group=group, fit="hqq", act_order=act_order)
+    expected_codes, expected_scale, expected_zero = expected
     np.testing.assert_array_equal(codes, expected_codes)
     np.testing.assert_array_equal(zero, expected_zero)
     np.testing.assert_allclose(scale, expected_scale, rtol=1e-9)
 
 
+def test_second_moments_sum_each_tokens_outer_product_over_the_feeds():
+    """Σ x xᵀ (both triangles) and Σ |x| over every token of every feed, in float64."""
+    rng = np.random.default_rng(7)
+    model = single_matmul(rng.standard_normal((24, 5)).astype(np.float32), leading=("batch", "sequence"))
+    feeds = [{"x": rng.standard_normal((2, 7, 24)).astype(np.float32)} for _ in range(3)]
+    (x_value,) = model.graph.inputs
+    (moment,) = second_moments(model, [x_value], feeds).values()
+    tokens = np.concatenate([feed["x"].reshape(-1, 24) for feed in feeds]).astype(np.float64)
+    np.testing.assert_allclose(moment.matrix, tokens.T @ tokens, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moment.absolute, np.abs(tokens).sum(0), rtol=1e-12)
+    assert moment.tokens == 42
+
+
 def test_gptq_on_uncorrelated_inputs_is_round_to_nearest():
     """With H = I no error is propagated: every column rounds to nearest on the same grid."""
     weight = np.random.default_rng(3).standard_normal((64, 24))
-    codes, scale, zero = gptq(weight.T, np.eye(64), bits=4, group=32, fit="minmax", damp=0.0)
+    codes, scale, zero = gptq(weight.T, inverse_factor(np.eye(64), damp=0.0), bits=4, group=32, fit="minmax")
     blocks = as_blocks(weight.T, 32)
     expected_scale, expected_zero = fit_blocks(blocks, 4, "minmax")
     np.testing.assert_allclose(scale, expected_scale, rtol=1e-12)
@@ -270,11 +308,21 @@ def test_head_bits_sets_the_lm_head_apart(tiny_model):
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_gptq_calibrates_on_text_with_the_models_tokenizer(tiny_model, symmetric):
+def test_gptq_calibrates_on_text_with_the_models_tokenizer(tiny_model, symmetric, monkeypatch):
+    """Every linear quantized, its input moment's factor computed once per input (Q, K and V share one)."""
     model = tiny_model("llama")
+    factored = Counter()
+
+    def counting(hessian, **options):
+        factored[hessian.tobytes()] += 1
+        return inverse_factor(hessian, **options)
+
+    monkeypatch.setattr(quantize_module, "inverse_factor", counting)
     quantize = QuantizeWeightsPass(method="gptq", group=16, windows=2, accuracy="0", symmetric=symmetric)
     optimized, report = PassManager([quantize])(model)
     assert report.passes[-1].stats["linears_quantized"] == _linear_count(model)
+    inputs = {linear.input.name for linear in find_linears(model.graph)}
+    assert len(factored) == len(inputs) < _linear_count(model) and set(factored.values()) == {1}
     assert _linear_count(optimized) == 0
     inputs = {len(n.inputs) for n in optimized.graph if n.op_type == "MatMulNBits"}
     assert inputs == {3 if symmetric else 4}

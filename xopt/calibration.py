@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from scipy.linalg.blas import dsyrk
 
 from xopt.backends.onnxruntime import create_session, run
 from xopt.capture.huggingface import TASK_CAUSAL_LM, source_context_length, source_tokenizer
@@ -97,16 +98,21 @@ def calibration_feeds(
 def second_moments(
     model: ir.Model, values: Sequence[ir.Value], feeds: Sequence[dict[str, np.ndarray]], *, threads: int | None = None
 ) -> dict[str, SecondMoment]:
-    """Σ x xᵀ and Σ |x| over the calibration tokens of each value in `values` (by value name)."""
+    """Σ x xᵀ and Σ |x| over the calibration tokens of each value in `values` (by value name). The
+    sums of products go through BLAS's symmetric rank-k update (one triangle, half a matrix
+    product's work), mirrored once at the end."""
     moments: dict[str, SecondMoment] = {}
     for outputs in probe_values(model, values, feeds, threads=threads):
         for name, array in outputs.items():
             x = array.reshape(-1, array.shape[-1]).astype(np.float64)
             if name not in moments:
-                moments[name] = SecondMoment(np.zeros((x.shape[1], x.shape[1])), np.zeros(x.shape[1]), 0)
-            moments[name].matrix += x.T @ x
-            moments[name].absolute += np.abs(x).sum(axis=0)
-            moments[name].tokens += x.shape[0]
+                moments[name] = SecondMoment(np.zeros((x.shape[1], x.shape[1]), order="F"), np.zeros(x.shape[1]), 0)
+            moment = moments[name]
+            moment.matrix = dsyrk(1.0, x.T, beta=1.0, c=moment.matrix, overwrite_c=True)  # upper: Σ x xᵀ
+            moment.absolute += np.abs(x).sum(axis=0)
+            moment.tokens += x.shape[0]
+    for moment in moments.values():
+        moment.matrix = np.triu(moment.matrix) + np.triu(moment.matrix, 1).T
     return moments
 
 
