@@ -79,6 +79,7 @@ from xopt.passes.residual_sum import pin_residual_sums
 from xopt.passes.rotary import lower_rotary
 from xopt.passes.rotary_attention import lower_rotary_attention
 from xopt.pipeline import Pass, PassResult, register
+from xopt.progress import progress
 from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_value, weight_dtype, weight_in_out
 
 # Order: each family runs while the graph still has the forms it matches: onnxscript's encoder
@@ -165,7 +166,7 @@ class FusePass(Pass):
         modified, sound = False, {}  # sound: family → matches, for families that check out
         faithfulness = _Faithfulness(model)
         unmatched = []  # families that found nothing alone, and may once others are applied
-        for family in apply:  # FAMILIES, in the order for these weights
+        for family in progress(apply, unit="family", description="fuse"):  # FAMILIES, in the order for these weights
             if family in skipped:
                 explain.append(f"{family}: skipped (option)")
                 continue

@@ -50,6 +50,7 @@ from xopt.capture.huggingface import TASK_CAUSAL_LM
 from xopt.errors import XoptError
 from xopt.passes.block_gates import CalibrationLoss, add_switch, switch_name
 from xopt.pipeline import Pass, PassResult, register
+from xopt.progress import progress
 from xopt.rewrite import drop_if_unused, new_initializer, owns_weight, replace_linear, weight_dtype, weight_in_out
 from xopt.runnable import model_task
 
@@ -121,7 +122,7 @@ class LowRankPass(Pass):
                 linear,
                 *factor_weight(weight_in_out(linear), self.method, statistics.get(linear.input.name), self.alpha),
             )
-            for label, linear in linears
+            for label, linear in progress(linears, unit="linear", description="factorize")
         ]
         if self.energy:
             for f in factors:

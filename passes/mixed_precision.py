@@ -27,6 +27,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import onnx_ir as ir
 
+from xopt.progress import progress
+
 logger = logging.getLogger(__name__)
 
 Plan = dict[str, Hashable]  # linear name → the form it takes (a fallback included)
@@ -44,7 +46,7 @@ def protect_by_sensitivity(
     """The plan to lower: each linear's best form, or its fallback where it must be protected."""
     names = list(forms)
     sensitivity, best = {}, {}
-    for index, name in enumerate(names):
+    for index, name in enumerate(progress(names, unit="linear", description="sensitivity")):
         for form in forms[name]:
             error = task_error(build({**fallback, name: form}))
             if name not in sensitivity or error < sensitivity[name]:

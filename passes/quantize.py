@@ -107,6 +107,7 @@ from xopt.passes.mixed_precision import protect_by_sensitivity
 from xopt.passes.source_grid import SourceGrid, source_grid
 from xopt.passes.weight_grid import as_blocks, codes_of, fit_blocks, pack_matmul_nbits, restored_in_out
 from xopt.pipeline import Pass, PassResult, register
+from xopt.progress import progress
 from xopt.rewrite import WrittenOnce, new_initializer, replace_linear, set_weight, weight_dtype, weight_in_out
 from xopt.task_error import TaskError
 
@@ -496,7 +497,10 @@ class _Forms:
         written, weights_seen = written if written is not None else WrittenOnce(), set()
         planned = [(linear, plan[linear.name]) for linear in find_linears(graph) if plan.get(linear.name, (0,))[0]]
         # every form first: the calibration a form may need runs the model before anything is lowered
-        forms = [(linear, self.form(linear.name, key)) for linear, key in planned]
+        forms = [
+            (linear, self.form(linear.name, key))
+            for linear, key in progress(planned, unit="linear", description="quantize")
+        ]
         for linear, form in forms:
             tensor = _weight_tensor(linear)[0]
             if id(tensor) not in weights_seen:

@@ -73,6 +73,23 @@ def test_explain_ends_with_the_structure_found_in_the_input(tiny_folder, tmp_pat
     assert re.search(r"^input structure: 2 blocks found$", out, re.MULTILINE), out
 
 
+def test_optimize_shows_the_long_loops_inside_passes(tiny_folder, tmp_path, monkeypatch):
+    """The CLI gives fuse's family timings and quantize's linears a display of their own."""
+    shown = []
+
+    def recording(items, total, unit, description):
+        shown.append((description, unit, total))
+        return items
+
+    monkeypatch.setattr("xopt.cli._inner_bar", recording)
+    passes = "cleanup,fuse,quantize(method=rtn,accuracy=0)"
+    command = ["optimize", str(tiny_folder("llama")), "-o", str(tmp_path / "out"), "--passes", passes]
+    assert main([*command, "--no-verify"]) == 0
+    descriptions = {description for description, _, _ in shown}
+    assert descriptions == {"fuse", "quantize"}, shown
+    assert all(total > 0 for _, _, total in shown)
+
+
 def test_inspect_json_has_the_contract_keys(tiny_folder, capsys):
     assert main(["inspect", str(tiny_folder("qwen2")), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

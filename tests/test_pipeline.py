@@ -13,6 +13,7 @@ from xopt.errors import XoptError
 from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass
 from xopt.pipeline import PassManager, make_pass, parse_spec, registered_passes, resolve_passes
+from xopt.progress import progress, showing_progress
 from xopt.report import ModelStats
 from xopt.verify import (
     VerificationError,
@@ -269,3 +270,17 @@ def test_reference_outputs_match_numpy():
     (y,) = reference_outputs(model, {"x": x}).values()
     w = np.arange(1, 13, dtype=np.float32).reshape(4, 3)
     np.testing.assert_allclose(y, np.maximum(x @ w + [0.5, -0.5, 0.25], 0), rtol=1e-6)
+
+
+def test_progress_shows_items_only_inside_a_display_and_passes_them_through():
+    seen = []
+
+    def display(items, total, unit, description):
+        seen.append((list(items), total, unit, description))
+        return iter(items)
+
+    assert list(progress(iter("ab"), unit="x", description="outside")) == ["a", "b"]
+    with showing_progress(display):
+        assert list(progress((n for n in range(3)), unit="linear", description="quantize")) == [0, 1, 2]
+    assert list(progress([4], unit="x", description="after")) == [4]
+    assert seen == [([0, 1, 2], 3, "linear", "quantize")]

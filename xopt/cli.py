@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from xopt.errors import XoptError, counted
+from xopt.progress import showing_progress
 
 EXIT_USER_ERROR = 2
 
@@ -180,7 +181,7 @@ def _optimize(args: argparse.Namespace) -> int:
             print(f"xopt: note: {note}", file=sys.stderr)
     with _step(f"capturing {args.input}"):
         model = xopt.load(args.input)
-    with _progress_bar(len(passes), "pass") as advance:
+    with _progress_bar(len(passes), "pass") as advance, showing_progress(_inner_bar):
         optimized, report = PassManager(passes, verify=not args.no_verify, on_pass=advance)(model)
     with _step(f"saving {output}"):
         written = xopt.save(optimized, output)
@@ -432,7 +433,8 @@ def _run_failures(what: str) -> Iterator[None]:
 def _demo(args: argparse.Namespace) -> int:
     from xopt.demo import run_demo
 
-    print(run_demo(args.output, step=_step, progress_bar=_progress_bar))
+    with showing_progress(_inner_bar):
+        print(run_demo(args.output, step=_step, progress_bar=_progress_bar))
     return 0
 
 
@@ -536,6 +538,14 @@ def _iterate(items, total: int):
     from tqdm import tqdm
 
     return tqdm(items, total=total, file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
+
+
+def _inner_bar(items, total: int, unit: str, description: str):
+    """`items` with a bar on a terminal, under the bar of the passes (a pass's own long loop)."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(items, total=total, unit=unit, desc=description, file=sys.stderr, leave=False, disable=not interactive)
 
 
 @contextlib.contextmanager
