@@ -90,6 +90,17 @@ def test_optimize_shows_the_long_loops_inside_passes(tiny_folder, tmp_path, monk
     assert all(total > 0 for _, _, total in shown)
 
 
+def test_a_lossy_optimize_prints_and_writes_its_cost_in_quality(tiny_folder, tmp_path, capsys):
+    output, report = tmp_path / "out", tmp_path / "report.json"
+    passes = "cleanup,quantize(method=rtn,accuracy=0)"
+    command = ["optimize", str(tiny_folder("llama")), "-o", str(output), "--passes", passes, "--report", str(report)]
+    assert main(command) == 0
+    quality = json.loads(report.read_text())["quality"]
+    assert quality["task"] == "causal-lm" and quality["windows"] == 4 and quality["kl"] >= 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("quality on 4 windows"))
+    assert f"perplexity {quality['reference_perplexity']:.2f} → {quality['perplexity']:.2f}" in line
+
+
 def test_inspect_json_has_the_contract_keys(tiny_folder, capsys):
     assert main(["inspect", str(tiny_folder("qwen2")), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -8,8 +8,10 @@ import onnx
 import pytest
 import torch
 
+import xopt
+from xopt.backends.onnxruntime import create_session
 from xopt.cli import main
-from xopt.evaluate import WindowScores, evaluate, log_softmax
+from xopt.evaluate import COST_WINDOWS, WindowScores, evaluate, log_softmax
 from xopt.runnable import open_runnable
 from xopt.text import (
     CALIBRATION_FINGERPRINT_KEY,
@@ -75,11 +77,38 @@ def test_window_scores_match_torch_on_drawn_distributions():
     assert quality.windows == 3 and quality.tokens == 48
     assert quality.kl == pytest.approx(float(kl), rel=1e-12)
     assert quality.perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-12)
+    reference_nll = torch.nn.functional.nll_loss(log_ref, targets)
+    assert quality.reference_perplexity == pytest.approx(float(torch.exp(reference_nll)), rel=1e-12)
     assert quality.top1_agreement == pytest.approx(float((log_p.argmax(-1) == log_ref.argmax(-1)).double().mean()))
     assert 0.05 < quality.top1_agreement < 1 and quality.kl > 0.01  # the drawn pairs do differ
     alone = WindowScores()
     alone.add(windows[0].numpy(), log_softmax(logits[0].numpy()))
     assert alone.quality().kl is None and alone.quality().top1_agreement is None
+    assert alone.quality().reference_perplexity is None
+
+
+def test_a_lossy_pipeline_reports_its_cost_on_the_evaluation_text(tiny_folder, tiny_model):
+    """The report carries what `xopt eval` gives for the output against the input on the bundled
+    evaluation text's first windows; exact or unverified pipelines carry nothing, a model with no
+    tokenizer a reason."""
+    model = tiny_model("llama")
+    lossy = "cleanup,quantize(method=rtn,accuracy=0)"
+    optimized, report = xopt.optimize(model, passes=lossy)
+    text = read_text(None, "evaluation")
+    before, after = (open_runnable(folder) for folder in (tiny_folder("llama"), tiny_folder("llama")))
+    after.session = create_session(optimized)
+    expected = evaluate(after, text, before, max_windows=COST_WINDOWS)
+    assert report.quality == expected.to_dict()
+    assert report.quality["windows"] == COST_WINDOWS and report.quality["kl"] > 0
+    assert report.quality["reference_perplexity"] == evaluate(before, text, max_windows=COST_WINDOWS).perplexity
+    assert report.describe_quality() in report.format_table().splitlines()
+    assert report.describe_quality().startswith(f"quality on {COST_WINDOWS} windows of the bundled evaluation text")
+    assert xopt.optimize(model, passes="cleanup")[1].quality == {}
+    assert xopt.optimize(model, passes=lossy, verify=False)[1].quality == {}
+    bare = tiny_model("llama").clone()
+    bare.metadata_props.pop("xopt.hf_folder")
+    (reason,) = xopt.optimize(bare, passes=lossy)[1].quality.values()
+    assert reason.startswith("no tokenizer")
 
 
 def test_encoder_cosine_and_cli_json(tiny_folder, tmp_path, capsys):

@@ -19,19 +19,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import onnx_ir as ir
 
-from xopt.backends.onnxruntime import run
-from xopt.capture.huggingface import TASK_CAUSAL_LM
+from xopt.backends.onnxruntime import create_session, run
+from xopt.capture.huggingface import TASK_CAUSAL_LM, source_folder
 from xopt.errors import XoptError, counted
 from xopt.generate import context_limit, logits_row
 from xopt.inputs import text_feeds
-from xopt.runnable import Runnable
-from xopt.text import split_sentences
+from xopt.runnable import Runnable, model_task
+from xopt.text import read_text, split_sentences
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_SENTENCES = 256
+COST_WINDOWS, COST_SENTENCES = 4, 64  # what a lossy pipeline's cost is measured on (`quality_cost`)
 SENTENCE_BATCH, SENTENCE_MAX_TOKENS = 32, 128
 
 
@@ -42,6 +44,7 @@ class Quality:
     task: str
     tokens: int
     perplexity: float | None = None
+    reference_perplexity: float | None = None  # the reference's, on the same windows
     kl: float | None = None
     top1_agreement: float | None = None
     cosine_min: float | None = None
@@ -110,6 +113,7 @@ class WindowScores:
     Runtime (the decode benchmark's llama.cpp) scored against an ONNX reference."""
 
     nll: float = 0.0
+    reference_nll: float = 0.0
     kl: float = 0.0
     agree: int = 0
     predicted: int = 0
@@ -126,6 +130,7 @@ class WindowScores:
         if reference_log_probs is None:
             return
         self.against_reference = True
+        self.reference_nll -= float(reference_log_probs[np.arange(len(targets)), targets].sum())
         self.kl += float(np.sum(np.exp(reference_log_probs) * (reference_log_probs - log_probs)))
         self.agree += int(np.sum(reference_log_probs.argmax(-1) == log_probs.argmax(-1)))
 
@@ -135,7 +140,26 @@ class WindowScores:
         )
         if self.against_reference:
             quality.kl, quality.top1_agreement = self.kl / self.predicted, self.agree / self.predicted
+            quality.reference_perplexity = float(np.exp(self.reference_nll / self.predicted))
         return quality
+
+
+def quality_cost(before: ir.Model, after: ir.Model, *, threads: int | None = None) -> Quality:
+    """What a lossy pipeline cost: `after` measured against `before` on the bundled evaluation
+    text (disjoint from the calibration text), with the tokenizer of the folder `before` was
+    captured from. A causal LM on its first `COST_WINDOWS` windows (both perplexities, KL and
+    top-1 from `before`), an encoder on its first `COST_SENTENCES` sentences (embedding cosine)."""
+    source = source_folder(before)
+    if source is None:
+        raise XoptError("no tokenizer: the model was not captured from a Hugging Face folder here")
+    gguf_file = before.metadata_props.get("xopt.gguf_file")
+    before_run, after_run = (
+        Runnable(label, model, create_session(model, threads=threads), model_task(model), source, gguf_file=gguf_file)
+        for label, model in (("the input", before), ("the output", after))
+    )
+    window = min([DEFAULT_WINDOW, *(limit for limit, _ in map(context_limit, (before, after)) if limit)])
+    text = read_text(None, "evaluation")
+    return evaluate(after_run, text, before_run, window=window, max_windows=COST_WINDOWS, max_sentences=COST_SENTENCES)
 
 
 def causal_log_probs(model: Runnable, tokens: np.ndarray) -> np.ndarray:

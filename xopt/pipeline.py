@@ -250,6 +250,8 @@ class PassManager:
                 working = self._run(step, working, report, inputs, reference)
         if calibration_texts:  # `xopt eval` refuses to measure the model on these texts
             record_calibration_texts(working.metadata_props, calibration_texts)
+        if self.verify and any(not step.exact for step in self.passes):
+            report.quality = _quality_cost(model, working, calibration_texts)
         return working, report
 
     def _run(self, step: Pass, working: ir.Model, report: Report, inputs, reference) -> ir.Model:
@@ -294,6 +296,20 @@ class PassManager:
                 f"(tolerance {EXACT_TOLERANCE:g} relative)"
             )
         return result
+
+
+def _quality_cost(before: ir.Model, after: ir.Model, calibration_texts: set) -> dict[str, Any]:
+    """The lossy pipeline's cost in quality on the bundled evaluation text (`quality_cost`), or
+    why it was not measured: a report line, never a failed run."""
+    from xopt.evaluate import quality_cost
+    from xopt.text import read_text, text_digest
+
+    if text_digest(read_text(None, "evaluation")) in {digest for digest, _ in calibration_texts}:
+        return {"not_measured": "the evaluation text calibrated a pass"}
+    try:
+        return quality_cost(before, after).to_dict()
+    except XoptError as error:
+        return {"not_measured": str(error)}
 
 
 def _split_top_level(spec: str) -> list[str]:

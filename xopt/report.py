@@ -77,6 +77,9 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     verified: bool = True
     structure: dict[str, Any] = field(default_factory=dict)  # the input's transformer facts
+    # a lossy pipeline's cost on the bundled evaluation text (`xopt.evaluate.Quality`, the output
+    # against the input), or {"not_measured": reason}; empty when every pass is exact or unverified
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -104,7 +107,25 @@ class Report:
             f"{_change(self.input.params, self.output.params):>24}"
             f"{_change(self.input.bytes / 1e6, self.output.bytes / 1e6, '.1f'):>16}"
         )
+        if self.quality:
+            lines.append(self.describe_quality())
         return "\n".join(lines)
+
+    def describe_quality(self) -> str:
+        """One line: what the lossy passes cost on the bundled evaluation text."""
+        quality = self.quality
+        if "not_measured" in quality:
+            return f"quality: not measured ({quality['not_measured']})"
+        if quality["perplexity"] is not None:
+            return (
+                f"quality on {quality['windows']} windows of the bundled evaluation text ({quality['tokens']} "
+                f"tokens): perplexity {quality['reference_perplexity']:.2f} → {quality['perplexity']:.2f}, "
+                f"KL from the input {quality['kl']:.4f} per token, top-1 agreement {quality['top1_agreement']:.1%}"
+            )
+        return (
+            f"quality on {quality['sentences']} sentences of the bundled evaluation text: embedding cosine to "
+            f"the input min {quality['cosine_min']:.4f}, mean {quality['cosine_mean']:.4f}"
+        )
 
 
 def _change(before: float, after: float, fmt: str = "d") -> str:

@@ -125,7 +125,7 @@ def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
     """Write the source model's tokenizer and config into `folder`; False if it has none."""
     import transformers
 
-    source = _source_folder(model)
+    source = source_folder(model)
     if source is None:
         return False
     try:
@@ -154,7 +154,7 @@ def load_tokenizer(folder: Path | str, gguf_file: str | None = None):
 
 def source_tokenizer(model: ir.Model):
     """The tokenizer of the Hugging Face folder the model was captured from."""
-    source = _source_folder(model)
+    source = source_folder(model)
     if source is None:
         raise XoptError("the model was not captured from a Hugging Face folder here, so xopt has no tokenizer for it")
     return load_tokenizer(source, model.metadata_props.get("xopt.gguf_file"))
@@ -164,7 +164,7 @@ def source_context_length(model: ir.Model) -> int | None:
     """The longest sequence the source model's config allows (its position table), if known."""
     import transformers
 
-    source = _source_folder(model)
+    source = source_folder(model)
     if source is None:
         return None
     try:
@@ -174,7 +174,7 @@ def source_context_length(model: ir.Model) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def _source_folder(model: ir.Model) -> Path | None:
+def source_folder(model: ir.Model) -> Path | None:
     """The folder the model was captured from (recorded in its metadata), if it is still there."""
     source = model.metadata_props.get("xopt.hf_folder")
     return Path(source) if source and Path(source).is_dir() else None
