@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from xopt.errors import XoptError, require_model
+from xopt.errors import XoptError, first_line, require_model
 from xopt.inputs import fit_inputs, verification_inputs
 from xopt.report import ModelStats, PassRecord, Report
 from xopt.text import calibration_texts_read, record_calibration_texts
@@ -308,8 +308,8 @@ def _quality_cost(before: ir.Model, after: ir.Model, calibration_texts: set) -> 
         return {"not_measured": "the evaluation text calibrated a pass"}
     try:
         return quality_cost(before, after).to_dict()
-    except XoptError as error:
-        return {"not_measured": str(error)}
+    except Exception as error:  # no tokenizer, a text the model cannot run on, a failed session
+        return {"not_measured": first_line(error)}
 
 
 def _split_top_level(spec: str) -> list[str]:
