@@ -91,8 +91,8 @@ def _fit_symmetric(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
 
 def _fit_hqq(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """HQQ's fit of each block, `HQQ_CHUNK_BLOCKS` blocks at a time: the blocks are independent, and
-    a chunk's temporaries stay in the core's cache through the iterations (twice as fast for
-    SmolLM2's 49152-row head as one pass over all blocks per iteration)."""
+    a chunk's temporaries stay in the core's cache through the iterations (a 49152×1×32 group of
+    blocks, the shape GPTQ fits for SmolLM2's head: 0.55 s against 1.09 s in one pass per iteration)."""
     flat = blocks.reshape(-1, blocks.shape[-1])
     scale, zero = np.empty(len(flat)), np.empty(len(flat))
     for start in range(0, len(flat), HQQ_CHUNK_BLOCKS):

@@ -81,7 +81,7 @@ def test_optimize_shows_the_long_loops_inside_passes(tiny_folder, tmp_path, monk
         shown.append((description, unit, total))
         return items
 
-    monkeypatch.setattr("xopt.cli._inner_bar", recording)
+    monkeypatch.setattr("xopt.cli._iterate", recording)
     passes = "cleanup,fuse,quantize(method=rtn,accuracy=0)"
     command = ["optimize", str(tiny_folder("llama")), "-o", str(tmp_path / "out"), "--passes", passes]
     assert main([*command, "--no-verify"]) == 0

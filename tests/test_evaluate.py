@@ -109,6 +109,9 @@ def test_a_lossy_pipeline_reports_its_cost_on_the_evaluation_text(tiny_folder, t
     bare.metadata_props.pop("xopt.hf_folder")
     (reason,) = xopt.optimize(bare, passes=lossy)[1].quality.values()
     assert reason.startswith("no tokenizer")
+    calibrated = f"cleanup,quantize(method=gptq,windows=1,accuracy=0,calibration={bundled_text('evaluation')})"
+    (reason,) = xopt.optimize(model, passes=calibrated)[1].quality.values()
+    assert reason == "the output was calibrated on this text"
 
 
 def test_encoder_cosine_and_cli_json(tiny_folder, tmp_path, capsys):

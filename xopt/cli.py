@@ -181,7 +181,7 @@ def _optimize(args: argparse.Namespace) -> int:
             print(f"xopt: note: {note}", file=sys.stderr)
     with _step(f"capturing {args.input}"):
         model = xopt.load(args.input)
-    with _progress_bar(len(passes), "pass") as advance, showing_progress(_inner_bar):
+    with _progress_bar(len(passes), "pass") as advance, showing_progress(_iterate):
         optimized, report = PassManager(passes, verify=not args.no_verify, on_pass=advance)(model)
     with _step(f"saving {output}"):
         written = xopt.save(optimized, output)
@@ -433,7 +433,7 @@ def _run_failures(what: str) -> Iterator[None]:
 def _demo(args: argparse.Namespace) -> int:
     from xopt.demo import run_demo
 
-    with showing_progress(_inner_bar):
+    with showing_progress(_iterate):
         print(run_demo(args.output, step=_step, progress_bar=_progress_bar))
     return 0
 
@@ -533,15 +533,9 @@ def _step(label: str) -> Iterator[None]:
         print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
 
 
-def _iterate(items, total: int):
-    """`items` with a progress bar on a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
-
-
-def _inner_bar(items, total: int, unit: str, description: str):
-    """`items` with a bar on a terminal, under the bar of the passes (a pass's own long loop)."""
+def _iterate(items, total: int, unit: str = "it", description: str | None = None):
+    """`items` with a progress bar on a terminal (under the passes' bar for a pass's own loop:
+    the `xopt.progress` display)."""
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()

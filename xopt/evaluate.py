@@ -27,7 +27,7 @@ from xopt.errors import XoptError, counted
 from xopt.generate import context_limit, logits_row
 from xopt.inputs import text_feeds
 from xopt.runnable import Runnable, model_task
-from xopt.text import read_text, split_sentences
+from xopt.text import split_sentences
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +144,10 @@ class WindowScores:
         return quality
 
 
-def quality_cost(before: ir.Model, after: ir.Model, *, threads: int | None = None) -> Quality:
-    """What a lossy pipeline cost: `after` measured against `before` on the bundled evaluation
-    text (disjoint from the calibration text), with the tokenizer of the folder `before` was
-    captured from. A causal LM on its first `COST_WINDOWS` windows (both perplexities, KL and
+def quality_cost(before: ir.Model, after: ir.Model, text: str, *, threads: int | None = None) -> Quality:
+    """What a lossy pipeline cost: `after` measured against `before` on `text` (the bundled
+    evaluation text, disjoint from the calibration text), with the tokenizer of the folder
+    `before` was captured from. A causal LM on its first `COST_WINDOWS` windows (both perplexities, KL and
     top-1 from `before`), an encoder on its first `COST_SENTENCES` sentences (embedding cosine)."""
     source = source_folder(before)
     if source is None:
@@ -158,7 +158,6 @@ def quality_cost(before: ir.Model, after: ir.Model, *, threads: int | None = Non
         for label, model in (("the input", before), ("the output", after))
     )
     window = min([DEFAULT_WINDOW, *(limit for limit, _ in map(context_limit, (before, after)) if limit)])
-    text = read_text(None, "evaluation")
     return evaluate(after_run, text, before_run, window=window, max_windows=COST_WINDOWS, max_sentences=COST_SENTENCES)
 
 

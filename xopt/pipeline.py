@@ -251,7 +251,7 @@ class PassManager:
         if calibration_texts:  # `xopt eval` refuses to measure the model on these texts
             record_calibration_texts(working.metadata_props, calibration_texts)
         if self.verify and any(not step.exact for step in self.passes):
-            report.quality = _quality_cost(model, working, calibration_texts)
+            report.quality = _quality_cost(model, working)
         return working, report
 
     def _run(self, step: Pass, working: ir.Model, report: Report, inputs, reference) -> ir.Model:
@@ -298,16 +298,19 @@ class PassManager:
         return result
 
 
-def _quality_cost(before: ir.Model, after: ir.Model, calibration_texts: set) -> dict[str, Any]:
+def _quality_cost(before: ir.Model, after: ir.Model) -> dict[str, Any]:
     """The lossy pipeline's cost in quality on the bundled evaluation text (`quality_cost`), or
-    why it was not measured: a report line, never a failed run."""
+    why it was not measured: a report line, never a failed run. A text the passes calibrated on
+    is refused as `xopt eval` refuses it (`calibration_overlap` on the output's record)."""
     from xopt.evaluate import quality_cost
-    from xopt.text import read_text, text_digest
+    from xopt.text import calibration_overlap, read_text
 
-    if text_digest(read_text(None, "evaluation")) in {digest for digest, _ in calibration_texts}:
-        return {"not_measured": "the evaluation text calibrated a pass"}
+    text = read_text(None, "evaluation")
+    overlap = calibration_overlap(after.metadata_props, text)
+    if overlap is not None:
+        return {"not_measured": f"the output {overlap}"}
     try:
-        return quality_cost(before, after).to_dict()
+        return quality_cost(before, after, text).to_dict()
     except Exception as error:  # no tokenizer, a text the model cannot run on, a failed session
         return {"not_measured": first_line(error)}
 
