@@ -8,6 +8,7 @@ import torch
 
 import xopt
 from xopt.analysis import find_transformer_structure, to_networkx
+from xopt.analysis import structure as structure_module
 from xopt.analysis.graph_view import nodes_between
 from xopt.passes import CleanupPass
 
@@ -157,6 +158,20 @@ def test_structure_without_the_head_probe(tiny_folder, tmp_path):
     assert [unprobed[k] for k in head_facts] == [0, 0, 0]
     differing = {k for k in probed if probed[k] != unprobed[k]} - set(head_facts)
     assert not differing
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_head_counts_from_symbolic_shapes_without_a_probe(tiny_model, monkeypatch, name):
+    """xopt's export annotates the query as [batch, heads, sequence, head size]: the head counts
+    are read from the known dims, with no probe run of the model."""
+
+    def no_probe(model, values):
+        raise AssertionError(f"probed {[v.name for v in values]}")
+
+    monkeypatch.setattr(structure_module, "probe_shapes", no_probe)
+    summary = find_transformer_structure(tiny_model(name)).summary()
+    head_facts = ("num_heads", "num_kv_heads", "head_size")
+    assert [summary[k] for k in head_facts] == [EXPECTED[name][k] for k in head_facts]
 
 
 def test_block_regions_from_the_networkx_view(tiny_model):

@@ -1,4 +1,4 @@
-"""Concrete shapes of intermediate values, read statically or by one run in ONNX Runtime.
+"""Concrete shapes of intermediate values, by one run in ONNX Runtime.
 
 Exporters annotate most values with shapes, but not all (TorchScript exports leave them out, a
 third-party file may strip them). When a needed dimension is unknown, the values are exposed as
@@ -19,13 +19,6 @@ from xopt.inputs import sample_inputs
 logger = logging.getLogger(__name__)
 
 PROBE_BATCH, PROBE_SEQUENCE = 1, 7
-
-
-def static_shape(value: ir.Value) -> tuple[int, ...] | None:
-    """The value's shape if every dimension is a known integer."""
-    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
-        return None
-    return tuple(value.shape)
 
 
 def probe_shapes(model: ir.Model, values: Sequence[ir.Value]) -> dict[str, tuple[int, ...]]:

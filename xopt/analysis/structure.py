@@ -44,7 +44,7 @@ from xopt.analysis.patterns import (
     match_norm,
     table_equals_transposed,
 )
-from xopt.analysis.probe import probe_shapes, static_shape
+from xopt.analysis.probe import probe_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -284,8 +284,8 @@ def _linear_after(value: ir.Value, by_output: dict[ir.Value, Linear]) -> Linear 
 
 def _measure_heads(model: ir.Model, attentions: list[Attention]) -> None:
     queries = [a.scores.inputs[0] for a in attentions]
-    shapes = {id(q): static_shape(q) for q in queries}
-    unknown = [q for q in queries if shapes[id(q)] is None or len(shapes[id(q)]) < 3]
+    shapes = {id(q): _head_dims_known(q, a.fused_qkv) for q, a in zip(queries, attentions, strict=True)}
+    unknown = [q for q in queries if shapes[id(q)] is None]
     if unknown:
         probed = probe_shapes(model, unknown)
         for q in unknown:
@@ -303,6 +303,19 @@ def _measure_heads(model: ir.Model, attentions: list[Attention]) -> None:
         else:
             attention.num_heads = attention.q.out_features // head_size
             attention.num_kv_heads = attention.k.out_features // head_size
+
+
+def _head_dims_known(query: ir.Value, fused_qkv: bool) -> tuple | None:
+    """The query's annotated shape when the dimensions the head counts are read from are integers
+    (the head size, last; the heads, third from last, where a fused QKV's rank-4 query gives them),
+    whatever the batch and sequence dims are: an exporter's symbolic [batch, 9, sequence, 64]
+    needs no probe run."""
+    shape = query.shape
+    if shape is None or len(shape) < 3 or not isinstance(shape[-1], int):
+        return None
+    if fused_qkv and len(shape) == 4 and not isinstance(shape[-3], int):
+        return None
+    return tuple(shape)
 
 
 def _match_mlp(down: Linear, by_output: dict[ir.Value, Linear], in_attention: set[int]) -> MLP | None:
