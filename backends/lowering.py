@@ -164,12 +164,10 @@ class LoweringChooser:
     _sessions: dict[int, _TimedForm] = field(default_factory=dict, init=False, repr=False)
 
     def choose(self, family: str, signature: dict, current: ir.Model, candidate: ir.Model) -> Verdict:
-        counts = {"current": _op_counts(current), "candidate": _op_counts(candidate)}
-        key = self._key(family, {**signature, **counts, **({"context": self.context_name} if self.context else {})})
-        cache = self._read_cache()
-        if key in cache:
-            current_ms, candidate_ms = cache[key]
-            return Verdict(current_ms / candidate_ms >= self.min_speedup, current_ms, candidate_ms, cached=True)
+        key = self._key(family, signature, current, candidate)
+        known = self._cached(key)
+        if known is not None:
+            return known
         with OtherLoad(self.threads) as load:
             current_ms, candidate_ms = self._measure(current, candidate)
         if load.contended and self._quiet_again(load.describe()):
@@ -178,6 +176,7 @@ class LoweringChooser:
         if load.contended:
             self._warn_once(load.describe())
         else:
+            cache = self._read_cache()
             cache[key] = [current_ms, candidate_ms]
             self._write_cache(cache)
         keep = current_ms / candidate_ms >= self.min_speedup
@@ -261,10 +260,24 @@ class LoweringChooser:
             self._sessions[id(model)] = kept
         return kept.timed, kept.session
 
-    def _key(self, family: str, signature: dict) -> str:
+    def cached(self, family: str, signature: dict, current: ir.Model, candidate: ir.Model) -> Verdict | None:
+        """The verdict `choose` would return from the cache, or None where it would time the forms."""
+        return self._cached(self._key(family, signature, current, candidate))
+
+    def _cached(self, key: str) -> Verdict | None:
+        times = self._read_cache().get(key)
+        if times is None:
+            return None
+        current_ms, candidate_ms = times
+        return Verdict(current_ms / candidate_ms >= self.min_speedup, current_ms, candidate_ms, cached=True)
+
+    def _key(self, family: str, signature: dict, current: ir.Model, candidate: ir.Model) -> str:
+        """The cache key of a verdict: the signature, both forms' operator counts, the context, the
+        timed shape and threads, the ORT version and the CPU."""
+        counts = {"current": _op_counts(current), "candidate": _op_counts(candidate)}
         facts = {
             "family": family,
-            "signature": signature,
+            "signature": {**signature, **counts, **({"context": self.context_name} if self.context else {})},
             "cache_format": 2,  # [current ms, candidate ms]
             "batch": self.batch,
             "sequence": self.sequence,

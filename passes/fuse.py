@@ -43,7 +43,9 @@ GELU patterns by onnxscript's ORT fusion rules.
 Lowering (`lowering` option): "measure" times each family that matched, applied on top of what
 was kept so far, against the model without it (`backends/lowering.py`, cached per machine), and
 keeps it only if faster; "all" keeps every family that matched (used by parity tests); a family
-can also be switched off by listing it in `skip`. `weights=int4` (the int4 recipe) times both
+can also be switched off by listing it in `skip`. A candidate's outputs are checked against the
+given model's before it is timed or kept (`_Faithfulness`); one that a cached verdict rejects is
+neither, and is not checked. `weights=int4` (the int4 recipe) times both
 forms with their linears quantized as that recipe runs them (round to nearest stands in for the
 method: the kernels' time does not depend on the codes), since a family's share of the time
 depends on what the linears cost: SmolLM2's GroupQueryAttention measured 1.02× next to fp32
@@ -69,7 +71,7 @@ from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import consumers
 from xopt.analysis.patterns import Linear, Norm
 from xopt.analysis.structure import TransformerStructure
-from xopt.backends.lowering import LoweringChooser, timed_sequence
+from xopt.backends.lowering import LoweringChooser, Verdict, timed_sequence
 from xopt.errors import XoptError, first_line
 from xopt.inputs import verification_inputs
 from xopt.kv_cache import has_kv_cache
@@ -163,7 +165,8 @@ class FusePass(Pass):
         apply = _appliers(self.weights)
         stats: Counter[str] = Counter()
         explain: list[str] = []
-        modified, sound = False, {}  # sound: family → matches, for families that check out
+        # sound: family → matches, for families that check out or that a cached verdict rejects unchecked
+        modified, sound = False, {}
         faithfulness = _Faithfulness(model)
         unmatched = []  # families that found nothing alone, and may once others are applied
         for family in progress(apply, unit="family", description="fuse"):  # FAMILIES, in the order for these weights
@@ -190,23 +193,29 @@ class FusePass(Pass):
                 modified = True
                 stats.update(counts)
                 continue
-            broken = faithfulness.breakage(candidate)
-            if broken:
-                explain.append(f"{family}: {count} matched, reverted: {broken}")
-                continue
-            sound[family] = count
             if self.lowering == "measure":
                 try:
-                    verdict = chooser.choose(family, {**signature, "count": count}, model, candidate)
+                    verdict = _faithful_verdict(
+                        faithfulness, chooser, family, {**signature, "count": count}, model, candidate
+                    )
                 except Exception as error:  # a form ORT cannot time at this shape is not kept
                     explain.append(f"{family}: {count} matched, reverted: timing failed ({first_line(error)})")
                     continue
+                if isinstance(verdict, str):
+                    explain.append(f"{family}: {count} matched, reverted: {verdict}")
+                    continue
+                sound[family] = count
                 outcome = "kept" if verdict.keep else "reverted (not faster)"
                 explain.append(f"{family}: {count} matched, {verdict.source} speedup {verdict.speedup:.3f}×: {outcome}")
                 stats[f"{family} speedup"] = round(verdict.speedup, 3)
                 if not verdict.keep:
                     continue
             else:
+                broken = faithfulness.breakage(candidate)
+                if broken:
+                    explain.append(f"{family}: {count} matched, reverted: {broken}")
+                    continue
+                sound[family] = count
                 explain.append(f"{family}: {count} matched, kept")
             stats[family] = count
             model, modified = candidate, True
@@ -294,19 +303,40 @@ def _wins(
     """Whether `candidate` (several families applied, `counts`) keeps the original's outputs and
     times faster than `current`; explains the verdict under `label` (`against`: says it was timed
     against the families kept alone)."""
-    broken = faithfulness.breakage(candidate)
-    if broken:
-        explain.append(f"{label}: reverted: {broken}")
-        return False
     try:
-        verdict = chooser.choose("+".join(counts), {**signature, "count": counts}, current, candidate)
+        verdict = _faithful_verdict(
+            faithfulness, chooser, "+".join(counts), {**signature, "count": counts}, current, candidate
+        )
     except Exception as error:
         explain.append(f"{label}: reverted: timing failed ({first_line(error)})")
+        return False
+    if isinstance(verdict, str):
+        explain.append(f"{label}: reverted: {verdict}")
         return False
     baseline = " over the families kept alone" if against else ""
     outcome = "kept" if verdict.keep else "not kept"
     explain.append(f"{label}: {verdict.source} speedup {verdict.speedup:.3f}×{baseline}: {outcome}")
     return verdict.keep
+
+
+def _faithful_verdict(
+    faithfulness: _Faithfulness,
+    chooser: LoweringChooser,
+    family: str,
+    signature: dict,
+    current: ir.Model,
+    candidate: ir.Model,
+) -> Verdict | str:
+    """The chooser's verdict on `candidate` against `current`, or why the candidate is not faithful.
+    A candidate is checked before it is timed or kept; one that a cached verdict rejects is neither,
+    so it is not checked (a session of the whole model each: SmolLM2's exact `fuse` rejects five
+    families so, about 2 s apiece). The candidate of several families at once is checked as a whole
+    before it is kept, so a family rejected alone unchecked never reaches the output unchecked."""
+    known = chooser.cached(family, signature, current, candidate)
+    if known is not None and not known.keep:
+        return known
+    broken = faithfulness.breakage(candidate)
+    return broken if broken else chooser.choose(family, signature, current, candidate)
 
 
 class _Faithfulness:

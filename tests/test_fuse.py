@@ -225,6 +225,26 @@ def test_measured_lowering_is_cached_and_a_slower_form_is_reverted(tiny_model, m
     assert len(timed) == first and any("cached speedup 0.500" in line for line in again.explain)
 
 
+@pytest.mark.parametrize("faster", [False, True])
+def test_faithfulness_is_checked_before_a_family_is_timed_or_kept_not_when_a_cached_verdict_rejects_it(
+    tiny_model, monkeypatch, faster
+):
+    checked = []
+    check = fuse_module._Faithfulness.breakage
+    monkeypatch.setattr(fuse_module._Faithfulness, "breakage", lambda self, c: checked.append(1) or check(self, c))
+    monkeypatch.setattr(
+        LoweringChooser, "_measure", lambda self, current, candidate: (3.0, 2.0) if faster else (2.0, 4.0)
+    )
+    model = tiny_model("llama").clone()
+    first = FusePass()(model)
+    timed_first = sum("measured speedup" in line for line in first.explain)
+    assert timed_first >= 3 and len(checked) == timed_first
+    checked.clear()
+    again = FusePass()(model)
+    assert again.explain == [line.replace("measured", "cached") for line in first.explain]
+    assert len(checked) == (timed_first if faster else 0)
+
+
 @pytest.mark.parametrize("damage", ["[1, 2]", "not json", "entries"])
 def test_a_damaged_lowering_cache_is_measured_again_and_rewritten(tiny_model, monkeypatch, tmp_path, damage):
     """A cache file that is not a JSON object, or entries that are not two timings, count as not
