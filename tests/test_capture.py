@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -10,6 +13,7 @@ from helpers import LINEAR_MODEL, model_from_text
 
 import xopt
 from xopt.backends.onnxruntime import create_session, run
+from xopt.capture.huggingface import load_tokenizer
 from xopt.errors import XoptError
 from xopt.kv_cache import empty_cache
 
@@ -191,3 +195,16 @@ def test_causal_lm_exports_a_kv_cache_model_that_matches_torch(tiny_folder, tiny
         valid = mask.astype(bool)
         np.testing.assert_allclose(got[valid], expected.logits.numpy()[valid], atol=2e-5, rtol=1e-4)
         assert second["present.0.key"].shape[2] == sequence
+
+
+def test_a_folder_s_tokenizer_is_loaded_once_until_its_files_change(tiny_folder, tmp_path):
+    """A GGUF file's tokenizer takes seconds to parse and a run reads it several times: it is
+    loaded once per process, and again when a file in the folder changes."""
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_folder("llama"), folder)
+    first = load_tokenizer(folder)
+    assert load_tokenizer(folder) is first
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    changed = load_tokenizer(folder)
+    assert changed is not first and changed.model_max_length == 77

@@ -17,6 +17,7 @@ folder output can carry the tokenizer and config along.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -123,7 +124,6 @@ def load_hf_folder(folder: Path) -> ir.Model:
 
 def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
     """Write the source model's tokenizer and config into `folder`; False if it has none."""
-    import transformers
 
     source = source_folder(model)
     if source is None:
@@ -132,8 +132,7 @@ def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
         source_tokenizer(model).save_pretrained(folder)
     except XoptError as error:
         logger.warning("the output folder gets no tokenizer: %s", error)
-    config = transformers.AutoConfig.from_pretrained(source, **_gguf_kwargs(model))
-
+    config = _source_config(model)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(folder)
@@ -141,15 +140,42 @@ def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
 
 
 def load_tokenizer(folder: Path | str, gguf_file: str | None = None):
-    """The Hugging Face tokenizer in `folder` (or in its GGUF file)."""
+    """The Hugging Face tokenizer in `folder` (or in its GGUF file), loaded once per process while
+    the folder's files are unchanged (`_loaded_once`); callers share it and must not change it."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        return _loaded_once(transformers.AutoTokenizer, Path(folder), gguf_file, kwargs)
     except (OSError, ValueError) as error:
         raise XoptError(f"{folder}: cannot load a tokenizer ({first_line(error)})") from None
+
+
+def _source_config(model: ir.Model):
+    """A copy of the source folder's transformers config (its own to change), or None."""
+    import transformers
+
+    source = source_folder(model)
+    if source is None:
+        return None
+    gguf_file = model.metadata_props.get("xopt.gguf_file")
+    return copy.deepcopy(_loaded_once(transformers.AutoConfig, source, gguf_file, _gguf_kwargs(model)))
+
+
+_LOADED: dict[tuple, object] = {}
+
+
+def _loaded_once(auto, folder: Path, gguf_file: str | None, kwargs: dict):
+    """`auto.from_pretrained(folder, **kwargs)`, remembered by the folder's files (names, sizes,
+    modification times): a GGUF file's tokenizer and config are parsed from it in Python, about
+    6 and 4 s for SmolLM2's, and a run reads them several times (calibration, the quality line,
+    the output folder)."""
+    files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    key = (auto.__name__, str(folder.resolve()), gguf_file, files)
+    if key not in _LOADED:
+        _LOADED[key] = auto.from_pretrained(str(folder), **kwargs)
+    return _LOADED[key]
 
 
 def source_tokenizer(model: ir.Model):
@@ -162,13 +188,8 @@ def source_tokenizer(model: ir.Model):
 
 def source_context_length(model: ir.Model) -> int | None:
     """The longest sequence the source model's config allows (its position table), if known."""
-    import transformers
-
-    source = source_folder(model)
-    if source is None:
-        return None
     try:
-        config = transformers.AutoConfig.from_pretrained(source, **_gguf_kwargs(model))
+        config = _source_config(model)
     except (OSError, ValueError):
         return None
     return getattr(config, "max_position_embeddings", None)
