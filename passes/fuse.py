@@ -336,7 +336,9 @@ def _faithful_verdict(
     if known is not None and not known.keep:
         return known
     broken = faithfulness.breakage(candidate)
-    return broken if broken else chooser.choose(family, signature, current, candidate)
+    if broken:
+        return broken
+    return known if known is not None else chooser.choose(family, signature, current, candidate)
 
 
 class _Faithfulness:

@@ -583,10 +583,10 @@ class _Forms:
             codes, scale, zero, input_scale = form.codes, form.scale, form.zero, form.input_scale
             detail += f", AWQ α {form.alpha:.1f}"
         elif options.method == "gptq":
-            if linear.input.name not in self._factors:
+            factor = self._factors.get(linear.input.name)
+            if factor is None:
                 factor = inverse_factor(statistic.matrix, damp=options.damp, act_order=options.act_order)
                 self._factors[linear.input.name] = factor
-            factor = self._factors[linear.input.name]
             codes, scale, zero = gptq(w.T, factor, bits=bits, group=options.group, fit="hqq", symmetric=self.symmetric)
         else:
             blocks = as_blocks(w.T, options.group)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import onnx
@@ -95,8 +96,8 @@ def test_a_lossy_pipeline_reports_its_cost_on_the_evaluation_text(tiny_folder, t
     lossy = "cleanup,quantize(method=rtn,accuracy=0)"
     optimized, report = xopt.optimize(model, passes=lossy)
     text = read_text(None, "evaluation")
-    before, after = (open_runnable(folder) for folder in (tiny_folder("llama"), tiny_folder("llama")))
-    after.session = create_session(optimized)
+    before = open_runnable(tiny_folder("llama"))
+    after = dataclasses.replace(before, model=optimized, session=create_session(optimized))
     expected = evaluate(after, text, before, max_windows=COST_WINDOWS)
     assert report.quality == expected.to_dict()
     assert report.quality["windows"] == COST_WINDOWS and report.quality["kl"] > 0
