@@ -13,6 +13,7 @@ from helpers import LINEAR_MODEL, model_from_text
 
 import xopt
 from xopt.backends.onnxruntime import create_session, run
+from xopt.capture import huggingface
 from xopt.capture.huggingface import load_tokenizer
 from xopt.errors import XoptError
 from xopt.kv_cache import empty_cache
@@ -208,3 +209,6 @@ def test_a_folder_s_tokenizer_is_loaded_once_until_its_files_change(tiny_folder,
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
     changed = load_tokenizer(folder)
     assert changed is not first and changed.model_max_length == 77
+    assert load_tokenizer(folder) is changed
+    remembered = [key for key in huggingface._LOADED if key[1] == str(folder.resolve())]
+    assert len(remembered) == 1  # the older files' tokenizer is not kept

@@ -161,19 +161,21 @@ def _source_config(model: ir.Model):
     return copy.deepcopy(_loaded_once(transformers.AutoConfig, source, **_gguf_kwargs(model)))
 
 
-_LOADED: dict[tuple, object] = {}
+_LOADED: dict[tuple, tuple[tuple, object]] = {}  # (class, folder, kwargs) → (the folder's files, what loaded)
 
 
 def _loaded_once(auto, folder: Path, **kwargs):
-    """`auto.from_pretrained(folder, **kwargs)`, remembered by the folder's files (names, sizes,
-    modification times): a GGUF file's tokenizer and config are parsed from it in Python (5.1 s
-    and 2.7 s for SmolLM2's), and an int4 run reads them 3 and 2 times (calibration, the quality
-    line, the output folder)."""
+    """`auto.from_pretrained(folder, **kwargs)`, remembered while the folder's files (names, sizes,
+    modification times) are unchanged: a GGUF file's tokenizer and config are parsed from it in
+    Python (5.1 s and 2.7 s for SmolLM2's), and an int4 run reads them 3 and 2 times (calibration,
+    the quality line, the output folder). One entry per folder: a reload replaces what the folder's
+    older files gave."""
     files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
-    key = (auto.__name__, str(folder.resolve()), tuple(sorted(kwargs.items())), files)
-    if key not in _LOADED:
-        _LOADED[key] = auto.from_pretrained(str(folder), **kwargs)
-    return _LOADED[key]
+    key = (auto.__name__, str(folder.resolve()), tuple(sorted(kwargs.items())))
+    remembered = _LOADED.get(key)
+    if remembered is None or remembered[0] != files:
+        _LOADED[key] = remembered = (files, auto.from_pretrained(str(folder), **kwargs))
+    return remembered[1]
 
 
 def source_tokenizer(model: ir.Model):
