@@ -50,6 +50,8 @@ def test_optimize_writes_model_report_and_explains(redundant_onnx, tmp_path, cap
     assert data["input"]["nodes"] == 12 and data["output"]["nodes"] == 2
     assert stat.S_IMODE(report.stat().st_mode) == stat.S_IMODE(output.stat().st_mode)  # as open() makes files
     assert data["passes"][0]["parity"]["max_abs"] == 0.0
+    assert list(data["seconds"]) == ["capture", "reference outputs", "save"]
+    assert "time s: capture" in out and "in all" in out
     assert [n.op_type for n in ir.load(output).graph] == ["Mul", "Add"]
     assert _digest(redundant_onnx) == before
 

@@ -125,6 +125,22 @@ def test_pass_manager_records_stats_and_leaves_input_untouched():
     assert "cleanup" in report.format_table()
 
 
+def test_the_report_times_the_steps_around_the_passes(monkeypatch):
+    """Where a run's time went: each pass and its check apart, the input's reference outputs; the
+    line sums them. Time is a counter that steps 1 s per reading, so every span is known."""
+    clock = iter(range(1000))
+    monkeypatch.setattr("xopt.pipeline.time.perf_counter", lambda: float(next(clock)))
+    _, report = PassManager([CleanupPass(), CleanupPass()])(model_from_text(REDUNDANT_MODEL))
+    assert report.seconds == {"reference outputs": 1.0}
+    assert [(r.seconds, r.check_seconds) for r in report.passes] == [(1.0, 1.0), (1.0, 1.0)]
+    report.seconds = {"capture": 5.0, **report.seconds, "save": 0.5}
+    line = "time s: capture 5.0, reference outputs 1.0, passes 2.0, their checks 2.0, save 0.5; 10.5 in all"
+    assert report.describe_time() == line and line in report.format_table().splitlines()
+    assert report.to_dict()["passes"][1]["check_seconds"] == 1.0
+    _, unchecked = PassManager([CleanupPass()], verify=False)(model_from_text(REDUNDANT_MODEL))
+    assert unchecked.seconds == {} and unchecked.passes[0].check_seconds == 0.0
+
+
 def test_parameters_are_weights_and_codes_not_shapes():
     model = model_from_text(
         """

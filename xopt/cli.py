@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 from xopt.errors import XoptError, counted
 from xopt.progress import showing_progress
@@ -179,12 +180,13 @@ def _optimize(args: argparse.Namespace) -> int:
         if not calibrating:
             note = f"no pass here calibrates, so --calibration {args.calibration} is not read"
             print(f"xopt: note: {note}", file=sys.stderr)
-    with _step(f"capturing {args.input}"):
+    with _step(f"capturing {args.input}") as capture:
         model = xopt.load(args.input)
     with _progress_bar(len(passes), "pass") as advance, showing_progress(_iterate):
         optimized, report = PassManager(passes, verify=not args.no_verify, on_pass=advance)(model)
-    with _step(f"saving {output}"):
+    with _step(f"saving {output}") as saving:
         written = xopt.save(optimized, output)
+    report.seconds = {"capture": capture.seconds, **report.seconds, "save": saving.seconds}
     print(report.format_table())
     if args.explain:
         _print_explain(report, model)
@@ -515,22 +517,25 @@ def _print_explain(report, model) -> None:
 
 
 @contextlib.contextmanager
-def _step(label: str) -> Iterator[None]:
-    """Show `label … done (s)` on a terminal around a step with no natural progress count.
+def _step(label: str) -> Iterator[SimpleNamespace]:
+    """Show `label … done (s)` on a terminal around a step with no natural progress count; yields
+    a namespace whose `seconds` holds the step's time once it is done.
 
     On failure the line is erased, so the error is the only line left on stderr."""
     interactive = sys.stderr.isatty()
     if interactive:
         print(f"{label} …", file=sys.stderr, end="", flush=True)
+    elapsed = SimpleNamespace(seconds=0.0)
     start = time.perf_counter()
     try:
-        yield
+        yield elapsed
     except BaseException:
         if interactive:
             print("\r\033[K", file=sys.stderr, end="", flush=True)
         raise
+    elapsed.seconds = time.perf_counter() - start
     if interactive:
-        print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        print(f" done ({elapsed.seconds:.1f} s)", file=sys.stderr)
 
 
 def _iterate(items, total: int, unit: str = "it", description: str | None = None):

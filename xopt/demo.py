@@ -45,14 +45,15 @@ def run_demo(output: Path, *, step, progress_bar, recipe: str = "exact") -> str:
 
     _check_output(output)
     folder = minilm_folder()
-    with step(f"capturing MiniLM from {folder}"):
+    with step(f"capturing MiniLM from {folder}") as capture:
         model = xopt.load(folder)
     passes = resolve_passes(recipe)
     with progress_bar(len(passes), "pass") as advance:
         optimized, report = PassManager(passes, verify=True, on_pass=advance)(model)
     output.mkdir(parents=True, exist_ok=True)  # only now: a failure above leaves nothing behind
-    with step(f"saving {output / 'model'}"):
+    with step(f"saving {output / 'model'}") as saving:
         xopt.save(optimized, output / "model")
+    report.seconds = {"capture": capture.seconds, **report.seconds, "save": saving.seconds}
     write_text_atomically(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
 
     feeds = _tokenize(folder, DEMO_SENTENCES)

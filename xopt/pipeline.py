@@ -244,14 +244,18 @@ class PassManager:
         if self.verify:
             inputs = verification_inputs(model) if self.inputs is None else self.inputs
             inputs = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+            start = time.perf_counter()
             reference = references_over(model, inputs)
+            report.seconds["reference outputs"] = time.perf_counter() - start
         with calibration_texts_read() as calibration_texts:
             for step in self.passes:
                 working = self._run(step, working, report, inputs, reference)
         if calibration_texts:  # `xopt eval` refuses to measure the model on these texts
             record_calibration_texts(working.metadata_props, calibration_texts)
         if self.verify and any(not step.exact for step in self.passes):
+            start = time.perf_counter()
             report.quality = _quality_cost(model, working)
+            report.seconds["quality"] = time.perf_counter() - start
         return working, report
 
     def _run(self, step: Pass, working: ir.Model, report: Report, inputs, reference) -> ir.Model:
@@ -277,7 +281,9 @@ class PassManager:
             explain=result.explain,
         )
         if self.verify:
+            start = time.perf_counter()
             record.parity = self._verify(step, result.model, inputs, reference)
+            record.check_seconds = time.perf_counter() - start
         report.passes.append(record)
         report.output = record.after
         logger.info("%s: %d → %d nodes in %.2f s", step.name, before.nodes, record.after.nodes, seconds)

@@ -1,4 +1,4 @@
-"""What each pass changed: nodes, op types, parameters, bytes, time, parity.
+"""What each pass changed: nodes, op types, parameters, bytes, time, parity; and where a run's time went.
 
 A `Report` is plain data: `to_dict()` gives the JSON written by `--report`, `format_table()` the
 summary the CLI prints.
@@ -58,6 +58,7 @@ class PassRecord:
     before: ModelStats
     after: ModelStats
     parity: Parity | None = None
+    check_seconds: float = 0.0  # the structure check and parity run after the pass
     stats: dict[str, Any] = field(default_factory=dict)
     explain: list[str] = field(default_factory=list)
 
@@ -80,6 +81,9 @@ class Report:
     # a lossy pipeline's cost on the bundled evaluation text (`xopt.evaluate.Quality`, the output
     # against the input), or {"not_measured": reason}; empty when every pass is exact or unverified
     quality: dict[str, Any] = field(default_factory=dict)
+    # seconds of the steps around the passes, in the order they ran: the input's reference outputs
+    # and the quality line (`PassManager`), capture and saving (added by whoever ran those)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -109,7 +113,19 @@ class Report:
         )
         if self.quality:
             lines.append(self.describe_quality())
+        if self.seconds:
+            lines.append(self.describe_time())
         return "\n".join(lines)
+
+    def describe_time(self) -> str:
+        """One line: the seconds of each step of the run, the passes and their checks summed."""
+        steps = dict(self.seconds)
+        steps["passes"] = sum(record.seconds for record in self.passes)
+        steps["their checks"] = sum(record.check_seconds for record in self.passes)
+        order = ["capture", "reference outputs", "passes", "their checks"]
+        names = [name for name in order if name in steps] + [name for name in steps if name not in order]
+        parts = ", ".join(f"{name} {steps[name]:.1f}" for name in names)
+        return f"time s: {parts}; {sum(steps.values()):.1f} in all"
 
     def describe_quality(self) -> str:
         """One line: what the lossy passes cost on the bundled evaluation text."""
