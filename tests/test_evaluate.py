@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 import xopt
 from xopt.backends.onnxruntime import create_session
 from xopt.cli import main
-from xopt.evaluate import COST_WINDOWS, WindowScores, evaluate, log_softmax
+from xopt.evaluate import COST_WINDOWS, ROWS_AT_ONCE, WindowScores, evaluate, kl_sum, log_softmax
 from xopt.runnable import open_runnable
 from xopt.text import (
     CALIBRATION_FINGERPRINT_KEY,
@@ -60,22 +61,40 @@ def test_kl_and_top1_against_the_captured_model(tiny_folder, optimized_llama):
     assert quality.top1_agreement == 1.0
 
 
+def test_log_softmax_and_kl_over_batches_in_blocks_of_positions_match_torch():
+    """[batch, positions, vocabulary] float32 logits, more rows than one block: float64 results."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, ROWS_AT_ONCE + 5, 40, generator=generator) * 4
+    reference = logits + torch.randn(logits.shape, generator=generator)
+    log_p, log_ref = log_softmax(logits.numpy()), log_softmax(reference.numpy())
+    assert log_p.dtype == np.float64 and log_p.shape == tuple(logits.shape)
+    expected = torch.log_softmax(logits.double(), -1)
+    np.testing.assert_allclose(log_p, expected.numpy(), rtol=1e-13, atol=1e-13)
+    reference_log_probs = torch.log_softmax(reference.double(), -1)
+    expected_kl = torch.nn.functional.kl_div(expected, reference_log_probs, log_target=True, reduction="sum")
+    assert kl_sum(log_ref, log_p) == pytest.approx(float(expected_kl), rel=1e-12)
+
+
 def test_window_scores_match_torch_on_drawn_distributions():
     """KL is taken from the reference (Σ p_ref·(log p_ref − log p)), averaged over every predicted
-    token of every window; perplexity over the same tokens; top-1 compares the two argmaxes."""
+    token of every window; perplexity over the same tokens; top-1 compares the two argmaxes. The
+    windows are longer than the positions scored at once, so the blocks' sums are checked."""
     generator = torch.Generator().manual_seed(0)
-    windows = [torch.randint(0, 50, (17,), generator=generator) for _ in range(3)]
-    logits = [torch.randn(16, 50, generator=generator, dtype=torch.float64) * 3 for _ in windows]
-    ref_logits = [x + torch.randn(16, 50, generator=generator, dtype=torch.float64) for x in logits]
-    scores = WindowScores()
+    windows = [torch.randint(0, 50, (2 * ROWS_AT_ONCE + 3,), generator=generator) for _ in range(3)]
+    logits = [torch.randn(len(w) - 1, 50, generator=generator, dtype=torch.float64) * 3 for w in windows]
+    ref_logits = [x + torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in logits]
+    scores, from_log_probs = WindowScores(), WindowScores()
     for tokens, x, ref in zip(windows, logits, ref_logits, strict=True):
-        scores.add(tokens.numpy(), log_softmax(x.numpy()), log_softmax(ref.numpy()))
+        scores.add(tokens.numpy(), x.numpy(), ref.numpy())
+        from_log_probs.add(tokens.numpy(), log_softmax(x.numpy()), log_softmax(ref.numpy()))
     quality = scores.quality()
+    for name, value in from_log_probs.quality().to_dict().items():
+        assert value == pytest.approx(getattr(quality, name), rel=1e-12), name
     log_p, log_ref = torch.log_softmax(torch.cat(logits), -1), torch.log_softmax(torch.cat(ref_logits), -1)
     targets = torch.cat([tokens[1:] for tokens in windows])
     kl = torch.nn.functional.kl_div(log_p, log_ref, log_target=True, reduction="batchmean")
     nll = torch.nn.functional.nll_loss(log_p, targets)
-    assert quality.windows == 3 and quality.tokens == 48
+    assert quality.windows == 3 and quality.tokens == 3 * (2 * ROWS_AT_ONCE + 2)
     assert quality.kl == pytest.approx(float(kl), rel=1e-12)
     assert quality.perplexity == pytest.approx(float(torch.exp(nll)), rel=1e-12)
     reference_nll = torch.nn.functional.nll_loss(log_ref, targets)
@@ -83,7 +102,7 @@ def test_window_scores_match_torch_on_drawn_distributions():
     assert quality.top1_agreement == pytest.approx(float((log_p.argmax(-1) == log_ref.argmax(-1)).double().mean()))
     assert 0.05 < quality.top1_agreement < 1 and quality.kl > 0.01  # the drawn pairs do differ
     alone = WindowScores()
-    alone.add(windows[0].numpy(), log_softmax(logits[0].numpy()))
+    alone.add(windows[0].numpy(), logits[0].numpy())
     assert alone.quality().kl is None and alone.quality().top1_agreement is None
     assert alone.quality().reference_perplexity is None
 

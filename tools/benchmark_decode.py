@@ -77,7 +77,7 @@ import torch
 
 import xopt
 from xopt.cpu_load import OtherLoad
-from xopt.evaluate import Quality, WindowScores, causal_log_probs, evaluate, log_softmax
+from xopt.evaluate import Quality, WindowScores, causal_logits, evaluate
 from xopt.generate import Decoder
 from xopt.kv_cache import past_inputs
 from xopt.pipeline import RECIPES
@@ -283,8 +283,7 @@ def llama_cpp_quality(gguf: Path, ids: list[int], threads: int, extra_buffers: b
         window = np.asarray(ids[start : start + PERPLEXITY_WINDOW], dtype=np.int64)
         model.reset()
         model.eval(window.tolist())
-        log_probs = log_softmax(np.asarray(model.scores[: len(window) - 1]))
-        scores.add(window, log_probs, causal_log_probs(reference, window))
+        scores.add(window, np.asarray(model.scores[: len(window) - 1]), causal_logits(reference, window))
     return scores.quality()
 
 

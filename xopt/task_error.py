@@ -19,7 +19,7 @@ import onnx_ir as ir
 from xopt.backends.onnxruntime import create_session, run
 from xopt.calibration import calibration_feeds
 from xopt.capture.huggingface import TASK_CAUSAL_LM
-from xopt.evaluate import SENTENCE_BATCH, cosine, log_softmax, mean_pool
+from xopt.evaluate import SENTENCE_BATCH, cosine, kl_sum, log_softmax, mean_pool
 from xopt.runnable import model_task
 
 WINDOW_TOKENS = 256  # per causal-LM calibration window
@@ -47,8 +47,8 @@ class TaskError:
     def __call__(self, candidate: ir.Model) -> float:
         outputs = self._outputs(candidate)
         if self.causal_lm:
-            kl = [np.sum(np.exp(p) * (p - q), axis=-1) for p, q in zip(self.reference, outputs, strict=True)]
-            return float(np.mean(np.concatenate([k.reshape(-1) for k in kl])))
+            kl = sum(kl_sum(p, q) for p, q in zip(self.reference, outputs, strict=True))
+            return kl / sum(p[..., 0].size for p in self.reference)
         cosines = [cosine(a, b) for a, b in zip(self.reference, outputs, strict=True)]
         return float(1.0 - np.min(np.concatenate(cosines)))
 
