@@ -7,11 +7,10 @@ Causal LM, over non-overlapping windows of W tokens (default 512) of the text, p
     KL         = (1/N) Σ Σᵥ p_ref(v | x<ₜ) · (log p_ref(v | x<ₜ) − log p(v | x<ₜ))   (against a reference)
     top-1      = (1/N) Σ [argmax p = argmax p_ref]
 
-Log-probabilities are taken in float64 from the float32 logits, `ROWS_AT_ONCE` positions at a time:
-a whole window's in float64 ([511, 49152], 200 MB per array) is fresh memory every time, and
-SmolLM2's int4 quality line (4 windows, the input's logits and the output's) took 13.1–14.7 s
-with whole windows, 10.4–10.7 s in blocks (three runs each, alternating), the same figures to
-1e-15.
+Log-probabilities are taken in float64 from the float32 logits, `ROWS_AT_ONCE` positions at a time
+rather than a whole window at once (200 MB per float64 array for SmolLM2's [511, 49152]): its
+int4 quality line (4 windows, the input's logits and the output's) took 13.1–14.7 s with whole
+windows, 10.4–10.7 s in blocks (three runs each, alternating), the same figures to 1e-15.
 
 Encoder: sentence embeddings are the mean of the last hidden state over the attention mask (as
 sentence-transformers does); against a reference, the cosine of each sentence's two embeddings,
