@@ -72,16 +72,15 @@ def gptq(
     whose `inverse_factor` is given."""
     n, k = w_nk.shape
     order, upper, act_order = factor.order, factor.upper, factor.act_order
-    weight_nk = np.array(w_nk, dtype=np.float64)
-    weight_nk[:, factor.dead] = 0.0
+    weight = np.array(w_nk.T, dtype=np.float64, order="C")  # [K, N]: one pass when w_nk is a view of it
+    weight[factor.dead] = 0.0
     groups = -(-k // group)
     scale, zero = np.zeros((groups, n)), np.zeros((groups, n))
     if act_order:
         for g in range(groups):
-            scale[g], zero[g] = (
-                a[:, 0] for a in fit_blocks(weight_nk[:, None, g * group : (g + 1) * group], bits, fit, symmetric)
-            )
-    weight = np.ascontiguousarray(weight_nk[:, order].T)  # [K, N] in the order quantized
+            members = weight[g * group : (g + 1) * group].T[:, None, :]
+            scale[g], zero[g] = (a[:, 0] for a in fit_blocks(members, bits, fit, symmetric))
+        weight = weight[order]  # in the order quantized
 
     codes = np.zeros((k, n))
     block = max(BLOCK_COLUMNS // group, 1) * group  # whole groups per block
