@@ -60,19 +60,23 @@ def _symmetric_zero(bits: int) -> int:
 
 
 def codes_of(blocks: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
-    """q = clip(round(w/s + z), 0, L) for blocks [..., g] and per-block scale, zero [...]; in one
-    array, each step in place (a head's 49152×576 in float64 is 226 MB per temporary)."""
-    codes = blocks / scale[..., None]
-    codes += zero[..., None]
+    """q = clip(round(w/s + z), 0, L) for blocks [..., g] and per-block scale, zero [...]; each step
+    in place where numpy's promotion allows (a head's 49152×576 in float64 is 226 MB per temporary)."""
+    codes = _promoted(np.add, blocks / scale[..., None], zero[..., None])
     np.rint(codes, out=codes)
     return np.clip(codes, 0, levels(bits), out=codes)
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """s·(q − z), in one array."""
-    values = codes - zero[..., None]
-    values *= scale[..., None]
-    return values
+    """s·(q − z), in place where numpy's promotion allows."""
+    return _promoted(np.multiply, codes - zero[..., None], scale[..., None])
+
+
+def _promoted(ufunc: np.ufunc, array: np.ndarray, operand: np.ndarray) -> np.ndarray:
+    """`ufunc(array, operand)` with numpy's promotion, written into `array` (a temporary) when the
+    result has its dtype."""
+    in_place = array.dtype == np.result_type(array, operand)
+    return ufunc(array, operand, out=array if in_place else None)
 
 
 def restored_in_out(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> np.ndarray:

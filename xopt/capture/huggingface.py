@@ -170,7 +170,8 @@ def _loaded_once(auto, folder: Path, **kwargs):
     Python (5.1 s and 2.7 s for SmolLM2's), and an int4 run reads them 3 and 2 times (calibration,
     the quality line, the output folder). One entry per folder: a reload replaces what the folder's
     older files gave."""
-    files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+    stats = ((p.name, p.stat()) for p in folder.iterdir() if p.is_file())
+    files = tuple(sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats))
     key = (auto.__name__, str(folder.resolve()), tuple(sorted(kwargs.items())))
     remembered = _LOADED.get(key)
     if remembered is None or remembered[0] != files:
