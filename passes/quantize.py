@@ -26,11 +26,13 @@ KL from the float model 0.00317 against 0.00321 folded). `false` re-quantizes su
 `symmetric=measure` decides on this machine: the model is timed with both grids, each at its own
 best accuracy level (round to nearest stands in for the method: the kernels' time does not depend
 on the codes), and the symmetric one is taken only at `SYMMETRIC_MIN_SPEEDUP` or more, a clear
-gain for the quality it costs.
+gain for the quality it costs, and near that only if a second measurement reaches it too (the
+chooser's `lossy`: the timing noise of one measurement, sd ≈ 0.02, can carry a tie over 1.05×).
 MatMulNBits' `accuracy_level` picks its kernel: 0 computes in float, 4 quantizes the activations
 to int8 per block and uses integer dot products (faster for decode on CPUs with VNNI, often slower
 for long prefill). `accuracy=measure` times the whole model with each (prefill plus decode steps,
-`backends/lowering.py`, cached per machine) and keeps the faster; 0 or 4 force one. MatMulNBits
+`backends/lowering.py`, cached per machine) and keeps the faster (level 4 rounds the activations:
+held to `lossy`, like the symmetric grids); 0 or 4 force one. MatMulNBits
 an exact pass wrote (`keep-grids`) keep level 0, and their offset terms are not linears to
 quantize again (`patterns.PART_OF_QUANTIZED`): after `keep-grids`, `quantize` takes the linears
 it left in float, such as a Q8_0 head.
@@ -384,7 +386,7 @@ class QuantizeWeightsPass(Pass):
             forms.append(copy)
             levels.append(level)
         chooser = LoweringChooser(
-            threads=self.threads, batch=self.batch, sequence=sequence, min_speedup=SYMMETRIC_MIN_SPEEDUP
+            threads=self.threads, batch=self.batch, sequence=sequence, min_speedup=SYMMETRIC_MIN_SPEEDUP, lossy=True
         )
         signature = {**_signature(forms[0]), "accuracy_levels": levels}
         verdict = chooser.choose("matmulnbits-symmetric", signature, *forms)
@@ -403,7 +405,7 @@ class QuantizeWeightsPass(Pass):
         _set_accuracy(model, 0)
         candidate = model.clone()
         _set_accuracy(candidate, 4)
-        chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
+        chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence, lossy=True)
         try:
             verdict = chooser.choose("matmulnbits-accuracy-4", _signature(model), model, candidate)
         except Exception as error:  # a kernel ORT cannot run at this shape is not chosen

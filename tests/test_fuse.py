@@ -316,6 +316,48 @@ def test_real_timing_runs_both_forms(tiny_model):
     assert current_ms > 0 and candidate_ms > 0 and 0.2 < current_ms / candidate_ms < 5
 
 
+def _scripted_timings(monkeypatch, speedups):
+    """`time_interleaved` replaced: each call (one half of a measurement) reads the next speedup,
+    the current form taking that many ms to the candidate's 1."""
+    import xopt.bench as bench
+
+    def timings(runners, rounds, warmup):
+        speedup = speedups.pop(0)
+        return [bench.Timing(label, speedup if label.startswith("current") else 1.0, 0, 0, rounds) for label in runners]
+
+    monkeypatch.setattr(bench, "time_interleaved", timings)
+
+
+@pytest.mark.parametrize(
+    ("lossy", "speedups", "expected"),
+    [
+        (False, [1.07, 1.07, 1.045, 1.045], (1.07 + 2 * 1.045) / 3),  # near 1.05: again, averaged by rounds
+        (True, [1.07, 1.07, 1.045, 1.045], 1.045),  # lossy: the lower of the two measurements
+        (True, [1.045, 1.045, 1.07, 1.07], 1.045),
+        (True, [1.09, 1.09], 1.09),  # clear of the threshold: measured once
+        (False, [1.0, 1.0], 1.0),
+    ],
+)
+def test_a_verdict_near_the_threshold_is_measured_again(tiny_model, monkeypatch, tmp_path, lossy, speedups, expected):
+    _scripted_timings(monkeypatch, speedups)
+    options = {"min_speedup": 1.05, "lossy": lossy, "cache_dir": tmp_path}
+    chooser = LoweringChooser(threads=1, sequence=8, rounds=4, warmup=0, **options)
+    model = tiny_model("bert")
+    verdict = chooser.choose("family", {}, model, model.clone())
+    assert not speedups  # every scripted half was measured
+    assert verdict.speedup == pytest.approx(expected) and verdict.keep == (expected >= 1.05)
+    assert chooser.cached("family", {}, model, model.clone()).speedup == pytest.approx(expected)
+
+
+def test_lossy_verdicts_are_cached_apart(tiny_model, monkeypatch, tmp_path):
+    """A verdict held to both measurements is not the one a plain chooser made for the same forms."""
+    _scripted_timings(monkeypatch, [1.2, 1.2])
+    model = tiny_model("bert")
+    LoweringChooser(threads=1, sequence=8, rounds=4, warmup=0, cache_dir=tmp_path).choose("family", {}, model, model)
+    lossy = LoweringChooser(threads=1, sequence=8, rounds=4, warmup=0, lossy=True, cache_dir=tmp_path)
+    assert lossy.cached("family", {}, model, model) is None
+
+
 def test_a_form_timed_again_reuses_its_session_and_each_form_is_timed_as_the_newer(tiny_model, monkeypatch):
     """fuse times each family against the previous verdict's form: that form's session is kept,
     the other one released. Of two sessions of one model the one created first runs slower, so
