@@ -86,6 +86,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_FILE = "lowering.json"
 NEAR_TIE = 0.03  # a first speedup within this of the threshold is re-measured with twice the rounds
+PREFILL_ROUND_SHARE = 3  # a decoder's prefill is timed in one round of this many (its steps in every one)
 
 
 @dataclass
@@ -219,10 +220,12 @@ class LoweringChooser:
             key: kept for key, kept in self._sessions.items() if kept.model is current or kept.model is candidate
         }
         timed_current = self._session(current)[0]
-        workloads = {"prefill": (sample_inputs(timed_current, batch=self.batch, sequence=self.sequence), 1)}
+        # workload → (inputs, times it counts in the total, timed in one round of this many)
+        prefill = sample_inputs(timed_current, batch=self.batch, sequence=self.sequence)
+        workloads = {"prefill": (prefill, 1, 1)}
         if has_kv_cache(timed_current):
             step = sample_inputs(timed_current, batch=self.batch, sequence=1, past=self.sequence)
-            workloads["step"] = (step, self.sequence)
+            workloads = {"prefill": (prefill, 1, PREFILL_ROUND_SHARE), "step": (step, self.sequence, 1)}
 
         def times(rounds: int, renew_older: bool) -> np.ndarray:
             """Each form's time over `rounds`; `renew_older`: the form whose session is the older
@@ -231,14 +234,17 @@ class LoweringChooser:
                 older = next(iter(self._sessions))
                 self._sessions[older] = self._sessions.pop(older)._replace(session=None)
             sessions = {"current": self._session(current), "candidate": self._session(candidate)}
-            runners = {}
-            for label, (model, session) in sessions.items():
-                for workload, (feeds, _) in workloads.items():
-                    runners[f"{label} {workload}"] = _runner(session, model, feeds)
-            medians = {t.label: t.median_ms for t in time_interleaved(runners, rounds=rounds, warmup=self.warmup)}
+            medians = {}
+            for workload, (feeds, _, share) in workloads.items():
+                runners = {
+                    f"{label} {workload}": _runner(session, model, feeds)
+                    for label, (model, session) in sessions.items()
+                }
+                timed = time_interleaved(runners, rounds=math.ceil(rounds / share), warmup=self.warmup)
+                medians.update({t.label: t.median_ms for t in timed})
             return np.array(
                 [
-                    sum(count * medians[f"{label} {w}"] for w, (_, count) in workloads.items())
+                    sum(count * medians[f"{label} {w}"] for w, (_, count, _) in workloads.items())
                     for label in ("current", "candidate")
                 ]
             )
