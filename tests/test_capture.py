@@ -212,3 +212,21 @@ def test_a_folder_s_tokenizer_is_loaded_once_until_its_files_change(tiny_folder,
     assert load_tokenizer(folder) is changed
     remembered = [key for key in huggingface._LOADED if key[1] == str(folder.resolve())]
     assert len(remembered) == 1  # the older files' tokenizer is not kept
+
+
+def test_capture_parses_the_config_that_later_steps_read(tiny_folder, tmp_path, monkeypatch):
+    """A GGUF file's config takes seconds to parse: capture loads it through the same memo the
+    context length and the output folder read, so a run parses it once."""
+    import transformers
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_folder("llama"), folder)
+    loads = []
+    load = transformers.AutoConfig.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoConfig, "from_pretrained", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs)
+    )
+    captured = xopt.load(folder)
+    config = huggingface._source_config(captured)
+    assert len(loads) == 1 and config.model_type == "llama"
+    assert config is not huggingface._source_config(captured)  # each reader gets its own copy

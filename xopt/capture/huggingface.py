@@ -81,7 +81,9 @@ def load_hf_model(folder: Path, gguf_file: str | None = None):
     transformers.logging.disable_progress_bar()
     try:  # GGUF dequantization draws its own progress bar on stderr; xopt reports the step itself
         with contextlib.redirect_stderr(io.StringIO()):
-            model = auto.from_pretrained(str(folder), **kwargs)
+            # the config the later steps read (`_source_config`), parsed once from a GGUF file
+            config = copy.deepcopy(_loaded_once(transformers.AutoConfig, folder, **_gguf_kwargs(gguf_file)))
+            model = auto.from_pretrained(str(folder), config=config, **kwargs)
     except Exception as error:
         reason = first_line(error)
         raise XoptError(f"{folder}: transformers could not load the model ({reason})") from None
@@ -158,7 +160,8 @@ def _source_config(model: ir.Model):
     source = source_folder(model)
     if source is None:
         return None
-    return copy.deepcopy(_loaded_once(transformers.AutoConfig, source, **_gguf_kwargs(model)))
+    gguf_file = model.metadata_props.get("xopt.gguf_file")
+    return copy.deepcopy(_loaded_once(transformers.AutoConfig, source, **_gguf_kwargs(gguf_file)))
 
 
 _LOADED: dict[tuple, tuple[tuple, object]] = {}  # (class, folder, kwargs) → (the folder's files, what loaded)
@@ -167,9 +170,10 @@ _LOADED: dict[tuple, tuple[tuple, object]] = {}  # (class, folder, kwargs) → (
 def _loaded_once(auto, folder: Path, **kwargs):
     """`auto.from_pretrained(folder, **kwargs)`, remembered while the folder's files (names, sizes,
     modification times) are unchanged: a GGUF file's tokenizer and config are parsed from it in
-    Python (5.1 s and 2.7 s for SmolLM2's), and an int4 run reads them 3 and 2 times (calibration,
-    the quality line, the output folder). One entry per folder: a reload replaces what the folder's
-    older files gave."""
+    Python (5.1 s and 2.7 s for SmolLM2's), and an int4 run reads the tokenizer 3 times
+    (calibration, the quality line, the output folder) and the config 3 times (capture, the context
+    length, the output folder). One entry per folder: a reload replaces what the folder's older
+    files gave."""
     stats = ((p.name, p.stat()) for p in folder.iterdir() if p.is_file())
     files = tuple(sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats))
     key = (auto.__name__, str(folder.resolve()), tuple(sorted(kwargs.items())))
@@ -202,8 +206,7 @@ def source_folder(model: ir.Model) -> Path | None:
     return Path(source) if source and Path(source).is_dir() else None
 
 
-def _gguf_kwargs(model: ir.Model) -> dict[str, str]:
-    gguf_file = model.metadata_props.get("xopt.gguf_file")
+def _gguf_kwargs(gguf_file: str | None) -> dict[str, str]:
     return {"gguf_file": gguf_file} if gguf_file else {}
 
 
