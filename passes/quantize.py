@@ -32,10 +32,10 @@ MatMulNBits' `accuracy_level` picks its kernel: 0 computes in float, 4 quantizes
 to int8 per block and uses integer dot products (faster for decode on CPUs with VNNI, often slower
 for long prefill). `accuracy=measure` times the whole model with each (prefill plus decode steps,
 `backends/lowering.py`, cached per machine) and keeps the faster (level 4 rounds the activations:
-held to `lossy`, like the symmetric grids); 0 or 4 force one. MatMulNBits
-an exact pass wrote (`keep-grids`) keep level 0, and their offset terms are not linears to
-quantize again (`patterns.PART_OF_QUANTIZED`): after `keep-grids`, `quantize` takes the linears
-it left in float, such as a Q8_0 head.
+held to `lossy`, like the symmetric grids); 0 or 4 force one. MatMulNBits an exact pass wrote
+(`keep-grids`) keep level 0, and their offset terms are not linears to quantize again
+(`patterns.PART_OF_QUANTIZED`): after `keep-grids`, `quantize` takes the linears it left in float,
+such as a Q8_0 head.
 
 `scheme=dynamic` (8 bits): int8 weights per output channel and activations quantized per tensor
 at run time, lowered to DynamicQuantizeMatMul, with smoothing of the activations' outlier
