@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -186,7 +185,7 @@ def _optimize(args: argparse.Namespace) -> int:
         optimized, report = PassManager(passes, verify=not args.no_verify, on_pass=advance)(model)
     with _step(f"saving {output}") as saving:
         written = xopt.save(optimized, output)
-    report.seconds = {"capture": capture.seconds, **report.seconds, "save": saving.seconds}
+    report.add_capture_and_save(capture.seconds, saving.seconds)
     print(report.format_table())
     if args.explain:
         _print_explain(report, model)
@@ -522,18 +521,18 @@ def _step(label: str) -> Iterator[SimpleNamespace]:
     a namespace whose `seconds` holds the step's time once it is done.
 
     On failure the line is erased, so the error is the only line left on stderr."""
+    from xopt.report import stopwatch
+
     interactive = sys.stderr.isatty()
     if interactive:
         print(f"{label} …", file=sys.stderr, end="", flush=True)
-    elapsed = SimpleNamespace(seconds=0.0)
-    start = time.perf_counter()
     try:
-        yield elapsed
+        with stopwatch() as elapsed:
+            yield elapsed
     except BaseException:
         if interactive:
             print("\r\033[K", file=sys.stderr, end="", flush=True)
         raise
-    elapsed.seconds = time.perf_counter() - start
     if interactive:
         print(f" done ({elapsed.seconds:.1f} s)", file=sys.stderr)
 

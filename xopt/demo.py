@@ -53,7 +53,7 @@ def run_demo(output: Path, *, step, progress_bar, recipe: str = "exact") -> str:
     output.mkdir(parents=True, exist_ok=True)  # only now: a failure above leaves nothing behind
     with step(f"saving {output / 'model'}") as saving:
         xopt.save(optimized, output / "model")
-    report.seconds = {"capture": capture.seconds, **report.seconds, "save": saving.seconds}
+    report.add_capture_and_save(capture.seconds, saving.seconds)
     write_text_atomically(output / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
 
     feeds = _tokenize(folder, DEMO_SENTENCES)

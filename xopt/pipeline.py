@@ -18,7 +18,6 @@ import dataclasses
 import importlib
 import logging
 import re
-import time
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import onnx_ir as ir
 
 from xopt.errors import XoptError, first_line, require_model
 from xopt.inputs import fit_inputs, verification_inputs
-from xopt.report import ModelStats, PassRecord, Report
+from xopt.report import ModelStats, PassRecord, Report, stopwatch
 from xopt.text import calibration_texts_read, record_calibration_texts
 from xopt.verify import EXACT_TOLERANCE, VerificationError, check_structure, parity_over, references_over
 
@@ -244,18 +243,18 @@ class PassManager:
         if self.verify:
             inputs = verification_inputs(model) if self.inputs is None else self.inputs
             inputs = [inputs] if isinstance(inputs, Mapping) else list(inputs)
-            start = time.perf_counter()
-            reference = references_over(model, inputs)
-            report.seconds["reference outputs"] = time.perf_counter() - start
+            with stopwatch() as elapsed:
+                reference = references_over(model, inputs)
+            report.seconds["reference outputs"] = elapsed.seconds
         with calibration_texts_read() as calibration_texts:
             for step in self.passes:
                 working = self._run(step, working, report, inputs, reference)
         if calibration_texts:  # `xopt eval` refuses to measure the model on these texts
             record_calibration_texts(working.metadata_props, calibration_texts)
         if self.verify and any(not step.exact for step in self.passes):
-            start = time.perf_counter()
-            report.quality = _quality_cost(model, working)
-            report.seconds["quality"] = time.perf_counter() - start
+            with stopwatch() as elapsed:
+                report.quality = _quality_cost(model, working)
+            report.seconds["quality"] = elapsed.seconds
         return working, report
 
     def _run(self, step: Pass, working: ir.Model, report: Report, inputs, reference) -> ir.Model:
@@ -263,13 +262,13 @@ class PassManager:
         if self.on_pass is not None:
             self.on_pass(step)
         before = report.output
-        start = time.perf_counter()
         try:
-            result = step(working)
+            with stopwatch() as elapsed:
+                result = step(working)
         except XoptError as error:  # named once: many passes start their messages with their name
             reason = str(error).removeprefix(f"{step.name}: ")
             raise type(error)(f"pass {step.name!r}: {reason}") from error
-        seconds = time.perf_counter() - start
+        seconds = elapsed.seconds
         record = PassRecord(
             name=step.name,
             exact=step.exact,
@@ -281,9 +280,9 @@ class PassManager:
             explain=result.explain,
         )
         if self.verify:
-            start = time.perf_counter()
-            record.parity = self._verify(step, result.model, inputs, reference)
-            record.check_seconds = time.perf_counter() - start
+            with stopwatch() as elapsed:
+                record.parity = self._verify(step, result.model, inputs, reference)
+            record.check_seconds = elapsed.seconds
         report.passes.append(record)
         report.output = record.after
         logger.info("%s: %d → %d nodes in %.2f s", step.name, before.nodes, record.after.nodes, seconds)

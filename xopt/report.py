@@ -1,13 +1,17 @@
 """What each pass changed: nodes, op types, parameters, bytes, time, parity; and where a run's time went.
 
 A `Report` is plain data: `to_dict()` gives the JSON written by `--report`, `format_table()` the
-summary the CLI prints.
+summary the CLI prints. Its seconds are taken with `stopwatch`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import onnx_ir as ir
@@ -117,6 +121,10 @@ class Report:
             lines.append(self.describe_time())
         return "\n".join(lines)
 
+    def add_capture_and_save(self, capture_seconds: float, save_seconds: float) -> None:
+        """The steps around a `PassManager` run that its caller ran: capture first, saving last."""
+        self.seconds = {"capture": capture_seconds, **self.seconds, "save": save_seconds}
+
     def describe_time(self) -> str:
         """One line: the seconds of each step of the run, the passes and their checks summed."""
         steps = dict(self.seconds)
@@ -155,3 +163,13 @@ def _is_parameter(dtype: ir.DataType) -> bool:
 
 def _op_name(node: ir.Node) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+@contextlib.contextmanager
+def stopwatch() -> Iterator[SimpleNamespace]:
+    """Times the block: the namespace it yields gets the block's `seconds` when the block ends
+    without an error."""
+    elapsed = SimpleNamespace(seconds=0.0)
+    start = time.perf_counter()
+    yield elapsed
+    elapsed.seconds = time.perf_counter() - start
