@@ -26,6 +26,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from xopt import kv_cache
+from xopt.capture import graph_cache
+from xopt.capture.graph_cache import folder_files
 from xopt.capture.torch_export import export_to_ir
 from xopt.errors import XoptError, first_line
 
@@ -110,6 +112,10 @@ def load_hf_folder(folder: Path) -> ir.Model:
         raise XoptError(f"{folder}: {kind} takes no token ids (no vocab_size in its config); xopt captures text models")
     if getattr(model.config, "is_encoder_decoder", False):
         raise XoptError(f"{folder}: {kind} is an encoder-decoder model; xopt captures encoders and decoders")
+    weights, key = model.state_dict(), graph_cache.capture_key(folder, gguf_file)
+    captured = graph_cache.load(key, weights)
+    if captured is not None:
+        return captured
     try:
         captured = _export_causal_lm(model) if task == TASK_CAUSAL_LM else _export_encoder(model)
     except XoptError as error:
@@ -121,6 +127,7 @@ def load_hf_folder(folder: Path) -> ir.Model:
     captured.metadata_props["xopt.model_type"] = str(model.config.model_type)
     if gguf_file is not None:
         captured.metadata_props["xopt.gguf_file"] = gguf_file
+    graph_cache.store(key, captured, weights)
     return captured
 
 
@@ -174,8 +181,7 @@ def _loaded_once(auto, folder: Path, **kwargs):
     (calibration, the quality line, the output folder) and the config 3 times (capture, the context
     length, the output folder). One entry per folder: a reload replaces what the folder's older
     files gave."""
-    stats = ((p.name, p.stat()) for p in folder.iterdir() if p.is_file())
-    files = tuple(sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats))
+    files = folder_files(folder)
     key = (auto.__name__, str(folder.resolve()), tuple(sorted(kwargs.items())))
     remembered = _LOADED.get(key)
     if remembered is None or remembered[0] != files:

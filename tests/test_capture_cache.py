@@ -1,0 +1,130 @@
+"""The captured-graph cache: a folder captured again gives the same model without tracing, and
+any doubt about a cached graph (changed folder, damaged file, unmatched weights) means a new capture."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import LINEAR_MODEL, model_from_text
+
+import xopt
+from xopt.capture import graph_cache, huggingface
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache folder of the test's own."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("XOPT_CACHE_DIR", str(folder))
+    return folder / graph_cache.FOLDER
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """The names of the models torch.export traced during the test."""
+    traced = []
+    export = huggingface.export_to_ir
+
+    def traced_export(module, *args, **kwargs):
+        traced.append(module)
+        return export(module, *args, **kwargs)
+
+    monkeypatch.setattr(huggingface, "export_to_ir", traced_export)
+    return traced
+
+
+def _copy(tiny_folder, name, tmp_path):
+    folder = tmp_path / name
+    shutil.copytree(tiny_folder(name), folder)
+    return folder
+
+
+def _bytes(model: ir.Model) -> bytes:
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+def _ops(model: ir.Model) -> list[str]:
+    """The graph's operators in order (two exports differ in the exporter's metadata)."""
+    return [node.op_type for node in model.graph]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "bert"])  # tied embeddings; untied; buffers outside the state dict
+def test_a_folder_captured_again_is_the_same_model_without_tracing(tiny_folder, tmp_path, cache, exports, name):
+    folder = _copy(tiny_folder, name, tmp_path)
+    first = xopt.load(folder)
+    assert len(exports) == 1
+    second = xopt.load(folder)
+    assert len(exports) == 1  # read from the cache
+    assert _bytes(second) == _bytes(first)
+    (stored,) = cache.glob("*.onnx")
+    initializers = onnx.load(stored, load_external_data=False).graph.initializer
+    references = [t for t in initializers if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert references and all(t.external_data[0].value.startswith(graph_cache.REFERENCE) for t in references)
+    assert not any(t.raw_data for t in references)  # parameters are kept as references, not bytes
+    parameters = {v.name for v in first.graph.initializers.values() if v.name.split(".")[-1] in ("weight", "bias")}
+    assert {t.name for t in references} == parameters
+
+
+def test_a_changed_folder_is_captured_anew(tiny_folder, tmp_path, cache, exports):
+    folder = _copy(tiny_folder, "llama", tmp_path)
+    xopt.load(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    changed = xopt.load(folder)
+    assert len(exports) == 2
+    assert len(list(cache.glob("*.onnx"))) == 2
+    assert xopt.load(folder) is not changed and len(exports) == 2
+
+
+def _damage_reference(path):
+    proto = onnx.load(path, load_external_data=False)
+    reference = next(t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    reference.external_data[0].value = graph_cache.REFERENCE + "no.such.weight"
+    onnx.save(proto, path)
+
+
+def _resize_reference(path):
+    proto = onnx.load(path, load_external_data=False)
+    reference = next(t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    reference.dims[0] += 1
+    onnx.save(proto, path)
+
+
+def _garble(path):
+    path.write_bytes(b"\x00not a graph")
+
+
+def test_a_cached_graph_in_doubt_is_captured_anew_and_written_over(tiny_folder, tmp_path, cache, exports):
+    """An unreadable file, a reference to a weight the model lacks, one of another shape."""
+    folder = _copy(tiny_folder, "llama", tmp_path)
+    first = xopt.load(folder)
+    (stored,) = cache.glob("*.onnx")
+    for count, damage in enumerate((_garble, _damage_reference, _resize_reference), start=2):
+        damage(stored)
+        again = xopt.load(folder)
+        assert len(exports) == count and _ops(again) == _ops(first), damage.__name__
+        assert _bytes(xopt.load(folder)) == _bytes(again) and len(exports) == count  # the new capture was cached
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(tiny_folder, tmp_path, monkeypatch, exports):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("XOPT_CACHE_DIR", str(blocked))
+    folder = _copy(tiny_folder, "llama", tmp_path)
+    captured = xopt.load(folder)
+    assert len(exports) == 1 and captured.graph.outputs[0].name == "logits"
+    assert blocked.read_text() == "not a folder"
+
+
+def test_the_least_recently_used_graphs_are_dropped(cache, monkeypatch):
+    monkeypatch.setattr(graph_cache, "KEEP", 2)
+    model = model_from_text(LINEAR_MODEL)
+    for key in ("a", "b", "c"):
+        graph_cache.store(key, model, {})
+        if key == "b":
+            assert graph_cache.load("a", {}) is not None  # used: now more recent than b
+    assert sorted(path.stem for path in cache.glob("*")) == ["a", "c"]
