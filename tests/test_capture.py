@@ -230,3 +230,18 @@ def test_capture_parses_the_config_that_later_steps_read(tiny_folder, tmp_path, 
     config = huggingface._source_config(captured)
     assert len(loads) == 1 and config.model_type == "llama"
     assert config is not huggingface._source_config(captured)  # each reader gets its own copy
+
+
+def test_gguf_name_maps_are_built_once_while_a_gguf_model_loads():
+    """transformers rebuilds gguf's tensor-name map for every module of a GGUF model (397 times
+    for SmolLM2); while xopt loads one it is built once per architecture and layer count."""
+    import gguf
+
+    build = gguf.get_tensor_name_map
+    with huggingface._gguf_name_maps_built_once("model.gguf"):
+        first = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not first
+    assert gguf.get_tensor_name_map is build
+    with huggingface._gguf_name_maps_built_once(None):  # a folder without GGUF: nothing changes
+        assert gguf.get_tensor_name_map is build
