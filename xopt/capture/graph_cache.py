@@ -41,6 +41,9 @@ KEEP = 8  # graphs kept (SmolLM2's: 13 MB, MiniLM's: 1 MB)
 REFERENCE = "state_dict:"  # an external-data location naming the state-dict entry that holds the tensor
 _CODE = (*sorted(Path(__file__).parent.glob("*.py")), Path(__file__).parents[1] / "kv_cache.py")
 _LIBRARIES = ("torch", "transformers", "onnxscript", "onnx-ir")
+# torch dtypes of the parameters kept as references: those numpy has (`load` hands the tensor's
+# memory to ir.Tensor as a numpy array; a bfloat16 one is stored as it is)
+_AS_NUMPY = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 
 def folder_files(folder: Path) -> tuple[tuple[str, int, int], ...]:
@@ -80,16 +83,16 @@ def load(key: str, state_dict: Mapping[str, object]) -> ir.Model | None:
 def store(key: str, model: ir.Model, state_dict: Mapping[str, object]) -> None:
     """Keep `model` (just exported from the module whose `state_dict` is given) under `key`, its
     parameters as references; `model` is left as it was."""
-    with _parameters_as_references(model, state_dict):
-        data = ir.serde.serialize_model(model).SerializeToString()
     path = _path(key)
     staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        with _parameters_as_references(model, state_dict):
+            data = ir.serde.serialize_model(model).SerializeToString()
         path.parent.mkdir(parents=True, exist_ok=True)
         staged.write_bytes(data)
         os.replace(staged, path)
         _drop_least_recent(path.parent)
-    except OSError as error:
+    except Exception as error:  # caching is best effort: the capture itself succeeded
         logger.debug("the captured graph is not cached: %s", error)
     finally:
         with contextlib.suppress(OSError):
@@ -119,7 +122,8 @@ def _parameters_as_references(model: ir.Model, state_dict: Mapping[str, object])
 
     entries = {}
     for name, tensor in state_dict.items():
-        entries.setdefault((tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype), name)
+        if str(tensor.dtype).removeprefix("torch.") in _AS_NUMPY:
+            entries.setdefault((tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype), name)
     swapped = []
     try:
         for value in model.graph.initializers.values():
