@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import ClassVar
 
 import onnx
 import onnx_ir as ir
@@ -12,7 +13,7 @@ import pytest
 from helpers import LINEAR_MODEL, model_from_text
 
 import xopt
-from xopt.capture import graph_cache, huggingface
+from xopt.capture import gguf_conversions, graph_cache, huggingface
 
 
 @pytest.fixture
@@ -128,3 +129,66 @@ def test_the_least_recently_used_graphs_are_dropped(cache, monkeypatch):
         if key == "b":
             assert graph_cache.load("a", {}) is not None  # used: now more recent than b
     assert sorted(path.stem for path in cache.glob("*")) == ["a", "c"]
+
+
+class RecordingTokenizer:
+    """AutoTokenizer that records where it loads from, and reads a folder's own files where asked
+    for a GGUF file (the tiny folders have none)."""
+
+    loads: ClassVar[list[tuple[str, dict]]] = []
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        import transformers
+
+        cls.loads.append((path, dict(kwargs)))
+        kwargs.pop("gguf_file", None)
+        return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def _saved_files(tokenizer, folder):
+    tokenizer.save_pretrained(folder)
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_a_gguf_tokenizer_is_converted_once_then_read_in_its_saved_form(tiny_folder, tmp_path, cache, monkeypatch):
+    folder = _copy(tiny_folder, "llama", tmp_path)
+    RecordingTokenizer.loads = []
+    first = gguf_conversions.load(RecordingTokenizer, folder, "model.gguf")
+    again = gguf_conversions.load(RecordingTokenizer, folder, "model.gguf")
+    (converted,) = (tmp_path / "cache" / gguf_conversions.FOLDER).iterdir()
+    assert RecordingTokenizer.loads == [(str(folder), {"gguf_file": "model.gguf"}), (str(converted), {})]
+    text = "the quick brown fox"
+    assert again(text)["input_ids"] == first(text)["input_ids"]
+    assert _saved_files(again, tmp_path / "again") == _saved_files(first, tmp_path / "first")
+
+    (converted / "tokenizer_config.json").write_text("{ damaged")
+    gguf_conversions.load(RecordingTokenizer, folder, "model.gguf")
+    assert RecordingTokenizer.loads[-2:] == [(str(converted), {}), (str(folder), {"gguf_file": "model.gguf"})]
+    gguf_conversions.load(RecordingTokenizer, folder, "model.gguf")  # converted anew, and kept
+    assert RecordingTokenizer.loads[-1] == (str(converted), {})
+
+    (folder / "model.gguf").write_bytes(b"a new file")  # the folder changed: converted anew
+    gguf_conversions.load(RecordingTokenizer, folder, "model.gguf")
+    assert RecordingTokenizer.loads[-1] == (str(folder), {"gguf_file": "model.gguf"})
+    assert len(list((tmp_path / "cache" / gguf_conversions.FOLDER).iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_smollm2_s_converted_tokenizer_and_config_are_what_its_gguf_file_gives(smollm2_folder, tmp_path, cache):
+    import transformers
+
+    from xopt.text import read_text
+
+    gguf_file = huggingface.find_gguf_file(smollm2_folder)
+    for auto in (transformers.AutoTokenizer, transformers.AutoConfig):
+        parsed = gguf_conversions.load(auto, smollm2_folder, gguf_file)
+        saved = gguf_conversions.load(auto, smollm2_folder, gguf_file)
+        assert _saved_files(saved, tmp_path / f"{auto.__name__}-saved") == _saved_files(
+            parsed, tmp_path / f"{auto.__name__}-parsed"
+        )
+        if auto is transformers.AutoTokenizer:
+            text = read_text(None, "evaluation") + read_text(None, "calibration")
+            assert saved(text)["input_ids"] == parsed(text)["input_ids"]
+        else:
+            assert saved.to_diff_dict() == parsed.to_diff_dict()

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -15,3 +17,12 @@ def cache_dir() -> Path:
     if configured:
         return Path(configured)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xopt"
+
+
+def drop_least_recent(paths: Iterable[Path], keep: int) -> None:
+    """Delete all but the `keep` most recently modified of `paths` (files, or folders with what is in them)."""
+    for path in sorted(paths, key=lambda path: path.stat().st_mtime_ns, reverse=True)[keep:]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

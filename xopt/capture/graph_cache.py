@@ -32,7 +32,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from xopt.cache import cache_dir
+from xopt.cache import cache_dir, drop_least_recent
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def store(key: str, model: ir.Model, state_dict: Mapping[str, object]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         staged.write_bytes(data)
         os.replace(staged, path)
-        _drop_least_recent(path.parent)
+        drop_least_recent(path.parent.glob("*.onnx"), KEEP)
     except Exception as error:  # caching is best effort: the capture itself succeeded
         logger.debug("the captured graph is not cached: %s", error)
     finally:
@@ -143,9 +143,3 @@ def _parameters_as_references(model: ir.Model, state_dict: Mapping[str, object])
     finally:
         for value, stored in swapped:
             value.const_value = stored
-
-
-def _drop_least_recent(folder: Path) -> None:
-    graphs = sorted(folder.glob("*.onnx"), key=lambda path: path.stat().st_mtime_ns, reverse=True)
-    for path in graphs[KEEP:]:
-        path.unlink(missing_ok=True)
