@@ -1,4 +1,5 @@
-"""Where xopt keeps what it measured or built on this machine (lowering timings, CUDA libraries).
+"""Where xopt keeps what it measured or built on this machine (lowering timings, CUDA libraries,
+captured graphs, converted GGUF tokenizers and configs).
 
 `XOPT_CACHE_DIR`, else `$XDG_CACHE_HOME/xopt`, else `~/.cache/xopt`.
 """
