@@ -19,7 +19,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session", autouse=True)
 def _lowering_cache(tmp_path_factory):
-    """Measured lowerings are cached in a folder of this run, not the user's ~/.cache."""
+    """xopt's caches (measured lowerings, captured graphs, converted GGUF tokenizers and configs)
+    live in a folder of this run, not the user's ~/.cache; within the run they fill as a user's do."""
     os.environ["XOPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("xopt-cache"))
 
 
