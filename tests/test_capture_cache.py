@@ -1,5 +1,6 @@
-"""The captured-graph cache: a folder captured again gives the same model without tracing, and
-any doubt about a cached graph (changed folder, damaged file, unmatched weights) means a new capture."""
+"""The capture caches. A folder captured again gives the same model without tracing, and any doubt
+about a cached graph (changed folder, damaged file, unmatched weights) means a new capture; a GGUF
+file's tokenizer and config are parsed once, then read in their saved form, which gives the same."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def exports(monkeypatch):
-    """The names of the models torch.export traced during the test."""
+    """The modules torch.export traced during the test."""
     traced = []
     export = huggingface.export_to_ir
 
