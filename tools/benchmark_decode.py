@@ -397,7 +397,7 @@ def build_variants(args, scratch: Path, tokenizer, prompt: list[int]) -> Variant
 
         def build(out: Path) -> None:
             nonlocal captured
-            captured = captured if captured is not None else xopt.load(folder)
+            captured = captured if captured is not None else xopt.load(folder, capture_cache=False)
             model = captured
             if passes is not None:
                 model, report = xopt.optimize(captured, passes=passes, verify=False)

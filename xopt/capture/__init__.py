@@ -30,8 +30,11 @@ def load(
     example_inputs: Sequence[Any] | None = None,
     *,
     dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
+    capture_cache: bool = True,
 ) -> ir.Model:
-    """Capture `source` (a path, an nn.Module, an ExportedProgram or a model) into onnx-ir."""
+    """Capture `source` (a path, an nn.Module, an ExportedProgram or a model) into onnx-ir.
+    `capture_cache=False`: a Hugging Face folder is traced even where its captured graph is cached
+    (`capture/graph_cache.py`; the new graph is kept), as a benchmark timing a first capture wants."""
     if isinstance(source, ir.Model):
         return source
     if isinstance(source, onnx.ModelProto):
@@ -39,7 +42,7 @@ def load(
     if isinstance(source, str | Path):
         if not str(source).strip():
             raise XoptError("empty path: give a file or folder to load")
-        return _load_path(Path(source))
+        return _load_path(Path(source), capture_cache)
     torch = _torch_if_loaded()
     if torch is not None and isinstance(source, torch.export.ExportedProgram):
         return export_to_ir(source)
@@ -48,13 +51,13 @@ def load(
     raise XoptError(f"cannot capture a {type(source).__name__}: give a path, an nn.Module or an ExportedProgram")
 
 
-def _load_path(path: Path) -> ir.Model:
+def _load_path(path: Path, capture_cache: bool) -> ir.Model:
     if not path.exists():
         raise XoptError(f"{path}: no such file or folder")
     if path.is_dir() and (path / MODEL_FILE).is_file():  # an `xopt optimize` output folder
         return _read_from(load_onnx_file(path / MODEL_FILE), path / MODEL_FILE)
     if path.is_dir():
-        return load_hf_folder(path)
+        return load_hf_folder(path, capture_cache=capture_cache)
     if path.suffix == ".pt2":
         return load_exported_program(path)
     return _read_from(load_onnx_file(path), path)

@@ -117,8 +117,9 @@ def _gguf_name_maps_built_once(gguf_file: str | None) -> Iterator[None]:
         gguf.get_tensor_name_map = build
 
 
-def load_hf_folder(folder: Path) -> ir.Model:
-    """Export the model in `folder` to onnx-ir with dynamic batch and sequence axes."""
+def load_hf_folder(folder: Path, *, capture_cache: bool = True) -> ir.Model:
+    """Export the model in `folder` to onnx-ir with dynamic batch and sequence axes; the graph
+    captured before, if cached (`graph_cache`) and `capture_cache` allows reading it."""
     if not folder.is_dir():
         raise XoptError(f"{folder}: no such folder")
     gguf_file = None
@@ -134,7 +135,7 @@ def load_hf_folder(folder: Path) -> ir.Model:
     if getattr(model.config, "is_encoder_decoder", False):
         raise XoptError(f"{folder}: {kind} is an encoder-decoder model; xopt captures encoders and decoders")
     weights, key = model.state_dict(), graph_cache.capture_key(folder, gguf_file)
-    captured = graph_cache.load(key, weights)
+    captured = graph_cache.load(key, weights) if capture_cache else None
     if captured is not None:
         return captured
     try:
