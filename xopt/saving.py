@@ -79,7 +79,7 @@ def save(model: ir.Model, path: str | Path, *, external_data: bool | None = None
         if as_folder:
             save_tokenizer_and_config(model, staging)
             os.chmod(staging, 0o777 & ~_umask())  # a folder as `mkdir` makes it, not mkdtemp's 0700
-            _replace(staging, path.resolve())
+            replace_folder(staging, path.resolve())
             return path / onnx_name
         for produced in sorted(staging.iterdir(), key=lambda p: p.suffix == ".onnx"):  # .onnx last
             os.replace(produced, parent / produced.name)
@@ -147,7 +147,7 @@ def _umask() -> int:
     return mask
 
 
-def _replace(staging: Path, target: Path) -> None:
+def replace_folder(staging: Path, target: Path) -> None:
     """Move the finished folder into place; an existing target is swapped out, then deleted."""
     old = None
     if target.exists():

@@ -54,10 +54,11 @@ def _keep(loaded, saved: Path) -> None:
     except OSError as error:
         logger.debug("the GGUF conversion is not cached: %s", error)
         return
+    from xopt.saving import replace_folder  # here: saving imports the capture package
+
     try:
         loaded.save_pretrained(staging)
-        shutil.rmtree(saved, ignore_errors=True)  # a damaged one
-        os.replace(staging, saved)
+        replace_folder(staging, saved)  # over a damaged one
         drop_least_recent((p for p in saved.parent.iterdir() if p.is_dir() and not p.name.startswith(".")), KEEP)
     except Exception as error:  # caching is best effort: the load itself succeeded
         logger.debug("the GGUF conversion is not cached: %s", error)
