@@ -222,10 +222,11 @@ class LoweringChooser:
         timed_current = self._session(current)[0]
         # workload → (inputs, times it counts in the total, timed in one round of this many)
         prefill = sample_inputs(timed_current, batch=self.batch, sequence=self.sequence)
-        workloads = {"prefill": (prefill, 1, 1)}
         if has_kv_cache(timed_current):
             step = sample_inputs(timed_current, batch=self.batch, sequence=1, past=self.sequence)
             workloads = {"prefill": (prefill, 1, PREFILL_ROUND_SHARE), "step": (step, self.sequence, 1)}
+        else:
+            workloads = {"prefill": (prefill, 1, 1)}
 
         def times(rounds: int, renew_older: bool) -> np.ndarray:
             """Each form's time over `rounds`; `renew_older`: the form whose session is the older
