@@ -232,16 +232,40 @@ def test_capture_parses_the_config_that_later_steps_read(tiny_folder, tmp_path, 
     assert config is not huggingface._source_config(captured)  # each reader gets its own copy
 
 
-def test_gguf_name_maps_are_built_once_while_a_gguf_model_loads():
+def test_gguf_files_are_read_without_gguf_py_s_repeated_work_while_a_gguf_model_loads(tmp_path):
     """transformers rebuilds gguf's tensor-name map for every module of a GGUF model (397 times
-    for SmolLM2); while xopt loads one it is built once per architecture and layer count."""
+    for SmolLM2), and gguf's reader slices an np.memmap once per metadata value (2.2 M times for
+    SmolLM2's tokenizer); while xopt loads one the map is built once per architecture and layer
+    count, and the reader reads a plain view of the map: the same fields and tensors."""
     import gguf
+    import gguf.gguf_reader
 
-    build = gguf.get_tensor_name_map
-    with huggingface._gguf_name_maps_built_once("model.gguf"):
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(2)
+    writer.add_token_list([f"token{i}" for i in range(300)])
+    writer.add_token_scores([float(i) / 7 for i in range(300)])
+    writer.add_tensor("token_embd.weight", np.arange(96, dtype=np.float32).reshape(8, 12))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    def contents(reader):
+        fields = {
+            name: (field.types, [bytes(field.parts[i]) for i in field.data]) for name, field in reader.fields.items()
+        }
+        return fields, [(t.name, t.tensor_type, t.data.tobytes()) for t in reader.tensors]
+
+    build, numpy = gguf.get_tensor_name_map, gguf.gguf_reader.np
+    plain = gguf.GGUFReader(path)
+    with huggingface._fast_gguf_reads("model.gguf"):
         first = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is first
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not first
-    assert gguf.get_tensor_name_map is build
-    with huggingface._gguf_name_maps_built_once(None):  # a folder without GGUF: nothing changes
-        assert gguf.get_tensor_name_map is build
+        fast = gguf.GGUFReader(path)
+    assert type(plain.data) is np.memmap and type(fast.data) is np.ndarray
+    assert contents(fast) == contents(plain) and len(contents(plain)[0]["tokenizer.ggml.tokens"][1]) == 300
+    assert gguf.get_tensor_name_map is build and gguf.gguf_reader.np is numpy
+    with huggingface._fast_gguf_reads(None):  # a folder without GGUF: nothing changes
+        assert gguf.get_tensor_name_map is build and gguf.gguf_reader.np is numpy

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from xopt import kv_cache
@@ -84,7 +85,7 @@ def load_hf_model(folder: Path, gguf_file: str | None = None):
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:  # GGUF dequantization draws its own progress bar on stderr; xopt reports the step itself
-        with contextlib.redirect_stderr(io.StringIO()), _gguf_name_maps_built_once(gguf_file):
+        with contextlib.redirect_stderr(io.StringIO()), _fast_gguf_reads(gguf_file):
             # the config the later steps read (`_source_config`), parsed once from a GGUF file
             config = copy.deepcopy(_loaded_once(transformers.AutoConfig, folder, **_gguf_kwargs(gguf_file)))
             model = auto.from_pretrained(str(folder), config=config, **kwargs)
@@ -99,22 +100,43 @@ def load_hf_model(folder: Path, gguf_file: str | None = None):
 
 
 @contextlib.contextmanager
-def _gguf_name_maps_built_once(gguf_file: str | None) -> Iterator[None]:
-    """While a GGUF model loads, gguf's tensor-name map (architecture, layer count → every tensor's
-    names) is built once: transformers builds it anew for each of the model's modules as it
-    recurses through them (`get_gguf_hf_weights_map`: 397 times for SmolLM2, 4.4 s of its 13.3 s
-    load). It is a function of its two arguments only, and is read, never changed."""
+def _fast_gguf_reads(gguf_file: str | None) -> Iterator[None]:
+    """While transformers reads a GGUF file, two costs of gguf-py that repeat the same work go:
+    - gguf's tensor-name map (architecture, layer count → every tensor's names) is built once:
+      transformers builds it anew for each of the model's modules as it recurses through them
+      (`get_tensor_name_map`: 397 times for SmolLM2, 4.4 s of its 13.3 s load). It is a function
+      of its two arguments only, and is read, never changed.
+    - `GGUFReader` reads the file through a plain ndarray view of its memory map, not the
+      `np.memmap` itself: the reader slices the map once per value of each metadata array
+      (SmolLM2: 49 152 token strings with their scores and types, 48 900 merges; 2.2 M slices),
+      and each slice of an `np.memmap` passes through its Python-level `__getitem__` and
+      `__array_finalize__`: 2.8 s per reader against 0.7 s, for the same fields and tensors (the
+      view keeps the map open). A model load builds one reader; converting the tokenizer and
+      the config (`gguf_conversions`, once per machine) one more each."""
     if gguf_file is None:
         yield
         return
     import gguf
+    import gguf.gguf_reader
 
-    build = gguf.get_tensor_name_map
+    build, numpy = gguf.get_tensor_name_map, gguf.gguf_reader.np
     gguf.get_tensor_name_map = functools.cache(build)
+    gguf.gguf_reader.np = _NumpyWithPlainMemoryMaps()
     try:
         yield
     finally:
-        gguf.get_tensor_name_map = build
+        gguf.get_tensor_name_map, gguf.gguf_reader.np = build, numpy
+
+
+class _NumpyWithPlainMemoryMaps:
+    """numpy, for gguf's reader, whose `memmap` returns a plain ndarray view of the map."""
+
+    def __getattr__(self, name: str):
+        return getattr(np, name)
+
+    @staticmethod
+    def memmap(*args, **kwargs) -> np.ndarray:
+        return np.memmap(*args, **kwargs).view(np.ndarray)
 
 
 def load_hf_folder(folder: Path, *, capture_cache: bool = True) -> ir.Model:
@@ -210,7 +232,8 @@ def _loaded_once(auto, folder: Path, **kwargs):
     if remembered is None or remembered[0] != files:
         gguf_file = kwargs.get("gguf_file")
         if gguf_file:  # parsed from the file once per machine, then read in its saved form
-            loaded = gguf_conversions.load(auto, folder, gguf_file)
+            with _fast_gguf_reads(gguf_file):
+                loaded = gguf_conversions.load(auto, folder, gguf_file)
         else:
             loaded = auto.from_pretrained(str(folder), **kwargs)
         _LOADED[key] = remembered = (files, loaded)
