@@ -222,7 +222,7 @@ def _loaded_once(auto, folder: Path, **kwargs):
     """`auto.from_pretrained(folder, **kwargs)`, remembered while the folder's files (names, sizes,
     modification times) are unchanged: an int4 run reads the tokenizer 3 times (calibration, the
     quality line, the output folder) and the config 3 times (capture, the context length, the
-    output folder). A GGUF file's tokenizer and config, parsed from it in Python (5.8 s and 3.1 s
+    output folder). A GGUF file's tokenizer and config, parsed from it in Python (2.4 s and 1.2 s
     for SmolLM2's), are read in their saved form after the first time on a machine
     (`gguf_conversions`). One entry per folder: a reload replaces what the folder's older files
     gave."""
