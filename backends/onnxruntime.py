@@ -38,13 +38,20 @@ OPTIMIZATION_LEVELS = {
 }
 
 
-def session_options(threads: int | None = None, optimization: str = "all", spinning: bool = True) -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None, optimization: str = "all", spinning: bool = True, prepacking: bool = True
+) -> ort.SessionOptions:
     """Options with a fixed intra-op thread count (None: ORT's default) and optimization level.
 
     `spinning=False` makes idle intra-op threads sleep instead of busy-waiting. Benchmarks that
     interleave several sessions in one process need it: each session owns a thread pool, and a
     pool left spinning after its run takes cores from the next session (measured here: a 3.5 ms
     attention block timed at 12 ms when four spinning sessions alternate on two cores).
+
+    `prepacking=False` keeps the kernels from repacking constant weights into their own layouts
+    when the session starts: for a session run once on small inputs (a check, a probe) the packing
+    costs more than it saves (SmolLM2's fused model: 0.24–0.89 s per session against 0.71–1.45 s,
+    runs 0.30–0.48 s against 0.28–0.40 s).
 
     ONNX Runtime's logger is kept to fatal messages: each failure of a session comes back as an
     exception, which xopt reports in one line; the logger would print the same message before it."""
@@ -58,6 +65,8 @@ def session_options(threads: int | None = None, optimization: str = "all", spinn
         options.inter_op_num_threads = 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
@@ -68,9 +77,10 @@ def create_session(
     optimization: str = "all",
     providers: Sequence[str] = ("CPUExecutionProvider",),
     spinning: bool = True,
+    prepacking: bool = True,
 ) -> ort.InferenceSession:
     """An inference session for a model in memory or on disk."""
-    options = session_options(threads, optimization, spinning)
+    options = session_options(threads, optimization, spinning, prepacking)
     if isinstance(model, str | Path):
         return ort.InferenceSession(str(model), options, providers=list(providers))
     if model_bytes(model) < SKELETON_MIN_BYTES:
@@ -84,6 +94,19 @@ def create_session(
         ir.save(model, path, external_data="model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=list(providers))
 
+
+def check_session(model: ir.Model) -> ort.InferenceSession:
+    """A session for runs once on small inputs (references, checks, probes): graph optimizations
+    off, and the weights left unpacked (`prepacking=False`) unless packing changes what the model
+    computes (`PACKING_DEPENDENT_OPS`), so that a check runs the arithmetic the model deploys with."""
+    packed = any(node.op_type in PACKING_DEPENDENT_OPS for graph in model.graphs() for node in graph)
+    return create_session(model, optimization="disable", prepacking=packed)
+
+
+# Operators whose results depend on weight packing: MatMulNBits packs its weights for MLAS's kernel
+# that quantizes the activations to int8 (accuracy level 4); unpacked, it dequantizes the weights
+# and multiplies in float (SmolLM2 int4, max abs logit difference from fp32 8.87 packed, 4.1 not).
+PACKING_DEPENDENT_OPS = frozenset({"MatMulNBits"})
 
 # Below this the weights are serialized with the graph: cloning a graph of many nodes costs more
 # than serializing a few MB (the unit tests' small models ran 1.16× slower through the skeleton).

@@ -11,6 +11,7 @@ import pytest
 from helpers import model_from_text
 
 from xopt.backends import onnxruntime as backend
+from xopt.verify import references_over
 
 # y = x·W + Cast(V) reshaped, with W float32 (read by MatMul), V bfloat16 (a type an OrtValue does
 # not wrap), a small shape, and a large initializer nothing reads.
@@ -119,3 +120,49 @@ def test_a_subgraph_weight_in_an_external_file_is_read_in(tmp_path):
     session = backend.create_session(ir.load(path))
     x = np.ones((2, 64), np.float32)
     np.testing.assert_allclose(session.run(None, {"x": x, "c": np.array(True)})[0], x @ w, rtol=1e-6)
+
+
+def test_check_sessions_leave_weights_unpacked_unless_packing_changes_the_results(monkeypatch):
+    """Verification sessions (run once, on small inputs) ask the kernels not to repack weights,
+    except for a model whose results depend on the packing (MatMulNBits' int8 kernel)."""
+    options = []
+    real_session = ort.InferenceSession
+
+    def recording(model_bytes, session_options, *args, **kwargs):
+        options.append(_config_entry(session_options, "session.disable_prepacking"))
+        return real_session(model_bytes, session_options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    rng = np.random.default_rng(1)
+    model, w, v = _mixed_model(rng)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    (reference,) = references_over(model, [{"x": x}])
+    packed = backend.run(backend.create_session(model), {"x": x})
+    assert options == ["1", None]
+    np.testing.assert_allclose(reference["y"], packed["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(reference["y"], x @ w + v.reshape(2, 64), rtol=1e-5, atol=1e-5)
+
+    quantized = model_from_text(MATMUL_NBITS_MODEL)
+    for name, array in (("b", rng.integers(0, 256, (4, 1, 16), dtype=np.uint8)), ("s", np.ones(4, np.float32))):
+        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+        value.type, value.shape = ir.TensorType(value.const_value.dtype), value.const_value.shape
+        quantized.graph.register_initializer(value)
+        quantized.graph.node(0).replace_input_with(1 if name == "b" else 2, value)
+    backend.check_session(quantized)
+    assert options[-1] is None
+
+
+MATMUL_NBITS_MODEL = """
+<ir_version: 10, opset_import: ["" : 20, "com.microsoft" : 1]>
+nbits (float[2, 32] x) => (float[2, 4] y)
+{
+    y = com.microsoft.MatMulNBits <K = 32, N = 4, bits = 4, block_size = 32, accuracy_level = 4> (x, b, s)
+}
+"""
+
+
+def _config_entry(options: ort.SessionOptions, key: str) -> str | None:
+    try:
+        return options.get_session_config_entry(key)
+    except RuntimeError:  # not set
+        return None

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from xopt.backends.onnxruntime import (
     EXTERNAL_DATA_THRESHOLD_BYTES,
     PROTOBUF_LIMIT_BYTES,
-    create_session,
+    check_session,
     inline_proto,
     model_bytes,
     run,
@@ -192,7 +192,7 @@ def parity(model: ir.Model, inputs: Mapping[str, np.ndarray], reference: Mapping
 
 def references_over(model: ir.Model, input_sets: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """`reference_outputs` of each input set, from one session."""
-    session = create_session(model, optimization="disable")
+    session = check_session(model)
     return [run(session, inputs) for inputs in input_sets]
 
 
@@ -202,7 +202,7 @@ def parity_over(
     """Parity of `model` over several input sets and their references (one session): the largest
     differences, the top-1 agreement over all their positions."""
     try:
-        session = create_session(model, optimization="disable")
+        session = check_session(model)
         results = [
             compare(ref, run(session, inputs), inputs.get("attention_mask"))
             for inputs, ref in zip(input_sets, references, strict=True)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from xopt.backends.onnxruntime import create_session, run
+from xopt.backends.onnxruntime import check_session, run
 from xopt.inputs import sample_inputs
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,6 @@ def probe_shapes(model: ir.Model, values: Sequence[ir.Value]) -> dict[str, tuple
             clone.graph.outputs.append(by_name[name])
     feeds = sample_inputs(model, batch=PROBE_BATCH, sequence=PROBE_SEQUENCE)
     names = [name for name in wanted if name in by_name or name in existing]
-    outputs = run(create_session(clone, optimization="disable"), feeds, names)
+    outputs = run(check_session(clone), feeds, names)
     logger.debug("probed %d shapes with one run", len(outputs))
     return {name: tuple(array.shape) for name, array in outputs.items()}
