@@ -95,6 +95,12 @@ def create_session(
         return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
+# Operators whose results depend on weight packing: MatMulNBits packs its weights for MLAS's kernel
+# that quantizes the activations to int8 (accuracy level 4); unpacked, it dequantizes the weights
+# and multiplies in float (SmolLM2 int4, max abs logit difference from fp32 8.87 packed, 4.1 not).
+PACKING_DEPENDENT_OPS = frozenset({"MatMulNBits"})
+
+
 def check_session(model: ir.Model) -> ort.InferenceSession:
     """A session for runs once on small inputs (references, checks, probes): graph optimizations
     off, and the weights left unpacked (`prepacking=False`) unless packing changes what the model
@@ -102,11 +108,6 @@ def check_session(model: ir.Model) -> ort.InferenceSession:
     packed = any(node.op_type in PACKING_DEPENDENT_OPS for graph in model.graphs() for node in graph)
     return create_session(model, optimization="disable", prepacking=packed)
 
-
-# Operators whose results depend on weight packing: MatMulNBits packs its weights for MLAS's kernel
-# that quantizes the activations to int8 (accuracy level 4); unpacked, it dequantizes the weights
-# and multiplies in float (SmolLM2 int4, max abs logit difference from fp32 8.87 packed, 4.1 not).
-PACKING_DEPENDENT_OPS = frozenset({"MatMulNBits"})
 
 # Below this the weights are serialized with the graph: cloning a graph of many nodes costs more
 # than serializing a few MB (the unit tests' small models ran 1.16× slower through the skeleton).
