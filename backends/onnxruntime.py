@@ -1,7 +1,8 @@
 """ONNX Runtime: sessions, running by input name, and the load-back check of a saved model.
 
-This is also xopt's reference runtime: verification and the structure probe run models here.
-An in-memory model reaches ORT as a skeleton: its graph serialized with each weight of 1 KB or
+This is also xopt's reference runtime: verification and the structure probe run models here,
+in sessions that skip graph optimizations and, unless it changes the results, weight packing
+(`check_session`). An in-memory model reaches ORT as a skeleton: its graph serialized with each weight of 1 KB or
 more written as an external-data reference, and the weights themselves handed over as OrtValues
 on the model's own arrays (`SessionOptions.add_external_initializers`, which ORT copies in before
 any optimization). Serializing the weights into the protobuf and parsing them back cost more than
