@@ -85,10 +85,11 @@ def load_hf_model(folder: Path, gguf_file: str | None = None):
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:  # GGUF dequantization draws its own progress bar on stderr; xopt reports the step itself
-        with contextlib.redirect_stderr(io.StringIO()), _fast_gguf_reads(gguf_file):
+        with contextlib.redirect_stderr(io.StringIO()):
             # the config the later steps read (`_source_config`), parsed once from a GGUF file
             config = copy.deepcopy(_loaded_once(transformers.AutoConfig, folder, **_gguf_kwargs(gguf_file)))
-            model = auto.from_pretrained(str(folder), config=config, **kwargs)
+            with _fast_gguf_reads(gguf_file):
+                model = auto.from_pretrained(str(folder), config=config, **kwargs)
     except Exception as error:
         reason = first_line(error)
         raise XoptError(f"{folder}: transformers could not load the model ({reason})") from None
