@@ -14,7 +14,7 @@ import pytest
 from helpers import LINEAR_MODEL, model_from_text
 
 import xopt
-from xopt.capture import gguf_conversions, graph_cache, huggingface
+from xopt.capture import gguf_conversions, graph_cache, huggingface, torch_export
 
 
 @pytest.fixture
@@ -29,13 +29,13 @@ def cache(tmp_path, monkeypatch):
 def exports(monkeypatch):
     """The modules torch.export traced during the test."""
     traced = []
-    export = huggingface.export_to_ir
+    export = torch_export.export_to_ir
 
     def traced_export(module, *args, **kwargs):
         traced.append(module)
         return export(module, *args, **kwargs)
 
-    monkeypatch.setattr(huggingface, "export_to_ir", traced_export)
+    monkeypatch.setattr(torch_export, "export_to_ir", traced_export)
     return traced
 
 

@@ -1,14 +1,15 @@
 """The captured-graph cache: a Hugging Face folder's export, kept without its weights.
 
-Capturing traces the model twice through every layer (torch.export, then the decomposition to
-core ATen): ~50 s of SmolLM2's ~63 s capture, over 70% of a warm `xopt optimize`. What it gives
-depends only on the folder's files and on the code that captured it, so the captured ONNX graph
-is kept in the cache folder (`xopt.cache`), each initializer that is one of the model's own
-parameters (the same tensor as a state-dict entry) stored as a reference instead of its bytes:
-external data whose location is `state_dict:<key>`. Buffers the state dict lacks (rotary inverse
-frequencies, position-id tables) are stored as they are. A later capture of the same folder loads
-the model's weights as before (they are needed either way), reads the graph (a few MB) and points
-each reference at its parameter: the model the export gave, without tracing.
+Capturing traces the model twice (torch.export, then the decomposition to core ATen): ~12 s of
+SmolLM2's ~15 s capture with two layers traced and the others stamped (`layer_stamping`), ~50 s
+with every layer traced. What it gives depends only on the folder's files and on the code that
+captured it, so the captured ONNX graph is kept in the cache folder (`xopt.cache`), each
+initializer that is one of the model's own parameters (the same tensor as a state-dict entry)
+stored as a reference instead of its bytes: external data whose location is `state_dict:<key>`.
+Buffers the state dict lacks (rotary inverse frequencies, position-id tables) are stored as they
+are. A later capture of the same folder loads the model's weights as before (they are needed
+either way), reads the graph (a few MB) and points each reference at its parameter: the model
+the export gave, without tracing.
 
 Key: the folder (resolved path; each file's name, size and modification time), the GGUF file,
 the versions of Python, torch, transformers, onnxscript and onnx-ir, and a hash of the capture

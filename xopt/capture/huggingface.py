@@ -4,7 +4,8 @@ Encoders export their last hidden state (feature extraction: `input_ids, attenti
 last_hidden_state`). Causal LMs export one model that does both prefill and decode with a KV
 cache (`xopt.kv_cache` states the convention): position ids are computed in the graph from the
 attention mask (`cumsum(mask) − 1`, so left padding works), and the cache is handed to the model
-as a transformers `DynamicCache`. Batch, sequence and past length are dynamic axes.
+as a transformers `DynamicCache`. Batch, sequence and past length are dynamic axes. A model of
+alike layers is traced with two and the others stamped from the second (`layer_stamping`).
 
 Attention is loaded as transformers' "eager" implementation, so the graph holds the plain
 `softmax(QKᵀ/√d + mask)·V` that the structure analysis and fusions recognise, rather than an
@@ -31,7 +32,8 @@ import onnx_ir as ir
 from xopt import kv_cache
 from xopt.capture import gguf_conversions, graph_cache
 from xopt.capture.graph_cache import folder_files
-from xopt.capture.torch_export import export_to_ir
+from xopt.capture.layer_stamping import export_with_stamped_layers
+from xopt.capture.torch_export import ExportCall
 from xopt.errors import XoptError, first_line
 
 logger = logging.getLogger(__name__)
@@ -162,7 +164,11 @@ def load_hf_folder(folder: Path, *, capture_cache: bool = True) -> ir.Model:
     if captured is not None:
         return captured
     try:
-        captured = _export_causal_lm(model) if task == TASK_CAUSAL_LM else _export_encoder(model)
+        if task == TASK_CAUSAL_LM:
+            captured = export_with_stamped_layers(model, _causal_lm_call)
+            _name_total_sequence(captured)
+        else:
+            captured = export_with_stamped_layers(model, _encoder_call)
     except XoptError as error:
         raise XoptError(f"{folder}: {error}") from None
     except (AttributeError, TypeError, KeyError, ValueError) as error:  # an architecture the wrappers do not fit
@@ -275,7 +281,7 @@ def _example_ids(model):
     return torch.randint(0, int(model.config.vocab_size), (_EXAMPLE_BATCH, _EXAMPLE_SEQUENCE), generator=generator)
 
 
-def _export_encoder(model) -> ir.Model:
+def _encoder_call(model) -> ExportCall:
     """`input_ids, attention_mask -> last_hidden_state`."""
     import torch
 
@@ -290,16 +296,16 @@ def _export_encoder(model) -> ir.Model:
     input_ids = _example_ids(model)
     batch, sequence = torch.export.Dim(kv_cache.BATCH), torch.export.Dim(kv_cache.SEQUENCE)
     dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
-    return export_to_ir(
+    return ExportCall(
         LastHiddenState(model).eval(),
         (input_ids, torch.ones_like(input_ids)),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["last_hidden_state"],
-        dynamic_shapes=dynamic,
+        ["input_ids", "attention_mask"],
+        ["last_hidden_state"],
+        dynamic,
     )
 
 
-def _export_causal_lm(model) -> ir.Model:
+def _causal_lm_call(model) -> ExportCall:
     """`input_ids, attention_mask, past_key_values.* -> logits, present.*` (see `xopt.kv_cache`)."""
     import torch
     from transformers import DynamicCache
@@ -346,15 +352,13 @@ def _export_causal_lm(model) -> ir.Model:
         "past": tuple({0: batch, 2: past_sequence} for _ in past),
     }
     names = [(kv_cache.past_name(i, k), kv_cache.present_name(i, k)) for i in range(layers) for k in ("key", "value")]
-    captured = export_to_ir(
+    return ExportCall(
         WithKVCache(model).eval(),
         (input_ids, attention_mask, past),
-        input_names=["input_ids", "attention_mask", *(p for p, _ in names)],
-        output_names=["logits", *(p for _, p in names)],
-        dynamic_shapes=dynamic,
+        ["input_ids", "attention_mask", *(p for p, _ in names)],
+        ["logits", *(p for _, p in names)],
+        dynamic,
     )
-    _name_total_sequence(captured)
-    return captured
 
 
 def _name_total_sequence(model: ir.Model) -> None:

@@ -15,9 +15,11 @@ import logging
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from xopt.errors import XoptError, first_line
@@ -54,6 +56,45 @@ def export_to_ir(
         raise XoptError(f"torch.export could not capture the model: {_export_reason(error)}") from error
     logger.debug("torch.onnx.export said:\n%s", output.getvalue())
     return onnx_program.model
+
+
+@dataclass
+class ExportCall:
+    """A module called on example inputs, and the names and dynamic axes the graph gives them."""
+
+    module: Any
+    inputs: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: Mapping[str, Any] | None = None
+
+    def export(self) -> ir.Model:
+        return export_to_ir(
+            self.module,
+            self.inputs,
+            input_names=self.input_names,
+            output_names=self.output_names,
+            dynamic_shapes=self.dynamic_shapes,
+        )
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The example inputs as the graph takes them, by input name."""
+        import torch.utils._pytree as pytree
+
+        return dict(zip(self.input_names, _arrays(pytree.tree_leaves(self.inputs)), strict=True))
+
+    def outputs(self) -> dict[str, np.ndarray]:
+        """What the module returns on the example inputs, by output name."""
+        import torch
+        import torch.utils._pytree as pytree
+
+        with torch.no_grad():
+            returned = self.module(*self.inputs)
+        return dict(zip(self.output_names, _arrays(pytree.tree_leaves(returned)), strict=True))
+
+
+def _arrays(tensors) -> list[np.ndarray]:
+    return [tensor.detach().numpy() for tensor in tensors]
 
 
 def export_module(

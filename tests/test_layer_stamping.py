@@ -1,0 +1,100 @@
+"""Capture by stamping: a model of alike layers traced with two and the others copied from layer 1
+gives the graph that tracing every layer gives, to the bit on padded inputs with a cache; a model
+whose layers differ, in its config or in what its code does with a layer's index, is traced whole."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_CONFIGS, build_folder
+
+import xopt
+from xopt import kv_cache
+from xopt.capture import huggingface, layer_stamping
+from xopt.verify import reference_outputs
+
+STAMPED = "stamped from the trace of layer 1"
+TRACED_WHOLE = "every layer traced"
+
+DEEP_CONFIGS = {
+    "llama": (*TINY_CONFIGS["llama"][:1], {**TINY_CONFIGS["llama"][1], "num_hidden_layers": 4}, "LlamaForCausalLM"),
+    "qwen2": TINY_CONFIGS["qwen2"],  # 3 layers, untied head, q/k/v biases
+    "gpt2": ("GPT2Config", dict(vocab_size=211, n_embd=48, n_layer=3, n_head=4, n_positions=64), "GPT2LMHeadModel"),
+    "bert": (*TINY_CONFIGS["bert"][:1], {**TINY_CONFIGS["bert"][1], "num_hidden_layers": 3}, "BertModel"),
+}
+
+
+def _feeds(model, rng) -> dict[str, np.ndarray]:
+    """A left-padded batch of 2, with a cache of 5 positions where the model takes one."""
+    batch, sequence = 2, 7
+    past = 5 if kv_cache.has_kv_cache(model) else 0
+    feeds = {
+        "input_ids": rng.integers(0, 200, (batch, sequence)).astype(np.int64),
+        "attention_mask": np.ones((batch, past + sequence), np.int64),
+    }
+    feeds["attention_mask"][0, :3] = 0
+    for value in kv_cache.past_inputs(model):
+        feeds[value.name] = rng.standard_normal(kv_cache.cache_shape(value, batch, past)).astype(np.float32)
+    return feeds
+
+
+def _traced_whole(folder: Path, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(layer_stamping, "_alike_layers", lambda model: None)
+        return xopt.load(folder, capture_cache=False)
+
+
+@pytest.mark.parametrize("name", sorted(DEEP_CONFIGS))
+def test_stamped_layers_give_the_graph_every_layer_traced_gives(name, tmp_path, monkeypatch, caplog):
+    folder = build_folder(*DEEP_CONFIGS[name], tmp_path / name)
+    with caplog.at_level(logging.INFO, logger=layer_stamping.__name__):
+        stamped = xopt.load(folder, capture_cache=False)
+    assert STAMPED in caplog.text
+    whole = _traced_whole(folder, monkeypatch)
+    graph = stamped.graph
+    assert [v.name for v in graph.inputs] == [v.name for v in whole.graph.inputs]
+    assert [v.name for v in graph.outputs] == [v.name for v in whole.graph.outputs]
+    assert [v.shape for v in graph.outputs] == [v.shape for v in whole.graph.outputs]
+    assert set(graph.initializers) == set(whole.graph.initializers)
+    last = DEEP_CONFIGS[name][1].get("num_hidden_layers", DEEP_CONFIGS[name][1].get("n_layer")) - 1
+    last_layer = re.compile(rf"\.(layers|layer|h)\.{last}'")  # its module path, in the nodes' metadata
+    assert any(last_layer.search(node.metadata_props.get("pkg.torch.onnx.name_scopes", "")) for node in graph)
+    feeds = _feeds(whole, np.random.default_rng(0))
+    expected, actual = reference_outputs(whole, feeds), reference_outputs(stamped, feeds)
+    assert set(actual) == set(expected)
+    for output, want in expected.items():
+        np.testing.assert_array_equal(actual[output], want, err_msg=output)
+
+
+def test_a_layer_whose_code_reads_its_index_is_traced_whole(tmp_path, caplog):
+    """GPT-2 scaling its attention scores by 1/(layer index + 1): the copies of layer 1 would scale
+    layer 2's by 1/2; the check against the module finds it, and every layer is traced."""
+    config_class, kwargs, model_class = DEEP_CONFIGS["gpt2"]
+    folder = build_folder(config_class, {**kwargs, "scale_attn_by_inverse_layer_idx": True}, model_class, tmp_path)
+    with caplog.at_level(logging.INFO, logger=layer_stamping.__name__):
+        captured = xopt.load(folder, capture_cache=False)
+    assert TRACED_WHOLE in caplog.text and "logits differs from the module's" in caplog.text
+    assert STAMPED not in caplog.text
+    whole = huggingface.load_hf_model(folder)
+    call = huggingface._causal_lm_call(whole)
+    expected, actual = call.outputs(), reference_outputs(captured, call.feeds())
+    np.testing.assert_allclose(actual["logits"], expected["logits"], atol=1e-4)
+
+
+def test_layers_of_different_kinds_are_not_stamped_and_the_model_is_left_whole(tmp_path):
+    config_class, kwargs, model_class = DEEP_CONFIGS["qwen2"]
+    sliding = {**kwargs, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    model = huggingface.load_hf_model(build_folder(config_class, sliding, model_class, tmp_path / "sliding"))
+    assert len(set(model.config.layer_types)) == 2
+    assert layer_stamping._alike_layers(model) is None
+    model = huggingface.load_hf_model(build_folder(*DEEP_CONFIGS["qwen2"], tmp_path / "alike"))
+    layers = layer_stamping._alike_layers(model)
+    assert layers is not None and layers.path == "model.layers"
+    with layer_stamping._cut_to(model, layers, 2):
+        assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert model.model.layers is layers.modules and len(layers.modules) == 3 and model.config.num_hidden_layers == 3
+    assert len(model.config.layer_types) == 3

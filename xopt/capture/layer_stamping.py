@@ -1,0 +1,284 @@
+"""Capture a deep model by tracing its first two layers and stamping the second once per layer.
+
+torch.export traces every layer of a model, and its decomposition to core ATen traces them again
+(SmolLM2's 30 layers: ~50 s of a ~57 s capture), though most transformers run the same code in
+every layer on weights of their own. Where a model's layers are one `nn.ModuleList` of alike
+modules (one class; the same parameter and buffer names, shapes and types; one kind in the
+config's `layer_types`), the model cut to its first `TRACED_LAYERS` = 2 layers is traced, and
+layers 2…L−1 are copies of layer 1's part of that graph:
+
+- layer 1's part: the nodes that depend on one of its own inputs (the hidden state layer 0 hands
+  it, its weights, its cache inputs `past_key_values.1.*`) and that one of its own outputs depends
+  on (the hidden state it hands on, `present.1.*`). What else those nodes read (the masks, the
+  rotary tables, constants) depends on no layer's weights and is shared by every layer.
+- layer i is that part reading layer i−1's hidden state, layer i's weights (the model's own
+  parameter tensors, as the exporter holds them) and `past_key_values.i.*`, and giving
+  `present.i.*`; the module paths in its nodes' metadata name layer i.
+- what read layer 1's hidden state (the final norm) reads layer L−1's.
+
+The stamped graph is kept only if it computes what the model does: on the example inputs, each of
+its outputs in ONNX Runtime must match the module's own within `TOLERANCE` of the output's scale
+(a layer whose code depends on its index, such as GPT-2's `scale_attn_by_inverse_layer_idx`,
+fails here). Otherwise, and wherever the layers are not alike, every layer is traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from xopt import kv_cache
+from xopt.capture.torch_export import ExportCall
+
+logger = logging.getLogger(__name__)
+
+TRACED_LAYERS = 2
+TOLERANCE = 1e-4  # of 1 + the output's largest magnitude
+# ops that read only their input's shape: the shape of a layer's own input (its hidden state, a
+# weight, a cache input) is the same in every layer of alike layers, so what such a node computes
+# is shared (the whole trace computes the total length once, not per layer)
+_SHAPE_READERS = frozenset({"Shape", "Size"})
+_SCOPES = "pkg.torch.onnx.name_scopes"  # the module paths a node came from, as the exporter records them
+
+
+class _NotStampable(Exception):
+    """Why the traced layers cannot stand for the others."""
+
+
+@dataclass(frozen=True)
+class _Layers:
+    path: str  # of the ModuleList in the model
+    modules: Any  # the ModuleList
+
+
+def export_with_stamped_layers(model: Any, call_of: Callable[[Any], ExportCall]) -> ir.Model:
+    """The graph of `call_of(model)`: traced with two layers and stamped where the model's layers
+    are alike and the stamped graph matches the module, else traced whole."""
+    layers = _alike_layers(model)
+    if layers is None:
+        return call_of(model).export()
+    with _cut_to(model, layers, TRACED_LAYERS):
+        traced = call_of(model).export()
+    whole = call_of(model)
+    try:
+        stamped = _stamp(traced, whole, layers)
+        _check(stamped, whole)
+    except _NotStampable as reason:
+        logger.info("every layer traced: the copies of layer 1 do not stand for them (%s)", reason)
+        return whole.export()
+    logger.info("layers 2-%d stamped from the trace of layer 1", len(layers.modules) - 1)
+    return stamped
+
+
+def _alike_layers(model: Any) -> _Layers | None:
+    """The model's list of layers, if it has one of more than `TRACED_LAYERS` alike layers."""
+    import torch
+
+    config = model.config.get_text_config()
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int) or count <= TRACED_LAYERS or len(set(getattr(config, "layer_types", None) or ())) > 1:
+        return None
+    found = [(p, m) for p, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    if len(found) != 1:
+        return None
+    path, modules = found[0]
+    signatures = {(type(m), _signature(m.named_parameters()), _signature(m.named_buffers())) for m in modules}
+    return _Layers(path, modules) if len(signatures) == 1 else None
+
+
+def _signature(tensors: Iterable[tuple[str, Any]]) -> tuple:
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in tensors)
+
+
+@contextlib.contextmanager
+def _cut_to(model: Any, layers: _Layers, keep: int) -> Iterator[None]:
+    """Within the block, the model has only its first `keep` layers (its config says so too)."""
+    import torch
+
+    parent_path, _, attribute = layers.path.rpartition(".")
+    parent, config = model.get_submodule(parent_path), model.config.get_text_config()
+    count, kinds = config.num_hidden_layers, getattr(config, "layer_types", None)
+    setattr(parent, attribute, torch.nn.ModuleList(list(layers.modules)[:keep]))
+    config.num_hidden_layers = keep
+    if kinds is not None:
+        config.layer_types = kinds[:keep]
+    try:
+        yield
+    finally:
+        setattr(parent, attribute, layers.modules)
+        config.num_hidden_layers = count
+        if kinds is not None:
+            config.layer_types = kinds
+
+
+@dataclass
+class _LayerPart:
+    """Layer 1's part of the graph: its own inputs, its own outputs and the nodes between them."""
+
+    hidden_in: ir.Value  # from layer 0
+    weights: list[ir.Value]
+    pasts: dict[str, ir.Value]  # by kind (key, value); none in an encoder
+    hidden_out: ir.Value  # to what comes after the layers
+    presents: dict[str, ir.Value]
+    nodes: list[ir.Node]  # in graph order
+
+
+def _stamp(traced: ir.Model, whole: ExportCall, layers: _Layers) -> ir.Model:
+    """`traced` (the model cut to two layers) grown to every layer by copies of layer 1's part."""
+    path = next(p for p, m in whole.module.named_modules() if m is layers.modules)  # in the exported module
+    tensors = dict(whole.module.named_parameters(remove_duplicate=False))
+    tensors.update(whole.module.named_buffers(remove_duplicate=False))
+    graph = traced.graph
+    part = _layer_part(graph, path)
+    tail = [(user, index) for user, index in part.hidden_out.uses() if user not in part.nodes]
+    layer_index = re.compile(rf"(?<={re.escape(path)}\.)1(?![0-9])")
+    hidden, added = part.hidden_out, []
+    for layer in range(2, len(layers.modules)):
+        mapping: dict[ir.Value, ir.Value] = {part.hidden_in: hidden}
+        for weight in part.weights:
+            mapping[weight] = _stamped_weight(graph, weight, layer_index.sub(str(layer), weight.name), tensors)
+        for kind, past in part.pasts.items():
+            mapping[past] = _value_like(past, kv_cache.past_name(layer, kind))
+            graph.inputs.append(mapping[past])
+        for node in part.nodes:
+            outputs = [_value_like(v, f"{v.name}_layer{layer}") for v in node.outputs]
+            mapping.update(zip(node.outputs, outputs, strict=True))
+            added.append(
+                ir.Node(
+                    node.domain,
+                    node.op_type,
+                    [mapping.get(v, v) if v is not None else None for v in node.inputs],
+                    [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
+                    overload=node.overload,
+                    outputs=outputs,
+                    version=node.version,
+                    name=f"{node.name}_layer{layer}",
+                    doc_string=node.doc_string,
+                    metadata_props={k: layer_index.sub(str(layer), v) for k, v in node.metadata_props.items()},
+                )
+            )
+        for kind, present in part.presents.items():
+            mapping[present].name = kv_cache.present_name(layer, kind)
+            graph.outputs.append(mapping[present])
+        hidden = mapping[part.hidden_out]
+    graph.extend(added)
+    for user, index in tail:
+        user.replace_input_with(index, hidden)
+    if part.hidden_out.is_graph_output():  # an encoder's last hidden state
+        name, part.hidden_out.name = part.hidden_out.name, None
+        graph.outputs[graph.outputs.index(part.hidden_out)], hidden.name = hidden, name
+    graph.sort()
+    return traced
+
+
+def _layer_part(graph: ir.Graph, path: str) -> _LayerPart:
+    """Layer 1's part of `graph`: the nodes that depend on one of its own inputs and that one of its
+    own outputs depends on. Its nodes (by the module paths the exporter records) read one value
+    that layer 0 computes, and give one that is read after them or is the graph's output."""
+
+    def in_layer(node: ir.Node, index: int) -> bool:
+        return f"'{path}.{index}'" in node.metadata_props.get(_SCOPES, "")
+
+    pasts = _cache_values(graph.inputs, kv_cache.PAST_PATTERN)
+    presents = _cache_values(graph.outputs, kv_cache.PRESENT_PATTERN)
+    computed = [n for n in graph if in_layer(n, 1) and n.inputs]  # not its constants
+    hidden_in = _one(
+        {v for n in computed for v in n.inputs if (p := v and v.producer()) and p.inputs and in_layer(p, 0)},
+        "values of layer 0 that layer 1 reads",
+    )
+    feeding_layer_1 = _ancestors(computed)
+    hidden_out = _one(
+        {
+            v
+            for n in computed
+            for v in n.outputs
+            if v not in presents.values()
+            and (v.is_graph_output() or any(u not in feeding_layer_1 for u, _ in v.uses()))
+        },
+        "values of layer 1 read after it",
+    )
+    weights = [v for name, v in graph.initializers.items() if name.startswith(f"{path}.1.")]
+    between = _descendants([hidden_in, *weights, *pasts.values()])
+    between &= _ancestors(v.producer() for v in (hidden_out, *presents.values()))
+    nodes = [n for n in graph if n in between]
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in nodes for a in n.attributes.values()):
+        raise _NotStampable("layer 1 holds a subgraph")
+    return _LayerPart(hidden_in, weights, pasts, hidden_out, presents, nodes)
+
+
+def _cache_values(values: Iterable[ir.Value], pattern: re.Pattern) -> dict[str, ir.Value]:
+    """Layer 1's cache inputs or outputs by kind (key, value); none in an encoder."""
+    matches = ((pattern.match(v.name or ""), v) for v in values)
+    return {m.group(2): v for m, v in matches if m and m.group(1) == "1"}
+
+
+def _stamped_weight(graph: ir.Graph, weight: ir.Value, name: str, tensors: dict[str, Any]) -> ir.Value:
+    """An initializer `name` holding the module's tensor of that name, as the exporter holds one."""
+    import torch
+
+    tensor, held = tensors.get(name), weight.const_value
+    if tensor is None or not isinstance(getattr(held, "raw", None), torch.Tensor):
+        raise _NotStampable(f"{name} is not a tensor of the module")
+    stamped = type(held)(tensor, name=name)
+    if stamped.dtype != held.dtype or stamped.shape != held.shape:
+        raise _NotStampable(f"{name} is {stamped.dtype}{stamped.shape}, layer 1's {held.dtype}{held.shape}")
+    value = ir.Value(name=name, shape=ir.Shape(stamped.shape), type=ir.TensorType(stamped.dtype), const_value=stamped)
+    graph.register_initializer(value)
+    return value
+
+
+def _value_like(value: ir.Value, name: str) -> ir.Value:
+    shape = ir.Shape(value.shape) if value.shape is not None else None
+    return ir.Value(name=name, shape=shape, type=value.type, metadata_props=dict(value.metadata_props))
+
+
+def _one(values: set[ir.Value], what: str) -> ir.Value:
+    if len(values) != 1:
+        raise _NotStampable(f"{len(values)} {what}, not one")
+    return next(iter(values))
+
+
+def _descendants(values: Iterable[ir.Value]) -> set[ir.Node]:
+    """The nodes that read `values`' contents, and the nodes that read theirs (not their shape)."""
+    found: set[ir.Node] = set()
+    pending = list(values)
+    while pending:
+        for user, _ in pending.pop().uses():
+            if user not in found and user.op_type not in _SHAPE_READERS:
+                found.add(user)
+                pending.extend(user.outputs)
+    return found
+
+
+def _ancestors(nodes: Iterable[ir.Node | None]) -> set[ir.Node]:
+    found: set[ir.Node] = set()
+    pending = [n for n in nodes if n is not None]
+    while pending:
+        node = pending.pop()
+        if node in found:
+            continue
+        found.add(node)
+        pending.extend(p for v in node.inputs if v is not None and (p := v.producer()) is not None)
+    return found
+
+
+def _check(stamped: ir.Model, whole: ExportCall) -> None:
+    """Raise unless every output of `stamped` in ONNX Runtime matches the module's on the example."""
+    from xopt.verify import reference_outputs
+
+    expected = whole.outputs()
+    actual = reference_outputs(stamped, whole.feeds())
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None or got.shape != want.shape:
+            raise _NotStampable(f"{name} is missing or of another shape")
+        error = float(np.max(np.abs(got - want), initial=0.0))
+        if error > TOLERANCE * (1 + float(np.max(np.abs(want), initial=0.0))):
+            raise _NotStampable(f"{name} differs from the module's by {error:.3g}")
