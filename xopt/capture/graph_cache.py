@@ -1,7 +1,7 @@
 """The captured-graph cache: a Hugging Face folder's export, kept without its weights.
 
-Capturing traces the model twice (torch.export, then the decomposition to core ATen): ~12 s of
-SmolLM2's ~15 s capture with two layers traced and the others stamped (`layer_stamping`), ~50 s
+Capturing traces the model twice (torch.export, then the decomposition to core ATen): SmolLM2's
+capture takes 16–17 s with two layers traced and the others stamped (`layer_stamping`), 55–59 s
 with every layer traced. What it gives depends only on the folder's files and on the code that
 captured it, so the captured ONNX graph is kept in the cache folder (`xopt.cache`), each
 initializer that is one of the model's own parameters (the same tensor as a state-dict entry)

@@ -9,8 +9,9 @@ layers 2…L−1 are copies of layer 1's part of that graph:
 
 - layer 1's part: the nodes that depend on one of its own inputs (the hidden state layer 0 hands
   it, its weights, its cache inputs `past_key_values.1.*`) and that one of its own outputs depends
-  on (the hidden state it hands on, `present.1.*`). What else those nodes read (the masks, the
-  rotary tables, constants) depends on no layer's weights and is shared by every layer.
+  on (the hidden state it hands on, `present.1.*`); a node that reads only the shape of such a
+  value is not one of them (alike layers have inputs of one shape). What else those nodes read
+  (the masks, the rotary tables, constants, shapes) is shared by every layer.
 - layer i is that part reading layer i−1's hidden state, layer i's weights (the model's own
   parameter tensors, as the exporter holds them) and `past_key_values.i.*`, and giving
   `present.i.*`; the module paths in its nodes' metadata name layer i.
@@ -19,7 +20,13 @@ layers 2…L−1 are copies of layer 1's part of that graph:
 The stamped graph is kept only if it computes what the model does: on the example inputs, each of
 its outputs in ONNX Runtime must match the module's own within `TOLERANCE` of the output's scale
 (a layer whose code depends on its index, such as GPT-2's `scale_attn_by_inverse_layer_idx`,
-fails here). Otherwise, and wherever the layers are not alike, every layer is traced.
+fails here: its logits moved 6.5e-4 of their scale in a random 3-layer model; SmolLM2's stamped
+graph is within 1.2e-5). Otherwise, and wherever the layers are not alike, every layer is traced.
+
+SmolLM2 (`xopt.load(folder, capture_cache=False)`, two fresh processes per form, alternated):
+16–17 s against 55–59 s with every layer traced; its outputs on padded inputs with a cache equal
+the whole trace's to the bit, and `xopt optimize` gives the same operators and weights. MiniLM's
+6 layers: 8.1 s against 9.2 s.
 """
 
 from __future__ import annotations
