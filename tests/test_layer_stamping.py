@@ -79,10 +79,7 @@ def test_a_layer_whose_code_reads_its_index_is_traced_whole(tmp_path, caplog):
         captured = xopt.load(folder, capture_cache=False)
     assert TRACED_WHOLE in caplog.text and "logits differs from the module's" in caplog.text
     assert STAMPED not in caplog.text
-    whole = huggingface.load_hf_model(folder)
-    call = huggingface._causal_lm_call(whole)
-    expected, actual = call.outputs(), reference_outputs(captured, call.feeds())
-    np.testing.assert_allclose(actual["logits"], expected["logits"], atol=1e-4)
+    _assert_computes_what_the_module_does(captured, folder)
 
 
 def test_layers_of_different_kinds_are_not_stamped_and_the_model_is_left_whole(tmp_path):
@@ -98,3 +95,24 @@ def test_layers_of_different_kinds_are_not_stamped_and_the_model_is_left_whole(t
         assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
     assert model.model.layers is layers.modules and len(layers.modules) == 3 and model.config.num_hidden_layers == 3
     assert len(model.config.layer_types) == 3
+
+
+def test_a_stamping_that_fails_falls_back_to_tracing_every_layer(tmp_path, monkeypatch, caplog):
+    def unforeseen(graph, path):
+        raise ValueError("a graph the stamping does not foresee")
+
+    monkeypatch.setattr(layer_stamping, "_layer_part", unforeseen)
+    folder = build_folder(*DEEP_CONFIGS["qwen2"], tmp_path / "qwen2")
+    with caplog.at_level(logging.INFO, logger=layer_stamping.__name__):
+        captured = xopt.load(folder, capture_cache=False)
+    assert "stamping layer 1 failed (ValueError: a graph the stamping does not foresee)" in caplog.text
+    _assert_computes_what_the_module_does(captured, folder)
+
+
+def _assert_computes_what_the_module_does(captured, folder: Path) -> None:
+    """The captured causal LM's outputs on the capture's example inputs are the module's."""
+    call = huggingface._causal_lm_call(huggingface.load_hf_model(folder))
+    assert [v.name for v in captured.graph.outputs] == call.output_names
+    expected, actual = call.outputs(), reference_outputs(captured, call.feeds())
+    for name, want in expected.items():
+        np.testing.assert_allclose(actual[name], want, atol=1e-4, err_msg=name)

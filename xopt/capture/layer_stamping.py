@@ -17,6 +17,9 @@ layers 2…L−1 are copies of layer 1's part of that graph:
   `present.i.*`; the module paths in its nodes' metadata name layer i.
 - what read layer 1's hidden state (the final norm) reads layer L−1's.
 
+A trace of the cut model that fails is the model's failure (every layer traced fails alike), but
+a failure of the stamping itself (a graph it does not foresee) falls back to the whole trace.
+
 The stamped graph is kept only if it computes what the model does: on the example inputs, each of
 its outputs in ONNX Runtime must match the module's own within `TOLERANCE` of the output's scale
 (a layer whose code depends on its index, such as GPT-2's `scale_attn_by_inverse_layer_idx`,
@@ -44,6 +47,7 @@ import onnx_ir as ir
 
 from xopt import kv_cache
 from xopt.capture.torch_export import ExportCall
+from xopt.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,9 @@ def export_with_stamped_layers(model: Any, call_of: Callable[[Any], ExportCall])
         error = _checked_error(stamped, whole)
     except _NotStampable as reason:
         logger.info("every layer traced: the copies of layer 1 do not stand for them (%s)", reason)
+        return whole.export()
+    except Exception as error:  # a graph the stamping does not foresee; tracing every layer still captures it
+        logger.warning("every layer traced: stamping layer 1 failed (%s: %s)", type(error).__name__, first_line(error))
         return whole.export()
     logger.info(
         "layers 2-%d stamped from the trace of layer 1 (outputs within %.2g of the module's, relative to their scale)",
