@@ -198,6 +198,42 @@ def test_causal_lm_exports_a_kv_cache_model_that_matches_torch(tiny_folder, tiny
         assert second["present.0.key"].shape[2] == sequence
 
 
+SLIDING_WINDOW_CONFIGS = {  # a window of 4 positions: every layer (Mistral), every other one (Gemma-2)
+    "mistral": ("MistralConfig", {"sliding_window": 4}, "MistralForCausalLM"),
+    "gemma2": ("Gemma2Config", {"sliding_window": 4, "head_dim": 16}, "Gemma2ForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SLIDING_WINDOW_CONFIGS))
+def test_sliding_window_decoders_keep_the_whole_cache_and_mask_beyond_the_window(name, tmp_path):
+    """A sliding-window layer's cache is exported whole (present = past + new, as for every layer)
+    and the window applied by the mask: prefill, then one token at a time well past the window,
+    gives transformers' logits (its own cache drops what falls out of the window)."""
+    from conftest import build_folder
+
+    config_class, window, model_class = SLIDING_WINDOW_CONFIGS[name]
+    sizes = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+    folder = build_folder(config_class, {**sizes, "num_key_value_heads": 2, **window}, model_class, tmp_path)
+    model = xopt.load(folder)
+    session = create_session(model)
+    ids = np.random.default_rng(2).integers(0, 211, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0  # left padding on the second row
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(mask.cumsum(-1) - 1, 0)}
+    with torch.no_grad():
+        expected = huggingface.load_hf_model(folder)(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    step = run(session, {"input_ids": ids[:, :5], "attention_mask": mask[:, :5], **empty_cache(model, 2)})
+    logits = [step["logits"]]
+    for end in range(6, 13):
+        pasts = {v.name: step[v.name.replace("past_key_values", "present")] for v in model.graph.inputs[2:]}
+        step = run(session, {"input_ids": ids[:, end - 1 : end], "attention_mask": mask[:, :end], **pasts})
+        logits.append(step["logits"])
+    assert step["present.0.key"].shape[2] == 12
+    valid = mask.astype(bool)
+    got = np.concatenate(logits, axis=1)
+    np.testing.assert_allclose(got[valid], expected.logits.numpy()[valid], atol=2e-5, rtol=1e-4)
+
+
 def test_a_folder_s_tokenizer_is_loaded_once_until_its_files_change(tiny_folder, tmp_path):
     """A GGUF file's tokenizer takes seconds to parse and a run reads it several times: it is
     loaded once per process, and again when a file in the folder changes."""

@@ -4,8 +4,9 @@ Encoders export their last hidden state (feature extraction: `input_ids, attenti
 last_hidden_state`). Causal LMs export one model that does both prefill and decode with a KV
 cache (`xopt.kv_cache` states the convention): position ids are computed in the graph from the
 attention mask (`cumsum(mask) − 1`, so left padding works), and the cache is handed to the model
-as a transformers `DynamicCache`. Batch, sequence and past length are dynamic axes. A model of
-alike layers is traced with two and the others stamped from the second (`layer_stamping`).
+as a transformers `DynamicCache` of whole layers (a sliding-window layer's too: the mask applies
+its window). Batch, sequence and past length are dynamic axes. A model of alike layers is
+traced with two and the others stamped from the second (`layer_stamping`).
 
 Attention is loaded as transformers' "eager" implementation, so the graph holds the plain
 `softmax(QKᵀ/√d + mask)·V` that the structure analysis and fusions recognise, rather than an
@@ -319,7 +320,11 @@ def _causal_lm_call(model) -> ExportCall:
 
         def forward(self, input_ids, attention_mask, past):
             pairs = list(zip(past[0::2], past[1::2], strict=True))
-            cache = DynamicCache(ddp_cache_data=pairs, config=self.inner.config)
+            # without the config, every layer's cache is a whole one (present = past + new), also
+            # where the config asks for a sliding window: the mask applies the window, and the
+            # exported cache keeps one shape in every layer (a sliding one, cropped to the window,
+            # made torch.export specialise the past length to below it)
+            cache = DynamicCache(ddp_cache_data=pairs)
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
             output = self.inner(
                 input_ids=input_ids,
