@@ -342,8 +342,9 @@ def _causal_lm_call(model) -> ExportCall:
         empty = getattr(model(input_ids=input_ids[:, :1], use_cache=True), "past_key_values", None)
     if not hasattr(empty, "layers"):
         raise XoptError(f"{model.config.model_type} has no key/value cache (not an attention decoder)")
+    generator = torch.Generator().manual_seed(0)  # the same example every time: `layer_stamping` checks on it
     past = tuple(
-        torch.randn(_EXAMPLE_BATCH, t.shape[1], _EXAMPLE_PAST, t.shape[3])
+        torch.randn(_EXAMPLE_BATCH, t.shape[1], _EXAMPLE_PAST, t.shape[3], generator=generator)
         for layer in empty.layers
         for t in (layer.keys, layer.values)
     )
