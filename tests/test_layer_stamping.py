@@ -16,6 +16,7 @@ from conftest import TINY_CONFIGS, build_folder
 import xopt
 from xopt import kv_cache
 from xopt.capture import huggingface, layer_stamping
+from xopt.inputs import sample_inputs
 from xopt.verify import reference_outputs
 
 STAMPED = "stamped from the trace of layer"
@@ -41,20 +42,6 @@ DEEP_CONFIGS = {
 PERIODS = {"gemma2": 2, "gemma3": 3}
 
 
-def _feeds(model, rng) -> dict[str, np.ndarray]:
-    """A left-padded batch of 2, with a cache of 5 positions where the model takes one."""
-    batch, sequence = 2, 7
-    past = 5 if kv_cache.has_kv_cache(model) else 0
-    feeds = {
-        "input_ids": rng.integers(0, 200, (batch, sequence)).astype(np.int64),
-        "attention_mask": np.ones((batch, past + sequence), np.int64),
-    }
-    feeds["attention_mask"][0, :3] = 0
-    for value in kv_cache.past_inputs(model):
-        feeds[value.name] = rng.standard_normal(kv_cache.cache_shape(value, batch, past)).astype(np.float32)
-    return feeds
-
-
 def _traced_whole(folder: Path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(layer_stamping, "_alike_layers", lambda model: None)
@@ -78,7 +65,8 @@ def test_stamped_layers_give_the_graph_every_layer_traced_gives(name, tmp_path, 
     last = DEEP_CONFIGS[name][1].get("num_hidden_layers", DEEP_CONFIGS[name][1].get("n_layer")) - 1
     last_layer = re.compile(rf"\.(layers|layer|h)\.{last}'")  # its module path, in the nodes' metadata
     assert any(last_layer.search(node.metadata_props.get("pkg.torch.onnx.name_scopes", "")) for node in graph)
-    feeds = _feeds(whole, np.random.default_rng(0))
+    past = 5 if kv_cache.has_kv_cache(whole) else 0  # with 7 new tokens, past the sliding windows of 4
+    feeds = sample_inputs(whole, batch=2, sequence=7, past=past, padded=True)
     expected, actual = reference_outputs(whole, feeds), reference_outputs(stamped, feeds)
     assert set(actual) == set(expected)
     for output, want in expected.items():

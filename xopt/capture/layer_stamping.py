@@ -170,11 +170,11 @@ def _stamp(traced: ir.Model, whole: ExportCall, layers: _Layers) -> ir.Model:
     parts = [_layer_part(graph, path, j) for j in range(1, layers.period + 1)]
     last = parts[-1]
     tail = [(user, index) for user, index in last.hidden_out.uses() if user not in last.nodes]
+    layer_indices = [re.compile(rf"(?<={re.escape(path)}\.){part.layer}(?![0-9])") for part in parts]
     hidden = last.hidden_out
     for layer in range(layers.period + 1, len(layers.modules)):
-        part = parts[(layer - 1) % layers.period]
-        layer_index = re.compile(rf"(?<={re.escape(path)}\.){part.layer}(?![0-9])")
-        hidden = _add_copy(graph, part, hidden, layer, functools.partial(layer_index.sub, str(layer)), tensors)
+        j = (layer - 1) % layers.period
+        hidden = _add_copy(graph, parts[j], hidden, layer, functools.partial(layer_indices[j].sub, str(layer)), tensors)
     for user, index in tail:
         user.replace_input_with(index, hidden)
     if last.hidden_out.is_graph_output():  # an encoder's last hidden state
