@@ -1,15 +1,15 @@
 """ONNX Runtime: sessions, running by input name, and the load-back check of a saved model.
 
-This is also xopt's reference runtime: verification and the structure probe run models here,
-in sessions that skip graph optimizations and, unless it changes the results, weight packing
+This is also xopt's reference runtime: verification and the structure probe run models here, in
+sessions that skip graph optimizations and, unless it changes the results, weight packing
 (`check_session`). An in-memory model reaches ORT as a skeleton: its graph serialized with each
-weight of 1 KB or more written as an external-data reference, and the weights themselves handed
-over as OrtValues on the model's own arrays (`SessionOptions.add_external_initializers`, which ORT
-copies in before any optimization). Serializing the weights into the protobuf and parsing them
-back cost more than the session itself: the 18 sessions of SmolLM2-135M's `exact` recipe (verification, probes) took
-64 s, now 21–22 s, and `xopt optimize` 180–184 s, now 136–137 s (this Xeon, 2 threads). Weights
-of a type numpy and ORT do not share (bfloat16, 4-bit, float8) and weights no node reads stay
-inline; a skeleton that would still pass protobuf's 2 GB goes through a temporary file. A model
+weight of 1 KB or more written as an external-data reference, and the weights themselves handed over
+as OrtValues on the model's own arrays (`SessionOptions.add_external_initializers`, which ORT copies
+in before any optimization). Serializing the weights into the protobuf and parsing them back cost
+more than the session itself: the 18 sessions of SmolLM2-135M's `exact` recipe (verification,
+probes) took 64 s, now 21–22 s, and `xopt optimize` 180–184 s, now 136–137 s (this Xeon, 2 threads).
+Weights of a type numpy and ORT do not share (bfloat16, 4-bit, float8) and weights no node reads
+stay inline; a skeleton that would still pass protobuf's 2 GB goes through a temporary file. A model
 of less than 16 MB of weights is serialized whole, as cloning its graph would cost more.
 """
 

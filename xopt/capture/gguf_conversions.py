@@ -3,11 +3,12 @@
 transformers builds a GGUF file's tokenizer and config by parsing the file's metadata in Python
 every time (SmolLM2's: 2.4 s and 1.2 s, through `huggingface._fast_gguf_reads`), while their saved
 forms (tokenizer.json, tokenizer_config.json, config.json) load in 0.1 s and give the same objects:
-the same token ids on the bundled texts and the same files when saved again. So the first load
-saves them under the cache folder's `gguf/`, and later loads read them from there. Key: the folder (resolved path;
-each file's name, size and modification time), the GGUF file, the loader class and transformers'
-version. A saved form that cannot be loaded is converted anew; one that cannot be written costs
-only the next load's time. At most `KEEP` conversions are kept, the least recently used dropped.
+the same token ids on the bundled texts and the same files when saved again. So the first load saves
+them under the cache folder's `gguf/`, and later loads read them from there. Key: the folder
+(resolved path; each file's name, size and modification time), the GGUF file, the loader class and
+transformers' version. A saved form that cannot be loaded is converted anew; one that cannot be
+written costs only the next load's time. At most `KEEP` conversions are kept, the least recently
+used dropped.
 """
 
 from __future__ import annotations
