@@ -24,6 +24,8 @@
 4. Constant scales. A scalar c applied to attention scores S = (Q·Kᵀ)·c is folded into the query
    projection, W_q' = c·W_q, b_q' = c·b_q: rotary embedding, head reshapes and transposes are
    linear in Q, so S is unchanged and one elementwise Mul over B×H×S×S per layer disappears.
+   Only where every op from the projection to Q·Kᵀ is so (f(c·q) = c·f(q)): a norm on the query
+   (Qwen3's, Gemma-3's, OLMo-2's q_norm) divides c out again, and the scale stays.
 
 Arithmetic is float64; results are stored in the model's dtype.
 """
@@ -203,12 +205,49 @@ def _fold_score_scale(graph: ir.Graph, attention: Attention) -> str | None:
         return "Q is part of a fused QKV projection"
     if not owns_weight(attention.q):
         return "the query weight is shared"
+    reason = _not_linear_in_query(graph, attention.q.output, attention.scores)
+    if reason:
+        return reason
     factor = float(constant.reshape(()))
     factor = 1.0 / factor if scale_node.op_type == "Div" else factor
     set_weight(graph, attention.q, factor * weight_in_out(attention.q))
     if attention.q.bias is not None:
         set_bias(graph, attention.q, factor * bias_or_zeros(attention.q))
     remove_node_keeping_input(graph, scale_node, attention.scores.outputs[0])
+    return None
+
+
+# ops linear in their first input (f(c·x) = c·f(x)) while no other input depends on x
+_LINEAR_IN_FIRST_INPUT = frozenset(
+    {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split", "Flatten", "Expand", "Gather", "Tile"}
+    | {"Identity", "Cast", "Neg", "Div", "RotaryEmbedding"}
+)
+
+
+def _not_linear_in_query(graph: ir.Graph, query: ir.Value, scores: ir.Node) -> str | None:
+    """None when scaling `query` by a constant scales one input of `scores` by it and changes no
+    other value (a shape read of it aside); else what stands in the way. The graph's nodes are in
+    topological order, so each node is judged after every node it reads from."""
+    scaled = {query}
+    for node in graph:
+        reads = [value is not None and value in scaled for value in node.inputs]
+        if not any(reads) or node.op_type in ("Shape", "Size"):
+            continue
+        if node is scores:
+            if all(reads):
+                return "both Q and K depend on the query projection"
+            continue
+        op = node.op_type
+        linear = (
+            (op in _LINEAR_IN_FIRST_INPUT and reads[0] and not any(reads[1:]))
+            or (op == "Mul" and sum(reads) == 1)
+            or (op in ("Add", "Sub", "Concat") and all(reads))
+        )
+        if not linear:
+            return f"the query passes through {op} ({node.name}) on its way to Q·Kᵀ, which is not linear in it"
+        scaled.update(node.outputs)
+    if any(value in scaled for value in graph.outputs):
+        return "the query (or a value scaled with it) is a graph output"
     return None
 
 

@@ -84,6 +84,31 @@ TINY_CONFIGS = {
         ),
         "GemmaForCausalLM",
     ),
+    "qwen3": (  # an RMSNorm on each query and key head (q_norm, k_norm) before the rotary embedding
+        "Qwen3Config",
+        dict(
+            vocab_size=211,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+        "Qwen3ForCausalLM",
+    ),
+    "olmo2": (  # RMSNorm on the whole query and key projections; norms after each sublayer, not before
+        "Olmo2Config",
+        dict(
+            vocab_size=211,
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        "Olmo2ForCausalLM",
+    ),
 }
 
 

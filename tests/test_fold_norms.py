@@ -68,6 +68,17 @@ def test_post_ln_bert_is_refused_with_reasons_but_scales_fold(tiny_model):
     assert record.parity.max_rel <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["qwen3", "olmo2"])
+def test_a_norm_on_the_query_keeps_the_score_scale(tiny_model, name):
+    """Qwen3 normalizes each query head, OLMo-2 the whole query projection: c·W_q would be divided
+    out again, so the scale on Q·Kᵀ stays (folding it changed the logits by ~100%)."""
+    _, report = _fold(tiny_model(name))
+    record = report.passes[1]
+    assert "score_scales_folded" not in record.stats
+    assert sum("on its way to Q·Kᵀ, which is not linear in it" in line for line in record.explain) == 2
+    assert record.parity.max_rel <= 1e-6
+
+
 class _Logits(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
