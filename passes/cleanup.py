@@ -12,6 +12,7 @@ Exact: every rewrite replaces a subgraph by one that computes the same values.
 - Dead code: nodes none of whose outputs reach a graph output are removed.
 - CSE: two nodes with the same op, attributes and inputs compute the same value; keep one.
 - Duplicate initializers with equal contents are merged.
+- Gemm linears become MatMul (+ Add), their flatten/restore Reshapes dropped (`gemm_linears.py`).
 
 The work is done by onnxscript's constant folder and rewrite rules and onnx-ir's common passes,
 sequenced as onnxscript's `optimize_ir` does, minus one rule: `SlicesSplit` matches a pattern
@@ -31,6 +32,7 @@ from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
 
 from xopt.errors import XoptError
+from xopt.passes.gemm_linears import gemm_linears_to_matmul
 from xopt.pipeline import Pass, PassResult, register
 
 _QUADRATIC_RULES = frozenset({"SlicesSplit"})
@@ -55,6 +57,7 @@ class CleanupPass(Pass):
         ops_before = Counter(node.op_type for node in model.graph)
         initializers_before = len(model.graph.initializers)
         common_passes.InlinePass()(model)
+        gemms = gemm_linears_to_matmul(model.graph)
         for _ in range(self.iterations):
             folded = fold_constants_ir(
                 model,
@@ -82,6 +85,7 @@ class CleanupPass(Pass):
         stats = {
             "nodes_removed": sum(ops_before.values()) - sum(ops_after.values()),
             "removed_by_op": dict(sorted(removed.items(), key=lambda kv: -kv[1])),
+            **({"gemm_linears_to_matmul": gemms} if gemms else {}),
         }
         modified = ops_before != ops_after or initializers_before != len(model.graph.initializers)
         return PassResult(model, modified, stats)

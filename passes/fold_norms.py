@@ -395,6 +395,7 @@ def _replace_with_rmsnorm(graph: ir.Graph, norm: Norm, opset: int) -> None:
         nodes.append(biased)
         output = biased.outputs[0]
     graph.insert_before(layer_norm, nodes)
-    output.dtype, output.shape = layer_norm.outputs[0].dtype, layer_norm.outputs[0].shape
+    for node in (square, normalized, *nodes[6:]):  # the values of x's shape: a reader may need it
+        node.outputs[0].dtype, node.outputs[0].shape = layer_norm.outputs[0].dtype, layer_norm.outputs[0].shape
     replace_value(layer_norm.outputs[0], output)
     graph.remove(layer_norm, safe=True)

@@ -16,7 +16,8 @@ columns as that of Z, and C = G[S,S]⁻¹ G[S,:]. Reported per MLP: the relative
 calibration, tr(W_downᵀ (G − G[:,S] G[S,S]⁻¹ G[S,:]) W_down) / tr(W_downᵀ G W_down).
 
 Reshapes between the up and down projections whose constant shape names the width m (GPT-2's
-Conv1D flattens to [-1, m]) are rewritten to k; a width computed any other way is refused.
+Conv1D flattens to [-1, m] where `cleanup` has not made its Gemms MatMuls) are rewritten to k; a
+width computed any other way is refused.
 """
 
 from __future__ import annotations

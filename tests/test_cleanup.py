@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from helpers import REDUNDANT_MODEL, model_from_text
 
+from xopt.analysis.patterns import match_linear
 from xopt.backends.onnxruntime import create_session, run
 from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass
@@ -40,3 +41,44 @@ def test_cleanup_folds_weight_transposes_whatever_their_size(tiny_model):
     assert [n.op_type for n, _ in left[0].inputs[0].uses()] == ["Gather", "Transpose"]
     parity = compare(before, run(create_session(model), inputs))
     assert parity.within(1e-5), parity.describe()
+
+
+def test_gpt2_conv1d_gemms_become_matmuls_without_their_reshapes(tiny_model):
+    """GPT-2's Conv1D exports as Reshape → Gemm → Reshape: each becomes MatMul + Add on the 3-D
+    input, the same products (Gemm adds its bias first, so the last bit may differ), and every pass
+    reads it as a linear."""
+    model = tiny_model("gpt2").clone()
+    gemms = sum(n.op_type == "Gemm" for n in model.graph)
+    reshapes = sum(n.op_type == "Reshape" for n in model.graph)
+    inputs = sample_inputs(model, batch=2, sequence=5, padded=True)
+    before = run(create_session(model.clone()), inputs)
+    result = CleanupPass()(model)
+    assert gemms == 8 and result.stats["gemm_linears_to_matmul"] == gemms
+    assert "Gemm" not in {n.op_type for n in model.graph}
+    assert reshapes - sum(n.op_type == "Reshape" for n in model.graph) >= 2 * gemms
+    linears = [linear for n in model.graph if (linear := match_linear(n)) is not None]
+    assert sum(len(linear.input.shape) == 3 and linear.bias is not None for linear in linears) == gemms
+    assert compare(before, run(create_session(model), inputs)).within(1e-6)
+
+
+GEMMS = """
+<ir_version: 10, opset_import: ["" : 20]>
+gemms (float[N, 4] x) => (float[N, 3] y, float[N, 3] z, float[N, 3] s)
+<float[3, 4] w = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, float[3] b = {0.5, -0.5, 0.25},
+ float[4, 3] v = {1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 6, 0}>
+{
+    y = Gemm <transB = 1> (x, w, b)
+    z = Gemm (x, v)
+    s = Gemm <transB = 1, alpha = 2.0> (x, w, b)
+}
+"""
+
+
+def test_a_gemm_linear_becomes_matmul_and_a_scaled_one_stays():
+    model = model_from_text(GEMMS)
+    inputs = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+    before = run(create_session(model.clone()), inputs)
+    result = CleanupPass()(model)
+    assert result.stats["gemm_linears_to_matmul"] == 2
+    assert sorted(n.op_type for n in model.graph) == ["Add", "Gemm", "MatMul", "MatMul"]
+    assert compare(before, run(create_session(model), inputs)).within(1e-6)

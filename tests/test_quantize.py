@@ -396,8 +396,9 @@ def test_the_int4_recipe_output_still_generates_with_its_kv_cache(tiny_model, tm
     expected = Decoder(open_runnable(tmp_path / "float")).generate(prompt, 12).tokens
     int4, report = xopt.optimize(tiny_model(name), recipe="int4")
     assert [p.name for p in report.passes] == ["cleanup", "fold-norms", "rotate", "fuse", "quantize"]
-    assert report.passes[2].modified == (name == "llama")  # GPT-2's Conv1D reshape: not rotated, said why
+    assert report.passes[2].modified  # GPT-2 too: LayerNorm → RMSNorm, Conv1D's Gemm read as MatMul
     assert report.passes[-1].stats["linears_quantized"] == sum(n.op_type == "MatMulNBits" for n in int4.graph)
+    assert _linear_count(int4) == 0 and "Gemm" not in {n.op_type for n in int4.graph}  # every linear is int4
     assert {n.attributes.get_int("bits") for n in int4.graph if n.op_type == "MatMulNBits"} == {4}  # the head too
     assert sum(n.op_type == "Gather" and n.inputs[0].name.endswith("_q8") for n in int4.graph) == 1  # 8-bit table
     int8, _ = xopt.optimize(tiny_model(name), passes=[QuantizeWeightsPass(bits=8, group=16, windows=2)])
