@@ -395,7 +395,7 @@ def _replace_with_rmsnorm(graph: ir.Graph, norm: Norm, opset: int) -> None:
         nodes.append(biased)
         output = biased.outputs[0]
     graph.insert_before(layer_norm, nodes)
-    for node in (square, normalized, *nodes[6:]):  # the values of x's shape: a reader may need it
+    for node in (square, *nodes[5:]):  # x², x/rms, γ⊙, + β have x's shape (a Reshape reading one needs it)
         node.outputs[0].dtype, node.outputs[0].shape = layer_norm.outputs[0].dtype, layer_norm.outputs[0].shape
     replace_value(layer_norm.outputs[0], output)
     graph.remove(layer_norm, safe=True)

@@ -184,7 +184,7 @@ def _prune_mlps(graph: ir.Graph, plans: list[MLPPlan], moments: Moments, explain
         gram = moments[plan.mlp.down.input.name].matrix
         kept, interpolation = interpolative_decomposition(gram, plan.keep)
         down = weight_in_out(plan.mlp.down)
-        error = _output_error(gram, kept, down)
+        error = output_error(gram, kept, interpolation, down)
         _narrow(graph, plan, kept, interpolation @ down)
         errors.append(error)
         explain.append(f"MLP {index}: {width} → {plan.keep} neurons, relative output error {error:.4f} (calibration)")
@@ -208,8 +208,10 @@ def interpolative_decomposition(gram: np.ndarray, keep: int) -> tuple[np.ndarray
     return kept, interpolation
 
 
-def _output_error(gram: np.ndarray, kept: np.ndarray, down: np.ndarray) -> float:
-    explained = gram[:, kept] @ np.linalg.solve(gram[np.ix_(kept, kept)], gram[kept])
+def output_error(gram: np.ndarray, kept: np.ndarray, interpolation: np.ndarray, down: np.ndarray) -> float:
+    """tr(Wᵀ (G − G[:,S]·C) W) / tr(Wᵀ G W), C = G[S,S]⁻¹ G[S,:] as solved (with its jitter, which a
+    neuron silent on the calibration text needs: ReLU MLPs have them)."""
+    explained = gram[:, kept] @ interpolation
     total = np.sum(down * (gram @ down))
     return float(np.sum(down * ((gram - explained) @ down)) / max(total, 1e-30))
 

@@ -14,7 +14,7 @@ from xopt.errors import XoptError
 from xopt.generate import Decoder
 from xopt.passes import CleanupPass, FusePass, PruneWidthPass
 from xopt.passes.attention_heads import select_heads
-from xopt.passes.prune_width import interpolative_decomposition
+from xopt.passes.prune_width import interpolative_decomposition, output_error
 from xopt.pipeline import PassManager
 from xopt.rewrite import bias_or_zeros
 from xopt.runnable import open_runnable
@@ -128,3 +128,15 @@ def test_a_head_pruned_decoder_generates(tiny_model, tmp_path, name):
 def test_heads_that_remove_no_head_are_refused(tiny_model):
     with pytest.raises(XoptError, match="removes no head"):
         PruneWidthPass(heads=0.1)(CleanupPass()(tiny_model("qwen2").clone()).model)  # 2 query heads per KV head
+
+
+def test_neurons_silent_on_the_calibration_text_do_not_stop_the_error_estimate():
+    """ReLU MLPs (OPT) have neurons that never fire on the calibration text: G has zero rows, and
+    keeping more neurons than fire made the error estimate's G[S,S] singular (a traceback)."""
+    rng = np.random.default_rng(0)
+    activations = rng.standard_normal((64, 8))
+    activations[:, [2, 5]] = 0.0
+    gram = activations.T @ activations
+    kept, interpolation = interpolative_decomposition(gram, 7)  # 6 neurons fire: one silent one is kept
+    assert {0, 1, 3, 4, 6, 7} <= set(kept.tolist())
+    assert 0.0 <= output_error(gram, kept, interpolation, rng.standard_normal((8, 4))) < 1e-9
