@@ -5,7 +5,7 @@ In a pre-norm transformer with RMSNorm the stream x [.., d] is written by the em
 each sublayer's output projection, and read only by RMSNorms, whose outputs feed linears. For an
 orthogonal Q (QQᵀ = I) run the model on x̃ = x·Q instead:
 
-    embedding tables      E' = E·Q                        (each row rotated)
+    embedding tables      E' = E·Q                        (each row rotated; Gemma's √d after it commutes)
     writers (o, down)     W' = W·Q,   b' = b·Q            (their outputs land rotated)
     RMSNorm with γ = 1    RMSNorm(x·Q) = RMSNorm(x)·Q     (‖x·Q‖ = ‖x‖)
     readers (q, k, v, gate, up, LM head)   W' = Qᵀ·W      (x·Q·Qᵀ·W = x·W)
@@ -39,7 +39,14 @@ from xopt.analysis.graph_view import const_array, consumers
 from xopt.analysis.patterns import Embedding, Linear, find_linears
 from xopt.analysis.structure import TransformerStructure
 from xopt.errors import XoptError
-from xopt.passes.fold_norms import fold_affine, has_affine, linear_readers, stream_writers_known, untie_lm_head
+from xopt.passes.fold_norms import (
+    fold_affine,
+    has_affine,
+    linear_readers,
+    scalar_scaled,
+    stream_writers_known,
+    untie_lm_head,
+)
 from xopt.passes.hadamard import random_rotation
 from xopt.passes.source_grid import ON_GRID, lies_on_grid
 from xopt.pipeline import Pass, PassResult, register
@@ -156,8 +163,8 @@ def _stream_readers_unknown(structure: TransformerStructure, norms) -> str | Non
     for embedding in structure.embeddings:
         value = embedding.node.outputs[0]
         stream.append(value)
-        for user in consumers(value):  # token + position embeddings summed into the stream
-            if user.op_type in ("Add", "Cast", "Identity") and user not in allowed:
+        for user in consumers(value):  # token + position embeddings summed (or scaled) into the stream
+            if (user.op_type in ("Add", "Cast", "Identity") or scalar_scaled(user) is value) and user not in allowed:
                 allowed.add(user)
                 stream.append(user.outputs[0])
     for value in stream:

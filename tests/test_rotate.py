@@ -31,10 +31,11 @@ def test_rotations_are_orthogonal_and_flat_when_hadamard(order):
         assert kind.startswith("random orthogonal")
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "gemma"])
 def test_rotation_keeps_outputs(tiny_model, name):
-    """Tied (llama) and untied (qwen2, q/k/v biases) heads, and GPT-2 (LayerNorm turned RMSNorm by
-    fold-norms; Conv1D's Gemm linears read by cleanup as MatMul): logits at float32 rounding."""
+    """Tied (llama) and untied (qwen2, q/k/v biases) heads, GPT-2 (LayerNorm turned RMSNorm by
+    fold-norms; Conv1D's Gemm linears read by cleanup as MatMul) and Gemma (embeddings scaled by
+    √d on their way into the stream): logits at float32 rounding."""
     rotated, report = PassManager([CleanupPass(), FoldNormsPass(), RotatePass()])(tiny_model(name))
     record = report.passes[2]
     blocks = len(find_transformer_structure(rotated).blocks)
