@@ -24,6 +24,14 @@ def _lowering_cache(tmp_path_factory):
     os.environ["XOPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("xopt-cache"))
 
 
+_SMALL_GQA = dict(  # 4 query heads on 2 KV heads
+    vocab_size=211,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 TINY_CONFIGS = {
     # name: (config class, kwargs, model class)
     "bert": (
@@ -73,40 +81,17 @@ TINY_CONFIGS = {
     ),
     "gemma": (  # (1 + γ) RMSNorm, embeddings scaled by √d, GeGLU MLP, head size ≠ hidden / heads
         "GemmaConfig",
-        dict(
-            vocab_size=211,
-            hidden_size=48,
-            intermediate_size=80,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
+        {**_SMALL_GQA, "head_dim": 16},
         "GemmaForCausalLM",
     ),
     "qwen3": (  # an RMSNorm on each query and key head (q_norm, k_norm) before the rotary embedding
         "Qwen3Config",
-        dict(
-            vocab_size=211,
-            hidden_size=48,
-            intermediate_size=80,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
+        {**_SMALL_GQA, "head_dim": 16},
         "Qwen3ForCausalLM",
     ),
     "olmo2": (  # RMSNorm on the whole query and key projections; norms after each sublayer, not before
         "Olmo2Config",
-        dict(
-            vocab_size=211,
-            hidden_size=48,
-            intermediate_size=80,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        ),
+        _SMALL_GQA,
         "Olmo2ForCausalLM",
     ),
 }
