@@ -338,10 +338,13 @@ def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stat
 
 
 def stream_writers_known(structure: TransformerStructure) -> str | None:
-    """None when every write into the residual stream is an embedding or a sublayer output."""
+    """None when every write into the residual stream is an embedding or a sublayer's output
+    projection."""
     for block in structure.blocks:
         if any(s is None or s.residual is None for s in (block.attention, block.mlp)):
             return f"block {block.index} is not attention + MLP with residual adds"
+        if block.output_norms:
+            return f"block {block.index}: a norm between a sublayer's output and its residual add writes the stream"
     first = structure.blocks[0].attention
     gathers = {e.node for e in structure.embeddings}
     skip = next(v for v in first.residual.inputs if v is not sublayer_output(first))

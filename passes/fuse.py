@@ -465,7 +465,7 @@ def _merge(graph: ir.Graph, linears: list[Linear]) -> None:
 
 def _lower_norms(model: ir.Model) -> tuple[int, list[str]]:
     structure = find_transformer_structure(model, heads=False)  # no head counts needed: no probe run
-    norms = [n for b in structure.blocks for n in b.norms]
+    norms = [n for b in structure.blocks for n in (*b.norms, *b.output_norms)]
     norms += [n for n in (structure.embedding_norm, structure.final_norm) if n is not None]
     count, notes = 0, []
     opset = model.opset_imports.get("", 1)

@@ -86,6 +86,11 @@ class PruneLayersPass(Pass):
                 "replaceme folds its map before a residual add, and this post-norm model has a norm there; "
                 "use method=drop"
             )
+        if self.method == "replaceme" and any(b.mlp is not None and b.mlp.output_norm for b in structure.blocks):
+            raise XoptError(
+                "replaceme folds its map into a down projection, and a norm sits between it and the residual add "
+                "(OLMo-2, Gemma-2/3); use method=drop"
+            )
         first = 1 if self.method == "replaceme" else 0
         explicit = self._explicit_blocks(total, first)
         count = len(explicit) or self._count(total)

@@ -123,6 +123,8 @@ def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
         return f"the graph has {', '.join(fused)} nodes (fused or quantized): rotate runs before `fuse` and `quantize`"
     if not structure.blocks:
         return "no transformer blocks found"
+    if any(block.output_norms for block in structure.blocks):
+        return "norms between the sublayers' outputs and their residual adds write the stream (OLMo-2, Gemma-2/3)"
     if structure.norm_position != "pre" or structure.embedding_norm is not None:
         return "not a pre-norm model: post-LN norms sit on the residual stream, which a rotation would change"
     norms = _stream_norms(structure)

@@ -94,6 +94,11 @@ TINY_CONFIGS = {
         _SMALL_GQA,
         "Olmo2ForCausalLM",
     ),
+    "gemma2": (  # norms before and after each sublayer, soft-capped scores and logits, every other layer windowed
+        "Gemma2Config",
+        {**_SMALL_GQA, "head_dim": 16, "sliding_window": 4},
+        "Gemma2ForCausalLM",
+    ),
 }
 
 

@@ -86,6 +86,27 @@ EXPECTED = {
 }
 
 
+SANDWICH = {  # a norm between each sublayer's output and its residual add
+    "olmo2": dict(num_blocks=2, num_heads=4, num_kv_heads=2, head_size=12, intermediate_size=80, norm_position=None),
+    "gemma2": dict(num_blocks=2, num_heads=4, num_kv_heads=2, head_size=16, intermediate_size=80, norm_position="pre"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SANDWICH))
+def test_structure_of_models_with_norms_after_their_sublayers(tiny_model, name):
+    """OLMo-2 (norms after the sublayers only) and Gemma-2 (before and after, and its attention's
+    soft cap c·tanh(S/c)): every block has its attention and MLP, each with the norm of its output
+    (after `cleanup`, which removes the export's CastLike nodes between a norm and its Add)."""
+    structure = find_transformer_structure(CleanupPass()(tiny_model(name).clone()).model)
+    summary = structure.summary()
+    _assert_matches(summary, {**SANDWICH[name], "output_norms": True, "gated_mlp": True, "rope": True})
+    assert (summary["final_norm"], summary["lm_head"], structure.near_misses) == (True, True, [])
+    for block in structure.blocks:
+        assert block.attention is not None and block.mlp is not None
+        assert len(block.output_norms) == 2 and len(block.norms) == (2 if name == "gemma2" else 0)
+    assert len(structure.residual_stream) == 2 * SANDWICH[name]["num_blocks"]
+
+
 def _assert_matches(summary, expected):
     mismatches = {k: (summary[k], v) for k, v in expected.items() if summary[k] != v}
     assert not mismatches, f"(found, expected): {mismatches}"

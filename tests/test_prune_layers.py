@@ -27,6 +27,7 @@ from xopt.runnable import open_runnable
 
 PROMPT = [5, 17, 42, 9, 3, 11]
 
+_SMALL = dict(vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=5, num_attention_heads=4)
 DEEP_CONFIGS = {
     "llama": (
         "LlamaConfig",
@@ -41,6 +42,8 @@ DEEP_CONFIGS = {
         "LlamaForCausalLM",
     ),
     "gpt2": ("GPT2Config", dict(vocab_size=211, n_embd=48, n_layer=5, n_head=4, n_positions=64), "GPT2LMHeadModel"),
+    "olmo2": ("Olmo2Config", dict(_SMALL, num_key_value_heads=2), "Olmo2ForCausalLM"),
+    "gemma2": ("Gemma2Config", dict(_SMALL, num_key_value_heads=2, head_dim=16, sliding_window=4), "Gemma2ForCausalLM"),
 }
 
 
@@ -130,6 +133,22 @@ def test_replaceme_lowers_the_stream_error_and_still_generates(deep, tmp_path, n
     xopt.save(pruned, tmp_path / "pruned")
     generation = Decoder(open_runnable(tmp_path / "pruned")).generate(PROMPT, 8)
     assert len(generation.tokens) == 8
+
+
+@pytest.mark.parametrize("name", ["olmo2", "gemma2"])
+def test_blocks_with_norms_after_their_sublayers_drop_and_refuse_replaceme(deep, tmp_path, name):
+    """OLMo-2 and Gemma-2 add a norm of each sublayer's output into the stream: dropping blocks
+    generates what transformers generates without those layers; ReplaceMe, whose map goes into the
+    down projection, is refused."""
+    folder, model = deep(name)
+    with pytest.raises(XoptError, match="a norm sits between it and the residual add"):
+        PruneLayersPass(n=1)(model.clone())
+    pruned, report = PassManager([PruneLayersPass(n=2, method="drop")])(model)
+    removed = report.passes[0].stats["removed"]
+    assert len(removed) == 2 and report.passes[0].stats["cache_layers_removed"] == 2
+    xopt.save(pruned, tmp_path / "pruned")
+    generated = Decoder(open_runnable(tmp_path / "pruned")).generate(PROMPT, 16).tokens
+    assert generated == transformers_greedy(_without_layers(folder, removed), PROMPT, 16)
 
 
 def test_post_norm_encoder_drops_blocks_and_refuses_replaceme(tiny_model):

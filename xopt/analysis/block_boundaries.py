@@ -4,6 +4,8 @@ A block maps the stream h_in to h_out:
 
     pre-norm:   h_out = h_in + attn(norm₁(h_in)) + mlp(norm₂(h_in + attn(…)))   (h_out: the MLP's residual add)
     post-norm:  h_out = norm₂(a + mlp(a)),  a = norm₁(h_in + attn(h_in))        (h_out: the last norm's output)
+    norms after the sublayers (OLMo-2; Gemma-2/3 have pre-norms too):
+                h_out = a + norm₄(mlp(…)),  a = h_in + norm₃(attn(…))          (h_out: the MLP's residual add)
 
 h_in is the skip operand of the attention's residual add (the previous block's h_out, or the
 embeddings). Removing blocks i..j is `h_out(j) := h_in(i)` for every reader of h_out(j).

@@ -2,20 +2,22 @@
 
 How it is found (no config, no names needed; module-path metadata only labels what is found):
 1. Linears, norms and embedding tables are matched node by node (`patterns`).
-2. Attention: each Softmax whose input comes (through mask adds and scaling) from a MatMul of
-   two activations S = Q·Kᵀ and whose output feeds P·V. Walking back from Q, K and V through
-   reshapes, transposes and rotary arithmetic reaches their projections; walking forward from
-   P·V reaches the output projection. The head size is the last axis of Q at the S MatMul, read
-   from static shapes or one probe run; heads = width(Q proj) / head size, KV heads =
-   width(K proj) / head size.
+2. Attention: each Softmax whose input comes (through mask adds, scaling and Gemma-2's soft cap
+   c·tanh(S/c)) from a MatMul of two activations S = Q·Kᵀ and whose output feeds P·V. Walking
+   back from Q, K and V through reshapes, transposes and rotary arithmetic reaches their
+   projections; walking forward from P·V reaches the output projection. The head size is the last
+   axis of Q at the S MatMul, read from static shapes or one probe run; heads = width(Q proj) /
+   head size, KV heads = width(K proj) / head size.
 3. MLP: a linear outside attention whose output is added back into an activation (the residual
    add) is a down projection; walking back from its input reaches up (and gate, for a gated MLP:
-   down(act(gate(x)) · up(x))). The activation is read from the ops on that path.
+   down(act(gate(x)) · up(x))). The activation is read from the ops on that path. A sublayer's
+   output may pass through a norm of its own on the way to the residual add, h + norm(sublayer(…))
+   (OLMo-2's and Gemma-2/3's post-sublayer norms): its `output_norm`.
 4. Sublayers sorted in graph order are paired into blocks (attention, then MLP). A norm whose
    output feeds a sublayer and whose input is the residual add's skip input is a pre-norm; a norm
    right after a residual add, whose output is the next skip, is a post-norm.
-5. The LM head is the linear that writes a graph output; the final norm feeds it (or, for an
-   encoder, writes the output itself).
+5. The LM head is the linear that writes a graph output (through Gemma-2's soft cap on the
+   logits, if any); the final norm feeds it (or, for an encoder, writes the output itself).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 # Ops between a projection and the attention MatMuls (head split, rotary embedding, GQA repeat).
 _HEAD_LAYOUT_OPS = TRANSPARENT_OPS | {"Reshape", "Transpose"}
-_SCORE_OPS = TRANSPARENT_OPS | {"Add", "Mul", "Div", "Where", "Reshape", "Slice", "Sub"}
+_SCORE_OPS = TRANSPARENT_OPS | {"Add", "Mul", "Div", "Where", "Reshape", "Slice", "Sub", "Tanh"}  # Tanh: a soft cap
 _SEARCH_LIMIT = 400
 
 
@@ -68,6 +70,7 @@ class Attention:
     num_kv_heads: int = 0
     head_size: int = 0
     residual: ir.Node | None = None
+    output_norm: Norm | None = None  # between the output projection and the residual add
 
     @property
     def fused_qkv(self) -> bool:
@@ -85,6 +88,7 @@ class MLP:
     down: Linear
     activation: str
     residual: ir.Node | None = None
+    output_norm: Norm | None = None  # between the down projection and the residual add
 
     @property
     def linears(self) -> list[Linear]:
@@ -102,7 +106,13 @@ class Block:
 
     @property
     def norms(self) -> list[Norm]:
+        """The norms on the stream's side of the sublayers (pre- or post-norms)."""
         return [n for n in (self.attention_norm, self.mlp_norm) if n is not None]
+
+    @property
+    def output_norms(self) -> list[Norm]:
+        """The norms between a sublayer's output projection and its residual add."""
+        return [s.output_norm for s in (self.attention, self.mlp) if s is not None and s.output_norm is not None]
 
 
 @dataclass(eq=False)
@@ -146,6 +156,7 @@ class TransformerStructure:
             "vocab_size": token.rows if token else None,
             "norm": norms[0].kind if norms else None,
             "norm_position": self.norm_position,
+            "output_norms": bool(first and first.output_norms),
             "activation": mlp.activation if mlp else None,
             "gated_mlp": bool(mlp and mlp.gate is not None),
             "rope": bool(attention and attention.rope),
@@ -173,6 +184,7 @@ def find_transformer_structure(model: ir.Model, *, heads: bool = True) -> Transf
         by_output[linear.output] = linear
         by_output[linear.node.outputs[0]] = linear
     norms = [x for x in map(match_norm, graph) if x is not None]
+    output_norms = {n.input: n for n in norms}  # a sublayer output is the input of its output norm
     embeddings = [x for x in map(match_embedding, graph) if x is not None]
     near_misses: list[str] = []
 
@@ -187,10 +199,13 @@ def find_transformer_structure(model: ir.Model, *, heads: bool = True) -> Transf
     if heads:
         _measure_heads(model, attentions)
     in_attention = {id(x) for a in attentions for x in a.linears}
-    mlps = [m for x in linears if id(x) not in in_attention and (m := _match_mlp(x, by_output, in_attention))]
+    mlps = [
+        m for x in linears if id(x) not in in_attention and (m := _match_mlp(x, by_output, in_attention, output_norms))
+    ]
 
     for sublayer in [*attentions, *mlps]:
-        sublayer.residual = _residual_add(sublayer.o if isinstance(sublayer, Attention) else sublayer.down)
+        linear = sublayer.o if isinstance(sublayer, Attention) else sublayer.down
+        sublayer.residual, sublayer.output_norm = _residual_add(linear, output_norms)
     blocks = _pair_into_blocks(attentions, mlps, order)
     norm_position = _attach_norms(blocks, norms)
     structure = TransformerStructure(
@@ -318,8 +333,10 @@ def _head_dims_known(query: ir.Value, fused_qkv: bool) -> tuple | None:
     return tuple(shape)
 
 
-def _match_mlp(down: Linear, by_output: dict[ir.Value, Linear], in_attention: set[int]) -> MLP | None:
-    if _residual_add(down) is None:
+def _match_mlp(
+    down: Linear, by_output: dict[ir.Value, Linear], in_attention: set[int], output_norms: dict[ir.Value, Norm]
+) -> MLP | None:
+    if _residual_add(down, output_norms)[0] is None:
         return None
     found, ops = _linears_before(down.input, by_output)
     found = [x for x in found if id(x) not in in_attention]
@@ -352,15 +369,19 @@ def _activation_name(ops: set[str]) -> str:
     return "unknown"
 
 
-def _residual_add(linear: Linear) -> ir.Node | None:
-    """The Add after `linear` whose other operand is an activation (the skip connection)."""
+def _residual_add(linear: Linear, output_norms: dict[ir.Value, Norm]) -> tuple[ir.Node | None, Norm | None]:
+    """The Add after `linear` (or after a norm of its output) whose other operand is an activation
+    (the skip connection), and that norm."""
     value = skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"})
+    norm = output_norms.get(value)
+    if norm is not None:
+        value = skip_forward(norm.output, TRANSPARENT_OPS | {"Reshape"})
     users = consumers(value)
     if len(users) == 1 and users[0].op_type == "Add":
         other = users[0].inputs[1] if users[0].inputs[0] is value else users[0].inputs[0]
         if other is not None and not is_constant(other):
-            return users[0]
-    return None
+            return users[0], norm
+    return None, None
 
 
 def _pair_into_blocks(attentions: list[Attention], mlps: list[MLP], order: dict[ir.Node, int]) -> list[Block]:
@@ -411,7 +432,7 @@ def _attach_norms(blocks: list[Block], norms: list[Norm]) -> str | None:
                 positions.append("pre")
                 continue
             after = by_input.get(sublayer.residual.outputs[0], [])
-            if after:
+            if after and sublayer.output_norm is None:  # OLMo-2's last block: that norm is the final one
                 setattr(block, slot, after[0])
                 positions.append("post")
     if not positions:
@@ -420,10 +441,11 @@ def _attach_norms(blocks: list[Block], norms: list[Norm]) -> str | None:
 
 
 def sublayer_output(sublayer: Attention | MLP) -> ir.Value:
-    """The value a sublayer adds into the residual stream (its output projection, reshaped back)."""
+    """The value a sublayer adds into the residual stream (its output projection, reshaped back, or
+    its output norm's output)."""
     linear = sublayer.o if isinstance(sublayer, Attention) else sublayer.down
-    value = skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"})
-    return value
+    start = sublayer.output_norm.output if sublayer.output_norm is not None else linear.output
+    return skip_forward(start, TRANSPARENT_OPS | {"Reshape"})
 
 
 def _attach_head_and_outer_norms(
@@ -436,13 +458,15 @@ def _attach_head_and_outer_norms(
     outputs = set(graph.outputs)
     used = {id(x) for b in structure.blocks for s in (b.attention, b.mlp) if s for x in s.linears}
     heads = [
-        x for x in linears if id(x) not in used and skip_forward(x.output, TRANSPARENT_OPS | {"Reshape"}) in outputs
+        x
+        for x in linears
+        if id(x) not in used and _past_soft_cap(skip_forward(x.output, TRANSPARENT_OPS | {"Reshape"})) in outputs
     ]
     if heads:
         structure.lm_head = heads[-1]
         token = structure.token_embedding
         structure.tied_embeddings = bool(token and table_equals_transposed(token.table, structure.lm_head.weight))
-    attached = {id(n) for b in structure.blocks for n in b.norms}
+    attached = {id(n) for b in structure.blocks for n in (*b.norms, *b.output_norms)}
     free = [n for n in norms if id(n) not in attached]
     if structure.lm_head is not None:
         head_input = skip_back(structure.lm_head.input, TRANSPARENT_OPS | {"Slice", "Reshape"})
@@ -455,6 +479,17 @@ def _attach_head_and_outer_norms(
         )
         early = [n for n in free if n is not structure.final_norm and order[n.nodes[-1]] < first_block]
         structure.embedding_norm = early[-1] if early else None
+
+
+def _past_soft_cap(value: ir.Value) -> ir.Value:
+    """What a soft cap c·tanh(x/c) on `value` gives (Gemma-2's on its logits), else `value`."""
+    node = value
+    for op_types in (("Div", "Mul"), ("Tanh",), ("Mul",)):
+        users = consumers(node)
+        if len(users) != 1 or users[0].op_type not in op_types:
+            return value
+        node = users[0].outputs[0]
+    return node
 
 
 def _block_summary(block: Block) -> dict[str, Any]:
