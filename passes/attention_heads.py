@@ -20,7 +20,9 @@ the same r' query heads so the KV heads and the cache stay; with one query head 
 The head count lives in the graph's shape constants between the projections and W_o: a head
 axis (axis 1 or 2 of a 4-D shape), the repeat of a GQA expand (axis 2 of a 5-D shape) and merged
 widths (the last axis equal to H·d_h, or the fused QKV width). Those are rewritten; a shape
-whose head axis cannot be told, or whose constants feed nodes outside the attention, is refused.
+whose head axis cannot be told, or whose constants feed nodes outside the attention, is refused,
+and so is a norm over a whole projection (OLMo-2's q_norm and k_norm: cutting heads would change
+every kept head's normalization; Qwen3's per-head norms are fine).
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ from xopt.rewrite import (
 
 JITTER = 1e-10  # added to G's diagonal, relative to its mean, so that a silent head does not stop the solve
 REGION_LIMIT = 400
+# ops that reduce over the last axis: over a whole projection's width they mix its heads
+_NORMALIZING = frozenset({"ReduceMean", "ReduceSumSquare", "ReduceL2"}) | {
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RMSNormalization",
+}
 
 
 @dataclass
@@ -132,6 +140,11 @@ def attention_region(attention: Attention) -> list[ir.Node] | str:
         return "the heads' activations reach beyond the output projection"
     if attention.fused_qkv and not any(n.op_type == "Split" for n in region):
         return "the fused QKV projection is not split by a Split"
+    widths = {linear.out_features for linear in starts if linear.out_features > attention.head_size}
+    for node in region:
+        shape = node.inputs[0].shape if node.op_type in _NORMALIZING and node.inputs else None
+        if shape is not None and len(shape) and shape[-1] in widths:
+            return f"{node.op_type} {node.name} normalizes a whole projection across its heads (OLMo-2's q_norm)"
     return region
 
 

@@ -140,3 +140,13 @@ def test_neurons_silent_on_the_calibration_text_do_not_stop_the_error_estimate()
     kept, interpolation = interpolative_decomposition(gram, 7)  # 6 neurons fire: one silent one is kept
     assert {0, 1, 3, 4, 6, 7} <= set(kept.tolist())
     assert 0.0 <= output_error(gram, kept, interpolation, rng.standard_normal((8, 4))) < 1e-9
+
+
+def test_a_norm_over_a_whole_query_projection_keeps_its_heads(tiny_model):
+    """OLMo-2 normalizes all of Q (and K) at once: cutting heads would change every kept head's
+    normalization, so heads are refused with the reason; its MLPs still narrow."""
+    model = CleanupPass()(tiny_model("olmo2").clone()).model
+    with pytest.raises(XoptError, match="normalizes a whole projection across its heads"):
+        PruneWidthPass(heads=0.5, windows=2)(model.clone())
+    _, report = PassManager([PruneWidthPass(ratio=0.25, windows=2)])(model)
+    assert report.passes[0].stats["neurons_kept"] == 60 and report.output.params < report.input.params
