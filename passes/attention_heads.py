@@ -143,7 +143,7 @@ def attention_region(attention: Attention) -> list[ir.Node] | str:
     widths = {linear.out_features for linear in starts if linear.out_features > attention.head_size}
     for node in region:
         shape = node.inputs[0].shape if node.op_type in _NORMALIZING and node.inputs else None
-        if shape is not None and len(shape) and shape[-1] in widths:
+        if shape and shape[-1] in widths:
             return f"{node.op_type} {node.name} normalizes a whole projection across its heads (OLMo-2's q_norm)"
     return region
 

@@ -412,7 +412,9 @@ def _replace_with_rmsnorm(graph: ir.Graph, norm: Norm, opset: int) -> None:
         nodes.append(biased)
         output = biased.outputs[0]
     graph.insert_before(layer_norm, nodes)
-    for node in (square, *nodes[5:]):  # x², x/rms, γ⊙, + β have x's shape (a Reshape reading one needs it)
-        node.outputs[0].dtype, node.outputs[0].shape = layer_norm.outputs[0].dtype, layer_norm.outputs[0].shape
+    reduced = {mean, shifted, root, inverse}  # [.., 1]; the others have x's shape (a Reshape reading one needs it)
+    for node in nodes:
+        if node not in reduced:
+            node.outputs[0].dtype, node.outputs[0].shape = layer_norm.outputs[0].dtype, layer_norm.outputs[0].shape
     replace_value(layer_norm.outputs[0], output)
     graph.remove(layer_norm, safe=True)

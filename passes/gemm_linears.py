@@ -29,10 +29,9 @@ def gemm_linears_to_matmul(graph: ir.Graph) -> int:
     """Rewrite every Gemm linear of `graph` as MatMul (+ Add); the number rewritten."""
     rewritten = 0
     for gemm in [n for n in graph if n.op_type == "Gemm" and n.domain in ("", "ai.onnx")]:
-        weight = gemm.inputs[1]
-        bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
         if not _is_linear(gemm):
             continue
+        weight, bias = gemm.inputs[1], _bias(gemm)
         source, output = gemm.inputs[0], gemm.outputs[0]
         restore = _restoring_reshape(source, output)
         if restore is not None:
@@ -58,17 +57,20 @@ def gemm_linears_to_matmul(graph: ir.Graph) -> int:
     return rewritten
 
 
+def _bias(gemm: ir.Node) -> ir.Value | None:
+    return gemm.inputs[2] if len(gemm.inputs) > 2 else None
+
+
 def _is_linear(gemm: ir.Node) -> bool:
     """Gemm(A, B, C) with B a constant matrix, C absent or a constant bias, no transA, alpha, beta."""
     weight = const_array(gemm.inputs[1])
-    bias = const_array(gemm.inputs[2]) if len(gemm.inputs) > 2 and gemm.inputs[2] is not None else None
     if weight is None or weight.ndim != 2 or gemm.attributes.get_int("transA", 0):
         return False
     if any(gemm.attributes.get_float(name, 1.0) != 1.0 for name in ("alpha", "beta")):
         return False
     width = weight.shape[0] if gemm.attributes.get_int("transB", 0) else weight.shape[1]
-    has_bias = len(gemm.inputs) > 2 and gemm.inputs[2] is not None
-    return not has_bias or (bias is not None and bias.shape in ((), (width,), (1, width)))
+    bias = _bias(gemm)
+    return bias is None or (const_array(bias) is not None and const_array(bias).shape in ((), (width,), (1, width)))
 
 
 def _restoring_reshape(source: ir.Value, output: ir.Value) -> ir.Node | None:

@@ -184,7 +184,7 @@ def find_transformer_structure(model: ir.Model, *, heads: bool = True) -> Transf
         by_output[linear.output] = linear
         by_output[linear.node.outputs[0]] = linear
     norms = [x for x in map(match_norm, graph) if x is not None]
-    output_norms = {n.input: n for n in norms}  # a sublayer output is the input of its output norm
+    norm_by_input = {n.input: n for n in norms}  # a sublayer's output may be its output norm's input
     embeddings = [x for x in map(match_embedding, graph) if x is not None]
     near_misses: list[str] = []
 
@@ -200,12 +200,12 @@ def find_transformer_structure(model: ir.Model, *, heads: bool = True) -> Transf
         _measure_heads(model, attentions)
     in_attention = {id(x) for a in attentions for x in a.linears}
     mlps = [
-        m for x in linears if id(x) not in in_attention and (m := _match_mlp(x, by_output, in_attention, output_norms))
+        m for x in linears if id(x) not in in_attention and (m := _match_mlp(x, by_output, in_attention, norm_by_input))
     ]
 
     for sublayer in [*attentions, *mlps]:
         linear = sublayer.o if isinstance(sublayer, Attention) else sublayer.down
-        sublayer.residual, sublayer.output_norm = _residual_add(linear, output_norms)
+        sublayer.residual, sublayer.output_norm = _residual_add(linear, norm_by_input)
     blocks = _pair_into_blocks(attentions, mlps, order)
     norm_position = _attach_norms(blocks, norms)
     structure = TransformerStructure(
@@ -334,9 +334,9 @@ def _head_dims_known(query: ir.Value, fused_qkv: bool) -> tuple | None:
 
 
 def _match_mlp(
-    down: Linear, by_output: dict[ir.Value, Linear], in_attention: set[int], output_norms: dict[ir.Value, Norm]
+    down: Linear, by_output: dict[ir.Value, Linear], in_attention: set[int], norm_by_input: dict[ir.Value, Norm]
 ) -> MLP | None:
-    if _residual_add(down, output_norms)[0] is None:
+    if _residual_add(down, norm_by_input)[0] is None:
         return None
     found, ops = _linears_before(down.input, by_output)
     found = [x for x in found if id(x) not in in_attention]
@@ -369,11 +369,11 @@ def _activation_name(ops: set[str]) -> str:
     return "unknown"
 
 
-def _residual_add(linear: Linear, output_norms: dict[ir.Value, Norm]) -> tuple[ir.Node | None, Norm | None]:
+def _residual_add(linear: Linear, norm_by_input: dict[ir.Value, Norm]) -> tuple[ir.Node | None, Norm | None]:
     """The Add after `linear` (or after a norm of its output) whose other operand is an activation
     (the skip connection), and that norm."""
     value = skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"})
-    norm = output_norms.get(value)
+    norm = norm_by_input.get(value)
     if norm is not None:
         value = skip_forward(norm.output, TRANSPARENT_OPS | {"Reshape"})
     users = consumers(value)

@@ -6,7 +6,8 @@ cache (`xopt.kv_cache` states the convention): position ids are computed in the 
 attention mask (`cumsum(mask) − 1`, so left padding works), and the cache is handed to the model
 as a transformers `DynamicCache` of whole layers (a sliding-window layer's too: the mask applies
 its window). Batch, sequence and past length are dynamic axes. A model of alike layers is
-traced with two and the others stamped from the second (`layer_stamping`).
+traced with one period of its layer kinds and the next layer, and the others are stamped from
+those (`layer_stamping`).
 
 Attention is loaded as transformers' "eager" implementation, so the graph holds the plain
 `softmax(QKᵀ/√d + mask)·V` that the structure analysis and fusions recognise, rather than an
