@@ -7,7 +7,10 @@ What the exported graph computes per layer, with K, V of the new tokens after Ro
 
 where `repeat` copies each KV head to its group of query heads (grouped-query attention), s is
 the product of the constant scalars on the way from Q·Kᵀ to the softmax (1 when `fold-norms` has
-moved 1/√d into W_q) and M the additive mask the graph built from `attention_mask`. ONNX
+moved 1/√d into W_q) and M the additive mask the graph built from `attention_mask`. Gemma-2
+soft-caps the scores before the mask, c·tanh(f·Q·Kᵀ) + M: that is `Attention`'s `softcap`
+|c| with s = f·c, since c·tanh(f·z) = |c|·tanh(f·c·z/|c|), and `Attention` caps before it adds
+the mask too (ONNX's reference and ONNX Runtime alike). ONNX
 `Attention` (opset 23) computes exactly this from Q [B,H,S,d], K/V [B,KV,S,d], the mask, past key
 and value, returning Y and both presents, so the rewrite is exact for any mask, padding included.
 The head repeats, the transpose of K, the two MatMuls, the scale and the softmax go away.
@@ -96,10 +99,10 @@ def _match(attention: Attention) -> dict | str:
             return "the mask Add does not have exactly one side from Q·Kᵀ"
         mask = add.inputs[1] if sides[0] is add.inputs[0] else add.inputs[0]
         logits = sides[0]
-    logits, factor = _strip_scales(logits)
+    logits, factor, softcap = _strip_soft_cap(logits)
     scale *= factor
     if logits is not attention.scores.outputs[0]:
-        return "something other than constant scales and a mask lies between Q·Kᵀ and the softmax"
+        return "something other than constant scales, a soft cap and a mask lies between Q·Kᵀ and the softmax"
     match = {
         "query": query,
         "key": key_concat.inputs[1],
@@ -111,6 +114,7 @@ def _match(attention: Attention) -> dict | str:
         "present_value": value_concat.outputs[0],
         "output": attention.context.outputs[0],
         "scale": scale,
+        "softcap": softcap,
         "after": attention.context,
     }
     match["merged"] = _merged_heads(match, attention)
@@ -130,6 +134,17 @@ def _strip_scales(value: ir.Value) -> tuple[ir.Value, float]:
     return value, factor
 
 
+def _strip_soft_cap(value: ir.Value) -> tuple[ir.Value, float, float | None]:
+    """`value` = c·tanh(f·x) (Gemma-2's soft cap) or c·x, followed back through constant scalars;
+    returns x, the scale and the cap: c·tanh(f·x) = |c|·tanh(s·x/|c|) with s = f·c."""
+    value, outer = _strip_scales(value)
+    tanh = value.producer()
+    if tanh is None or tanh.op_type != "Tanh" or outer == 0.0:
+        return value, outer, None
+    source, inner = _strip_scales(tanh.inputs[0])
+    return source, inner * outer, abs(outer)
+
+
 def _cache_concat(value: ir.Value, kind: str) -> ir.Node | str:
     """The Concat(past, new) on axis 2 that `value` repeats, with past a cache input of `kind`."""
     while (node := value.producer()) is not None and node.op_type in _REPEAT_OPS:
@@ -147,8 +162,8 @@ def _cache_concat(value: ir.Value, kind: str) -> ir.Node | str:
 
 
 def _reaches(value: ir.Value, target: ir.Node) -> bool:
-    """Whether `value` is computed from `target` through constant scalings only."""
-    source, _ = _strip_scales(value)
+    """Whether `value` is computed from `target` through constant scalings and a soft cap only."""
+    source, _, _ = _strip_soft_cap(value)
     return source.producer() is target
 
 
@@ -213,6 +228,8 @@ def _is_head_transpose(node: ir.Node | None) -> bool:
 
 def _rewrite(graph: ir.Graph, match: dict) -> None:
     attributes: dict = {"scale": match["scale"]}
+    if match["softcap"] is not None:
+        attributes["softcap"] = match["softcap"]
     operands = {name: match[name] for name in ("query", "key", "value")}
     outputs = {name: match[name] for name in ("output", "present_key", "present_value")}
     merged = match["merged"]

@@ -19,11 +19,15 @@ whole past into a new present every step (`xopt.kv_cache.shares_buffers`). For t
 must not read the cache's length from the past input: the exporter's Shape(past_key) readers
 (batch, past length) are rewritten from the inputs, with past_sequence = total_sequence − sequence
 = Shape(attention_mask)[1] − Shape(input_ids)[1], and the head count and size as constants. In the
-ordinary convention (a past of exactly P) the model computes what it computed before.
+ordinary convention (a past of exactly P) the model computes what it computed before. What it
+costs: ONNX Runtime's CPU kernel runs several rows at once only for a prompt (P = 0) or one new
+token a row (S = 1); a batch of rows extending a cache by several tokens stops with "batch_size
+must be 1 when sequence_length > 1 and past context is given".
 
 Preconditions, each checked with a reason: the Attention is in the merged-head layout (it has
 `q_num_heads`), reads a cache, has a 4-D float mask of Q's type, and uses none of the options
-`GroupQueryAttention` lacks (softcap, is_causal, the QK output).
+`GroupQueryAttention` lacks (is_causal, the QK output); a `softcap` carries over, both operators
+capping the scores before they add the mask.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from xopt.kv_cache import PAST_PATTERN, past_inputs
 from xopt.rewrite import new_initializer, replace_value
 
 MICROSOFT = "com.microsoft"
-_UNSUPPORTED = ("softcap", "is_causal", "qk_matmul_output_mode")
+_UNSUPPORTED = ("is_causal", "qk_matmul_output_mode")
 
 
 def lower_group_query_attention(model: ir.Model) -> tuple[int, list[str]]:
@@ -99,8 +103,9 @@ def _rewrite(graph: ir.Graph, node: ir.Node, seqlens: ir.Value, total: ir.Value)
         "num_heads": node.attributes.get_int("q_num_heads"),
         "kv_num_heads": node.attributes.get_int("kv_num_heads"),
     }
-    if "scale" in node.attributes:
-        attributes["scale"] = node.attributes.get_float("scale")
+    for name in ("scale", "softcap"):  # both cap the scores before the mask (Gemma-2's soft cap)
+        if name in node.attributes:
+            attributes[name] = node.attributes.get_float(name)
     inputs = [query, key, value, past_key, past_value, seqlens, total, None, None, None, mask]
     gqa = ir.node("GroupQueryAttention", inputs, attributes=attributes, domain=MICROSOFT, num_outputs=3)
     graph.insert_before(node, gqa)

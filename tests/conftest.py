@@ -96,7 +96,14 @@ TINY_CONFIGS = {
     ),
     "gemma2": (  # norms before and after each sublayer, soft-capped scores and logits, every other layer windowed
         "Gemma2Config",
-        {**_SMALL_GQA, "head_dim": 16, "sliding_window": 4},
+        # caps small enough to bend the tiny model's scores and logits (they reach ~0.15 and ~0.5)
+        {
+            **_SMALL_GQA,
+            "head_dim": 16,
+            "sliding_window": 4,
+            "attn_logit_softcapping": 0.05,
+            "final_logit_softcapping": 0.3,
+        },
         "Gemma2ForCausalLM",
     ),
 }

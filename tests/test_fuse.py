@@ -32,8 +32,9 @@ EXPECTED_OPS = {  # (domain, op); GPT-2's attention stays split-head, so ONNX At
     "gpt2": {("", "Attention"), ("", "SimplifiedLayerNormalization"), (MS, "SkipSimplifiedLayerNormalization")},
     "llama": {GQA, ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization"), ("", "Split")},
     "qwen2": {GQA, ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization"), ("", "Split")},
+    "gemma2": {GQA, ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization")},  # soft-capped scores
 }
-LAYERS = {"gpt2": 2, "llama": 2, "qwen2": 3}
+LAYERS = {"gpt2": 2, "llama": 2, "qwen2": 3, "gemma2": 2}
 
 
 def only(*families: str) -> str:
@@ -88,7 +89,7 @@ def test_cached_attention_becomes_one_onnx_attention_per_layer(tiny_model, name)
     assert [v.name for v in result.model.graph.outputs] == [v.name for v in cleaned.graph.outputs]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma", "gemma2"])
 def test_cached_attention_after_rotary_reads_merged_heads(tiny_model, name):
     # Q, K, V and Y stay [B, S, H·d]: the head-splitting Reshape/Transpose pairs go, RoPE included
     cleaned = CleanupPass()(tiny_model(name).clone()).model
@@ -105,7 +106,7 @@ def test_cached_attention_after_rotary_reads_merged_heads(tiny_model, name):
     assert parity.max_rel <= 1e-5, parity
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
 def test_group_query_attention_steps_alike_with_a_copied_and_an_in_place_cache(tiny_model, name):
     cleaned = CleanupPass()(tiny_model(name).clone()).model
     attention = FusePass(lowering="all", skip=only("rotary", "cached-attention"))(cleaned).model  # merged heads
