@@ -226,12 +226,13 @@ _LINEAR_IN_FIRST_INPUT = frozenset(
 
 def _not_linear_in_query(graph: ir.Graph, query: ir.Value, scores: ir.Node) -> str | None:
     """None when scaling `query` by a constant scales one input of `scores` by it and changes no
-    other value (a shape read of it aside); else what stands in the way. The graph's nodes are in
-    topological order, so each node is judged after every node it reads from."""
+    other value (a shape read of it aside); else what stands in the way. The nodes downstream of
+    the query are judged in the graph's (topological) order, each after every node it reads from."""
+    downstream = _downstream_of(query, scores)
     scaled = {query}
-    for node in graph:
+    for node in (node for node in graph if node in downstream):
         reads = [value is not None and value in scaled for value in node.inputs]
-        if not any(reads) or node.op_type in ("Shape", "Size"):
+        if not any(reads):
             continue
         if node is scores:
             if all(reads):
@@ -249,6 +250,19 @@ def _not_linear_in_query(graph: ir.Graph, query: ir.Value, scores: ir.Node) -> s
     if any(value in scaled for value in graph.outputs):
         return "the query (or a value scaled with it) is a graph output"
     return None
+
+
+def _downstream_of(value: ir.Value, stop: ir.Node) -> set[ir.Node]:
+    """The nodes that read `value` or what is computed from it, not past `stop` nor a shape read."""
+    found: set[ir.Node] = set()
+    pending = [value]
+    while pending:
+        for node in consumers(pending.pop()):
+            if node not in found and node.op_type not in ("Shape", "Size"):
+                found.add(node)
+                if node is not stop:
+                    pending.extend(node.outputs)
+    return found
 
 
 def _fold_output_scale(graph: ir.Graph, node: ir.Node) -> str | None:
