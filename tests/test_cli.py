@@ -111,6 +111,14 @@ def test_inspect_json_has_the_contract_keys(tiny_folder, capsys):
     assert (summary["num_blocks"], summary["num_heads"], summary["num_kv_heads"]) == (3, 4, 2)
 
 
+def test_inspect_reads_the_structure_after_cleanup(tiny_folder, capsys):
+    # Gemma-2's captured norms scale by 1 + γ computed in the graph and cast back with CastLike
+    assert main(["inspect", str(tiny_folder("gemma2")), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["norm"], summary["norm_position"], summary["intermediate_size"]) == ("RMSNorm", "pre", 80), summary
+    assert summary["output_norms"] and summary["final_norm"] and not summary["embedding_norm"]
+
+
 def test_inspect_table(tiny_folder, capsys):
     assert main(["inspect", str(tiny_folder("bert"))]) == 0
     out = capsys.readouterr().out

@@ -80,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("--explain", action="store_true", help="list what each pass matched and why not")
     optimize.set_defaults(run=_optimize)
 
-    inspect = commands.add_parser("inspect", parents=[verbose], help="show a model's transformer structure")
+    inspect = commands.add_parser(
+        "inspect", parents=[verbose], help="show a model's transformer structure (read after cleanup)"
+    )
     inspect.add_argument("input", type=Path)
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(run=_inspect)
@@ -197,10 +199,13 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     import xopt
+    from xopt.passes import CleanupPass
     from xopt.verify import fused_operators
 
     with _step(f"capturing {args.input}"):
         model = xopt.load(args.input)
+    with _step("cleanup (exact), so that constants such as Gemma's 1 + γ are folded before the analysis"):
+        model = CleanupPass()(model).model
     summary = xopt.analyze(model).summary()
     fused = fused_operators(model.graph)
     if fused:  # the analysis reads unfused graphs: what it finds in these can be partial

@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from xopt.analysis.graph_view import (
     TRANSPARENT_OPS,
+    const_array,
     consumers,
     is_constant,
     module_path,
@@ -488,8 +489,19 @@ def _past_soft_cap(value: ir.Value) -> ir.Value:
         users = consumers(node)
         if len(users) != 1 or users[0].op_type not in op_types:
             return value
+        if users[0].op_type != "Tanh" and not _by_constant_scalar(users[0], node):
+            return value
         node = users[0].outputs[0]
     return node
+
+
+def _by_constant_scalar(node: ir.Node, value: ir.Value) -> bool:
+    """Whether `node` (Mul or Div) scales `value` by a constant scalar."""
+    other = [v for v in node.inputs if v is not value]
+    if len(other) != 1 or (node.op_type == "Div" and node.inputs[0] is not value):
+        return False
+    constant = const_array(other[0])
+    return constant is not None and constant.size == 1
 
 
 def _block_summary(block: Block) -> dict[str, Any]:
