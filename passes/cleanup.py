@@ -13,6 +13,8 @@ Exact: every rewrite replaces a subgraph by one that computes the same values.
 - CSE: two nodes with the same op, attributes and inputs compute the same value; keep one.
 - Duplicate initializers with equal contents are merged.
 - Gemm linears become MatMul (+ Add), their flatten/restore Reshapes dropped (`gemm_linears.py`).
+- A parallel block's (a + m) + h is written (h + a) + m, two residual adds
+  (`parallel_residual.py`).
 
 The work is done by onnxscript's constant folder and rewrite rules and onnx-ir's common passes,
 sequenced as onnxscript's `optimize_ir` does, minus one rule: `SlicesSplit` matches a pattern
@@ -33,6 +35,7 @@ from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
 
 from xopt.errors import XoptError
 from xopt.passes.gemm_linears import gemm_linears_to_matmul
+from xopt.passes.parallel_residual import reassociate_parallel_residuals
 from xopt.pipeline import Pass, PassResult, register
 
 _QUADRATIC_RULES = frozenset({"SlicesSplit"})
@@ -69,6 +72,7 @@ class CleanupPass(Pass):
             common_passes.RemoveUnusedNodesPass()(model)
             if not (folded.modified or rewritten.modified):
                 break
+        parallel = reassociate_parallel_residuals(model)
         for step in (
             common_passes.RemoveUnusedNodesPass(),
             common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
@@ -86,8 +90,9 @@ class CleanupPass(Pass):
             "nodes_removed": sum(ops_before.values()) - sum(ops_after.values()),
             "removed_by_op": dict(sorted(removed.items(), key=lambda kv: -kv[1])),
             **({"gemm_linears_to_matmul": gemms} if gemms else {}),
+            **({"parallel_residuals_reassociated": parallel} if parallel else {}),
         }
-        modified = ops_before != ops_after or initializers_before != len(model.graph.initializers)
+        modified = ops_before != ops_after or initializers_before != len(model.graph.initializers) or parallel > 0
         return PassResult(model, modified, stats)
 
 

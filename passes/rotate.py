@@ -127,9 +127,9 @@ def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
         return "norms between the sublayers' outputs and their residual adds write the stream (OLMo-2, Gemma-2/3)"
     if structure.norm_position != "pre" or structure.embedding_norm is not None:
         return "not a pre-norm model: post-LN norms sit on the residual stream, which a rotation would change"
-    norms = _stream_norms(structure)
-    if any(n is None for n in norms) or len(norms) != 2 * len(structure.blocks) + 1:
+    if structure.final_norm is None or any(None in (b.attention_norm, b.mlp_norm) for b in structure.blocks):
         return "a block without both of its norms, or no final norm"
+    norms = _stream_norms(structure)
     if any(n.kind != "RMSNorm" for n in norms):
         return "LayerNorm does not commute with a rotation (run `fold-norms` first: it turns Pre-LN into RMSNorm)"
     if structure.lm_head is None:
@@ -179,7 +179,8 @@ def _stream_readers_unknown(structure: TransformerStructure, norms) -> str | Non
 
 
 def _stream_norms(structure: TransformerStructure) -> list:
-    """The norms that read the stream: each block's two, and the final one."""
+    """The norms that read the stream: each block's two (one where a parallel block's sublayers
+    share it), and the final one."""
     return [n for b in structure.blocks for n in b.norms] + [structure.final_norm]
 
 

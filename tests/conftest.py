@@ -94,6 +94,21 @@ TINY_CONFIGS = {
         _SMALL_GQA,
         "Olmo2ForCausalLM",
     ),
+    "gpt_neox": (  # parallel residual: h + attn(ln₁(h)) + mlp(ln₂(h)), fused QKV, rotary on half of each head
+        "GPTNeoXConfig",
+        {**_SMALL_GQA, "num_key_value_heads": None, "rotary_pct": 0.5},
+        "GPTNeoXForCausalLM",
+    ),
+    "phi": (  # parallel residual with one norm for both sublayers: h + attn(ln(h)) + mlp(ln(h))
+        "PhiConfig",
+        {**_SMALL_GQA, "num_key_value_heads": None, "partial_rotary_factor": 0.5},
+        "PhiForCausalLM",
+    ),
+    "falcon": (  # parallel attention and MLP under one LayerNorm, one KV head (multi-query) in a fused QKV
+        "FalconConfig",
+        dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=False),
+        "FalconForCausalLM",
+    ),
     "gemma2": (  # norms before and after each sublayer, soft-capped scores and logits, every other layer windowed
         "Gemma2Config",
         # caps small enough to bend the tiny model's scores and logits (they reach ~0.15 and ~0.5)

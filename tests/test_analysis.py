@@ -107,6 +107,24 @@ def test_structure_of_models_with_norms_after_their_sublayers(tiny_model, name):
     assert len(structure.residual_stream) == 2 * SANDWICH[name]["num_blocks"]
 
 
+@pytest.mark.parametrize("name", ["gpt_neox", "phi"])
+def test_structure_of_parallel_blocks(tiny_model, name):
+    """GPT-NeoX (a norm for each sublayer) and Phi (one norm for both) add the attention's and the
+    MLP's outputs to the stream at once, (a + m) + h; `cleanup` writes it (h + a) + m, the same sum
+    as two residual adds, and the structure reads the blocks as pre-norm and parallel."""
+    model = tiny_model(name).clone()
+    assert CleanupPass()(model).stats["parallel_residuals_reassociated"] == 2
+    structure = find_transformer_structure(model)
+    summary = structure.summary()
+    expected = dict(num_blocks=2, num_heads=4, head_size=12, intermediate_size=80, norm_position="pre")
+    _assert_matches(summary, {**expected, "parallel_residual": True, "embedding_norm": False, "final_norm": True})
+    for block in structure.blocks:
+        assert block.parallel and block.attention.residual is not block.mlp.residual
+        assert block.attention_norm.input is block.mlp_norm.input  # both read the block's input
+        assert len(block.norms) == (1 if name == "phi" else 2)
+    assert not any(block.parallel for block in find_transformer_structure(tiny_model("llama")).blocks)
+
+
 def _assert_matches(summary, expected):
     mismatches = {k: (summary[k], v) for k, v in expected.items() if summary[k] != v}
     assert not mismatches, f"(found, expected): {mismatches}"

@@ -18,12 +18,14 @@ from xopt.analysis.block_boundaries import block_output
 from xopt.calibration import calibration_feeds, probe_values
 from xopt.errors import XoptError
 from xopt.generate import Decoder
+from xopt.inputs import sample_inputs
 from xopt.kv_cache import past_inputs
 from xopt.passes import CleanupPass, FusePass, PruneLayersPass
 from xopt.passes.block_scores import GREEDY_WINDOWS, measure_distances
 from xopt.passes.prune_layers import GUARD_WINDOWS, ReplaceMeFit, _guard
 from xopt.pipeline import PassManager
 from xopt.runnable import open_runnable
+from xopt.verify import reference_outputs
 
 PROMPT = [5, 17, 42, 9, 3, 11]
 
@@ -44,6 +46,8 @@ DEEP_CONFIGS = {
     "gpt2": ("GPT2Config", dict(vocab_size=211, n_embd=48, n_layer=5, n_head=4, n_positions=64), "GPT2LMHeadModel"),
     "olmo2": ("Olmo2Config", dict(_SMALL, num_key_value_heads=2), "Olmo2ForCausalLM"),
     "gemma2": ("Gemma2Config", dict(_SMALL, num_key_value_heads=2, head_dim=16, sliding_window=4), "Gemma2ForCausalLM"),
+    "gpt_neox": ("GPTNeoXConfig", dict(_SMALL, rotary_pct=0.5), "GPTNeoXForCausalLM"),
+    "phi": ("PhiConfig", dict(_SMALL, partial_rotary_factor=0.5), "PhiForCausalLM"),
 }
 
 
@@ -66,10 +70,11 @@ def _without_layers(folder, removed: list[int]):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-    owner, attribute = (model.transformer, "h") if hasattr(model, "transformer") else (model.model, "layers")
+    stacks = (("transformer", "h"), ("gpt_neox", "layers"), ("model", "layers"))
+    owner, attribute = next((getattr(model, name), layers) for name, layers in stacks if hasattr(model, name))
     kept = [layer for index, layer in enumerate(getattr(owner, attribute)) if index not in removed]
     for index, layer in enumerate(kept):
-        attention = layer.attn if hasattr(layer, "attn") else layer.self_attn
+        attention = next(getattr(layer, name) for name in ("attn", "self_attn", "attention") if hasattr(layer, name))
         attention.layer_idx = index
     setattr(owner, attribute, torch.nn.ModuleList(kept))
     model.config.num_hidden_layers = len(kept)
@@ -149,6 +154,21 @@ def test_blocks_with_norms_after_their_sublayers_drop_and_refuse_replaceme(deep,
     xopt.save(pruned, tmp_path / "pruned")
     generated = Decoder(open_runnable(tmp_path / "pruned")).generate(PROMPT, 16).tokens
     assert generated == transformers_greedy(_without_layers(folder, removed), PROMPT, 16)
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "phi"])
+def test_parallel_blocks_drop_to_what_transformers_computes_without_them(deep, name):
+    """GPT-NeoX and Phi add attention and MLP to the stream at once, (a + m) + h: dropping blocks
+    gives transformers' logits without those layers (before `cleanup` wrote that sum as two
+    residual adds, the blocks' inputs were read as a sublayer's output and the drop was wrong)."""
+    folder, model = deep(name)
+    pruned, report = PassManager([PruneLayersPass(n=2, method="drop")])(model)
+    removed = report.passes[0].stats["removed"]
+    feeds = sample_inputs(pruned, batch=1, sequence=len(PROMPT), past=0, seed=0)
+    feeds["input_ids"] = np.array([PROMPT], np.int64)
+    with torch.no_grad():
+        expected = _without_layers(folder, removed)(torch.tensor(feeds["input_ids"])).logits.numpy()
+    np.testing.assert_allclose(reference_outputs(pruned, feeds)["logits"], expected, atol=2e-5, rtol=1e-4)
 
 
 def test_post_norm_encoder_drops_blocks_and_refuses_replaceme(tiny_model):

@@ -141,9 +141,11 @@ def replace_value(old: ir.Value, new: ir.Value) -> None:
 
 
 def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dtype) -> ir.Value:
+    """A new initializer named `base`, or `base_k` with the first k that names no value of the
+    graph (an exporter's `permute_1` may be an activation while `permute` is a weight)."""
     name = base
     suffix = 0
-    while name in graph.initializers:
+    while _named(graph, name):
         suffix += 1
         name = f"{base}_{suffix}"
     contiguous = np.array(array, dtype=dtype, order="C")  # (np.ascontiguousarray turns a scalar into [1])
@@ -152,6 +154,13 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dty
     value.dtype = ir.DataType.from_numpy(np.dtype(dtype))
     graph.register_initializer(value)
     return value
+
+
+def _named(graph: ir.Graph, name: str) -> bool:
+    """Whether an initializer, a graph input or a node's output of `graph` is called `name`."""
+    if name in graph.initializers or any(value.name == name for value in graph.inputs):
+        return True
+    return any(value.name == name for node in graph for value in node.outputs)
 
 
 class WrittenOnce:

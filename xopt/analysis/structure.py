@@ -104,11 +104,14 @@ class Block:
     attention_norm: Norm | None = None
     mlp_norm: Norm | None = None
     module: str | None = None
+    parallel: bool = False  # the MLP reads the block's input, not the attention's sum (GPT-NeoX)
 
     @property
     def norms(self) -> list[Norm]:
-        """The norms on the stream's side of the sublayers (pre- or post-norms)."""
-        return [n for n in (self.attention_norm, self.mlp_norm) if n is not None]
+        """The norms on the stream's side of the sublayers (pre- or post-norms); a parallel block's
+        two sublayers may share one (GPT-J, Phi-2)."""
+        norms = [n for n in (self.attention_norm, self.mlp_norm) if n is not None]
+        return norms[:1] if len(norms) == 2 and norms[0] is norms[1] else norms
 
     @property
     def output_norms(self) -> list[Norm]:
@@ -158,6 +161,7 @@ class TransformerStructure:
             "norm": norms[0].kind if norms else None,
             "norm_position": self.norm_position,
             "output_norms": bool(first and first.output_norms),
+            "parallel_residual": bool(first and first.parallel),
             "activation": mlp.activation if mlp else None,
             "gated_mlp": bool(mlp and mlp.gate is not None),
             "rope": bool(attention and attention.rope),
@@ -430,6 +434,11 @@ def _attach_norms(blocks: list[Block], norms: list[Norm]) -> str | None:
             skip = next(v for v in sublayer.residual.inputs if v is not sublayer_output(sublayer))
             if before is not None and skip_back(before.input) is skip_back(skip):
                 setattr(block, slot, before)
+                positions.append("pre")
+                continue
+            first_norm = block.attention_norm if slot == "mlp_norm" else None
+            if before is not None and first_norm is not None and skip_back(before.input) is skip_back(first_norm.input):
+                block.mlp_norm, block.parallel = before, True  # both norms read the block's input
                 positions.append("pre")
                 continue
             after = by_input.get(sublayer.residual.outputs[0], [])
