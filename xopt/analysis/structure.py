@@ -389,6 +389,14 @@ def _residual_add(linear: Linear, norm_by_input: dict[ir.Value, Norm]) -> tuple[
     return None, None
 
 
+def _block_input(block: Block) -> ir.Value | None:
+    """The skip operand of the block's attention's residual add (seen back through casts)."""
+    attention = block.attention
+    if attention is None or attention.residual is None:
+        return None
+    return skip_back(next(v for v in attention.residual.inputs if v is not sublayer_output(attention)))
+
+
 def _pair_into_blocks(attentions: list[Attention], mlps: list[MLP], order: dict[ir.Node, int]) -> list[Block]:
     sublayers = sorted([*attentions, *mlps], key=lambda s: order[(s.o if isinstance(s, Attention) else s.down).node])
     blocks: list[Block] = []
@@ -436,9 +444,8 @@ def _attach_norms(blocks: list[Block], norms: list[Norm]) -> str | None:
                 setattr(block, slot, before)
                 positions.append("pre")
                 continue
-            first_norm = block.attention_norm if slot == "mlp_norm" else None
-            if before is not None and first_norm is not None and skip_back(before.input) is skip_back(first_norm.input):
-                block.mlp_norm, block.parallel = before, True  # both norms read the block's input
+            if before is not None and slot == "mlp_norm" and skip_back(before.input) is _block_input(block):
+                block.mlp_norm, block.parallel = before, True  # the MLP reads the block's input, as the attention does
                 positions.append("pre")
                 continue
             after = by_input.get(sublayer.residual.outputs[0], [])
