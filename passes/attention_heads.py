@@ -264,4 +264,7 @@ def _narrow_shape(value: ir.Value, counts: HeadCounts) -> None:
     if len(dims) == 4 and new[1] is not None and new[2] is not None:
         value.shape = None  # which axis counts heads cannot be told; shape inference can
         return
+    if len(dims) > 4 and any(n is None and d == counts.heads for n, d in zip(new, dims, strict=True)):
+        value.shape = None  # heads on an axis of a wider shape (GPT-J's rotary pairs [B, S, H, d/2, 1])
+        return
     value.shape = ir.Shape([n if n is not None else d for n, d in zip(new, dims, strict=True)])

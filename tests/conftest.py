@@ -104,6 +104,11 @@ TINY_CONFIGS = {
         {**_SMALL_GQA, "num_key_value_heads": None, "partial_rotary_factor": 0.5},
         "PhiForCausalLM",
     ),
+    "gptj": (  # parallel residual under one norm, rotary on interleaved pairs of the first 6 dims of each head
+        "GPTJConfig",
+        dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, rotary_dim=6, n_positions=64),
+        "GPTJForCausalLM",
+    ),
     "falcon": (  # parallel attention and MLP under one LayerNorm, one KV head (multi-query) in a fused QKV
         "FalconConfig",
         dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=False),
