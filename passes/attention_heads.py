@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from xopt.analysis.graph_view import const_array
+from xopt.analysis.graph_view import const_array, skip_back
 from xopt.analysis.patterns import Linear
 from xopt.analysis.structure import Attention
 from xopt.rewrite import (
@@ -138,8 +138,8 @@ def attention_region(attention: Attention) -> list[ir.Node] | str:
     region = region_after(starts, attention.o.node, REGION_LIMIT)
     if region is None:
         return "the heads' activations reach beyond the output projection"
-    if attention.fused_qkv and not any(n.op_type == "Split" for n in region):
-        return "the fused QKV projection is not split by a Split"
+    if attention.fused_qkv and not any(n.op_type == "Split" or _slices_fused(n, attention) for n in region):
+        return "the fused QKV projection is not split by a Split or by Slices of its last axis"
     widths = {linear.out_features for linear in starts if linear.out_features > attention.head_size}
     for node in region:
         shape = node.inputs[0].shape if node.op_type in _NORMALIZING and node.inputs else None
@@ -148,7 +148,12 @@ def attention_region(attention: Attention) -> list[ir.Node] | str:
     return region
 
 
-def plan_shape_rewrites(region: list[ir.Node], counts: HeadCounts) -> list[ShapeRewrite] | str:
+def _slices_fused(node: ir.Node, attention: Attention) -> bool:
+    """Whether `node` is a Slice of the fused QKV projection's output (Phi-3's q, k, v)."""
+    return node.op_type == "Slice" and attention.fused_qkv and skip_back(node.inputs[0]) is attention.q.output
+
+
+def plan_shape_rewrites(region: list[ir.Node], counts: HeadCounts, attention: Attention) -> list[ShapeRewrite] | str:
     """For every shape in the region that counts heads, its new constants; or why it cannot be read."""
     rewrites = []
     for node in region:
@@ -173,6 +178,10 @@ def plan_shape_rewrites(region: list[ir.Node], counts: HeadCounts) -> list[Shape
                 return f"Split {node.name}: computed split sizes"
             width, kept = counts.heads * counts.head_size, counts.kept_heads * counts.head_size
             changes = [(None, node, 1, i, kept) for i, size in enumerate(sizes.reshape(-1)) if size == width]
+        elif _slices_fused(node, attention):
+            changes = _slice_bound_changes(node, counts)
+            if isinstance(changes, str):
+                return changes
         else:
             continue
         if changes:
@@ -182,6 +191,34 @@ def plan_shape_rewrites(region: list[ir.Node], counts: HeadCounts) -> list[Shape
                 array.reshape(-1)[offset] = new
             rewrites.append(rewrite)
     return rewrites
+
+
+def _slice_bound_changes(node: ir.Node, counts: HeadCounts) -> list[tuple] | str:
+    """The new starts and ends of a Slice of the fused [Q | K | V] on its last axis: each bound at
+    the edge of Q, K or V moves with the kept heads; one past the width stays."""
+    axes = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    if axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) not in (-1, (rank or 0) - 1):
+        return f"Slice {node.name}: not a constant slice of the fused QKV's last axis"
+    steps = const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.ones(1)
+    if steps is None or np.any(steps != 1):
+        return f"Slice {node.name}: a stepped slice of the fused QKV"
+    width, kept = counts.heads * counts.head_size, counts.kept_heads * counts.head_size
+    kv_width = (counts.fused_width - width) // 2
+    kept_kv = kept if counts.repeat == 1 else kv_width
+    edges = {0: 0, width: kept, width + kv_width: kept + kept_kv, counts.fused_width: kept + 2 * kept_kv}  # old → new
+    changes = []
+    for index in (1, 2):
+        bound = const_array(node.inputs[index])
+        if bound is None or bound.size != 1:
+            return f"Slice {node.name}: computed bounds on the fused QKV"
+        value = int(bound.reshape(-1)[0])
+        if value in edges:
+            if edges[value] != value:
+                changes.append((None, node, index, 0, edges[value]))
+        elif value < counts.fused_width:
+            return f"Slice {node.name}: a bound {value} that is no edge of Q, K or V"
+    return changes
 
 
 def _shape_element_sources(node: ir.Node) -> list[tuple[int, int] | None] | None:

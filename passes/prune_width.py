@@ -17,7 +17,8 @@ calibration, tr(W_downᵀ (G − G[:,S] G[S,S]⁻¹ G[S,:]) W_down) / tr(W_down�
 
 Reshapes between the up and down projections whose constant shape names the width m (GPT-2's
 Conv1D flattens to [-1, m] where `cleanup` has not made its Gemms MatMuls) are rewritten to k; a
-width computed any other way is refused.
+width computed any other way is refused. A fused gate/up projection of width 2m split into two
+halves (Phi-3's [gate | up]) keeps columns S of each half: S and m + S.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import onnx_ir.passes.common as common_passes
 import scipy.linalg
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array
+from xopt.analysis.graph_view import const_array, consumers
 from xopt.analysis.structure import MLP, TransformerStructure
 from xopt.calibration import SecondMoment, calibration_feeds, second_moments
 from xopt.errors import XoptError
@@ -70,6 +71,7 @@ class MLPPlan:
     keep: int  # hidden neurons kept
     region: list[ir.Node]  # the nodes between its up/gate and down projections
     rewrites: list[ShapeRewrite]  # reshape constants naming the width
+    halves: bool  # one projection [gate | up] of width 2m, split in two (Phi-3)
 
 
 @register
@@ -117,8 +119,11 @@ class PruneWidthPass(Pass):
                 raise XoptError(f"MLP {mlp.down.name}: {region}")
             if not all(owns_weight(x) for x in mlp.linears):
                 raise XoptError(f"MLP {mlp.down.name}: a projection shares its weight")
+            halves = _split_in_halves(mlp)
+            if isinstance(halves, str):
+                raise XoptError(f"MLP {mlp.down.name}: {halves}")
             keep = max(1, round((1 - self.ratio) * mlp.down.in_features))
-            plans.append(MLPPlan(mlp, keep, region, _width_rewrites(region, mlp.down.in_features, keep)))
+            plans.append(MLPPlan(mlp, keep, region, _width_rewrites(region, mlp.down.in_features, keep), halves))
         return plans
 
     def _plan_attentions(self, structure: TransformerStructure) -> list[HeadPlan]:
@@ -150,7 +155,7 @@ class PruneWidthPass(Pass):
                 fused_width=attention.q.out_features if attention.fused_qkv else 0,
                 kept_heads=keep_per_group * len(groups),
             )
-            rewrites = plan_shape_rewrites(region, counts)
+            rewrites = plan_shape_rewrites(region, counts, attention)
             if isinstance(rewrites, str):
                 raise XoptError(f"{where}: {rewrites}")
             plans.append(HeadPlan(attention, counts, keep_per_group, region, rewrites))
@@ -219,22 +224,40 @@ def output_error(gram: np.ndarray, kept: np.ndarray, interpolation: np.ndarray, 
 def _narrow(graph: ir.Graph, plan: MLPPlan, kept: np.ndarray, down: np.ndarray) -> None:
     """Keep columns `kept` of up/gate, store the new down weight, and make the region's shapes say k."""
     mlp, width, keep = plan.mlp, plan.mlp.down.in_features, len(kept)
+    columns = np.concatenate([kept, width + kept]) if plan.halves else kept
     for linear in (mlp.up, mlp.gate):
         if linear is None:
             continue
         bias = bias_or_zeros(linear)
-        set_weight(graph, linear, weight_in_out(linear)[:, kept])
+        set_weight(graph, linear, weight_in_out(linear)[:, columns])
         if linear.bias is not None:
-            set_bias(graph, linear, bias[kept])
-        linear.out_features = keep
+            set_bias(graph, linear, bias[columns])
+        linear.out_features = len(columns)
     set_weight(graph, mlp.down, down)
     mlp.down.in_features = keep
     for rewrite in plan.rewrites:
         rewrite.apply(graph)
+    narrowed = {width: keep, 2 * width: 2 * keep} if plan.halves else {width: keep}
     for node in plan.region:
         for value in node.outputs:
             if value.shape is not None:
-                value.shape = ir.Shape([keep if dim == width else dim for dim in value.shape])
+                value.shape = ir.Shape([narrowed.get(dim, dim) for dim in value.shape])
+
+
+def _split_in_halves(mlp: MLP) -> bool | str:
+    """Whether the MLP's one projection [gate | up] of width 2m is split into its two halves on
+    the last axis; a reason where its width is neither m nor that."""
+    width = mlp.down.in_features
+    if mlp.gate is not None or mlp.up.out_features == width:
+        return False
+    readers = consumers(mlp.up.output)
+    split = readers[0] if len(readers) == 1 and readers[0].op_type == "Split" else None
+    if mlp.up.out_features == 2 * width and split is not None and len(split.outputs) == 2:
+        axis, rank = split.attributes.get_int("axis", 0), len(mlp.up.output.shape or ())
+        sizes = const_array(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+        if axis in (-1, rank - 1) and (sizes is None or sizes.reshape(-1).tolist() == [width, width]):
+            return True
+    return f"its up projection is {mlp.up.out_features} wide for a down projection reading {width}"
 
 
 def _width_region(mlp: MLP) -> list[ir.Node] | str:
@@ -250,15 +273,15 @@ def _width_region(mlp: MLP) -> list[ir.Node] | str:
 
 
 def _width_rewrites(region: list[ir.Node], width: int, keep: int) -> list[ShapeRewrite]:
-    """The Reshapes in the region whose shape constants name the width, with k in its place."""
+    """The Reshapes (and Split sizes) in the region whose constants name the width, with k in its place."""
     rewrites = []
-    for reshape in (node for node in region if node.op_type == "Reshape"):
-        owner = shape_owner(reshape)
+    for node in (node for node in region if node.op_type in ("Reshape", "Split")):
+        owner = node if node.op_type == "Split" else shape_owner(node)
         constants = {}
-        for index in [1] if owner is reshape else range(len(owner.inputs)):
-            array = const_array(owner.inputs[index])
+        for index in [1] if owner is node else range(len(owner.inputs)):
+            array = const_array(owner.inputs[index]) if index < len(owner.inputs) else None
             if array is not None and width in array.reshape(-1).tolist():
                 constants[index] = np.where(array == width, keep, array).astype(array.dtype)
         if constants:
-            rewrites.append(ShapeRewrite(reshape, owner, constants))
+            rewrites.append(ShapeRewrite(node, owner, constants))
     return rewrites

@@ -104,6 +104,11 @@ TINY_CONFIGS = {
         {**_SMALL_GQA, "num_key_value_heads": None, "partial_rotary_factor": 0.5},
         "PhiForCausalLM",
     ),
+    "phi3": (  # one fused QKV projection cut into Q, K and V by Slices, gate/up fused the same way
+        "Phi3Config",
+        {**_SMALL_GQA, "pad_token_id": 0},
+        "Phi3ForCausalLM",
+    ),
     "gptj": (  # parallel residual under one norm, rotary on interleaved pairs of the first 6 dims of each head
         "GPTJConfig",
         dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, rotary_dim=6, n_positions=64),

@@ -32,15 +32,17 @@ def test_interpolation_is_exact_at_the_rank_and_picks_the_pivoted_qr_columns():
     assert kept.tolist() == sorted(pivots[:5].tolist())
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "qwen2", "gemma"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "qwen2", "gemma", "phi3"])
 def test_narrowed_mlps_keep_the_model_valid_and_the_first_error_is_as_predicted(tiny_model, name):
-    """Block 0's MLP sees unchanged inputs, so its output error is exactly the reported one."""
+    """Block 0's MLP sees unchanged inputs, so its output error is exactly the reported one
+    (Phi-3: one [gate | up] projection, both halves narrowed alike)."""
     model = CleanupPass()(tiny_model(name).clone()).model
     pruned, report = PassManager([PruneWidthPass(ratio=0.25)])(model)  # checker + strict shape inference
     record = report.passes[0]
-    width = find_transformer_structure(model).blocks[0].mlp.up.out_features
+    width = find_transformer_structure(model).blocks[0].mlp.down.in_features
+    halves = 2 if name == "phi3" else 1
     narrowed = find_transformer_structure(pruned)
-    assert all(b.mlp.up.out_features == round(0.75 * width) for b in narrowed.blocks)
+    assert all(b.mlp.up.out_features == halves * round(0.75 * width) for b in narrowed.blocks)
     assert all(b.mlp.down.in_features == round(0.75 * width) for b in narrowed.blocks)
     assert report.output.params < report.input.params
     before = find_transformer_structure(model).blocks[0].mlp.down.output
@@ -93,7 +95,7 @@ def test_head_selection_keeps_what_explains_the_output_and_corrects_for_the_rest
     assert error < 1e-9
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "qwen2", "gemma", "gptj"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "qwen2", "gemma", "gptj", "phi3"])
 def test_pruned_heads_keep_the_model_valid_and_the_first_error_is_as_predicted(tiny_model, name):
     """GQA keeps every KV head and the same query heads per group; MHA (BERT, GPT-2's fused QKV
     and its cache) loses keys and values with the queries. Block 0's attention sees unchanged

@@ -119,7 +119,8 @@ class ShapeRewrite:
             name = (inputs[index].name or "shape") + "_pruned"
             inputs[index] = new_initializer(graph, name, array, array.dtype)
         if self.owner is self.reader:
-            self.reader.replace_input_with(1, inputs[1])
+            for index in self.constants:
+                self.reader.replace_input_with(index, inputs[index])
             return
         concat = ir.node("Concat", inputs=inputs, attributes={"axis": 0})
         concat.outputs[0].dtype, concat.outputs[0].shape = self.owner.outputs[0].dtype, self.owner.outputs[0].shape
