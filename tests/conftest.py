@@ -104,7 +104,7 @@ TINY_CONFIGS = {
         {**_SMALL_GQA, "num_key_value_heads": None, "partial_rotary_factor": 0.5},
         "PhiForCausalLM",
     ),
-    "phi3": (  # one fused QKV projection cut into Q, K and V by Slices, gate/up fused the same way
+    "phi3": (  # one fused QKV projection cut into Q, K and V by Slices; one [gate | up] projection split in halves
         "Phi3Config",
         {**_SMALL_GQA, "pad_token_id": 0},
         "Phi3ForCausalLM",
