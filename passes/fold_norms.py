@@ -40,7 +40,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array, consumers, is_constant, sole_reader
+from xopt.analysis.graph_view import const_array, consumers, is_constant, keeps_last_axis, sole_reader
 from xopt.analysis.patterns import Linear, Norm, match_linear
 from xopt.analysis.structure import Attention, TransformerStructure, sublayer_output
 from xopt.passes.source_grid import ON_GRID, lies_on_grid
@@ -146,7 +146,7 @@ _NO_OP_KINDS = frozenset({"Slice", "Identity"})
 def linear_readers(value: ir.Value) -> list[Linear] | str:
     readers = []
     for user in consumers(value):
-        if user.op_type == "Reshape" and _keeps_last_axis(user):
+        if user.op_type == "Reshape" and keeps_last_axis(user):
             inner = linear_readers(user.outputs[0])
             if isinstance(inner, str):
                 return inner
@@ -158,13 +158,6 @@ def linear_readers(value: ir.Value) -> list[Linear] | str:
             return f"read by a {user.op_type} ({user.name}), not only by linears{hint}"
         readers.append(linear)
     return readers or "no readers"
-
-
-def _keeps_last_axis(reshape: ir.Node) -> bool:
-    source, target = reshape.inputs[0].shape, reshape.outputs[0].shape
-    if source is None or target is None or not isinstance(source[-1], int):
-        return False
-    return target[-1] == source[-1]
 
 
 def _drop_affine(graph: ir.Graph, norm: Norm) -> None:

@@ -35,7 +35,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array, consumers
+from xopt.analysis.graph_view import const_array, consumers, keeps_last_axis
 from xopt.analysis.patterns import Embedding, Linear, find_linears
 from xopt.analysis.structure import TransformerStructure
 from xopt.errors import XoptError
@@ -169,11 +169,14 @@ def _stream_readers_unknown(structure: TransformerStructure, norms) -> str | Non
             if (user.op_type in ("Add", "Cast", "Identity") or scalar_scaled(user) is value) and user not in allowed:
                 allowed.add(user)
                 stream.append(user.outputs[0])
-    for value in stream:
+    for value in stream:  # grows while it is read: a Reshape that keeps the last axis passes the stream on (OPT)
         if value.is_graph_output():
             return f"the residual stream value {value.name} is a model output"
         for user in consumers(value):
-            if user not in allowed:
+            if user.op_type == "Reshape" and keeps_last_axis(user) and user not in allowed:
+                allowed.add(user)
+                stream.append(user.outputs[0])
+            elif user not in allowed:
                 return f"the residual stream is read by {user.op_type} {user.name}, not only by norms and residual adds"
     return None
 

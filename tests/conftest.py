@@ -114,6 +114,18 @@ TINY_CONFIGS = {
         dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, rotary_dim=6, n_positions=64),
         "GPTJForCausalLM",
     ),
+    "opt": (  # pre-LN with learned positions; each layer flattens the stream to [B·S, d] around its MLP
+        "OPTConfig",
+        dict(
+            vocab_size=211,
+            hidden_size=48,
+            ffn_dim=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        ),
+        "OPTForCausalLM",
+    ),
     "falcon": (  # parallel attention and MLP under one LayerNorm, one KV head (multi-query) in a fused QKV
         "FalconConfig",
         dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=False),

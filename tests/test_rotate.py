@@ -31,12 +31,13 @@ def test_rotations_are_orthogonal_and_flat_when_hadamard(order):
         assert kind.startswith("random orthogonal")
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "gemma", "gpt_neox", "phi"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "gemma", "gpt_neox", "phi", "opt"])
 def test_rotation_keeps_outputs(tiny_model, name):
     """Tied (llama) and untied (qwen2, q/k/v biases) heads, GPT-2 (LayerNorm turned RMSNorm by
     fold-norms; Conv1D's Gemm linears read by cleanup as MatMul), Gemma (embeddings scaled by
-    √d on their way into the stream) and parallel blocks (GPT-NeoX, Phi: attention and MLP read the
-    same stream): logits at float32 rounding."""
+    √d on their way into the stream), parallel blocks (GPT-NeoX, Phi: attention and MLP read the
+    same stream) and OPT (its stream reshaped to [B·S, d] and back in each layer): logits at
+    float32 rounding."""
     rotated, report = PassManager([CleanupPass(), FoldNormsPass(), RotatePass()])(tiny_model(name))
     record = report.passes[2]
     blocks = len(find_transformer_structure(rotated).blocks)

@@ -53,6 +53,14 @@ def sole_reader(value: ir.Value, op_type: str | None = None) -> ir.Node | None:
     return node if op_type is None or node.op_type == op_type else None
 
 
+def keeps_last_axis(reshape: ir.Node) -> bool:
+    """Whether a Reshape's output has its input's (static) last axis: it regroups the rows only."""
+    source, target = reshape.inputs[0].shape, reshape.outputs[0].shape
+    if source is None or target is None or len(source) == 0 or len(target) == 0:
+        return False
+    return isinstance(source[-1], int) and target[-1] == source[-1]
+
+
 def skip_back(value: ir.Value, ops: Iterable[str] = TRANSPARENT_OPS) -> ir.Value:
     """Follow `value` back through single-input pass-through ops."""
     ops = frozenset(ops)
