@@ -42,7 +42,7 @@ import onnx_ir.passes.common as common_passes
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import const_array, consumers, is_constant, keeps_last_axis, sole_reader
 from xopt.analysis.patterns import Linear, Norm, match_linear
-from xopt.analysis.structure import Attention, TransformerStructure, sublayer_output
+from xopt.analysis.structure import Attention, TransformerStructure, residual_skip
 from xopt.passes.source_grid import ON_GRID, lies_on_grid
 from xopt.pipeline import Pass, PassResult, register
 from xopt.rewrite import (
@@ -354,7 +354,7 @@ def stream_writers_known(structure: TransformerStructure) -> str | None:
             return f"block {block.index}: a norm between a sublayer's output and its residual add writes the stream"
     first = structure.blocks[0].attention
     gathers = {e.node for e in structure.embeddings}
-    skip = next(v for v in first.residual.inputs if v is not sublayer_output(first))
+    skip = residual_skip(first)
     pending, seen = [skip], set()
     while pending:
         value = pending.pop()

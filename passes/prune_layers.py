@@ -42,7 +42,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis.block_boundaries import block_input, block_output, cache_layers
-from xopt.analysis.structure import TransformerStructure, sublayer_output
+from xopt.analysis.structure import TransformerStructure, residual_skip, sublayer_output
 from xopt.backends.onnxruntime import create_session
 from xopt.calibration import calibration_feeds, probe_values
 from xopt.capture.huggingface import TASK_CAUSAL_LM
@@ -219,9 +219,7 @@ def _fit_replaceme(
         mlp = blocks[start - 1].mlp
         if mlp is None or not owns_weight(mlp.down):
             raise XoptError(f"block {start - 1} has no down projection of its own to fold a map into")
-        output = sublayer_output(mlp)
-        residual = next(v for v in mlp.residual.inputs if v is not output)
-        wanted.append((output, residual, block_output(blocks[end], structure)))
+        wanted.append((sublayer_output(mlp), residual_skip(mlp), block_output(blocks[end], structure)))
     width = blocks[0].mlp.down.out_features
     gram = [np.zeros((width, width)) for _ in runs]  # MᵀM
     cross = [np.zeros((width, width)) for _ in runs]  # Mᵀ(L − Y)

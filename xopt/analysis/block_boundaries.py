@@ -19,7 +19,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from xopt.analysis.graph_view import consumers
-from xopt.analysis.structure import Block, TransformerStructure, sublayer_output
+from xopt.analysis.structure import Block, TransformerStructure, residual_skip
 from xopt.kv_cache import PAST_PATTERN, past_inputs
 
 _CACHE_SEARCH_LIMIT = 64  # nodes visited forward from a past input (Concat, GQA repeat, transposes)
@@ -27,9 +27,7 @@ _CACHE_SEARCH_LIMIT = 64  # nodes visited forward from a past input (Concat, GQA
 
 def block_input(block: Block) -> ir.Value:
     """h_in: the skip operand of the block's first residual add (read live from the graph)."""
-    sublayer = block.attention or block.mlp
-    added = sublayer_output(sublayer)
-    return next(v for v in sublayer.residual.inputs if v is not added)
+    return residual_skip(block.attention or block.mlp)
 
 
 def block_output(block: Block, structure: TransformerStructure) -> ir.Value:

@@ -389,14 +389,6 @@ def _residual_add(linear: Linear, norm_by_input: dict[ir.Value, Norm]) -> tuple[
     return None, None
 
 
-def _block_input(block: Block) -> ir.Value | None:
-    """The skip operand of the block's attention's residual add (seen back through casts)."""
-    attention = block.attention
-    if attention is None or attention.residual is None:
-        return None
-    return skip_back(next(v for v in attention.residual.inputs if v is not sublayer_output(attention)))
-
-
 def _pair_into_blocks(attentions: list[Attention], mlps: list[MLP], order: dict[ir.Node, int]) -> list[Block]:
     sublayers = sorted([*attentions, *mlps], key=lambda s: order[(s.o if isinstance(s, Attention) else s.down).node])
     blocks: list[Block] = []
@@ -439,13 +431,14 @@ def _attach_norms(blocks: list[Block], norms: list[Norm]) -> str | None:
             first = sublayer.q if isinstance(sublayer, Attention) else (sublayer.gate or sublayer.up)
             before = by_output.get(skip_back(first.input, TRANSPARENT_OPS | {"Reshape"}))
 
-            skip = next(v for v in sublayer.residual.inputs if v is not sublayer_output(sublayer))
-            if before is not None and skip_back(before.input) is skip_back(skip):
+            if before is not None and skip_back(before.input) is skip_back(residual_skip(sublayer)):
                 setattr(block, slot, before)
                 positions.append("pre")
                 continue
-            if before is not None and slot == "mlp_norm" and skip_back(before.input) is _block_input(block):
-                block.mlp_norm, block.parallel = before, True  # the MLP reads the block's input, as the attention does
+            attention = block.attention if slot == "mlp_norm" and block.attention is not None else None
+            block_input = skip_back(residual_skip(attention)) if attention and attention.residual else None
+            if before is not None and skip_back(before.input) is block_input:  # the MLP reads it, as attention does
+                block.mlp_norm, block.parallel = before, True
                 positions.append("pre")
                 continue
             after = by_input.get(sublayer.residual.outputs[0], [])
@@ -463,6 +456,12 @@ def sublayer_output(sublayer: Attention | MLP) -> ir.Value:
     linear = sublayer.o if isinstance(sublayer, Attention) else sublayer.down
     start = sublayer.output_norm.output if sublayer.output_norm is not None else linear.output
     return skip_forward(start, TRANSPARENT_OPS | {"Reshape"})
+
+
+def residual_skip(sublayer: Attention | MLP) -> ir.Value:
+    """The other operand of the sublayer's residual add: the stream it adds into (read live)."""
+    added = sublayer_output(sublayer)
+    return next(v for v in sublayer.residual.inputs if v is not added)
 
 
 def _attach_head_and_outer_norms(
