@@ -6,7 +6,8 @@ Exact: every rewrite replaces a subgraph by one that computes the same values.
 - Layout ops on weights (`Transpose`, `Cast`, `Reshape`, `(Un)Squeeze` of an initializer) are
   folded whatever the weight's size: W' = Wᵀ is stored once instead of computed every run. A
   weight with other readers (a tied embedding table) is left alone: folding would store it twice.
-- Rewrite rules remove no-ops (`Identity`, `x + 0`, `x · 1`, `Reshape` to the same shape,
+- Rewrite rules remove no-ops (`Identity`, `x + 0`, `x · 1` with exact scalar constants:
+  `exact_no_ops.py`, `Reshape` to the same shape,
   `Cast` to the same type, `Expand` to the same shape) and collapse chains (`Reshape∘Reshape`,
   `Cast∘Cast`, `Transpose∘Transpose`, `Unsqueeze∘Unsqueeze`, full-range `Slice`).
 - Dead code: nodes none of whose outputs reach a graph output are removed.
@@ -17,7 +18,8 @@ Exact: every rewrite replaces a subgraph by one that computes the same values.
   (`parallel_residual.py`).
 
 The work is done by onnxscript's constant folder and rewrite rules and onnx-ir's common passes,
-sequenced as onnxscript's `optimize_ir` does, minus one rule: `SlicesSplit` matches a pattern
+sequenced as onnxscript's `optimize_ir` does, with exact no-op rules in place of its
+approximate ones, and minus one rule: `SlicesSplit` matches a pattern
 with several output nodes by scanning the whole graph per candidate, O(N²), which took 95% of a
 4-minute cleanup of SmolLM2's 6,540-node export and changes nothing a later pass needs.
 """
@@ -34,12 +36,20 @@ from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
 
 from xopt.errors import XoptError
+from xopt.passes.exact_no_ops import APPROXIMATE_NO_OP_RULES, EXACT_NO_OP_RULES
 from xopt.passes.gemm_linears import gemm_linears_to_matmul
 from xopt.passes.parallel_residual import reassociate_parallel_residuals
 from xopt.pipeline import Pass, PassResult, register
 
 _QUADRATIC_RULES = frozenset({"SlicesSplit"})
-_REWRITE_RULES = tuple(rule for rule in _DEFAULT_REWRITE_RULES if rule.name not in _QUADRATIC_RULES)
+_REWRITE_RULES = (
+    *EXACT_NO_OP_RULES.rules,
+    *(
+        rule
+        for rule in _DEFAULT_REWRITE_RULES
+        if rule.name not in _QUADRATIC_RULES and rule not in APPROXIMATE_NO_OP_RULES
+    ),
+)
 _SMALL_CONSTANT = 1024  # elements
 _LAYOUT_OPS = frozenset({"Transpose", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
 

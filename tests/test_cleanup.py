@@ -28,6 +28,38 @@ def test_cleanup_removes_noops_constants_duplicates_and_dead_code():
     assert compare(before, after).max_abs == 0.0
 
 
+# x / √(mean(x²) + ε) with Helium's ε = 1e-8, then a scale of 1 + 2⁻²⁰ and an exact x + 0.
+_TINY_CONSTANTS_MODEL = """
+<ir_version: 10, opset_import: ["" : 20]>
+tiny_constants (float[N, 8] x) => (float[N, 8] y) {
+    eps = Constant <value = float {1e-8}> ()
+    near_one = Constant <value = float {1.00000095}> ()
+    zero = Constant <value = float {0.0}> ()
+    last = Constant <value = int64[1] {-1}> ()
+    square = Mul (x, x)
+    mean = ReduceMean (square, last)
+    shifted = Add (mean, eps)
+    root = Sqrt (shifted)
+    normed = Div (x, root)
+    scaled = Mul (near_one, normed)
+    y = Add (zero, scaled)
+}
+"""
+
+
+def test_cleanup_keeps_a_tiny_epsilon_and_a_scale_near_one():
+    """onnxscript's no-op rules match 0 and 1 with a tolerance; cleanup removes exact no-ops only."""
+    model = model_from_text(_TINY_CONSTANTS_MODEL)
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    x[1] = 0.0  # a zero row (Helium's padding embedding): 0 / √(0 + ε) = 0, NaN without ε
+    before = run(create_session(model.clone()), {"x": x})
+    CleanupPass()(model)
+    assert [n.op_type for n in model.graph] == ["Mul", "ReduceMean", "Add", "Sqrt", "Div", "Mul"]
+    after = run(create_session(model), {"x": x})
+    assert np.isfinite(after["y"]).all()
+    assert compare(before, after).max_abs == 0.0
+
+
 def test_cleanup_folds_weight_transposes_whatever_their_size(tiny_model):
     model = tiny_model("llama").clone()
     transposed_weights = [n for n in model.graph if n.op_type == "Transpose" and n.inputs[0].const_value is not None]
