@@ -131,6 +131,11 @@ TINY_CONFIGS = {
         dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=False),
         "FalconForCausalLM",
     ),
+    "mixtral": (  # a mixture of experts: a router picks 2 of 4 SwiGLU experts per token
+        "MixtralConfig",
+        {**_SMALL_GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
+        "MixtralForCausalLM",
+    ),
     "gemma2": (  # norms before and after each sublayer, soft-capped scores and logits, every other layer windowed
         "Gemma2Config",
         # caps small enough to bend the tiny model's scores and logits (they reach ~0.15 and ~0.5)

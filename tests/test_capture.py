@@ -156,7 +156,7 @@ def test_hugging_face_encoder_exports_dynamic_axes_and_matches_torch(tiny_folder
         np.testing.assert_allclose(got[valid], expected[valid], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral"])
 def test_causal_lm_exports_a_kv_cache_model_that_matches_torch(tiny_folder, tiny_model, name):
     """Prefill on an empty cache, then the rest of the sequence fed on the returned presents,
     gives transformers' logits for the whole sequence; left padding included."""

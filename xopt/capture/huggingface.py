@@ -77,13 +77,14 @@ def hf_task(folder: Path, gguf_file: str | None = None) -> str:
 
 
 def load_hf_model(folder: Path, gguf_file: str | None = None):
-    """The transformers model in fp32 with eager attention, in eval mode."""
+    """The transformers model in fp32 with eager attention, in eval mode; a mixture of experts
+    gathers each token's experts' weights for batched MatMuls (`grouped_mm` has no ONNX form)."""
     import torch
     import transformers
 
     task = hf_task(folder, gguf_file)
     auto = transformers.AutoModelForCausalLM if task == TASK_CAUSAL_LM else transformers.AutoModel
-    kwargs = {"dtype": torch.float32, "attn_implementation": "eager"}
+    kwargs = {"dtype": torch.float32, "attn_implementation": "eager", "experts_implementation": "batched_mm"}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     transformers.logging.set_verbosity_error()
