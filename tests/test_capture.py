@@ -15,7 +15,7 @@ import xopt
 from xopt.backends.onnxruntime import create_session, run
 from xopt.capture import huggingface
 from xopt.capture.huggingface import load_tokenizer
-from xopt.errors import XoptError
+from xopt.errors import XoptError, first_line
 from xopt.kv_cache import empty_cache
 
 
@@ -70,6 +70,13 @@ def test_a_failed_export_names_torch_s_own_reason(capfd):
     assert str(raised.value).startswith("torch.export could not capture the model: ")
     assert "[3, 5]" in str(raised.value) and "\x1b" not in str(raised.value) and "step 1/3" not in str(raised.value)
     assert capfd.readouterr().err == ""  # torch's fake-tensor logger prints no traceback
+
+
+def test_a_reason_that_announces_the_next_line_keeps_it():
+    inconsistent = ValueError("The following inconsistencies were found:\n  Eq(s70, 1) is inconsistent!\n")
+    assert first_line(inconsistent) == "The following inconsistencies were found: Eq(s70, 1) is inconsistent!"
+    assert first_line(ValueError("bad shape\nat line 3")) == "bad shape"
+    assert first_line(ValueError("  ")) == "ValueError"
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,14 @@ class XoptError(Exception):
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, or its type name when it has none."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The first line of an exception's message, or its type name when it has none; a first line
+    that ends in a colon ("The following inconsistencies were found:") takes the next one too."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def require_model(function: str, model: object) -> None:
