@@ -188,7 +188,7 @@ def _split_heads(value: ir.Value, heads: int) -> tuple[ir.Value, ir.Node | None]
     """(X, rotary) when `value` = [RotaryEmbedding](Transpose₀₂₁₃(Reshape(X, [B, S, heads, d])))."""
     node, rotary = value.producer(), None
     if node is not None and node.op_type == "RotaryEmbedding" and node.domain == "" and sole_reader(node.outputs[0]):
-        if len(node.inputs) != 3 or node.attributes.get_int("interleaved", 0) != 0:
+        if len(node.inputs) != 3:  # position ids would index the caches by position: not merged here
             return None
         rotary, node = node, node.inputs[0].producer()
     if not _is_head_transpose(node) or sole_reader(node.outputs[0]) is None:

@@ -16,8 +16,8 @@ Every rewrite computes the same values up to float rounding:
 - `residual-sum`: the residual Add under a norm becomes a Sum of the same two operands, which
   ONNX Runtime's session optimizer does not fuse into SkipLayerNormalization (slower on some CPUs)
   behind the measurement's back (`residual_sum.py`); `skip-norm` then fuses Sum or Add alike.
-- `rotary`: x·cos + rotate_half(x)·sin → ONNX `RotaryEmbedding` (opset 23) on the graph's own
-  cos/sin tables (`rotary.py`; any positions).
+- `rotary`: x·cos + rotate_half(x)·sin, or the same on interleaved pairs → ONNX `RotaryEmbedding`
+  (opset 23) on the graph's own cos/sin tables (`rotary.py`; any positions).
 - `cached-attention`: a KV-cache decoder's Concat(past, K/V) → head repeats → softmax(s·Q·Kᵀ + M)·V
   → ONNX `Attention` (opset 23) with past and present (`cached_attention.py`; any mask).
 - `group-query-attention`: that `Attention` → com.microsoft `GroupQueryAttention` with the mask as

@@ -11,6 +11,16 @@ y[..., :h] = x₁·cos − x₂·sin, y[..., h:] = x₂·cos + x₁·sin: the sa
 it the first halves of the graph's own cos and sin (one Slice each, shared by all layers), so it
 holds for any positions, padding included; the halves' equality is the precondition, and the
 `fuse` check on sample inputs confirms it before the rewrite is kept.
+
+GPT-J, Cohere, GLM and Helium rotate interleaved pairs instead:
+
+    y = x·cos + r·sin,   r = flatten(stack(−x[..., 1::2], x[..., ::2]))   (r[2i] = −x[2i+1], r[2i+1] = x[2i])
+
+with cos = repeat_interleave(cos(θ), 2), so cos[..., 2i] = cos[..., 2i+1]. `RotaryEmbedding`
+with `interleaved=1` computes y[2i] = x[2i]·c − x[2i+1]·s, y[2i+1] = x[2i+1]·c + x[2i]·s with
+c, s the caches' entry i: fed the even entries of the graph's tables, the same values. A table
+already broadcast to [B, 1, S, d] is squeezed to [B, S, d] first. (GPT-J keeps its heads on
+axis 2, [B, S, H, d], a layout the operator's 4-D form does not take: not matched.)
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ ROTARY_OPSET = 23
 
 
 def lower_rotary(model: ir.Model) -> tuple[int, list[str]]:
-    """Rewrite every rotate-half rotary embedding; returns the count and the near-misses."""
+    """Rewrite every rotary embedding (rotate-half or interleaved); returns the count and the near-misses."""
     matches, notes = [], []
     for node in model.graph:
         if node.op_type == "Neg" and node.domain == "":
@@ -38,86 +48,158 @@ def lower_rotary(model: ir.Model) -> tuple[int, list[str]]:
     if not matches:
         return 0, notes
     require_opset(model, ROTARY_OPSET)
-    halves: dict[ir.Value, ir.Value] = {}
+    caches: dict[tuple, ir.Value] = {}
     for match in matches:
-        _rewrite(model.graph, match, halves)
+        _rewrite(model.graph, match, caches)
     common_passes.RemoveUnusedNodesPass()(model)
     return len(matches), notes
 
 
 def _match(neg: ir.Node) -> dict | str:
-    upper = neg.inputs[0].producer()
-    x, half = _last_axis_slice(upper, start_is_zero=False)
-    if x is None:
-        return "Neg does not read x[..., h:]"
+    rotated = _rotate_half(neg)
+    if isinstance(rotated, str):
+        rotated = _rotate_every_two(neg)
+    if isinstance(rotated, str):
+        return rotated
+    x, half, interleaved, rotation = rotated
+    sin_mul = sole_reader(rotation, "Mul")
+    if sin_mul is None:
+        return "the rotated x is not multiplied by sin"
+    sin = _other_input(sin_mul, rotation)
+    add = sole_reader(sin_mul.outputs[0], "Add")
+    if add is None:
+        return "the rotated x·sin is not added to x·cos"
+    cos_mul = _other_input(add, sin_mul.outputs[0]).producer()
+    if cos_mul is None or cos_mul.op_type != "Mul" or x not in cos_mul.inputs:
+        return "the other term is not x·cos"
+    cos = _other_input(cos_mul, x)
+    cos_table, sin_table = _per_position_table(cos), _per_position_table(sin)
+    if cos_table is None or sin_table is None:
+        return "cos and sin are not [B, S, d] tables broadcast over the head axis 1"
+    return {
+        "x": x,
+        "cos": cos_table,
+        "sin": sin_table,
+        "half": half,
+        "interleaved": interleaved,
+        "output": add.outputs[0],
+        "after": add,
+    }
+
+
+def _rotate_half(neg: ir.Node) -> tuple[ir.Value, int, bool, ir.Value] | str:
+    """(x, h, False, rotate_half(x)) when `neg` is the −x[..., h:] of Concat(−x[..., h:], x[..., :h])."""
+    x, half, step = _last_axis_slice(neg.inputs[0].producer())
+    if x is None or step != 1 or half == 0:
+        return "Neg does not read x[..., h:] or x[..., 1::2]"
     concats = [n for n, _ in neg.outputs[0].uses() if n.op_type == "Concat"]
     if len(concats) != 1 or concats[0].attributes.get_int("axis", 0) not in (-1, 3):
         return "−x[..., h:] is not concatenated on the last axis"
     concat = concats[0]
     if len(concat.inputs) != 2 or concat.inputs[0] is not neg.outputs[0]:
         return "rotate_half is not Concat(−x[..., h:], x[..., :h])"
-    lower_source, lower_end = _last_axis_slice(concat.inputs[1].producer(), start_is_zero=True)
-    if lower_source is not x or lower_end != half:
+    lower_source, lower_end, lower_step = _last_axis_slice(concat.inputs[1].producer(), lower=True)
+    if lower_source is not x or lower_end != half or lower_step != 1:
         return "rotate_half's halves do not come from the same x"
-    sin_mul = sole_reader(concat.outputs[0], "Mul")
-    if sin_mul is None:
-        return "rotate_half(x) is not multiplied by sin"
-    sin = _other_input(sin_mul, concat.outputs[0])
-    add = sole_reader(sin_mul.outputs[0], "Add")
-    if add is None:
-        return "rotate_half(x)·sin is not added to x·cos"
-    cos_mul = _other_input(add, sin_mul.outputs[0]).producer()
-    if cos_mul is None or cos_mul.op_type != "Mul" or x not in cos_mul.inputs:
-        return "the other term is not x·cos"
-    cos = _other_input(cos_mul, x)
-    cos3, sin3 = _heads_unsqueezed(cos), _heads_unsqueezed(sin)
-    if cos3 is None or sin3 is None:
-        return "cos and sin are not [B, S, d] tables unsqueezed on the head axis"
-    return {"x": x, "cos": cos3, "sin": sin3, "half": half, "output": add.outputs[0], "after": add}
+    return x, half, False, concat.outputs[0]
 
 
-def _last_axis_slice(node: ir.Node | None, *, start_is_zero: bool) -> tuple[ir.Value | None, int | None]:
-    """(x, h) when `node` is x[..., h:] (or x[..., :h] with `start_is_zero`) with constant bounds."""
+def _rotate_every_two(neg: ir.Node) -> tuple[ir.Value, int, bool, ir.Value] | str:
+    """(x, 0, True, r) when `neg` is the −x[..., 1::2] of r = flatten(stack(−x[..., 1::2], x[..., ::2]))
+    on a new last axis: r[2i] = −x[2i+1], r[2i+1] = x[2i] (GPT-J, Cohere, GLM, Helium)."""
+    x, start, step = _last_axis_slice(neg.inputs[0].producer())
+    if x is None or (start, step) != (1, 2):
+        return "Neg does not read x[..., h:] or x[..., 1::2]"
+    concat = _stacked_on_new_last_axis(neg.outputs[0])
+    if concat is None or len(concat.inputs) != 2:
+        return "−x[..., 1::2] is not stacked on a new last axis"
+    even = _unsqueezed_last(concat.inputs[1])
+    even_source, even_start, even_step = _last_axis_slice(even.producer() if even is not None else None)
+    if even_source is not x or (even_start, even_step) != (0, 2):
+        return "rotate_every_two is not stack(−x[..., 1::2], x[..., ::2])"
+    flatten = sole_reader(concat.outputs[0], "Reshape")
+    rank = len(x.shape) if x.shape is not None else None
+    if flatten is None or flatten.outputs[0].shape is None or len(flatten.outputs[0].shape) != rank:
+        return "the stacked pairs are not flattened back to x's rank"
+    return x, 0, True, flatten.outputs[0]
+
+
+def _stacked_on_new_last_axis(value: ir.Value) -> ir.Node | None:
+    """The Concat on the last axis of Unsqueeze(value, -1), `value` first."""
+    unsqueeze = sole_reader(value, "Unsqueeze")
+    if unsqueeze is None or _unsqueezed_last(unsqueeze.outputs[0]) is not value:
+        return None
+    concat = sole_reader(unsqueeze.outputs[0], "Concat")
+    if concat is None or concat.inputs[0] is not unsqueeze.outputs[0] or concat.attributes.get_int("axis", 0) != -1:
+        return None
+    return concat
+
+
+def _unsqueezed_last(value: ir.Value) -> ir.Value | None:
+    """x where `value` is Unsqueeze(x, [-1])."""
+    node = value.producer()
+    if node is None or node.op_type != "Unsqueeze" or len(node.inputs) < 2:
+        return None
+    axes = const_array(node.inputs[1])
+    return node.inputs[0] if axes is not None and axes.size == 1 and int(axes.item()) == -1 else None
+
+
+def _last_axis_slice(node: ir.Node | None, *, lower: bool = False) -> tuple[ir.Value | None, int, int]:
+    """(x, start, step) when `node` is x[..., start::step] with constant bounds; with `lower`,
+    (x, end, step) when it is x[..., :end:step]."""
     if node is None or node.op_type != "Slice" or len(node.inputs) < 4:
-        return None, None
+        return None, 0, 0
     starts, ends, axes = (const_array(v) for v in node.inputs[1:4])
     steps = const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.ones(1)
-    if any(a is None or a.size != 1 for a in (starts, ends, axes, steps)) or int(steps.item()) != 1:
-        return None, None
-    if int(axes.item()) not in (-1, 3):
-        return None, None
-    if start_is_zero:
-        return (node.inputs[0], int(ends.item())) if int(starts.item()) == 0 else (None, None)
-    return (node.inputs[0], int(starts.item())) if int(ends.item()) >= 2**31 - 1 else (None, None)
+    if any(a is None or a.size != 1 for a in (starts, ends, axes, steps)) or int(axes.item()) not in (-1, 3):
+        return None, 0, 0
+    start, end, step = int(starts.item()), int(ends.item()), int(steps.item())
+    if lower:
+        return (node.inputs[0], end, step) if start == 0 else (None, 0, 0)
+    return (node.inputs[0], start, step) if end >= 2**31 - 1 else (None, 0, 0)
 
 
 def _other_input(node: ir.Node, known: ir.Value) -> ir.Value:
     return node.inputs[1] if node.inputs[0] is known else node.inputs[0]
 
 
-def _heads_unsqueezed(value: ir.Value) -> ir.Value | None:
-    """The [B, S, d] table that `value` unsqueezes on axis 1."""
+def _per_position_table(value: ir.Value) -> ir.Value | None:
+    """The [B, S, d] table that `value` broadcasts over the head axis 1: the input of its
+    Unsqueeze on axis 1, or `value` itself when it is [B, 1, S, d] (squeezed in the rewrite)."""
     node = value.producer()
-    if node is None or node.op_type != "Unsqueeze":
-        return None
-    axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    return node.inputs[0] if axes is not None and axes.size == 1 and int(axes.item()) == 1 else None
+    if node is not None and node.op_type == "Unsqueeze":
+        axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        return node.inputs[0] if axes is not None and axes.size == 1 and int(axes.item()) == 1 else None
+    shape = value.shape
+    return value if shape is not None and len(shape) == 4 and shape[1] == 1 else None
 
 
-def _rewrite(graph: ir.Graph, match: dict, halves: dict[ir.Value, ir.Value]) -> None:
-    caches = []
-    for table in (match["cos"], match["sin"]):
-        if table not in halves:  # one Slice per table, right after the node that computes it
-            bounds = [new_initializer(graph, "rotary_half", np.array([v]), np.int64) for v in (0, match["half"], -1)]
-            half = ir.node("Slice", [table, *bounds])
-            producer = table.producer()
-            if producer is None:
-                graph.insert_before(next(iter(graph)), half)
-            else:
-                graph.insert_after(producer, half)
-            halves[table] = half.outputs[0]
-        caches.append(halves[table])
-    rotary = ir.node("RotaryEmbedding", [match["x"], *caches])
+def _rewrite(graph: ir.Graph, match: dict, caches: dict[tuple, ir.Value]) -> None:
+    rotary = ir.node(
+        "RotaryEmbedding",
+        [match["x"], *(_cache(graph, match, table, caches) for table in (match["cos"], match["sin"]))],
+        attributes={"interleaved": int(match["interleaved"])},
+    )
     graph.insert_after(match["after"], rotary)
     rotary.outputs[0].dtype, rotary.outputs[0].shape = match["output"].dtype, match["output"].shape
     replace_value(match["output"], rotary.outputs[0])
+
+
+def _cache(graph: ir.Graph, match: dict, table: ir.Value, caches: dict[tuple, ir.Value]) -> ir.Value:
+    """RotaryEmbedding's [B, S, d/2] cache from the graph's table: its first half, or its even
+    entries when interleaved; computed once per table, right after the node that computes it."""
+    key = (table, match["interleaved"], match["half"])
+    if key not in caches:
+        start, end, step = (0, np.iinfo(np.int64).max, 2) if match["interleaved"] else (0, match["half"], 1)
+        bounds = [new_initializer(graph, "rotary_cache", np.array([v]), np.int64) for v in (start, end, -1, step)]
+        nodes = [ir.node("Slice", [table, *bounds])]
+        if len(table.shape or ()) == 4:  # [B, 1, S, d]
+            axis = new_initializer(graph, "rotary_cache", np.array([1]), np.int64)
+            nodes.append(ir.node("Squeeze", [nodes[0].outputs[0], axis]))
+        producer = table.producer()
+        if producer is None:
+            graph.insert_before(next(iter(graph)), nodes)
+        else:
+            graph.insert_after(producer, nodes)
+        caches[key] = nodes[-1].outputs[0]
+    return caches[key]

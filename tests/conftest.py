@@ -131,6 +131,11 @@ TINY_CONFIGS = {
         dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=False),
         "FalconForCausalLM",
     ),
+    "cohere": (  # parallel blocks under one LayerNorm without shift, rotary on interleaved pairs
+        "CohereConfig",
+        {**_SMALL_GQA, "pad_token_id": 0},
+        "CohereForCausalLM",
+    ),
     "mixtral": (  # a mixture of experts: a router picks 2 of 4 SwiGLU experts per token
         "MixtralConfig",
         {**_SMALL_GQA, "num_local_experts": 4, "num_experts_per_tok": 2},

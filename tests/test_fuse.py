@@ -132,6 +132,18 @@ def test_rotary_embeddings_of_q_and_k_become_onnx_rotary_embedding(tiny_model):
     assert ops[("", "Slice")] < Counter(n.op_type for n in cleaned.graph)["Slice"]  # halves of cos/sin: 2 Slices
 
 
+def test_interleaved_rotary_embeddings_lower_and_merge_heads(tiny_model):
+    # Cohere rotates pairs (x[2i], x[2i+1]): RotaryEmbedding(interleaved=1) on the even entries of its tables
+    cleaned = CleanupPass()(tiny_model("cohere").clone()).model
+    result = FusePass(lowering="all", skip=only("rotary", "cached-attention"))(cleaned.clone())
+    rotations = [n for n in result.model.graph if n.op_type == "RotaryEmbedding"]
+    assert result.stats == {"rotary": 4, "cached-attention": 2} and len(rotations) == 4
+    assert all(n.attributes.get_int("interleaved") == 1 and n.attributes.get_int("num_heads") for n in rotations)
+    feeds = sample_inputs(cleaned, batch=2, sequence=5, past=4, padded=True, seed=3)
+    parity = compare(reference_outputs(cleaned, feeds), reference_outputs(result.model, feeds))
+    assert parity.max_rel <= 1e-5, parity
+
+
 def test_cached_attention_leaves_an_encoder_alone(tiny_model):
     result = FusePass(lowering="all", skip="norm,attention,gelu")(CleanupPass()(tiny_model("bert").clone()).model)
     assert "cached-attention: no match" in result.explain and "cached-attention" not in result.stats

@@ -1,5 +1,5 @@
-"""The exact recipe on tiny random BERT, GPT-2, Llama, Qwen2, Qwen3, OLMo-2, Gemma-2, Falcon
-and Mixtral models at several input shapes."""
+"""The exact recipe on tiny random BERT, GPT-2, Llama, Qwen2, Qwen3, OLMo-2, Gemma-2, Falcon,
+Cohere and Mixtral models at several input shapes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from xopt.verify import parity, reference_outputs
 SHAPES = [(1, 7), (2, 16), (4, 33)]  # (batch, sequence); batches above 1 are right-padded
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "qwen2", "qwen3", "olmo2", "gemma2", "falcon", "mixtral"])
+@pytest.mark.parametrize(
+    "name", ["bert", "gpt2", "llama", "qwen2", "qwen3", "olmo2", "gemma2", "falcon", "cohere", "mixtral"]
+)
 def test_exact_recipe_keeps_outputs_at_every_shape(tiny_model, name):
     model = tiny_model(name)
     optimized, report = xopt.optimize(model)
