@@ -76,6 +76,8 @@ def _match(neg: ir.Node) -> dict | str:
     cos_table, sin_table = _per_position_table(cos), _per_position_table(sin)
     if cos_table is None or sin_table is None:
         return "cos and sin are not [B, S, d] tables broadcast over the head axis 1"
+    if any(_one_row_for_all(table, x) for table in (cos_table, sin_table)):
+        return "cos and sin are one [1, S, d] table for every row (ModernBERT): RotaryEmbedding takes one per row"
     return {
         "x": x,
         "cos": cos_table,
@@ -172,6 +174,11 @@ def _per_position_table(value: ir.Value) -> ir.Value | None:
         return node.inputs[0] if axes is not None and axes.size == 1 and int(axes.item()) == 1 else None
     shape = value.shape
     return value if shape is not None and len(shape) == 4 and shape[1] == 1 else None
+
+
+def _one_row_for_all(table: ir.Value, x: ir.Value) -> bool:
+    """Whether the table has a batch axis of 1 that x's batch axis may not match."""
+    return table.shape is not None and table.shape[0] == 1 and (x.shape is None or x.shape[0] != 1)
 
 
 def _rewrite(graph: ir.Graph, match: dict, caches: dict[tuple, ir.Value]) -> None:
