@@ -36,14 +36,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array, sole_reader
+from xopt.analysis.graph_view import scalar_factor, sole_reader
 from xopt.analysis.structure import Attention
 from xopt.kv_cache import PAST_PATTERN, has_kv_cache
 from xopt.rewrite import replace_value, require_opset
 
 ATTENTION_OPSET = 23
 _REPEAT_OPS = frozenset({"Unsqueeze", "Expand", "Reshape", "Identity"})
-_SCALE_OPS = frozenset({"Mul", "Div"})
 
 
 def lower_cached_attention(model: ir.Model) -> tuple[int, list[str]]:
@@ -124,13 +123,8 @@ def _match(attention: Attention) -> dict | str:
 def _strip_scales(value: ir.Value) -> tuple[ir.Value, float]:
     """Follow Mul/Div by a constant scalar back; returns the source and the product of factors."""
     factor = 1.0
-    while (node := value.producer()) is not None and node.op_type in _SCALE_OPS:
-        constant = const_array(node.inputs[1])
-        if constant is None or constant.size != 1:
-            break
-        c = float(constant.reshape(()))
-        factor *= c if node.op_type == "Mul" else 1.0 / c
-        value = node.inputs[0]
+    while (scaled := scalar_factor(value.producer())) is not None:
+        value, factor = scaled[0], factor * scaled[1]
     return value, factor
 
 

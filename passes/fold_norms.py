@@ -40,7 +40,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array, consumers, is_constant, keeps_last_axis, sole_reader
+from xopt.analysis.graph_view import (
+    const_array,
+    consumers,
+    keeps_last_axis,
+    scalar_factor,
+    sole_reader,
+)
 from xopt.analysis.patterns import Linear, Norm, match_linear
 from xopt.analysis.structure import Attention, TransformerStructure, residual_skip
 from xopt.passes.source_grid import ON_GRID, lies_on_grid
@@ -362,24 +368,15 @@ def stream_writers_known(structure: TransformerStructure) -> str | None:
         if node in gathers:
             seen.add(node)
             continue
-        if node is not None and (scaled := scalar_scaled(node)) is not None:
-            pending.append(scaled)  # Gemma's √d on its embeddings: it keeps a zero mean (and commutes with rotations)
+        if (scaled := scalar_factor(node)) is not None:
+            pending.append(
+                scaled[0]
+            )  # Gemma's √d on its embeddings: it keeps a zero mean (and commutes with rotations)
             continue
         if node is None or node.op_type not in ("Add", "Cast", "Identity"):
             return f"the residual stream starts with {node.op_type if node else 'a graph input'}, not embeddings"
         pending.extend(v for v in node.inputs[: 2 if node.op_type == "Add" else 1])
     return None if seen else "no embedding writes into the residual stream"
-
-
-def scalar_scaled(node: ir.Node) -> ir.Value | None:
-    """x where `node` is Mul(x, c) with c a scalar constant, else None."""
-    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-        return None
-    for value, other in (node.inputs, node.inputs[::-1]):
-        constant = const_array(other)
-        if constant is not None and constant.size == 1 and not is_constant(value):
-            return value
-    return None
 
 
 def untie_lm_head(graph: ir.Graph, structure: TransformerStructure) -> None:

@@ -35,7 +35,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array, consumers, keeps_last_axis
+from xopt.analysis.graph_view import const_array, consumers, keeps_last_axis, scalar_factor
 from xopt.analysis.patterns import Embedding, Linear, find_linears
 from xopt.analysis.structure import TransformerStructure
 from xopt.errors import XoptError
@@ -43,7 +43,6 @@ from xopt.passes.fold_norms import (
     fold_affine,
     has_affine,
     linear_readers,
-    scalar_scaled,
     stream_writers_known,
     untie_lm_head,
 )
@@ -166,7 +165,8 @@ def _stream_readers_unknown(structure: TransformerStructure, norms) -> str | Non
         value = embedding.node.outputs[0]
         stream.append(value)
         for user in consumers(value):  # token + position embeddings summed (or scaled) into the stream
-            if (user.op_type in ("Add", "Cast", "Identity") or scalar_scaled(user) is value) and user not in allowed:
+            scaled = scalar_factor(user)
+            if (user.op_type in ("Add", "Cast", "Identity") or (scaled and scaled[0] is value)) and user not in allowed:
                 allowed.add(user)
                 stream.append(user.outputs[0])
     for value in stream:  # grows while it is read: a Reshape that keeps the last axis passes the stream on (OPT)

@@ -48,6 +48,18 @@ DEEP_CONFIGS = {
     "gemma2": ("Gemma2Config", dict(_SMALL, num_key_value_heads=2, head_dim=16, sliding_window=4), "Gemma2ForCausalLM"),
     "gpt_neox": ("GPTNeoXConfig", dict(_SMALL, rotary_pct=0.5), "GPTNeoXForCausalLM"),
     "phi": ("PhiConfig", dict(_SMALL, partial_rotary_factor=0.5), "PhiForCausalLM"),
+    "granite": (  # constant scales: h + r·sublayer(h), embeddings ·e, logits / l, scores ·a
+        "GraniteConfig",
+        dict(
+            _SMALL,
+            num_key_value_heads=2,
+            residual_multiplier=0.5,
+            embedding_multiplier=4.0,
+            logits_scaling=0.5,
+            attention_multiplier=0.3,
+        ),
+        "GraniteForCausalLM",
+    ),
 }
 
 
@@ -156,11 +168,13 @@ def test_blocks_with_norms_after_their_sublayers_drop_and_refuse_replaceme(deep,
     assert generated == transformers_greedy(_without_layers(folder, removed), PROMPT, 16)
 
 
-@pytest.mark.parametrize("name", ["gpt_neox", "phi"])
-def test_parallel_blocks_drop_to_what_transformers_computes_without_them(deep, name):
+@pytest.mark.parametrize("name", ["gpt_neox", "phi", "granite"])
+def test_parallel_and_scaled_blocks_drop_to_what_transformers_computes_without_them(deep, name):
     """GPT-NeoX and Phi add attention and MLP to the stream at once, (a + m) + h: dropping blocks
     gives transformers' logits without those layers (before `cleanup` wrote that sum as two
-    residual adds, the blocks' inputs were read as a sublayer's output and the drop was wrong)."""
+    residual adds, the blocks' inputs were read as a sublayer's output and the drop was wrong).
+    Granite scales each sublayer's output by a constant before its residual add, h + r·o (before
+    the structure read past that scale, it found no MLPs and no LM head and refused)."""
     folder, model = deep(name)
     pruned, report = PassManager([PruneLayersPass(n=2, method="drop")])(model)
     removed = report.passes[0].stats["removed"]

@@ -39,6 +39,21 @@ def is_constant(value: ir.Value | None) -> bool:
     return value.const_value is not None or (node is not None and node.op_type == "Constant")
 
 
+def scalar_factor(node: ir.Node | None) -> tuple[ir.Value, float] | None:
+    """(x, c) when `node` computes x·c with c a constant scalar: Mul(x, c), Mul(c, x) or Div(x, 1/c)."""
+    if node is None or node.op_type not in ("Mul", "Div") or node.domain not in ("", "ai.onnx"):
+        return None
+    if len(node.inputs) != 2:
+        return None
+    orders = (node.inputs, node.inputs[::-1]) if node.op_type == "Mul" else (node.inputs,)
+    for value, other in orders:
+        constant = const_array(other)
+        if constant is not None and constant.size == 1 and not is_constant(value):
+            c = float(constant.reshape(()))
+            return (value, c) if node.op_type == "Mul" else (value, 1.0 / c if c else float("inf"))
+    return None
+
+
 def consumers(value: ir.Value) -> list[ir.Node]:
     return list(dict.fromkeys(node for node, _ in value.uses()))
 

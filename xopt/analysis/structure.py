@@ -31,10 +31,10 @@ import onnx_ir as ir
 
 from xopt.analysis.graph_view import (
     TRANSPARENT_OPS,
-    const_array,
     consumers,
     is_constant,
     module_path,
+    scalar_factor,
     skip_back,
     skip_forward,
 )
@@ -376,11 +376,12 @@ def _activation_name(ops: set[str]) -> str:
 
 def _residual_add(linear: Linear, norm_by_input: dict[ir.Value, Norm]) -> tuple[ir.Node | None, Norm | None]:
     """The Add after `linear` (or after a norm of its output) whose other operand is an activation
-    (the skip connection), and that norm."""
-    value = skip_forward(linear.output, TRANSPARENT_OPS | {"Reshape"})
+    (the skip connection), and that norm; a constant scalar scale on the way (Granite's residual
+    multiplier, h + r·o) is part of the sublayer's output."""
+    value = _as_added(linear.output)
     norm = norm_by_input.get(value)
     if norm is not None:
-        value = skip_forward(norm.output, TRANSPARENT_OPS | {"Reshape"})
+        value = _as_added(norm.output)
     users = consumers(value)
     if len(users) == 1 and users[0].op_type == "Add":
         other = users[0].inputs[1] if users[0].inputs[0] is value else users[0].inputs[0]
@@ -455,7 +456,17 @@ def sublayer_output(sublayer: Attention | MLP) -> ir.Value:
     its output norm's output)."""
     linear = sublayer.o if isinstance(sublayer, Attention) else sublayer.down
     start = sublayer.output_norm.output if sublayer.output_norm is not None else linear.output
-    return skip_forward(start, TRANSPARENT_OPS | {"Reshape"})
+    return _as_added(start)
+
+
+def _as_added(value: ir.Value) -> ir.Value:
+    """`value` as a sublayer adds it into the stream: through dtype casts, reshapes and one
+    constant scalar scale that only it reads."""
+    value = skip_forward(value, TRANSPARENT_OPS | {"Reshape"})
+    users = consumers(value)
+    if len(users) == 1 and (scaled := scalar_factor(users[0])) is not None and scaled[0] is value:
+        value = skip_forward(users[0].outputs[0], TRANSPARENT_OPS | {"Reshape"})
+    return value
 
 
 def residual_skip(sublayer: Attention | MLP) -> ir.Value:
@@ -476,7 +487,7 @@ def _attach_head_and_outer_norms(
     heads = [
         x
         for x in linears
-        if id(x) not in used and _past_soft_cap(skip_forward(x.output, TRANSPARENT_OPS | {"Reshape"})) in outputs
+        if id(x) not in used and _past_output_scaling(skip_forward(x.output, TRANSPARENT_OPS | {"Reshape"})) in outputs
     ]
     if heads:
         structure.lm_head = heads[-1]
@@ -497,26 +508,19 @@ def _attach_head_and_outer_norms(
         structure.embedding_norm = early[-1] if early else None
 
 
-def _past_soft_cap(value: ir.Value) -> ir.Value:
-    """What a soft cap c·tanh(x/c) on `value` gives (Gemma-2's on its logits), else `value`."""
-    node = value
-    for op_types in (("Div", "Mul"), ("Tanh",), ("Mul",)):
-        users = consumers(node)
-        if len(users) != 1 or users[0].op_type not in op_types:
-            return value
-        if users[0].op_type != "Tanh" and not _by_constant_scalar(users[0], node):
-            return value
-        node = users[0].outputs[0]
-    return node
-
-
-def _by_constant_scalar(node: ir.Node, value: ir.Value) -> bool:
-    """Whether `node` (Mul or Div) scales `value` by a constant scalar."""
-    other = [v for v in node.inputs if v is not value]
-    if len(other) != 1 or (node.op_type == "Div" and node.inputs[0] is not value):
-        return False
-    constant = const_array(other[0])
-    return constant is not None and constant.size == 1
+def _past_output_scaling(value: ir.Value) -> ir.Value:
+    """What constant scalar scales and a soft cap c·tanh(x/c) on `value` give (Granite's logits
+    divided by a constant, Gemma-2's capped): the value they end at."""
+    tanh_seen = False
+    while len(users := consumers(value)) == 1:
+        scaled = scalar_factor(users[0])
+        if scaled is not None and scaled[0] is value:
+            value = users[0].outputs[0]
+        elif users[0].op_type == "Tanh" and not tanh_seen:
+            value, tanh_seen = users[0].outputs[0], True
+        else:
+            break
+    return value
 
 
 def _block_summary(block: Block) -> dict[str, Any]:
