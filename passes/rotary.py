@@ -12,15 +12,15 @@ it the first halves of the graph's own cos and sin (one Slice each, shared by al
 holds for any positions, padding included; the halves' equality is the precondition, and the
 `fuse` check on sample inputs confirms it before the rewrite is kept.
 
-GPT-J, Cohere, GLM and Helium rotate interleaved pairs instead:
+Cohere, GLM, Helium, GPT-J and CodeGen rotate interleaved pairs instead:
 
     y = x·cos + r·sin,   r = flatten(stack(−x[..., 1::2], x[..., ::2]))   (r[2i] = −x[2i+1], r[2i+1] = x[2i])
 
 with cos = repeat_interleave(cos(θ), 2), so cos[..., 2i] = cos[..., 2i+1]. `RotaryEmbedding`
 with `interleaved=1` computes y[2i] = x[2i]·c − x[2i+1]·s, y[2i+1] = x[2i+1]·c + x[2i]·s with
 c, s the caches' entry i: fed the even entries of the graph's tables, the same values. A table
-already broadcast to [B, 1, S, d] is squeezed to [B, S, d] first. (GPT-J keeps its heads on
-axis 2, [B, S, H, d], a layout the operator's 4-D form does not take: not matched.)
+already broadcast to [B, 1, S, d] is squeezed to [B, S, d] first. (GPT-J and CodeGen keep their
+heads on axis 2, [B, S, H, d], a layout the operator's 4-D form does not take: not matched.)
 """
 
 from __future__ import annotations
@@ -56,9 +56,11 @@ def lower_rotary(model: ir.Model) -> tuple[int, list[str]]:
 
 
 def _match(neg: ir.Node) -> dict | str:
-    rotated = _rotate_half(neg)
-    if isinstance(rotated, str):
-        rotated = _rotate_every_two(neg)
+    x, start, step = _last_axis_slice(neg.inputs[0].producer())
+    halves, pairs = step == 1 and start > 0, (start, step) == (1, 2)
+    if x is None or not (halves or pairs):
+        return "Neg does not read x[..., h:] or x[..., 1::2]"
+    rotated = _rotate_every_two(neg, x) if pairs else _rotate_half(neg, x, start)
     if isinstance(rotated, str):
         return rotated
     x, half, interleaved, rotation = rotated
@@ -89,11 +91,8 @@ def _match(neg: ir.Node) -> dict | str:
     }
 
 
-def _rotate_half(neg: ir.Node) -> tuple[ir.Value, int, bool, ir.Value] | str:
-    """(x, h, False, rotate_half(x)) when `neg` is the −x[..., h:] of Concat(−x[..., h:], x[..., :h])."""
-    x, half, step = _last_axis_slice(neg.inputs[0].producer())
-    if x is None or step != 1 or half == 0:
-        return "Neg does not read x[..., h:] or x[..., 1::2]"
+def _rotate_half(neg: ir.Node, x: ir.Value, half: int) -> tuple[ir.Value, int, bool, ir.Value] | str:
+    """(x, h, False, rotate_half(x)) when `neg`, −x[..., h:], is the first of Concat(−x[..., h:], x[..., :h])."""
     concats = [n for n, _ in neg.outputs[0].uses() if n.op_type == "Concat"]
     if len(concats) != 1 or concats[0].attributes.get_int("axis", 0) not in (-1, 3):
         return "−x[..., h:] is not concatenated on the last axis"
@@ -106,12 +105,9 @@ def _rotate_half(neg: ir.Node) -> tuple[ir.Value, int, bool, ir.Value] | str:
     return x, half, False, concat.outputs[0]
 
 
-def _rotate_every_two(neg: ir.Node) -> tuple[ir.Value, int, bool, ir.Value] | str:
-    """(x, 0, True, r) when `neg` is the −x[..., 1::2] of r = flatten(stack(−x[..., 1::2], x[..., ::2]))
-    on a new last axis: r[2i] = −x[2i+1], r[2i+1] = x[2i] (GPT-J, Cohere, GLM, Helium)."""
-    x, start, step = _last_axis_slice(neg.inputs[0].producer())
-    if x is None or (start, step) != (1, 2):
-        return "Neg does not read x[..., h:] or x[..., 1::2]"
+def _rotate_every_two(neg: ir.Node, x: ir.Value) -> tuple[ir.Value, int, bool, ir.Value] | str:
+    """(x, 0, True, r) when `neg`, −x[..., 1::2], is the first of r = flatten(stack(−x[..., 1::2],
+    x[..., ::2])) on a new last axis: r[2i] = −x[2i+1], r[2i+1] = x[2i]."""
     concat = _stacked_on_new_last_axis(neg.outputs[0])
     if concat is None or len(concat.inputs) != 2:
         return "−x[..., 1::2] is not stacked on a new last axis"
