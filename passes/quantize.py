@@ -202,6 +202,12 @@ class QuantizeWeightsPass(Pass):
             level, note = self._accuracy_level(model, sequence)
             explain.append(note)
             stats["accuracy_level"] = level
+        if gathered := _gathered_matmul_weights(model.graph):
+            stats["gathered_weights_left"] = sum(v.const_value.size for v in gathered)
+            explain.append(
+                f"not quantized: {counted(len(gathered), 'weight')} a MatMul reads through a Gather"
+                f" ({stats['gathered_weights_left']:,} parameters; a mixture of experts' weights, picked per token)"
+            )
         return PassResult(model, True, dict(stats), explain)
 
     def unsigned_codes(self) -> bool:
@@ -754,6 +760,36 @@ def _smoothing_summary(labels: Counter) -> str:
 def _set_accuracy(model: ir.Model, level: int) -> None:
     for node in filter(_level_is_chosen, model.graph):
         node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+
+
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze"})
+_GATHER_SEARCH_DEPTH = 6  # nodes from a weight to its MatMul: layout ops, the Gather, layout ops
+
+
+def _gathered_matmul_weights(graph: ir.Graph) -> list[ir.Value]:
+    """Float weights of rank 3 or more that a MatMul reads through a Gather (a mixture of experts'
+    per-token weights): no linear of the quantizer's, so they stay float."""
+    return [
+        value
+        for value in graph.initializers.values()
+        if value.dtype in _FLOAT_TYPES and len(value.shape or ()) >= 3 and _gathered_into_matmul(value)
+    ]
+
+
+def _gathered_into_matmul(value: ir.Value) -> bool:
+    """Whether a MatMul reads `value` through a Gather, with layout ops around it."""
+    frontier = [(value, False)]
+    for _ in range(_GATHER_SEARCH_DEPTH):
+        reached = []
+        for current, gathered in frontier:
+            for node, _ in current.uses():
+                if node.op_type == "MatMul" and gathered:
+                    return True
+                if node.op_type in ("Gather", "GatherND") or node.op_type in _LAYOUT_OPS:
+                    reached.append((node.outputs[0], gathered or node.op_type.startswith("Gather")))
+        frontier = reached
+    return False
 
 
 def _level_is_chosen(node: ir.Node) -> bool:

@@ -249,6 +249,17 @@ def test_awq_divides_each_scaled_input_and_the_model_still_runs(tiny_model):
     assert record.parity.max_rel < 0.5, record.parity.describe()
 
 
+def test_a_mixture_of_experts_keeps_its_experts_float_and_says_so(tiny_model):
+    """Mixtral's experts are 3-D weights gathered per token: the linears around them are quantized,
+    the experts counted in the report (2 layers × 4 experts × (2·80·48 + 80·48) parameters)."""
+    model = tiny_model("mixtral")
+    _, report = PassManager([QuantizeWeightsPass(method="rtn", group=16, accuracy="0")])(model)
+    record = report.passes[-1]
+    assert record.stats["linears_quantized"] == _linear_count(model)
+    assert record.stats["gathered_weights_left"] == 2 * 4 * 3 * 80 * 48
+    assert "not quantized: 4 weights a MatMul reads through a Gather (92,160 parameters" in "\n".join(record.explain)
+
+
 def _linear_count(model: ir.Model) -> int:
     from xopt.analysis.patterns import match_linear
 
