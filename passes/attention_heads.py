@@ -140,12 +140,23 @@ def attention_region(attention: Attention) -> list[ir.Node] | str:
         return "the heads' activations reach beyond the output projection"
     if attention.fused_qkv and not any(n.op_type == "Split" or _slices_fused(n, attention) for n in region):
         return "the fused QKV projection is not split by a Split or by Slices of its last axis"
+    inside = set(region)
+    for node in region:
+        for value in node.inputs if node.op_type == "Add" else ():
+            if value is not None and value.producer() not in inside and _per_head(value, attention.num_heads):
+                return f"Add {node.name} adds a per-head bias from outside the attention (relative positions, ALiBi)"
     widths = {linear.out_features for linear in starts if linear.out_features > attention.head_size}
     for node in region:
         shape = node.inputs[0].shape if node.op_type in _NORMALIZING and node.inputs else None
         if shape and shape[-1] in widths:
             return f"{node.op_type} {node.name} normalizes a whole projection across its heads (OLMo-2's q_norm)"
     return region
+
+
+def _per_head(value: ir.Value, heads: int) -> bool:
+    """Whether `value` is [B, heads, S, S'] with more than one head (a mask is [B, 1, S, S'])."""
+    shape = value.shape
+    return heads > 1 and shape is not None and len(shape) == 4 and shape[1] == heads
 
 
 def _slices_fused(node: ir.Node, attention: Attention) -> bool:

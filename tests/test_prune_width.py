@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+from conftest import build_folder
 
 import xopt
 from xopt.analysis import find_transformer_structure
@@ -152,3 +153,13 @@ def test_a_norm_over_a_whole_query_projection_keeps_its_heads(tiny_model):
         PruneWidthPass(heads=0.5, windows=2)(model.clone())
     _, report = PassManager([PruneWidthPass(ratio=0.25, windows=2)])(model)
     assert report.passes[0].stats["neurons_kept"] == 60 and report.output.params < report.input.params
+
+
+def test_a_per_head_bias_on_the_scores_keeps_the_heads(tmp_path):
+    """MPNet adds a relative-position bias of one row per head to its scores: cutting heads would
+    leave that bias with the old head count, so heads are refused with the reason (the pass used
+    to write a graph that failed shape inference)."""
+    config = dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    model = CleanupPass()(xopt.load(build_folder("MPNetConfig", config, "MPNetModel", tmp_path))).model
+    with pytest.raises(XoptError, match="adds a per-head bias from outside the attention"):
+        PruneWidthPass(heads=0.5, windows=2)(model)
