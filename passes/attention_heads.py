@@ -72,7 +72,7 @@ class HeadCounts:
     def new_element(self, value: int, axis: int, rank: int) -> int | None:
         """The pruned value of a shape element `value` at `axis` of a rank-`rank` shape, or None
         where it does not count heads."""
-        if axis == rank - 1 and rank <= 3:
+        if axis == rank - 1 and rank <= 4:  # [B, S, width], or [B, 1, S, width] (GPT-BigCode's unsqueezed QKV)
             widths = {self.heads * self.head_size: self.kept_heads * self.head_size}
             if self.fused_width:  # [Q | K | V]: K and V narrow with Q when r = 1
                 kv_width = self.fused_width - self.heads * self.head_size

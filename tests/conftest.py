@@ -131,6 +131,11 @@ TINY_CONFIGS = {
         dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=False),
         "FalconForCausalLM",
     ),
+    "gpt_bigcode": (  # one KV head (multi-query) in a fused [Q | K | V] that is unsqueezed before its Split
+        "GPTBigCodeConfig",
+        dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, n_positions=64, multi_query=True),
+        "GPTBigCodeForCausalLM",
+    ),
     "cohere": (  # parallel blocks under one LayerNorm without shift, rotary on interleaved pairs
         "CohereConfig",
         {**_SMALL_GQA, "pad_token_id": 0},

@@ -96,7 +96,7 @@ def test_head_selection_keeps_what_explains_the_output_and_corrects_for_the_rest
     assert error < 1e-9
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "qwen2", "gemma", "gptj", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "qwen2", "gemma", "gptj", "phi3", "gpt_bigcode"])
 def test_pruned_heads_keep_the_model_valid_and_the_first_error_is_as_predicted(tiny_model, name):
     """GQA keeps every KV head and the same query heads per group; MHA (BERT, GPT-2's fused QKV
     and its cache) loses keys and values with the queries. Block 0's attention sees unchanged
