@@ -189,7 +189,10 @@ class LowRankPass(Pass):
                     continue
                 linears.append((label, linear))
         if not linears:
-            raise XoptError(f"no linear matches targets={self.targets}")
+            skipped = f": the {len(explain)} that match are Gemms or share their weights (as ALBERT's layers do)"
+            raise XoptError(
+                f"no linear that can be factored matches targets={self.targets}{skipped if explain else ''}"
+            )
         return linears, explain
 
     def _sensitivities(self, model: ir.Model, factors: list[Factors], feeds) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import build_folder
 from helpers import next_token_nll
 
 import xopt
@@ -145,3 +146,10 @@ def test_composes_with_int8(cleaned, tmp_path):
     quantized = [n for n in model.graph if n.op_type == "DynamicQuantizeMatMul"]
     assert len(quantized) >= 2 * factored
     xopt.save(model, tmp_path / "m")
+
+
+def test_layers_that_share_their_weights_are_named_when_nothing_can_be_factored(tmp_path):
+    config = dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    model = CleanupPass()(xopt.load(build_folder("AlbertConfig", config, "AlbertModel", tmp_path))).model
+    with pytest.raises(XoptError, match=r"the 12 that match are Gemms or share their weights \(as ALBERT's"):
+        LowRankPass(ratio=0.5)(model)
