@@ -60,6 +60,7 @@ DEEP_CONFIGS = {
         ),
         "GraniteForCausalLM",
     ),
+    "bloom": ("BloomConfig", dict(vocab_size=211, hidden_size=48, n_layer=5, n_head=4), "BloomForCausalLM"),
 }
 
 
@@ -86,7 +87,8 @@ def _without_layers(folder, removed: list[int]):
     owner, attribute = next((getattr(model, name), layers) for name, layers in stacks if hasattr(model, name))
     kept = [layer for index, layer in enumerate(getattr(owner, attribute)) if index not in removed]
     for index, layer in enumerate(kept):
-        attention = next(getattr(layer, name) for name in ("attn", "self_attn", "attention") if hasattr(layer, name))
+        names = ("attn", "self_attn", "attention", "self_attention")
+        attention = next(getattr(layer, name) for name in names if hasattr(layer, name))
         attention.layer_idx = index
     setattr(owner, attribute, torch.nn.ModuleList(kept))
     model.config.num_hidden_layers = len(kept)
@@ -168,13 +170,15 @@ def test_blocks_with_norms_after_their_sublayers_drop_and_refuse_replaceme(deep,
     assert generated == transformers_greedy(_without_layers(folder, removed), PROMPT, 16)
 
 
-@pytest.mark.parametrize("name", ["gpt_neox", "phi", "granite"])
-def test_parallel_and_scaled_blocks_drop_to_what_transformers_computes_without_them(deep, name):
+@pytest.mark.parametrize("name", ["gpt_neox", "phi", "granite", "bloom"])
+def test_blocks_drop_to_what_transformers_computes_without_them(deep, name):
     """GPT-NeoX and Phi add attention and MLP to the stream at once, (a + m) + h: dropping blocks
     gives transformers' logits without those layers (before `cleanup` wrote that sum as two
     residual adds, the blocks' inputs were read as a sublayer's output and the drop was wrong).
     Granite scales each sublayer's output by a constant before its residual add, h + r·o (before
-    the structure read past that scale, it found no MLPs and no LM head and refused)."""
+    the structure read past that scale, it found no MLPs and no LM head and refused). Bloom folds
+    its heads into the batch axis between the softmax and P·V (before, its attention was not
+    found, its QKV and output projections were read as an MLP, and half a layer was dropped)."""
     folder, model = deep(name)
     pruned, report = PassManager([PruneLayersPass(n=2, method="drop")])(model)
     removed = report.passes[0].stats["removed"]

@@ -230,7 +230,7 @@ def _match_attention(softmax: ir.Node, by_output: dict[ir.Value, Linear]) -> Att
     if scores is None:
         return "no Q·Kᵀ MatMul of two activations before the Softmax"
     context = None
-    value = skip_forward(softmax.outputs[0])
+    value = skip_forward(softmax.outputs[0], TRANSPARENT_OPS | {"Reshape"})  # Bloom: heads folded into the batch
     for user in consumers(value):
         if user.op_type == "MatMul" and user.inputs[0] is value:
             context = user
