@@ -124,8 +124,10 @@ def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
         return "no transformer blocks found"
     if any(block.output_norms for block in structure.blocks):
         return "norms between the sublayers' outputs and their residual adds write the stream (OLMo-2, Gemma-2/3)"
-    if structure.norm_position != "pre" or structure.embedding_norm is not None:
+    if structure.norm_position != "pre":
         return "not a pre-norm model: post-LN norms sit on the residual stream, which a rotation would change"
+    if structure.embedding_norm is not None:
+        return "a norm on the embeddings writes the residual stream (Bloom, ModernBERT), which a rotation would change"
     if structure.final_norm is None or any(None in (b.attention_norm, b.mlp_norm) for b in structure.blocks):
         return "a block without both of its norms, or no final norm"
     norms = _stream_norms(structure)

@@ -131,6 +131,11 @@ TINY_CONFIGS = {
         dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=False),
         "FalconForCausalLM",
     ),
+    "bloom": (  # a LayerNorm on the embeddings, ALiBi, heads folded into the batch axis around P·V
+        "BloomConfig",
+        dict(vocab_size=211, hidden_size=48, n_layer=2, n_head=4),
+        "BloomForCausalLM",
+    ),
     "gpt_bigcode": (  # one KV head (multi-query) in a fused [Q | K | V] that is unsqueezed before its Split
         "GPTBigCodeConfig",
         dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, n_positions=64, multi_query=True),

@@ -72,6 +72,7 @@ def test_a_tied_head_is_untied_for_the_final_norm_scale(tiny_model):
         ("bert", [CleanupPass()], "not a pre-norm model"),
         ("gpt2", [CleanupPass()], "LayerNorm does not commute"),
         ("olmo2", [CleanupPass(), FoldNormsPass()], "residual adds write the stream"),
+        ("bloom", [CleanupPass(), FoldNormsPass()], "a norm on the embeddings writes the residual stream"),
     ],
 )
 def test_refusals_name_the_reason(tiny_model, name, passes, reason):
