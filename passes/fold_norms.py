@@ -15,6 +15,7 @@
    recentred exactly: embedding rows E' = E − mean_j(E), and each sublayer's output projection
    W' = W·(I − 11ᵀ/d), b' = b − mean(b) (tied LM heads are untied first, since the LM head reads
    the original table). Post-LN models (BERT) are refused: their norms sit on the stream itself.
+   A LayerNorm written in standard ops (Cohere's, without β) is replaced like the operator.
 
 3. Linear outputs scaled by constants. When a linear's only reader is an inference BatchNorm over
    its output features, y = (x·W + b − μ)·s + β with s = γ/√(σ² + ε), the BatchNorm goes into the
@@ -325,8 +326,10 @@ def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stat
     if reason:
         explain.append(f"LayerNorm → RMSNorm refused: {reason}")
         return
-    if any(len(n.nodes) != 1 for n in norms):
-        explain.append("LayerNorm → RMSNorm refused: decomposed LayerNorm (only the LayerNormalization op)")
+    if shared := next((n for n in norms if _intermediate_read_outside(n)), None):
+        explain.append(
+            f"LayerNorm → RMSNorm refused: an intermediate of the norm at {shared.output.name} is read outside it"
+        )
         return
     if structure.tied_embeddings and structure.lm_head is not None:
         untie_lm_head(graph, structure)
@@ -369,9 +372,8 @@ def stream_writers_known(structure: TransformerStructure) -> str | None:
             seen.add(node)
             continue
         if (scaled := scalar_factor(node)) is not None:
-            pending.append(
-                scaled[0]
-            )  # Gemma's √d on its embeddings: it keeps a zero mean (and commutes with rotations)
+            # Gemma's √d on its embeddings: it keeps a zero mean (and commutes with rotations)
+            pending.append(scaled[0])
             continue
         if node is None or node.op_type not in ("Add", "Cast", "Identity"):
             return f"the residual stream starts with {node.op_type if node else 'a graph input'}, not embeddings"
@@ -390,35 +392,43 @@ def replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarr
     node.replace_input_with(index, _constant(graph, f"{old.name}_recentred", ir.tensor(array.astype(dtype))))
 
 
+def _intermediate_read_outside(norm: Norm) -> bool:
+    """Whether a value the norm computes on the way (a decomposed LayerNorm's mean) has readers
+    other than the norm's own nodes."""
+    inside = set(norm.nodes)
+    return any(
+        value is not norm.output and (value.is_graph_output() or any(user not in inside for user in consumers(value)))
+        for node in norm.nodes
+        for value in node.outputs
+    )
+
+
 def _replace_with_rmsnorm(graph: ir.Graph, norm: Norm, opset: int) -> None:
-    """x / √(mean(x²) + ε) · γ + β in standard ops, in place of a LayerNormalization node."""
-    (layer_norm,) = norm.nodes
+    """x / √(mean(x²) + ε) · γ + β in standard ops, in place of the norm's nodes (one
+    LayerNormalization, or Cohere's decomposed LayerNorm without β)."""
+    first, last = norm.nodes[0], norm.nodes[-1]
     x = norm.input
-    dtype = const_array(norm.scale).dtype
+    dtype = const_array(norm.scale).dtype if norm.scale is not None else x.dtype.numpy()
     square = ir.node("Mul", [x, x])
     if opset >= 18:
-        axes = _constant(graph, f"{layer_norm.name}_axes", ir.tensor(np.array([-1], np.int64)))
+        axes = _constant(graph, f"{last.name}_axes", ir.tensor(np.array([-1], np.int64)))
         mean = ir.node("ReduceMean", [square.outputs[0], axes], attributes={"keepdims": 1})
     else:
         mean = ir.node("ReduceMean", [square.outputs[0]], attributes={"axes": [-1], "keepdims": 1})
-    epsilon = _constant(graph, f"{layer_norm.name}_epsilon", ir.tensor(np.array(norm.epsilon, dtype)))
+    epsilon = _constant(graph, f"{last.name}_epsilon", ir.tensor(np.array(norm.epsilon, dtype)))
     shifted = ir.node("Add", [mean.outputs[0], epsilon])
     root = ir.node("Sqrt", [shifted.outputs[0]])
     inverse = ir.node("Reciprocal", [root.outputs[0]])
     normalized = ir.node("Mul", [x, inverse.outputs[0]])
     nodes = [square, mean, shifted, root, inverse, normalized]
-    output = normalized.outputs[0]
-    scaled = ir.node("Mul", [output, norm.scale])
-    nodes.append(scaled)
-    output = scaled.outputs[0]
-    if norm.shift is not None:
-        biased = ir.node("Add", [output, norm.shift])
-        nodes.append(biased)
-        output = biased.outputs[0]
-    graph.insert_before(layer_norm, nodes)
+    for parameter, op in ((norm.scale, "Mul"), (norm.shift, "Add")):
+        if parameter is not None:
+            nodes.append(ir.node(op, [nodes[-1].outputs[0], parameter]))
+    graph.insert_before(first, nodes)
     reduced = {mean, shifted, root, inverse}  # [.., 1]; the others have x's shape (a Reshape reading one needs it)
     for node in nodes:
         if node not in reduced:
-            node.outputs[0].dtype, node.outputs[0].shape = layer_norm.outputs[0].dtype, layer_norm.outputs[0].shape
-    replace_value(layer_norm.outputs[0], output)
-    graph.remove(layer_norm, safe=True)
+            node.outputs[0].dtype, node.outputs[0].shape = norm.output.dtype, norm.output.shape
+    replace_value(norm.output, nodes[-1].outputs[0])
+    for node in reversed(norm.nodes):
+        graph.remove(node, safe=True)
