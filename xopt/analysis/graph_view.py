@@ -50,7 +50,9 @@ def scalar_factor(node: ir.Node | None) -> tuple[ir.Value, float] | None:
         constant = const_array(other)
         if constant is not None and constant.size == 1 and not is_constant(value):
             c = float(constant.reshape(()))
-            return (value, c) if node.op_type == "Mul" else (value, 1.0 / c if c else float("inf"))
+            if node.op_type == "Mul":
+                return value, c
+            return (value, 1.0 / c) if c else None
     return None
 
 
