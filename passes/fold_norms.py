@@ -48,7 +48,7 @@ from xopt.analysis.graph_view import (
     scalar_factor,
     sole_reader,
 )
-from xopt.analysis.patterns import Linear, Norm, match_linear
+from xopt.analysis.patterns import Linear, Norm, match_linear, read_outside
 from xopt.analysis.structure import Attention, TransformerStructure, residual_skip
 from xopt.passes.source_grid import ON_GRID, lies_on_grid
 from xopt.pipeline import Pass, PassResult, register
@@ -326,10 +326,8 @@ def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stat
     if reason:
         explain.append(f"LayerNorm → RMSNorm refused: {reason}")
         return
-    if shared := next((n for n in norms if _intermediate_read_outside(n)), None):
-        explain.append(
-            f"LayerNorm → RMSNorm refused: an intermediate of the norm at {shared.output.name} is read outside it"
-        )
+    if shared := next((v for v in map(read_outside, norms) if v is not None), None):
+        explain.append(f"LayerNorm → RMSNorm refused: an intermediate of a norm ({shared.name}) is read outside it")
         return
     if structure.tied_embeddings and structure.lm_head is not None:
         untie_lm_head(graph, structure)
@@ -390,17 +388,6 @@ def replace_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarr
     old = node.inputs[index]
     dtype = const_array(old).dtype
     node.replace_input_with(index, _constant(graph, f"{old.name}_recentred", ir.tensor(array.astype(dtype))))
-
-
-def _intermediate_read_outside(norm: Norm) -> bool:
-    """Whether a value the norm computes on the way (a decomposed LayerNorm's mean) has readers
-    other than the norm's own nodes."""
-    inside = set(norm.nodes)
-    return any(
-        value is not norm.output and (value.is_graph_output() or any(user not in inside for user in consumers(value)))
-        for node in norm.nodes
-        for value in node.outputs
-    )
 
 
 def _replace_with_rmsnorm(graph: ir.Graph, norm: Norm, opset: int) -> None:

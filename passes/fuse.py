@@ -69,8 +69,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import consumers
-from xopt.analysis.patterns import Linear, Norm
+from xopt.analysis.patterns import Linear, Norm, read_outside
 from xopt.analysis.structure import TransformerStructure
 from xopt.backends.lowering import LoweringChooser, Verdict, timed_sequence
 from xopt.errors import XoptError, first_line
@@ -487,11 +486,8 @@ def _norm_refusal(norm: Norm, opset: int) -> str | None:
         return f"LayerNormalization needs opset 17 (the model has {opset})"
     if any(node.op_type == "Cast" for node in norm.nodes):
         return "the norm casts (mixed precision)"
-    inside = set(norm.nodes)
-    for node in norm.nodes:
-        for value in node.outputs:
-            if value is not norm.output and (value.is_graph_output() or any(u not in inside for u in consumers(value))):
-                return f"an intermediate ({value.name}) is read outside the norm"
+    if (shared := read_outside(norm)) is not None:
+        return f"an intermediate ({shared.name}) is read outside the norm"
     if norm.input.shape is None or not isinstance(norm.input.shape[-1], int) or norm.input.dtype is None:
         return "unknown hidden size or dtype"
     return None

@@ -189,10 +189,8 @@ class LowRankPass(Pass):
                     continue
                 linears.append((label, linear))
         if not linears:
-            skipped = f": the {len(explain)} that match are Gemms or share their weights (as ALBERT's layers do)"
-            raise XoptError(
-                f"no linear that can be factored matches targets={self.targets}{skipped if explain else ''}"
-            )
+            why = f": the {len(explain)} that match are Gemms or share their weights (as ALBERT's layers do)"
+            raise XoptError(f"no linear that can be factored matches targets={self.targets}{why * bool(explain)}")
         return linears, explain
 
     def _sensitivities(self, model: ir.Model, factors: list[Factors], feeds) -> np.ndarray:

@@ -764,6 +764,7 @@ def _set_accuracy(model: ir.Model, level: int) -> None:
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 _LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze"})
+_GATHERS = frozenset({"Gather", "GatherND"})
 _GATHER_SEARCH_DEPTH = 6  # nodes from a weight to its MatMul: layout ops, the Gather, layout ops
 
 
@@ -786,8 +787,8 @@ def _gathered_into_matmul(value: ir.Value) -> bool:
             for node, _ in current.uses():
                 if node.op_type == "MatMul" and gathered:
                     return True
-                if node.op_type in ("Gather", "GatherND") or node.op_type in _LAYOUT_OPS:
-                    reached.append((node.outputs[0], gathered or node.op_type.startswith("Gather")))
+                if node.op_type in _GATHERS or node.op_type in _LAYOUT_OPS:
+                    reached.append((node.outputs[0], gathered or node.op_type in _GATHERS))
         frontier = reached
     return False
 

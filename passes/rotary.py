@@ -63,7 +63,7 @@ def _match(neg: ir.Node) -> dict | str:
     rotated = _rotate_every_two(neg, x) if pairs else _rotate_half(neg, x, start)
     if isinstance(rotated, str):
         return rotated
-    x, half, interleaved, rotation = rotated
+    half, interleaved, rotation = rotated
     sin_mul = sole_reader(rotation, "Mul")
     if sin_mul is None:
         return "the rotated x is not multiplied by sin"
@@ -91,8 +91,8 @@ def _match(neg: ir.Node) -> dict | str:
     }
 
 
-def _rotate_half(neg: ir.Node, x: ir.Value, half: int) -> tuple[ir.Value, int, bool, ir.Value] | str:
-    """(x, h, False, rotate_half(x)) when `neg`, −x[..., h:], is the first of Concat(−x[..., h:], x[..., :h])."""
+def _rotate_half(neg: ir.Node, x: ir.Value, half: int) -> tuple[int, bool, ir.Value] | str:
+    """(h, False, rotate_half(x)) when `neg`, −x[..., h:], is the first of Concat(−x[..., h:], x[..., :h])."""
     concats = [n for n, _ in neg.outputs[0].uses() if n.op_type == "Concat"]
     if len(concats) != 1 or concats[0].attributes.get_int("axis", 0) not in (-1, 3):
         return "−x[..., h:] is not concatenated on the last axis"
@@ -102,11 +102,11 @@ def _rotate_half(neg: ir.Node, x: ir.Value, half: int) -> tuple[ir.Value, int, b
     lower_source, lower_end, lower_step = _last_axis_slice(concat.inputs[1].producer(), lower=True)
     if lower_source is not x or lower_end != half or lower_step != 1:
         return "rotate_half's halves do not come from the same x"
-    return x, half, False, concat.outputs[0]
+    return half, False, concat.outputs[0]
 
 
-def _rotate_every_two(neg: ir.Node, x: ir.Value) -> tuple[ir.Value, int, bool, ir.Value] | str:
-    """(x, 0, True, r) when `neg`, −x[..., 1::2], is the first of r = flatten(stack(−x[..., 1::2],
+def _rotate_every_two(neg: ir.Node, x: ir.Value) -> tuple[int, bool, ir.Value] | str:
+    """(0, True, r) when `neg`, −x[..., 1::2], is the first of r = flatten(stack(−x[..., 1::2],
     x[..., ::2])) on a new last axis: r[2i] = −x[2i+1], r[2i+1] = x[2i]."""
     concat = _stacked_on_new_last_axis(neg.outputs[0])
     if concat is None or len(concat.inputs) != 2:
@@ -119,7 +119,7 @@ def _rotate_every_two(neg: ir.Node, x: ir.Value) -> tuple[ir.Value, int, bool, i
     rank = len(x.shape) if x.shape is not None else None
     if flatten is None or flatten.outputs[0].shape is None or len(flatten.outputs[0].shape) != rank:
         return "the stacked pairs are not flattened back to x's rank"
-    return x, 0, True, flatten.outputs[0]
+    return 0, True, flatten.outputs[0]
 
 
 def _stacked_on_new_last_axis(value: ir.Value) -> ir.Node | None:

@@ -158,6 +158,17 @@ def match_norm(node: ir.Node) -> Norm | None:
     return None
 
 
+def read_outside(norm: Norm) -> ir.Value | None:
+    """A value the norm computes on the way (a decomposed norm's mean) that something other than
+    the norm's own nodes reads, if any: replacing the norm would leave that reader without it."""
+    inside = set(norm.nodes)
+    for node in norm.nodes:
+        for value in node.outputs:
+            if value is not norm.output and (value.is_graph_output() or any(u not in inside for u in consumers(value))):
+                return value
+    return None
+
+
 def _last_axis(value: ir.Value) -> int:
     return len(value.shape) - 1 if value.shape is not None else -1
 
