@@ -154,9 +154,10 @@ def attention_region(attention: Attention) -> list[ir.Node] | str:
 
 
 def _per_head(value: ir.Value, heads: int) -> bool:
-    """Whether `value` is [B, heads, S, S'] with more than one head (a mask is [B, 1, S, S'])."""
+    """Whether `value`, added to the scores [B, heads, S, S'], has one row per head there (axis
+    -3 of [B, heads, S, S'] or MPT's ALiBi [heads, 1, S']; a mask is [B, 1, S, S'])."""
     shape = value.shape
-    return heads > 1 and shape is not None and len(shape) == 4 and shape[1] == heads
+    return heads > 1 and shape is not None and len(shape) >= 3 and shape[-3] == heads
 
 
 def _slices_fused(node: ir.Node, attention: Attention) -> bool:

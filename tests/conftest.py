@@ -136,6 +136,11 @@ TINY_CONFIGS = {
         dict(vocab_size=211, hidden_size=48, n_layer=2, n_head=4),
         "BloomForCausalLM",
     ),
+    "mpt": (  # ALiBi from a table of max_seq_len columns, sliced by a length torch.export cannot bound
+        "MptConfig",
+        dict(vocab_size=211, d_model=48, n_layers=2, n_heads=4, max_seq_len=64),
+        "MptForCausalLM",
+    ),
     "gpt_bigcode": (  # one KV head (multi-query) in a fused [Q | K | V] that is unsqueezed before its Split
         "GPTBigCodeConfig",
         dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, n_positions=64, multi_query=True),

@@ -155,11 +155,15 @@ def test_a_norm_over_a_whole_query_projection_keeps_its_heads(tiny_model):
     assert report.passes[0].stats["neurons_kept"] == 60 and report.output.params < report.input.params
 
 
-def test_a_per_head_bias_on_the_scores_keeps_the_heads(tmp_path):
-    """MPNet adds a relative-position bias of one row per head to its scores: cutting heads would
-    leave that bias with the old head count, so heads are refused with the reason (the pass used
-    to write a graph that failed shape inference)."""
-    config = dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
-    model = CleanupPass()(xopt.load(build_folder("MPNetConfig", config, "MPNetModel", tmp_path))).model
+@pytest.mark.parametrize("name", ["mpnet", "mpt"])
+def test_a_per_head_bias_on_the_scores_keeps_the_heads(name, tiny_model, tmp_path):
+    """MPNet adds a relative-position bias [B, heads, S, S'] to its scores, MPT its ALiBi table
+    [heads, 1, S']: cutting heads would leave that bias with the old head count, so heads are
+    refused with the reason (the pass used to write a graph that failed shape inference)."""
+    if name == "mpt":
+        model = CleanupPass()(tiny_model("mpt").clone()).model
+    else:
+        config = dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+        model = CleanupPass()(xopt.load(build_folder("MPNetConfig", config, "MPNetModel", tmp_path))).model
     with pytest.raises(XoptError, match="adds a per-head bias from outside the attention"):
         PruneWidthPass(heads=0.5, windows=2)(model)

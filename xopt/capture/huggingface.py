@@ -259,12 +259,13 @@ def source_tokenizer(model: ir.Model):
 
 
 def source_context_length(model: ir.Model) -> int | None:
-    """The longest sequence the source model's config allows (its position table), if known."""
+    """The longest sequence the source model's config allows (its position table, or MPT's
+    ALiBi table of `max_seq_len` entries), if known."""
     try:
         config = _source_config(model)
     except (OSError, ValueError):
         return None
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
 
 
 def source_folder(model: ir.Model) -> Path | None:

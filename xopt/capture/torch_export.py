@@ -35,7 +35,33 @@ def export_to_ir(
     output_names: Sequence[str] | None = None,
     dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
 ) -> ir.Model:
-    """Export an `nn.Module` (with example inputs) or an `ExportedProgram` to onnx-ir."""
+    """Export an `nn.Module` (with example inputs) or an `ExportedProgram` to onnx-ir.
+
+    A module torch.onnx cannot trace is traced once more by torch.export without the exporter's
+    `backed_size_oblivious` setting, which reads every dynamic axis as possibly 0 or 1: MPT's
+    `max(0, 1 - query_length)` then has no provable value and its guards turn out inconsistent,
+    where axes of at least 2 (the examples' sizes) prove it 0. The graph is the same translation;
+    its axes get the names `dynamic_shapes` gives them, as the module path names them."""
+    import torch
+
+    try:
+        return _onnx_export(program, example_inputs, input_names, output_names, dynamic_shapes).model
+    except XoptError as error:
+        if not isinstance(program, torch.nn.Module):
+            raise
+        first_failure = error
+    try:
+        with warnings.catch_warnings(), _quiet_loggers():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(program, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception:
+        raise first_failure from None
+    onnx_program = _onnx_export(exported, (), input_names, output_names, None)
+    onnx_program.rename_axes(_axis_names(onnx_program.model, dynamic_shapes))
+    return onnx_program.model
+
+
+def _onnx_export(program, example_inputs, input_names, output_names, dynamic_shapes):
     import torch
 
     output = io.StringIO()
@@ -55,7 +81,28 @@ def export_to_ir(
     except Exception as error:
         raise XoptError(f"torch.export could not capture the model: {_export_reason(error)}") from error
     logger.debug("torch.onnx.export said:\n%s", output.getvalue())
-    return onnx_program.model
+    return onnx_program
+
+
+def _axis_names(model: ir.Model, dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None) -> dict[str, str]:
+    """The exported program's symbols (s25, s70, …) on the inputs' dynamic axes → the names of the
+    `torch.export.Dim`s that `dynamic_shapes` gives those axes."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    if dynamic_shapes is None:
+        return {}
+    per_input = pytree.tree_leaves(
+        list(dynamic_shapes.values()) if isinstance(dynamic_shapes, Mapping) else list(dynamic_shapes),
+        is_leaf=lambda axes: isinstance(axes, dict) or axes is None,
+    )
+    names = {}
+    for value, axes in zip(model.graph.inputs, per_input, strict=True):
+        for axis, dim in (axes or {}).items():
+            symbol = value.shape[axis]
+            if isinstance(dim, torch.export.Dim) and isinstance(symbol, ir.SymbolicDim) and symbol.value:
+                names[symbol.value] = dim.__name__
+    return names
 
 
 @dataclass
