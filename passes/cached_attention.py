@@ -10,7 +10,8 @@ the product of the constant scalars on the way from Q·Kᵀ to the softmax (1 wh
 moved 1/√d into W_q) and M the additive mask the graph built from `attention_mask`. Gemma-2
 soft-caps the scores before the mask, c·tanh(f·Q·Kᵀ) + M: that is `Attention`'s `softcap`
 |c| with s = f·c, since c·tanh(f·z) = |c|·tanh(f·c·z/|c|), and `Attention` caps before it adds
-the mask too (ONNX's reference and ONNX Runtime alike). ONNX
+the mask too (ONNX's reference and ONNX Runtime alike). CodeGen scales after it adds the mask,
+softmax((Q·Kᵀ + M)·t) = softmax(t·Q·Kᵀ + t·M): s takes t and the mask fed is t·M. ONNX
 `Attention` (opset 23) computes exactly this from Q [B,H,S,d], K/V [B,KV,S,d], the mask, past key
 and value, returning Y and both presents, so the rewrite is exact for any mask, padding included.
 The head repeats, the transpose of K, the two MatMuls, the scale and the softmax go away.
@@ -32,6 +33,7 @@ converter when it is lower.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
@@ -39,7 +41,7 @@ from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import scalar_factor, sole_reader
 from xopt.analysis.structure import Attention
 from xopt.kv_cache import PAST_PATTERN, has_kv_cache
-from xopt.rewrite import replace_value, require_opset
+from xopt.rewrite import new_initializer, replace_value, require_opset
 
 ATTENTION_OPSET = 23
 _REPEAT_OPS = frozenset({"Unsqueeze", "Expand", "Reshape", "Identity"})
@@ -90,14 +92,16 @@ def _match(attention: Attention) -> dict | str:
         return "the softmax output is not what multiplies V"
     if attention.softmax.attributes.get_int("axis", -1) not in (-1, 3):
         return "softmax is not on the last axis"
-    mask, logits = None, attention.softmax.inputs[0]
-    add = logits.producer()
+    mask, mask_scale, logits = None, 1.0, attention.softmax.inputs[0]
+    masked, outer = _strip_scales(logits)  # (Q·Kᵀ + M)·t when the mask is added before a scale
+    add = masked.producer()
     if add is not None and add.op_type == "Add":
         sides = [v for v in add.inputs if _reaches(v, attention.scores)]
         if len(sides) != 1:
             return "the mask Add does not have exactly one side from Q·Kᵀ"
         mask = add.inputs[1] if sides[0] is add.inputs[0] else add.inputs[0]
-        logits = sides[0]
+        logits, mask_scale = sides[0], outer
+        scale *= outer
     logits, factor, softcap = _strip_soft_cap(logits)
     scale *= factor
     if logits is not attention.scores.outputs[0]:
@@ -107,6 +111,7 @@ def _match(attention: Attention) -> dict | str:
         "key": key_concat.inputs[1],
         "value": value_concat.inputs[1],
         "mask": mask,
+        "mask_scale": mask_scale,
         "past_key": key_concat.inputs[0],
         "past_value": value_concat.inputs[0],
         "present_key": key_concat.outputs[0],
@@ -234,9 +239,17 @@ def _rewrite(graph: ir.Graph, match: dict) -> None:
             attributes[attribute] = heads_count
             operands[name] = x if rotary is None else _merged_rotary(graph, rotary, x, heads_count)
         outputs["output"] = merged["output"]
-    inputs = [*operands.values(), match["mask"], match["past_key"], match["past_value"]]
+    mask, nodes = match["mask"], []
+    if match["mask_scale"] != 1.0:
+        nodes.append(
+            ir.node(
+                "Mul", [mask, new_initializer(graph, "mask_scale", np.array(match["mask_scale"]), mask.dtype.numpy())]
+            )
+        )
+        mask = nodes[-1].outputs[0]
+    inputs = [*operands.values(), mask, match["past_key"], match["past_value"]]
     node = ir.node("Attention", inputs, attributes=attributes, num_outputs=3)
-    graph.insert_after(match["after"], node)
+    graph.insert_after(match["after"], [*nodes, node])
     for new, old in zip(node.outputs, outputs.values(), strict=True):
         new.dtype, new.shape = old.dtype, old.shape
         replace_value(old, new)

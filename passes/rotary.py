@@ -19,8 +19,11 @@ Cohere, GLM, Helium, GPT-J and CodeGen rotate interleaved pairs instead:
 with cos = repeat_interleave(cos(θ), 2), so cos[..., 2i] = cos[..., 2i+1]. `RotaryEmbedding`
 with `interleaved=1` computes y[2i] = x[2i]·c − x[2i+1]·s, y[2i+1] = x[2i+1]·c + x[2i]·s with
 c, s the caches' entry i: fed the even entries of the graph's tables, the same values. A table
-already broadcast to [B, 1, S, d] is squeezed to [B, S, d] first. (GPT-J and CodeGen keep their
-heads on axis 2, [B, S, H, d], a layout the operator's 4-D form does not take: not matched.)
+already broadcast to [B, 1, S, d] is squeezed to [B, S, d] first.
+
+GPT-J and CodeGen keep their heads on axis 2 (x of shape [B, S, H, d], tables [B, S, 1, d]), a
+layout the operator's 4-D form ([B, H, S, d]) does not take; its 3-D form does: x is read as
+[B, S, H·d] (a Reshape that moves no data) with `num_heads` = H, and the result is shaped back.
 """
 
 from __future__ import annotations
@@ -75,15 +78,18 @@ def _match(neg: ir.Node) -> dict | str:
     if cos_mul is None or cos_mul.op_type != "Mul" or x not in cos_mul.inputs:
         return "the other term is not x·cos"
     cos = _other_input(cos_mul, x)
-    cos_table, sin_table = _per_position_table(cos), _per_position_table(sin)
-    if cos_table is None or sin_table is None:
-        return "cos and sin are not [B, S, d] tables broadcast over the head axis 1"
+    (cos_table, heads_axis), (sin_table, sin_heads_axis) = _per_position_table(cos), _per_position_table(sin)
+    if cos_table is None or sin_table is None or heads_axis != sin_heads_axis:
+        return "cos and sin are not [B, S, d] tables broadcast over the head axis (1, or 2 in [B, S, H, d])"
     if any(_one_row_for_all(table, x) for table in (cos_table, sin_table)):
         return "cos and sin are one [1, S, d] table for every row (ModernBERT): RotaryEmbedding takes one per row"
+    if heads_axis == 2 and not (x.shape is not None and all(isinstance(n, int) for n in x.shape[2:])):
+        return "x is [B, S, H, d] without a known number of heads and head size"
     return {
         "x": x,
         "cos": cos_table,
         "sin": sin_table,
+        "heads_axis": heads_axis,
         "half": half,
         "interleaved": interleaved,
         "output": add.outputs[0],
@@ -161,15 +167,20 @@ def _other_input(node: ir.Node, known: ir.Value) -> ir.Value:
     return node.inputs[1] if node.inputs[0] is known else node.inputs[0]
 
 
-def _per_position_table(value: ir.Value) -> ir.Value | None:
-    """The [B, S, d] table that `value` broadcasts over the head axis 1: the input of its
-    Unsqueeze on axis 1, or `value` itself when it is [B, 1, S, d] (squeezed in the rewrite)."""
+def _per_position_table(value: ir.Value) -> tuple[ir.Value | None, int]:
+    """(table, head axis): the [B, S, d] table that `value` broadcasts over the head axis 1 (the
+    input of its Unsqueeze on axis 1), or `value` itself when it is [B, 1, S, d], or [B, S, 1, d]
+    for heads on axis 2 (squeezed in the rewrite)."""
     node = value.producer()
     if node is not None and node.op_type == "Unsqueeze":
         axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        return node.inputs[0] if axes is not None and axes.size == 1 and int(axes.item()) == 1 else None
+        return (node.inputs[0] if axes is not None and axes.size == 1 and int(axes.item()) == 1 else None), 1
     shape = value.shape
-    return value if shape is not None and len(shape) == 4 and shape[1] == 1 else None
+    if shape is None or len(shape) != 4 or shape[-1] == 1:
+        return None, 0
+    if shape[1] == 1:
+        return value, 1
+    return (value, 2) if shape[2] == 1 else (None, 0)
 
 
 def _one_row_for_all(table: ir.Value, x: ir.Value) -> bool:
@@ -178,14 +189,20 @@ def _one_row_for_all(table: ir.Value, x: ir.Value) -> bool:
 
 
 def _rewrite(graph: ir.Graph, match: dict, caches: dict[tuple, ir.Value]) -> None:
-    rotary = ir.node(
-        "RotaryEmbedding",
-        [match["x"], *(_cache(graph, match, table, caches) for table in (match["cos"], match["sin"]))],
-        attributes={"interleaved": int(match["interleaved"])},
-    )
-    graph.insert_after(match["after"], rotary)
-    rotary.outputs[0].dtype, rotary.outputs[0].shape = match["output"].dtype, match["output"].shape
-    replace_value(match["output"], rotary.outputs[0])
+    x, attributes, nodes = match["x"], {"interleaved": int(match["interleaved"])}, []
+    if match["heads_axis"] == 2:  # [B, S, H, d] read as [B, S, H·d]
+        heads, size = x.shape[2], x.shape[3]
+        nodes.append(ir.node("Reshape", [x, new_initializer(graph, "rotary_shape", np.array([0, 0, -1]), np.int64)]))
+        x, attributes["num_heads"] = nodes[-1].outputs[0], heads
+    caches_in = [_cache(graph, match, table, caches) for table in (match["cos"], match["sin"])]
+    nodes.append(ir.node("RotaryEmbedding", [x, *caches_in], attributes=attributes))
+    if match["heads_axis"] == 2:
+        shape = new_initializer(graph, "rotary_shape", np.array([0, 0, heads, size]), np.int64)
+        nodes.append(ir.node("Reshape", [nodes[-1].outputs[0], shape]))
+    graph.insert_after(match["after"], nodes)
+    output = nodes[-1].outputs[0]
+    output.dtype, output.shape = match["output"].dtype, match["output"].shape
+    replace_value(match["output"], output)
 
 
 def _cache(graph: ir.Graph, match: dict, table: ir.Value, caches: dict[tuple, ir.Value]) -> ir.Value:
@@ -196,8 +213,8 @@ def _cache(graph: ir.Graph, match: dict, table: ir.Value, caches: dict[tuple, ir
         start, end, step = (0, np.iinfo(np.int64).max, 2) if match["interleaved"] else (0, match["half"], 1)
         bounds = [new_initializer(graph, "rotary_cache", np.array([v]), np.int64) for v in (start, end, -1, step)]
         nodes = [ir.node("Slice", [table, *bounds])]
-        if len(table.shape or ()) == 4:  # [B, 1, S, d]
-            axis = new_initializer(graph, "rotary_cache", np.array([1]), np.int64)
+        if len(table.shape or ()) == 4:  # [B, 1, S, d] or [B, S, 1, d]
+            axis = new_initializer(graph, "rotary_cache", np.array([match["heads_axis"]]), np.int64)
             nodes.append(ir.node("Squeeze", [nodes[0].outputs[0], axis]))
         producer = table.producer()
         if producer is None:

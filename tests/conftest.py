@@ -114,6 +114,11 @@ TINY_CONFIGS = {
         dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, rotary_dim=6, n_positions=64),
         "GPTJForCausalLM",
     ),
+    "codegen": (  # GPT-J's rotary on heads at axis 2; the mask is added to Q·Kᵀ before the scale
+        "CodeGenConfig",
+        dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, rotary_dim=6, n_positions=64),
+        "CodeGenForCausalLM",
+    ),
     "opt": (  # pre-LN with learned positions; each layer flattens the stream to [B·S, d] around its MLP
         "OPTConfig",
         dict(

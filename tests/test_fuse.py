@@ -144,6 +144,32 @@ def test_interleaved_rotary_embeddings_lower_and_merge_heads(tiny_model):
     assert parity.max_rel <= 1e-5, parity
 
 
+def test_rotary_embeddings_on_heads_at_axis_2_lower_through_the_3d_form(tiny_model):
+    # GPT-J rotates the first 6 dims of x [B, S, H, d] in pairs: RotaryEmbedding takes it as [B, S, H·d]
+    cleaned = CleanupPass()(tiny_model("gptj").clone()).model
+    result = FusePass(lowering="all", skip=only("rotary"))(cleaned.clone())
+    rotations = [n for n in result.model.graph if n.op_type == "RotaryEmbedding"]
+    assert result.stats == {"rotary": 4} and len(rotations) == 4
+    assert all(n.attributes.get_int("interleaved") == 1 and n.attributes.get_int("num_heads") == 4 for n in rotations)
+    feeds = sample_inputs(cleaned, batch=2, sequence=5, past=4, padded=True, seed=3)
+    parity = compare(reference_outputs(cleaned, feeds), reference_outputs(result.model, feeds))
+    assert parity.max_rel <= 1e-5, parity
+
+
+def test_a_mask_added_before_the_scale_is_scaled_with_the_scores(tiny_model):
+    """CodeGen computes softmax((Q·Kᵀ + M) / √d): `Attention` gets scale 1/√d and the mask M/√d."""
+    cleaned = CleanupPass()(tiny_model("codegen").clone()).model
+    result = FusePass(lowering="all", skip=only("cached-attention"))(cleaned.clone())
+    attentions = [n for n in result.model.graph if n.op_type == "Attention"]
+    assert result.stats == {"cached-attention": 2} and len(attentions) == 2
+    for node in attentions:
+        assert node.attributes.get_float("scale") == pytest.approx(12**-0.5)
+        assert node.inputs[3].producer().op_type == "Mul"
+    feeds = sample_inputs(cleaned, batch=2, sequence=5, past=4, padded=True, seed=3)
+    parity = compare(reference_outputs(cleaned, feeds), reference_outputs(result.model, feeds))
+    assert parity.max_rel <= 1e-5, parity
+
+
 def test_cached_attention_leaves_an_encoder_alone(tiny_model):
     result = FusePass(lowering="all", skip="norm,attention,gelu")(CleanupPass()(tiny_model("bert").clone()).model)
     assert "cached-attention: no match" in result.explain and "cached-attention" not in result.stats
