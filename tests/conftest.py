@@ -114,6 +114,19 @@ TINY_CONFIGS = {
         dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, rotary_dim=6, n_positions=64),
         "GPTJForCausalLM",
     ),
+    "gpt_neo": (  # slices its causal mask from a table of max_position_embeddings rows, local attention
+        "GPTNeoConfig",
+        dict(
+            vocab_size=211,
+            hidden_size=48,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1]],
+            window_size=4,
+            max_position_embeddings=64,
+        ),
+        "GPTNeoForCausalLM",
+    ),
     "codegen": (  # GPT-J's rotary on heads at axis 2; the mask is added to Q·Kᵀ before the scale
         "CodeGenConfig",
         dict(vocab_size=211, n_embd=48, n_layer=2, n_head=4, rotary_dim=6, n_positions=64),

@@ -163,7 +163,7 @@ def test_hugging_face_encoder_exports_dynamic_axes_and_matches_torch(tiny_folder
         np.testing.assert_allclose(got[valid], expected[valid], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral", "mpt"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral", "mpt", "gpt_neo"])
 def test_causal_lm_exports_a_kv_cache_model_that_matches_torch(tiny_folder, tiny_model, name):
     """Prefill on an empty cache, then the rest of the sequence fed on the returned presents,
     gives transformers' logits for the whole sequence; left padding included. MPT is traced
@@ -207,6 +207,25 @@ def test_causal_lm_exports_a_kv_cache_model_that_matches_torch(tiny_folder, tiny
         valid = mask.astype(bool)
         np.testing.assert_allclose(got[valid], expected.logits.numpy()[valid], atol=2e-5, rtol=1e-4)
         assert second["present.0.key"].shape[2] == sequence
+
+
+def test_a_capture_retried_on_bounded_axes_runs_the_whole_context(tiny_folder, tiny_model):
+    """GPT-Neo is captured on the retry, with the sequence and past axes bounded by 32, half its
+    64 positions (torch.export takes P + S ≤ 64 no other way): the graph still runs a prompt of 60
+    tokens and then 4 more on its cache, as transformers does."""
+    model = tiny_model("gpt_neo")
+    reference = huggingface.load_hf_model(tiny_folder("gpt_neo"))
+    ids = np.random.default_rng(4).integers(0, 211, (1, 64))
+    session = create_session(model)
+    first = run(
+        session, {"input_ids": ids[:, :60], "attention_mask": np.ones((1, 60), np.int64), **empty_cache(model, 1)}
+    )
+    pasts = {v.name: first[v.name.replace("past_key_values", "present")] for v in model.graph.inputs[2:]}
+    second = run(session, {"input_ids": ids[:, 60:], "attention_mask": np.ones((1, 64), np.int64), **pasts})
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = np.concatenate([first["logits"], second["logits"]], axis=1)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_mpt_s_context_is_the_length_of_its_alibi_table(tiny_model):
@@ -324,3 +343,16 @@ def test_gguf_files_are_read_without_gguf_py_s_repeated_work_while_a_gguf_model_
     assert gguf.get_tensor_name_map is build and gguf.gguf_reader.np is numpy
     with huggingface._fast_gguf_reads(None):  # a folder without GGUF: nothing changes
         assert gguf.get_tensor_name_map is build and gguf.gguf_reader.np is numpy
+
+
+def test_an_axis_the_exporter_fixes_is_named_in_a_warning(caplog):
+    """torch.onnx fixes a dynamic axis that the module's code needs at one size, without an error."""
+
+    class FixedBatch(torch.nn.Module):
+        def forward(self, x):
+            return x + torch.ones(2, 4)  # the batch axis must be 2
+
+    with caplog.at_level("WARNING", logger="xopt"):
+        model = xopt.load(FixedBatch(), (torch.ones(2, 4),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    assert list(model.graph.inputs[0].shape) == [2, 4]
+    assert "x: axis 0 (batch) is fixed at 2: the module's code needs that size" in caplog.messages

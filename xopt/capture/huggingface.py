@@ -259,12 +259,17 @@ def source_tokenizer(model: ir.Model):
 
 
 def source_context_length(model: ir.Model) -> int | None:
-    """The longest sequence the source model's config allows (its position table, or MPT's
-    ALiBi table of `max_seq_len` entries), if known."""
+    """The longest sequence the source model's config allows, if known."""
     try:
         config = _source_config(model)
     except (OSError, ValueError):
         return None
+    return config_context_length(config)
+
+
+def config_context_length(config) -> int | None:
+    """The longest sequence `config` allows: its position table, or MPT's ALiBi table of
+    `max_seq_len` entries."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
 
 
@@ -353,20 +358,28 @@ def _causal_lm_call(model) -> ExportCall:
     )
     if len(past) != 2 * layers:
         raise XoptError(f"{model.config.model_type}: the cache has {len(past) // 2} layers, the config {layers}")
-    batch, sequence = torch.export.Dim(kv_cache.BATCH), torch.export.Dim(kv_cache.SEQUENCE)
-    past_sequence = torch.export.Dim(kv_cache.PAST_SEQUENCE)
-    dynamic = {
-        "input_ids": {0: batch, 1: sequence},
-        "attention_mask": {0: batch, 1: torch.export.Dim.DYNAMIC},
-        "past": tuple({0: batch, 2: past_sequence} for _ in past),
-    }
+
+    def dynamic(most: int | None) -> dict:
+        batch = torch.export.Dim(kv_cache.BATCH)
+        sequence = torch.export.Dim(kv_cache.SEQUENCE, max=most)
+        past_sequence = torch.export.Dim(kv_cache.PAST_SEQUENCE, max=most)
+        return {
+            "input_ids": {0: batch, 1: sequence},
+            "attention_mask": {0: batch, 1: torch.export.Dim.DYNAMIC},
+            "past": tuple({0: batch, 2: past_sequence} for _ in past),
+        }
+
+    # P + S ≤ L as bounds on each axis, for a retry of the capture (see `export_to_ir`)
+    half = (config_context_length(model.config) or 0) // 2
+    bounded = dynamic(half) if half >= max(_EXAMPLE_SEQUENCE, _EXAMPLE_PAST) else None
     names = [(kv_cache.past_name(i, k), kv_cache.present_name(i, k)) for i in range(layers) for k in ("key", "value")]
     return ExportCall(
         WithKVCache(model).eval(),
         (input_ids, attention_mask, past),
         ["input_ids", "attention_mask", *(p for p, _ in names)],
         ["logits", *(p for _, p in names)],
-        dynamic,
+        dynamic(None),
+        bounded,
     )
 
 

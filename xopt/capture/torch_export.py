@@ -34,30 +34,43 @@ def export_to_ir(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
+    retry_dynamic_shapes: Mapping[str, Any] | None = None,
 ) -> ir.Model:
     """Export an `nn.Module` (with example inputs) or an `ExportedProgram` to onnx-ir.
 
     A module torch.onnx cannot trace is traced once more by torch.export without the exporter's
     `backed_size_oblivious` setting, which reads every dynamic axis as possibly 0 or 1: MPT's
     `max(0, 1 - query_length)` then has no provable value and its guards turn out inconsistent,
-    where axes of at least 2 (the examples' sizes) prove it 0. The graph is the same translation;
-    its axes get the names `dynamic_shapes` gives them, as the module path names them."""
+    where axes of at least 2 (the examples' sizes) prove it 0. The retry takes the same axes with
+    maxima where the caller gives them (`retry_dynamic_shapes`): GPT-Neo and XGLM slice rows
+    [P, P + S) of a causal-mask table of L rows, which holds only for P + S ≤ L, a relation of two
+    axes torch.export takes only as bounds on each. The graph is the same translation (its Slices
+    are computed at run time); its axes get the names the dynamic shapes give them, as the module
+    path names them."""
     import torch
 
     try:
-        return _onnx_export(program, example_inputs, input_names, output_names, dynamic_shapes).model
+        model = _onnx_export(program, example_inputs, input_names, output_names, dynamic_shapes).model
     except XoptError as error:
         if not isinstance(program, torch.nn.Module):
             raise
         first_failure = error
+    else:
+        _warn_of_fixed_axes(model, dynamic_shapes)
+        return model
+    shapes = retry_dynamic_shapes if retry_dynamic_shapes is not None else dynamic_shapes
     try:
         with warnings.catch_warnings(), _quiet_loggers():
             warnings.simplefilter("ignore")
-            exported = torch.export.export(program, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+            exported = torch.export.export(program, tuple(example_inputs), dynamic_shapes=shapes, strict=False)
     except Exception:
         raise first_failure from None
     onnx_program = _onnx_export(exported, (), input_names, output_names, None)
-    onnx_program.rename_axes(_axis_names(onnx_program.model, dynamic_shapes))
+    declared = _declared_axes(onnx_program.model, shapes)  # the exporter names them s25, s70, …
+    onnx_program.rename_axes(
+        {value.shape[axis].value: name for value, axis, name in declared if _symbolic(value, axis)}
+    )
+    _warn_of_fixed_axes(onnx_program.model, shapes)
     return onnx_program.model
 
 
@@ -84,25 +97,41 @@ def _onnx_export(program, example_inputs, input_names, output_names, dynamic_sha
     return onnx_program
 
 
-def _axis_names(model: ir.Model, dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None) -> dict[str, str]:
-    """The exported program's symbols (s25, s70, …) on the inputs' dynamic axes → the names of the
-    `torch.export.Dim`s that `dynamic_shapes` gives those axes."""
+def _warn_of_fixed_axes(model: ir.Model, dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None) -> None:
+    """torch.onnx fixes an axis the module's code needs at one size without an error: say so."""
+    for value, axis, name in _declared_axes(model, dynamic_shapes):
+        if not _symbolic(value, axis):
+            size = value.shape[axis]
+            logger.warning(
+                "%s: axis %d (%s) is fixed at %s: the module's code needs that size", value.name, axis, name, size
+            )
+
+
+def _symbolic(value: ir.Value, axis: int) -> bool:
+    dim = value.shape[axis]
+    return isinstance(dim, ir.SymbolicDim) and bool(dim.value)
+
+
+def _declared_axes(model: ir.Model, dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None) -> list:
+    """(graph input, axis, name) for every input axis that `dynamic_shapes` gives a `torch.export.Dim`;
+    none when the inputs do not line up with the shapes (a module with non-tensor arguments)."""
     import torch
     import torch.utils._pytree as pytree
 
     if dynamic_shapes is None:
-        return {}
+        return []
     per_input = pytree.tree_leaves(
         list(dynamic_shapes.values()) if isinstance(dynamic_shapes, Mapping) else list(dynamic_shapes),
         is_leaf=lambda axes: isinstance(axes, dict) or axes is None,
     )
-    names = {}
-    for value, axes in zip(model.graph.inputs, per_input, strict=True):
-        for axis, dim in (axes or {}).items():
-            symbol = value.shape[axis]
-            if isinstance(dim, torch.export.Dim) and isinstance(symbol, ir.SymbolicDim) and symbol.value:
-                names[symbol.value] = dim.__name__
-    return names
+    if len(per_input) != len(model.graph.inputs):
+        return []
+    return [
+        (value, axis, dim.__name__)
+        for value, axes in zip(model.graph.inputs, per_input, strict=True)
+        for axis, dim in (axes or {}).items()
+        if isinstance(dim, torch.export.Dim) and value.shape is not None
+    ]
 
 
 @dataclass
@@ -114,6 +143,7 @@ class ExportCall:
     input_names: list[str]
     output_names: list[str]
     dynamic_shapes: Mapping[str, Any] | None = None
+    bounded_dynamic_shapes: Mapping[str, Any] | None = None  # with the maxima the model's tables allow
 
     def export(self) -> ir.Model:
         return export_to_ir(
@@ -122,6 +152,7 @@ class ExportCall:
             input_names=self.input_names,
             output_names=self.output_names,
             dynamic_shapes=self.dynamic_shapes,
+            retry_dynamic_shapes=self.bounded_dynamic_shapes,
         )
 
     def feeds(self) -> dict[str, np.ndarray]:
@@ -187,6 +218,7 @@ def _quiet_loggers():
     them out of xopt's output (a failure comes back as the exception, which xopt reports)."""
     names = ("torch.onnx._internal.exporter._registration", "torch.onnx", "torch.export", "torch._dynamo")
     names += ("torch._subclasses.fake_tensor",)  # logs the traceback of an op that fails on fake tensors
+    names += ("torch._guards",)  # logs the traceback of a guard that contradicts the dynamic shapes
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
