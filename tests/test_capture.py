@@ -356,3 +356,18 @@ def test_an_axis_the_exporter_fixes_is_named_in_a_warning(caplog):
         model = xopt.load(FixedBatch(), (torch.ones(2, 4),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
     assert list(model.graph.inputs[0].shape) == [2, 4]
     assert "x: axis 0 (batch) is fixed at 2: the module's code needs that size" in caplog.messages
+
+
+def test_a_failed_capture_prints_nothing_but_its_error(tmp_path, capfd):
+    """DBRX's experts loop over the experts a batch hit (a data-dependent count): torch.export
+    stops, and on the way prints the whole traced graph on stderr and logs guards' tracebacks."""
+    from conftest import build_folder
+
+    attention = {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}
+    experts = {"moe_num_experts": 4, "moe_top_k": 2, "ffn_hidden_size": 32}
+    config = dict(d_model=48, n_heads=4, n_layers=1, vocab_size=211, attn_config=attention, ffn_config=experts)
+    folder = build_folder("DbrxConfig", config, "DbrxForCausalLM", tmp_path)
+    capfd.readouterr()
+    with pytest.raises(XoptError, match="could not capture the model: Could not guard on data-dependent expression"):
+        xopt.load(folder)
+    assert capfd.readouterr().err == ""

@@ -58,12 +58,13 @@ def export_to_ir(
     else:
         _warn_of_fixed_axes(model, dynamic_shapes)
         return model
-    shapes = retry_dynamic_shapes if retry_dynamic_shapes is not None else dynamic_shapes
-    try:
-        with warnings.catch_warnings(), _quiet_loggers():
+    shapes, output = retry_dynamic_shapes if retry_dynamic_shapes is not None else dynamic_shapes, io.StringIO()
+    try:  # a data-dependent guard prints the whole traced graph on stderr
+        with warnings.catch_warnings(), contextlib.redirect_stderr(output), _quiet_loggers():
             warnings.simplefilter("ignore")
             exported = torch.export.export(program, tuple(example_inputs), dynamic_shapes=shapes, strict=False)
     except Exception:
+        logger.debug("torch.export said:\n%s", output.getvalue())
         raise first_failure from None
     onnx_program = _onnx_export(exported, (), input_names, output_names, None)
     declared = _declared_axes(onnx_program.model, shapes)  # the exporter names them s25, s70, …
@@ -79,7 +80,12 @@ def _onnx_export(program, example_inputs, input_names, output_names, dynamic_sha
 
     output = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(output), _quiet_loggers():
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(output),
+            contextlib.redirect_stderr(output),
+            _quiet_loggers(),
+        ):
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(
                 program,
