@@ -138,8 +138,8 @@ def attention_region(attention: Attention) -> list[ir.Node] | str:
     region = region_after(starts, attention.o.node, REGION_LIMIT)
     if region is None:
         return "the heads' activations reach beyond the output projection"
-    if attention.fused_qkv and not any(n.op_type == "Split" or _slices_fused(n, attention) for n in region):
-        return "the fused QKV projection is not split by a Split or by Slices of its last axis"
+    if attention.fused_qkv and not any(_splits_fused(n, attention) or _slices_fused(n, attention) for n in region):
+        return "the fused QKV is not split by a Split or by Slices of its whole last axis (CodeGen: groups of heads)"
     inside = set(region)
     for node in region:
         for value in node.inputs if node.op_type == "Add" else ():
@@ -158,6 +158,13 @@ def _per_head(value: ir.Value, heads: int) -> bool:
     -3 of [B, heads, S, S'] or MPT's ALiBi [heads, 1, S']; a mask is [B, 1, S, S'])."""
     shape = value.shape
     return heads > 1 and shape is not None and len(shape) >= 3 and shape[-3] == heads
+
+
+def _splits_fused(node: ir.Node, attention: Attention) -> bool:
+    """Whether `node` is a Split of a last axis as wide as the fused QKV projection (CodeGen reshapes
+    [Q | V | K] into 4 groups of heads first and splits each group's 3·H·d/4)."""
+    shape = node.inputs[0].shape if node.op_type == "Split" else None
+    return shape is not None and len(shape) > 0 and shape[-1] == attention.q.out_features
 
 
 def _slices_fused(node: ir.Node, attention: Attention) -> bool:

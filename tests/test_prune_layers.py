@@ -198,6 +198,15 @@ def test_post_norm_encoder_drops_blocks_and_refuses_replaceme(tiny_model):
         PassManager([PruneLayersPass(n=1)], verify=False)(model)
 
 
+def test_blocks_whose_attention_went_unread_are_not_removed(tmp_path):
+    """XGLM's attention is not read (its scores pass a clamp to the dtype's minimum), so its blocks
+    were MLPs alone: removing one removed half a layer, without a word."""
+    config = dict(vocab_size=211, d_model=48, num_layers=2, attention_heads=4, ffn_dim=96, max_position_embeddings=64)
+    model = CleanupPass()(xopt.load(build_folder("XGLMConfig", config, "XGLMForCausalLM", tmp_path))).model
+    with pytest.raises(XoptError, match="block 0 has no attention, and the structure could not read the attention at"):
+        PruneLayersPass(n=1, method="drop")(model)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

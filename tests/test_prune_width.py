@@ -167,3 +167,12 @@ def test_a_per_head_bias_on_the_scores_keeps_the_heads(name, tiny_model, tmp_pat
         model = CleanupPass()(xopt.load(build_folder("MPNetConfig", config, "MPNetModel", tmp_path))).model
     with pytest.raises(XoptError, match="adds a per-head bias from outside the attention"):
         PruneWidthPass(heads=0.5, windows=2)(model)
+
+
+def test_a_fused_qkv_split_in_groups_of_heads_keeps_the_heads(tiny_model):
+    """CodeGen reshapes its fused projection into 4 groups and splits each into [Q | V | K]: the
+    columns of a head are not where a split of [Q | K | V] puts them, so heads are refused (the
+    pass used to write a graph ONNX Runtime could not run)."""
+    model = CleanupPass()(tiny_model("codegen").clone()).model
+    with pytest.raises(XoptError, match="not split by a Split or by Slices of its whole last axis"):
+        PruneWidthPass(heads=0.5, windows=2)(model)

@@ -40,9 +40,16 @@ def block_output(block: Block, structure: TransformerStructure) -> ir.Value:
 
 
 def boundaries_known(structure: TransformerStructure) -> str | None:
-    """None when every block has residual adds (and post-norms where the model has them)."""
+    """None when every block has residual adds (and post-norms where the model has them). A block
+    without attention in a graph with a Softmax the structure could not read as attention is an
+    MLP whose attention went unread (GPT-OSS's sinks, DeepSeek's latent attention): removing it
+    would remove half a layer."""
     if not structure.blocks:
         return "no transformer blocks found"
+    unread = next((line for line in structure.near_misses if line.startswith("attention at ")), None)
+    headless = next((block for block in structure.blocks if block.attention is None), None)
+    if unread is not None and headless is not None:
+        return f"block {headless.index} has no attention, and the structure could not read the {unread}"
     for block in structure.blocks:
         for sublayer in (block.attention, block.mlp):
             if sublayer is not None and sublayer.residual is None:
