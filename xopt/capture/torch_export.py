@@ -80,7 +80,12 @@ def _onnx_export(program, example_inputs, input_names, output_names, dynamic_sha
 
     output = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(output), _quiet_loggers():
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(output),
+            contextlib.redirect_stderr(output),
+            _quiet_loggers(),
+        ):
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(
                 program,
