@@ -14,7 +14,7 @@ import io
 import logging
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +59,8 @@ def export_to_ir(
         _warn_of_fixed_axes(model, dynamic_shapes)
         return model
     shapes, output = retry_dynamic_shapes if retry_dynamic_shapes is not None else dynamic_shapes, io.StringIO()
-    try:  # a data-dependent guard prints the whole traced graph on stderr
-        with warnings.catch_warnings(), contextlib.redirect_stderr(output), _quiet_loggers():
-            warnings.simplefilter("ignore")
+    try:
+        with _quiet_export(output):
             exported = torch.export.export(program, tuple(example_inputs), dynamic_shapes=shapes, strict=False)
     except Exception:
         logger.debug("torch.export said:\n%s", output.getvalue())
@@ -80,13 +79,7 @@ def _onnx_export(program, example_inputs, input_names, output_names, dynamic_sha
 
     output = io.StringIO()
     try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(output),
-            contextlib.redirect_stderr(output),
-            _quiet_loggers(),
-        ):
-            warnings.simplefilter("ignore")
+        with _quiet_export(output):
             onnx_program = torch.onnx.export(
                 program,
                 tuple(example_inputs),
@@ -106,8 +99,7 @@ def _onnx_export(program, example_inputs, input_names, output_names, dynamic_sha
 def _warn_of_fixed_axes(model: ir.Model, dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None) -> None:
     """torch.onnx fixes an axis the module's code needs at one size without an error: say so."""
     for value, axis, name in _declared_axes(model, dynamic_shapes):
-        if not _symbolic(value, axis):
-            size = value.shape[axis]
+        if isinstance(size := value.shape[axis], int):
             logger.warning(
                 "%s: axis %d (%s) is fixed at %s: the module's code needs that size", value.name, axis, name, size
             )
@@ -216,6 +208,16 @@ def _export_reason(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     return re.sub(r"\x1b\[[0-9;]*m", "", first_line(error))
+
+
+@contextlib.contextmanager
+def _quiet_export(output: io.StringIO) -> Iterator[None]:
+    """What an export prints goes to `output` (a data-dependent guard prints the whole traced
+    graph on stderr), its warnings nowhere, its loggers' tracebacks nowhere."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        warnings.simplefilter("ignore")
+        with _quiet_loggers():
+            yield
 
 
 @contextlib.contextmanager
