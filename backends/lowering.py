@@ -80,7 +80,7 @@ from xopt.analysis.structure import TransformerStructure
 from xopt.backends.onnxruntime import create_session, run
 from xopt.cache import cache_dir as default_cache_dir
 from xopt.cpu_load import OtherLoad, wait_until_quiet
-from xopt.kv_cache import has_kv_cache, past_inputs, shares_buffers
+from xopt.kv_cache import context_limit, has_kv_cache, past_inputs, shares_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +121,14 @@ class Verdict:
         return self.current_ms / self.candidate_ms
 
 
-def timed_sequence(structure: TransformerStructure, wanted: int) -> int:
-    """The timing sequence length S, capped so that a learned position table (GPT-2, BERT) has a
-    row for every position timed: prefill of S tokens and a decode step at position S. A table
-    read at one row whatever the position (BERT's token types) caps nothing."""
+def timed_sequence(model: ir.Model, structure: TransformerStructure, wanted: int) -> int:
+    """The timing sequence length S, capped so that every position timed, a prefill of S tokens
+    and a decode step at position S, has a row in a learned position table (GPT-2, BERT) and lies
+    within the model's context (MPT's ALiBi table, rotary tables inside GroupQueryAttention). A
+    table read at one row whatever the position (BERT's token types) caps nothing."""
     tables = [e.rows for e in structure.embeddings if e is not structure.token_embedding and not _one_row(e)]
-    return min([wanted, *(rows - 1 for rows in tables)])
+    context, _ = context_limit(model)
+    return min([wanted, *(rows - 1 for rows in [*tables, *([context] if context else [])])])
 
 
 # Ops that select or reshape their first input's values without computing new ones

@@ -156,7 +156,7 @@ class FusePass(Pass):
         if unknown:
             raise XoptError(f"fuse: unknown family {sorted(unknown)[0]!r} in skip: families are {', '.join(FAMILIES)}")
         structure = find_transformer_structure(model)
-        sequence = timed_sequence(structure, self.sequence)
+        sequence = timed_sequence(model, structure, self.sequence)
         chooser = LoweringChooser(threads=self.threads, batch=self.batch, sequence=sequence)
         if WEIGHTS[self.weights] is not None:
             options, chooser.context_name = WEIGHTS[self.weights]

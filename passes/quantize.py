@@ -164,7 +164,7 @@ class QuantizeWeightsPass(Pass):
         """The pass, reusing (and adding to) `shared`'s forms for the weight tensors it has seen."""
         self._check_options()
         structure = find_transformer_structure(model, heads=False)  # the token table and positions
-        sequence = timed_sequence(structure, self.sequence)
+        sequence = timed_sequence(model, structure, self.sequence)
         explain: list[str] = []
         precision = self._precision(model, explain)
         if not precision:

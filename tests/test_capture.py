@@ -231,7 +231,7 @@ def test_a_capture_retried_on_bounded_axes_runs_the_whole_context(tiny_folder, t
 def test_mpt_s_context_is_the_length_of_its_alibi_table(tiny_model):
     """MPT's config names its limit `max_seq_len` (its ALiBi table's columns): calibration, eval
     and generate stay within it (past it, the bias fails to broadcast inside ONNX Runtime)."""
-    from xopt.generate import context_limit
+    from xopt.kv_cache import context_limit
 
     assert context_limit(tiny_model("mpt")) == (64, "the model's config allows")
 

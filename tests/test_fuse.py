@@ -228,10 +228,12 @@ def test_skip_norm_that_lost_to_residual_sums_is_not_tried_with_them(tiny_model,
 
 
 def test_a_token_type_table_does_not_bound_the_timed_sequence(tiny_model):
-    structure = find_transformer_structure(tiny_model("bert"))
+    model = tiny_model("bert")
+    structure = find_transformer_structure(model)
     positions = [e.rows for e in structure.embeddings if e is not structure.token_embedding and e.rows > 2]
     assert len(structure.embeddings) == 3 and len(positions) == 1  # tokens, token types (2 rows), positions
-    assert timed_sequence(structure, 10_000) == positions[0] - 1 and timed_sequence(structure, 16) == 16
+    assert timed_sequence(model, structure, 10_000) == positions[0] - 1
+    assert timed_sequence(model, structure, 16) == 16
 
 
 def test_merges_stack_the_projections(tiny_model):
@@ -505,9 +507,11 @@ def test_bad_options_are_named(tiny_model):
             FusePass(**option)(tiny_model("bert").clone())
 
 
-def test_a_learned_position_table_bounds_the_timed_sequence(tiny_model):
-    # tiny GPT-2 has 64 positions: a prefill of 128, or a decode step at position 64, cannot run
-    result = FusePass()(CleanupPass()(tiny_model("gpt2").clone()).model)
+@pytest.mark.parametrize("name", ["gpt2", "mpt"])
+def test_the_context_bounds_the_timed_sequence(tiny_model, name):
+    # tiny GPT-2 has 64 learned positions, tiny MPT an ALiBi table of 64: a prefill of 128, or a
+    # decode step at position 64, cannot run
+    result = FusePass()(CleanupPass()(tiny_model(name).clone()).model)
     timed = [line for line in result.explain if "speedup" in line]
     assert timed and not any("timing failed" in line for line in result.explain), result.explain
 

@@ -323,8 +323,8 @@ def _bench(args: argparse.Namespace) -> int:
     from xopt import bench
     from xopt.backends.onnxruntime import RUN_ERRORS
     from xopt.errors import first_line
-    from xopt.generate import context_limit
     from xopt.inputs import sample_inputs
+    from xopt.kv_cache import context_limit
     from xopt.runnable import open_runnable
 
     if args.batch < 1 or args.seq < 1 or args.rounds < 1 or args.warmup < 0:

@@ -29,8 +29,9 @@ import onnx_ir as ir
 from xopt.backends.onnxruntime import create_session, run
 from xopt.capture.huggingface import TASK_CAUSAL_LM, source_folder
 from xopt.errors import XoptError, counted
-from xopt.generate import context_limit, logits_row
+from xopt.generate import logits_row
 from xopt.inputs import text_feeds
+from xopt.kv_cache import context_limit
 from xopt.runnable import Runnable, model_task
 from xopt.text import split_sentences
 

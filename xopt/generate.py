@@ -132,17 +132,6 @@ class ExecutorCache:
         return outputs["logits"][:, -1:].float().cpu().numpy()
 
 
-def context_limit(model) -> tuple[int | None, str]:
-    """The most positions the model can run, and what fixes it: the rows of the rotary tables
-    inside its GroupQueryAttention, else the source config's `max_position_embeddings`."""
-    from xopt.capture.huggingface import source_context_length
-
-    rows = kv_cache.position_limit(model)
-    if rows is not None:
-        return rows, "the model's rotary tables hold"
-    return source_context_length(model), "the model's config allows"
-
-
 def _ort(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(array)
 
@@ -163,7 +152,7 @@ class Decoder:
             raise XoptError(f"{runnable.label}: cannot feed input {sorted(unknown)[0]!r} when generating")
         self.in_place = kv_cache.shares_buffers(runnable.model)
         self.static = None  # the CUDA backend's fixed-buffer cache, kept for generations of the same length
-        self.position_limit, self.limit_source = context_limit(runnable.model)
+        self.position_limit, self.limit_source = kv_cache.context_limit(runnable.model)
         row = logits_row(runnable.model)
         self.vocab = row[0] if row is not None else None
 

@@ -92,3 +92,14 @@ def position_limit(model: ir.Model) -> int | None:
         and isinstance(node.inputs[7].shape[0], int)
     ]
     return min(rows, default=None)
+
+
+def context_limit(model: ir.Model) -> tuple[int | None, str]:
+    """The most positions the model can run, and what fixes it: the rows of the rotary tables
+    inside its GroupQueryAttention, else the source config's `max_position_embeddings`."""
+    from xopt.capture.huggingface import source_context_length
+
+    rows = position_limit(model)
+    if rows is not None:
+        return rows, "the model's rotary tables hold"
+    return source_context_length(model), "the model's config allows"
