@@ -11,7 +11,12 @@ moved 1/√d into W_q) and M the additive mask the graph built from `attention_m
 soft-caps the scores before the mask, c·tanh(f·Q·Kᵀ) + M: that is `Attention`'s `softcap`
 |c| with s = f·c, since c·tanh(f·z) = |c|·tanh(f·c·z/|c|), and `Attention` caps before it adds
 the mask too (ONNX's reference and ONNX Runtime alike). CodeGen scales after it adds the mask,
-softmax((Q·Kᵀ + M)·t) = softmax(t·Q·Kᵀ + t·M): s takes t and the mask fed is t·M. ONNX
+softmax((Q·Kᵀ + M)·t) = softmax(t·Q·Kᵀ + t·M): s takes t and the mask fed is t·M. M may come
+in several terms, each added or a masked fill: MPT computes Where(c, m, s·Q·Kᵀ + A) with A its
+ALiBi bias [H, 1, T] and m float32's lowest value, which is s·Q·Kᵀ + (Where(c, m, 0) + A) since
+m + x rounds to m for any |x| < 10³¹; the mask fed is then [B, H, S, T], one per head. A fill
+such as −10⁴ is not: where every key of a query is masked the fill gives uniform weights and the
+sum softmax(x). ONNX
 `Attention` (opset 23) computes exactly this from Q [B,H,S,d], K/V [B,KV,S,d], the mask, past key
 and value, returning Y and both presents, so the rewrite is exact for any mask, padding included.
 The head repeats, the transpose of K, the two MatMuls, the scale and the softmax go away.
@@ -38,12 +43,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import scalar_factor, sole_reader
+from xopt.analysis.graph_view import const_array, scalar_factor, sole_reader
 from xopt.analysis.structure import Attention
 from xopt.kv_cache import PAST_PATTERN, has_kv_cache
 from xopt.rewrite import new_initializer, replace_value, require_opset
 
 ATTENTION_OPSET = 23
+MaskTerm = ir.Value | tuple[ir.Node, int]  # an added mask, or a masked fill and the index of what it fills
 _REPEAT_OPS = frozenset({"Unsqueeze", "Expand", "Reshape", "Identity"})
 
 
@@ -92,15 +98,14 @@ def _match(attention: Attention) -> dict | str:
         return "the softmax output is not what multiplies V"
     if attention.softmax.attributes.get_int("axis", -1) not in (-1, 3):
         return "softmax is not on the last axis"
-    mask, mask_scale, logits = None, 1.0, attention.softmax.inputs[0]
+    mask_scale, logits = 1.0, attention.softmax.inputs[0]
     masked, outer = _strip_scales(logits)  # (Q·Kᵀ + M)·t when the mask is added before a scale
-    add = masked.producer()
-    if add is not None and add.op_type == "Add":
-        sides = [v for v in add.inputs if _reaches(v, attention.scores)]
-        if len(sides) != 1:
-            return "the mask Add does not have exactly one side from Q·Kᵀ"
-        mask = add.inputs[1] if sides[0] is add.inputs[0] else add.inputs[0]
-        logits, mask_scale = sides[0], outer
+    peeled = _mask_terms(masked, attention.scores)
+    if isinstance(peeled, str):
+        return peeled
+    mask_terms, unmasked = peeled
+    if mask_terms:
+        logits, mask_scale = unmasked, outer
         scale *= outer
     logits, factor, softcap = _strip_soft_cap(logits)
     scale *= factor
@@ -110,7 +115,7 @@ def _match(attention: Attention) -> dict | str:
         "query": query,
         "key": key_concat.inputs[1],
         "value": value_concat.inputs[1],
-        "mask": mask,
+        "mask_terms": mask_terms,
         "mask_scale": mask_scale,
         "past_key": key_concat.inputs[0],
         "past_value": value_concat.inputs[0],
@@ -119,6 +124,7 @@ def _match(attention: Attention) -> dict | str:
         "output": attention.context.outputs[0],
         "scale": scale,
         "softcap": softcap,
+        "scores": attention.scores.outputs[0].shape,
         "after": attention.context,
     }
     match["merged"] = _merged_heads(match, attention)
@@ -160,10 +166,53 @@ def _cache_concat(value: ir.Value, kind: str) -> ir.Node | str:
     return node
 
 
-def _reaches(value: ir.Value, target: ir.Node) -> bool:
-    """Whether `value` is computed from `target` through constant scalings and a soft cap only."""
+def _mask_terms(value: ir.Value, scores: ir.Node) -> tuple[list[MaskTerm], ir.Value] | str:
+    """The additive terms of the mask on the way from Q·Kᵀ to `value`, and what they are added to:
+    Add(x, M) gives M (a causal or padding mask, MPT's ALiBi bias), a masked fill Where(c, m, x)
+    gives its node and the index of x, which the mask reads as 0 (`_mask`)."""
+    terms: list[MaskTerm] = []
+    while (node := value.producer()) is not None:
+        if node.op_type == "Add":
+            sides = [v for v in node.inputs if _from_scores(v, scores)]
+            if len(sides) != 1:
+                return "the mask Add does not have exactly one side from Q·Kᵀ"
+            terms.append(node.inputs[1] if sides[0] is node.inputs[0] else node.inputs[0])
+        elif node.op_type == "Where" and len(node.inputs) == 3:
+            sides = [i for i in (1, 2) if _from_scores(node.inputs[i], scores)]
+            if len(sides) != 1:
+                return "the masked fill does not have exactly one branch from Q·Kᵀ"
+            fill = node.inputs[3 - sides[0]]
+            if not _is_lowest(const_array(fill), fill.dtype):
+                return "the masked fill's value is not a constant −∞ or float32's lowest (adding it is not the same)"
+            terms.append((node, sides[0]))
+            sides = [node.inputs[sides[0]]]
+        else:
+            break
+        value = sides[0]
+    return terms, value
+
+
+def _is_lowest(fill: np.ndarray | None, dtype: ir.DataType | None) -> bool:
+    """Whether a masked fill m gives Where(c, m, x) = x + Where(c, m, 0): m = −∞, or float32's
+    lowest value, onto which m + x rounds for any |x| < 10³¹ (half a unit in its last place)."""
+    if fill is None or fill.size != 1:
+        return False
+    m = float(fill.reshape(()))
+    return m == -np.inf or (dtype == ir.DataType.FLOAT and m == float(np.finfo(np.float32).min))
+
+
+def _from_scores(value: ir.Value, scores: ir.Node) -> bool:
+    """Whether `value` is computed from `scores` through constant scalings, a soft cap, and
+    additions and masked fills of anything else."""
     source, _, _ = _strip_soft_cap(value)
-    return source.producer() is target
+    node = source.producer()
+    if node is scores:
+        return True
+    return (
+        node is not None
+        and node.op_type in ("Add", "Where")
+        and any(_from_scores(v, scores) for v in node.inputs if v is not None)
+    )
 
 
 def _merged_heads(match: dict, attention: Attention) -> dict | None:
@@ -239,7 +288,7 @@ def _rewrite(graph: ir.Graph, match: dict) -> None:
             attributes[attribute] = heads_count
             operands[name] = x if rotary is None else _merged_rotary(graph, rotary, x, heads_count)
         outputs["output"] = merged["output"]
-    mask, nodes = match["mask"], []
+    nodes, mask = _mask(graph, match)
     if match["mask_scale"] != 1.0:
         nodes.append(
             ir.node(
@@ -253,6 +302,44 @@ def _rewrite(graph: ir.Graph, match: dict) -> None:
     for new, old in zip(node.outputs, outputs.values(), strict=True):
         new.dtype, new.shape = old.dtype, old.shape
         replace_value(old, new)
+
+
+def _mask(graph: ir.Graph, match: dict) -> tuple[list[ir.Node], ir.Value | None]:
+    """The nodes adding up the mask's terms, a masked fill Where(c, m, x) as Where(c, m, 0), and
+    the mask (None without terms; no nodes for one added value)."""
+    nodes: list[ir.Node] = []
+    values: list[ir.Value] = []
+    for term in match["mask_terms"]:
+        if isinstance(term, ir.Value):
+            values.append(term)
+            continue
+        where, filled = term
+        dtype = where.outputs[0].dtype
+        inputs = list(where.inputs)
+        inputs[filled] = new_initializer(graph, "masked_fill_zero", np.array(0), dtype.numpy())
+        nodes.append(ir.node("Where", inputs))
+        values.append(nodes[-1].outputs[0])
+        values[-1].dtype = dtype
+        values[-1].shape = _broadcast([where.inputs[i].shape for i in range(3) if i != filled], match["scores"])
+    while len(values) > 1:
+        nodes.append(ir.node("Add", values[:2]))
+        total = nodes[-1].outputs[0]
+        total.dtype, total.shape = values[0].dtype, _broadcast([v.shape for v in values[:2]], match["scores"])
+        values[:2] = [total]
+    return nodes, (values or [None])[0]
+
+
+def _broadcast(shapes: list[ir.Shape | None], scores: ir.Shape | None) -> ir.Shape | None:
+    """The shape of terms added to the scores [B, H, S, T]: on each axis the dim the terms other
+    than 1 agree on, else (two symbols that may be one size) the scores' dim there."""
+    if scores is None or any(shape is None for shape in shapes):
+        return None
+    rank = max(len(shape) for shape in shapes)
+    dims = []
+    for axis in range(-rank, 0):
+        sizes = {shape[axis] for shape in shapes if len(shape) >= -axis} - {1}
+        dims.append(sizes.pop() if len(sizes) == 1 else 1 if not sizes else scores[axis])
+    return ir.Shape(dims)
 
 
 def _merged_rotary(graph: ir.Graph, rotary: ir.Node, x: ir.Value, heads: int) -> ir.Value:

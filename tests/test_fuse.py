@@ -162,6 +162,32 @@ def test_a_mask_added_before_the_scale_is_scaled_with_the_scores(tiny_model):
     _assert_same_decoder_outputs(cleaned, result.model)
 
 
+def test_a_masked_fill_and_an_alibi_bias_become_the_attention_mask(tiny_model):
+    """MPT fills masked scores with float32's lowest value, Where(c, m, s·Q·Kᵀ + ALiBi): `Attention`
+    gets the mask Where(c, m, 0) + ALiBi, per head."""
+    cleaned = CleanupPass()(tiny_model("mpt").clone()).model
+    result = FusePass(lowering="all", skip=only("cached-attention"))(cleaned.clone())
+    attentions = [n for n in result.model.graph if n.op_type == "Attention"]
+    assert result.stats == {"cached-attention": 2} and len(attentions) == 2
+    for node in attentions:
+        mask = node.inputs[3]
+        assert mask.producer().op_type == "Add" and mask.shape[1] == 4  # the heads of the ALiBi bias
+        assert "Where" in {v.producer().op_type for v in mask.producer().inputs}
+    _assert_same_decoder_outputs(cleaned, result.model)
+
+
+def test_a_masked_fill_that_adding_would_change_is_left_alone(tiny_model):
+    """Where(c, −10⁴, x) is not x + Where(c, −10⁴, 0) where every key is masked: no rewrite."""
+    cleaned = CleanupPass()(tiny_model("mpt").clone()).model
+    for node in cleaned.graph:
+        if node.op_type == "Where" and node.outputs[0].uses()[0].node.op_type == "Softmax":
+            node.replace_input_with(1, ir.Value(name=f"{node.name}_fill", const_value=ir.tensor(np.float32(-1e4))))
+            cleaned.graph.register_initializer(node.inputs[1])
+    result = FusePass(lowering="all", skip=only("cached-attention"))(cleaned)
+    assert "cached-attention" not in result.stats
+    assert "cached-attention: block 0: the masked fill's value is not a constant −∞" in "\n".join(result.explain)
+
+
 def test_cached_attention_leaves_an_encoder_alone(tiny_model):
     result = FusePass(lowering="all", skip="norm,attention,gelu")(CleanupPass()(tiny_model("bert").clone()).model)
     assert "cached-attention: no match" in result.explain and "cached-attention" not in result.stats
