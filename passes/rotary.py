@@ -21,6 +21,11 @@ with `interleaved=1` computes y[2i] = x[2i]·c − x[2i+1]·s, y[2i+1] = x[2i+1]
 c, s the caches' entry i: fed the even entries of the graph's tables, the same values. A table
 already broadcast to [B, 1, S, d] is squeezed to [B, S, d] first.
 
+GPT-NeoX, Phi-2, StableLM, GPT-J and CodeGen rotate only the first r entries of each head,
+Concat(rotation of x[..., :r], x[..., r:]) on the last axis: `RotaryEmbedding` with
+`rotary_embedding_dim` = r rotates x's first r entries and passes the rest through, the same
+values, so it takes the whole x and the Slices and the Concat go.
+
 GPT-J and CodeGen keep their heads on axis 2 (x of shape [B, S, H, d], tables [B, S, 1, d]), a
 layout the operator's 4-D form ([B, H, S, d]) does not take; its 3-D form does: x is read as
 [B, S, H·d] (a Reshape that moves no data) with `num_heads` = H, and the result is shaped back.
@@ -83,18 +88,37 @@ def _match(neg: ir.Node) -> dict | str:
         return "cos and sin are not [B, S, d] tables broadcast over the head axis (1, or 2 in [B, S, H, d])"
     if any(_one_row_for_all(table, x) for table in (cos_table, sin_table)):
         return "cos and sin are one [1, S, d] table for every row (ModernBERT): RotaryEmbedding takes one per row"
-    if heads_axis == 2 and not (x.shape is not None and all(isinstance(n, int) for n in x.shape[2:])):
-        return "x is [B, S, H, d] without a known number of heads and head size"
-    return {
+    match = {
         "x": x,
         "cos": cos_table,
         "sin": sin_table,
         "heads_axis": heads_axis,
         "half": half,
         "interleaved": interleaved,
+        "rotary_dim": None,
         "output": add.outputs[0],
         "after": add,
     }
+    if (partial := _partial_rotation(x, add.outputs[0])) is not None:
+        match["x"], match["rotary_dim"], match["output"] = partial
+        match["after"] = match["output"].producer()
+    shape = match["x"].shape
+    if heads_axis == 2 and not (shape is not None and all(isinstance(n, int) for n in shape[2:])):
+        return "x is [B, S, H, d] without a known number of heads and head size"
+    return match
+
+
+def _partial_rotation(x: ir.Value, rotated: ir.Value) -> tuple[ir.Value, int, ir.Value] | None:
+    """(x_full, r, y) when x = x_full[..., :r] and y = Concat(rotated, x_full[..., r:]) on the last
+    axis: the rotation of the first r entries of each head, the rest passed through."""
+    full, end, step = _last_axis_slice(x.producer(), lower=True)
+    concat = sole_reader(rotated, "Concat")
+    if full is None or step != 1 or concat is None or concat.attributes.get_int("axis", 0) not in (-1, 3):
+        return None
+    if len(concat.inputs) != 2 or concat.inputs[0] is not rotated:
+        return None
+    rest, start, rest_step = _last_axis_slice(concat.inputs[1].producer())
+    return (full, end, concat.outputs[0]) if rest is full and (start, rest_step) == (end, 1) else None
 
 
 def _rotate_half(neg: ir.Node, x: ir.Value, half: int) -> tuple[int, bool, ir.Value] | str:
@@ -190,6 +214,8 @@ def _one_row_for_all(table: ir.Value, x: ir.Value) -> bool:
 
 def _rewrite(graph: ir.Graph, match: dict, caches: dict[tuple, ir.Value]) -> None:
     x, attributes, nodes = match["x"], {"interleaved": int(match["interleaved"])}, []
+    if match["rotary_dim"] is not None:
+        attributes["rotary_embedding_dim"] = match["rotary_dim"]
     if match["heads_axis"] == 2:  # [B, S, H, d] read as [B, S, H·d]
         heads, size = x.shape[2], x.shape[3]
         nodes.append(ir.node("Reshape", [x, new_initializer(graph, "rotary_shape", np.array([0, 0, -1]), np.int64)]))

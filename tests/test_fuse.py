@@ -150,6 +150,22 @@ def test_interleaved_rotary_embeddings_lower(tiny_model, name, families, heads):
     _assert_same_decoder_outputs(cleaned, result.model)
 
 
+@pytest.mark.parametrize("name", ["gpt_neox", "phi", "gptj"])
+def test_a_rotation_of_part_of_each_head_takes_the_whole_head(tiny_model, name):
+    """Concat(rotation of x[..., :r], x[..., r:]) → RotaryEmbedding(x, rotary_embedding_dim=r):
+    the Slices and the Concat go (GPT-NeoX and Phi rotate half of each 12-wide head, GPT-J 6 dims)."""
+    cleaned = CleanupPass()(tiny_model(name).clone()).model
+    result = FusePass(lowering="all", skip=only("rotary"))(cleaned.clone())
+    rotations = [n for n in result.model.graph if n.op_type == "RotaryEmbedding"]
+    assert result.stats == {"rotary": 4} and len(rotations) == 4
+    assert {n.attributes.get_int("rotary_embedding_dim") for n in rotations} == {6}
+    for node in rotations:  # reads the whole head, and nothing appends the unrotated rest to it
+        assert node.inputs[0].producer().op_type != "Slice"
+        readers = [reader for reader, _ in node.outputs[0].uses()]
+        assert not any(r.op_type == "Concat" and r.attributes.get_int("axis") in (-1, 3) for r in readers)
+    _assert_same_decoder_outputs(cleaned, result.model)
+
+
 def test_a_mask_added_before_the_scale_is_scaled_with_the_scores(tiny_model):
     """CodeGen computes softmax((Q·Kᵀ + M) / √d): `Attention` gets scale 1/√d and the mask M/√d."""
     cleaned = CleanupPass()(tiny_model("codegen").clone()).model
