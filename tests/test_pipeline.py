@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,7 @@ from xopt.backends.onnxruntime import EXTERNAL_DATA_THRESHOLD_BYTES
 from xopt.errors import XoptError
 from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass
-from xopt.pipeline import PassManager, make_pass, parse_spec, registered_passes, resolve_passes
+from xopt.pipeline import Pass, PassManager, PassResult, make_pass, parse_spec, registered_passes, resolve_passes
 from xopt.progress import progress, showing_progress
 from xopt.report import ModelStats
 from xopt.verify import (
@@ -171,6 +172,31 @@ def test_exact_pass_that_changes_outputs_is_stopped_with_its_name():
     model = model_from_text(LINEAR_MODEL)
     with pytest.raises(VerificationError, match="exact pass 'add-to-sub' changed the model's outputs"):
         PassManager([CleanupPass(), AddToSubPass()])(model)
+
+
+@dataclass
+class DoubleWeightsPass(Pass):
+    """A lossy pass: doubles every weight."""
+
+    name = "double-weights"
+    exact = False
+    summary = "test only: changes the outputs"
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        for value in model.graph.initializers.values():
+            value.const_value = ir.tensor(2 * value.const_value.numpy(), name=value.name)
+        return PassResult(model, True)
+
+
+def test_an_exact_pass_after_a_lossy_one_is_held_to_the_lossy_output():
+    """Parity is reported against the input model; an exact pass must keep the outputs of the
+    model before it, not the input model's (which a lossy pass has already changed)."""
+    model = model_from_text(LINEAR_MODEL)
+    _, report = PassManager([DoubleWeightsPass(), CleanupPass()])(model)
+    lossy, exact = report.passes
+    assert lossy.parity.max_abs > 1 and exact.parity == lossy.parity
+    with pytest.raises(VerificationError, match="exact pass 'add-to-sub' changed the model's outputs"):
+        PassManager([DoubleWeightsPass(), AddToSubPass()])(model)
 
 
 def test_without_verification_the_broken_model_comes_back_unchecked():

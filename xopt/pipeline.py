@@ -30,7 +30,15 @@ from xopt.errors import XoptError, first_line, require_model
 from xopt.inputs import fit_inputs, verification_inputs
 from xopt.report import ModelStats, PassRecord, Report, stopwatch
 from xopt.text import calibration_texts_read, record_calibration_texts
-from xopt.verify import EXACT_TOLERANCE, VerificationError, check_structure, parity_over, references_over
+from xopt.verify import (
+    EXACT_TOLERANCE,
+    Parity,
+    VerificationError,
+    check_structure,
+    outputs_over,
+    parity_of,
+    references_over,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +217,38 @@ def _one_pass(item: str | Pass) -> Pass:
     return steps[0]
 
 
+@dataclass
+class _References:
+    """The verification inputs and the outputs each pass is checked against: the input model's,
+    which every pass's reported parity is against, and those of the model before the pass, which an
+    exact pass must keep (the same until a lossy pass has run: an exact pass after pruning is
+    checked against the pruned model)."""
+
+    inputs: list[Mapping[str, np.ndarray]]
+    original: list[dict[str, np.ndarray]]
+    previous: list[dict[str, np.ndarray]]
+
+    def verify(self, step: Pass, model: ir.Model) -> Parity:
+        """`step`'s output checked (runs in ONNX Runtime; an exact pass within `EXACT_TOLERANCE` of
+        the model before it); its parity with the input model."""
+        try:
+            check_structure(model)
+            fitted = [fit_inputs(model, feeds) for feeds in self.inputs]
+            outputs = outputs_over(model, fitted)
+        except VerificationError as error:
+            raise VerificationError(f"after pass {step.name!r}: {error}") from error
+        parity = parity_of(outputs, fitted, self.original)
+        kept = parity if self.previous is self.original else parity_of(outputs, fitted, self.previous)
+        if step.exact and not kept.within(EXACT_TOLERANCE):
+            raise VerificationError(
+                f"exact pass {step.name!r} changed the model's outputs: {kept.describe()} "
+                f"(tolerance {EXACT_TOLERANCE:g} relative)"
+            )
+        if not step.exact:
+            self.previous = outputs
+        return parity
+
+
 class PassManager:
     """Runs passes in order on a clone of the model, verifying after each one."""
 
@@ -239,16 +279,17 @@ class PassManager:
         working = model.clone()
         report = Report(input=ModelStats.of(model), output=ModelStats.of(model), verified=self.verify)
         report.structure = input_structure(model)
-        inputs = reference = None
+        references = None
         if self.verify:
             inputs = verification_inputs(model) if self.inputs is None else self.inputs
             inputs = [inputs] if isinstance(inputs, Mapping) else list(inputs)
             with stopwatch() as elapsed:
-                reference = references_over(model, inputs)
+                original = references_over(model, inputs)
+            references = _References(inputs, original, original)
             report.seconds["reference outputs"] = elapsed.seconds
         with calibration_texts_read() as calibration_texts:
             for step in self.passes:
-                working = self._run(step, working, report, inputs, reference)
+                working = self._run(step, working, report, references)
         if calibration_texts:  # `xopt eval` refuses to measure the model on these texts
             record_calibration_texts(working.metadata_props, calibration_texts)
         if self.verify and any(not step.exact for step in self.passes):
@@ -257,8 +298,9 @@ class PassManager:
             report.seconds["quality"] = elapsed.seconds
         return working, report
 
-    def _run(self, step: Pass, working: ir.Model, report: Report, inputs, reference) -> ir.Model:
-        """One pass on `working`, verified; its record goes into `report`."""
+    def _run(self, step: Pass, working: ir.Model, report: Report, references: _References | None) -> ir.Model:
+        """One pass on `working`, verified against `references` (None: not verified); its record
+        goes into `report`."""
         if self.on_pass is not None:
             self.on_pass(step)
         before = report.output
@@ -279,28 +321,14 @@ class PassManager:
             stats=result.stats,
             explain=result.explain,
         )
-        if self.verify:
+        if references is not None:
             with stopwatch() as elapsed:
-                record.parity = self._verify(step, result.model, inputs, reference)
+                record.parity = references.verify(step, result.model)
             record.check_seconds = elapsed.seconds
         report.passes.append(record)
         report.output = record.after
         logger.info("%s: %d → %d nodes in %.2f s", step.name, before.nodes, record.after.nodes, seconds)
         return result.model
-
-    @staticmethod
-    def _verify(step: Pass, model: ir.Model, inputs, reference):
-        try:
-            check_structure(model)
-            result = parity_over(model, [fit_inputs(model, feeds) for feeds in inputs], reference)
-        except VerificationError as error:
-            raise VerificationError(f"after pass {step.name!r}: {error}") from error
-        if step.exact and not result.within(EXACT_TOLERANCE):
-            raise VerificationError(
-                f"exact pass {step.name!r} changed the model's outputs: {result.describe()} "
-                f"(tolerance {EXACT_TOLERANCE:g} relative)"
-            )
-        return result
 
 
 def _quality_cost(before: ir.Model, after: ir.Model) -> dict[str, Any]:

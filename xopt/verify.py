@@ -201,15 +201,30 @@ def parity_over(
 ) -> Parity:
     """Parity of `model` over several input sets and their references (one session): the largest
     differences, the top-1 agreement over all their positions."""
+    return parity_of(outputs_over(model, input_sets), input_sets, references)
+
+
+def outputs_over(model: ir.Model, input_sets: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The model's outputs on each input set (one session); a model ONNX Runtime cannot run is a
+    `VerificationError` naming why."""
     try:
         session = check_session(model)
-        results = [
-            compare(ref, run(session, inputs), inputs.get("attention_mask"))
-            for inputs, ref in zip(input_sets, references, strict=True)
-        ]
+        return [run(session, inputs) for inputs in input_sets]
     except Exception as error:
-        reason = first_line(error)
-        raise VerificationError(f"ONNX Runtime cannot run the model: {reason}") from error
+        raise VerificationError(f"ONNX Runtime cannot run the model: {first_line(error)}") from error
+
+
+def parity_of(
+    outputs: Sequence[Mapping[str, np.ndarray]],
+    input_sets: Sequence[Mapping[str, np.ndarray]],
+    references: Sequence[Mapping[str, np.ndarray]],
+) -> Parity:
+    """Parity of outputs over several input sets against their references: the largest
+    differences, the top-1 agreement over all their positions."""
+    results = [
+        compare(ref, out, inputs.get("attention_mask"))
+        for out, inputs, ref in zip(outputs, input_sets, references, strict=True)
+    ]
     return Parity(
         max(r.max_abs for r in results),
         max(r.max_rel for r in results),
