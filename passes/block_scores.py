@@ -35,6 +35,7 @@ from xopt.backends.onnxruntime import create_session
 from xopt.calibration import probe_values
 from xopt.errors import XoptError
 from xopt.passes.block_gates import CalibrationLoss, gate_name, gated_model
+from xopt.verify import opaque_operators
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,9 @@ def plot_block_scores(scores: BlockScores, path, title: str) -> None:
 def scorable_structure(model: ir.Model, advice: str) -> TransformerStructure:
     """The model's transformer blocks, or a one-line error: fused or quantized operators hide them
     (`advice`: what to run before those passes), or their boundaries are unknown."""
-    fused = next((node.op_type for node in model.graph if node.domain == "com.microsoft"), None)
-    if fused is not None:
-        raise XoptError(f"the graph has {fused} nodes (fused or quantized): {advice}")
+    fused = opaque_operators(model.graph)
+    if fused:
+        raise XoptError(f"the graph has {', '.join(fused)} nodes (fused or quantized): {advice}")
     structure = find_transformer_structure(model)
     reason = boundaries_known(structure)
     if reason:

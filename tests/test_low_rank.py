@@ -13,6 +13,7 @@ from xopt.calibration import SecondMoment, calibration_feeds
 from xopt.errors import XoptError
 from xopt.generate import Decoder
 from xopt.passes import CleanupPass, FusePass, LowRankPass
+from xopt.passes.fuse import FAMILIES
 from xopt.passes.low_rank import SENSITIVITY_WINDOWS, Factors, _factor_linear, factor_weight
 from xopt.pipeline import PassManager
 from xopt.rewrite import weight_in_out
@@ -131,6 +132,13 @@ def test_bad_options_are_one_line_errors(cleaned, options, message):
 def test_a_fused_model_is_refused(cleaned):
     fused = FusePass(lowering="all")(cleaned.clone()).model
     with pytest.raises(XoptError, match="before fuse"):
+        LowRankPass(ratio=0.2)(fused)
+
+
+def test_a_model_with_onnx_attention_is_refused_with_the_same_advice(tiny_model):
+    skip = ",".join(family for family in FAMILIES if family != "cached-attention")
+    fused = FusePass(lowering="all", skip=skip)(CleanupPass()(tiny_model("phi").clone()).model).model
+    with pytest.raises(XoptError, match=r"the graph has Attention nodes .*before fuse"):
         LowRankPass(ratio=0.2)(fused)
 
 

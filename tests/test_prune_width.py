@@ -15,6 +15,7 @@ from xopt.errors import XoptError
 from xopt.generate import Decoder
 from xopt.passes import CleanupPass, FusePass, PruneWidthPass
 from xopt.passes.attention_heads import select_heads
+from xopt.passes.fuse import FAMILIES
 from xopt.passes.prune_width import interpolative_decomposition, output_error
 from xopt.pipeline import PassManager
 from xopt.rewrite import bias_or_zeros
@@ -72,8 +73,9 @@ def test_a_ratio_outside_zero_one_is_refused(tiny_model, ratio):
         PruneWidthPass(ratio=ratio)(tiny_model("llama").clone())
 
 
-def test_a_fused_model_is_refused(tiny_model):
-    fused = FusePass(lowering="all")(CleanupPass()(tiny_model("llama").clone()).model).model
+@pytest.mark.parametrize("skip", ["", ",".join(f for f in FAMILIES if f != "cached-attention")])
+def test_a_fused_model_is_refused(tiny_model, skip):
+    fused = FusePass(lowering="all", skip=skip)(CleanupPass()(tiny_model("llama").clone()).model).model
     with pytest.raises(XoptError, match="before fuse"):
         PruneWidthPass(ratio=0.5)(fused)
 

@@ -75,6 +75,15 @@ ORT_OPS_IN_ONNX_DOMAIN = frozenset({"SimplifiedLayerNormalization"})
 _FUSED_ONNX_OPS = frozenset({"Attention", "RotaryEmbedding", "RMSNormalization", *ORT_OPS_IN_ONNX_DOMAIN})
 
 
+def opaque_operators(graph: ir.Graph) -> list[str]:
+    """The fused operators that hide a block's parts from the structure analysis: com.microsoft
+    ones (quantized linears, fused attention and norms) and ONNX `Attention` (Q·Kᵀ, the softmax and
+    P·V inside it; read around it, an attention sublayer looks like none, so a layer like two)."""
+    return sorted(
+        {n.op_type for n in graph if n.domain == "com.microsoft" or (n.op_type == "Attention" and not n.domain)}
+    )
+
+
 def fused_operators(graph: ir.Graph) -> list[str]:
     """The fused or quantized operator types in `graph`: com.microsoft ones and `fuse`'s ONNX forms."""
     return sorted({n.op_type for n in graph if n.domain == "com.microsoft" or n.op_type in _FUSED_ONNX_OPS})
