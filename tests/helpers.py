@@ -63,6 +63,20 @@ class AddToSubPass(Pass):
         return PassResult(model, changed)
 
 
+@dataclass
+class DoubleWeightsPass(Pass):
+    """A lossy pass: doubles every weight (an exact pass after it keeps its outputs)."""
+
+    name = "double-weights"
+    exact = False
+    summary = "test only: changes the outputs"
+
+    def __call__(self, model: ir.Model) -> PassResult:
+        for value in model.graph.initializers.values():
+            value.const_value = ir.tensor(2 * value.const_value.numpy(), name=value.name)
+        return PassResult(model, True)
+
+
 def wide_linear_model(width: int = 64) -> ir.Model:
     """y = x·W with a random [width, width] weight (big enough to go to external data)."""
     import numpy as np

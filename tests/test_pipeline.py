@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 import onnx_ir as ir
 import pytest
-from helpers import LINEAR_MODEL, REDUNDANT_MODEL, AddToSubPass, model_from_text
+from helpers import LINEAR_MODEL, REDUNDANT_MODEL, AddToSubPass, DoubleWeightsPass, model_from_text
 
 import xopt
 from xopt.backends.onnxruntime import EXTERNAL_DATA_THRESHOLD_BYTES
 from xopt.errors import XoptError
 from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass
-from xopt.pipeline import Pass, PassManager, PassResult, make_pass, parse_spec, registered_passes, resolve_passes
+from xopt.pipeline import PassManager, make_pass, parse_spec, registered_passes, resolve_passes
 from xopt.progress import progress, showing_progress
 from xopt.report import ModelStats
 from xopt.verify import (
@@ -172,20 +171,6 @@ def test_exact_pass_that_changes_outputs_is_stopped_with_its_name():
     model = model_from_text(LINEAR_MODEL)
     with pytest.raises(VerificationError, match="exact pass 'add-to-sub' changed the model's outputs"):
         PassManager([CleanupPass(), AddToSubPass()])(model)
-
-
-@dataclass
-class DoubleWeightsPass(Pass):
-    """A lossy pass: doubles every weight."""
-
-    name = "double-weights"
-    exact = False
-    summary = "test only: changes the outputs"
-
-    def __call__(self, model: ir.Model) -> PassResult:
-        for value in model.graph.initializers.values():
-            value.const_value = ir.tensor(2 * value.const_value.numpy(), name=value.name)
-        return PassResult(model, True)
 
 
 def test_an_exact_pass_after_a_lossy_one_is_held_to_the_lossy_output():
