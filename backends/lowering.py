@@ -128,7 +128,8 @@ def timed_sequence(model: ir.Model, structure: TransformerStructure, wanted: int
     table read at one row whatever the position (BERT's token types) caps nothing."""
     tables = [e.rows for e in structure.embeddings if e is not structure.token_embedding and not _one_row(e)]
     context, _ = context_limit(model)
-    return min([wanted, *(rows - 1 for rows in [*tables, *([context] if context else [])])])
+    limits = [*tables, context] if context else tables
+    return min([wanted, *(rows - 1 for rows in limits)])
 
 
 # Ops that select or reshape their first input's values without computing new ones

@@ -70,8 +70,9 @@ def lower_cached_attention(model: ir.Model) -> tuple[int, list[str]]:
     if not matches:
         return 0, notes
     require_opset(model, ATTENTION_OPSET)
+    zeros: dict[ir.DataType, ir.Value] = {}  # the masked fills' 0, one per dtype for every block
     for match in matches:
-        _rewrite(model.graph, match)
+        _rewrite(model.graph, match, zeros)
     common_passes.RemoveUnusedNodesPass()(model)  # the repeats, MatMuls and softmax are dead now
     return len(matches), notes
 
@@ -274,7 +275,7 @@ def _is_head_transpose(node: ir.Node | None) -> bool:
     return tuple(node.attributes.get_ints("perm", ())) == (0, 2, 1, 3)
 
 
-def _rewrite(graph: ir.Graph, match: dict) -> None:
+def _rewrite(graph: ir.Graph, match: dict, zeros: dict[ir.DataType, ir.Value]) -> None:
     attributes: dict = {"scale": match["scale"]}
     if match["softcap"] is not None:
         attributes["softcap"] = match["softcap"]
@@ -288,7 +289,7 @@ def _rewrite(graph: ir.Graph, match: dict) -> None:
             attributes[attribute] = heads_count
             operands[name] = x if rotary is None else _merged_rotary(graph, rotary, x, heads_count)
         outputs["output"] = merged["output"]
-    nodes, mask = _mask(graph, match)
+    nodes, mask = _mask(graph, match, zeros)
     if match["mask_scale"] != 1.0:
         nodes.append(
             ir.node(
@@ -304,7 +305,7 @@ def _rewrite(graph: ir.Graph, match: dict) -> None:
         replace_value(old, new)
 
 
-def _mask(graph: ir.Graph, match: dict) -> tuple[list[ir.Node], ir.Value | None]:
+def _mask(graph: ir.Graph, match: dict, zeros: dict[ir.DataType, ir.Value]) -> tuple[list[ir.Node], ir.Value | None]:
     """The nodes adding up the mask's terms, a masked fill Where(c, m, x) as Where(c, m, 0), and
     the mask (None without terms; no nodes for one added value)."""
     nodes: list[ir.Node] = []
@@ -316,7 +317,9 @@ def _mask(graph: ir.Graph, match: dict) -> tuple[list[ir.Node], ir.Value | None]
         where, filled = term
         dtype = where.outputs[0].dtype
         inputs = list(where.inputs)
-        inputs[filled] = new_initializer(graph, "masked_fill_zero", np.array(0), dtype.numpy())
+        if dtype not in zeros:
+            zeros[dtype] = new_initializer(graph, "masked_fill_zero", np.array(0), dtype.numpy())
+        inputs[filled] = zeros[dtype]
         nodes.append(ir.node("Where", inputs))
         values.append(nodes[-1].outputs[0])
         values[-1].dtype = dtype

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from xopt.passes.fuse import FAMILIES
 from xopt.pipeline import Pass, PassResult
 
 # y = ((x + 0) · 1) through an Identity, a constant subexpression computed twice, a dead branch.
@@ -44,6 +45,11 @@ linear (float[N, 4] x) => (float[N, 3] y)
 
 def model_from_text(text: str) -> ir.Model:
     return ir.from_onnx_text(text)
+
+
+def fuse_only(*families: str) -> str:
+    """`fuse`'s `skip` option that leaves just `families` on."""
+    return ",".join(f for f in FAMILIES if f not in families)
 
 
 @dataclass

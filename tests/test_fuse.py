@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from helpers import fuse_only
 
 from xopt.analysis import find_transformer_structure
 from xopt.analysis.patterns import find_linears
@@ -21,7 +22,6 @@ from xopt.inputs import sample_inputs
 from xopt.kv_cache import shares_buffers
 from xopt.passes import CleanupPass, FoldNormsPass, FusePass
 from xopt.passes import fuse as fuse_module
-from xopt.passes.fuse import FAMILIES
 from xopt.pipeline import PassManager, parse_spec
 from xopt.verify import compare, reference_outputs
 
@@ -35,11 +35,6 @@ EXPECTED_OPS = {  # (domain, op); GPT-2's attention stays split-head, so ONNX At
     "gemma2": {GQA, ("", "RotaryEmbedding"), (MS, "SkipSimplifiedLayerNormalization")},  # soft-capped scores
 }
 LAYERS = {"gpt2": 2, "llama": 2, "qwen2": 3, "gemma2": 2}
-
-
-def only(*families: str) -> str:
-    """The `skip` option that leaves just `families` on."""
-    return ",".join(f for f in FAMILIES if f not in families)
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +67,7 @@ def test_a_rule_that_breaks_the_model_is_reverted(tiny_model, monkeypatch):
 
     monkeypatch.setitem(fuse_module._APPLY, "gelu", misfire)
     cleaned = CleanupPass()(tiny_model("llama").clone()).model
-    result = FusePass(lowering="all", skip=only("gelu"))(cleaned)
+    result = FusePass(lowering="all", skip=fuse_only("gelu"))(cleaned)
     assert any(line.startswith("gelu: 1 matched, reverted: ") for line in result.explain), result.explain
     assert not result.modified and not result.stats
 
@@ -80,7 +75,7 @@ def test_a_rule_that_breaks_the_model_is_reverted(tiny_model, monkeypatch):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_cached_attention_becomes_one_onnx_attention_per_layer(tiny_model, name):
     cleaned = CleanupPass()(tiny_model(name).clone()).model
-    result = FusePass(lowering="all", skip=only("cached-attention"))(cleaned)
+    result = FusePass(lowering="all", skip=fuse_only("cached-attention"))(cleaned)
     ops = Counter((node.domain, node.op_type) for node in result.model.graph)
     assert result.stats == {"cached-attention": LAYERS[name]} and ops[("", "Attention")] == LAYERS[name]
     matmuls_before = Counter(n.op_type for n in cleaned.graph)["MatMul"]
@@ -94,7 +89,7 @@ def test_cached_attention_after_rotary_reads_merged_heads(tiny_model, name):
     # Q, K, V and Y stay [B, S, H·d]: the head-splitting Reshape/Transpose pairs go, RoPE included
     cleaned = CleanupPass()(tiny_model(name).clone()).model
     before = Counter(n.op_type for n in cleaned.graph)
-    result = FusePass(lowering="all", skip=only("rotary", "cached-attention"))(cleaned)
+    result = FusePass(lowering="all", skip=fuse_only("rotary", "cached-attention"))(cleaned)
     ops = Counter(n.op_type for n in result.model.graph)
     attentions = [n for n in result.model.graph if n.op_type == "Attention"]
     layers = len(attentions)
@@ -107,8 +102,8 @@ def test_cached_attention_after_rotary_reads_merged_heads(tiny_model, name):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
 def test_group_query_attention_steps_alike_with_a_copied_and_an_in_place_cache(tiny_model, name):
     cleaned = CleanupPass()(tiny_model(name).clone()).model
-    attention = FusePass(lowering="all", skip=only("rotary", "cached-attention"))(cleaned).model  # merged heads
-    result = FusePass(lowering="all", skip=only("group-query-attention"))(attention.clone())
+    attention = FusePass(lowering="all", skip=fuse_only("rotary", "cached-attention"))(cleaned).model  # merged heads
+    result = FusePass(lowering="all", skip=fuse_only("group-query-attention"))(attention.clone())
     ops = Counter((node.domain, node.op_type) for node in result.model.graph)
     assert result.stats == {"group-query-attention": LAYERS[name]} and ops[GQA] == LAYERS[name]
     assert not shares_buffers(attention) and shares_buffers(result.model)  # the past's Shape readers are gone too
@@ -124,7 +119,7 @@ def test_group_query_attention_steps_alike_with_a_copied_and_an_in_place_cache(t
 
 def test_rotary_embeddings_of_q_and_k_become_onnx_rotary_embedding(tiny_model):
     cleaned = CleanupPass()(tiny_model("qwen2").clone()).model
-    result = FusePass(lowering="all", skip=only("rotary"))(cleaned)
+    result = FusePass(lowering="all", skip=fuse_only("rotary"))(cleaned)
     ops = Counter((node.domain, node.op_type) for node in result.model.graph)
     assert result.stats == {"rotary": 6} and ops[("", "RotaryEmbedding")] == 6 and ops[("", "Neg")] == 0
     assert ops[("", "Slice")] < Counter(n.op_type for n in cleaned.graph)["Slice"]  # halves of cos/sin: 2 Slices
@@ -142,7 +137,7 @@ def test_rotary_embeddings_of_q_and_k_become_onnx_rotary_embedding(tiny_model):
 )
 def test_interleaved_rotary_embeddings_lower(tiny_model, name, families, heads):
     cleaned = CleanupPass()(tiny_model(name).clone()).model
-    result = FusePass(lowering="all", skip=only(*families))(cleaned.clone())
+    result = FusePass(lowering="all", skip=fuse_only(*families))(cleaned.clone())
     rotations = [n for n in result.model.graph if n.op_type == "RotaryEmbedding"]
     assert result.stats == families and len(rotations) == 4
     assert all(n.attributes.get_int("interleaved") == 1 for n in rotations)
@@ -155,7 +150,7 @@ def test_a_rotation_of_part_of_each_head_takes_the_whole_head(tiny_model, name):
     """Concat(rotation of x[..., :r], x[..., r:]) → RotaryEmbedding(x, rotary_embedding_dim=r):
     the Slices and the Concat go (GPT-NeoX and Phi rotate half of each 12-wide head, GPT-J 6 dims)."""
     cleaned = CleanupPass()(tiny_model(name).clone()).model
-    result = FusePass(lowering="all", skip=only("rotary"))(cleaned.clone())
+    result = FusePass(lowering="all", skip=fuse_only("rotary"))(cleaned.clone())
     rotations = [n for n in result.model.graph if n.op_type == "RotaryEmbedding"]
     assert result.stats == {"rotary": 4} and len(rotations) == 4
     assert {n.attributes.get_int("rotary_embedding_dim") for n in rotations} == {6}
@@ -169,7 +164,7 @@ def test_a_rotation_of_part_of_each_head_takes_the_whole_head(tiny_model, name):
 def test_a_mask_added_before_the_scale_is_scaled_with_the_scores(tiny_model):
     """CodeGen computes softmax((Q·Kᵀ + M) / √d): `Attention` gets scale 1/√d and the mask M/√d."""
     cleaned = CleanupPass()(tiny_model("codegen").clone()).model
-    result = FusePass(lowering="all", skip=only("cached-attention"))(cleaned.clone())
+    result = FusePass(lowering="all", skip=fuse_only("cached-attention"))(cleaned.clone())
     attentions = [n for n in result.model.graph if n.op_type == "Attention"]
     assert result.stats == {"cached-attention": 2} and len(attentions) == 2
     for node in attentions:
@@ -182,7 +177,7 @@ def test_a_masked_fill_and_an_alibi_bias_become_the_attention_mask(tiny_model):
     """MPT fills masked scores with float32's lowest value, Where(c, m, s·Q·Kᵀ + ALiBi): `Attention`
     gets the mask Where(c, m, 0) + ALiBi, per head."""
     cleaned = CleanupPass()(tiny_model("mpt").clone()).model
-    result = FusePass(lowering="all", skip=only("cached-attention"))(cleaned.clone())
+    result = FusePass(lowering="all", skip=fuse_only("cached-attention"))(cleaned.clone())
     attentions = [n for n in result.model.graph if n.op_type == "Attention"]
     assert result.stats == {"cached-attention": 2} and len(attentions) == 2
     for node in attentions:
@@ -199,7 +194,7 @@ def test_a_masked_fill_that_adding_would_change_is_left_alone(tiny_model):
         if node.op_type == "Where" and node.outputs[0].uses()[0].node.op_type == "Softmax":
             node.replace_input_with(1, ir.Value(name=f"{node.name}_fill", const_value=ir.tensor(np.float32(-1e4))))
             cleaned.graph.register_initializer(node.inputs[1])
-    result = FusePass(lowering="all", skip=only("cached-attention"))(cleaned)
+    result = FusePass(lowering="all", skip=fuse_only("cached-attention"))(cleaned)
     assert "cached-attention" not in result.stats
     assert "cached-attention: block 0: the masked fill's value is not a constant −∞" in "\n".join(result.explain)
 
@@ -213,9 +208,9 @@ def test_cached_attention_leaves_an_encoder_alone(tiny_model):
 def test_norms_of_residual_sums_absorb_the_add(tiny_model, name, pinned):
     """skip-norm fuses the residual Add, or the Sum that residual-sum made of it (`pinned`)."""
     folded = FoldNormsPass()(CleanupPass()(tiny_model(name).clone()).model).model
-    lowered = FusePass(lowering="all", skip=only("norm", *(["residual-sum"] if pinned else [])))
+    lowered = FusePass(lowering="all", skip=fuse_only("norm", *(["residual-sum"] if pinned else [])))
     normed = lowered(folded.clone()).model
-    result = FusePass(lowering="all", skip=only("skip-norm"))(normed)
+    result = FusePass(lowering="all", skip=fuse_only("skip-norm"))(normed)
     ops = Counter(n.op_type for n in result.model.graph)
     residual_sums = 2 * LAYERS[name]  # before each block's second norm, the next block's first, the final norm
     assert result.stats == {"skip-norm": residual_sums} and ops["SkipSimplifiedLayerNormalization"] == residual_sums
@@ -246,7 +241,7 @@ def test_residual_sums_keep_onnx_runtime_from_fusing_the_norms(tiny_model, tmp_p
     under_norms = sum(
         n.op_type == "LayerNormalization" and n.inputs[0].producer().op_type == "Add" for n in cleaned.graph
     )
-    result = FusePass(lowering="all", skip=only("residual-sum"))(cleaned.clone())
+    result = FusePass(lowering="all", skip=fuse_only("residual-sum"))(cleaned.clone())
     ops = Counter(n.op_type for n in result.model.graph)
     assert result.stats == {"residual-sum": under_norms} and ops["Sum"] == under_norms == 5  # embeddings, 2 per block
     feeds = sample_inputs(cleaned, batch=2, sequence=7, padded=True, seed=3)
@@ -279,7 +274,7 @@ def test_a_token_type_table_does_not_bound_the_timed_sequence(tiny_model):
 
 
 def test_merges_stack_the_projections(tiny_model):
-    result = FusePass(lowering="all", skip=only("merge-qkv", "merge-gate-up"))(tiny_model("llama").clone())
+    result = FusePass(lowering="all", skip=fuse_only("merge-qkv", "merge-gate-up"))(tiny_model("llama").clone())
     assert result.stats == {"merge-qkv": 2, "merge-gate-up": 2}
     splits = [n for n in result.model.graph if n.op_type == "Split"]
     widths = sorted(tuple(int(x) for x in n.inputs[1].const_value.numpy()) for n in splits)

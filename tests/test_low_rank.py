@@ -6,14 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import build_folder
-from helpers import next_token_nll
+from helpers import fuse_only, next_token_nll
 
 import xopt
 from xopt.calibration import SecondMoment, calibration_feeds
 from xopt.errors import XoptError
 from xopt.generate import Decoder
 from xopt.passes import CleanupPass, FusePass, LowRankPass
-from xopt.passes.fuse import FAMILIES
 from xopt.passes.low_rank import SENSITIVITY_WINDOWS, Factors, _factor_linear, factor_weight
 from xopt.pipeline import PassManager
 from xopt.rewrite import weight_in_out
@@ -136,8 +135,9 @@ def test_a_fused_model_is_refused(cleaned):
 
 
 def test_a_model_with_onnx_attention_is_refused_with_the_same_advice(tiny_model):
-    skip = ",".join(family for family in FAMILIES if family != "cached-attention")
-    fused = FusePass(lowering="all", skip=skip)(CleanupPass()(tiny_model("phi").clone()).model).model
+    fused = FusePass(lowering="all", skip=fuse_only("cached-attention"))(
+        CleanupPass()(tiny_model("phi").clone()).model
+    ).model
     with pytest.raises(XoptError, match=r"the graph has Attention nodes .*before fuse"):
         LowRankPass(ratio=0.2)(fused)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_folder
-from helpers import next_token_nll, transformers_greedy
+from helpers import fuse_only, next_token_nll, transformers_greedy
 
 import xopt
 from xopt.analysis import find_transformer_structure
@@ -22,7 +22,6 @@ from xopt.inputs import sample_inputs
 from xopt.kv_cache import past_inputs
 from xopt.passes import CleanupPass, FusePass, PruneLayersPass
 from xopt.passes.block_scores import GREEDY_WINDOWS, measure_distances
-from xopt.passes.fuse import FAMILIES
 from xopt.passes.prune_layers import GUARD_WINDOWS, ReplaceMeFit, _guard
 from xopt.pipeline import PassManager
 from xopt.runnable import open_runnable
@@ -224,7 +223,7 @@ def test_bad_options_are_one_line_errors(deep, options, message):
         PruneLayersPass(**options)(model.clone())
 
 
-@pytest.mark.parametrize("skip", ["", ",".join(f for f in FAMILIES if f != "cached-attention")])
+@pytest.mark.parametrize("skip", ["", fuse_only("cached-attention")])
 def test_a_fused_model_is_refused(tiny_model, skip):
     """Also with ONNX `Attention` alone, around which the structure would read a layer as two blocks."""
     fused = FusePass(lowering="all", skip=skip)(CleanupPass()(tiny_model("llama").clone()).model).model

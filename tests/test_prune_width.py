@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 from conftest import build_folder
+from helpers import fuse_only
 
 import xopt
 from xopt.analysis import find_transformer_structure
@@ -15,7 +16,6 @@ from xopt.errors import XoptError
 from xopt.generate import Decoder
 from xopt.passes import CleanupPass, FusePass, PruneWidthPass
 from xopt.passes.attention_heads import select_heads
-from xopt.passes.fuse import FAMILIES
 from xopt.passes.prune_width import interpolative_decomposition, output_error
 from xopt.pipeline import PassManager
 from xopt.rewrite import bias_or_zeros
@@ -73,7 +73,7 @@ def test_a_ratio_outside_zero_one_is_refused(tiny_model, ratio):
         PruneWidthPass(ratio=ratio)(tiny_model("llama").clone())
 
 
-@pytest.mark.parametrize("skip", ["", ",".join(f for f in FAMILIES if f != "cached-attention")])
+@pytest.mark.parametrize("skip", ["", fuse_only("cached-attention")])
 def test_a_fused_model_is_refused(tiny_model, skip):
     fused = FusePass(lowering="all", skip=skip)(CleanupPass()(tiny_model("llama").clone()).model).model
     with pytest.raises(XoptError, match="before fuse"):

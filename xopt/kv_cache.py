@@ -96,7 +96,7 @@ def position_limit(model: ir.Model) -> int | None:
 
 def context_limit(model: ir.Model) -> tuple[int | None, str]:
     """The most positions the model can run, and what fixes it: the rows of the rotary tables
-    inside its GroupQueryAttention, else the source config's `max_position_embeddings`."""
+    inside its GroupQueryAttention, else the source config's (`config_context_length`)."""
     from xopt.capture.huggingface import source_context_length
 
     rows = position_limit(model)
