@@ -16,7 +16,12 @@ in several terms, each added or a masked fill: MPT computes Where(c, m, s·Q·K�
 ALiBi bias [H, 1, T] and m float32's lowest value, which is s·Q·Kᵀ + (Where(c, m, 0) + A) since
 m + x rounds to m for any |x| < 10³¹; the mask fed is then [B, H, S, T], one per head. A fill
 such as −10⁴ is not: where every key of a query is masked the fill gives uniform weights and the
-sum softmax(x). ONNX
+sum softmax(x). Bloom folds the heads into the batch axis for its batched MatMuls: Q [B·H, S, d],
+Kᵀ [B·H, d, T] and V [B·H, T, d] are Reshapes of the [B, H, ·, d] values, the scores
+Reshape(β·Q·Kᵀ + A, [B, H, S, T]) + M with its ALiBi bias A [B·H, 1, T], and P·V [B·H, S, d] is
+reshaped back to [B, H, S, d]. A Reshape that only moves the heads between the batch axis and
+their own is the identity on the values of each (b, h), so the rewrite reads the [B, H, ·, d]
+values on both sides and A unfolded to [B, H, 1, T] (once for all the blocks that add it). ONNX
 `Attention` (opset 23) computes exactly this from Q [B,H,S,d], K/V [B,KV,S,d], the mask, past key
 and value, returning Y and both presents, so the rewrite is exact for any mask, padding included.
 The head repeats, the transpose of K, the two MatMuls, the scale and the softmax go away.
@@ -38,6 +43,8 @@ converter when it is lower.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -49,8 +56,15 @@ from xopt.kv_cache import PAST_PATTERN, has_kv_cache
 from xopt.rewrite import new_initializer, replace_value, require_opset
 
 ATTENTION_OPSET = 23
-MaskTerm = ir.Value | tuple[ir.Node, int]  # an added mask, or a masked fill and the index of what it fills
 _REPEAT_OPS = frozenset({"Unsqueeze", "Expand", "Reshape", "Identity"})
+
+
+class MaskTerm(NamedTuple):
+    """One additive term of the attention mask."""
+
+    value: ir.Value  # the value added to the scores, or the output of a masked fill
+    filled: int | None = None  # the masked fill's input that the mask reads as 0
+    folded: bool = False  # added with the heads in the batch axis, [B·H, S, T]
 
 
 def lower_cached_attention(model: ir.Model) -> tuple[int, list[str]]:
@@ -70,9 +84,9 @@ def lower_cached_attention(model: ir.Model) -> tuple[int, list[str]]:
     if not matches:
         return 0, notes
     require_opset(model, ATTENTION_OPSET)
-    zeros: dict[ir.DataType, ir.Value] = {}  # the masked fills' 0, one per dtype for every block
+    shared: dict[ir.DataType | ir.Value, ir.Value] = {}  # mask parts every block may read (`_mask`)
     for match in matches:
-        _rewrite(model.graph, match, zeros)
+        _rewrite(model.graph, match, shared)
     common_passes.RemoveUnusedNodesPass()(model)  # the repeats, MatMuls and softmax are dead now
     return len(matches), notes
 
@@ -83,25 +97,36 @@ def _match(attention: Attention) -> dict | str:
     scale = 1.0
     query, factor = _strip_scales(query)
     scale *= factor
+    query, folded = _unfolded(query, attention.num_heads)
     transpose = key_t.producer()
     is_transpose = transpose is not None and transpose.op_type == "Transpose"
-    if not is_transpose or tuple(transpose.attributes.get_ints("perm", ())) != (0, 1, 3, 2):
+    last_two = (0, 2, 1) if folded else (0, 1, 3, 2)
+    if not is_transpose or tuple(transpose.attributes.get_ints("perm", ())) != last_two:
         return "K is not read through a transpose of its last two axes"
     key, factor = _strip_scales(transpose.inputs[0])
     scale *= factor
+    probabilities, value = attention.context.inputs
+    if folded:
+        unfolded = [_unfolded(v, attention.num_heads) for v in (key, probabilities, value)]
+        if not all(was_folded for _, was_folded in unfolded):
+            return "Q has its heads in the batch axis, K, V or the softmax output does not"
+        key, probabilities, value = (v for v, _ in unfolded)
     key_concat = _cache_concat(key, "key")
     if isinstance(key_concat, str):
         return key_concat
-    value_concat = _cache_concat(attention.context.inputs[1], "value")
+    value_concat = _cache_concat(value, "value")
     if isinstance(value_concat, str):
         return value_concat
-    if attention.context.inputs[0] is not attention.softmax.outputs[0]:
+    if probabilities is not attention.softmax.outputs[0]:
         return "the softmax output is not what multiplies V"
     if attention.softmax.attributes.get_int("axis", -1) not in (-1, 3):
         return "softmax is not on the last axis"
+    output = attention.context.outputs[0]
+    if folded and (output := _unfolding(output, attention.num_heads)) is None:
+        return "P·V with the heads in the batch axis is not unfolded into [B, H, S, d]"
     mask_scale, logits = 1.0, attention.softmax.inputs[0]
     masked, outer = _strip_scales(logits)  # (Q·Kᵀ + M)·t when the mask is added before a scale
-    peeled = _mask_terms(masked, attention.scores)
+    peeled = _mask_terms(masked, attention)
     if isinstance(peeled, str):
         return peeled
     mask_terms, unmasked = peeled
@@ -122,11 +147,12 @@ def _match(attention: Attention) -> dict | str:
         "past_value": value_concat.inputs[0],
         "present_key": key_concat.outputs[0],
         "present_value": value_concat.outputs[0],
-        "output": attention.context.outputs[0],
+        "output": output,
         "scale": scale,
         "softcap": softcap,
-        "scores": attention.scores.outputs[0].shape,
-        "after": attention.context,
+        "scores": attention.softmax.outputs[0].shape,
+        "heads": attention.num_heads,
+        "after": output.producer(),
     }
     match["merged"] = _merged_heads(match, attention)
     return match
@@ -167,26 +193,30 @@ def _cache_concat(value: ir.Value, kind: str) -> ir.Node | str:
     return node
 
 
-def _mask_terms(value: ir.Value, scores: ir.Node) -> tuple[list[MaskTerm], ir.Value] | str:
+def _mask_terms(value: ir.Value, attention: Attention) -> tuple[list[MaskTerm], ir.Value] | str:
     """The additive terms of the mask on the way from Q·Kᵀ to `value`, and what they are added to:
-    Add(x, M) gives M (a causal or padding mask, MPT's ALiBi bias), a masked fill Where(c, m, x)
-    gives its node and the index of x, which the mask reads as 0 (`_mask`)."""
+    Add(x, M) gives M (a causal or padding mask, an ALiBi bias), a masked fill Where(c, m, x) gives
+    its output and the index of x, which the mask reads as 0 (`_mask`). Past a Reshape that takes
+    the heads out of the batch axis (Bloom's [B·H, S, T] → [B, H, S, T]) the terms are folded."""
     terms: list[MaskTerm] = []
+    folded = False
     while (node := value.producer()) is not None:
         if node.op_type == "Add":
-            sides = [v for v in node.inputs if _from_scores(v, scores)]
+            sides = [v for v in node.inputs if _from_scores(v, attention)]
             if len(sides) != 1:
                 return "the mask Add does not have exactly one side from Q·Kᵀ"
-            terms.append(node.inputs[1] if sides[0] is node.inputs[0] else node.inputs[0])
-        elif node.op_type == "Where" and len(node.inputs) == 3:
-            sides = [i for i in (1, 2) if _from_scores(node.inputs[i], scores)]
+            terms.append(MaskTerm(node.inputs[1] if sides[0] is node.inputs[0] else node.inputs[0], folded=folded))
+        elif node.op_type == "Where" and len(node.inputs) == 3 and not folded:
+            sides = [i for i in (1, 2) if _from_scores(node.inputs[i], attention)]
             if len(sides) != 1:
                 return "the masked fill does not have exactly one branch from Q·Kᵀ"
             fill = node.inputs[3 - sides[0]]
             if not _is_lowest(const_array(fill), fill.dtype):
                 return "the masked fill's value is not a constant −∞ or float32's lowest (adding it is not the same)"
-            terms.append((node, sides[0]))
+            terms.append(MaskTerm(node.outputs[0], filled=sides[0]))
             sides = [node.inputs[sides[0]]]
+        elif node.op_type == "Reshape" and not folded and _unfolding(node.inputs[0], attention.num_heads) is value:
+            folded, sides = True, [node.inputs[0]]
         else:
             break
         value = sides[0]
@@ -202,18 +232,44 @@ def _is_lowest(fill: np.ndarray | None, dtype: ir.DataType | None) -> bool:
     return m == -np.inf or (dtype == ir.DataType.FLOAT and m == float(np.finfo(np.float32).min))
 
 
-def _from_scores(value: ir.Value, scores: ir.Node) -> bool:
-    """Whether `value` is computed from `scores` through constant scalings, a soft cap, and
-    additions and masked fills of anything else."""
+def _from_scores(value: ir.Value, attention: Attention) -> bool:
+    """Whether `value` is computed from the attention's Q·Kᵀ through constant scalings, a soft cap,
+    additions and masked fills of anything else, and the heads' unfolding out of the batch axis."""
     source, _, _ = _strip_soft_cap(value)
     node = source.producer()
-    if node is scores:
+    if node is attention.scores:
         return True
+    if node is not None and node.op_type == "Reshape" and _unfolding(node.inputs[0], attention.num_heads) is source:
+        return _from_scores(node.inputs[0], attention)
     return (
         node is not None
         and node.op_type in ("Add", "Where")
-        and any(_from_scores(v, scores) for v in node.inputs if v is not None)
+        and any(_from_scores(v, attention) for v in node.inputs if v is not None)
     )
+
+
+def _unfolded(value: ir.Value, heads: int) -> tuple[ir.Value, bool]:
+    """X and True when `value` [B·heads, n, d] is Reshape(X) with X [B, heads, n, d] (Bloom folds
+    the heads into the batch axis for its batched MatMuls), else `value` and False."""
+    node = value.producer()
+    if node is not None and node.op_type == "Reshape" and _heads_folded(value, node.inputs[0], heads):
+        return node.inputs[0], True
+    return value, False
+
+
+def _unfolding(folded: ir.Value, heads: int) -> ir.Value | None:
+    """The [B, heads, n, d] value that the sole reader of `folded` [B·heads, n, d], a Reshape, gives."""
+    reshape = sole_reader(folded, "Reshape")
+    return reshape.outputs[0] if reshape is not None and _heads_folded(folded, reshape.outputs[0], heads) else None
+
+
+def _heads_folded(folded: ir.Value, unfolded: ir.Value, heads: int) -> bool:
+    """Whether a Reshape between `folded` [B·heads, n, d] and `unfolded` [B, heads, n, d] only moves
+    the heads between the batch axis and their own (the last axis the same, one size fewer)."""
+    short, full = folded.shape, unfolded.shape
+    if short is None or full is None or len(short) != 3 or len(full) != 4:
+        return False
+    return full[1] == heads and full[3] == short[2]
 
 
 def _merged_heads(match: dict, attention: Attention) -> dict | None:
@@ -275,7 +331,7 @@ def _is_head_transpose(node: ir.Node | None) -> bool:
     return tuple(node.attributes.get_ints("perm", ())) == (0, 2, 1, 3)
 
 
-def _rewrite(graph: ir.Graph, match: dict, zeros: dict[ir.DataType, ir.Value]) -> None:
+def _rewrite(graph: ir.Graph, match: dict, shared: dict[ir.DataType | ir.Value, ir.Value]) -> None:
     attributes: dict = {"scale": match["scale"]}
     if match["softcap"] is not None:
         attributes["softcap"] = match["softcap"]
@@ -289,7 +345,7 @@ def _rewrite(graph: ir.Graph, match: dict, zeros: dict[ir.DataType, ir.Value]) -
             attributes[attribute] = heads_count
             operands[name] = x if rotary is None else _merged_rotary(graph, rotary, x, heads_count)
         outputs["output"] = merged["output"]
-    nodes, mask = _mask(graph, match, zeros)
+    nodes, mask = _mask(graph, match, shared)
     if match["mask_scale"] != 1.0:
         nodes.append(
             ir.node(
@@ -305,31 +361,60 @@ def _rewrite(graph: ir.Graph, match: dict, zeros: dict[ir.DataType, ir.Value]) -
         replace_value(old, new)
 
 
-def _mask(graph: ir.Graph, match: dict, zeros: dict[ir.DataType, ir.Value]) -> tuple[list[ir.Node], ir.Value | None]:
-    """The nodes adding up the mask's terms, a masked fill Where(c, m, x) as Where(c, m, 0), and
-    the mask (None without terms; no nodes for one added value)."""
+def _mask(graph: ir.Graph, match: dict, shared: dict) -> tuple[list[ir.Node], ir.Value | None]:
+    """The nodes adding up the mask's terms, a masked fill Where(c, m, x) as Where(c, m, 0) and a
+    folded term unfolded to [B, H, …], and the mask (None without terms; no nodes for one added
+    value). `shared` holds what every block may read: the fills' zeros, the unfolded terms."""
     nodes: list[ir.Node] = []
     values: list[ir.Value] = []
     for term in match["mask_terms"]:
-        if isinstance(term, ir.Value):
-            values.append(term)
-            continue
-        where, filled = term
-        dtype = where.outputs[0].dtype
-        inputs = list(where.inputs)
-        if dtype not in zeros:
-            zeros[dtype] = new_initializer(graph, "masked_fill_zero", np.array(0), dtype.numpy())
-        inputs[filled] = zeros[dtype]
-        nodes.append(ir.node("Where", inputs))
-        values.append(nodes[-1].outputs[0])
-        values[-1].dtype = dtype
-        values[-1].shape = _broadcast([where.inputs[i].shape for i in range(3) if i != filled], match["scores"])
+        if term.filled is not None:
+            nodes.append(_fill_with_zero(graph, term, shared))
+            values.append(nodes[-1].outputs[0])
+            operands = [v.shape for i, v in enumerate(nodes[-1].inputs) if i != term.filled]
+            values[-1].dtype, values[-1].shape = term.value.dtype, _broadcast(operands, match["scores"])
+        elif term.folded:
+            values.append(_unfolded_term(graph, term.value, match["heads"], shared))
+        else:
+            values.append(term.value)
     while len(values) > 1:
         nodes.append(ir.node("Add", values[:2]))
         total = nodes[-1].outputs[0]
         total.dtype, total.shape = values[0].dtype, _broadcast([v.shape for v in values[:2]], match["scores"])
         values[:2] = [total]
     return nodes, (values or [None])[0]
+
+
+def _fill_with_zero(graph: ir.Graph, term: MaskTerm, shared: dict) -> ir.Node:
+    """Where(c, m, 0) for the masked fill Where(c, m, x), with one 0 per dtype for all blocks."""
+    where, dtype = term.value.producer(), term.value.dtype
+    if dtype not in shared:
+        shared[dtype] = new_initializer(graph, "masked_fill_zero", np.array(0), dtype.numpy())
+    inputs = list(where.inputs)
+    inputs[term.filled] = shared[dtype]
+    return ir.node("Where", inputs)
+
+
+def _unfolded_term(graph: ir.Graph, term: ir.Value, heads: int, shared: dict) -> ir.Value:
+    """A mask term added with the heads in the batch axis, [B·H, n, T], as [B, H, n, T]: computed
+    once after the term's producer, for every block that adds it (Bloom's ALiBi bias)."""
+    if term not in shared:
+        shape = ir.node("Shape", [term], attributes={"start": 1})
+        heads_first = new_initializer(graph, "unfolded_heads", np.array([-1, heads]), np.int64)
+        dims = ir.node("Concat", [heads_first, shape.outputs[0]], attributes={"axis": 0})
+        reshape = ir.node("Reshape", [term, dims.outputs[0]])
+        unfolded = reshape.outputs[0]
+        unfolded.dtype = term.dtype
+        if term.shape is not None and len(term.shape) == 3:
+            batch = term.shape[0] // heads if isinstance(term.shape[0], int) else None
+            unfolded.shape = ir.Shape([batch, heads, *list(term.shape)[1:]])
+        nodes = [shape, dims, reshape]
+        if term.producer() is None:
+            graph.insert_before(graph.node(0), nodes)
+        else:
+            graph.insert_after(term.producer(), nodes)
+        shared[term] = unfolded
+    return shared[term]
 
 
 def _broadcast(shapes: list[ir.Shape | None], scores: ir.Shape | None) -> ir.Shape | None:

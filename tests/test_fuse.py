@@ -187,6 +187,23 @@ def test_a_masked_fill_and_an_alibi_bias_become_the_attention_mask(tiny_model):
     _assert_same_decoder_outputs(cleaned, result.model)
 
 
+def test_attention_with_the_heads_in_the_batch_axis_is_read_through_the_folds(tiny_model):
+    """Bloom folds the heads into the batch axis, [B·H, S, d], for β·Q·Kᵀ + ALiBi and P·V: the
+    folds go, `Attention` reads Q, K, V as [B, H, S, d], and the ALiBi bias [B·H, 1, T] is unfolded
+    once into the per-head mask [B, H, S, T] for every block."""
+    cleaned = CleanupPass()(tiny_model("bloom").clone()).model
+    result = FusePass(lowering="all", skip=fuse_only("cached-attention"))(cleaned.clone())
+    attentions = [n for n in result.model.graph if n.op_type == "Attention"]
+    assert result.stats == {"cached-attention": 2} and len(attentions) == 2
+    masks = [node.inputs[3].producer() for node in attentions]
+    assert all(mask.op_type == "Add" and mask.outputs[0].shape[1] == 4 for mask in masks)
+    unfolded = {v for mask in masks for v in mask.inputs if v.producer().op_type == "Reshape"}
+    assert len(unfolded) == 1  # one ALiBi bias, unfolded once
+    ops = Counter(n.op_type for n in result.model.graph)
+    assert ops["MatMul"] == Counter(n.op_type for n in cleaned.graph)["MatMul"] - 4 and ops["Softmax"] == 0
+    _assert_same_decoder_outputs(cleaned, result.model)
+
+
 def test_a_masked_fill_that_adding_would_change_is_left_alone(tiny_model):
     """Where(c, −10⁴, x) is not x + Where(c, −10⁴, 0) where every key is masked: no rewrite."""
     cleaned = CleanupPass()(tiny_model("mpt").clone()).model
