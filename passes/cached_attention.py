@@ -31,8 +31,10 @@ the attention, and merges them back as Reshape(Transpose₀₂₁₃(Y), [B, S, 
 and `RotaryEmbedding` also take the merged [B, S, H·d] layout (with `q_num_heads`/`kv_num_heads`
 and `num_heads`), and compute the same values there, so when all three inputs and the output
 have that form the lowering feeds X directly and returns the merged Y: per layer four Reshapes
-and four Transposes (each a copy in ONNX Runtime) go too. The past and present stay
-[B, KV, P, d].
+and four Transposes (each a copy in ONNX Runtime) go too. Bloom, GPT-NeoX and Falcon instead pick
+each head of Q, K and V out of one projection whose columns interleave the heads; that projection
+with its columns reordered gives the three merged as its slices (`head_columns.py`). The past and
+present stay [B, KV, P, d].
 
 Preconditions, each checked with a reason: the block's Q·Kᵀ reads K through a transpose of the
 last two axes and head repeats (Unsqueeze/Expand/Reshape) of a Concat on axis 2 of a graph input
@@ -53,6 +55,7 @@ from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import const_array, scalar_factor, sole_reader
 from xopt.analysis.structure import Attention
 from xopt.kv_cache import PAST_PATTERN, has_kv_cache
+from xopt.passes.head_columns import head_columns, reordered_projection
 from xopt.rewrite import new_initializer, replace_value, require_opset
 
 ATTENTION_OPSET = 23
@@ -274,28 +277,43 @@ def _heads_folded(folded: ir.Value, unfolded: ir.Value, heads: int) -> bool:
 
 def _merged_heads(match: dict, attention: Attention) -> dict | None:
     """Q, K, V as [B, S, H·d] (each with the RotaryEmbedding on its way, if any) and the merged
-    output that Y is reshaped into, when the whole block splits and merges heads by the book."""
-    heads = {"query": attention.num_heads, "key": attention.num_kv_heads, "value": attention.num_kv_heads}
-    merged: dict = {}
-    for name, count in heads.items():
-        split = _split_heads(match[name], count)
-        if split is None:
-            return None
-        merged[name] = (*split, count)
+    output that Y is reshaped into, when the block merges its heads by the book after the attention
+    and splits them before it by the book or from one projection whose columns interleave the heads
+    (then `columns` holds that projection and each one's columns, and Q, K, V come from it)."""
     output = _merged_output(match["output"])
     if output is None:
         return None
-    merged["output"] = output
+    heads = {"query": attention.num_heads, "key": attention.num_kv_heads, "value": attention.num_kv_heads}
+    sources = {name: _rotated(match[name]) for name in heads}
+    if any(source is None for source in sources.values()):
+        return None
+    split = {name: _split_heads(sources[name][0], count) for name, count in heads.items()}
+    merged: dict = {"output": output}
+    if all(x is not None for x in split.values()):
+        merged.update({name: (split[name], sources[name][1], count) for name, count in heads.items()})
+        return merged
+    if not attention.fused_qkv:
+        return None
+    columns = head_columns(attention.q, [(sources[name][0], count) for name, count in heads.items()])
+    if isinstance(columns, str):
+        return None
+    merged["columns"] = (attention.q, columns)
+    merged.update({name: (None, sources[name][1], count) for name, count in heads.items()})
     return merged
 
 
-def _split_heads(value: ir.Value, heads: int) -> tuple[ir.Value, ir.Node | None] | None:
-    """(X, rotary) when `value` = [RotaryEmbedding](Transpose₀₂₁₃(Reshape(X, [B, S, heads, d])))."""
-    node, rotary = value.producer(), None
-    if node is not None and node.op_type == "RotaryEmbedding" and node.domain == "" and sole_reader(node.outputs[0]):
-        if len(node.inputs) != 3:  # position ids would index the caches by position: not merged here
-            return None
-        rotary, node = node, node.inputs[0].producer()
+def _rotated(value: ir.Value) -> tuple[ir.Value, ir.Node | None] | None:
+    """(x, rotary) when `value` = RotaryEmbedding(x) read by nothing else, else (`value`, None);
+    None when the rotation takes position ids (they would index the caches by position)."""
+    node = value.producer()
+    if node is None or node.op_type != "RotaryEmbedding" or node.domain != "" or not sole_reader(node.outputs[0]):
+        return value, None
+    return (node.inputs[0], node) if len(node.inputs) == 3 else None
+
+
+def _split_heads(value: ir.Value, heads: int) -> ir.Value | None:
+    """X when `value` = Transpose₀₂₁₃(Reshape(X, [B, S, heads, d])), each read by nothing else."""
+    node = value.producer()
     if not _is_head_transpose(node) or sole_reader(node.outputs[0]) is None:
         return None
     reshape = node.inputs[0].producer()
@@ -306,7 +324,7 @@ def _split_heads(value: ir.Value, heads: int) -> tuple[ir.Value, ir.Node | None]
         return None
     if list(x.shape)[:2] != list(split)[:2] or split[2] != heads or not isinstance(split[3], int):
         return None
-    return (x, rotary) if x.shape[2] == heads * split[3] else None
+    return x if x.shape[2] == heads * split[3] else None
 
 
 def _merged_output(value: ir.Value) -> ir.Value | None:
@@ -340,6 +358,9 @@ def _rewrite(graph: ir.Graph, match: dict, shared: dict[ir.DataType | ir.Value, 
     merged = match["merged"]
     if merged is not None:
         heads = {"query": "q_num_heads", "key": "kv_num_heads", "value": "kv_num_heads"}
+        if "columns" in merged:
+            parts = iter(reordered_projection(graph, *merged["columns"]))
+            merged.update({name: (next(parts), *merged[name][1:]) for name in heads})
         for name, attribute in heads.items():
             x, rotary, heads_count = merged[name]
             attributes[attribute] = heads_count

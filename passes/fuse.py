@@ -19,7 +19,9 @@ Every rewrite computes the same values up to float rounding:
 - `rotary`: x·cos + rotate_half(x)·sin, or the same on interleaved pairs → ONNX `RotaryEmbedding`
   (opset 23) on the graph's own cos/sin tables (`rotary.py`; any positions).
 - `cached-attention`: a KV-cache decoder's Concat(past, K/V) → head repeats → softmax(s·Q·Kᵀ + M)·V
-  → ONNX `Attention` (opset 23) with past and present (`cached_attention.py`; any mask).
+  → ONNX `Attention` (opset 23) with past and present (`cached_attention.py`; any mask), on merged
+  heads where Q, K and V come from one projection whose columns interleave the heads, reordered to
+  [Q | K | V] (`head_columns.py`).
 - `group-query-attention`: that `Attention` → com.microsoft `GroupQueryAttention` with the mask as
   its attention bias, whose past and present can be one buffer updated in place by the decoder
   (`group_query_attention.py`; any mask).
@@ -82,7 +84,15 @@ from xopt.passes.rotary import lower_rotary
 from xopt.passes.rotary_attention import lower_rotary_attention
 from xopt.pipeline import Pass, PassResult, register
 from xopt.progress import progress
-from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, replace_value, weight_dtype, weight_in_out
+from xopt.rewrite import (
+    bias_or_zeros,
+    new_initializer,
+    owns_weight,
+    replace_value,
+    split_linear,
+    weight_dtype,
+    weight_in_out,
+)
 
 # Order: each family runs while the graph still has the forms it matches: onnxscript's encoder
 # attention rules want separate Q/K/V to pack them into one Attention (with quantized weights,
@@ -441,18 +451,13 @@ def _merge_refusal(linears: list[Linear]) -> str | None:
 
 def _merge(graph: ir.Graph, linears: list[Linear]) -> None:
     """X·[W₁|…|Wₖ] + [b₁|…|bₖ] → Split into the k original outputs."""
-    dtype = weight_dtype(linears[0].weight)
     first = min((linear.node for linear in linears), key=list(graph).index)
     stacked = np.concatenate([weight_in_out(x) for x in linears], 1)
-    weight = new_initializer(graph, (linears[0].weight.name or "linear") + "_merged", stacked, dtype)
-    nodes = [ir.node("MatMul", [linears[0].input, weight])]
-    merged = nodes[0].outputs[0]
-    if any(linear.bias is not None for linear in linears):
-        bias = np.concatenate([bias_or_zeros(x) for x in linears])
-        nodes.append(ir.node("Add", [merged, new_initializer(graph, weight.name + "_bias", bias, dtype)]))
-        merged = nodes[-1].outputs[0]
-    sizes = new_initializer(graph, weight.name + "_split", np.array([x.out_features for x in linears]), np.int64)
-    nodes.append(ir.node("Split", [merged, sizes], attributes={"axis": -1}, num_outputs=len(linears)))
+    biased = any(linear.bias is not None for linear in linears)
+    bias = np.concatenate([bias_or_zeros(x) for x in linears]) if biased else None
+    sizes = [x.out_features for x in linears]
+    base = (linears[0].weight.name or "linear") + "_merged"
+    nodes = split_linear(graph, linears[0].input, stacked, bias, sizes, weight_dtype(linears[0].weight), base)
     graph.insert_before(first, nodes)
     for linear, part in zip(linears, nodes[-1].outputs, strict=True):
         part.dtype, part.shape = linear.output.dtype, linear.output.shape

@@ -204,6 +204,25 @@ def test_attention_with_the_heads_in_the_batch_axis_is_read_through_the_folds(ti
     _assert_same_decoder_outputs(cleaned, result.model)
 
 
+@pytest.mark.parametrize("name", ["bloom", "gpt_neox", "falcon"])
+def test_a_projection_that_interleaves_the_heads_feeds_the_merged_attention(tiny_model, name):
+    """Bloom ([B, S, H, 3, d], Gather), GPT-NeoX ([B, S, H, 3d], Split) and Falcon ([B, S, H + 2, d],
+    Slice and GatherND) pick each head of Q, K and V out of one projection: its columns reordered
+    to [Q | K | V], `Attention` reads the three in the merged [B, S, n·d] layout (GPT-NeoX and Falcon
+    through their RotaryEmbedding)."""
+    cleaned = CleanupPass()(tiny_model(name).clone()).model
+    result = FusePass(lowering="all", skip=fuse_only("rotary", "cached-attention"))(cleaned.clone())
+    attentions = [n for n in result.model.graph if n.op_type == "Attention"]
+    assert result.stats["cached-attention"] == 2 and len(attentions) == 2
+    for node in attentions:
+        assert node.attributes.get_int("q_num_heads") == 4
+        assert all(len(v.shape) == 3 for v in node.inputs[:3]) and len(node.outputs[0].shape) == 3
+        sources = {v.producer().op_type for v in node.inputs[:3]} - {"RotaryEmbedding"}
+        assert sources == {"Split"}, sources
+    assert Counter(n.op_type for n in result.model.graph)["Transpose"] <= 1  # at most the tied head's weight
+    _assert_same_decoder_outputs(cleaned, result.model)
+
+
 def test_a_masked_fill_that_adding_would_change_is_left_alone(tiny_model):
     """Where(c, −10⁴, x) is not x + Where(c, −10⁴, 0) where every key is masked: no rewrite."""
     cleaned = CleanupPass()(tiny_model("mpt").clone()).model

@@ -157,6 +157,26 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: np.dty
     return value
 
 
+def split_linear(
+    graph: ir.Graph,
+    x: ir.Value,
+    w_in_out: np.ndarray,
+    bias: np.ndarray | None,
+    sizes: list[int],
+    dtype: np.dtype,
+    base: str,
+) -> list[ir.Node]:
+    """The nodes of Split(x·W (+ b), `sizes`) on the last axis, W and b stored in `dtype` as new
+    initializers named after `base`; the caller inserts them."""
+    weight = new_initializer(graph, base, w_in_out, dtype)
+    nodes = [ir.node("MatMul", [x, weight])]
+    if bias is not None:
+        nodes.append(ir.node("Add", [nodes[0].outputs[0], new_initializer(graph, weight.name + "_bias", bias, dtype)]))
+    widths = new_initializer(graph, weight.name + "_split", np.array(sizes), np.int64)
+    nodes.append(ir.node("Split", [nodes[-1].outputs[0], widths], attributes={"axis": -1}, num_outputs=len(sizes)))
+    return nodes
+
+
 def _named(graph: ir.Graph, name: str) -> bool:
     """Whether an initializer, a graph input or a node's output of `graph` is called `name`."""
     if name in graph.initializers or any(value.name == name for value in graph.inputs):
