@@ -14,7 +14,10 @@ sequence ignored, fixed intra-op threads. Reported per variant: prefill latency 
 new token) and decode throughput (the other new tokens over their time), median and p10–p90 over
 the repeats, and how many generated tokens agree with transformers' greedy output. Variants run
 one whole generation at a time, interleaved (A, B, C, A, B, C, …) after one warm-up generation
-each; each keeps its runtime's default thread spinning, as a user would run it. The runtimes are
+each; each keeps its runtime's default thread spinning, as a user would run it, and starts
+`SETTLE_S` after the one before it ends, once that runtime's threads have stopped spinning (a
+6-layer model's 128-token prefill, 25 ms alone, took 37–49 ms right after another ONNX Runtime
+session's generation on these 2 cores; 25 ms after a 50 ms pause). The runtimes are
 loaded in the table's order for the first half of the rounds and loaded again in reverse order
 (C, B, A) for the second: of two loaded models the first ran slower here (xopt exact against
 onnxruntime-genai fp32, 12 rounds, four processes: 0.973× and 0.968× with xopt loaded first,
@@ -93,6 +96,7 @@ ANCHOR_PACKAGES = ("onnxruntime-genai", "llama-cpp-python")
 CONTIGUOUS_RECIPES = ("exact", "int4")  # also built with fuse(positions=contiguous)
 REQUANTIZED_GROUPS = (64, 128)  # the int4 recipe with its source grids re-quantized in these groups
 REQUANTIZED_SPECS = {"rotate(optional=true)": "rotate"}  # int4 recipe pass → re-quantized variant's (no grid kept)
+SETTLE_S = 0.1  # pause before each generation: the previous runtime's threads stop spinning
 BUILD_STAMP = "benchmark-build.json"  # in a kept build's folder: what made it, in how many seconds
 logger = logging.getLogger("benchmark_decode")
 
@@ -479,6 +483,11 @@ def perplexity_text(tokenizer, windows: int) -> str:
     return text[: len(text) * (windows * PERPLEXITY_WINDOW + 64) // tokens]
 
 
+def settle() -> None:
+    """Wait for the threads of the runtime that generated last to stop spinning."""
+    time.sleep(SETTLE_S)
+
+
 def run(loaders: dict[str, Callable[[], Callable]], repeats: int) -> dict[str, Samples]:
     """`repeats` interleaved rounds in two halves: the variants loaded and run in the table's order,
     then loaded again and run in reverse order; each half starts with a warm-up round."""
@@ -490,6 +499,7 @@ def run(loaders: dict[str, Callable[[], Callable]], repeats: int) -> dict[str, S
         variants = {label: loaders[label]() for label in order}
         for round_index in range(rounds + 1):  # round 0 is the warm-up
             for label, generate in variants.items():
+                settle()
                 tokens, prefill_ms, tokens_per_s = generate()
                 logger.info("%s: prefill %.1f ms, decode %.1f tokens/s", label, prefill_ms, tokens_per_s)
                 if round_index > 0:
@@ -524,7 +534,8 @@ def write_markdown(
         f"{args.new_tokens} new tokens, greedy, end of sequence ignored. Each variant generates the whole "
         f"sequence in turn, interleaved over {args.repeats} rounds in two halves, the variants loaded in the "
         "table's order for the first and again in reverse order for the second, each half after one warm-up "
-        "round; median (p10–p90). "
+        f"round, each generation {SETTLE_S:g} s after the one before (its runtime's threads stopped spinning); "
+        "median (p10–p90). "
         "Prefill = prompt to first new token; decode = the other new tokens over their time. "
         "'agree' = generated tokens equal to transformers' greedy output. "
         "'file MB' = the model's ONNX files (llama.cpp: the GGUF file). "
