@@ -283,7 +283,9 @@ def _merged_heads(match: dict, attention: Attention) -> dict | None:
     output = _merged_output(match["output"])
     if output is None:
         return None
-    heads = {"query": attention.num_heads, "key": attention.num_kv_heads, "value": attention.num_kv_heads}
+    heads = {name: _head_count(match[name]) for name in ("query", "key", "value")}  # as the cache holds them
+    if None in heads.values():
+        return None
     sources = {name: _rotated(match[name]) for name in heads}
     if any(source is None for source in sources.values()):
         return None
@@ -300,6 +302,12 @@ def _merged_heads(match: dict, attention: Attention) -> dict | None:
     merged["columns"] = (attention.q, columns)
     merged.update({name: (None, sources[name][1], count) for name, count in heads.items()})
     return merged
+
+
+def _head_count(value: ir.Value) -> int | None:
+    """n of a [B, n, S, d] value, when known."""
+    shape = value.shape
+    return shape[1] if shape is not None and len(shape) == 4 and isinstance(shape[1], int) else None
 
 
 def _rotated(value: ir.Value) -> tuple[ir.Value, ir.Node | None] | None:

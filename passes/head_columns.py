@@ -4,15 +4,16 @@ the merged [B, S, n·d] slices of a projection with its columns reordered, for `
 Such a model computes X = x·W + b, [B, S, C], and reaches each of Q, K and V, [B, n, S, d], by
 data movement alone: Bloom reshapes X to [B, S, H, 3, d] and gathers on axis 3, GPT-NeoX reshapes
 it to [B, S, H, 3d] and splits the last axis, Falcon reshapes it to [B, S, H + 2, d] and slices or
-gathers heads. Those operators (ONNX's reference implementation, each Reshape to its output's
-annotated shape) run on an array of positions, X[b, s, c] = c + C·(s + S·b) with B = 2 and S = 3,
-give for every element of Q, K and V the (b, s, c) it is copied from. Where each reads X at its
-own (b, s) and at a column c(h, e) that does not depend on them, Q[b, h, s, e] = X[b, s, c_Q(h, e)].
-When Q, K and V together read every column once, the permutation π = [c_Q | c_K | c_V] (each in
-(h, e) order) gives X' = x·W[:, π] + b[π], whose first n_Q·d columns are Q in the merged layout,
-Q[b, h, s, e] = X'[b, s, h·d + e], then K's and V's: the same products and sums, the columns
-moved. A new linear and a Split give the three; the old projection and its selection are left to
-dead-code removal.
+gathers heads (its new architecture also expands each KV head to its group of query heads). Those
+operators (ONNX's reference implementation, each Reshape and Expand to its output's annotated
+shape) run on an array of positions, X[b, s, c] = c + C·(s + S·b) with B = 2 and S = 3, give for
+every element of Q, K and V the (b, s, c) it is copied from. Where each reads X at its own (b, s)
+and at a column c(h, e) that does not depend on them, Q[b, h, s, e] = X[b, s, c_Q(h, e)]. Then
+π = [c_Q | c_K | c_V] (each in (h, e) order) gives X' = x·W[:, π] + b[π], whose first n_Q·d
+columns are Q in the merged layout, Q[b, h, s, e] = X'[b, s, h·d + e], then K's and V's: the same
+products and sums, the columns moved (a column that several heads copy is computed for each, as
+the model copies it). A new linear and a Split give the three (where π is 0, 1, …, C − 1, a Split
+of X itself); the old projection and its selection are left to dead-code removal.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from xopt.analysis.patterns import Linear
 from xopt.rewrite import bias_or_zeros, new_initializer, owns_weight, split_linear, weight_dtype, weight_in_out
 
 MOVEMENT_OPS = frozenset(
-    {"Reshape", "Transpose", "Split", "Slice", "Gather", "GatherND", "Squeeze", "Unsqueeze", "Identity"}
+    {"Reshape", "Expand", "Transpose", "Split", "Slice", "Gather", "GatherND", "Squeeze", "Unsqueeze", "Identity"}
 )
+_SHAPED_OPS = frozenset({"Reshape", "Expand"})  # their shape operand is computed: read off the annotation
 _BATCH, _SEQUENCE = 2, 3  # the sizes the positions are laid out in: distinct, neither 1
 
 
 def head_columns(projection: Linear, heads: list[tuple[ir.Value, int]]) -> list[np.ndarray] | str:
     """For each given [B, n, S, d] value (with its n), the projection's columns c(h, e) it holds in
-    (h, e) order, when together they read every column once; else why not."""
+    (h, e) order; else why there are none."""
     if not owns_weight(projection):
         return "the QKV projection's weight is shared with another node"
     source = projection.output
@@ -52,8 +54,6 @@ def head_columns(projection: Linear, heads: list[tuple[ir.Value, int]]) -> list[
         if taken is None:
             return f"{value.name} is not [B, {count}, S, d] read from the columns at its own (b, s)"
         columns.append(taken)
-    if not np.array_equal(np.sort(np.concatenate(columns)), np.arange(source.shape[2])):
-        return "Q, K and V do not read each column of the QKV projection once"
     return columns
 
 
@@ -90,7 +90,7 @@ def _moved(value: ir.Value, arrays: dict[ir.Value, np.ndarray], source: ir.Value
     for operand in node.inputs[1:]:
         if operand is None:
             continue
-        array = _reshaped_to(node.outputs[0], source) if node.op_type == "Reshape" else const_array(operand)
+        array = _shape_of(node.outputs[0], source) if node.op_type in _SHAPED_OPS else const_array(operand)
         if array is None:
             return f"{node.op_type} {node.name} has an operand that is not constant"
         feeds[operand.name] = array
@@ -102,8 +102,8 @@ def _moved(value: ir.Value, arrays: dict[ir.Value, np.ndarray], source: ir.Value
     return arrays[value]
 
 
-def _reshaped_to(value: ir.Value, source: ir.Value) -> np.ndarray | None:
-    """A Reshape output's annotated shape with the source's batch and sequence at the sizes laid out."""
+def _shape_of(value: ir.Value, source: ir.Value) -> np.ndarray | None:
+    """A value's annotated shape with the source's batch and sequence at the sizes laid out."""
     if value.shape is None:
         return None
     sizes = {source.shape[0]: _BATCH, source.shape[1]: _SEQUENCE}

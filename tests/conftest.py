@@ -149,6 +149,19 @@ TINY_CONFIGS = {
         dict(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, multi_query=True, bias=False),
         "FalconForCausalLM",
     ),
+    "falcon_new": (  # Falcon's new architecture: [Q heads of a group, K, V] per KV group, the KV heads expanded
+        "FalconConfig",
+        dict(
+            vocab_size=211,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            bias=False,
+        ),
+        "FalconForCausalLM",
+    ),
     "bloom": (  # a LayerNorm on the embeddings, ALiBi, heads folded into the batch axis around P·V
         "BloomConfig",
         dict(vocab_size=211, hidden_size=48, n_layer=2, n_head=4),

@@ -204,12 +204,13 @@ def test_attention_with_the_heads_in_the_batch_axis_is_read_through_the_folds(ti
     _assert_same_decoder_outputs(cleaned, result.model)
 
 
-@pytest.mark.parametrize("name", ["bloom", "gpt_neox", "falcon"])
+@pytest.mark.parametrize("name", ["bloom", "gpt_neox", "falcon", "falcon_new"])
 def test_a_projection_that_interleaves_the_heads_feeds_the_merged_attention(tiny_model, name):
     """Bloom ([B, S, H, 3, d], Gather), GPT-NeoX ([B, S, H, 3d], Split) and Falcon ([B, S, H + 2, d],
-    Slice and GatherND) pick each head of Q, K and V out of one projection: its columns reordered
-    to [Q | K | V], `Attention` reads the three in the merged [B, S, n·d] layout (GPT-NeoX and Falcon
-    through their RotaryEmbedding)."""
+    Slice and GatherND; the new architecture [B, S, KV, H/KV + 2, d], each KV head expanded to its
+    group) pick each head of Q, K and V out of one projection: its columns reordered to [Q | K | V],
+    `Attention` reads the three in the merged [B, S, n·d] layout (GPT-NeoX and Falcon through their
+    RotaryEmbedding)."""
     cleaned = CleanupPass()(tiny_model(name).clone()).model
     result = FusePass(lowering="all", skip=fuse_only("rotary", "cached-attention"))(cleaned.clone())
     attentions = [n for n in result.model.graph if n.op_type == "Attention"]
@@ -221,6 +222,21 @@ def test_a_projection_that_interleaves_the_heads_feeds_the_merged_attention(tiny
         assert sources == {"Split"}, sources
     assert Counter(n.op_type for n in result.model.graph)["Transpose"] <= 1  # at most the tied head's weight
     _assert_same_decoder_outputs(cleaned, result.model)
+
+
+def test_kv_heads_expanded_before_the_cache_reach_group_query_attention(tiny_model):
+    """Falcon's new architecture caches each KV head once per query head of its group: the merged
+    projection computes those copies, GroupQueryAttention reads as many KV heads as the cache holds."""
+    cleaned = CleanupPass()(tiny_model("falcon_new").clone()).model
+    families = fuse_only("rotary", "cached-attention", "group-query-attention")
+    result = FusePass(lowering="all", skip=families)(cleaned.clone())
+    nodes = [n for n in result.model.graph if n.op_type == "GroupQueryAttention"]
+    assert result.stats["group-query-attention"] == 2 and len(nodes) == 2
+    assert all(n.attributes.get_int("num_heads") == n.attributes.get_int("kv_num_heads") == 4 for n in nodes)
+    for batch, sequence, past in [(1, 5, 4), (2, 7, 0), (2, 1, 6)]:  # the shapes its CPU kernel runs
+        feeds = sample_inputs(cleaned, batch=batch, sequence=sequence, past=past, padded=batch > 1, seed=3)
+        parity = compare(reference_outputs(cleaned, feeds), reference_outputs(result.model, feeds))
+        assert parity.max_rel <= 1e-5, parity
 
 
 def test_a_masked_fill_that_adding_would_change_is_left_alone(tiny_model):
