@@ -277,9 +277,11 @@ def _heads_folded(folded: ir.Value, unfolded: ir.Value, heads: int) -> bool:
 
 def _merged_heads(match: dict, attention: Attention) -> dict | None:
     """Q, K, V as [B, S, H·d] (each with the RotaryEmbedding on its way, if any) and the merged
-    output that Y is reshaped into, when the block merges its heads by the book after the attention
-    and splits them before it by the book or from one projection whose columns interleave the heads
-    (then `columns` holds that projection and each one's columns, and Q, K, V come from it)."""
+    output that Y is reshaped into, when the block merges its heads by the book after the attention.
+    Before it, in order of preference: each split by the book (X itself); all three from one
+    projection whose columns interleave the heads (then `columns` holds that projection and each
+    one's columns, and Q, K, V come from it); each a head transpose of some [B, S, H, d] value V
+    (Qwen-3's per-head norms, GPT-J's rotation in its 3-D form), merged by a Reshape of V."""
     output = _merged_output(match["output"])
     if output is None:
         return None
@@ -291,16 +293,14 @@ def _merged_heads(match: dict, attention: Attention) -> dict | None:
         return None
     split = {name: _split_heads(sources[name][0], count) for name, count in heads.items()}
     merged: dict = {"output": output}
-    if all(x is not None for x in split.values()):
-        merged.update({name: (split[name], sources[name][1], count) for name, count in heads.items()})
-        return merged
-    if not attention.fused_qkv:
+    if not all(x is not None and len(x.shape) == 3 for x in split.values()) and attention.fused_qkv:
+        columns = head_columns(attention.q, [(sources[name][0], count) for name, count in heads.items()])
+        if not isinstance(columns, str):
+            merged["columns"] = (attention.q, columns)
+            split = dict.fromkeys(heads)  # the slices of the reordered projection, made by `_rewrite`
+    if "columns" not in merged and None in split.values():
         return None
-    columns = head_columns(attention.q, [(sources[name][0], count) for name, count in heads.items()])
-    if isinstance(columns, str):
-        return None
-    merged["columns"] = (attention.q, columns)
-    merged.update({name: (None, sources[name][1], count) for name, count in heads.items()})
+    merged.update({name: (split[name], sources[name][1], count) for name, count in heads.items()})
     return merged
 
 
@@ -320,19 +320,21 @@ def _rotated(value: ir.Value) -> tuple[ir.Value, ir.Node | None] | None:
 
 
 def _split_heads(value: ir.Value, heads: int) -> ir.Value | None:
-    """X when `value` = Transpose₀₂₁₃(Reshape(X, [B, S, heads, d])), each read by nothing else."""
+    """X when `value` = Transpose₀₂₁₃(Reshape(X, [B, S, heads, d])), each read by nothing else; else
+    V when `value` = Transpose₀₂₁₃(V) with V [B, S, heads, d] (`_rewrite` merges it by a Reshape)."""
     node = value.producer()
     if not _is_head_transpose(node) or sole_reader(node.outputs[0]) is None:
         return None
-    reshape = node.inputs[0].producer()
-    if reshape is None or reshape.op_type != "Reshape" or sole_reader(reshape.outputs[0]) is None:
+    split = node.inputs[0]
+    if split.shape is None or len(split.shape) != 4 or split.shape[2] != heads or not isinstance(split.shape[3], int):
         return None
-    x, split = reshape.inputs[0], reshape.outputs[0].shape
-    if x.shape is None or split is None or len(x.shape) != 3 or len(split) != 4:
-        return None
-    if list(x.shape)[:2] != list(split)[:2] or split[2] != heads or not isinstance(split[3], int):
-        return None
-    return x if x.shape[2] == heads * split[3] else None
+    reshape = split.producer()
+    if reshape is None or reshape.op_type != "Reshape" or sole_reader(split) is None:
+        return split
+    x = reshape.inputs[0]
+    if x.shape is None or len(x.shape) != 3 or list(x.shape)[:2] != list(split.shape)[:2]:
+        return split
+    return x if x.shape[2] == heads * split.shape[3] else split
 
 
 def _merged_output(value: ir.Value) -> ir.Value | None:
@@ -371,6 +373,8 @@ def _rewrite(graph: ir.Graph, match: dict, shared: dict[ir.DataType | ir.Value, 
             merged.update({name: (next(parts), *merged[name][1:]) for name in heads})
         for name, attribute in heads.items():
             x, rotary, heads_count = merged[name]
+            if len(x.shape) == 4:
+                x = _heads_merged(graph, x)
             attributes[attribute] = heads_count
             operands[name] = x if rotary is None else _merged_rotary(graph, rotary, x, heads_count)
         outputs["output"] = merged["output"]
@@ -437,11 +441,7 @@ def _unfolded_term(graph: ir.Graph, term: ir.Value, heads: int, shared: dict) ->
         if term.shape is not None and len(term.shape) == 3:
             batch = term.shape[0] // heads if isinstance(term.shape[0], int) else None
             unfolded.shape = ir.Shape([batch, heads, *list(term.shape)[1:]])
-        nodes = [shape, dims, reshape]
-        if term.producer() is None:
-            graph.insert_before(graph.node(0), nodes)
-        else:
-            graph.insert_after(term.producer(), nodes)
+        _insert_after_producer(graph, term, [shape, dims, reshape])
         shared[term] = unfolded
     return shared[term]
 
@@ -457,6 +457,24 @@ def _broadcast(shapes: list[ir.Shape | None], scores: ir.Shape | None) -> ir.Sha
         sizes = {shape[axis] for shape in shapes if len(shape) >= -axis} - {1}
         dims.append(sizes.pop() if len(sizes) == 1 else 1 if not sizes else scores[axis])
     return ir.Shape(dims)
+
+
+def _heads_merged(graph: ir.Graph, split: ir.Value) -> ir.Value:
+    """V [B, S, H, d] as [B, S, H·d], by a Reshape after V's producer."""
+    batch, sequence, heads, size = split.shape
+    dims = new_initializer(graph, "merged_heads", np.array([0, 0, heads * size]), np.int64)
+    node = ir.node("Reshape", [split, dims])
+    node.outputs[0].dtype, node.outputs[0].shape = split.dtype, ir.Shape([batch, sequence, heads * size])
+    _insert_after_producer(graph, split, [node])
+    return node.outputs[0]
+
+
+def _insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
+    """Insert `nodes` right after the node computing `value` (first in the graph for an input)."""
+    if value.producer() is None:
+        graph.insert_before(graph.node(0), nodes)
+    else:
+        graph.insert_after(value.producer(), nodes)
 
 
 def _merged_rotary(graph: ir.Graph, rotary: ir.Node, x: ir.Value, heads: int) -> ir.Value:

@@ -224,6 +224,20 @@ def test_a_projection_that_interleaves_the_heads_feeds_the_merged_attention(tiny
     _assert_same_decoder_outputs(cleaned, result.model)
 
 
+@pytest.mark.parametrize("name, families", [("qwen3", ("norm", "rotary")), ("gptj", ("rotary",))])
+def test_heads_transposed_after_per_head_work_are_merged_by_a_reshape(tiny_model, name, families):
+    """Qwen-3 norms each head of Q and K, GPT-J rotates them in the 3-D form, before the transpose
+    to [B, H, S, d]: `Attention` reads that [B, S, H, d] value reshaped to [B, S, H·d], no Transpose."""
+    cleaned = CleanupPass()(tiny_model(name).clone()).model
+    result = FusePass(lowering="all", skip=fuse_only(*families, "cached-attention"))(cleaned.clone())
+    attentions = [n for n in result.model.graph if n.op_type == "Attention"]
+    assert result.stats["cached-attention"] == 2 and len(attentions) == 2
+    for node in attentions:
+        assert node.attributes.get_int("q_num_heads") == 4 and all(len(v.shape) == 3 for v in node.inputs[:3])
+    assert Counter(n.op_type for n in result.model.graph)["Transpose"] <= 1  # at most the tied head's weight
+    _assert_same_decoder_outputs(cleaned, result.model)
+
+
 def test_kv_heads_expanded_before_the_cache_reach_group_query_attention(tiny_model):
     """Falcon's new architecture caches each KV head once per query head of its group: the merged
     projection computes those copies, GroupQueryAttention reads as many KV heads as the cache holds."""
