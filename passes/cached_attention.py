@@ -127,19 +127,11 @@ def _match(attention: Attention) -> dict | str:
     output = attention.context.outputs[0]
     if folded and (output := _unfolding(output, attention.num_heads)) is None:
         return "P·V with the heads in the batch axis is not unfolded into [B, H, S, d]"
-    mask_scale, logits = 1.0, attention.softmax.inputs[0]
-    masked, outer = _strip_scales(logits)  # (Q·Kᵀ + M)·t when the mask is added before a scale
-    peeled = _mask_terms(masked, attention)
-    if isinstance(peeled, str):
-        return peeled
-    mask_terms, unmasked = peeled
-    if mask_terms:
-        logits, mask_scale = unmasked, outer
-        scale *= outer
-    logits, factor, softcap = _strip_soft_cap(logits)
+    logits = _logits(attention)
+    if isinstance(logits, str):
+        return logits
+    mask_terms, mask_scale, factor, softcap = logits
     scale *= factor
-    if logits is not attention.scores.outputs[0]:
-        return "something other than constant scales, a soft cap and a mask lies between Q·Kᵀ and the softmax"
     match = {
         "query": query,
         "key": key_concat.inputs[1],
@@ -159,6 +151,23 @@ def _match(attention: Attention) -> dict | str:
     }
     match["merged"] = _merged_heads(match, attention)
     return match
+
+
+def _logits(attention: Attention) -> tuple[list[MaskTerm], float, float, float | None] | str:
+    """What lies between Q·Kᵀ and the softmax: the mask's terms, the factor t that scales the mask
+    (CodeGen's (Q·Kᵀ + M)·t), the scores' scale s and soft cap; or why something else does."""
+    logits, mask_scale, scale = attention.softmax.inputs[0], 1.0, 1.0
+    masked, outer = _strip_scales(logits)  # (Q·Kᵀ + M)·t when the mask is added before a scale
+    peeled = _mask_terms(masked, attention)
+    if isinstance(peeled, str):
+        return peeled
+    mask_terms, unmasked = peeled
+    if mask_terms:
+        logits, mask_scale, scale = unmasked, outer, outer
+    logits, factor, softcap = _strip_soft_cap(logits)
+    if logits is not attention.scores.outputs[0]:
+        return "something other than constant scales, a soft cap and a mask lies between Q·Kᵀ and the softmax"
+    return mask_terms, mask_scale, scale * factor, softcap
 
 
 def _strip_scales(value: ir.Value) -> tuple[ir.Value, float]:
