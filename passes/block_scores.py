@@ -35,7 +35,7 @@ from xopt.backends.onnxruntime import create_session
 from xopt.calibration import probe_values
 from xopt.errors import XoptError
 from xopt.passes.block_gates import CalibrationLoss, gate_name, gated_model
-from xopt.verify import opaque_operators
+from xopt.verify import require_no_opaque_operators
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +103,7 @@ def plot_block_scores(scores: BlockScores, path, title: str) -> None:
 def scorable_structure(model: ir.Model, advice: str) -> TransformerStructure:
     """The model's transformer blocks, or a one-line error: fused or quantized operators hide them
     (`advice`: what to run before those passes), or their boundaries are unknown."""
-    fused = opaque_operators(model.graph)
-    if fused:
-        raise XoptError(f"the graph has {', '.join(fused)} nodes (fused or quantized): {advice}")
+    require_no_opaque_operators(model.graph, advice)
     structure = find_transformer_structure(model)
     reason = boundaries_known(structure)
     if reason:

@@ -53,7 +53,7 @@ from xopt.pipeline import Pass, PassResult, register
 from xopt.progress import progress
 from xopt.rewrite import drop_if_unused, new_initializer, owns_weight, replace_linear, weight_dtype, weight_in_out
 from xopt.runnable import model_task
-from xopt.verify import opaque_operators
+from xopt.verify import require_no_opaque_operators
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +168,7 @@ class LowRankPass(Pass):
         unknown = wanted - set(TARGETS)
         if unknown:
             raise XoptError(f"targets: unknown {sorted(unknown)} (choose from {'+'.join(TARGETS)})")
-        fused = opaque_operators(model.graph)
-        if fused:
-            raise XoptError(f"the graph has {', '.join(fused)} nodes (fused or quantized): run low-rank before fuse")
+        require_no_opaque_operators(model.graph, "run low-rank before fuse")
         structure = find_transformer_structure(model)
         if not structure.blocks:
             raise XoptError("no transformer blocks found")

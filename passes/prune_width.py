@@ -56,7 +56,7 @@ from xopt.rewrite import (
     shape_owner,
     weight_in_out,
 )
-from xopt.verify import opaque_operators
+from xopt.verify import require_no_opaque_operators
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ class PruneWidthPass(Pass):
                 raise XoptError(f"{option}={getattr(self, option):g} must be between 0 and 1")
         if not (self.ratio or self.heads):
             raise XoptError("ratio=0 and heads=0: give ratio (MLP neurons) or heads between 0 and 1")
-        fused = opaque_operators(model.graph)
-        if fused:
-            raise XoptError(f"the graph has {', '.join(fused)} nodes (fused or quantized): run prune-width before fuse")
+        require_no_opaque_operators(model.graph, "run prune-width before fuse")
         structure = find_transformer_structure(model)
         mlps = self._plan_mlps(structure) if self.ratio else []
         attentions = self._plan_attentions(structure) if self.heads else []

@@ -75,13 +75,14 @@ ORT_OPS_IN_ONNX_DOMAIN = frozenset({"SimplifiedLayerNormalization"})
 _FUSED_ONNX_OPS = frozenset({"Attention", "RotaryEmbedding", "RMSNormalization", *ORT_OPS_IN_ONNX_DOMAIN})
 
 
-def opaque_operators(graph: ir.Graph) -> list[str]:
-    """The fused operators that hide a block's parts from the structure analysis: com.microsoft
-    ones (quantized linears, fused attention and norms) and ONNX `Attention` (Q·Kᵀ, the softmax and
-    P·V inside it; read around it, an attention sublayer looks like none, so a layer like two)."""
-    return sorted(
-        {n.op_type for n in graph if n.domain == "com.microsoft" or (n.op_type == "Attention" and not n.domain)}
-    )
+def require_no_opaque_operators(graph: ir.Graph, advice: str) -> None:
+    """A one-line error naming the fused operators that hide a block's parts from the structure
+    analysis, with `advice` (what to run before them): com.microsoft ones (quantized linears, fused
+    attention and norms) and ONNX `Attention` (Q·Kᵀ, the softmax and P·V inside it; read around it,
+    an attention sublayer looks like none, so a layer like two)."""
+    opaque = {n.op_type for n in graph if n.domain == "com.microsoft" or (n.op_type == "Attention" and not n.domain)}
+    if opaque:
+        raise XoptError(f"the graph has {', '.join(sorted(opaque))} nodes (fused or quantized): {advice}")
 
 
 def fused_operators(graph: ir.Graph) -> list[str]:
