@@ -213,6 +213,7 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "bench plot suffix": (["bench", good, "--plot", str(tmp_path / "plot.txt")], "image suffix"),
         "bench out of range": (["bench", good, "--batch", "4000000000", "--no-memory"], "the run failed"),
         "bench run error": (["bench", str(unrunnable), "--no-memory"], "cannot be reshaped"),
+        "optimize run error": (["optimize", str(unrunnable), "-o", out], "the input model fails on xopt's sample"),
     }
 
 
@@ -253,6 +254,7 @@ def _bad_inputs(tmp_path, redundant_onnx):
         "bench plot suffix",
         "bench out of range",
         "bench run error",
+        "optimize run error",
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, redundant_onnx, capfd):

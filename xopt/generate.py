@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from xopt import kv_cache
 from xopt.errors import XoptError, counted
+from xopt.kv_cache import POSITION_IDS
 from xopt.runnable import Runnable
 
 
@@ -147,9 +148,11 @@ class Decoder:
         self.session = runnable.session
         self.on_executor = not isinstance(self.session, ort.InferenceSession)
         declared = set(self.session.input_names) if self.on_executor else {i.name for i in self.session.get_inputs()}
-        unknown = declared - {"input_ids", "attention_mask"} - {v.name for v in kv_cache.past_inputs(runnable.model)}
+        fed = {"input_ids", "attention_mask", POSITION_IDS}
+        unknown = declared - fed - {v.name for v in kv_cache.past_inputs(runnable.model)}
         if unknown:
             raise XoptError(f"{runnable.label}: cannot feed input {sorted(unknown)[0]!r} when generating")
+        self.takes_positions = POSITION_IDS in declared  # Hugging Face Optimum's exports do
         self.in_place = kv_cache.shares_buffers(runnable.model)
         self.static = None  # the CUDA backend's fixed-buffer cache, kept for generations of the same length
         self.position_limit, self.limit_source = kv_cache.context_limit(runnable.model)
@@ -200,7 +203,10 @@ class Decoder:
             start = time.perf_counter()
             length = len(prompt_ids) + len(result.tokens)
             ids, mask = np.asarray([new_ids], dtype=np.int64), np.ones((1, length), dtype=np.int64)
-            logits = cache.run({"input_ids": ids, "attention_mask": mask})
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if self.takes_positions:
+                feeds[POSITION_IDS] = np.arange(length - len(new_ids), length, dtype=np.int64)[None]
+            logits = cache.run(feeds)
             if step == 0:
                 result.prefill_ms = 1000 * (time.perf_counter() - start)
                 decode_start = time.perf_counter()

@@ -1,11 +1,11 @@
 """Sample inputs generated from a model's graph inputs, for verification and probing.
 
 Symbolic axes are bound by name where they have one (`*past*` → the past length P, `*total*` →
-P + S, `*batch*` → the batch), otherwise by position: the first is the batch, the others the
-sequence S. Values follow the input's name: `*mask*` → ones (with right padding on all but the
-first row when `padded`), `*position*` → P..P+S−1, `*token_type*` → zeros, other integers →
-token ids drawn below the vocabulary size of the embedding table they index, floats (a KV
-cache's past keys and values too) → standard normal.
+P + S, `*batch*` → the batch, a sum of such names or numbers → its sum), otherwise by position:
+the first is the batch, the others the sequence S. Values follow the input's name: `*mask*` →
+ones (with right padding on all but the first row when `padded`), `*position*` → P..P+S−1,
+`*token_type*` → zeros, other integers → token ids drawn below the vocabulary size of the
+embedding table they index, floats (a KV cache's past keys and values too) → standard normal.
 
 `verification_inputs` are what the pipeline checks a pass on: a padded batch; for a decoder with
 a KV cache, the three workloads it runs: prefill of a padded batch on an empty cache, one decode
@@ -105,19 +105,28 @@ def _concrete_shape(value: ir.Value, batch: int, sequence: int, past: int) -> tu
         return (batch, sequence)
     dims, seen_symbolic = [], 0
     for dim in value.shape:
-        name = str(dim.value).lower() if isinstance(dim, ir.SymbolicDim) and dim.value else ""
         if isinstance(dim, int):
             dims.append(dim)
-        elif "past" in name:
-            dims.append(past)
-        elif "total" in name:
-            dims.append(past + sequence)
-        elif "batch" in name:
-            dims.append(batch)
-        else:
-            dims.append(batch if seen_symbolic == 0 else sequence)
-        seen_symbolic += not isinstance(dim, int)
+            continue
+        name = str(dim.value).lower() if dim.value else ""
+        unnamed = batch if seen_symbolic == 0 else sequence
+        dims.append(sum(_term_size(term.strip(), unnamed, batch, sequence, past) for term in name.split("+")))
+        seen_symbolic += 1
     return tuple(dims)
+
+
+def _term_size(term: str, unnamed: int, batch: int, sequence: int, past: int) -> int:
+    """The size of one term of a symbolic dim's name (Optimum names the mask's axis
+    `past_sequence_length + sequence_length`)."""
+    if term.isdigit():
+        return int(term)
+    if "past" in term:
+        return past
+    if "total" in term:
+        return past + sequence
+    if "batch" in term:
+        return batch
+    return unnamed
 
 
 def _mask(shape: tuple[int, ...], dtype: np.dtype, padded: bool) -> np.ndarray:

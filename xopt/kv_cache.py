@@ -7,7 +7,8 @@ total_sequence]` (past and new tokens) and, for every layer i, `past_key_values.
 keys and values (`total_sequence = past_sequence + sequence`). With grouped-query attention the
 cache keeps only the KV heads. Prefill feeds an empty cache (`past_sequence = 0`); each decode
 step feeds the previous step's presents back. This is the convention of Hugging Face Optimum and
-onnxruntime-genai, so their models run in xopt's runners too.
+onnxruntime-genai, so their models run in xopt's runners too; Optimum's also take
+`position_ids [batch, sequence]` (past_sequence..total_sequence − 1 on an unpadded row).
 
 A model whose every past input is read only by a com.microsoft `GroupQueryAttention` (as its
 past, with the matching present its output and read by nothing else) can also run with one
@@ -23,6 +24,7 @@ import re
 import numpy as np
 import onnx_ir as ir
 
+POSITION_IDS = "position_ids"
 PAST_PATTERN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 PRESENT_PATTERN = re.compile(r"^present\.(\d+)\.(key|value)$")
 BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE = "batch", "sequence", "past_sequence", "total_sequence"

@@ -37,7 +37,6 @@ from xopt.verify import (
     check_structure,
     outputs_over,
     parity_of,
-    references_over,
 )
 
 logger = logging.getLogger(__name__)
@@ -284,7 +283,11 @@ class PassManager:
             inputs = verification_inputs(model) if self.inputs is None else self.inputs
             inputs = [inputs] if isinstance(inputs, Mapping) else list(inputs)
             with stopwatch() as elapsed:
-                original = references_over(model, inputs)
+                try:
+                    original = outputs_over(model, inputs)
+                except VerificationError as error:
+                    given = "xopt's sample inputs" if self.inputs is None else "the given inputs"
+                    raise XoptError(f"the input model fails on {given}: {error}") from None
             references = _References(inputs, original, original)
             report.seconds["reference outputs"] = elapsed.seconds
         with calibration_texts_read() as calibration_texts:

@@ -1,0 +1,50 @@
+"""ONNX files xopt did not export: a Hugging Face Optimum decoder with a KV cache.
+
+tests/data/optimum-llama.onnx is `optimum-cli export onnx --task text-generation-with-past` of the
+tiny "llama" folder of tests/conftest.py (`build_tiny_folder`, seed 0), made with optimum-onnx
+0.1.0, transformers 4.57.6 and torch 2.13.0 (a TorchScript export: opset 18, no shapes inside).
+Its inputs are Optimum's: `input_ids`, `attention_mask [batch_size, past_sequence_length +
+sequence_length]`, `position_ids` and `past_key_values.*`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import xopt
+from xopt.cli import main
+from xopt.generate import Decoder
+from xopt.inputs import sample_inputs
+from xopt.runnable import open_runnable
+
+OPTIMUM_LLAMA = Path(__file__).parent / "data" / "optimum-llama.onnx"
+
+
+def test_an_axis_named_by_a_sum_is_bound_to_the_sum():
+    feeds = sample_inputs(xopt.load(OPTIMUM_LLAMA), batch=2, sequence=5, past=3)
+    assert feeds["attention_mask"].shape == (2, 8)
+    assert feeds["past_key_values.0.key"].shape == (2, 2, 3, 8)
+    assert feeds["position_ids"].tolist() == [[3, 4, 5, 6, 7]] * 2
+
+
+def test_an_optimum_decoder_goes_through_the_exact_recipe(tmp_path, capsys):
+    """Verified on prefill, a decode step and several tokens on a past, as xopt's own captures."""
+    assert main(["optimize", str(OPTIMUM_LLAMA), "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 agreement 100.00%" in out
+    assert (tmp_path / "out" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("path", [OPTIMUM_LLAMA, None], ids=["optimum", "optimized"])
+def test_an_optimum_decoder_generates_what_its_weights_generate(tiny_folder, tmp_path, path):
+    """Sampled at temperature 1 with one seed, so the tokens follow the whole distribution."""
+    if path is None:
+        assert main(["optimize", str(OPTIMUM_LLAMA), "-o", str(tmp_path / "out")]) == 0
+        path = tmp_path / "out"
+    prompt = list(range(5, 25))
+    theirs = Decoder(open_runnable(path, threads=1)).generate(prompt, 24, temperature=1.0, seed=3)
+    ours = Decoder(open_runnable(tiny_folder("llama"), threads=1)).generate(prompt, 24, temperature=1.0, seed=3)
+    assert theirs.tokens == ours.tokens
+    assert len(set(ours.tokens)) > 5
