@@ -25,6 +25,10 @@ values on both sides and A unfolded to [B, H, 1, T] (once for all the blocks tha
 `Attention` (opset 23) computes exactly this from Q [B,H,S,d], K/V [B,KV,S,d], the mask, past key
 and value, returning Y and both presents, so the rewrite is exact for any mask, padding included.
 The head repeats, the transpose of K, the two MatMuls, the scale and the softmax go away.
+TorchScript's export of torch's scaled_dot_product_attention (Hugging Face Optimum's) scales Q and
+Kᵀ by √s each, so s is the product of both sides' constant scalars, and zeroes the softmax's NaN
+rows, Where(IsNaN(P), 0, P): a row is NaN where every key of its query is masked, and there
+ONNX Runtime's `Attention` returns zeros too (checked with a −∞ row), so the guard goes as well.
 
 Head layout: the exporter splits heads as Transpose₀₂₁₃(Reshape(X, [B, S, H, d])) before RoPE and
 the attention, and merges them back as Reshape(Transpose₀₂₁₃(Y), [B, S, H·d]) after. `Attention`
@@ -52,7 +56,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from xopt.analysis import find_transformer_structure
-from xopt.analysis.graph_view import const_array, scalar_factor, sole_reader
+from xopt.analysis.graph_view import const_array, past_nan_guard, scalar_factor, sole_reader
 from xopt.analysis.structure import Attention
 from xopt.kv_cache import PAST_PATTERN, has_kv_cache
 from xopt.passes.head_columns import head_columns, reordered_projection
@@ -100,6 +104,8 @@ def _match(attention: Attention) -> dict | str:
     scale = 1.0
     query, factor = _strip_scales(query)
     scale *= factor
+    key_t, factor = _strip_scales(key_t)  # TorchScript's SDPA scales Q and Kᵀ by √s each
+    scale *= factor
     query, folded = _unfolded(query, attention.num_heads)
     transpose = key_t.producer()
     is_transpose = transpose is not None and transpose.op_type == "Transpose"
@@ -120,7 +126,7 @@ def _match(attention: Attention) -> dict | str:
     value_concat = _cache_concat(value, "value")
     if isinstance(value_concat, str):
         return value_concat
-    if probabilities is not attention.softmax.outputs[0]:
+    if probabilities is not past_nan_guard(attention.softmax.outputs[0]):
         return "the softmax output is not what multiplies V"
     if attention.softmax.attributes.get_int("axis", -1) not in (-1, 3):
         return "softmax is not on the last axis"

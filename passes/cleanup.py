@@ -1,8 +1,12 @@
 """`cleanup`: constant folding, dead code, common subexpressions, no-op and shape simplification.
 
 Exact: every rewrite replaces a subgraph by one that computes the same values.
+- Values an exporter left without a shape get one from symbolic shape inference
+  (`missing_shapes.py`: TorchScript exports store none).
 - Constant folding evaluates nodes whose inputs are all constants (including `Shape` of values
-  whose shape is static) and replaces them by initializers: f(c₁, …, cₖ) → c.
+  whose shape is static, and the static dims of others: `shape_dims.py`) and replaces them by
+  initializers: f(c₁, …, cₖ) → c. A Reshape target's dim read from a shape where the input has
+  that dim becomes 0, "copy" (`shape_dims.py`).
 - Layout ops on weights (`Transpose`, `Cast`, `Reshape`, `(Un)Squeeze` of an initializer) are
   folded whatever the weight's size: W' = Wᵀ is stored once instead of computed every run. A
   weight with other readers (a tied embedding table) is left alone: folding would store it twice.
@@ -38,7 +42,9 @@ from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
 from xopt.errors import XoptError
 from xopt.passes.exact_no_ops import APPROXIMATE_NO_OP_RULES, EXACT_NO_OP_RULES
 from xopt.passes.gemm_linears import gemm_linears_to_matmul
+from xopt.passes.missing_shapes import infer_missing_shapes
 from xopt.passes.parallel_residual import reassociate_parallel_residuals
+from xopt.passes.shape_dims import copy_dims_in_reshape_targets, fold_static_shape_dims
 from xopt.pipeline import Pass, PassResult, register
 
 _QUADRATIC_RULES = frozenset({"SlicesSplit"})
@@ -70,8 +76,12 @@ class CleanupPass(Pass):
         ops_before = Counter(node.op_type for node in model.graph)
         initializers_before = len(model.graph.initializers)
         common_passes.InlinePass()(model)
+        shapes = infer_missing_shapes(model)
         gemms = gemm_linears_to_matmul(model.graph)
+        dims = copies = 0
         for _ in range(self.iterations):
+            copies += copy_dims_in_reshape_targets(model.graph)
+            dims += fold_static_shape_dims(model.graph)
             folded = fold_constants_ir(
                 model,
                 onnx_shape_inference=True,
@@ -99,6 +109,9 @@ class CleanupPass(Pass):
         stats = {
             "nodes_removed": sum(ops_before.values()) - sum(ops_after.values()),
             "removed_by_op": dict(sorted(removed.items(), key=lambda kv: -kv[1])),
+            **({"shapes_inferred": shapes} if shapes else {}),
+            **({"static_shape_dims_folded": dims} if dims else {}),
+            **({"reshape_dims_copied": copies} if copies else {}),
             **({"gemm_linears_to_matmul": gemms} if gemms else {}),
             **({"parallel_residuals_reassociated": parallel} if parallel else {}),
         }

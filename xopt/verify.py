@@ -92,8 +92,8 @@ def fused_operators(graph: ir.Graph) -> list[str]:
 
 def check_structure(model: ir.Model) -> None:
     """The onnx checker with strict shape inference; raises VerificationError with the reason.
-    The model is unchanged: what the checker reads is `_checked_form(model)`."""
-    checked = _checked_form(model)
+    The model is unchanged: what the checker reads is `weightless_form(model)`."""
+    checked = weightless_form(model)
     try:
         if model_bytes(checked) < PROTOBUF_LIMIT_BYTES - (64 << 20):
             onnx.checker.check_model(inline_proto(checked), full_check=True)
@@ -107,7 +107,7 @@ def check_structure(model: ir.Model) -> None:
         raise VerificationError(f"invalid ONNX graph: {reason}") from error
 
 
-def _checked_form(model: ir.Model) -> ir.Model:
+def weightless_form(model: ir.Model) -> ir.Model:
     """A clone of `model` as the checker is given it: its main-graph weights of
     `EXTERNAL_DATA_THRESHOLD_BYTES` or more declared as graph inputs of their type and shape, not
     carried as data (the checks and shape inference read a weight's type and shape, and values only

@@ -94,6 +94,21 @@ def skip_forward(value: ir.Value, ops: Iterable[str] = TRANSPARENT_OPS) -> ir.Va
     return value
 
 
+def past_nan_guard(value: ir.Value) -> ir.Value:
+    """The output of `Where(IsNaN(p), 0, p)` when that guard is all that reads `p = value`
+    (TorchScript's export of scaled_dot_product_attention zeroes its softmax's NaN rows), else
+    `value`."""
+    users = consumers(value)
+    guard = next((u for u in users if u.op_type == "Where"), None)
+    check = next((u for u in users if u.op_type == "IsNaN"), None)
+    if len(users) != 2 or guard is None or check is None:
+        return value
+    zero = const_array(guard.inputs[1])
+    if guard.inputs[0] is not check.outputs[0] or guard.inputs[2] is not value or zero is None or zero.size != 1:
+        return value
+    return guard.outputs[0] if float(zero.reshape(())) == 0.0 else value
+
+
 def to_networkx(graph: ir.Graph) -> nx.DiGraph:
     """A DiGraph over the graph's nodes with an edge from each producer to each consumer."""
     view = nx.DiGraph()

@@ -5,7 +5,7 @@
   or `Gemm(x, W, b)` with transB.
 - Norm: LayerNorm `γ·(x − μ)/√(σ² + ε) + β` and RMSNorm `γ·x/√(mean(x²) + ε)`, either as one
   op (LayerNormalization, SimplifiedLayerNormalization, RMSNormalization) or decomposed into
-  ReduceMean / Sub / Pow (or Mul) / Add ε / Sqrt / Reciprocal (or Div) / Mul γ / Add β.
+  ReduceMean / Sub / Pow (or Mul) / Add ε / Sqrt / Reciprocal (or Div(1, ·), or Div) / Mul γ / Add β.
 - Embedding: `Gather(E, ids)` on axis 0 of a constant 2-D table E.
 """
 
@@ -203,13 +203,21 @@ def _match_decomposed_norm(reduce: ir.Node) -> Norm | None:
         elif user.op_type in ("Mul", "Div") and any(skip_back(v) is centred for v in user.inputs if v is not value):
             normalized = user.outputs[0]
             break
-        elif user.op_type not in ("Sqrt", "Reciprocal", *TRANSPARENT_OPS):
+        elif user.op_type not in ("Sqrt", "Reciprocal", *TRANSPARENT_OPS) and not _is_one_over(user, value):
             return None
         value = user.outputs[0]
     if normalized is None or epsilon is None:
         return None
     output, scale, shift = _affine_after(normalized, nodes)
     return Norm(kind, source, output, scale, shift, epsilon, nodes)
+
+
+def _is_one_over(node: ir.Node, value: ir.Value) -> bool:
+    """`Div(1, value)`: how TorchScript exports `torch.rsqrt` after its Sqrt."""
+    if node.op_type != "Div" or node.inputs[1] is not value:
+        return False
+    one = const_array(node.inputs[0])
+    return one is not None and one.size == 1 and float(one.reshape(())) == 1.0
 
 
 def _is_square(node: ir.Node) -> bool:

@@ -34,6 +34,7 @@ from xopt.analysis.graph_view import (
     consumers,
     is_constant,
     module_path,
+    past_nan_guard,
     scalar_factor,
     skip_back,
     skip_forward,
@@ -231,6 +232,7 @@ def _match_attention(softmax: ir.Node, by_output: dict[ir.Value, Linear]) -> Att
         return "no Q·Kᵀ MatMul of two activations before the Softmax"
     context = None
     value = skip_forward(softmax.outputs[0], TRANSPARENT_OPS | {"Reshape"})  # Bloom: heads folded into the batch
+    value = past_nan_guard(value)
     for user in consumers(value):
         if user.op_type == "MatMul" and user.inputs[0] is value:
             context = user
