@@ -16,7 +16,8 @@ Exact: every rewrite replaces a subgraph by one that computes the same values.
   `Cast∘Cast`, `Transpose∘Transpose`, `Unsqueeze∘Unsqueeze`, full-range `Slice`).
 - Dead code: nodes none of whose outputs reach a graph output are removed.
 - CSE: two nodes with the same op, attributes and inputs compute the same value; keep one.
-- Duplicate initializers with equal contents are merged.
+- Duplicate initializers with equal contents are merged; one that is another transposed (a tied
+  head TorchScript stored as its own Eᵀ) is read as Transpose(E) (`transposed_duplicates.py`).
 - Gemm linears become MatMul (+ Add), their flatten/restore Reshapes dropped (`gemm_linears.py`).
 - A parallel block's (a + m) + h is written (h + a) + m, two residual adds
   (`parallel_residual.py`).
@@ -45,6 +46,7 @@ from xopt.passes.gemm_linears import gemm_linears_to_matmul
 from xopt.passes.missing_shapes import infer_missing_shapes
 from xopt.passes.parallel_residual import reassociate_parallel_residuals
 from xopt.passes.shape_dims import copy_dims_in_reshape_targets, fold_static_shape_dims
+from xopt.passes.transposed_duplicates import share_transposed_duplicates
 from xopt.pipeline import Pass, PassResult, register
 
 _QUADRATIC_RULES = frozenset({"SlicesSplit"})
@@ -93,6 +95,7 @@ class CleanupPass(Pass):
             if not (folded.modified or rewritten.modified):
                 break
         parallel = reassociate_parallel_residuals(model)
+        transposed = share_transposed_duplicates(model.graph)
         for step in (
             common_passes.RemoveUnusedNodesPass(),
             common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
@@ -114,6 +117,7 @@ class CleanupPass(Pass):
             **({"reshape_dims_copied": copies} if copies else {}),
             **({"gemm_linears_to_matmul": gemms} if gemms else {}),
             **({"parallel_residuals_reassociated": parallel} if parallel else {}),
+            **({"transposed_duplicates_shared": transposed} if transposed else {}),
         }
         modified = ops_before != ops_after or initializers_before != len(model.graph.initializers) or parallel > 0
         return PassResult(model, modified, stats)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 from helpers import REDUNDANT_MODEL, model_from_text
 
 from xopt.analysis.patterns import match_linear
@@ -114,3 +115,37 @@ def test_a_gemm_linear_becomes_matmul_and_a_scaled_one_stays():
     assert result.stats["gemm_linears_to_matmul"] == 2
     assert sorted(n.op_type for n in model.graph) == ["Add", "Gemm", "MatMul", "MatMul"]
     assert compare(before, run(create_session(model), inputs)).within(1e-6)
+
+
+def test_a_weight_stored_again_transposed_is_read_as_a_transpose():
+    """A tied head written out as its own Eᵀ beside the table E (TorchScript); another weight of
+    the same shape that is not Eᵀ is kept."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((256, 8)).astype(np.float32)
+    other = rng.standard_normal((8, 256)).astype(np.float32)
+    other[0] = table[:, 0]  # a column of the table as its first row: only the full comparison tells
+    weights = {"table": table, "head": np.ascontiguousarray(table.T), "other": other}
+    model = model_from_text(
+        """
+        <ir_version: 10, opset_import: ["" : 20]>
+        tied (int64[N] ids, float[256, 8] table, float[8, 256] head, float[8, 256] other)
+            => (float[N, 256] logits, float[N, 256] scores) {
+            x = Gather (table, ids)
+            logits = MatMul (x, head)
+            scores = MatMul (x, other)
+        }
+        """
+    )
+    for value in list(model.graph.inputs):
+        if value.name in weights:
+            model.graph.inputs.remove(value)
+            value.const_value = ir.tensor(weights[value.name], name=value.name)
+            model.graph.register_initializer(value)
+    inputs = {"ids": np.array([3, 0, 255], dtype=np.int64)}
+    before = run(create_session(model.clone()), inputs)
+    result = CleanupPass()(model)
+    assert result.stats["transposed_duplicates_shared"] == 1
+    assert sorted(result.model.graph.initializers) == ["other", "table"]
+    transpose = next(n for n in result.model.graph if n.op_type == "Transpose")
+    assert transpose.inputs[0].name == "table"
+    assert compare(before, run(create_session(result.model), inputs)).max_abs == 0.0
