@@ -22,7 +22,8 @@ left unrotated: `quantize` keeps that grid exactly, which beats any re-quantizat
 
 Refused, with the reason: post-LN or LayerNorm models (LayerNorm subtracts the mean, which Q
 does not preserve; `fold-norms` turns Pre-LN LayerNorm into RMSNorm first), a stream read by
-anything but norms and residual adds (a hidden-state output), or a norm read by other than linears.
+anything but norms, residual adds and `Shape` (what a rotation keeps; TorchScript exports read the
+embeddings' shape for the mask) such as a hidden-state output, or a norm read by other than linears.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def _stream_readers_unknown(structure: TransformerStructure, norms) -> str | Non
             if user.op_type == "Reshape" and keeps_last_axis(user) and user not in allowed:
                 allowed.add(user)
                 stream.append(user.outputs[0])
-            elif user not in allowed:
+            elif user not in allowed and user.op_type != "Shape":  # what a rotation keeps: its shape
                 return f"the residual stream is read by {user.op_type} {user.name}, not only by norms and residual adds"
     return None
 

@@ -11,6 +11,7 @@ by √s, the softmax's NaN rows zeroed.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import xopt
 from xopt.cli import main
 from xopt.generate import Decoder
 from xopt.inputs import sample_inputs
-from xopt.passes import CleanupPass, FoldNormsPass, FusePass
+from xopt.passes import CleanupPass, FoldNormsPass, FusePass, RotatePass
 from xopt.pipeline import PassManager
 from xopt.runnable import open_runnable
 
@@ -68,3 +69,24 @@ def test_an_optimum_decoder_fuses_as_xopt_capture_of_its_weights_does(tiny_folde
     assert len(fused.graph) <= 110
     assert report.output.params == 45700  # the head is the table
     assert all(record.parity.max_abs < 1e-5 for record in report.passes)
+
+
+def test_an_optimum_folder_lends_its_tokenizer_and_config(tiny_folder, tmp_path, capsys):
+    """Optimum writes model.onnx beside the model's config and tokenizer: a lossy recipe calibrates
+    and measures its cost with that tokenizer, and the output folder keeps both."""
+    folder = tmp_path / "optimum"
+    folder.mkdir()
+    shutil.copy(OPTIMUM_LLAMA, folder / "model.onnx")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_folder("llama") / name, folder / name)
+    out = tmp_path / "out"
+    assert main(["optimize", str(folder / "model.onnx"), "-o", str(out), "--recipe", "int4"]) == 0
+    assert "quality on" in capsys.readouterr().out
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+def test_the_stream_a_shape_reads_is_rotated():
+    """TorchScript reads the embeddings' shape for the mask; a rotation keeps that shape."""
+    _, report = PassManager([CleanupPass(), FoldNormsPass(), RotatePass()])(xopt.load(OPTIMUM_LLAMA))
+    assert report.passes[-1].stats["writers_rotated"] == 4
+    assert report.passes[-1].parity.max_abs < 1e-5

@@ -51,6 +51,9 @@ def load(
     raise XoptError(f"cannot capture a {type(source).__name__}: give a path, an nn.Module or an ExportedProgram")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
 def _load_path(path: Path, capture_cache: bool) -> ir.Model:
     if not path.exists():
         raise XoptError(f"{path}: no such file or folder")
@@ -65,10 +68,17 @@ def _load_path(path: Path, capture_cache: bool) -> ir.Model:
 
 def _read_from(model: ir.Model, file: Path) -> ir.Model:
     """Record where an ONNX model was read from (saving refuses to overwrite it); for xopt's own
-    output (its metadata says its task), the config beside it travels on to the next output."""
+    output (its metadata says its task) and for a file in a folder laid out as Hugging Face
+    Optimum writes one (its config and tokenizer beside it), that folder is the model's source:
+    calibration and `xopt eval` read its tokenizer, and its config and tokenizer travel on to the
+    next output."""
     model.metadata_props["xopt.source_file"] = str(file.resolve())
-    if "xopt.task" in model.metadata_props and (file.parent / "config.json").is_file():
-        model.metadata_props["xopt.hf_folder"] = str(file.parent.resolve())
+    folder = file.parent
+    beside = (folder / "config.json").is_file() and (
+        "xopt.task" in model.metadata_props or any((folder / name).is_file() for name in _TOKENIZER_FILES)
+    )
+    if beside:
+        model.metadata_props["xopt.hf_folder"] = str(folder.resolve())
     return model
 
 
