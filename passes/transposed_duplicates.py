@@ -35,7 +35,7 @@ def share_transposed_duplicates(graph: ir.Graph) -> int:
         rows, columns = copy.const_value.shape
         candidates = tall.get(((columns, rows), copy.const_value.dtype), [])
         source = next((t for t in candidates if _transposed(copy, t)), None)
-        if source is None or copy.is_graph_output():
+        if source is None or copy.is_graph_output() or copy in graph.inputs or not copy.uses():
             continue
         transpose = ir.node("Transpose", [source], attributes={"perm": [1, 0]})
         graph.insert_before(next(iter(graph)), transpose)
