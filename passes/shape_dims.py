@@ -82,15 +82,15 @@ def _copying_target(reshape: ir.Node) -> list[np.ndarray | None] | None:
 def _read_dim(part: ir.Value) -> int | ir.SymbolicDim | None:
     """y.shape[i] when `part` = Unsqueeze(Gather(Shape(y), i), [0]) or Gather(Shape(y), [i])."""
     node = part.producer()
-    if node is not None and node.op_type == "Unsqueeze" and _is_zero_axes(node):
+    unsqueezed = node is not None and node.op_type == "Unsqueeze" and _is_zero_axes(node)
+    if unsqueezed:
         node = node.inputs[0].producer()
-    if node is None or node.op_type != "Gather" or node.attributes.get_int("axis", 0):
+    if node is None or node.op_type != "Gather" or (dims := _shape_read(node.inputs[0])) is None:
         return None
-    dims, index = _shape_read(node.inputs[0]), const_array(node.inputs[1])
-    if dims is None or index is None or index.size != 1 or (index.ndim == 1) == (part is not node.outputs[0]):
+    selected = _gathered(node, dims)  # one dim of the target: a scalar index unsqueezed, or [i]
+    if selected is None or selected.shape != (() if unsqueezed else (1,)):
         return None
-    i = int(index.reshape(()))
-    return dims[i] if -len(dims) <= i < len(dims) else None
+    return selected.reshape(-1)[0]
 
 
 def _is_zero_axes(unsqueeze: ir.Node) -> bool:
