@@ -19,6 +19,8 @@ Exact: every rewrite replaces a subgraph by one that computes the same values.
 - Duplicate initializers with equal contents are merged; one that is another transposed (a tied
   head TorchScript stored as its own Eᵀ) is read as Transpose(E) (`transposed_duplicates.py`).
 - Gemm linears become MatMul (+ Add), their flatten/restore Reshapes dropped (`gemm_linears.py`).
+- An Add or Mul of (constant, x) is written (x, constant), the order pattern rules match
+  (`constant_operands.py`).
 - A parallel block's (a + m) + h is written (h + a) + m, two residual adds
   (`parallel_residual.py`).
 
@@ -41,6 +43,7 @@ from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter import _DEFAULT_REWRITE_RULES, RewritePass
 
 from xopt.errors import XoptError
+from xopt.passes.constant_operands import put_constants_second
 from xopt.passes.exact_no_ops import APPROXIMATE_NO_OP_RULES, EXACT_NO_OP_RULES
 from xopt.passes.gemm_linears import gemm_linears_to_matmul
 from xopt.passes.missing_shapes import infer_missing_shapes
@@ -94,6 +97,7 @@ class CleanupPass(Pass):
             common_passes.RemoveUnusedNodesPass()(model)
             if not (folded.modified or rewritten.modified):
                 break
+        swapped = put_constants_second(model.graph)
         parallel = reassociate_parallel_residuals(model)
         transposed = share_transposed_duplicates(model.graph)
         for step in (
@@ -116,10 +120,12 @@ class CleanupPass(Pass):
             **({"static_shape_dims_folded": dims} if dims else {}),
             **({"reshape_dims_copied": copies} if copies else {}),
             **({"gemm_linears_to_matmul": gemms} if gemms else {}),
+            **({"constant_operands_put_second": swapped} if swapped else {}),
             **({"parallel_residuals_reassociated": parallel} if parallel else {}),
             **({"transposed_duplicates_shared": transposed} if transposed else {}),
         }
-        modified = ops_before != ops_after or initializers_before != len(model.graph.initializers) or parallel > 0
+        reordered = parallel + swapped > 0
+        modified = ops_before != ops_after or initializers_before != len(model.graph.initializers) or reordered
         return PassResult(model, modified, stats)
 
 

@@ -22,7 +22,8 @@
    linear: W' = W·diag(s), b' = (b − μ)·s + β. Likewise a constant per-feature or scalar Mul / Div
    (a σ-reparameterised weight's 1/σ, a fixed output scale): W' = W·diag(c), b' = b·c.
 
-4. Constant scales. A scalar c applied to attention scores S = (Q·Kᵀ)·c is folded into the query
+4. Constant scales. A scalar c applied to attention scores S = (Q·Kᵀ)·c, or to their inputs,
+   (c_q·Q)·(c_k·Kᵀ) with c = c_q·c_k (TorchScript's export of torch's SDPA), is folded into the query
    projection, W_q' = c·W_q, b_q' = c·b_q: rotary embedding, head reshapes and transposes are
    linear in Q, so S is unchanged and one elementwise Mul over B×H×S×S per layer disappears.
    Only where every op from the projection to Q·Kᵀ is so (f(c·q) = c·f(q)): a norm on the query
@@ -193,14 +194,9 @@ def _constant(graph: ir.Graph, name: str, tensor: ir.Tensor) -> ir.Value:
 
 
 def _fold_score_scale(graph: ir.Graph, attention: Attention) -> str | None:
-    users = consumers(attention.scores.outputs[0])
-    if len(users) != 1 or users[0].op_type not in ("Mul", "Div"):
-        return "no constant scale right after Q·Kᵀ"
-    scale_node = users[0]
-    other = scale_node.inputs[1] if scale_node.inputs[0] is attention.scores.outputs[0] else scale_node.inputs[0]
-    constant = const_array(other)
-    if constant is None or constant.size != 1 or (scale_node.op_type == "Div" and other is scale_node.inputs[0]):
-        return "the scale is not a scalar constant"
+    scales = _score_scales(attention.scores)
+    if not scales:
+        return "no constant scalar scale on Q·Kᵀ or its inputs"
     if attention.fused_qkv:
         return "Q is part of a fused QKV projection"
     if not owns_weight(attention.q):
@@ -208,13 +204,30 @@ def _fold_score_scale(graph: ir.Graph, attention: Attention) -> str | None:
     reason = _not_linear_in_query(graph, attention.q.output, attention.scores)
     if reason:
         return reason
-    factor = float(constant.reshape(()))
-    factor = 1.0 / factor if scale_node.op_type == "Div" else factor
+    factor = float(np.prod([factor for _, _, factor in scales]))
     set_weight(graph, attention.q, factor * weight_in_out(attention.q))
     if attention.q.bias is not None:
         set_bias(graph, attention.q, factor * bias_or_zeros(attention.q))
-    remove_node_keeping_input(graph, scale_node, attention.scores.outputs[0])
+    for node, scaled, _ in scales:
+        remove_node_keeping_input(graph, node, scaled)
     return None
+
+
+def _score_scales(scores: ir.Node) -> list[tuple[ir.Node, ir.Value, float]]:
+    """The Mul/Div nodes by a constant scalar that scale the scores S = Q·Kᵀ: the one right after it,
+    and those on its inputs (TorchScript's export of torch's SDPA scales Q and Kᵀ by √s each), each
+    with the value it scales and its factor; only those whose output nothing else reads, a node
+    nearer Q·Kᵀ before the one it reads (the order they can be removed in)."""
+    found = []
+    after = sole_reader(scores.outputs[0])
+    if (scaled := scalar_factor(after)) is not None:
+        found.append((after, *scaled))
+    for value in scores.inputs:
+        reader = scores
+        while sole_reader(value) is reader and (scaled := scalar_factor(value.producer())) is not None:
+            found.append((value.producer(), *scaled))
+            reader, value = value.producer(), scaled[0]
+    return found
 
 
 # ops linear in their first input (f(c·x) = c·f(x)) while no other input depends on x

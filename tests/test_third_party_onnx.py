@@ -1,4 +1,4 @@
-"""ONNX files xopt did not export: a Hugging Face Optimum decoder with a KV cache.
+"""ONNX files xopt did not export: Hugging Face Optimum's decoder with a KV cache and encoder.
 
 tests/data/optimum-llama.onnx is `optimum-cli export onnx --task text-generation-with-past` of the
 tiny "llama" folder of tests/conftest.py (`build_tiny_folder`, seed 0), made with optimum-onnx
@@ -7,6 +7,10 @@ Its inputs are Optimum's: `input_ids`, `attention_mask [batch_size, past_sequenc
 sequence_length]`, `position_ids` and `past_key_values.*`. Its dims are read with `Shape` ops,
 its RMSNorm divides 1 by the root, and its attention is torch's SDPA export: Q and Kᵀ each scaled
 by √s, the softmax's NaN rows zeroed.
+
+tests/data/optimum-bert.onnx is `optimum-cli export onnx --task feature-extraction` of the tiny
+"bert" folder, made the same way: its linears add the bias first, Add(b, x·W), and its attention
+is the same SDPA export.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from xopt.inputs import sample_inputs
 from xopt.passes import CleanupPass, FoldNormsPass, FusePass, RotatePass
 from xopt.pipeline import PassManager
 from xopt.runnable import open_runnable
+from xopt.verify import reference_outputs
 
 OPTIMUM_LLAMA = Path(__file__).parent / "data" / "optimum-llama.onnx"
+OPTIMUM_BERT = Path(__file__).parent / "data" / "optimum-bert.onnx"
 
 
 def test_an_axis_named_by_a_sum_is_bound_to_the_sum():
@@ -90,3 +96,21 @@ def test_the_stream_a_shape_reads_is_rotated():
     _, report = PassManager([CleanupPass(), FoldNormsPass(), RotatePass()])(xopt.load(OPTIMUM_LLAMA))
     assert report.passes[-1].stats["writers_rotated"] == 4
     assert report.passes[-1].parity.max_abs < 1e-5
+
+
+def test_an_optimum_encoder_packs_its_attention_as_xopt_capture_of_its_weights_does(tiny_folder):
+    """With the biases put second and √s·Q, √s·Kᵀ folded into W_q, onnxscript's rules pack each
+    layer's Q, K and V projections into one `Attention` (before: a `MultiHeadAttention` after three
+    linears); the output is the weights' own (xopt's capture of the same folder)."""
+    passes = [CleanupPass(), FoldNormsPass(), FusePass(lowering="all")]
+    fused, report = PassManager(passes)(xopt.load(OPTIMUM_BERT))
+    assert report.passes[0].stats["constant_operands_put_second"] == 12  # 2 layers × 6 linears
+    assert report.passes[1].stats["score_scales_folded"] == 2
+    ops = Counter(n.op_type for n in fused.graph)
+    assert ops["Attention"] == 2 and "MultiHeadAttention" not in ops and "Softmax" not in ops
+    assert all(record.parity.max_abs < 1e-5 for record in report.passes)
+    capture = xopt.load(tiny_folder("bert"))
+    feeds = sample_inputs(fused, batch=2, sequence=7)
+    theirs = reference_outputs(fused, feeds)["last_hidden_state"]
+    ours = reference_outputs(capture, {v.name: feeds[v.name] for v in capture.graph.inputs})
+    assert abs(theirs - next(iter(ours.values()))).max() < 1e-5
