@@ -10,7 +10,10 @@ caches of shape [B, S, h] and no position ids computes
 y[..., :h] = x₁·cos − x₂·sin, y[..., h:] = x₂·cos + x₁·sin: the same values. The rewrite feeds
 it the first halves of the graph's own cos and sin (one Slice each, shared by all layers), so it
 holds for any positions, padding included; the halves' equality is the precondition, and the
-`fuse` check on sample inputs confirms it before the rewrite is kept.
+`fuse` check on sample inputs confirms it before the rewrite is kept. A table of one row for the
+whole batch, [1, S, d] (Optimum's Gemma export computes the positions past..past+S−1 inside;
+ModernBERT), is broadcast to the operator's [B, S, h] by an Expand on the cache, B read from a
+graph input with x's batch dim.
 
 Cohere, GLM, Helium, GPT-J and CodeGen rotate interleaved pairs instead:
 
@@ -86,8 +89,11 @@ def _match(neg: ir.Node) -> dict | str:
     (cos_table, heads_axis), (sin_table, sin_heads_axis) = _per_position_table(cos), _per_position_table(sin)
     if cos_table is None or sin_table is None or heads_axis != sin_heads_axis:
         return "cos and sin are not [B, S, d] tables broadcast over the head axis (1, or 2 in [B, S, H, d])"
+    rows = None
     if any(_one_row_for_all(table, x) for table in (cos_table, sin_table)):
-        return "cos and sin are one [1, S, d] table for every row (ModernBERT): RotaryEmbedding takes one per row"
+        rows = _batch_size(x)
+        if rows is None:
+            return "cos and sin are one [1, S, d] table for every row and x's batch size is read from no graph input"
     match = {
         "x": x,
         "cos": cos_table,
@@ -98,6 +104,7 @@ def _match(neg: ir.Node) -> dict | str:
         "rotary_dim": None,
         "output": add.outputs[0],
         "after": add,
+        "rows": rows,
     }
     if (partial := _partial_rotation(x, add.outputs[0])) is not None:
         match["x"], match["rotary_dim"], match["output"] = partial
@@ -212,6 +219,22 @@ def _one_row_for_all(table: ir.Value, x: ir.Value) -> bool:
     return table.shape is not None and table.shape[0] == 1 and (x.shape is None or x.shape[0] != 1)
 
 
+def _batch_size(x: ir.Value) -> tuple[ir.Value, int] | int | None:
+    """x's batch size B, to broadcast a one-row table to: a number, or (graph input, axis) for a
+    symbolic B that an input of the graph has on that axis; None when neither."""
+    if x.shape is None:
+        return None
+    batch = x.shape[0]
+    if isinstance(batch, int):
+        return batch
+    graph = x.graph
+    for value in graph.inputs if graph is not None and batch.value is not None else ():
+        for axis, dim in enumerate(value.shape or ()):
+            if dim == batch:
+                return value, axis
+    return None
+
+
 def _rewrite(graph: ir.Graph, match: dict, caches: dict[tuple, ir.Value]) -> None:
     x, attributes, nodes = match["x"], {"interleaved": int(match["interleaved"])}, []
     if match["rotary_dim"] is not None:
@@ -231,6 +254,17 @@ def _rewrite(graph: ir.Graph, match: dict, caches: dict[tuple, ir.Value]) -> Non
     replace_value(match["output"], output)
 
 
+def _broadcast_rows(graph: ir.Graph, cache: ir.Value, rows: tuple[ir.Value, int] | int) -> list[ir.Node]:
+    """Expand(cache, [B, 1, 1]): one row for each of B, read from a graph input where symbolic."""
+    if isinstance(rows, int):
+        return [ir.node("Expand", [cache, new_initializer(graph, "rotary_rows", np.array([rows, 1, 1]), np.int64)])]
+    value, axis = rows
+    batch = ir.node("Shape", [value], attributes={"start": axis, "end": axis + 1})
+    ones = new_initializer(graph, "rotary_rows", np.array([1, 1]), np.int64)
+    shape = ir.node("Concat", [batch.outputs[0], ones], attributes={"axis": 0})
+    return [batch, shape, ir.node("Expand", [cache, shape.outputs[0]])]
+
+
 def _cache(graph: ir.Graph, match: dict, table: ir.Value, caches: dict[tuple, ir.Value]) -> ir.Value:
     """RotaryEmbedding's [B, S, d/2] cache from the graph's table: its first half, or its even
     entries when interleaved; computed once per table, right after the node that computes it."""
@@ -242,6 +276,8 @@ def _cache(graph: ir.Graph, match: dict, table: ir.Value, caches: dict[tuple, ir
         if len(table.shape or ()) == 4:  # [B, 1, S, d] or [B, S, 1, d]
             axis = new_initializer(graph, "rotary_cache", np.array([match["heads_axis"]]), np.int64)
             nodes.append(ir.node("Squeeze", [nodes[0].outputs[0], axis]))
+        if match["rows"] is not None:  # [1, S, h] → [B, S, h]
+            nodes += _broadcast_rows(graph, nodes[-1].outputs[0], match["rows"])
         producer = table.producer()
         if producer is None:
             graph.insert_before(next(iter(graph)), nodes)
