@@ -37,7 +37,8 @@ Every rewrite computes the same values up to float rounding:
   the attention is a `MultiHeadAttention` after linears that `quantize` lowers; merge-qkv is
   tried first there, so that it reads the Split of one linear (MiniLM int8 at 1×128: 0.96× the
   time of the merged linear without MultiHeadAttention, 0.92× that of three linears before it).
-- `gelu`: the erf/tanh GELU expansions (+ bias) → `Gelu`, `FastGelu`, `BiasGelu`.
+- `gelu`: the erf/tanh GELU expansions (+ bias) → `Gelu`, `FastGelu`, `BiasGelu` (the tanh form
+  however its products are written: `tanh_gelu.py`).
 The merges, the norm and the cached attention are found by xopt's structure analysis (so
 whatever the exporter), the rotary embedding by xopt's own matcher; the encoder attention and
 GELU patterns by onnxscript's ORT fusion rules.
@@ -82,6 +83,7 @@ from xopt.passes.group_query_attention import lower_group_query_attention
 from xopt.passes.residual_sum import pin_residual_sums
 from xopt.passes.rotary import lower_rotary
 from xopt.passes.rotary_attention import lower_rotary_attention
+from xopt.passes.tanh_gelu import lower_tanh_gelu
 from xopt.pipeline import Pass, PassResult, register
 from xopt.progress import progress
 from xopt.rewrite import (
@@ -571,14 +573,19 @@ def _replace_skip_norm(graph: ir.Graph, norm: ir.Node, add: ir.Node) -> None:
 # ----------------------------------------------------------------------------- onnxscript's rules
 
 
-def _onnxscript_family(names: tuple[str, ...], produces: frozenset[str]) -> Callable[[ir.Model], tuple[int, list[str]]]:
-    """Apply onnxscript ORT fusion functions in order. Intermediate fusion ops that no later rule
-    lowered (a RotaryEmbedding whose cos/sin cache did not match) are inlined back to standard
-    ops; the count is the ORT operators of `produces` that remain."""
+def _onnxscript_family(
+    names: tuple[str, ...], produces: frozenset[str], first: Callable[[ir.Graph], int] | None = None
+) -> Callable[[ir.Model], tuple[int, list[str]]]:
+    """Apply onnxscript ORT fusion functions in order, after xopt's rewrite `first` of the forms
+    their rules miss. Intermediate fusion ops that no later rule lowered (a RotaryEmbedding whose
+    cos/sin cache did not match) are inlined back to standard ops; the count is the ORT operators
+    of `produces` that remain."""
 
     def apply(model: ir.Model) -> tuple[int, list[str]]:
         from onnxscript.rewriter import ort_fusions
 
+        if first is not None:
+            first(model.graph)
         common_passes.ShapeInferencePass()(model)
         for name in names:
             getattr(ort_fusions._core, name)(model)
@@ -636,7 +643,7 @@ _APPLY: dict[str, Applier] = {
     "rotary-attention": lower_rotary_attention,
     "attention": _apply_attention,
     "gelu": _onnxscript_family(
-        ("fuse_erfgelu", "fuse_gelu", "fuse_bias_gelu"), frozenset({"Gelu", "FastGelu", "BiasGelu"})
+        ("fuse_erfgelu", "fuse_gelu", "fuse_bias_gelu"), frozenset({"Gelu", "FastGelu", "BiasGelu"}), lower_tanh_gelu
     ),
     "merge-qkv": _merge_qkv,
     "merge-gate-up": _merge_gate_up,

@@ -8,6 +8,10 @@ sequence_length]`, `position_ids` and `past_key_values.*`. Its dims are read wit
 its RMSNorm divides 1 by the root, and its attention is torch's SDPA export: Q and Kᵀ each scaled
 by √s, the softmax's NaN rows zeroed.
 
+tests/data/optimum-gemma.onnx is the same export of the tiny "gemma" folder: it declares no
+`position_ids` (its positions are past..past+S−1, one cos/sin table for every row) and writes the
+tanh GELU's x³ as x·(x·x).
+
 tests/data/optimum-bert.onnx is `optimum-cli export onnx --task feature-extraction` of the tiny
 "bert" folder, made the same way: its linears add the bias first, Add(b, x·W), and its attention
 is the same SDPA export.
@@ -32,6 +36,7 @@ from xopt.verify import reference_outputs
 
 OPTIMUM_LLAMA = Path(__file__).parent / "data" / "optimum-llama.onnx"
 OPTIMUM_BERT = Path(__file__).parent / "data" / "optimum-bert.onnx"
+OPTIMUM_GEMMA = Path(__file__).parent / "data" / "optimum-gemma.onnx"
 
 
 def test_an_axis_named_by_a_sum_is_bound_to_the_sum():
@@ -75,6 +80,22 @@ def test_an_optimum_decoder_fuses_as_xopt_capture_of_its_weights_does(tiny_folde
     assert len(fused.graph) <= 110
     assert report.output.params == 45700  # the head is the table
     assert all(record.parity.max_abs < 1e-5 for record in report.passes)
+
+
+def test_an_optimum_gemma_fuses_its_one_row_rotary_and_tanh_gelu(tiny_folder, tmp_path):
+    """The one-row cos/sin tables are broadcast to the batch for RotaryEmbedding and the GELU
+    becomes one FastGelu; the fused model generates what the weights generate."""
+    passes = [CleanupPass(), FoldNormsPass(), FusePass(lowering="all")]
+    fused, report = PassManager(passes)(xopt.load(OPTIMUM_GEMMA))
+    ops = Counter(n.op_type for n in fused.graph)
+    assert ops["RotaryEmbedding"] == 4 and ops["GroupQueryAttention"] == 2 and ops["FastGelu"] == 2
+    assert not {"Tanh", "Neg", "Softmax"} & set(ops)
+    assert all(record.parity.max_abs < 1e-5 for record in report.passes)
+    xopt.save(fused, tmp_path / "fused.onnx")
+    prompt = list(range(5, 25))
+    theirs = Decoder(open_runnable(tmp_path / "fused.onnx", threads=1)).generate(prompt, 24, temperature=1.0, seed=3)
+    ours = Decoder(open_runnable(tiny_folder("gemma"), threads=1)).generate(prompt, 24, temperature=1.0, seed=3)
+    assert theirs.tokens == ours.tokens
 
 
 def test_an_optimum_folder_lends_its_tokenizer_and_config(tiny_folder, tmp_path, capsys):
