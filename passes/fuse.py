@@ -574,7 +574,7 @@ def _replace_skip_norm(graph: ir.Graph, norm: ir.Node, add: ir.Node) -> None:
 
 
 def _onnxscript_family(
-    names: tuple[str, ...], produces: frozenset[str], first: Callable[[ir.Graph], int] | None = None
+    names: tuple[str, ...], produces: frozenset[str], first: Callable[[ir.Model], int] | None = None
 ) -> Callable[[ir.Model], tuple[int, list[str]]]:
     """Apply onnxscript ORT fusion functions in order, after xopt's rewrite `first` of the forms
     their rules miss. Intermediate fusion ops that no later rule lowered (a RotaryEmbedding whose
@@ -585,7 +585,7 @@ def _onnxscript_family(
         from onnxscript.rewriter import ort_fusions
 
         if first is not None:
-            first(model.graph)
+            first(model)
         common_passes.ShapeInferencePass()(model)
         for name in names:
             getattr(ort_fusions._core, name)(model)

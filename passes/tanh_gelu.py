@@ -37,9 +37,9 @@ class _Product:
         return _close(self.constant, constant) and _same(self.factors, factors)
 
 
-def lower_tanh_gelu(graph: ir.Graph) -> int:
+def lower_tanh_gelu(model: ir.Model) -> int:
     """Replace every tanh-GELU expansion by `FastGelu(x)`; returns the count."""
-    count = 0
+    graph, count = model.graph, 0
     for tanh in [node for node in graph if node.op_type == "Tanh" and node.domain == ""]:
         match = _match(tanh)
         if match is None:
@@ -50,6 +50,8 @@ def lower_tanh_gelu(graph: ir.Graph) -> int:
         gelu.outputs[0].dtype, gelu.outputs[0].shape = output.dtype, output.shape
         replace_value(output, gelu.outputs[0])
         count += 1
+    if count:
+        model.opset_imports.setdefault("com.microsoft", 1)
     return count
 
 

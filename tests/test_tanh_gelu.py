@@ -74,14 +74,15 @@ def test_every_writing_of_the_tanh_gelu_becomes_one_fast_gelu(form):
     model = _gelu_model(FORMS[form])
     x = np.linspace(-4, 4, 16, dtype=np.float32).reshape(2, 8)
     expected = reference_outputs(model, {"x": x})["y"]
-    assert lower_tanh_gelu(model.graph) == 1
+    assert lower_tanh_gelu(model) == 1
     ir.passes.common.RemoveUnusedNodesPass()(model)
     assert [node.op_type for node in model.graph] == ["FastGelu"]
+    assert model.opset_imports["com.microsoft"] == 1
     np.testing.assert_allclose(reference_outputs(model, {"x": x})["y"], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_another_constant_or_a_shared_square_is_not_the_gelu():
-    assert lower_tanh_gelu(_gelu_model(FORMS["torch: ½ last"], cubic=0.05).graph) == 0
+    assert lower_tanh_gelu(_gelu_model(FORMS["torch: ½ last"], cubic=0.05)) == 0
     # x² also read as an output: x·(x·x) is then the product of x and another value
     shared = _gelu_model(FORMS["torch: ½ last"], outputs=("y", "x2"))
-    assert lower_tanh_gelu(shared.graph) == 0
+    assert lower_tanh_gelu(shared) == 0
