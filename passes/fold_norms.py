@@ -49,7 +49,7 @@ from xopt.analysis.graph_view import (
     scalar_factor,
     sole_reader,
 )
-from xopt.analysis.patterns import Linear, Norm, match_linear, read_outside
+from xopt.analysis.patterns import Embedding, Linear, Norm, match_linear, read_outside
 from xopt.analysis.structure import Attention, TransformerStructure, residual_skip
 from xopt.passes.source_grid import ON_GRID, lies_on_grid
 from xopt.pipeline import Pass, PassResult, register
@@ -335,9 +335,9 @@ def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stat
     if structure.norm_position != "pre":
         explain.append("LayerNorm → RMSNorm refused: post-LN model (the norms sit on the residual stream itself)")
         return
-    reason = stream_writers_known(structure)
-    if reason:
-        explain.append(f"LayerNorm → RMSNorm refused: {reason}")
+    embeddings = stream_embeddings(structure)
+    if isinstance(embeddings, str):
+        explain.append(f"LayerNorm → RMSNorm refused: {embeddings}")
         return
     if shared := next((v for v in map(read_outside, norms) if v is not None), None):
         explain.append(f"LayerNorm → RMSNorm refused: an intermediate of a norm ({shared.name}) is read outside it")
@@ -345,7 +345,7 @@ def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stat
     if structure.tied_embeddings and structure.lm_head is not None:
         untie_lm_head(graph, structure)
         stats["lm_head_untied"] += 1
-    for embedding in structure.embeddings:
+    for embedding in embeddings:
         table = const_array(embedding.table).astype(np.float64)
         replace_constant(graph, embedding.node, 0, table - table.mean(axis=1, keepdims=True))
         stats["embeddings_recentred"] += 1
@@ -364,9 +364,10 @@ def _layernorm_to_rmsnorm(model: ir.Model, structure: TransformerStructure, stat
     explain.append(f"LayerNorm → RMSNorm on {len(norms)} norms after recentring the residual stream")
 
 
-def stream_writers_known(structure: TransformerStructure) -> str | None:
-    """None when every write into the residual stream is an embedding or a sublayer's output
-    projection."""
+def stream_embeddings(structure: TransformerStructure) -> list[Embedding] | str:
+    """The embeddings that write the residual stream, when every write into it is one of them or
+    a sublayer's output projection; else why not. A Gather of another table (CodeGen's and
+    GPT-J's sin/cos rows, which rotate Q and K) writes no stream."""
     for block in structure.blocks:
         if any(s is None or s.residual is None for s in (block.attention, block.mlp)):
             return f"block {block.index} is not attention + MLP with residual adds"
@@ -389,7 +390,7 @@ def stream_writers_known(structure: TransformerStructure) -> str | None:
         if node is None or node.op_type not in ("Add", "Cast", "Identity"):
             return f"the residual stream starts with {node.op_type if node else 'a graph input'}, not embeddings"
         pending.extend(v for v in node.inputs[: 2 if node.op_type == "Add" else 1])
-    return None if seen else "no embedding writes into the residual stream"
+    return [e for e in structure.embeddings if e.node in seen] or "no embedding writes into the residual stream"
 
 
 def untie_lm_head(graph: ir.Graph, structure: TransformerStructure) -> None:

@@ -44,7 +44,7 @@ from xopt.passes.fold_norms import (
     fold_affine,
     has_affine,
     linear_readers,
-    stream_writers_known,
+    stream_embeddings,
     untie_lm_head,
 )
 from xopt.passes.hadamard import random_rotation
@@ -95,9 +95,11 @@ class RotatePass(Pass):
             if reason is None:
                 stats["norms_folded"] += 1
         structure = find_transformer_structure(model, heads=False)  # the folds replaced weights
+        embeddings = stream_embeddings(structure)
+        tables = {e.table for e in embeddings}
         width = structure.token_embedding.width
         rotation, kind = random_rotation(width, self.seed)
-        for embedding in structure.embeddings:
+        for embedding in embeddings:
             _rotate_table(graph, embedding, rotation)
             stats["tables_rotated"] += 1
         for block in structure.blocks:
@@ -108,7 +110,7 @@ class RotatePass(Pass):
                 stats["writers_rotated"] += 1
         for norm in _stream_norms(structure):
             for reader in linear_readers(norm.output):
-                if not _reads_rotated_table(reader, structure):
+                if not _reads_rotated_table(reader, tables):
                     set_weight(graph, reader, rotation.T @ weight_in_out(reader))
                 stats["readers_rotated"] += 1
         explain.append(f"rotated the residual stream (width {width}) by a {kind} matrix, seed {self.seed}")
@@ -136,9 +138,10 @@ def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
         return "LayerNorm does not commute with a rotation (run `fold-norms` first: it turns Pre-LN into RMSNorm)"
     if structure.lm_head is None:
         return "no LM head: the final hidden state is the output, and a rotation would change it"
-    reason = stream_writers_known(structure)
-    if reason:
-        return reason
+    embeddings = stream_embeddings(structure)
+    if isinstance(embeddings, str):
+        return embeddings
+    tables = {e.table for e in embeddings}
     for block in structure.blocks:
         for writer in (block.attention.o, block.mlp.down):
             if not owns_weight(writer):
@@ -147,9 +150,9 @@ def _refusal(graph: ir.Graph, structure: TransformerStructure) -> str | None:
         readers = linear_readers(norm.output)
         if isinstance(readers, str):
             return f"norm {norm.output.name} is {readers}"
-        if any(not owns_weight(r) and not _reads_rotated_table(r, structure) for r in readers):
+        if any(not owns_weight(r) and not _reads_rotated_table(r, tables) for r in readers):
             return f"a reader of norm {norm.output.name} shares its weight"
-    return _stream_readers_unknown(structure, norms)
+    return _stream_readers_unknown(structure, norms, embeddings)
 
 
 def _source_grid_reason(graph: ir.Graph) -> str | None:
@@ -160,11 +163,11 @@ def _source_grid_reason(graph: ir.Graph) -> str | None:
     return None
 
 
-def _stream_readers_unknown(structure: TransformerStructure, norms) -> str | None:
+def _stream_readers_unknown(structure: TransformerStructure, norms, embeddings: list[Embedding]) -> str | None:
     """Why something other than norms and residual adds reads the stream, or None."""
     allowed = {node for n in norms for node in n.nodes} | set(structure.residual_stream)
     stream = [add.outputs[0] for add in structure.residual_stream]
-    for embedding in structure.embeddings:
+    for embedding in embeddings:
         value = embedding.node.outputs[0]
         stream.append(value)
         for user in consumers(value):  # token + position embeddings summed (or scaled) into the stream
@@ -190,10 +193,9 @@ def _stream_norms(structure: TransformerStructure) -> list:
     return [n for b in structure.blocks for n in b.norms] + [structure.final_norm]
 
 
-def _reads_rotated_table(linear: Linear, structure: TransformerStructure) -> bool:
+def _reads_rotated_table(linear: Linear, tables: set[ir.Value]) -> bool:
     """A tied LM head: its weight is a Transpose of an embedding table, rotated with the table."""
     producer = linear.weight.producer()
-    tables = {e.table for e in structure.embeddings}
     return producer is not None and producer.op_type == "Transpose" and producer.inputs[0] in tables
 
 

@@ -245,3 +245,35 @@ def spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
+
+
+def torchscript_export(folder, path, causal: bool):
+    """A TorchScript export (torch.onnx.export, dynamo=False) of a Hugging Face folder without its
+    KV cache, as other tools write them: no shapes inside, Constant nodes, dims read by Shape."""
+    import torch
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = auto.from_pretrained(folder, attn_implementation="eager").eval()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+    ids = torch.randint(0, 200, (2, 9))
+    axes = {0: "batch", 1: "sequence"}
+    torch.onnx.export(
+        Wrapper().eval(),
+        (ids, torch.ones_like(ids)),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["out"],
+        dynamic_axes={"input_ids": axes, "attention_mask": axes},
+    )
+    return path

@@ -4,7 +4,7 @@ exported by xopt (dynamo), before and after cleanup, and by the TorchScript expo
 from __future__ import annotations
 
 import pytest
-import torch
+from helpers import torchscript_export
 
 import xopt
 from xopt.analysis import find_transformer_structure, to_networkx
@@ -146,39 +146,10 @@ def test_structure_of_xopt_exports(tiny_model, name, cleaned):
     assert len(structure.residual_stream) == 2 * EXPECTED[name]["num_blocks"]
 
 
-def _torchscript_export(folder, path, causal):
-    import transformers
-
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = auto.from_pretrained(folder, attn_implementation="eager").eval()
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-
-    ids = torch.randint(0, 200, (2, 9))
-    axes = {0: "batch", 1: "sequence"}
-    torch.onnx.export(
-        Wrapper().eval(),
-        (ids, torch.ones_like(ids)),
-        str(path),
-        dynamo=False,
-        opset_version=17,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["out"],
-        dynamic_axes={"input_ids": axes, "attention_mask": axes},
-    )
-    return path
-
-
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_structure_of_a_file_xopt_did_not_export(tiny_folder, tmp_path, name):
     """TorchScript export: no module-path metadata, Constant/Identity nodes, shapes left unknown."""
-    path = _torchscript_export(tiny_folder(name), tmp_path / f"{name}.onnx", causal=name == "gpt2")
+    path = torchscript_export(tiny_folder(name), tmp_path / f"{name}.onnx", causal=name == "gpt2")
     model = xopt.load(path)
     assert not any(n.metadata_props.get("pkg.torch.onnx.name_scopes") for n in model.graph)
     expected = dict(EXPECTED[name])
@@ -189,7 +160,7 @@ def test_structure_of_a_file_xopt_did_not_export(tiny_folder, tmp_path, name):
 def test_structure_without_the_head_probe(tiny_folder, tmp_path):
     """heads=False finds the same structure without running the model: the head counts, which
     this export's unknown shapes leave to a probe run, stay unset."""
-    model = xopt.load(_torchscript_export(tiny_folder("gpt2"), tmp_path / "gpt2.onnx", causal=True))
+    model = xopt.load(torchscript_export(tiny_folder("gpt2"), tmp_path / "gpt2.onnx", causal=True))
     probed = find_transformer_structure(model).summary()
     unprobed = find_transformer_structure(model, heads=False).summary()
     head_facts = ("num_heads", "num_kv_heads", "head_size")
