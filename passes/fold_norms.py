@@ -152,8 +152,12 @@ _NO_OP_KINDS = frozenset({"Slice", "Identity"})
 
 
 def linear_readers(value: ir.Value) -> list[Linear] | str:
+    if value.is_graph_output():
+        return "a model output"
     readers = []
     for user in consumers(value):
+        if user.op_type == "Shape":  # reads dims only, which folding γ/β into the linears keeps
+            continue
         if user.op_type == "Reshape" and keeps_last_axis(user):
             inner = linear_readers(user.outputs[0])
             if isinstance(inner, str):
