@@ -12,7 +12,9 @@ A `Reshape(x, Concat(…, [y.shape[i]], …))` whose target takes a dim read fro
 an axis j where x's own dim is the same (the same number, or the same symbol after shape
 inference) has that part replaced by 0, ONNX's "copy the input's dim j" (`allowzero` = 0):
 `x.view(x.size(0), x.size(1), H, d)` becomes Reshape(x, [0, 0, H, d]), a constant, and the
-`Shape` reads that kept the head split and merge from looking like one go.
+`Shape` reads that kept the head split and merge from looking like one go. A part that slices
+several dims, y.shape[a:b], is replaced where each is x's own or a number: `x.flatten(-2)`,
+Reshape(x, Concat(x.shape[:-2], [-1])), becomes Reshape(x, [0, …, 0, -1]).
 """
 
 from __future__ import annotations
@@ -70,27 +72,32 @@ def _copying_target(reshape: ir.Node) -> list[np.ndarray | None] | None:
             parts.append(None)
             axis += constant.size
             continue
-        dim = _read_dim(part)
-        if dim is None:
+        dims = _read_dims(part)
+        if dims is None:
             return None  # a part of unknown length: the axes after it are unknown
-        copied = axis < len(x.shape) and _same_dim(x.shape[axis], dim)
-        parts.append(np.zeros(1, np.int64) if copied else None)
-        axis += 1
+        copied = [axis + k < len(x.shape) and _same_dim(x.shape[axis + k], dim) for k, dim in enumerate(dims)]
+        kept = all(copied[k] or isinstance(dim, int) for k, dim in enumerate(dims)) and any(copied)
+        parts.append(np.array([0 if c else d for c, d in zip(copied, dims, strict=True)], np.int64) if kept else None)
+        axis += len(dims)
     return parts if any(p is not None for p in parts) else None
 
 
-def _read_dim(part: ir.Value) -> int | ir.SymbolicDim | None:
-    """y.shape[i] when `part` = Unsqueeze(Gather(Shape(y), i), [0]) or Gather(Shape(y), [i])."""
+def _read_dims(part: ir.Value) -> list[int | ir.SymbolicDim] | None:
+    """y.shape[i] when `part` = Unsqueeze(Gather(Shape(y), i), [0]) or Gather(Shape(y), [i]), and
+    y.shape[a:b] when it is Slice(Shape(y), a, b) (`x.flatten(-2)`: x.shape[:-2] + [-1])."""
     node = part.producer()
     unsqueezed = node is not None and node.op_type == "Unsqueeze" and _is_zero_axes(node)
     if unsqueezed:
         node = node.inputs[0].producer()
-    if node is None or node.op_type != "Gather" or (dims := _shape_read(node.inputs[0])) is None:
+    if node is None or node.op_type not in ("Gather", "Slice") or (dims := _shape_read(node.inputs[0])) is None:
         return None
+    if node.op_type == "Slice":
+        selected = None if unsqueezed else _sliced(node, dims)
+        return None if selected is None else list(selected)
     selected = _gathered(node, dims)  # one dim of the target: a scalar index unsqueezed, or [i]
     if selected is None or selected.shape != (() if unsqueezed else (1,)):
         return None
-    return selected.reshape(-1)[0]
+    return [selected.reshape(-1)[0]]
 
 
 def _is_zero_axes(unsqueeze: ir.Node) -> bool:

@@ -89,6 +89,37 @@ def test_a_dim_of_another_size_is_not_copied():
     assert reshape.inputs[1].const_value.numpy().tolist() == [0, 48, 4, 12]
 
 
+def test_a_flatten_of_the_last_two_axes_copies_the_leading_dims():
+    """`x.flatten(-2)` as TorchScript writes it, Reshape(x, Concat(Shape(x)[:-2], [-1])): the
+    leading dims are x's own, so the target is [0, 0, 0, -1] (GPT-J's interleaved rotary pairs);
+    a slice with a dim that is neither x's nor a number is kept."""
+    text = """
+    <ir_version: 10, opset_import: ["" : 18]>
+    flat (float[batch, sequence, 4, 3, 2] x, float[batch, other, 4, 3, 2] y)
+        => (float[batch, sequence, 4, 6] z, float[batch, sequence, 4, 6] w) {
+        start = Constant <value = int64[1] {0}> ()
+        end = Constant <value = int64[1] {-2}> ()
+        last = Constant <value = int64[1] {-1}> ()
+        x_shape = Shape (x)
+        leading = Slice (x_shape, start, end)
+        target = Concat <axis = 0> (leading, last)
+        z = Reshape (x, target)
+        y_shape = Shape (y)
+        others = Slice (y_shape, start, end)
+        other_target = Concat <axis = 0> (others, last)
+        w = Reshape (x, other_target)
+    }
+    """
+    model = model_from_text(text)
+    inputs = {name: np.random.default_rng(0).standard_normal((2, 5, 4, 3, 2)).astype(np.float32) for name in "xy"}
+    before = run(create_session(model.clone()), inputs)
+    result = CleanupPass()(model)
+    assert result.stats["reshape_dims_copied"] == 1
+    targets = [n.inputs[1] for n in result.model.graph if n.op_type == "Reshape"]
+    assert [t.const_value.numpy().tolist() for t in targets if t.const_value is not None] == [[0, 0, 0, -1]]
+    assert compare(before, run(create_session(result.model), inputs)).max_abs == 0.0
+
+
 def test_shapes_stay_unknown_where_the_inference_fails(monkeypatch, caplog):
     def failing(*args, **kwargs):
         raise RuntimeError("Incomplete symbolic shape inference")
