@@ -59,6 +59,7 @@ from xopt.analysis import find_transformer_structure
 from xopt.analysis.graph_view import const_array, past_nan_guard, scalar_factor, sole_reader
 from xopt.analysis.structure import Attention
 from xopt.kv_cache import PAST_PATTERN, has_kv_cache
+from xopt.passes.concat_shape import read_shapes_from_inputs
 from xopt.passes.head_columns import head_columns, reordered_projection
 from xopt.rewrite import new_initializer, replace_value, require_opset
 
@@ -401,6 +402,9 @@ def _rewrite(graph: ir.Graph, match: dict, shared: dict[ir.DataType | ir.Value, 
             )
         )
         mask = nodes[-1].outputs[0]
+    if mask is not None:  # a mask sliced to the cache's length must not read the present
+        for present in (match["present_key"], match["present_value"]):
+            read_shapes_from_inputs(graph, present.producer(), mask)
     inputs = [*operands.values(), mask, match["past_key"], match["past_value"]]
     node = ir.node("Attention", inputs, attributes=attributes, num_outputs=3)
     graph.insert_after(match["after"], [*nodes, node])

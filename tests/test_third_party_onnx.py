@@ -12,6 +12,9 @@ tests/data/optimum-gemma.onnx is the same export of the tiny "gemma" folder: it 
 `position_ids` (its positions are past..past+S−1, one cos/sin table for every row) and writes the
 tanh GELU's x³ as x·(x·x).
 
+tests/data/optimum-mpt.onnx is the same export of the tiny "mpt" folder (ALiBi, no rotary): its
+causal mask is sliced to the key length it reads from the cache, Shape(Concat(past, K))[2].
+
 tests/data/optimum-bert.onnx is `optimum-cli export onnx --task feature-extraction` of the tiny
 "bert" folder, made the same way: its linears add the bias first, Add(b, x·W), and its attention
 is the same SDPA export.
@@ -37,6 +40,7 @@ from xopt.verify import reference_outputs
 OPTIMUM_LLAMA = Path(__file__).parent / "data" / "optimum-llama.onnx"
 OPTIMUM_BERT = Path(__file__).parent / "data" / "optimum-bert.onnx"
 OPTIMUM_GEMMA = Path(__file__).parent / "data" / "optimum-gemma.onnx"
+OPTIMUM_MPT = Path(__file__).parent / "data" / "optimum-mpt.onnx"
 
 
 def test_an_axis_named_by_a_sum_is_bound_to_the_sum():
@@ -95,6 +99,20 @@ def test_an_optimum_gemma_fuses_its_one_row_rotary_and_tanh_gelu(tiny_folder, tm
     prompt = list(range(5, 25))
     theirs = Decoder(open_runnable(tmp_path / "fused.onnx", threads=1)).generate(prompt, 24, temperature=1.0, seed=3)
     ours = Decoder(open_runnable(tiny_folder("gemma"), threads=1)).generate(prompt, 24, temperature=1.0, seed=3)
+    assert theirs.tokens == ours.tokens
+
+
+def test_an_optimum_mpt_s_attention_reads_the_cache_length_before_it(tiny_folder, tmp_path):
+    """The mask's slice reads the present cache's length from the past's and the new keys'
+    shapes, so the cached attention is one operator (before: a cycle, and the family reverted)."""
+    passes = [CleanupPass(), FoldNormsPass(), FusePass(lowering="all", skip="group-query-attention")]
+    fused, _ = PassManager(passes)(xopt.load(OPTIMUM_MPT))
+    ops = Counter(n.op_type for n in fused.graph)
+    assert ops["Attention"] == 2 and "Softmax" not in ops
+    xopt.save(fused, tmp_path / "fused.onnx")
+    prompt = list(range(5, 25))
+    theirs = Decoder(open_runnable(tmp_path / "fused.onnx", threads=1)).generate(prompt, 24, temperature=1.0, seed=3)
+    ours = Decoder(open_runnable(tiny_folder("mpt"), threads=1)).generate(prompt, 24, temperature=1.0, seed=3)
     assert theirs.tokens == ours.tokens
 
 
