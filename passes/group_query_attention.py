@@ -25,9 +25,10 @@ token a row (S = 1); a batch of rows extending a cache by several tokens stops w
 must be 1 when sequence_length > 1 and past context is given".
 
 Preconditions, each checked with a reason: the Attention is in the merged-head layout (it has
-`q_num_heads`), reads a cache, has a 4-D float mask of Q's type, and uses none of the options
-`GroupQueryAttention` lacks (is_causal, the QK output); a `softcap` carries over, both operators
-capping the scores before they add the mask.
+`q_num_heads`), reads a cache with a head size ONNX Runtime's kernel takes (a multiple of 8), has
+a 4-D float mask of Q's type, and uses none of the options `GroupQueryAttention` lacks
+(is_causal, the QK output); a `softcap` carries over, both operators capping the scores before
+they add the mask.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ def _refusal(node: ir.Node) -> str | None:
         return "its mask is not a 4-D additive mask of the query's type"
     if any(past is None or not PAST_PATTERN.match(past.name or "") for past in node.inputs[4:]):
         return "its past is not a past_key_values.* input"
+    head_size = node.inputs[4].shape[-1] if node.inputs[4].shape is not None else None
+    if not isinstance(head_size, int) or head_size % 8:
+        return f"head size {head_size}: ONNX Runtime's kernel takes a multiple of 8"
     return None
 
 

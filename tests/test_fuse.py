@@ -730,3 +730,13 @@ def test_an_rmsnorm_keeps_the_shift_fold_norms_could_not_fold(tiny_folder, tmp_p
     assert report.passes[2].explain[0] == "norm: 5 matched, kept"
     assert Counter(node.op_type for node in fused.graph)["SimplifiedLayerNormalization"] == 5
     assert report.passes[2].parity.max_rel <= 1e-5
+
+
+def test_group_query_attention_refuses_a_head_size_its_kernel_does_not_take(tiny_model):
+    """GPT-NeoX's tiny config has heads of 12: ONNX Runtime's kernel fails on it at run time
+    ("head_size must be a multiple of 8"), so the family does not match, with that reason."""
+    cleaned = CleanupPass()(tiny_model("gpt_neox").clone()).model
+    result = FusePass(lowering="all", skip=fuse_only("rotary", "cached-attention", "group-query-attention"))(cleaned)
+    assert "group-query-attention" not in result.stats and result.stats["cached-attention"] == 2
+    reason = "group-query-attention: 2 Attention: head size 12: ONNX Runtime's kernel takes a multiple of 8"
+    assert reason in result.explain
