@@ -1,7 +1,8 @@
 """`fold-norms`: move norm affine parameters and constant scales into linears; Pre-LN → RMSNorm.
 
 1. Affine fold. A norm computes y = γ⊙n + β (n the normalized input). When every reader of y is a
-   linear z = y·W + b (possibly through a Reshape that keeps the last axis), then
+   linear z = y·W + b (possibly through a Reshape that keeps the last axis; a Shape read of y
+   aside, which the fold keeps) and y is no model output, then
        z = n·W' + b',   W' = diag(γ)·W,   b' = b + β·W,
    and the norm keeps γ = 1, β = 0 (its Mul γ / Add β nodes are removed when decomposed).
    Preconditions: all readers are linears that own their weights (a weight tied to the embedding

@@ -8,8 +8,8 @@ Every rewrite computes the same values up to float rounding:
 - `merge-gate-up`: the same for a gated MLP's gate and up projections.
 - `norm`: a decomposed LayerNorm (x − μ)/√(σ² + ε)·γ + β becomes one `LayerNormalization`, a
   decomposed RMSNorm x/√(mean(x²) + ε)·γ one `SimplifiedLayerNormalization` (γ = 1 when the scale
-  was folded away; a shift β, which a recentred LayerNorm keeps where a Shape reads its output, is
-  added after it).
+  was folded away; a shift β, which `fold-norms` keeps where the norm's output is also a model
+  output, is added after it).
 - `skip-norm`: a norm of a residual sum, Norm(a + b), becomes one `Skip(Simplified)LayerNormalization`
   (com.microsoft) computing the sum and its norm in one pass; its fourth output is a + b for the
   other readers of the residual stream (ONNX Runtime does not fuse these itself when the shapes
@@ -509,7 +509,7 @@ def _replace_norm(graph: ir.Graph, norm: Norm) -> None:
     if norm.kind == "LayerNorm":
         inputs = [norm.input, scale] + ([norm.shift] if norm.shift is not None else [])
         nodes = [ir.node("LayerNormalization", inputs, attributes=attributes)]
-    else:  # an RMSNorm's shift β (a recentred LayerNorm's that fold-norms kept) is added after it
+    else:  # an RMSNorm's shift β (a recentred LayerNorm's that fold-norms could not fold) follows it
         nodes = [ir.node("SimplifiedLayerNormalization", [norm.input, scale], attributes=attributes)]
         if norm.shift is not None:
             nodes.append(ir.node("Add", [nodes[0].outputs[0], norm.shift]))

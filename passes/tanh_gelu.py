@@ -23,7 +23,7 @@ from xopt.rewrite import replace_value
 _SQRT_TWO_OVER_PI = math.sqrt(2.0 / math.pi)
 _CUBIC = 0.044715
 _RELATIVE_TOLERANCE = 1e-6
-_MAX_OUTER_MULS = 3  # ½, x and the bracket: at most three Muls above the bracket
+_MAX_OUTER_MULS = 2  # x and ½ join the bracket in at most two Muls
 
 
 @dataclass
