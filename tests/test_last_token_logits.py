@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import transformers_greedy
+from helpers import model_from_text, transformers_greedy
 
 import xopt
 from xopt.cli import main
@@ -47,6 +47,7 @@ def test_generation_after_the_exact_recipe_with_it_gives_the_transformers_tokens
 def test_perplexity_of_a_last_token_model_is_refused_in_one_line(tiny_model, tmp_path, capsys):
     cut, _ = PassManager([LastTokenLogitsPass()], verify=False)(tiny_model("llama"))
     xopt.save(cut, tmp_path / "m")
+    capsys.readouterr()  # what building the fixture printed
     assert main(["eval", str(tmp_path / "m")]) == 2
     error = capsys.readouterr().err.strip()
     assert "perplexity needs every position" in error and "\n" not in error
@@ -55,3 +56,26 @@ def test_perplexity_of_a_last_token_model_is_refused_in_one_line(tiny_model, tmp
 def test_an_encoder_has_no_lm_head_to_cut(tiny_model):
     with pytest.raises(XoptError, match="no LM head"):
         LastTokenLogitsPass()(tiny_model("bert").clone())
+
+
+def test_perplexity_of_a_sequence_classifier_is_refused_in_one_line(tiny_folder, tmp_path, capsys):
+    """Optimum's `--task text-classification` exports name their [batch, labels] output `logits`."""
+    classifier = model_from_text(
+        """
+    <ir_version: 10, opset_import: ["" : 18]>
+    classify (int64[batch, sequence] input_ids, int64[batch, sequence] attention_mask) => (float[batch, 2] logits) {
+        table = Constant <value = float[211, 2] {"""
+        + ", ".join(["0.5"] * 422)
+        + """}> ()
+        rows = Gather (table, input_ids)
+        axis = Constant <value = int64[1] {1}> ()
+        logits = ReduceMean <keepdims = 0> (rows, axis)
+    }
+    """
+    )
+    xopt.save(classifier, tmp_path / "classifier.onnx")
+    tokenizer = tiny_folder("bert")
+    capsys.readouterr()  # what building the fixture printed
+    assert main(["eval", str(tmp_path / "classifier.onnx"), "--tokenizer", str(tokenizer)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "one row per sequence (a classifier)" in error and "\n" not in error

@@ -182,6 +182,12 @@ def _check_runs_on(model: Runnable, ids: np.ndarray, window: int) -> None:
     limit, source = context_limit(model.model)
     if limit is not None and window > limit:
         raise XoptError(f"a window of {window} tokens: {model.label}: {source} {limit} positions; give a smaller one")
+    logits = next((value for value in model.model.graph.outputs if value.name == "logits"), None)
+    if logits is not None and logits.shape is not None and len(logits.shape) == 2:
+        raise XoptError(
+            f"{model.label} returns logits of shape {logits.shape}, one row per sequence (a classifier): "
+            "xopt eval measures language models (perplexity) and encoders (embedding cosine)"
+        )
     row = logits_row(model.model)
     if row is not None and int(ids.max()) >= row[0]:
         raise XoptError(f"the tokenizer gives id {int(ids.max())}, outside {model.label}'s vocabulary of {row[0]}")
