@@ -403,8 +403,7 @@ def _rewrite(graph: ir.Graph, match: dict, shared: dict[ir.DataType | ir.Value, 
         )
         mask = nodes[-1].outputs[0]
     if mask is not None:  # a mask sliced to the cache's length must not read the present
-        for present in (match["present_key"], match["present_value"]):
-            read_shapes_from_inputs(graph, present.producer(), mask)
+        read_shapes_from_inputs(graph, [match[name].producer() for name in ("present_key", "present_value")], mask)
     inputs = [*operands.values(), mask, match["past_key"], match["past_value"]]
     node = ir.node("Attention", inputs, attributes=attributes, num_outputs=3)
     graph.insert_after(match["after"], [*nodes, node])

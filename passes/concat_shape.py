@@ -19,16 +19,19 @@ from xopt.analysis.graph_view import consumers
 from xopt.rewrite import new_initializer, replace_value
 
 
-def read_shapes_from_inputs(graph: ir.Graph, concat: ir.Node, before: ir.Value) -> int:
-    """Every `Shape` of `concat`'s output that `before` is computed from reads the shapes of its
-    two inputs instead; returns the count."""
-    if len(concat.inputs) != 2 or concat.inputs[0].shape is None:
-        return 0
+def read_shapes_from_inputs(graph: ir.Graph, concats: list[ir.Node], before: ir.Value) -> int:
+    """Every `Shape` of a Concat's output that `before` is computed from reads the shapes of the
+    Concat's two inputs instead; returns the count."""
     upstream = _computed_from(before)
-    readers = [node for node in consumers(concat.outputs[0]) if node.op_type == "Shape" and node in upstream]
-    for shape in readers:
-        _read_from_inputs(graph, concat, shape)
-    return len(readers)
+    count = 0
+    for concat in concats:
+        if len(concat.inputs) != 2 or concat.inputs[0].shape is None:
+            continue
+        readers = [node for node in consumers(concat.outputs[0]) if node.op_type == "Shape" and node in upstream]
+        for shape in readers:
+            _read_from_inputs(graph, concat, shape)
+        count += len(readers)
+    return count
 
 
 def _read_from_inputs(graph: ir.Graph, concat: ir.Node, shape: ir.Node) -> None:

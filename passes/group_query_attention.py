@@ -79,7 +79,7 @@ def _refusal(node: ir.Node) -> str | None:
     if any(past is None or not PAST_PATTERN.match(past.name or "") for past in node.inputs[4:]):
         return "its past is not a past_key_values.* input"
     head_size = node.inputs[4].shape[-1] if node.inputs[4].shape is not None else None
-    if not isinstance(head_size, int) or head_size % 8:
+    if isinstance(head_size, int) and head_size % 8:
         return f"head size {head_size}: ONNX Runtime's kernel takes a multiple of 8"
     return None
 

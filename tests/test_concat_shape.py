@@ -40,7 +40,7 @@ def test_the_mask_reads_the_cache_length_from_the_inputs():
     graph = model.graph
     concat = next(node for node in graph if node.op_type == "Concat")
     mask = next(value for value in graph.outputs if value.name == "mask")
-    assert read_shapes_from_inputs(graph, concat, mask) == 1  # not the Shape the mask does not read
+    assert read_shapes_from_inputs(graph, [concat], mask) == 1  # not the Shape the mask does not read
     shape_reads = [node.inputs[0].name for node in graph if node.op_type == "Shape"]
     assert sorted(shape_reads) == ["key", "past_key", "present"]
     assert compare(expected, reference_outputs(model, feeds)).max_abs == 0.0

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from xopt.backends.onnxruntime import create_session, run
 from xopt.capture.huggingface import TASK_CAUSAL_LM, source_folder
 from xopt.errors import XoptError, counted
-from xopt.generate import logits_row
+from xopt.generate import logits_output, logits_row
 from xopt.inputs import text_feeds
 from xopt.kv_cache import context_limit
 from xopt.runnable import Runnable, model_task
@@ -182,7 +182,7 @@ def _check_runs_on(model: Runnable, ids: np.ndarray, window: int) -> None:
     limit, source = context_limit(model.model)
     if limit is not None and window > limit:
         raise XoptError(f"a window of {window} tokens: {model.label}: {source} {limit} positions; give a smaller one")
-    logits = next((value for value in model.model.graph.outputs if value.name == "logits"), None)
+    logits = logits_output(model.model)
     if logits is not None and logits.shape is not None and len(logits.shape) == 2:
         raise XoptError(
             f"{model.label} returns logits of shape {logits.shape}, one row per sequence (a classifier): "

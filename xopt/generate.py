@@ -110,9 +110,14 @@ class InPlaceCache:
         return self.binding.get_outputs()[0].numpy()
 
 
+def logits_output(model):
+    """The graph output named `logits`, if any."""
+    return next((value for value in model.graph.outputs if value.name == "logits"), None)
+
+
 def logits_row(model) -> tuple[int, np.dtype] | None:
     """The vocabulary size and dtype of the `logits` output, or None where its last dim is symbolic."""
-    logits = next((value for value in model.graph.outputs if value.name == "logits"), None)
+    logits = logits_output(model)
     vocab = logits.shape[-1] if logits is not None and logits.shape is not None else None
     return (vocab, logits.dtype.numpy()) if isinstance(vocab, int) else None
 

@@ -15,7 +15,7 @@ from typing import Any
 import onnx_ir as ir
 
 from xopt.backends.onnxruntime import create_session
-from xopt.capture.huggingface import TASK_CAUSAL_LM, TASK_FEATURE_EXTRACTION, load_tokenizer
+from xopt.capture.huggingface import TASK_CAUSAL_LM, TASK_FEATURE_EXTRACTION, has_tokenizer, load_tokenizer
 from xopt.errors import XoptError
 from xopt.saving import MODEL_FILE
 
@@ -68,7 +68,7 @@ def open_runnable(
         raise XoptError(f"--tokenizer {tokenizer}: no such folder")
     if tokenizer is None:
         tokenizer = path if path.is_dir() else path.parent
-        if not gguf_file and not _has_tokenizer(tokenizer):
+        if not gguf_file and not has_tokenizer(tokenizer):
             tokenizer = None
     return Runnable(
         label=str(path),
@@ -96,7 +96,3 @@ def model_task(model: ir.Model) -> str:
         return task
     names = [v.name.lower() for v in model.graph.outputs]
     return TASK_CAUSAL_LM if any("logits" in n for n in names) else TASK_FEATURE_EXTRACTION
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))

@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from xopt.capture.huggingface import load_hf_folder
+from xopt.capture.huggingface import has_tokenizer, load_hf_folder
 from xopt.capture.onnx_file import load_onnx_file
 from xopt.capture.torch_export import export_module, export_to_ir, load_exported_program
 from xopt.errors import XoptError
@@ -51,9 +51,6 @@ def load(
     raise XoptError(f"cannot capture a {type(source).__name__}: give a path, an nn.Module or an ExportedProgram")
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
 def _load_path(path: Path, capture_cache: bool) -> ir.Model:
     if not path.exists():
         raise XoptError(f"{path}: no such file or folder")
@@ -74,9 +71,7 @@ def _read_from(model: ir.Model, file: Path) -> ir.Model:
     next output."""
     model.metadata_props["xopt.source_file"] = str(file.resolve())
     folder = file.parent
-    beside = (folder / "config.json").is_file() and (
-        "xopt.task" in model.metadata_props or any((folder / name).is_file() for name in _TOKENIZER_FILES)
-    )
+    beside = (folder / "config.json").is_file() and ("xopt.task" in model.metadata_props or has_tokenizer(folder))
     if beside:
         model.metadata_props["xopt.hf_folder"] = str(folder.resolve())
     return model

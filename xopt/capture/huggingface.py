@@ -201,6 +201,14 @@ def save_tokenizer_and_config(model: ir.Model, folder: Path) -> bool:
     return True
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds a Hugging Face tokenizer's files."""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(folder: Path | str, gguf_file: str | None = None):
     """The Hugging Face tokenizer in `folder` (or in its GGUF file), loaded once per process while
     the folder's files are unchanged (`_loaded_once`); callers share it and must not change it."""
